@@ -1,0 +1,125 @@
+"""Busybox client: calls the sidecar every 100 ms and proves none failed.
+
+    python examples/busybox_client/main.py --url http://127.0.0.1:9091/serve \
+        --interval 0.1 [--duration S]
+
+It keeps one keep-alive HTTP/1.1 connection (stdlib ``http.client``), never
+retries, and reconnects only when the server said ``Connection: close``, as a
+well-behaved client does. Each request is logged::
+
+    request sidecar server success, and response(body=This is version(v1) sidecar)
+    request sidecar server failed, and error(...)
+
+At the end (``--duration`` elapsed, or SIGTERM/SIGINT) it prints a summary with
+totals, failures and the versions seen, and exits 1 if any request failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import http.client
+import json
+import re
+import signal
+import sys
+import time
+import urllib.parse
+from types import FrameType
+
+VERSION_RE = re.compile(r"version\(([^)]*)\)")
+
+
+class Client:
+    def __init__(self, url: str, timeout: float) -> None:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise SystemExit(f"busybox: only http:// URLs are supported, not {url!r}")
+        self.host = parts.hostname
+        self.port = parts.port or 80
+        self.path = parts.path or "/"
+        self.timeout = timeout
+        self.conn: http.client.HTTPConnection | None = None
+        self.connections = 0
+
+    def request(self) -> str:
+        if self.conn is None:
+            self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            self.connections += 1
+        conn = self.conn
+        try:
+            conn.request("GET", self.path)
+            response = conn.getresponse()
+            body = response.read().decode("utf-8", "replace")
+        except BaseException:
+            conn.close()
+            self.conn = None
+            raise
+        if response.will_close:
+            conn.close()
+            self.conn = None
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status}: {body[:200]}")
+        return body
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", default="http://127.0.0.1:9091/serve")
+    parser.add_argument("--interval", type=float, default=0.1)
+    parser.add_argument("--duration", type=float, default=0.0,
+                        help="seconds to run (0: until SIGTERM/SIGINT)")
+    parser.add_argument("--timeout", type=float, default=5.0, help="per request")
+    parser.add_argument("--summary-json", help="also write the summary to this file")
+    args = parser.parse_args(argv)
+
+    stop = False
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    client = Client(args.url, args.timeout)
+    total = failed = 0
+    versions: collections.Counter[str] = collections.Counter()
+    order: list[str] = []
+    errors: collections.Counter[str] = collections.Counter()
+    start = time.monotonic()
+    next_at = start
+    while not stop and (not args.duration or time.monotonic() - start < args.duration):
+        total += 1
+        try:
+            body = client.request()
+        except Exception as exc:  # noqa: BLE001 - every failure is counted and shown
+            failed += 1
+            errors[type(exc).__name__] += 1
+            print(f"request sidecar server failed, and error({type(exc).__name__}: {exc})",
+                  flush=True)
+        else:
+            match = VERSION_RE.search(body)
+            version = match.group(1) if match else "?"
+            versions[version] += 1
+            if not order or order[-1] != version:
+                order.append(version)
+            print(f"request sidecar server success, and response(body={body})", flush=True)
+        next_at += args.interval
+        time.sleep(max(0.0, next_at - time.monotonic()))
+
+    summary = {"requests": total, "failed": failed, "succeeded": total - failed,
+               "versions": dict(versions), "version_order": order,
+               "errors": dict(errors), "connections": client.connections,
+               "seconds": round(time.monotonic() - start, 3)}
+    print(f"summary: {total} requests, {failed} failed, versions seen in order: "
+          f"{' -> '.join(order) or '-'} {dict(versions)}, "
+          f"{client.connections} connection(s) opened", flush=True)
+    if args.summary_json:
+        with open(args.summary_json, "w") as fh:
+            json.dump(summary, fh)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

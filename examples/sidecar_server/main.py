@@ -1,0 +1,96 @@
+"""Sample sidecar: an aiohttp + uvloop server that hotswap can upgrade in place.
+
+    python examples/sidecar_server/main.py --version v1 --port 9091 --name sidecar
+
+``GET /serve`` answers ``This is version(v1) sidecar``. Start a second copy
+with ``--version v2`` (and, the Kruise way, ``SIDECARSET_VERSION=2
+SIDECARSET_VERSION_ALT=1``) and it takes the listening socket from the first,
+which stops accepting, drains and steps aside; no request fails.
+
+It uses only hotswap's public API: :class:`hotswap.Upgrader` and
+:func:`hotswap.aiohttp.serve`. Every flag has an environment fallback
+(``SIDECAR_VERSION``, ``SIDECAR_PORT``, ``SIDECAR_HOST``, ``HOTSWAP_NAME``,
+``HOTSWAP_DRAIN_TIMEOUT``, ``HOTSWAP_CONTROL_PATH``), which is how the container
+images configure it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+import uvloop
+from aiohttp import web
+
+import hotswap
+import hotswap.aiohttp
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    env = os.environ
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--version", default=env.get("SIDECAR_VERSION", "v1"))
+    parser.add_argument("--host", default=env.get("SIDECAR_HOST", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(env.get("SIDECAR_PORT", "9091")))
+    parser.add_argument("--name", default=env.get("HOTSWAP_NAME", "sidecar"))
+    parser.add_argument("--control-path", default=env.get("HOTSWAP_CONTROL_PATH"))
+    parser.add_argument("--drain-timeout", type=float,
+                        default=float(env.get("HOTSWAP_DRAIN_TIMEOUT",
+                                              hotswap.aiohttp.DEFAULT_DRAIN_TIMEOUT)))
+    parser.add_argument("--handover-timeout", type=float,
+                        default=float(env.get("HOTSWAP_HANDOVER_TIMEOUT", "30")))
+    parser.add_argument("--delay", type=float, default=float(env.get("SIDECAR_DELAY", "0")),
+                        help="seconds each request takes (to show in-flight draining)")
+    parser.add_argument("--fail-start", action="store_true",
+                        default=env.get("SIDECAR_FAIL_START") == "1",
+                        help="SIGKILL itself after taking the sockets, before "
+                             "confirming (to show a failed migration)")
+    return parser.parse_args(argv)
+
+
+def make_app(version: str, delay: float) -> web.Application:
+    body = f"This is version({version}) sidecar"
+
+    async def serve(request: web.Request) -> web.Response:
+        if delay:
+            await asyncio.sleep(delay)
+        return web.Response(text=body)
+
+    async def health(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/serve", serve)
+    app.router.add_get("/healthz", health)
+    return app
+
+
+async def run(args: argparse.Namespace) -> int:
+    options = hotswap.Options(control_path=args.control_path,
+                              handover_timeout=args.handover_timeout)
+    upgrader = hotswap.Upgrader(args.name, version=args.version, options=options)
+    app = make_app(args.version, args.delay)
+    if args.fail_start:
+        @app.on_startup.append
+        async def crash(_: web.Application) -> None:
+            logging.error("--fail-start: SIGKILL before confirming the handover")
+            os.kill(os.getpid(), signal.SIGKILL)
+    return await hotswap.aiohttp.serve(app, upgrader, {"http": (args.host, args.port)},
+                                       drain_timeout=args.drain_timeout)
+
+
+def main() -> int:
+    args = parse_args()
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s {args.version} pid={os.getpid()} "
+                               "%(levelname)s %(message)s")
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    return uvloop.run(run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

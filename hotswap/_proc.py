@@ -1,0 +1,39 @@
+"""Process facts (psutil) and the process title (python-prctl).
+
+Both are best effort: a title that cannot be set or a usage that cannot be read
+never stops a handover.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import psutil
+
+log = logging.getLogger("hotswap")
+
+try:
+    import prctl as _prctl
+except ImportError:  # pragma: no cover - python-prctl is a hard dependency
+    _prctl = None
+
+
+def set_title(title: str) -> None:
+    """Name the process (``ps`` shows the title; ``comm`` gets the first 15
+    bytes)."""
+    if _prctl is None:
+        return
+    try:
+        _prctl.set_proctitle(title)
+        _prctl.set_name(title[:15])
+    except (OSError, ValueError) as exc:
+        log.debug("cannot set the process title: %s", exc)
+
+
+def usage() -> tuple[int, int]:
+    """``(open descriptors, RSS bytes)`` of this process, -1 when unknown."""
+    try:
+        proc = psutil.Process()
+        return proc.num_fds(), proc.memory_info().rss
+    except psutil.Error:
+        return -1, -1

@@ -1,0 +1,191 @@
+"""Serve an aiohttp application with lossless hot upgrades.
+
+:func:`serve` runs the whole lifecycle. The drain, in order:
+
+1. The successor confirmed it accepts on every socket
+   (:attr:`~hotswap.ExitReason.TAKEN_OVER`), or a stop was requested.
+2. Stop accepting: each ``SockSite`` is stopped, which closes *our* descriptor
+   of the listener; the kernel socket and its queue live on in the successor.
+   Never ``shutdown()``.
+3. Tell the successor (``Released``): it is now the only acceptor.
+4. From now on every response carries ``Connection: close`` (set by a
+   middleware *before* the response is prepared), so each keep-alive client is
+   told to reconnect on its next response, and reconnects to the successor.
+   Idle keep-alive connections are *not* closed: closing one races a client
+   that is sending on it at that moment (aiohttp's own ``cleanup()`` does that
+   first, and loses one request per keep-alive connection).
+5. Wait until every connection has closed, or the drain deadline
+   (``drain_timeout``, default 25 s to fit Kubernetes' 30 s grace period).
+6. At the deadline, close what is left and log each connection cut.
+7. ``AppRunner.cleanup()`` (now finds nothing to cut), tell the successor
+   (``Drained``), and return. In a Kruise slot (``SIDECARSET_VERSION`` set) the
+   process then idles without sockets until SIGTERM, since exiting would make
+   the kubelet restart the container.
+
+Signals: the first SIGTERM/SIGINT requests a stop (a drain); the second cuts
+the drain short (closes every connection now); the third exits at once.
+
+Limits: a response that the handler has already prepared (streamed) before the
+drain started cannot carry ``Connection: close``; its connection is told on the
+next response. HTTP/1.1 pipelined requests after a ``Connection: close``
+response are not answered (clients must retry them, RFC 9112 9.3.2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable, Mapping
+
+from aiohttp import web
+
+from .errors import HandoverFailed
+from .kruise import Role
+from .listeners import Address
+from .upgrader import ExitReason, Upgrader
+
+log = logging.getLogger("hotswap")
+
+DEFAULT_DRAIN_TIMEOUT = 25.0
+"""Seconds to let connections finish after a handover or stop request."""
+
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Drainer:
+    """Tells keep-alive clients to go once draining, and tracks the drain."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self._forced = asyncio.Event()
+
+    @web.middleware
+    async def middleware(self, request: web.Request,
+                         handler: _Handler) -> web.StreamResponse:
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            if self.draining:
+                exc.force_close()
+            raise
+        if self.draining:
+            # Before prepare(): aiohttp then sends "Connection: close".
+            response.force_close()
+        return response
+
+    def force(self) -> None:
+        """Cut the drain short (a second signal)."""
+        self._forced.set()
+
+    async def drain(self, server: web.Server, timeout: float) -> int:
+        """Wait for every connection of ``server`` to close, up to ``timeout``.
+
+        Returns how many were cut at the deadline (each is logged).
+        """
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while server.connections and loop.time() < deadline and not self._forced.is_set():
+            # Poll: aiohttp has no "connection closed" hook for a server.
+            try:
+                async with asyncio.timeout(min(0.02, max(0.0, deadline - loop.time()))):
+                    await self._forced.wait()
+            except TimeoutError:
+                pass
+        cut = 0
+        for handler in server.connections:
+            transport = handler.transport
+            peer = transport.get_extra_info("peername") if transport else None
+            busy = "busy" if getattr(handler, "_request_in_progress", False) else "idle"
+            log.warning("drain deadline: cutting %s connection from %s", busy, peer)
+            handler.force_close()
+            cut += 1
+        return cut
+
+
+async def serve(app: web.Application, upgrader: Upgrader,
+                sockets: Mapping[str, Address], *,
+                drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+                idle_after_drain: bool | None = None,
+                handle_signals: bool = True,
+                on_serving: Callable[[], None] | None = None) -> int:
+    """Run ``app`` on the named ``sockets`` until replaced or stopped.
+
+    Returns the process exit status: 0 after a clean handover or stop, 1 when
+    this process was a successor whose predecessor abandoned the handover (it
+    still drained what it had accepted). ``idle_after_drain`` defaults to True
+    in a Kruise slot (``SIDECARSET_VERSION`` set).
+
+    Resource handling: every socket is owned by the sites (closed when they
+    stop); the upgrader's control sockets are closed before returning, on
+    every path.
+    """
+    if idle_after_drain is None:
+        idle_after_drain = upgrader.versions.rank is not None
+    loop = asyncio.get_running_loop()
+    drainer = Drainer()
+    signalled = asyncio.Event()
+    signals = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals
+        signals += 1
+        signalled.set()
+        if signals == 1:
+            log.info("signal %d: stopping", signum)
+            upgrader.request_stop()
+        elif signals == 2:
+            log.warning("signal %d again: cutting the drain short", signum)
+            drainer.force()
+        else:
+            os._exit(128 + signum)
+
+    if handle_signals:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        role = await upgrader.start()
+        if role in (Role.PASSIVE, Role.EMPTY):
+            await upgrader.wait_exit()
+            await upgrader.close()
+            return 0
+        app.middlewares.append(drainer.middleware)
+        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0)
+        await runner.setup()
+        try:
+            for name, address in sockets.items():
+                await web.SockSite(runner, upgrader.listen(name, address)).start()
+            failed = False
+            try:
+                await upgrader.ready()
+            except HandoverFailed as exc:
+                log.error("%s", exc)
+                failed = True
+            if on_serving is not None and not failed:
+                on_serving()
+            reason = await upgrader.wait_exit()
+            log.info("%s: %s; draining (deadline %.1fs)", upgrader.name, reason.value,
+                     drain_timeout)
+            for site in list(runner.sites):
+                await site.stop()
+            await upgrader.release()
+            assert runner.server is not None
+            cut = await drainer.drain(runner.server, drain_timeout)
+        finally:
+            await runner.cleanup()
+        await upgrader.close(cut=cut)
+        log.info("%s: drained, %d connection(s) cut", upgrader.name, cut)
+        if reason is ExitReason.HANDOVER_FAILED:
+            return 1
+        if idle_after_drain and reason is ExitReason.TAKEN_OVER:
+            log.info("%s: idle without sockets until SIGTERM", upgrader.name)
+            await signalled.wait()
+        return 0
+    finally:
+        await upgrader.close()
+        if handle_signals:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+

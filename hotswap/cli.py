@@ -1,0 +1,145 @@
+"""The ``hotswap`` command (also ``python -m hotswap``).
+
+- ``hotswap status --name N [--json]``: who serves N now.
+- ``hotswap wait-ready --name N --timeout S``: wait until the process whose
+  ``SIDECARSET_VERSION`` is ours (or ``--version``) serves N and its
+  predecessor stopped accepting; the PostStart hook's check.
+- ``hotswap probe --name N``: the same check, once; a readiness probe that
+  tells the two slots apart although they share the port.
+
+Exit status: 0 success, 1 the condition failed or timed out, 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from . import control, kruise
+from .errors import HandoverRefused, HotswapError
+from .protocol import Status
+
+_POLL = 0.1
+
+
+def _address(args: argparse.Namespace) -> str:
+    return control.control_address(args.name, args.control_path)
+
+
+def _describe(status: Status) -> str:
+    listeners = ", ".join(f"{i.name}={i.address}" for i in status.listeners) or "-"
+    rank = "-" if status.rank is None else str(status.rank)
+    return (f"{status.name}: pid {status.pid} version {status.version or '-'} "
+            f"(sidecarset {rank}) state {status.state}, predecessor "
+            f"{status.predecessor}, generation {status.generation}, "
+            f"listeners {listeners}, fds {status.num_fds}")
+
+
+async def _status(args: argparse.Namespace) -> int:
+    address = _address(args)
+    try:
+        status = await control.query_status(address, timeout=args.timeout)
+    except (OSError, HotswapError) as exc:
+        print(f"hotswap: no answer from {address}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(status.to_json(), sort_keys=True))
+    else:
+        print(_describe(status))
+    return 0
+
+
+def _target(args: argparse.Namespace) -> tuple[int | None, str | None]:
+    if args.version:
+        return None, args.version
+    rank = kruise.detect(os.environ).rank
+    if rank is None:
+        raise SystemExit("hotswap: set SIDECARSET_VERSION or pass --version")
+    return rank, None
+
+
+def _verdict(status: Status, rank: int | None, version: str | None) -> tuple[bool, bool, str]:
+    """(done, hopeless, why) for one status reply."""
+    ours = status.rank == rank if rank is not None else status.version == version
+    if ours:
+        if status.state == "serving" and status.predecessor in ("none", "draining", "gone"):
+            return True, False, _describe(status)
+        return False, False, f"ours but not yet done: {_describe(status)}"
+    if rank is not None and status.rank is not None and status.rank > rank:
+        return False, True, f"a newer version serves: {_describe(status)}"
+    return False, False, f"not ours yet: {_describe(status)}"
+
+
+async def _wait_ready(args: argparse.Namespace, *, once: bool = False) -> int:
+    rank, version = _target(args)
+    want = f"sidecarset version {rank}" if rank is not None else f"version {version}"
+    address = _address(args)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + (0 if once else args.timeout)
+    last = "no answer yet"
+    while True:
+        remaining = max(0.1, deadline - loop.time())
+        try:
+            status = await control.query_status(address, timeout=min(remaining, 2.0))
+        except HandoverRefused as exc:
+            print(f"hotswap: {address} refused us: {exc}", file=sys.stderr)
+            return 1
+        except (OSError, HotswapError) as exc:
+            last = f"no answer from {address}: {exc}"
+        else:
+            done, hopeless, last = _verdict(status, rank, version)
+            if done:
+                print(f"hotswap: ready: {last}")
+                return 0
+            if hopeless:
+                print(f"hotswap: {want} will not serve: {last}", file=sys.stderr)
+                return 1
+        if loop.time() >= deadline:
+            what = "not ready" if once else f"timed out after {args.timeout:g}s"
+            print(f"hotswap: {want} {what}; last: {last}", file=sys.stderr)
+            return 1
+        await asyncio.sleep(_POLL)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hotswap", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--name", default=os.environ.get("HOTSWAP_NAME"),
+                       required="HOTSWAP_NAME" not in os.environ,
+                       help="sidecar name (control socket @hotswap/NAME)")
+        p.add_argument("--control-path", default=os.environ.get("HOTSWAP_CONTROL_PATH"),
+                       help="filesystem control socket instead of the abstract name")
+
+    p = sub.add_parser("status", help="show the process serving NAME")
+    common(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--timeout", type=float, default=control.DEFAULT_TIMEOUT)
+    for cmd, help_ in (("wait-ready", "wait until our version serves NAME"),
+                       ("probe", "exit 0 iff our version serves NAME now")):
+        p = sub.add_parser(cmd, help=help_)
+        common(p)
+        p.add_argument("--version", help="app version to wait for "
+                       "(default: SIDECARSET_VERSION)")
+        if cmd == "wait-ready":
+            p.add_argument("--timeout", type=float, default=60.0)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "status":
+            return asyncio.run(_status(args))
+        if args.command == "probe":
+            args.timeout = 0.0
+            return asyncio.run(_wait_ready(args, once=True))
+        return asyncio.run(_wait_ready(args))
+    except (HotswapError, ValueError) as exc:
+        print(f"hotswap: {exc}", file=sys.stderr)
+        return 2

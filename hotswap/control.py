@@ -1,0 +1,84 @@
+"""Where the control socket lives, and a client that asks it for status.
+
+By default the control socket of a sidecar called ``NAME`` is the abstract Unix
+name ``hotswap/NAME``: abstract names are scoped to the network namespace, so
+every container of a pod sees it, and it vanishes with the last descriptor (no
+stale files). A filesystem path (on a shared ``emptyDir``) can be configured
+instead; it is created owner-only (0600).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+
+from .errors import HandoverRefused, RemoteProtocolError
+from .protocol import Refused, Sender, Status, StatusRequest
+from .transport import Channel
+
+CONTROL_NAME = "hotswap.control"
+"""The name under which the listening control socket travels."""
+
+DEFAULT_TIMEOUT = 5.0
+
+#: errno values of connect() that mean "nobody is serving there".
+NOBODY_THERE = frozenset({errno.ECONNREFUSED, errno.ENOENT})
+
+
+def control_address(name: str, path: str | None = None) -> str:
+    """The control socket address: ``path`` if given, else ``@hotswap/<name>``."""
+    if path:
+        return path
+    if not name or "/" in name or "\0" in name:
+        raise ValueError(f"invalid sidecar name {name!r}")
+    return f"@hotswap/{name}"
+
+
+def sockaddr(address: str) -> str:
+    """Turn ``@abstract`` into the leading-NUL form the kernel wants."""
+    return "\0" + address[1:] if address.startswith("@") else address
+
+
+async def connect(address: str, *, timeout: float) -> socket.socket:
+    """Connect to a control socket. The caller owns the returned socket.
+
+    Raises ConnectionRefusedError/FileNotFoundError (OSError) when nobody
+    listens there, TimeoutError after ``timeout``.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        async with asyncio.timeout(timeout):
+            await asyncio.get_running_loop().sock_connect(sock, sockaddr(address))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def query_status(address: str, *, timeout: float = DEFAULT_TIMEOUT) -> Status:
+    """Ask the process serving ``address`` who it is.
+
+    Raises OSError if nobody listens, HandoverRefused if it refuses us (for
+    example another uid), HotswapError subclasses on a broken or garbled reply
+    or a timeout.
+    """
+    sock = await connect(address, timeout=timeout)
+    channel = Channel(sock, Sender.CLIENT)
+    try:
+        await channel.send(StatusRequest(), timeout=timeout)
+        reply = await channel.receive(timeout=timeout)
+    finally:
+        channel.close()
+    if isinstance(reply, Refused):
+        raise HandoverRefused(reply.code, reply.reason)
+    if not isinstance(reply, Status):
+        raise RemoteProtocolError(f"expected a status, got {reply.TYPE!r}")
+    return reply
+
+
+def is_nobody_there(exc: BaseException) -> bool:
+    """True for connect() errors that mean no process is serving."""
+    return isinstance(exc, OSError) and exc.errno in NOBODY_THERE
+

@@ -1,0 +1,78 @@
+"""OpenKruise SidecarSet HotUpgrade role rules.
+
+Kruise gives each of the two sidecar slots ``SIDECARSET_VERSION`` (this slot's
+version) and ``SIDECARSET_VERSION_ALT`` (the other slot's), resolved from pod
+annotations when the container starts:
+
+===============================  ======================  =======================
+variables                        role                    what the process does
+===============================  ======================  =======================
+``VERSION`` unset                :attr:`Role.AUTO`       take over if someone
+                                                         serves, else bind
+``VERSION == 0``                 :attr:`Role.EMPTY`      the empty image: nothing
+``ALT`` empty or ``0``           :attr:`Role.FRESH`      bind the ports
+``VERSION > ALT``                :attr:`Role.TAKEOVER`   take the sockets over
+``VERSION <= ALT``               :attr:`Role.PASSIVE`    an old slot restarted
+                                                         mid-upgrade: never take
+                                                         sockets back
+===============================  ======================  =======================
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .errors import HotswapError
+
+VERSION_ENV = "SIDECARSET_VERSION"
+ALT_ENV = "SIDECARSET_VERSION_ALT"
+
+
+class Role(enum.Enum):
+    """What a starting process should do with the sockets."""
+
+    AUTO = "auto"
+    FRESH = "fresh"
+    TAKEOVER = "takeover"
+    PASSIVE = "passive"
+    EMPTY = "empty"
+
+
+@dataclass(frozen=True)
+class Versions:
+    """The Kruise versions of this slot (``rank``) and the other (``alt``)."""
+
+    rank: int | None
+    alt: int | None
+    role: Role
+
+
+def _parse(env: Mapping[str, str], key: str) -> int | None:
+    raw = env.get(key, "").strip()
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise HotswapError(f"{key}={raw!r} is not an integer") from None
+    if value < 0:
+        raise HotswapError(f"{key}={raw!r} is negative")
+    return value
+
+
+def detect(env: Mapping[str, str]) -> Versions:
+    """Apply the role rules to an environment. Raises HotswapError on a
+    malformed version."""
+    rank = _parse(env, VERSION_ENV)
+    alt = _parse(env, ALT_ENV)
+    if rank is None:
+        return Versions(None, alt, Role.AUTO)
+    if rank == 0:
+        return Versions(rank, alt, Role.EMPTY)
+    if not alt:
+        return Versions(rank, alt, Role.FRESH)
+    if rank > alt:
+        return Versions(rank, alt, Role.TAKEOVER)
+    return Versions(rank, alt, Role.PASSIVE)

@@ -1,0 +1,635 @@
+"""The Upgrader: the public lifecycle of a process that can be hot-upgraded.
+
+Usage (see :mod:`hotswap.aiohttp` for an integration that does all of this)::
+
+    upg = Upgrader("sidecar", version="v2")
+    role = await upg.start()              # inherit from the running process, or not
+    if role in (Role.PASSIVE, Role.EMPTY):
+        await upg.wait_exit(); return     # never serve, never take sockets back
+    sock = upg.listen("http", ("127.0.0.1", 9091))   # inherited, else bound
+    ... start accepting on sock ...
+    await upg.ready()                     # predecessor stops accepting
+    reason = await upg.wait_exit()        # a successor took over, or stop asked
+    ... stop accepting ...
+    await upg.release()                   # tell the successor
+    ... drain in-flight connections ...
+    await upg.close(cut=n)                # done
+
+Invariants kept here (see the package docs for the full list): the old process
+keeps accepting until the successor confirmed; failure before confirmation
+changes nothing; one handover at a time, and none while a predecessor still
+drains; a lower Kruise version never takes over; peers are checked with
+SO_PEERCRED (and a token when configured); every received descriptor is
+adopted or closed; the control socket travels with the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import hmac
+import logging
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from . import _proc, control, kruise, listeners
+from .errors import (
+    BrokenResourceError,
+    HandoverFailed,
+    HandoverRefused,
+    HandoverTimeout,
+    HotswapError,
+    ListenerError,
+    ProtocolError,
+)
+from .kruise import Role
+from .protocol import (
+    PROTOCOL_VERSION,
+    Abort,
+    Accepting,
+    Drained,
+    Failed,
+    Hello,
+    Message,
+    Refused,
+    Released,
+    Sender,
+    SocketInfo,
+    Sockets,
+    Status,
+    StatusRequest,
+    Welcome,
+    split_sockets,
+)
+from .transport import Channel, close_fds
+
+log = logging.getLogger("hotswap")
+
+DEFAULT_HANDOVER_TIMEOUT = 30.0
+"""Seconds the old process waits for a successor to confirm."""
+DEFAULT_CONNECT_TIMEOUT = 30.0
+"""Seconds a successor keeps trying while the serving process is busy."""
+DEFAULT_MESSAGE_TIMEOUT = 5.0
+"""Seconds either side waits for one expected message (hello, release, ...)."""
+DEFAULT_PREDECESSOR_DRAIN_TIMEOUT = 60.0
+"""Seconds a new process refuses further upgrades while its predecessor drains."""
+
+
+class ExitReason(enum.Enum):
+    """Why :meth:`Upgrader.wait_exit` returned."""
+
+    TAKEN_OVER = "taken-over"
+    """A successor confirmed it is accepting: stop accepting and drain."""
+    STOP_REQUESTED = "stop-requested"
+    """:meth:`Upgrader.request_stop` was called (SIGTERM, usually)."""
+    HANDOVER_FAILED = "handover-failed"
+    """We were the successor and the predecessor abandoned the handover after
+    we had started accepting: step down (stop accepting, drain, exit non-zero)."""
+
+
+class State(enum.Enum):
+    STARTING = "starting"
+    TAKING_OVER = "taking-over"
+    SERVING = "serving"
+    HANDING_OVER = "handing-over"
+    DRAINING = "draining"
+    PASSIVE = "passive"
+    STOPPED = "stopped"
+
+
+@dataclass
+class _Listener:
+    info: SocketInfo
+    sock: socket.socket
+
+
+@dataclass
+class Options:
+    """Upgrader settings; every one has a default that fits a Kruise pod."""
+
+    control_path: str | None = None
+    """Filesystem path of the control socket; default abstract ``hotswap/NAME``."""
+    allowed_uids: frozenset[int] | None = None
+    """Peer uids allowed on the control socket; default: our own uid only."""
+    token: str = ""
+    """Shared secret a successor must present (empty: not required)."""
+    handover_timeout: float = DEFAULT_HANDOVER_TIMEOUT
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    message_timeout: float = DEFAULT_MESSAGE_TIMEOUT
+    predecessor_drain_timeout: float = DEFAULT_PREDECESSOR_DRAIN_TIMEOUT
+    env: Mapping[str, str] = field(default_factory=lambda: os.environ)
+
+
+class Upgrader:
+    """Hands this process's listening sockets to its successor, and takes them
+    from its predecessor.
+
+    Resource handling: sockets returned by :meth:`listen` are owned by the
+    caller, who usually gives them to a server (which then closes them when it
+    stops). The Upgrader keeps a reference to send them to a successor and
+    closes any still open in :meth:`release`. Inherited sockets nobody claimed
+    are closed in :meth:`ready`. The control sockets are the Upgrader's own.
+
+    Error handling: :meth:`start` raises :class:`~hotswap.errors.HandoverRefused`
+    or :class:`~hotswap.errors.HandoverFailed` when taking over fails; nothing
+    is half-adopted (every received descriptor is closed first). Errors caused
+    by a successor never reach the caller: they are logged and the process
+    goes on serving.
+    """
+
+    def __init__(self, name: str, *, version: str = "",
+                 options: Options | None = None) -> None:
+        self.name = name
+        self.version = version
+        self.options = options or Options()
+        self.address = control.control_address(name, self.options.control_path)
+        env = self.options.env
+        self.versions = kruise.detect(env)
+        self.role: Role | None = None
+        self.state = State.STARTING
+        self.generation = 0
+        self.pid = os.getpid()
+        self._allowed_uids = (self.options.allowed_uids
+                              if self.options.allowed_uids is not None
+                              else frozenset({os.getuid()}))
+        self._listeners: dict[str, _Listener] = {}
+        self._inherited: dict[str, _Listener] = {}
+        self._control_sock: socket.socket | None = None
+        self._control_task: asyncio.Task[None] | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._predecessor = "none"  # none | accepting | draining | gone
+        self._predecessor_channel: Channel | None = None
+        self._predecessor_task: asyncio.Task[None] | None = None
+        self._successor: Channel | None = None
+        self._exit: asyncio.Future[ExitReason] | None = None
+        self._stop_requested = False
+        self._set_title()
+
+    # ------------------------------------------------------------- lifecycle
+
+    async def start(self) -> Role:
+        """Decide this process's role and, when taking over, adopt the sockets.
+
+        Returns the role. For PASSIVE and EMPTY nothing is bound or taken;
+        call :meth:`wait_exit`. For FRESH the control socket is bound (a
+        ListenerError if someone else holds it). For TAKEOVER/AUTO the
+        predecessor's sockets are received and validated; :meth:`listen` then
+        returns them by name.
+        """
+        if self._exit is not None:
+            raise HotswapError("start() called twice")
+        self._exit = asyncio.get_running_loop().create_future()
+        role = self.versions.role
+        if role in (Role.PASSIVE, Role.EMPTY):
+            log.info("%s: role %s (version %s, other slot %s): not serving",
+                     self.name, role.value, self.versions.rank, self.versions.alt)
+            self._set_state(State.PASSIVE)
+            self.role = role
+            return role
+        if role is Role.FRESH:
+            self._start_fresh()
+        else:
+            took_over = await self._take_over(required=role is Role.TAKEOVER)
+            if not took_over:
+                role = Role.FRESH
+                self._start_fresh()
+            else:
+                role = Role.TAKEOVER
+        self.role = role
+        return role
+
+    def listen(self, name: str, address: listeners.Address, *, kind: str = "stream",
+               backlog: int = 1024) -> socket.socket:
+        """Return the listener called ``name``: inherited if the predecessor
+        had one with that name and a matching address (port 0 matches any
+        port), else newly bound.
+
+        Ownership passes to the caller (see the class docstring). Raises
+        ListenerError if binding fails, HotswapError if ``name`` is taken.
+        """
+        if name == control.CONTROL_NAME or name in self._listeners:
+            raise HotswapError(f"listener name {name!r} already in use")
+        if self.state not in (State.STARTING, State.TAKING_OVER, State.SERVING):
+            raise HotswapError(f"cannot listen in state {self.state.value}")
+        want = listeners.wanted_info(name, address, kind)
+        got = self._inherited.pop(name, None)
+        if got is not None and listeners.matches(got.info, want):
+            log.info("%s: inherited %s %s", self.name, name, got.info.address)
+            self._listeners[name] = got
+            return got.sock
+        if got is not None:
+            log.warning("%s: inherited %s is %s, asked for %s: binding anew",
+                        self.name, name, got.info.address, want.address)
+            got.sock.close()
+        sock = listeners.bind(address, kind=kind, backlog=backlog)
+        info = listeners.describe(name, sock)
+        log.info("%s: bound %s %s", self.name, name, info.address)
+        self._listeners[name] = _Listener(info, sock)
+        return sock
+
+    async def ready(self) -> None:
+        """Declare that every listener is accepting.
+
+        Closes inherited sockets nobody claimed. As a successor, confirms to
+        the predecessor and waits (bounded) until it has stopped accepting;
+        then starts answering the control socket. Raises HandoverFailed if the
+        predecessor abandoned the handover: the caller has started accepting
+        and must now stop and drain (:meth:`wait_exit` returns
+        HANDOVER_FAILED).
+        """
+        for leftover in self._inherited.values():
+            log.info("%s: closing unclaimed inherited %s", self.name, leftover.info.name)
+            leftover.sock.close()
+        self._inherited.clear()
+        if self.state is State.TAKING_OVER:
+            await self._confirm()
+        elif self.state is not State.SERVING:
+            raise HotswapError(f"ready() in state {self.state.value}")
+        log.info("%s: %s ready (pid %d, generation %d)", self.name, self.version,
+                 self.pid, self.generation)
+
+    async def wait_exit(self) -> ExitReason:
+        """Wait until this process should stop accepting: a successor took
+        over, a stop was requested, or (as a successor) the handover failed."""
+        if self._exit is None:
+            raise HotswapError("start() first")
+        return await asyncio.shield(self._exit)
+
+    def request_stop(self) -> None:
+        """Ask for a stop (from a signal handler, say). During a handover the
+        stop waits for its outcome, so the sockets are never lost."""
+        self._stop_requested = True
+        if self.state in (State.SERVING, State.PASSIVE, State.STARTING):
+            self._finish(ExitReason.STOP_REQUESTED)
+
+    async def release(self) -> None:
+        """Say that this process has stopped accepting.
+
+        Closes listener sockets still open (call this only after your servers
+        stopped: a server owns the socket it accepts on) and the control
+        socket, and tells the successor (if any) that it may now consider
+        itself the only acceptor.
+        """
+        self._set_state(State.DRAINING)
+        await self._stop_control()
+        for entry in self._listeners.values():
+            entry.sock.close()
+        await self._tell_successor(Released(pid=self.pid))
+
+    async def close(self, *, cut: int = 0) -> None:
+        """Finish: tell the successor the drain is over (``cut`` connections
+        were closed at the deadline), close every remaining resource. Safe to
+        call more than once and on any path."""
+        if self.state is State.STOPPED:
+            return
+        if self.state is not State.DRAINING and self._listeners:
+            await self.release()
+        await self._tell_successor(Drained(pid=self.pid, cut=cut))
+        if self._successor is not None:
+            self._successor.close()
+            self._successor = None
+        await self._stop_control()
+        for task in list(self._handlers) + [t for t in (self._predecessor_task,) if t]:
+            task.cancel()
+        if self._predecessor_channel is not None:
+            self._predecessor_channel.close()
+        for entry in list(self._inherited.values()) + list(self._listeners.values()):
+            entry.sock.close()
+        self._inherited.clear()
+        self._set_state(State.STOPPED)
+
+    # ---------------------------------------------------------------- status
+
+    def status(self) -> Status:
+        """This process as the control socket reports it."""
+        num_fds, rss = _proc.usage()
+        return Status(name=self.name, pid=self.pid, version=self.version,
+                      rank=self.versions.rank, state=self.state.value,
+                      predecessor=self._predecessor, generation=self.generation,
+                      listeners=tuple(e.info for e in self._listeners.values()),
+                      num_fds=num_fds, rss=rss)
+
+    # ------------------------------------------------------- new side (client)
+
+    def _start_fresh(self) -> None:
+        inherited = listeners.systemd_sockets(self.options.env, self.pid)
+        for name, sock in inherited.items():
+            try:
+                self._inherited[name] = _Listener(listeners.describe(name, sock), sock)
+            except ListenerError:
+                sock.close()
+        self._control_sock = self._bind_control()
+        self._set_state(State.SERVING)
+        self._serve_control()
+
+    def _bind_control(self) -> socket.socket:
+        path = self.options.control_path
+        if path and os.path.exists(path):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+            except OSError as exc:
+                if control.is_nobody_there(exc):
+                    log.info("%s: removing stale control socket %s", self.name, path)
+                    os.unlink(path)
+            else:
+                raise ListenerError(f"control socket {path} is in use by a live process")
+            finally:
+                probe.close()
+        try:
+            return listeners.bind(self.address, backlog=64, unix_mode=0o600)
+        except ListenerError as exc:
+            raise ListenerError(
+                f"{exc}: another process already serves {self.name!r}; start it "
+                "without a Kruise FRESH role (or with VERSION > ALT) to take over"
+            ) from exc.__cause__
+
+    async def _take_over(self, *, required: bool) -> bool:
+        """Connect and adopt. Returns False if nobody serves (then bind fresh)."""
+        opts = self.options
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + opts.connect_timeout
+        delay = 0.05
+        while True:
+            try:
+                sock = await control.connect(self.address, timeout=opts.message_timeout)
+            except OSError as exc:
+                if control.is_nobody_there(exc):
+                    if required:
+                        log.warning("%s: version %s should take over but nobody "
+                                    "serves %s: starting fresh", self.name,
+                                    self.versions.rank, self.address)
+                    return False
+                raise BrokenResourceError(f"connecting to {self.address}: {exc}") from exc
+            channel = Channel(sock, Sender.CLIENT)
+            try:
+                await self._handshake(channel)
+                return True
+            except HandoverRefused as exc:
+                channel.close()
+                if exc.code != "busy" or loop.time() + delay > deadline:
+                    raise
+                log.info("%s: serving process busy (%s); retrying", self.name, exc.reason)
+            except BaseException:
+                channel.close()
+                raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    async def _handshake(self, channel: Channel) -> None:
+        opts = self.options
+        self._set_state(State.TAKING_OVER)
+        await channel.send(Hello(pid=self.pid, version=self.version,
+                                 rank=self.versions.rank, token=opts.token),
+                           timeout=opts.message_timeout)
+        reply = await channel.receive(timeout=opts.message_timeout)
+        if isinstance(reply, Refused):
+            self._set_state(State.STARTING)
+            raise HandoverRefused(reply.code, reply.reason)
+        assert isinstance(reply, Welcome)  # the state machine allows nothing else
+        adopted: dict[str, _Listener] = {}
+        try:
+            remaining = reply.count
+            while remaining:
+                chunk = await channel.receive(timeout=opts.message_timeout)
+                if isinstance(chunk, Failed):
+                    raise HandoverFailed(f"predecessor gave up: {chunk.reason}")
+                assert isinstance(chunk, Sockets)
+                remaining -= chunk.nfds
+                self._adopt_chunk(chunk, adopted)
+            if control.CONTROL_NAME not in adopted:
+                raise HandoverFailed("predecessor did not send its control socket")
+        except BaseException as exc:
+            for entry in adopted.values():
+                entry.sock.close()
+            self._set_state(State.STARTING)
+            if isinstance(exc, HotswapError | OSError) and not channel.closed:
+                with contextlib.suppress(HotswapError, ProtocolError):
+                    await channel.send(Abort(reason=str(exc)), timeout=1.0)
+            if isinstance(exc, ListenerError | ProtocolError):
+                raise HandoverFailed(f"adopting the sockets failed: {exc}") from exc
+            raise
+        control_entry = adopted.pop(control.CONTROL_NAME)
+        self._control_sock = control_entry.sock
+        self._inherited = adopted
+        self._predecessor_channel = channel
+        self._predecessor = "accepting"
+        self.generation = reply.generation + 1
+        log.info("%s: received %d socket(s) from pid %d (%s)", self.name,
+                 reply.count, reply.pid, reply.version)
+
+    def _adopt_chunk(self, chunk: Sockets, adopted: dict[str, _Listener]) -> None:
+        fds = list(chunk.fds)
+        try:
+            for entry in chunk.entries:
+                fd = fds.pop(0)
+                if entry.name in adopted:
+                    os.close(fd)
+                    raise HandoverFailed(f"socket name {entry.name!r} sent twice")
+                adopted[entry.name] = _Listener(entry, listeners.adopt_fd(fd, entry))
+        finally:
+            close_fds(fds)
+
+    async def _confirm(self) -> None:
+        channel = self._predecessor_channel
+        assert channel is not None
+        opts = self.options
+        try:
+            await channel.send(Accepting(), timeout=opts.message_timeout)
+            reply = await channel.receive(timeout=opts.message_timeout)
+        except (BrokenResourceError, HandoverTimeout) as exc:
+            # Once Accepting is out, the predecessor either committed or is gone:
+            # we are accepting either way, so carry on serving.
+            log.warning("%s: no release from the predecessor (%s); serving anyway",
+                        self.name, exc)
+            self._predecessor = "gone"
+            channel.close()
+            self._predecessor_channel = None
+        except ProtocolError as exc:
+            self._step_down(channel, f"predecessor broke the protocol: {exc}")
+        else:
+            if isinstance(reply, Failed):
+                self._step_down(channel, f"predecessor abandoned the handover: "
+                                         f"{reply.reason}")
+            assert isinstance(reply, Released)
+            self._predecessor = "draining"
+            self._predecessor_task = asyncio.create_task(self._watch_predecessor(channel))
+        self._set_state(State.SERVING)
+        self._serve_control()
+        if self._stop_requested:
+            self._finish(ExitReason.STOP_REQUESTED)
+
+    def _step_down(self, channel: Channel, reason: str) -> None:
+        channel.close()
+        self._predecessor_channel = None
+        self._control_sock_close()
+        self._set_state(State.DRAINING)
+        self._finish(ExitReason.HANDOVER_FAILED)
+        raise HandoverFailed(reason)
+
+    async def _watch_predecessor(self, channel: Channel) -> None:
+        try:
+            message = await channel.receive(timeout=self.options.predecessor_drain_timeout)
+            if isinstance(message, Drained):
+                log.info("%s: predecessor pid %d drained (%d cut)", self.name,
+                         message.pid, message.cut)
+        except HotswapError as exc:
+            log.info("%s: predecessor gone (%s)", self.name, exc)
+        finally:
+            channel.close()
+            self._predecessor_channel = None
+            self._predecessor = "gone"
+
+    # ----------------------------------------------------- old side (server)
+
+    def _serve_control(self) -> None:
+        assert self._control_sock is not None
+        self._control_sock.setblocking(False)
+        self._control_task = asyncio.create_task(self._accept_control(self._control_sock))
+
+    async def _accept_control(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(sock)
+            except OSError as exc:
+                log.warning("%s: control accept failed: %s", self.name, exc)
+                await asyncio.sleep(0.1)
+                continue
+            task = asyncio.create_task(self._handle_control(conn))
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
+
+    async def _handle_control(self, conn: socket.socket) -> None:
+        channel = Channel(conn, Sender.SERVER)
+        keep = False
+        try:
+            keep = await self._converse(channel)
+        except HotswapError as exc:
+            log.warning("%s: control connection: %s", self.name, exc)
+        finally:
+            if not keep:
+                channel.close()
+
+    async def _converse(self, channel: Channel) -> bool:
+        """Handle one control connection; True if it became our successor's."""
+        timeout = self.options.message_timeout
+        pid, uid, _ = channel.peer_credentials()
+        if uid not in self._allowed_uids:
+            log.warning("%s: refused control peer pid %d uid %d", self.name, pid, uid)
+            await channel.send(Refused(code="forbidden",
+                                       reason=f"uid {uid} is not allowed"),
+                               timeout=timeout)
+            return False
+        first = await channel.receive(timeout=timeout)
+        if isinstance(first, StatusRequest):
+            await channel.send(self.status(), timeout=timeout)
+            return False
+        assert isinstance(first, Hello)
+        refusal = self._refusal(first)
+        if refusal is not None:
+            log.warning("%s: refused successor pid %d (%s): %s", self.name, first.pid,
+                        refusal.code, refusal.reason)
+            await channel.send(refusal, timeout=timeout)
+            return False
+        return await self._hand_over(channel, first)
+
+    def _refusal(self, hello: Hello) -> Refused | None:
+        if hello.protocol != PROTOCOL_VERSION:
+            return Refused(code="protocol", reason=f"protocol {hello.protocol} "
+                           f"not supported (this is {PROTOCOL_VERSION})")
+        if self.options.token and not hmac.compare_digest(
+                hello.token.encode(), self.options.token.encode()):
+            return Refused(code="forbidden", reason="bad or missing token")
+        if self.state is not State.SERVING or self._stop_requested:
+            return Refused(code="busy", reason=f"state is {self.state.value}")
+        if self._predecessor in ("accepting", "draining"):
+            return Refused(code="busy", reason="previous generation still draining")
+        mine = self.versions.rank
+        if hello.rank is not None and mine is not None and hello.rank <= mine:
+            return Refused(code="older", reason=f"version {hello.rank} may not take "
+                           f"over from version {mine}")
+        return None
+
+    async def _hand_over(self, channel: Channel, hello: Hello) -> bool:
+        opts = self.options
+        self._set_state(State.HANDING_OVER)
+        log.info("%s: handing over to pid %d (%s)", self.name, hello.pid, hello.version)
+        try:
+            assert self._control_sock is not None
+            entries = [e.info for e in self._listeners.values()]
+            socks = [e.sock for e in self._listeners.values()]
+            entries.append(SocketInfo(name=control.CONTROL_NAME, family="unix",
+                                      kind="stream", address=self.address))
+            socks.append(self._control_sock)
+            await channel.send(Welcome(pid=self.pid, version=self.version,
+                                       count=len(entries), generation=self.generation),
+                               timeout=opts.message_timeout)
+            for chunk in split_sockets(entries, [s.fileno() for s in socks]):
+                await channel.send(chunk, timeout=opts.message_timeout)
+            while True:
+                reply: Message = await channel.receive(timeout=opts.handover_timeout)
+                if isinstance(reply, Accepting):
+                    break
+                assert isinstance(reply, Abort)
+                raise HandoverFailed(f"successor aborted: {reply.reason}")
+        except (HotswapError, OSError) as exc:
+            log.warning("%s: handover to pid %d failed, still serving: %s",
+                        self.name, hello.pid, exc)
+            if not channel.closed and not isinstance(exc, BrokenResourceError):
+                with contextlib.suppress(HotswapError):
+                    await channel.send(Failed(reason=str(exc)), timeout=1.0)
+            self._set_state(State.SERVING)
+            if self._stop_requested:
+                self._finish(ExitReason.STOP_REQUESTED)
+            return False
+        # Committed: the successor is accepting on every socket.
+        log.info("%s: pid %d confirmed; stopping accepting", self.name, hello.pid)
+        self._successor = channel
+        await self._stop_control()
+        self._set_state(State.DRAINING)
+        self._finish(ExitReason.TAKEN_OVER)
+        return True
+
+    async def _tell_successor(self, message: Message) -> None:
+        channel = self._successor
+        if channel is None or channel.closed:
+            return
+        try:
+            await channel.send(message, timeout=self.options.message_timeout)
+        except HotswapError as exc:
+            log.info("%s: successor did not take %s: %s", self.name, message.TYPE, exc)
+            channel.close()
+            self._successor = None
+
+    async def _stop_control(self) -> None:
+        # Cancel the accept loop and let it unregister its reader before the
+        # descriptor is closed (a closed fd number can be reused at once).
+        task = self._control_task
+        self._control_task = None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        self._control_sock_close()
+
+    def _control_sock_close(self) -> None:
+        if self._control_sock is not None:
+            # Only close(): never shutdown() a socket another process shares.
+            self._control_sock.close()
+            self._control_sock = None
+
+    # ----------------------------------------------------------------- misc
+
+    def _finish(self, reason: ExitReason) -> None:
+        if self._exit is not None and not self._exit.done():
+            self._exit.set_result(reason)
+
+    def _set_state(self, state: State) -> None:
+        self.state = state
+        self._set_title()
+
+    def _set_title(self) -> None:
+        _proc.set_title(f"hotswap[{self.name}] {self.version} {self.state.value}")
