@@ -67,8 +67,7 @@ async def query_status(address: str, *, timeout: float = DEFAULT_TIMEOUT) -> Sta
     sock = await connect(address, timeout=timeout)
     channel = Channel(sock, Sender.CLIENT)
     try:
-        await channel.send(StatusRequest(), timeout=timeout)
-        reply = await channel.receive(timeout=timeout)
+        reply = await channel.request(StatusRequest(), timeout=timeout)
     finally:
         channel.close()
     if isinstance(reply, Refused):

@@ -29,7 +29,7 @@ import struct
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from .errors import BrokenResourceError, ClosedResourceError, HandoverTimeout
+from .errors import BrokenResourceError, ClosedResourceError, HandoverTimeout, HotswapError
 from .protocol import MAX_FDS_PER_FRAME, NEED_DATA, Connection, Message, Sender
 
 _T = TypeVar("_T")
@@ -165,6 +165,22 @@ class Channel:
                 f"no message from the peer within {timeout:.1f}s") from None
         except OSError as exc:
             raise BrokenResourceError(f"receiving: {exc}") from exc
+
+    async def request(self, message: Message, *, timeout: float) -> Message:
+        """Send ``message`` and return the reply.
+
+        A server that refuses a peer may answer and close before reading what
+        the peer sent, so a broken send is followed by a read: the answer
+        that is already queued wins over the send error.
+        """
+        try:
+            await self.send(message, timeout=timeout)
+        except BrokenResourceError as send_error:
+            try:
+                return await self.receive(timeout=timeout)
+            except HotswapError:
+                raise send_error from send_error.__cause__
+        return await self.receive(timeout=timeout)
 
     async def _io(self, op: Callable[[], _T], *, writable: bool) -> _T:
         loop = asyncio.get_running_loop()

@@ -382,10 +382,9 @@ class Upgrader:
     async def _handshake(self, channel: Channel) -> None:
         opts = self.options
         self._set_state(State.TAKING_OVER)
-        await channel.send(Hello(pid=self.pid, version=self.version,
-                                 rank=self.versions.rank, token=opts.token),
-                           timeout=opts.message_timeout)
-        reply = await channel.receive(timeout=opts.message_timeout)
+        hello = Hello(pid=self.pid, version=self.version, rank=self.versions.rank,
+                      token=opts.token)
+        reply = await channel.request(hello, timeout=opts.message_timeout)
         if isinstance(reply, Refused):
             self._set_state(State.STARTING)
             raise HandoverRefused(reply.code, reply.reason)

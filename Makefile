@@ -1,0 +1,27 @@
+# hotswap -- the two commands a newcomer needs:
+#   make demo    the local hot-upgrade demo (v1 -> v2 -> v3 under load, 0 failed)
+#   make test    lint, types and the whole test suite (what CI runs)
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test lint typecheck pytest clean
+
+$(VENV)/.stamp: setup.cfg pyproject.toml scripts/bootstrap.sh
+	sh scripts/bootstrap.sh
+
+demo: $(VENV)/.stamp
+	$(PY) scripts/demo.py
+
+test: $(VENV)/.stamp lint typecheck pytest
+
+lint: $(VENV)/.stamp
+	$(VENV)/bin/ruff check hotswap tests examples scripts
+
+typecheck: $(VENV)/.stamp
+	$(VENV)/bin/mypy
+
+pytest: $(VENV)/.stamp
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,22 @@
+#!/bin/sh
+# Set up .venv from scratch: system packages python-prctl needs to build (gcc,
+# libcap-dev; installed with apt-get when we are root and they are missing),
+# then the project and its dev tools. Idempotent; used by the Makefile.
+set -eu
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+
+if ! [ -e /usr/include/sys/capability.h ] || ! command -v gcc >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "bootstrap: installing gcc and libcap-dev (python-prctl builds from source)"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libcap-dev >/dev/null
+    else
+        echo "bootstrap: python-prctl needs gcc and libcap-dev; install them first" >&2
+    fi
+fi
+
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+touch .venv/.stamp

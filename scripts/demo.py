@@ -1,0 +1,164 @@
+"""The local hot-upgrade demo (``make demo``): the seed's scenario with real
+processes on 127.0.0.1, each new side started the Kruise way.
+
+1. slot 1 starts v1 (``SIDECARSET_VERSION=1``, ``ALT=0``: fresh) and its
+   PostStart hook (``scripts/migrate.sh``) waits until it serves;
+2. the busybox client calls ``/serve`` every 100 ms on one keep-alive
+   connection, never retrying;
+3. upgrade: slot 2 starts v2 (``VERSION=2``, ``ALT=1``), its hook waits for the
+   migration; then slot 1 is reset (SIGTERM, as when Kruise switches it to the
+   empty image) and must exit 0;
+4. upgrade again, the other way round: slot 1 starts v3 (``VERSION=3``,
+   ``ALT=2``), which takes the sockets -- and the control socket v2 inherited --
+   from v2; slot 2 is reset;
+5. the client stops; its log and summary are printed. Exit status 0 only if
+   every hook succeeded, every old slot exited cleanly and no request failed.
+
+Every process is started here and ended by its own pid, with deadlines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+def say(message: str) -> None:
+    print(f"[demo {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+class Demo:
+    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+        self.args = args
+        self.workdir = workdir
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.ok = True
+
+    def env(self, version: int, alt: int) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(SIDECARSET_VERSION=str(version), SIDECARSET_VERSION_ALT=str(alt),
+                   IS_INJECTED="true", HOTSWAP_NAME=self.args.name,
+                   HOTSWAP_MIGRATE_TIMEOUT="30",
+                   HOTSWAP_CLI=f"{PY} -m hotswap",
+                   PATH=f"{Path(PY).parent}:{env.get('PATH', '')}")
+        return env
+
+    def start_sidecar(self, slot: int, label: str, version: int, alt: int
+                      ) -> subprocess.Popen[bytes]:
+        log = open(self.workdir / f"sidecar-{slot}-{label}.log", "wb")  # noqa: SIM115
+        say(f"sidecar-{slot}: start {label} (SIDECARSET_VERSION={version}, "
+            f"SIDECARSET_VERSION_ALT={alt})")
+        proc = subprocess.Popen(
+            [PY, str(ROOT / "examples/sidecar_server/main.py"), "--version", label,
+             "--port", str(self.args.port), "--name", self.args.name],
+            env=self.env(version, alt), stdout=log, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        return proc
+
+    def hook(self, slot: int, version: int, alt: int) -> bool:
+        say(f"sidecar-{slot}: PostStart hook scripts/migrate.sh")
+        result = subprocess.run(["sh", str(ROOT / "scripts/migrate.sh")],
+                                env=self.env(version, alt), capture_output=True,
+                                text=True, timeout=60)
+        for line in (result.stdout + result.stderr).splitlines():
+            print(f"    | {line}", flush=True)
+        say(f"sidecar-{slot}: hook exited {result.returncode}")
+        if result.returncode != 0:
+            self.ok = False
+        return result.returncode == 0
+
+    def reset(self, slot: int, proc: subprocess.Popen[bytes]) -> None:
+        say(f"sidecar-{slot}: reset to the empty image (SIGTERM pid {proc.pid})")
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait()
+            say(f"sidecar-{slot}: did not exit within 30s, killed")
+            self.ok = False
+        say(f"sidecar-{slot}: exited {code}")
+        if code != 0:
+            self.ok = False
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="local hot-upgrade demo")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("DEMO_PORT", "9091")))
+    parser.add_argument("--name", default=os.environ.get("DEMO_NAME", "sidecar"))
+    parser.add_argument("--dwell", type=float, default=3.0,
+                        help="seconds between upgrades")
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="hotswap-demo-"))
+    demo = Demo(args, workdir)
+    client: subprocess.Popen[str] | None = None
+    try:
+        v1 = demo.start_sidecar(1, "v1", 1, 0)
+        if not demo.hook(1, 1, 0):
+            return 1
+        summary_path = workdir / "summary.json"
+        say("busybox: calling the sidecar every 100 ms")
+        client = subprocess.Popen(
+            [PY, str(ROOT / "examples/busybox_client/main.py"),
+             "--url", f"http://127.0.0.1:{args.port}/serve", "--interval", "0.1",
+             "--summary-json", str(summary_path)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        demo.procs.append(client)  # type: ignore[arg-type]
+        time.sleep(args.dwell)
+
+        say("=== upgrade 1: v1 -> v2 (sidecar-2 leaves the empty image) ===")
+        v2 = demo.start_sidecar(2, "v2", 2, 1)
+        if demo.hook(2, 2, 1):
+            demo.reset(1, v1)
+        time.sleep(args.dwell)
+
+        say("=== upgrade 2: v2 -> v3 (sidecar-1 leaves the empty image) ===")
+        v3 = demo.start_sidecar(1, "v3", 3, 2)
+        if demo.hook(1, 3, 2):
+            demo.reset(2, v2)
+        time.sleep(args.dwell)
+
+        say("busybox: stopping")
+        client.send_signal(signal.SIGTERM)
+        out, _ = client.communicate(timeout=30)
+        print("----- busybox log -----")
+        print(out, end="")
+        print("-----------------------")
+        summary = json.loads(summary_path.read_text())
+        demo.reset(1, v3)
+        for log in sorted(workdir.glob("sidecar-*.log")):
+            print(f"----- {log.name} -----")
+            print(log.read_text(), end="")
+        order = summary["version_order"]
+        print(f"RESULT: {summary['requests']} requests, {summary['failed']} failed, "
+              f"versions in order: {' -> '.join(order)}")
+        if order != ["v1", "v2", "v3"]:
+            say("expected the client to see v1, then v2, then v3")
+            demo.ok = False
+        if summary["failed"] or client.returncode != 0:
+            demo.ok = False
+        say("PASS" if demo.ok else "FAIL")
+        return 0 if demo.ok else 1
+    finally:
+        demo.stop_all()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

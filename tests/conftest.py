@@ -1,0 +1,169 @@
+"""Shared fixtures: real processes started here and ended by their own pid,
+conditions waited on with deadlines, unique sidecar names per test."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import hotswap.control
+from hotswap.protocol import Status
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+SIDECAR = ROOT / "examples/sidecar_server/main.py"
+TINY = ROOT / "tests/support/tiny_server.py"
+LOADGEN = ROOT / "tests/support/loadgen.py"
+
+KRUISE_VARS = ("SIDECARSET_VERSION", "SIDECARSET_VERSION_ALT", "IS_INJECTED",
+               "HOTSWAP_NAME", "HOTSWAP_CONTROL_PATH", "LISTEN_PID", "LISTEN_FDS")
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str,
+             interval: float = 0.02) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after
+    ``timeout`` seconds saying ``what`` we were waiting for."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def status(name: str, timeout: float = 2.0) -> Status | None:
+    """The status of whoever serves ``name``, or None if nobody answers."""
+    address = hotswap.control.control_address(name)
+    try:
+        return asyncio.run(hotswap.control.query_status(address, timeout=timeout))
+    except (OSError, hotswap.HotswapError):
+        return None
+
+
+def port_of(st: Status) -> int:
+    return int(st.listeners[0].address.rsplit(":", 1)[1])
+
+
+class Procs:
+    """Processes a test started; each is killed by pid at teardown."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.procs: list[tuple[str, subprocess.Popen[bytes], Path]] = []
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in KRUISE_VARS}
+        env["PYTHONUNBUFFERED"] = "1"
+        env.update(extra)
+        return env
+
+    def spawn(self, label: str, argv: list[str], env: dict[str, str] | None = None,
+              **kwargs: Any) -> subprocess.Popen[bytes]:
+        log = self.tmp / f"{label}-{len(self.procs)}.log"
+        with open(log, "wb") as fh:
+            proc = subprocess.Popen(argv, env=env or self.env(), stdout=fh,
+                                    stderr=subprocess.STDOUT, **kwargs)
+        self.procs.append((label, proc, log))
+        return proc
+
+    def sidecar(self, name: str, version: str, *, port: int = 0,
+                args: tuple[str, ...] = (), **env: str) -> subprocess.Popen[bytes]:
+        return self.spawn(version, [PY, str(SIDECAR), "--name", name, "--version", version,
+                                    "--port", str(port), *args], self.env(**env))
+
+    def tiny(self, name: str, version: str, port: int = 0) -> subprocess.Popen[bytes]:
+        return self.spawn(version, [PY, str(TINY), "--name", name, "--version", version,
+                                    "--port", str(port)])
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {label} pid {proc.pid} rc {proc.poll()}\n"
+                         + log.read_text(errors="replace")[-4000:]
+                         for label, proc, log in self.procs)
+
+    def cleanup(self) -> None:
+        for _, proc, _ in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+@pytest.fixture
+def procs(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Procs]:
+    manager = Procs(tmp_path)
+    yield manager
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        print(manager.logs())
+    manager.cleanup()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    rep = yield
+    setattr(item, f"rep_{rep.when}", rep)
+    return rep
+
+
+@pytest.fixture
+def name() -> str:
+    """A sidecar name no other test uses (its abstract control socket too)."""
+    return f"t-{uuid.uuid4().hex[:12]}"
+
+
+class Load:
+    """The load generator process: keep-alive and new-connection clients."""
+
+    def __init__(self, procs: Procs, port: int, *, keepalive: int, fresh: int,
+                 interval: float, duration: float) -> None:
+        self.out = procs.tmp / f"load-{uuid.uuid4().hex[:6]}.json"
+        self.proc = procs.spawn("load", [PY, str(LOADGEN), "--port", str(port),
+                                         "--keepalive", str(keepalive),
+                                         "--fresh", str(fresh),
+                                         "--interval", str(interval),
+                                         "--duration", str(duration),
+                                         "--out", str(self.out)])
+        self.duration = duration
+        self.log = procs.procs[-1][2]
+        wait_for(lambda: b"first response" in self.log.read_bytes(), 10,
+                 "the load generator's first response")
+
+    def finish(self) -> dict[str, Any]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=30)
+        result: dict[str, Any] = json.loads(self.out.read_text())
+        return result
+
+
+@pytest.fixture
+def load(procs: Procs) -> Callable[..., Load]:
+    def start(port: int, *, keepalive: int = 4, fresh: int = 2, interval: float = 0.002,
+              duration: float = 60.0) -> Load:
+        return Load(procs, port, keepalive=keepalive, fresh=fresh, interval=interval,
+                    duration=duration)
+    return start
+
+
+def serving(name: str, version: str, *, settled: bool = True) -> Callable[[], Status | None]:
+    """Predicate: ``version`` serves ``name`` (and its predecessor is gone)."""
+    def check() -> Status | None:
+        st = status(name)
+        if st is None or st.version != version or st.state != "serving":
+            return None
+        if settled and st.predecessor not in ("none", "gone"):
+            return None
+        return st
+    return check

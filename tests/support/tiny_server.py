@@ -1,0 +1,68 @@
+"""A minimal server on hotswap's generic API (no aiohttp): each connection gets
+one HTTP response naming the version, then is closed. Starts fast, so tests can
+run a hundred handovers; also shows the API without the aiohttp integration.
+
+    python tests/support/tiny_server.py --name N --version v1 [--port 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+
+import hotswap
+
+
+async def main(args: argparse.Namespace) -> int:
+    upgrader = hotswap.Upgrader(args.name, version=args.version)
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, upgrader.request_stop)
+    body = f"This is version({args.version}) sidecar".encode()
+    response = (b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: "
+                + str(len(body)).encode() + b"\r\n\r\n" + body)
+    active: set[asyncio.Task[None]] = set()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        active.add(task)
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(response)
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            active.discard(task)
+
+    role = await upgrader.start()
+    if role in (hotswap.Role.PASSIVE, hotswap.Role.EMPTY):
+        await upgrader.wait_exit()
+        await upgrader.close()
+        return 0
+    server = await asyncio.start_server(handle, sock=upgrader.listen("http", ("127.0.0.1",
+                                                                              args.port)))
+    with contextlib.suppress(hotswap.HandoverFailed):
+        await upgrader.ready()
+    reason = await upgrader.wait_exit()
+    server.close()
+    await server.wait_closed()
+    await upgrader.release()
+    if active:
+        await asyncio.wait(active, timeout=5)
+    await upgrader.close()
+    return 1 if reason is hotswap.ExitReason.HANDOVER_FAILED else 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--version", required=True)
+    parser.add_argument("--port", type=int, default=0)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    sys.exit(asyncio.run(main(parser.parse_args())))

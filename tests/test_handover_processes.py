@@ -1,0 +1,174 @@
+"""Handover behaviour with real processes on 127.0.0.1 (issue 2's list).
+
+Each test starts its own sidecars (the sample aiohttp+uvloop server, or the
+tiny generic-API server) under a unique name, and a separate load-generator
+process whose clients never retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Awaitable, Callable
+
+import pytest
+from conftest import Procs, port_of, serving, status, wait_for
+
+import hotswap
+import hotswap.control
+
+
+def test_v1_v2_v3_under_load_loses_nothing(procs: Procs, name: str, load) -> None:
+    """Invariants 1, 5, 8: v1 -> v2 -> v3 under keep-alive and new-connection
+    load; the control socket inherited by v2 is handed on to v3."""
+    v1 = procs.sidecar(name, "v1")
+    st = wait_for(serving(name, "v1"), 15, "v1 serving")
+    port = port_of(st)
+    traffic = load(port, keepalive=4, fresh=2)
+    v2 = procs.sidecar(name, "v2")
+    wait_for(serving(name, "v2"), 15, "v2 serving, v1 drained")
+    assert v1.wait(timeout=15) == 0, "v1 exits 0 after draining"
+    v3 = procs.sidecar(name, "v3")
+    st3 = wait_for(serving(name, "v3"), 15, "v3 serving, v2 drained")
+    assert v2.wait(timeout=15) == 0
+    assert port_of(st3) == port and st3.generation == 2
+    result = traffic.finish()
+    assert result["failed"] == 0, result
+    assert set(result["versions"]) == {"v1", "v2", "v3"}, result
+    # Every keep-alive client moved forward and never back.
+    for client, order in result["orders"].items():
+        assert order == sorted(order), (client, order)
+    assert result["requests"] > 500, result
+    v3.send_signal(signal.SIGTERM)
+    assert v3.wait(timeout=15) == 0
+
+
+def test_successor_killed_before_confirming(procs: Procs, name: str, load) -> None:
+    """Invariant 3: a successor SIGKILLed after receiving the descriptors and
+    before confirming changes nothing; the next upgrade still works."""
+    v1 = procs.sidecar(name, "v1")
+    port = port_of(wait_for(serving(name, "v1"), 15, "v1 serving"))
+    traffic = load(port, keepalive=3, fresh=2)
+    bad = procs.sidecar(name, "v2", args=("--fail-start",))
+    assert bad.wait(timeout=15) == -signal.SIGKILL
+    st = wait_for(serving(name, "v1"), 15, "v1 serving again")
+    assert st.pid == v1.pid and v1.poll() is None
+    v2 = procs.sidecar(name, "v2")
+    wait_for(serving(name, "v2"), 15, "v2 serving after the failed try")
+    assert v1.wait(timeout=15) == 0
+    result = traffic.finish()
+    assert result["failed"] == 0, result
+    assert set(result["versions"]) == {"v1", "v2"}
+    v2.send_signal(signal.SIGTERM)
+    assert v2.wait(timeout=15) == 0
+
+
+def test_older_version_never_takes_the_sockets_back(procs: Procs, name: str) -> None:
+    """Invariant 4: a restarted old slot (VERSION < ALT) stays passive, and a
+    successor whose version is not higher is refused by the serving one."""
+    v1 = procs.sidecar(name, "v1", SIDECARSET_VERSION="1", SIDECARSET_VERSION_ALT="0")
+    wait_for(serving(name, "v1"), 15, "v1 serving")
+    v3 = procs.sidecar(name, "v3", SIDECARSET_VERSION="3", SIDECARSET_VERSION_ALT="1")
+    wait_for(serving(name, "v3"), 15, "v3 serving")
+    # v1's slot restarted mid-upgrade: it must stay passive.
+    old = procs.sidecar(name, "v1", SIDECARSET_VERSION="1", SIDECARSET_VERSION_ALT="3")
+    # Not taking over, version 2 asks: refused as older than 3.
+    older = procs.sidecar(name, "v2", SIDECARSET_VERSION="2", SIDECARSET_VERSION_ALT="1")
+    assert older.wait(timeout=15) != 0
+    assert "refused (older)" in procs.logs()
+    st = status(name)
+    assert st is not None and st.version == "v3" and st.pid == v3.pid
+    assert old.poll() is None, "passive slot idles until SIGTERM"
+    assert "not serving" in procs.logs()
+    old.send_signal(signal.SIGTERM)
+    assert old.wait(timeout=10) == 0
+    for proc in (v1, v3):
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+
+
+def _as_uid(uid: int, probe: Callable[[], Awaitable[str]]) -> str:
+    """Run ``probe`` in a forked child that has dropped to ``uid`` (a real peer
+    with other credentials; forking avoids exec'ing an interpreter that uid
+    may not be allowed to read). Returns what the probe returned."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        code = 0
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            result = asyncio.run(probe())
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+            result, code = f"error {type(exc).__name__}: {exc}", 1
+        os.write(write_end, result.encode())
+        os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as fh:
+        out = fh.read().decode()
+    _, wait_status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(wait_status) in (0, 1), out
+    return out
+
+
+def test_peer_with_another_uid_is_refused(procs: Procs, name: str) -> None:
+    """Invariant 6: SO_PEERCRED uid check on the (permission-less) abstract
+    control socket, for a status query and for a takeover; service continues."""
+    if os.getuid() != 0:
+        pytest.skip("needs root to drop to another uid for the peer")
+    v1 = procs.sidecar(name, "v1")
+    wait_for(serving(name, "v1"), 15, "v1 serving")
+    address = hotswap.control.control_address(name)
+
+    async def ask_status() -> str:
+        try:
+            await hotswap.control.query_status(address, timeout=5)
+        except hotswap.HandoverRefused as exc:
+            return f"refused {exc.code} {os.getuid()}"
+        return "answered"
+
+    async def take_over() -> str:
+        upgrader = hotswap.Upgrader(name, version="v2",
+                                    options=hotswap.Options(env={}))
+        try:
+            await upgrader.start()
+        except hotswap.HandoverRefused as exc:
+            return f"refused {exc.code}"
+        finally:
+            await upgrader.close()
+        return "took over"
+
+    assert _as_uid(65534, ask_status) == "refused forbidden 65534"
+    assert _as_uid(65534, take_over) == "refused forbidden"
+    st = status(name)
+    assert st is not None and st.pid == v1.pid and st.state == "serving"
+    assert "refused control peer" in procs.logs()
+    v1.send_signal(signal.SIGTERM)
+    assert v1.wait(timeout=15) == 0
+
+
+def test_descriptors_stable_over_100_handovers(procs: Procs, name: str) -> None:
+    """Invariant 7: no descriptor leaks generation after generation, and no
+    process left behind."""
+    generations = 100
+    previous = procs.tiny(name, "g0")
+    counts = []
+    st = wait_for(serving(name, "g0"), 15, "g0 serving")
+    port = port_of(st)
+    for gen in range(1, generations + 1):
+        current = procs.tiny(name, f"g{gen}")
+        st = wait_for(serving(name, f"g{gen}"), 15, f"g{gen} serving")
+        assert previous.wait(timeout=15) == 0
+        assert port_of(st) == port and st.generation == gen
+        # num_fds is read by the server itself (psutil) while it answers the
+        # status query: its own descriptors plus that one connection.
+        counts.append(st.num_fds)
+        previous = current
+    assert max(counts) == min(counts), counts
+    alive = [p.pid for _, p, _ in procs.procs if p.poll() is None]
+    assert alive == [previous.pid]
+    previous.send_signal(signal.SIGTERM)
+    assert previous.wait(timeout=15) == 0
