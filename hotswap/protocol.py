@@ -440,6 +440,9 @@ _TRANSITIONS: Final[dict[tuple[State, Sender, type[Message]], State]] = {
     (State.ADOPTING, _C, Abort): State.FAILED,
     (State.ADOPTING, _S, Failed): State.FAILED,
     (State.CONFIRMED, _S, Released): State.RELEASED,
+    # The server's deadline may fire while Accepting is in flight: the client
+    # (already CONFIRMED) then reads Failed and must step down.
+    (State.CONFIRMED, _S, Failed): State.FAILED,
     (State.RELEASED, _S, Drained): State.DONE,
     # Crossing messages after the server gave up are ignored.
     (State.FAILED, _C, Accepting): State.FAILED,

@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from .errors import BrokenResourceError, ClosedResourceError, HandoverTimeout, HotswapError
-from .protocol import MAX_FDS_PER_FRAME, NEED_DATA, Connection, Message, Sender
+from .protocol import MAX_FDS_PER_FRAME, NEED_DATA, Connection, Message, Sender, encode
 
 _T = TypeVar("_T")
 RECV_BUFSIZE = 64 * 1024
@@ -54,15 +54,18 @@ def _parse_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     return fds
 
 
-def recv_some(sock: socket.socket) -> tuple[bytes, list[int]]:
+def recv_some(sock: socket.socket,
+              max_fds: int = MAX_FDS_PER_FRAME) -> tuple[bytes, list[int]]:
     """One non-blocking ``recvmsg``: the bytes and the descriptors that came.
 
     Returns ``(b"", [])`` at EOF. Raises BlockingIOError if nothing is ready.
     On ``MSG_CTRUNC`` closes what arrived and raises BrokenResourceError.
-    The caller owns the returned descriptors.
+    The caller owns the returned descriptors. ``max_fds`` sizes the ancillary
+    buffer (one frame's worth by default).
     """
-    data, ancdata, flags, _ = sock.recvmsg(RECV_BUFSIZE, _CMSG_SPACE,
-                                           socket.MSG_CMSG_CLOEXEC)
+    space = _CMSG_SPACE if max_fds == MAX_FDS_PER_FRAME else socket.CMSG_SPACE(
+        max_fds * _INT_SIZE)
+    data, ancdata, flags, _ = sock.recvmsg(RECV_BUFSIZE, space, socket.MSG_CMSG_CLOEXEC)
     fds = _parse_fds(ancdata)
     if flags & socket.MSG_CTRUNC:
         close_fds(fds)
@@ -165,6 +168,15 @@ class Channel:
                 f"no message from the peer within {timeout:.1f}s") from None
         except OSError as exc:
             raise BrokenResourceError(f"receiving: {exc}") from exc
+
+    def send_nowait(self, message: Message) -> None:
+        """Best effort: write one frame now, bypassing the state machine (to
+        explain an error on a conversation that is already dead). Never
+        raises; a peer that does not read it loses nothing of ours."""
+        if self._closed:
+            return
+        with contextlib.suppress(OSError):
+            self.sock.send(encode(message))
 
     async def request(self, message: Message, *, timeout: float) -> Message:
         """Send ``message`` and return the reply.

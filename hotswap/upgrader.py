@@ -507,6 +507,10 @@ class Upgrader:
         keep = False
         try:
             keep = await self._converse(channel)
+        except ProtocolError as exc:
+            log.warning("%s: control connection: %s", self.name, exc)
+            # Tell the peer why, outside the (now dead) conversation.
+            channel.send_nowait(Refused(code="protocol", reason=str(exc)))
         except HotswapError as exc:
             log.warning("%s: control connection: %s", self.name, exc)
         finally:

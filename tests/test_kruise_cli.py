@@ -1,0 +1,122 @@
+"""Kruise role rules, the CLI and the PostStart hook (without a server, and
+against a real one)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+
+import pytest
+from conftest import PY, ROOT, Procs, serving, wait_for
+
+from hotswap.errors import HotswapError
+from hotswap.kruise import Role, detect
+
+
+@pytest.mark.parametrize(("version", "alt", "role"), [
+    (None, None, Role.AUTO), ("0", "1", Role.EMPTY), ("1", None, Role.FRESH),
+    ("1", "0", Role.FRESH), ("2", "1", Role.TAKEOVER), ("1", "2", Role.PASSIVE),
+    ("2", "2", Role.PASSIVE),
+])
+def test_roles(version: str | None, alt: str | None, role: Role) -> None:
+    env = {}
+    if version is not None:
+        env["SIDECARSET_VERSION"] = version
+    if alt is not None:
+        env["SIDECARSET_VERSION_ALT"] = alt
+    assert detect(env).role is role
+
+
+def test_malformed_version_is_a_clear_error() -> None:
+    with pytest.raises(HotswapError, match="SIDECARSET_VERSION='v2' is not an integer"):
+        detect({"SIDECARSET_VERSION": "v2"})
+
+
+def cli(procs: Procs, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PY, "-m", "hotswap", *args], capture_output=True, text=True,
+                          timeout=60, env=procs.env(**env))
+
+
+def hook(procs: Procs, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["sh", str(ROOT / "scripts/migrate.sh")], capture_output=True,
+                          text=True, timeout=60,
+                          env=procs.env(HOTSWAP_CLI=f"{PY} -m hotswap", **env))
+
+
+def test_hook_in_the_empty_image(procs: Procs) -> None:
+    result = hook(procs, SIDECARSET_VERSION="0", SIDECARSET_VERSION_ALT="1")
+    assert result.returncode == 0
+    assert "empty image" in result.stdout
+
+
+def test_cli_without_a_server(procs: Procs, name: str) -> None:
+    result = cli(procs, "status", "--name", name)
+    assert result.returncode == 1
+    assert f"no answer from @hotswap/{name}" in result.stderr
+    result = cli(procs, "wait-ready", "--name", name, "--timeout", "0.3",
+                 SIDECARSET_VERSION="2")
+    assert result.returncode == 1
+    assert "sidecarset version 2 timed out after 0.3s" in result.stderr
+    result = hook(procs, SIDECARSET_VERSION="2", SIDECARSET_VERSION_ALT="1",
+                  HOTSWAP_NAME=name, HOTSWAP_MIGRATE_TIMEOUT="0.3")
+    assert result.returncode != 0
+    assert "FAILED" in result.stdout
+    result = cli(procs, "wait-ready", "--name", name)
+    assert result.returncode != 0 and "SIDECARSET_VERSION" in result.stderr
+
+
+def test_status_wait_ready_and_probe_against_real_sidecars(procs: Procs, name: str) -> None:
+    v1 = procs.sidecar(name, "v1", SIDECARSET_VERSION="1", SIDECARSET_VERSION_ALT="0")
+    assert hook(procs, SIDECARSET_VERSION="1", SIDECARSET_VERSION_ALT="0",
+                HOTSWAP_NAME=name).returncode == 0
+    result = cli(procs, "status", "--name", name, "--json")
+    assert result.returncode == 0
+    import json
+    data = json.loads(result.stdout)
+    assert (data["pid"], data["version"], data["state"]) == (v1.pid, "v1", "serving")
+    assert data["listeners"][0]["name"] == "http"
+    v2 = procs.sidecar(name, "v2", SIDECARSET_VERSION="2", SIDECARSET_VERSION_ALT="1")
+    result = hook(procs, SIDECARSET_VERSION="2", SIDECARSET_VERSION_ALT="1",
+                  HOTSWAP_NAME=name)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "migration to version 2 done" in result.stdout
+    wait_for(serving(name, "v2"), 15, "v2 serving")
+    # Readiness: the old slot's probe fails, the new slot's passes.
+    assert cli(procs, "probe", "--name", name, SIDECARSET_VERSION="1").returncode == 1
+    assert cli(procs, "probe", "--name", name, SIDECARSET_VERSION="2").returncode == 0
+    # The old slot idles after the drain (a Kruise container must not exit).
+    assert v1.poll() is None
+    # A hook for an older version gives up at once: a newer one serves.
+    result = cli(procs, "wait-ready", "--name", name, "--timeout", "30",
+                 SIDECARSET_VERSION="1")
+    assert result.returncode == 1 and "a newer version serves" in result.stderr
+    for proc in (v1, v2):
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+
+
+def test_failed_migration_makes_the_hook_fail(procs: Procs, name: str) -> None:
+    v1 = procs.sidecar(name, "v1", SIDECARSET_VERSION="1", SIDECARSET_VERSION_ALT="0")
+    wait_for(serving(name, "v1"), 15, "v1 serving")
+    bad = procs.sidecar(name, "v2", args=("--fail-start",), SIDECARSET_VERSION="2",
+                        SIDECARSET_VERSION_ALT="1")
+    result = hook(procs, SIDECARSET_VERSION="2", SIDECARSET_VERSION_ALT="1",
+                  HOTSWAP_NAME=name, HOTSWAP_MIGRATE_TIMEOUT="3")
+    assert bad.wait(timeout=15) == -signal.SIGKILL
+    assert result.returncode != 0
+    assert "FAILED" in result.stdout
+    st = wait_for(serving(name, "v1"), 15, "v1 still serving")
+    assert st.pid == v1.pid
+    v1.send_signal(signal.SIGTERM)
+    assert v1.wait(timeout=15) == 0
+
+
+def test_exports_are_locked() -> None:
+    import hotswap
+    assert sorted(hotswap.__all__) == sorted([
+        "BrokenResourceError", "ClosedResourceError", "ExitReason", "HandoverFailed",
+        "HandoverRefused", "HandoverTimeout", "HotswapError", "ListenerError",
+        "LocalProtocolError", "Options", "ProtocolError", "RemoteProtocolError", "Role",
+        "State", "Upgrader", "__version__"])
+    for symbol in hotswap.__all__:
+        assert hasattr(hotswap, symbol)

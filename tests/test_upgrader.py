@@ -1,0 +1,216 @@
+"""The Upgrader in one process, both sides in one event loop (asyncio and
+uvloop): quick checks of the control socket's rules with real Unix sockets and
+real listeners on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import stat
+import struct
+import uuid
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+import hotswap
+from hotswap.control import control_address, query_status, sockaddr
+from hotswap.protocol import Hello, encode
+
+Runner = Callable[[Awaitable[None]], None]
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def run(request: pytest.FixtureRequest) -> Runner:
+    if request.param == "uvloop":
+        import uvloop
+        return uvloop.run  # type: ignore[no-any-return]
+    return asyncio.run
+
+
+async def until(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    """Poll a condition that has no event to wait on, with a deadline."""
+    try:
+        async with asyncio.timeout(timeout):
+            while not predicate():  # noqa: ASYNC110 - state owned by another task
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
+
+
+def new_name() -> str:
+    return f"u-{uuid.uuid4().hex[:12]}"
+
+
+def opts(**kw: object) -> hotswap.Options:
+    return hotswap.Options(env={}, message_timeout=2.0, **kw)  # type: ignore[arg-type]
+
+
+async def serving_upgrader(name: str, version: str, **kw: object) -> hotswap.Upgrader:
+    upg = hotswap.Upgrader(name, version=version, options=opts(**kw))
+    await upg.start()
+    upg.listen("http", ("127.0.0.1", 0))
+    await upg.ready()
+    return upg
+
+
+async def raw_exchange(name: str, data: bytes, fds: list[int] | None = None) -> bytes:
+    """Send raw bytes (and descriptors) to the control socket; return whatever
+    comes back before the server closes."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, sockaddr(control_address(name)))
+    if fds:
+        import array
+        sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                               array.array("i", fds).tobytes())])
+    elif data:
+        await loop.sock_sendall(sock, data)
+    chunks = []
+    async with asyncio.timeout(10):
+        while chunk := await loop.sock_recv(sock, 65536):
+            chunks.append(chunk)
+    sock.close()
+    return b"".join(chunks)
+
+
+def test_handover_in_process_and_control_socket_travels(run: Runner) -> None:
+    name = new_name()
+
+    async def main() -> None:
+        old = await serving_upgrader(name, "v1")
+        new = hotswap.Upgrader(name, version="v2", options=opts())
+        assert await new.start() is hotswap.Role.TAKEOVER
+        sock = new.listen("http", ("127.0.0.1", 0))
+        old_address = old.status().listeners[0].address
+        assert f"127.0.0.1:{sock.getsockname()[1]}" == old_address
+        ready = asyncio.create_task(new.ready())
+        assert await old.wait_exit() is hotswap.ExitReason.TAKEN_OVER
+        await old.release()
+        await ready
+        st = await query_status(control_address(name))
+        assert (st.pid, st.version, st.state) == (os.getpid(), "v2", "serving")
+        assert st.predecessor == "draining" and st.generation == 1
+        await old.close(cut=0)
+        await new.close()
+
+    run(main())
+
+
+def test_hostile_input_on_the_control_socket(run: Runner) -> None:
+    """Garbage, oversized lengths, wrong orders, unexpected (non-socket)
+    descriptors: each connection fails alone; no descriptor leaks; service
+    continues."""
+    name = new_name()
+
+    async def main() -> None:
+        upg = await serving_upgrader(name, "v1")
+        await asyncio.sleep(0)
+        baseline = len(os.listdir("/proc/self/fd"))
+        for data, why in [
+            (b"GET / HTTP/1.1\r\n\r\n", b"outside 1..262144"),
+            (struct.pack("!I", 2**31), b"frame length 2147483648 outside"),
+            (struct.pack("!I", 4) + b"{}}}", b"not UTF-8 JSON"),
+            (encode(hotswap.protocol.Accepting()), b"may not send 'accepting'"),
+        ]:
+            reply = await raw_exchange(name, data)
+            assert b'"code":"protocol"' in reply and why in reply, reply
+        r, w = os.pipe()
+        reply = await raw_exchange(name, encode(hotswap.protocol.StatusRequest()),
+                                   fds=[r, w])
+        assert b"2 unexpected descriptor(s)" in reply, reply
+        os.close(r)
+        os.close(w)
+        # Still serving, still answering, and nothing left open.
+        st = await query_status(control_address(name))
+        assert st.state == "serving"
+        await until(lambda: len(os.listdir("/proc/self/fd")) == baseline,
+                    "descriptor count back to its baseline")
+        await upg.close()
+
+    run(main())
+
+
+def test_wrong_token_and_second_successor_are_refused(run: Runner) -> None:
+    name = new_name()
+
+    async def main() -> None:
+        old = await serving_upgrader(name, "v1", token="s3cret")
+        thief = hotswap.Upgrader(name, version="v2", options=opts(token="guess"))
+        with pytest.raises(hotswap.HandoverRefused) as refused:
+            await thief.start()
+        assert refused.value.code == "forbidden"
+        await thief.close()
+        first = hotswap.Upgrader(name, version="v2", options=opts(token="s3cret"))
+        await first.start()  # handover in progress now (not yet confirmed)
+        second = hotswap.Upgrader(name, version="v3",
+                                  options=opts(token="s3cret", connect_timeout=0.3))
+        with pytest.raises(hotswap.HandoverRefused) as busy:
+            await second.start()
+        assert busy.value.code == "busy"
+        await second.close()
+        # The first successor gives up: the old one serves on, as if nothing happened.
+        await first.close()
+        await until(lambda: old.state is hotswap.State.SERVING, "v1 serving again")
+        st = await query_status(control_address(name))
+        assert st.version == "v1" and st.state == "serving"
+        await old.close()
+
+    run(main())
+
+
+def test_filesystem_control_socket(run: Runner, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = str(tmp_path / "control.sock")
+    name = new_name()
+
+    async def main() -> None:
+        old = await serving_upgrader(name, "v1", control_path=path)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        new = hotswap.Upgrader(name, version="v2", options=opts(control_path=path))
+        await new.start()
+        new.listen("http", ("127.0.0.1", 0))
+        ready = asyncio.create_task(new.ready())
+        await old.wait_exit()
+        await old.release()
+        await old.close()
+        await ready
+        # The old side must not have unlinked the live path.
+        st = await query_status(path)
+        assert st.version == "v2"
+        await new.close()
+
+    run(main())
+
+
+def test_older_rank_is_refused_in_process(run: Runner) -> None:
+    name = new_name()
+
+    async def main() -> None:
+        env3 = {"SIDECARSET_VERSION": "3", "SIDECARSET_VERSION_ALT": "0"}
+        old = hotswap.Upgrader(name, version="v3", options=hotswap.Options(env=env3))
+        await old.start()
+        old.listen("http", ("127.0.0.1", 0))
+        await old.ready()
+        env2 = {"SIDECARSET_VERSION": "2", "SIDECARSET_VERSION_ALT": "1"}
+        young = hotswap.Upgrader(name, version="v2", options=hotswap.Options(env=env2))
+        with pytest.raises(hotswap.HandoverRefused) as refused:
+            await young.start()
+        assert refused.value.code == "older"
+        await young.close()
+        await old.close()
+
+    run(main())
+
+
+def test_hello_with_unknown_protocol_version(run: Runner) -> None:
+    name = new_name()
+
+    async def main() -> None:
+        upg = await serving_upgrader(name, "v1")
+        reply = await raw_exchange(name, encode(Hello(protocol=99, pid=1, version="x")))
+        assert b'"code":"protocol"' in reply
+        await upg.close()
+
+    run(main())
