@@ -34,6 +34,7 @@ import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 from . import _proc, control, kruise, listeners
 from .errors import (
@@ -238,12 +239,16 @@ class Upgrader:
         then starts answering the control socket. Raises HandoverFailed if the
         predecessor abandoned the handover: the caller has started accepting
         and must now stop and drain (:meth:`wait_exit` returns
-        HANDOVER_FAILED).
+        HANDOVER_FAILED). A stop requested before confirming aborts the
+        handover instead (the predecessor keeps serving) and raises
+        HandoverFailed too; :meth:`wait_exit` then returns STOP_REQUESTED.
         """
         for leftover in self._inherited.values():
             log.info("%s: closing unclaimed inherited %s", self.name, leftover.info.name)
             leftover.sock.close()
         self._inherited.clear()
+        if self.state is State.TAKING_OVER and self._stop_requested:
+            await self._abort("stop requested before confirming")
         if self.state is State.TAKING_OVER:
             await self._confirm()
         elif self.state is not State.SERVING:
@@ -461,7 +466,20 @@ class Upgrader:
         if self._stop_requested:
             self._finish(ExitReason.STOP_REQUESTED)
 
-    def _step_down(self, channel: Channel, reason: str) -> None:
+    async def _abort(self, reason: str) -> NoReturn:
+        channel = self._predecessor_channel
+        assert channel is not None
+        with contextlib.suppress(HotswapError):
+            await channel.send(Abort(reason=reason), timeout=1.0)
+        channel.close()
+        self._predecessor_channel = None
+        self._predecessor = "none"
+        self._control_sock_close()
+        self._set_state(State.DRAINING)
+        self._finish(ExitReason.STOP_REQUESTED)
+        raise HandoverFailed(f"handover aborted: {reason}")
+
+    def _step_down(self, channel: Channel, reason: str) -> NoReturn:
         channel.close()
         self._predecessor_channel = None
         self._control_sock_close()

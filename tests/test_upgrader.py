@@ -214,3 +214,26 @@ def test_hello_with_unknown_protocol_version(run: Runner) -> None:
         await upg.close()
 
     run(main())
+
+
+def test_stop_before_confirming_aborts_and_the_old_side_keeps_serving(run: Runner) -> None:
+    """Invariant 3: SIGTERM on a successor that has the sockets but has not
+    confirmed gives them back (Abort) instead of taking over and stopping."""
+    name = new_name()
+
+    async def main() -> None:
+        old = await serving_upgrader(name, "v1")
+        new = hotswap.Upgrader(name, version="v2", options=opts())
+        await new.start()
+        new.listen("http", ("127.0.0.1", 0))
+        new.request_stop()
+        with pytest.raises(hotswap.HandoverFailed, match="aborted"):
+            await new.ready()
+        assert await new.wait_exit() is hotswap.ExitReason.STOP_REQUESTED
+        await new.close()
+        await until(lambda: old.state is hotswap.State.SERVING, "v1 serving again")
+        st = await query_status(control_address(name))
+        assert (st.version, st.state) == ("v1", "serving")
+        await old.close()
+
+    run(main())
