@@ -3,9 +3,11 @@ against a real one)."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 
+import psutil
 import pytest
 from conftest import PY, ROOT, Procs, serving, wait_for
 
@@ -71,7 +73,6 @@ def test_status_wait_ready_and_probe_against_real_sidecars(procs: Procs, name: s
                 HOTSWAP_NAME=name).returncode == 0
     result = cli(procs, "status", "--name", name, "--json")
     assert result.returncode == 0
-    import json
     data = json.loads(result.stdout)
     assert (data["pid"], data["version"], data["state"]) == (v1.pid, "v1", "serving")
     assert data["listeners"][0]["name"] == "http"
@@ -84,8 +85,12 @@ def test_status_wait_ready_and_probe_against_real_sidecars(procs: Procs, name: s
     # Readiness: the old slot's probe fails, the new slot's passes.
     assert cli(procs, "probe", "--name", name, SIDECARSET_VERSION="1").returncode == 1
     assert cli(procs, "probe", "--name", name, SIDECARSET_VERSION="2").returncode == 0
-    # The old slot idles after the drain (a Kruise container must not exit).
+    # The old slot idles after the drain (a Kruise container must not exit),
+    # and ps tells the two apart by role and state (python-prctl).
     assert v1.poll() is None
+    wait_for(lambda: f"hotswap[{name}] v1 stopped" in " ".join(
+        psutil.Process(v1.pid).cmdline()), 10, "v1's title to say stopped")
+    assert f"hotswap[{name}] v2 serving" in " ".join(psutil.Process(v2.pid).cmdline())
     # A hook for an older version gives up at once: a newer one serves.
     result = cli(procs, "wait-ready", "--name", name, "--timeout", "30",
                  SIDECARSET_VERSION="1")
