@@ -4,8 +4,10 @@
 - ``hotswap wait-ready --name N --timeout S``: wait until the process whose
   ``SIDECARSET_VERSION`` is ours (or ``--version``) serves N and its
   predecessor stopped accepting; the PostStart hook's check.
-- ``hotswap probe --name N``: the same check, once; a readiness probe that
-  tells the two slots apart although they share the port.
+- ``hotswap probe --name N``: readiness of this slot (a probe that tells the
+  two slots apart although they share the port): ready if empty
+  (``SIDECARSET_VERSION=0``), serving, or superseded by a newer version; not
+  ready if nobody serves or an older version still does.
 
 Exit status: 0 success, 1 the condition failed or timed out, 2 usage error.
 """
@@ -74,12 +76,12 @@ def _verdict(status: Status, rank: int | None, version: str | None) -> tuple[boo
     return False, False, f"not ours yet: {_describe(status)}"
 
 
-async def _wait_ready(args: argparse.Namespace, *, once: bool = False) -> int:
+async def _wait_ready(args: argparse.Namespace) -> int:
     rank, version = _target(args)
     want = f"sidecarset version {rank}" if rank is not None else f"version {version}"
     address = _address(args)
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + (0 if once else args.timeout)
+    deadline = loop.time() + args.timeout
     last = "no answer yet"
     while True:
         remaining = max(0.1, deadline - loop.time())
@@ -99,10 +101,37 @@ async def _wait_ready(args: argparse.Namespace, *, once: bool = False) -> int:
                 print(f"hotswap: {want} will not serve: {last}", file=sys.stderr)
                 return 1
         if loop.time() >= deadline:
-            what = "not ready" if once else f"timed out after {args.timeout:g}s"
-            print(f"hotswap: {want} {what}; last: {last}", file=sys.stderr)
+            print(f"hotswap: {want} timed out after {args.timeout:g}s; last: {last}",
+                  file=sys.stderr)
             return 1
         await asyncio.sleep(_POLL)
+
+
+async def _probe(args: argparse.Namespace) -> int:
+    """Readiness of *this* slot: ready if it is the empty image, if its
+    version serves, or if a newer version has superseded it (the old slot
+    between migration and reset must not make the pod NotReady). Not ready if
+    nobody answers or an older version still serves (our migration is pending
+    or failed: Kruise then retries this slot)."""
+    if not args.version and kruise.detect(os.environ).rank == 0:
+        print("hotswap: ready: empty slot")
+        return 0
+    rank, version = _target(args)
+    address = _address(args)
+    try:
+        status = await control.query_status(address, timeout=args.timeout)
+    except (OSError, HotswapError) as exc:
+        print(f"hotswap: not ready: no answer from {address}: {exc}", file=sys.stderr)
+        return 1
+    ours = status.rank == rank if rank is not None else status.version == version
+    if ours and status.state == "serving":
+        print(f"hotswap: ready: serving: {_describe(status)}")
+        return 0
+    if rank is not None and status.rank is not None and status.rank > rank:
+        print(f"hotswap: ready: superseded by a newer version: {_describe(status)}")
+        return 0
+    print(f"hotswap: not ready: {_describe(status)}", file=sys.stderr)
+    return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,13 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--timeout", type=float, default=control.DEFAULT_TIMEOUT)
     for cmd, help_ in (("wait-ready", "wait until our version serves NAME"),
-                       ("probe", "exit 0 iff our version serves NAME now")):
+                       ("probe", "readiness of this slot: exit 0 if it is empty, "
+                                 "serving, or superseded by a newer version")):
         p = sub.add_parser(cmd, help=help_)
         common(p)
-        p.add_argument("--version", help="app version to wait for "
+        p.add_argument("--version", help="app version to look for "
                        "(default: SIDECARSET_VERSION)")
-        if cmd == "wait-ready":
-            p.add_argument("--timeout", type=float, default=60.0)
+        p.add_argument("--timeout", type=float,
+                       default=60.0 if cmd == "wait-ready" else 2.0)
     return parser
 
 
@@ -137,8 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "status":
             return asyncio.run(_status(args))
         if args.command == "probe":
-            args.timeout = 0.0
-            return asyncio.run(_wait_ready(args, once=True))
+            return asyncio.run(_probe(args))
         return asyncio.run(_wait_ready(args))
     except (HotswapError, ValueError) as exc:
         print(f"hotswap: {exc}", file=sys.stderr)

@@ -82,9 +82,15 @@ def test_status_wait_ready_and_probe_against_real_sidecars(procs: Procs, name: s
     assert result.returncode == 0, result.stdout + result.stderr
     assert "migration to version 2 done" in result.stdout
     wait_for(serving(name, "v2"), 15, "v2 serving")
-    # Readiness: the old slot's probe fails, the new slot's passes.
-    assert cli(procs, "probe", "--name", name, SIDECARSET_VERSION="1").returncode == 1
-    assert cli(procs, "probe", "--name", name, SIDECARSET_VERSION="2").returncode == 0
+    # Readiness: the new slot serves; the old slot is superseded (ready, so
+    # the pod stays Ready until Kruise resets it); the empty slot is ready; a
+    # slot whose version has not taken over (v3 pending) is not.
+    for version, code, why in (("2", 0, "ready: serving"),
+                               ("1", 0, "ready: superseded by a newer version"),
+                               ("0", 0, "ready: empty slot"),
+                               ("3", 1, "not ready")):
+        result = cli(procs, "probe", "--name", name, SIDECARSET_VERSION=version)
+        assert result.returncode == code and why in result.stdout + result.stderr, result
     # The old slot idles after the drain (a Kruise container must not exit),
     # and ps tells the two apart by role and state (python-prctl).
     assert v1.poll() is None
