@@ -267,7 +267,9 @@ class Upgrader:
         """Ask for a stop (from a signal handler, say). During a handover the
         stop waits for its outcome, so the sockets are never lost."""
         self._stop_requested = True
-        if self.state in (State.SERVING, State.PASSIVE, State.STARTING):
+        if self.state in (State.SERVING, State.PASSIVE, State.STARTING,
+                          State.TAKING_OVER):
+            # TAKING_OVER: ready() will abort rather than confirm.
             self._finish(ExitReason.STOP_REQUESTED)
 
     async def release(self) -> None:

@@ -50,7 +50,7 @@ def test_successor_killed_before_confirming(procs: Procs, name: str, load) -> No
     v1 = procs.sidecar(name, "v1")
     port = port_of(wait_for(serving(name, "v1"), 15, "v1 serving"))
     traffic = load(port, keepalive=3, fresh=2)
-    bad = procs.sidecar(name, "v2", args=("--fail-start",))
+    bad = procs.sidecar(name, "v2", args=("--fail-start", "kill"))
     assert bad.wait(timeout=15) == -signal.SIGKILL
     st = wait_for(serving(name, "v1"), 15, "v1 serving again")
     assert st.pid == v1.pid and v1.poll() is None
@@ -172,3 +172,25 @@ def test_descriptors_stable_over_100_handovers(procs: Procs, name: str) -> None:
     assert alive == [previous.pid]
     previous.send_signal(signal.SIGTERM)
     assert previous.wait(timeout=15) == 0
+
+
+def test_successor_hung_past_the_deadline(procs: Procs, name: str, load) -> None:
+    """Invariant 3: a successor that takes the descriptors and never confirms
+    is given up on at handover_timeout; the old one serves on, and the hung
+    one aborts cleanly on SIGTERM."""
+    v1 = procs.sidecar(name, "v1", args=("--handover-timeout", "1"))
+    port = port_of(wait_for(serving(name, "v1"), 15, "v1 serving"))
+    traffic = load(port, keepalive=3, fresh=2)
+    hung = procs.sidecar(name, "v2", args=("--fail-start", "hang"))
+    wait_for(lambda: "still serving" in procs.logs(), 15, "v1 to give up on the hung v2")
+    st = status(name)
+    assert st is not None and st.pid == v1.pid and st.state == "serving"
+    hung.send_signal(signal.SIGTERM)
+    assert hung.wait(timeout=15) == 0
+    v2 = procs.sidecar(name, "v2")
+    wait_for(serving(name, "v2"), 15, "v2 serving after the hung try")
+    assert v1.wait(timeout=15) == 0
+    result = traffic.finish()
+    assert result["failed"] == 0, result
+    v2.send_signal(signal.SIGTERM)
+    assert v2.wait(timeout=15) == 0

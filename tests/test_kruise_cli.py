@@ -109,7 +109,7 @@ def test_status_wait_ready_and_probe_against_real_sidecars(procs: Procs, name: s
 def test_failed_migration_makes_the_hook_fail(procs: Procs, name: str) -> None:
     v1 = procs.sidecar(name, "v1", SIDECARSET_VERSION="1", SIDECARSET_VERSION_ALT="0")
     wait_for(serving(name, "v1"), 15, "v1 serving")
-    bad = procs.sidecar(name, "v2", args=("--fail-start",), SIDECARSET_VERSION="2",
+    bad = procs.sidecar(name, "v2", args=("--fail-start", "kill"), SIDECARSET_VERSION="2",
                         SIDECARSET_VERSION_ALT="1")
     result = hook(procs, SIDECARSET_VERSION="2", SIDECARSET_VERSION_ALT="1",
                   HOTSWAP_NAME=name, HOTSWAP_MIGRATE_TIMEOUT="3")

@@ -45,10 +45,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         default=float(env.get("HOTSWAP_HANDOVER_TIMEOUT", "30")))
     parser.add_argument("--delay", type=float, default=float(env.get("SIDECAR_DELAY", "0")),
                         help="seconds each request takes (to show in-flight draining)")
-    parser.add_argument("--fail-start", action="store_true",
-                        default=env.get("SIDECAR_FAIL_START") == "1",
-                        help="SIGKILL itself after taking the sockets, before "
-                             "confirming (to show a failed migration)")
+    parser.add_argument("--fail-start", choices=("kill", "hang"),
+                        default=env.get("SIDECAR_FAIL_START") or None,
+                        help="after taking the sockets and before confirming, "
+                             "SIGKILL itself or hang until SIGTERM (to show a "
+                             "failed migration)")
     return parser.parse_args(argv)
 
 
@@ -76,9 +77,12 @@ async def run(args: argparse.Namespace) -> int:
     app = make_app(args.version, args.delay)
     if args.fail_start:
         @app.on_startup.append
-        async def crash(_: web.Application) -> None:
-            logging.error("--fail-start: SIGKILL before confirming the handover")
-            os.kill(os.getpid(), signal.SIGKILL)
+        async def fail(_: web.Application) -> None:
+            if args.fail_start == "kill":
+                logging.error("--fail-start kill: SIGKILL before confirming")
+                os.kill(os.getpid(), signal.SIGKILL)
+            logging.error("--fail-start hang: not confirming until SIGTERM")
+            await upgrader.wait_exit()
     return await hotswap.aiohttp.serve(app, upgrader, {"http": (args.host, args.port)},
                                        drain_timeout=args.drain_timeout)
 
