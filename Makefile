@@ -4,13 +4,21 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint typecheck pytest clean
+.PHONY: demo demo-docker images test lint typecheck pytest clean
 
 $(VENV)/.stamp: setup.cfg pyproject.toml scripts/bootstrap.sh
 	sh scripts/bootstrap.sh
 
 demo: $(VENV)/.stamp
 	$(PY) scripts/demo.py
+
+# The container demo: builds the images (on $$BASE_IMAGE when set), then runs
+# the emulated Kruise pod through two hot upgrades. Needs a Docker engine.
+demo-docker: $(VENV)/.stamp
+	$(PY) scripts/demo_docker.py
+
+images: $(VENV)/.stamp
+	$(PY) scripts/demo_docker.py --build-only
 
 test: $(VENV)/.stamp lint typecheck pytest
 
@@ -21,7 +29,7 @@ typecheck: $(VENV)/.stamp
 	$(VENV)/bin/mypy
 
 pytest: $(VENV)/.stamp
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -rs
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache
