@@ -4,7 +4,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo demo-docker images test lint typecheck pytest clean
+.PHONY: demo demo-docker images bench test lint typecheck pytest clean
 
 $(VENV)/.stamp: setup.cfg pyproject.toml scripts/bootstrap.sh
 	sh scripts/bootstrap.sh
@@ -20,10 +20,16 @@ demo-docker: $(VENV)/.stamp
 images: $(VENV)/.stamp
 	$(PY) scripts/demo_docker.py --build-only
 
+# Benchmarks (a few minutes, 127.0.0.1 only): hotswap against a naive restart
+# and an SO_REUSEPORT overlap under the same load; writes docs/bench/.
+bench: $(VENV)/.stamp
+	sh scripts/bootstrap.sh bench
+	$(PY) bench/run.py
+
 test: $(VENV)/.stamp lint typecheck pytest
 
 lint: $(VENV)/.stamp
-	$(VENV)/bin/ruff check hotswap tests examples scripts
+	$(VENV)/bin/ruff check hotswap tests examples scripts bench
 
 typecheck: $(VENV)/.stamp
 	$(VENV)/bin/mypy

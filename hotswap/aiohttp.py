@@ -8,8 +8,8 @@
    of the listener; the kernel socket and its queue live on in the successor.
    Never ``shutdown()``.
 3. Tell the successor (``Released``): it is now the only acceptor.
-4. From now on every response carries ``Connection: close`` (set by a
-   middleware *before* the response is prepared), so each keep-alive client is
+4. From now on every response carries ``Connection: close`` (see
+   :class:`Drainer` for how, at no cost before the drain), so each keep-alive client is
    told to reconnect on its next response, and reconnects to the successor.
    Idle keep-alive connections are *not* closed: closing one races a client
    that is sending on it at that moment (aiohttp's own ``cleanup()`` does that
@@ -38,6 +38,7 @@ import logging
 import os
 import signal
 from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 from aiohttp import web
 
@@ -54,12 +55,51 @@ DEFAULT_DRAIN_TIMEOUT = 25.0
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-class Drainer:
-    """Tells keep-alive clients to go once draining, and tracks the drain."""
+def _can_swap_request_factory() -> bool:
+    """Can a connection's request factory be swapped (aiohttp 3.x)?"""
+    return "_request_factory" in getattr(web.RequestHandler, "__slots__", ())
 
-    def __init__(self) -> None:
+
+class Drainer:
+    """Tells keep-alive clients to go once draining, and tracks the drain.
+
+    How the next response of each connection learns to say ``Connection:
+    close``: by default the connections' request factory is wrapped when the
+    drain starts, so every request parsed from then on reads as
+    ``should_close`` and aiohttp itself answers with ``Connection: close`` and
+    closes after the response. That costs nothing per request before the
+    drain. Where aiohttp does not allow that (``zero_cost=False``, or a
+    future aiohttp without the attribute), a middleware calls
+    ``force_close()`` on each response before it is prepared instead (about
+    10% of the sample sidecar's throughput, measured by ``make bench``).
+    """
+
+    def __init__(self, *, zero_cost: bool | None = None) -> None:
         self.draining = False
+        self.zero_cost = _can_swap_request_factory() if zero_cost is None else zero_cost
         self._forced = asyncio.Event()
+
+    def install(self, app: web.Application) -> None:
+        """Prepare ``app`` (before the runner is set up)."""
+        if not self.zero_cost:
+            app.middlewares.append(self.middleware)
+
+    def start(self, server: web.Server) -> None:
+        """From now on every response says ``Connection: close``."""
+        self.draining = True
+        if not self.zero_cost:
+            return
+
+        def closing(factory: Any) -> Any:
+            def make(message: Any, *args: Any) -> Any:
+                return factory(message._replace(should_close=True), *args)
+            return make
+
+        server.request_factory = closing(server.request_factory)
+        for handler in server.connections:
+            factory = handler._request_factory
+            if factory is not None:
+                handler._request_factory = closing(factory)
 
     @web.middleware
     async def middleware(self, request: web.Request,
@@ -84,7 +124,8 @@ class Drainer:
 
         Returns how many were cut at the deadline (each is logged).
         """
-        self.draining = True
+        if not self.draining:
+            self.start(server)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while server.connections and loop.time() < deadline and not self._forced.is_set():
@@ -151,7 +192,7 @@ async def serve(app: web.Application, upgrader: Upgrader,
             await upgrader.wait_exit()
             await upgrader.close()
             return 0
-        app.middlewares.append(drainer.middleware)
+        drainer.install(app)
         runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
         try:
@@ -170,8 +211,9 @@ async def serve(app: web.Application, upgrader: Upgrader,
                      drain_timeout)
             for site in list(runner.sites):
                 await site.stop()
-            await upgrader.release()
             assert runner.server is not None
+            drainer.start(runner.server)
+            await upgrader.release()
             cut = await drainer.drain(runner.server, drain_timeout)
         finally:
             await runner.cleanup()

@@ -32,6 +32,7 @@ import hmac
 import logging
 import os
 import socket
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import NoReturn
@@ -167,6 +168,7 @@ class Upgrader:
         self._successor: Channel | None = None
         self._exit: asyncio.Future[ExitReason] | None = None
         self._stop_requested = False
+        self._handover_times: tuple[float, float] | None = None
         self._set_title()
 
     # ------------------------------------------------------------- lifecycle
@@ -284,6 +286,12 @@ class Upgrader:
         await self._stop_control()
         for entry in self._listeners.values():
             entry.sock.close()
+        if self._handover_times is not None:
+            hello_at, confirmed_at = self._handover_times
+            released_at = time.time()
+            log.info("%s: handover critical section: hello at %.6f, confirmed +%.3f ms, "
+                     "stopped accepting +%.3f ms", self.name, hello_at,
+                     (confirmed_at - hello_at) * 1e3, (released_at - hello_at) * 1e3)
         await self._tell_successor(Released(pid=self.pid))
 
     async def close(self, *, cut: int = 0) -> None:
@@ -579,6 +587,7 @@ class Upgrader:
 
     async def _hand_over(self, channel: Channel, hello: Hello) -> bool:
         opts = self.options
+        hello_at = time.time()
         self._set_state(State.HANDING_OVER)
         log.info("%s: handing over to pid %d (%s)", self.name, hello.pid, hello.version)
         try:
@@ -610,6 +619,7 @@ class Upgrader:
                 self._finish(ExitReason.STOP_REQUESTED)
             return False
         # Committed: the successor is accepting on every socket.
+        self._handover_times = (hello_at, time.time())
         log.info("%s: pid %d confirmed; stopping accepting", self.name, hello.pid)
         self._successor = channel
         await self._stop_control()

@@ -2,6 +2,7 @@
 # Set up .venv from scratch: system packages python-prctl needs to build (gcc,
 # libcap-dev; installed with apt-get when we are root and they are missing),
 # then the project and its dev tools. Idempotent; used by the Makefile.
+# `bootstrap.sh bench` adds what make bench needs (wrk, matplotlib).
 set -eu
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -14,6 +15,20 @@ if ! [ -e /usr/include/sys/capability.h ] || ! command -v gcc >/dev/null 2>&1; t
     else
         echo "bootstrap: python-prctl needs gcc and libcap-dev; install them first" >&2
     fi
+fi
+
+if [ "${1:-}" = bench ]; then
+    # make bench: wrk (throughput) from Debian, matplotlib from PyPI.
+    if ! command -v wrk >/dev/null 2>&1; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+            apt-get update -qq
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null
+        else
+            echo "bootstrap: install wrk for the throughput benchmark" >&2
+        fi
+    fi
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev,bench]'
+    exit 0
 fi
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv

@@ -1,0 +1,152 @@
+"""Benchmark load generator: one process, asyncio + uvloop, raw HTTP/1.1 over
+127.0.0.1 so that nothing retries behind our back (aiohttp's client and
+urllib3 may retry a request on a reused connection; this never does).
+
+Clients, all started together and run until ``--duration`` or SIGTERM:
+
+- ``keepalive``: one persistent connection each, requests back to back;
+  reconnects only after a response that said ``Connection: close``;
+- ``busybox``: the same, one request every 100 ms (the seed's client);
+- ``fresh``: a new connection per request (``Connection: close``), back to back.
+
+Each request is recorded as ``[start (epoch s), latency (s), client, outcome]``
+where outcome is the version that answered (``v1``, ...) or ``!kind`` for a
+failure: ``!refused``, ``!reset``, ``!eof-reused`` (EOF on a connection that
+had already served a request: the keep-alive race), ``!eof``, ``!timeout``,
+``!status-NNN``, ``!other``. Written as JSON to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import signal
+import time
+
+import uvloop
+
+VERSION_RE = re.compile(rb"version\(([^)]*)\)")
+REQUEST = b"GET /serve HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+REQUEST_CLOSE = b"GET /serve HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+
+
+class Failure(Exception):
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
+async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                   request: bytes, reused: bool) -> tuple[str, bool]:
+    """One request/response. Returns (version, server_will_close)."""
+    try:
+        writer.write(request)
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError as exc:
+        raise Failure("eof-reused" if reused and not exc.partial else "eof") from None
+    except (ConnectionResetError, BrokenPipeError):
+        raise Failure("reset") from None
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split()[1])
+    length = 0
+    close = False
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"content-length":
+            length = int(value)
+        elif name == b"connection" and value.strip().lower() == b"close":
+            close = True
+    try:
+        body = await reader.readexactly(length)
+    except asyncio.IncompleteReadError:
+        raise Failure("eof") from None
+    except ConnectionResetError:
+        raise Failure("reset") from None
+    if status != 200:
+        raise Failure(f"status-{status}")
+    match = VERSION_RE.search(body)
+    return (match.group(1).decode() if match else "?"), close
+
+
+async def client(name: str, port: int, persistent: bool, interval: float, timeout: float,
+                 stop: asyncio.Event, records: list[list[object]]) -> None:
+    conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+    served = 0  # requests answered on the current connection
+    while not stop.is_set():
+        started = time.time()
+        t0 = time.perf_counter()
+        try:
+            async with asyncio.timeout(timeout):
+                if conn is None:
+                    try:
+                        conn = await asyncio.open_connection("127.0.0.1", port)
+                    except ConnectionRefusedError:
+                        raise Failure("refused") from None
+                    served = 0
+                reader, writer = conn
+                version, close = await exchange(reader, writer,
+                                                REQUEST if persistent else REQUEST_CLOSE,
+                                                reused=served > 0)
+            outcome = version
+            served += 1
+            if close or not persistent:
+                writer.close()
+                conn = None
+        except Failure as exc:
+            outcome = "!" + exc.kind
+        except TimeoutError:
+            outcome = "!timeout"
+        except OSError:
+            outcome = "!other"
+        if outcome.startswith("!") and conn is not None:
+            conn[1].close()
+            conn = None
+        records.append([round(started, 6), round(time.perf_counter() - t0, 6), name, outcome])
+        if interval:
+            try:
+                async with asyncio.timeout(interval):
+                    await stop.wait()
+            except TimeoutError:
+                pass
+        elif outcome.startswith("!"):
+            await asyncio.sleep(0.001)  # a refused connect returns at once
+    if conn is not None:
+        conn[1].close()
+
+
+async def main(args: argparse.Namespace) -> list[list[object]]:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    records: list[list[object]] = []
+    clients = [("ka", True, 0.0, args.keepalive), ("bb", True, 0.1, args.busybox),
+               ("new", False, 0.0, args.fresh)]
+    tasks = [asyncio.create_task(client(f"{kind}{i}", args.port, persistent, interval,
+                                        args.timeout, stop, records))
+             for kind, persistent, interval, count in clients for i in range(count)]
+    try:
+        async with asyncio.timeout(args.duration):
+            await stop.wait()
+    except TimeoutError:
+        stop.set()
+    await asyncio.wait(tasks, timeout=args.timeout + 2)
+    return records
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--keepalive", type=int, default=16)
+    parser.add_argument("--busybox", type=int, default=1)
+    parser.add_argument("--fresh", type=int, default=4)
+    parser.add_argument("--timeout", type=float, default=2.0)
+    parser.add_argument("--duration", type=float, default=60.0)
+    parser.add_argument("--out", required=True)
+    arguments = parser.parse_args()
+    result = uvloop.run(main(arguments))
+    with open(arguments.out, "w") as fh:
+        json.dump({"records": result}, fh)

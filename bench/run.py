@@ -1,0 +1,466 @@
+"""``make bench``: hotswap against the ways people upgrade today, in one run.
+
+Every strategy gets the same load (bench/loadgen.py, a separate process:
+keep-alive clients back to back, the 100 ms busybox client, new-connection
+clients; nothing retries) and the same number of upgrades of the sample
+sidecar (same aiohttp + uvloop app), all on 127.0.0.1:
+
+- ``hotswap``: the library; each new version started the Kruise way
+  (``SIDECARSET_VERSION``/``_ALT``), its PostStart hook (migrate.sh) waited
+  for, then the old slot reset (SIGTERM);
+- ``naive-restart``: stop v1 (SIGTERM, aiohttp's graceful shutdown), start v2
+  on the same port;
+- ``reuseport-overlap``: start v2 with SO_REUSEPORT beside v1, wait until it
+  listens, then stop v1 gracefully with aiohttp's own shutdown.
+
+Then: steady-state throughput with and without hotswap (wrk, alternating
+rounds, medians), and the handover time against the number of listeners.
+
+Writes ``docs/bench/results.json``, ``docs/bench/results.md`` and one
+``docs/bench/timeline-<strategy>.png`` per strategy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "docs" / "bench"
+PY = sys.executable
+SIDECAR = ROOT / "examples/sidecar_server/main.py"
+PLAIN = ROOT / "bench/plain_server.py"
+LOADGEN = ROOT / "bench/loadgen.py"
+CRITICAL_RE = re.compile(r"hello at ([\d.]+), confirmed \+([\d.]+) ms, "
+                         r"stopped accepting \+([\d.]+) ms")
+WINDOW_BEFORE, WINDOW_AFTER = 0.2, 1.0  # an upgrade window around each switch
+
+
+def say(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_answering(port: int, version: str, timeout: float = 20) -> None:
+    """Until GET /serve on ``port`` is answered by ``version``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                sock.sendall(b"GET /serve HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                data = b""
+                while chunk := sock.recv(4096):
+                    data += chunk
+            if f"version({version})".encode() in data:
+                return
+        except OSError:
+            pass
+        time.sleep(0.02)
+    raise RuntimeError(f"{version} did not answer on port {port} within {timeout}s")
+
+
+class Procs:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.all: list[subprocess.Popen[bytes]] = []
+
+    def start(self, label: str, argv: list[str], env: dict[str, str] | None = None
+              ) -> tuple[subprocess.Popen[bytes], Path]:
+        log = self.tmp / f"{label}-{len(self.all)}.log"
+        with open(log, "wb") as fh:
+            proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT,
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        self.all.append(proc)
+        return proc, log
+
+    def stop(self, proc: subprocess.Popen[bytes], timeout: float = 30) -> int:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
+
+    def kill_all(self) -> None:
+        for proc in self.all:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+# ------------------------------------------------------------------ strategies
+
+def run_strategy(name: str, procs: Procs, args: argparse.Namespace) -> dict[str, Any]:
+    port = free_port()
+    sidecar_name = f"bench-{uuid.uuid4().hex[:8]}"
+    upgrades: list[dict[str, float]] = []
+
+    def hotswap_start(n: int) -> tuple[subprocess.Popen[bytes], Path]:
+        env = {"SIDECARSET_VERSION": str(n), "SIDECARSET_VERSION_ALT": str(n - 1)}
+        return procs.start(f"hotswap-v{n}", [PY, str(SIDECAR), "--version", f"v{n}",
+                                             "--port", str(port), "--name", sidecar_name],
+                           env)
+
+    def plain_start(n: int, reuse: bool) -> tuple[subprocess.Popen[bytes], Path]:
+        argv = [PY, str(PLAIN), "--version", f"v{n}", "--port", str(port)]
+        return procs.start(f"{name}-v{n}", argv + (["--reuse-port"] if reuse else []))
+
+    reuse = name == "reuseport-overlap"
+    current, current_log = (hotswap_start(1) if name == "hotswap" else plain_start(1, reuse))
+    wait_answering(port, "v1")
+    out = procs.tmp / f"load-{name}.json"
+    duration = args.warmup + args.upgrades * args.interval + args.tail
+    load, _ = procs.start(f"load-{name}", [
+        PY, str(LOADGEN), "--port", str(port), "--keepalive", str(args.keepalive),
+        "--busybox", "1", "--fresh", str(args.fresh), "--duration", str(duration),
+        "--out", str(out)])
+    began = time.time()
+    time.sleep(args.warmup)
+    for n in range(2, args.upgrades + 2):
+        slot_at = began + args.warmup + (n - 2) * args.interval
+        time.sleep(max(0.0, slot_at - time.time()))
+        launched = time.time()
+        if name == "hotswap":
+            new, new_log = hotswap_start(n)
+            hook = subprocess.run(
+                ["sh", str(ROOT / "scripts/migrate.sh")], capture_output=True, text=True,
+                timeout=120, env={**os.environ, "SIDECARSET_VERSION": str(n),
+                                  "SIDECARSET_VERSION_ALT": str(n - 1),
+                                  "HOTSWAP_NAME": sidecar_name,
+                                  "HOTSWAP_CLI": f"{PY} -m hotswap"})
+            if hook.returncode != 0:
+                raise RuntimeError(f"hook failed: {hook.stdout}{hook.stderr}")
+            match = None
+            deadline = time.monotonic() + 10
+            while match is None and time.monotonic() < deadline:
+                match = CRITICAL_RE.search(current_log.read_text())
+                time.sleep(0.01)
+            if match is None:
+                raise RuntimeError("old side logged no critical section")
+            hello = float(match.group(1))
+            switched = hello + float(match.group(2)) / 1e3
+            critical = float(match.group(3))
+            procs.stop(current)  # Kruise's reset of the old slot
+        elif name == "naive-restart":
+            switched = launched
+            procs.stop(current)
+            new, new_log = plain_start(n, False)
+            wait_answering(port, f"v{n}")
+            critical = float("nan")
+        else:
+            new, new_log = plain_start(n, True)
+            deadline = time.monotonic() + 20
+            while b"listening" not in new_log.read_bytes():
+                if time.monotonic() > deadline or new.poll() is not None:
+                    raise RuntimeError("reuseport successor did not listen")
+                time.sleep(0.01)
+            switched = time.time()
+            procs.stop(current)
+            critical = float("nan")
+        upgrades.append({"launched": launched, "switched": switched, "critical_ms": critical,
+                         "version": n})
+        current, current_log = new, new_log
+        say(f"{name}: upgrade to v{n} done")
+    load.wait(timeout=duration + 30)
+    procs.stop(current)
+    records = json.loads(out.read_text())["records"]
+    return analyse(name, records, upgrades, began + args.warmup / 2)
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def analyse(name: str, records: list[list[Any]], upgrades: list[dict[str, float]],
+            steady_from: float) -> dict[str, Any]:
+    windows = [(u["launched"] - WINDOW_BEFORE, u["switched"] + WINDOW_AFTER) for u in upgrades]
+
+    def in_window(t: float) -> bool:
+        return any(a <= t <= b for a, b in windows)
+
+    failures = Counter(r[3][1:] for r in records if r[3].startswith("!"))
+    ok = [r for r in records if not r[3].startswith("!")]
+    steady = [r[1] * 1e3 for r in ok if r[0] >= steady_from and not in_window(r[0])]
+    window = [r[1] * 1e3 for r in ok if in_window(r[0])]
+    done = sorted(r[0] + r[1] for r in ok)
+    gaps = [(b - a, a) for a, b in itertools.pairwise(done)]
+    longest = max(gaps, default=(0.0, 0.0))
+    steady_gaps = [g for g, at in gaps if at >= steady_from and not in_window(at)]
+    switch_times: dict[str, list[float]] = {"keepalive_all": [], "keepalive_first": [],
+                                            "busybox": [], "new_connection": []}
+    for u in upgrades:
+        version = f"v{int(u['version'])}"
+        t0 = u["switched"]
+        first: dict[str, float] = {}
+        for r in ok:
+            if r[3] == version and r[2] not in first:
+                first[r[2]] = r[0] + r[1] - t0
+        ka = [v for k, v in first.items() if k.startswith("ka")]
+        if ka:
+            switch_times["keepalive_all"].append(max(ka))
+            switch_times["keepalive_first"].append(min(ka))
+        bb = [v for k, v in first.items() if k.startswith("bb")]
+        if bb:
+            switch_times["busybox"].append(bb[0])
+        new = [v for k, v in first.items() if k.startswith("new")]
+        if new:
+            switch_times["new_connection"].append(min(new))
+    criticals = [u["critical_ms"] for u in upgrades if u["critical_ms"] == u["critical_ms"]]
+    return {
+        "strategy": name,
+        "requests": len(records),
+        "failed": sum(failures.values()),
+        "failures": dict(failures),
+        "upgrades": len(upgrades),
+        "failures_per_upgrade": sum(failures.values()) / max(1, len(upgrades)),
+        "longest_gap_ms": longest[0] * 1e3,
+        "longest_gap_steady_ms": max(steady_gaps, default=0.0) * 1e3,
+        "switch_s": {k: (statistics.median(v) if v else None) for k, v in switch_times.items()},
+        "switch_s_max": {k: (max(v) if v else None) for k, v in switch_times.items()},
+        "latency_ms": {
+            "steady": {f"p{q}": percentile(steady, q) for q in (50, 99, 99.9)},
+            "window": {f"p{q}": percentile(window, q) for q in (50, 99, 99.9)},
+        },
+        "critical_section_ms": ({"median": statistics.median(criticals),
+                                 "max": max(criticals)} if criticals else None),
+        "_records": records,
+        "_upgrades": upgrades,
+    }
+
+
+# ------------------------------------------------------------------ throughput
+
+def throughput(procs: Procs, args: argparse.Namespace) -> dict[str, Any]:
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        return {"skipped": "wrk is not installed (apt-get install wrk)"}
+    results: dict[str, list[float]] = {"hotswap": [], "plain": []}
+    for round_ in range(args.rounds):
+        for kind in ("hotswap", "plain") if round_ % 2 == 0 else ("plain", "hotswap"):
+            port = free_port()
+            if kind == "hotswap":
+                server, _ = procs.start("tp-hotswap", [
+                    PY, str(SIDECAR), "--version", "v1", "--port", str(port),
+                    "--name", f"tp-{uuid.uuid4().hex[:8]}"])
+            else:
+                server, _ = procs.start("tp-plain", [PY, str(PLAIN), "--version", "v1",
+                                                     "--port", str(port)])
+            wait_answering(port, "v1")
+            out = subprocess.run([wrk, "-t1", "-c32", f"-d{args.wrk_seconds}s",
+                                  f"http://127.0.0.1:{port}/serve"],
+                                 capture_output=True, text=True, timeout=120).stdout
+            procs.stop(server)
+            match = re.search(r"Requests/sec:\s+([\d.]+)", out)
+            if match is None:
+                raise RuntimeError(f"wrk said: {out}")
+            results[kind].append(float(match.group(1)))
+    med = {k: statistics.median(v) for k, v in results.items()}
+    return {"rounds": results, "median_rps": med, "ratio": med["hotswap"] / med["plain"]}
+
+
+# ------------------------------------------------------- scaling with listeners
+
+async def _handover_once(n: int) -> float:
+    import hotswap
+    name = f"scale-{uuid.uuid4().hex[:8]}"
+    opts = hotswap.Options(env={})
+    old = hotswap.Upgrader(name, version="old", options=opts)
+    await old.start()
+    for i in range(n):
+        old.listen(f"l{i}", ("127.0.0.1", 0))
+    await old.ready()
+
+    async def step_aside() -> None:
+        await old.wait_exit()
+        await old.release()
+
+    aside = asyncio.create_task(step_aside())
+    new = hotswap.Upgrader(name, version="new", options=opts)
+    t0 = time.perf_counter()
+    await new.start()
+    for i in range(n):
+        new.listen(f"l{i}", ("127.0.0.1", 0))
+    await new.ready()  # returns once the old side stopped accepting
+    elapsed = time.perf_counter() - t0
+    await aside
+    await old.close()
+    await new.close()
+    return elapsed * 1e3
+
+
+def listener_scaling(repeats: int) -> dict[str, Any]:
+    import resource
+
+    import uvloop
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8192)), hard))
+    result = {}
+    for n in (1, 10, 100, 1000):
+        times = [uvloop.run(_handover_once(n)) for _ in range(repeats)]
+        result[str(n)] = {"median_ms": statistics.median(times), "min_ms": min(times),
+                          "max_ms": max(times)}
+        say(f"handover with {n} listener(s): median {result[str(n)]['median_ms']:.2f} ms")
+    return result
+
+
+# --------------------------------------------------------------------- output
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = result["_records"]
+    t0 = min(r[0] for r in records)
+    fig, ax = plt.subplots(figsize=(11, 4.2), dpi=110)
+    versions = sorted({r[3] for r in records if not r[3].startswith("!")},
+                      key=lambda v: int(v[1:]) if v[1:].isdigit() else 0)
+    colours = plt.get_cmap("tab10")
+    for i, version in enumerate(versions):
+        xs = [r[0] - t0 for r in records if r[3] == version]
+        ys = [max(r[1] * 1e3, 0.01) for r in records if r[3] == version]
+        ax.scatter(xs, ys, s=1.5, color=colours(i % 10), label=version, rasterized=True)
+    failed = [r for r in records if r[3].startswith("!")]
+    if failed:
+        ax.scatter([r[0] - t0 for r in failed], [max(r[1] * 1e3, 0.01) for r in failed],
+                   s=28, marker="x", color="red", label=f"failed ({len(failed)})", zorder=5)
+    for u in result["_upgrades"]:
+        ax.axvline(u["switched"] - t0, color="black", linewidth=0.8, linestyle="--")
+    ax.set_yscale("log")
+    ax.set_xlabel("request start (s)")
+    ax.set_ylabel("latency (ms)")
+    ax.set_title(f"{result['strategy']}: {result['requests']} requests, "
+                 f"{result['failed']} failed, {result['upgrades']} upgrades (dashed)")
+    ax.legend(loc="upper right", markerscale=4, fontsize=8, ncol=len(versions) + 1)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    if value is None or value != value:
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [f"Measured {report['when']} on {report['machine']}; command: `make bench`.",
+             f"Load: {report['load']}.", ""]
+    lines += ["| strategy | requests | failed | failures per upgrade | by kind | longest gap (ms) "
+              "| steady longest gap (ms) | keep-alive all on new (s) | new-conn on new (s) "
+              "| p50 / p99 / p99.9 steady (ms) | p50 / p99 / p99.9 upgrade windows (ms) "
+              "| critical section (ms) |",
+              "|" + "---|" * 12]
+    for r in report["strategies"]:
+        lat = r["latency_ms"]
+        crit = r["critical_section_ms"]
+        kinds = ", ".join(f"{k} {v}" for k, v in sorted(r["failures"].items())) or "-"
+        lines.append(
+            f"| {r['strategy']} | {r['requests']} | {r['failed']} | "
+            f"{fmt(r['failures_per_upgrade'])} | {kinds} | {fmt(r['longest_gap_ms'])} | "
+            f"{fmt(r['longest_gap_steady_ms'])} | {fmt(r['switch_s']['keepalive_all'], 3)} | "
+            f"{fmt(r['switch_s']['new_connection'], 3)} | "
+            + " / ".join(fmt(lat['steady'][k], 2) for k in ("p50", "p99", "p99.9")) + " | "
+            + " / ".join(fmt(lat['window'][k], 2) for k in ("p50", "p99", "p99.9")) + " | "
+            + (f"{fmt(crit['median'], 2)} (max {fmt(crit['max'], 2)})" if crit else "-")
+            + " |")
+    tp = report["throughput"]
+    lines.append("")
+    if "skipped" in tp:
+        lines.append(f"Throughput: skipped ({tp['skipped']}).")
+    else:
+        lines.append(
+            f"Steady-state throughput (wrk -t1 -c32, {len(tp['rounds']['plain'])} alternating "
+            f"rounds, medians): with hotswap {tp['median_rps']['hotswap']:.0f} req/s, plain "
+            f"aiohttp {tp['median_rps']['plain']:.0f} req/s, ratio {tp['ratio']:.3f}.")
+    lines += ["", "| listeners | handover median (ms) | min | max |", "|---|---|---|---|"]
+    for n, v in report["listeners"].items():
+        lines.append(f"| {n} | {v['median_ms']:.2f} | {v['min_ms']:.2f} | {v['max_ms']:.2f} |")
+    lines += ["", "Definitions: an upgrade window runs from "
+              f"{WINDOW_BEFORE} s before the new version is launched to {WINDOW_AFTER} s after "
+              "the switch (hotswap: the successor's confirmation; the others: the old process "
+              "told to stop); steady state is everything else after warm-up. \"keep-alive all on "
+              "new\": median over upgrades of the time from the switch until every keep-alive "
+              "client has been answered by the new version. Critical section: from the "
+              "successor's hello to the old side's last accept."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--upgrades", type=int, default=5)
+    parser.add_argument("--interval", type=float, default=3.0)
+    parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--tail", type=float, default=2.0)
+    parser.add_argument("--keepalive", type=int, default=16)
+    parser.add_argument("--fresh", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--wrk-seconds", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    procs = Procs(Path(tempfile.mkdtemp(prefix="hotswap-bench-")))
+    try:
+        strategies = []
+        for name in ("hotswap", "naive-restart", "reuseport-overlap"):
+            say(f"strategy {name}: {args.upgrades} upgrades every {args.interval}s under load")
+            result = run_strategy(name, procs, args)
+            plot(result, args.out / f"timeline-{name}.png")
+            strategies.append(result)
+            say(f"{name}: {result['requests']} requests, {result['failed']} failed "
+                f"{result['failures']}")
+        say("throughput with and without hotswap")
+        tp = throughput(procs, args)
+        say("handover time against the number of listeners")
+        scaling = listener_scaling(args.repeats)
+    finally:
+        procs.kill_all()
+    report = {
+        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{os.cpu_count()} cores, {platform.machine()}, Linux "
+                   f"{platform.release()}, Python {platform.python_version()}",
+        "load": (f"{args.keepalive} keep-alive clients back to back, 1 busybox client every "
+                 f"100 ms, {args.fresh} new-connection clients back to back, no retries; "
+                 f"{args.upgrades} upgrades {args.interval:g} s apart per strategy"),
+        "strategies": [{k: v for k, v in r.items() if not k.startswith("_")}
+                       for r in strategies],
+        "throughput": tp,
+        "listeners": scaling,
+    }
+    (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    table = markdown(report)
+    (args.out / "results.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
