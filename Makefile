@@ -35,7 +35,7 @@ typecheck: $(VENV)/.stamp
 	$(VENV)/bin/mypy
 
 pytest: $(VENV)/.stamp
-	$(PY) -m pytest -q -rs
+	sh scripts/test.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache
