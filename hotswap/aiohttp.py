@@ -65,9 +65,9 @@ class Drainer:
 
     How the next response of each connection learns to say ``Connection:
     close``: by default the connections' request factory is wrapped when the
-    drain starts, so every request parsed from then on reads as
-    ``should_close`` and aiohttp itself answers with ``Connection: close`` and
-    closes after the response. That costs nothing per request before the
+    drain starts, so every request parsed from then on (and each request in
+    progress) reads as ``should_close``, and aiohttp itself answers with
+    ``Connection: close`` and closes after the response. That costs nothing per request before the
     drain. Where aiohttp does not allow that (``zero_cost=False``, or a
     future aiohttp without the attribute), a middleware calls
     ``force_close()`` on each response before it is prepared instead (about
@@ -100,6 +100,11 @@ class Drainer:
             factory = handler._request_factory
             if factory is not None:
                 handler._request_factory = closing(factory)
+            # A request in progress: its response is not prepared yet (or it
+            # is too late anyway), so let it read as should_close too.
+            request = handler._current_request
+            if request is not None:
+                request._message = request._message._replace(should_close=True)
 
     @web.middleware
     async def middleware(self, request: web.Request,

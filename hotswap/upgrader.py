@@ -388,6 +388,15 @@ class Upgrader:
                 if exc.code != "busy" or loop.time() + delay > deadline:
                     raise
                 log.info("%s: serving process busy (%s); retrying", self.name, exc.reason)
+            except BrokenResourceError as exc:
+                # The predecessor went away mid-handshake (crashed, killed):
+                # nothing was adopted. Look again: if nobody serves now, the
+                # port is free and we start fresh.
+                channel.close()
+                if loop.time() + delay > deadline:
+                    raise
+                log.warning("%s: predecessor went away during the handover (%s); "
+                            "retrying", self.name, exc)
             except BaseException:
                 channel.close()
                 raise
@@ -452,8 +461,9 @@ class Upgrader:
         assert channel is not None
         opts = self.options
         try:
-            await channel.send(Accepting(), timeout=opts.message_timeout)
-            reply = await channel.receive(timeout=opts.message_timeout)
+            # request(): if the predecessor already gave up (Failed, then
+            # closed), our send breaks but its Failed is still queued for us.
+            reply = await channel.request(Accepting(), timeout=opts.message_timeout)
         except (BrokenResourceError, HandoverTimeout) as exc:
             # Once Accepting is out, the predecessor either committed or is gone:
             # we are accepting either way, so carry on serving.

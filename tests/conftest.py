@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,6 +26,7 @@ PY = sys.executable
 SIDECAR = ROOT / "examples/sidecar_server/main.py"
 TINY = ROOT / "tests/support/tiny_server.py"
 LOADGEN = ROOT / "tests/support/loadgen.py"
+FAULTY = ROOT / "tests/support/faulty.py"
 
 KRUISE_VARS = ("SIDECARSET_VERSION", "SIDECARSET_VERSION_ALT", "IS_INJECTED",
                "HOTSWAP_NAME", "HOTSWAP_CONTROL_PATH", "LISTEN_PID", "LISTEN_FDS")
@@ -51,6 +53,14 @@ def status(name: str, timeout: float = 2.0) -> Status | None:
         return asyncio.run(hotswap.control.query_status(address, timeout=timeout))
     except (OSError, hotswap.HotswapError):
         return None
+
+
+def free_port() -> int:
+    """A port that is free now (for tests where a fresh bind must find the
+    same port again)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def port_of(st: Status) -> int:
@@ -83,6 +93,14 @@ class Procs:
                 args: tuple[str, ...] = (), **env: str) -> subprocess.Popen[bytes]:
         return self.spawn(version, [PY, str(SIDECAR), "--name", name, "--version", version,
                                     "--port", str(port), *args], self.env(**env))
+
+    def faulty(self, name: str, version: str, fault: str, *, port: int = 0,
+               args: tuple[str, ...] = (), **env: str) -> subprocess.Popen[bytes]:
+        """The sample sidecar with one fault injected (tests/support/faulty.py)."""
+        return self.spawn(f"{version}-{fault.replace(':', '-')}",
+                          [PY, str(FAULTY), "--name", name, "--version", version,
+                           "--port", str(port), *args],
+                          self.env(HOTSWAP_TEST_FAULT=fault, **env))
 
     def tiny(self, name: str, version: str, port: int = 0) -> subprocess.Popen[bytes]:
         return self.spawn(version, [PY, str(TINY), "--name", name, "--version", version,

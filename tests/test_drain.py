@@ -14,12 +14,18 @@ from hotswap.aiohttp import Drainer
 
 
 async def get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
-    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-    await writer.drain()
-    head = await reader.readuntil(b"\r\n\r\n")
-    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-    await reader.readexactly(length)
+    async with asyncio.timeout(10):
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
     return head.lower()
+
+
+async def eof(reader: asyncio.StreamReader) -> bytes:
+    async with asyncio.timeout(10):
+        return await reader.read()
 
 
 @pytest.mark.parametrize("zero_cost", [True, False], ids=["factory", "middleware"])
@@ -52,7 +58,7 @@ def test_next_response_says_close_and_drain_completes(zero_cost: bool) -> None:
         assert not done
         second = await get(reader, writer)  # the same connection, still served
         assert b"connection: close" in second
-        assert await reader.read() == b""  # then closed by the server
+        assert await eof(reader) == b""  # then closed by the server
         assert await drain == 0
         writer.close()
         await runner.cleanup()
@@ -77,7 +83,7 @@ def test_idle_connection_is_cut_at_the_deadline_and_counted() -> None:
         await site.stop()
         assert runner.server is not None
         assert await Drainer().drain(runner.server, timeout=0.2) == 1
-        assert await reader.read() == b""
+        assert await eof(reader) == b""
         writer.close()
         await runner.cleanup()
 

@@ -1,0 +1,84 @@
+"""Run the sample sidecar with one fault injected into its control channel.
+
+Test-only: it monkeypatches :class:`hotswap.transport.Channel` in this process
+(the library has no fault hooks), then runs examples/sidecar_server/main.py
+with the remaining arguments. ``HOTSWAP_TEST_FAULT`` is
+``<send|receive>:<message type>:<action>``, actions:
+
+- ``kill-before`` / ``kill-after``: SIGKILL this process just before sending,
+  or just after sending / receiving, that message;
+- ``half-frame``: send only the first half of that message's frame (with its
+  descriptors, if any), close the connection, and fail the send as a broken
+  channel would (the process lives on);
+- ``pause-before``: wait ``HOTSWAP_TEST_PAUSE`` seconds (default 1) before
+  sending it;
+- ``stop-after``: SIGSTOP this process just after receiving that message (the
+  test SIGCONTs or kills it).
+
+``half-frame`` fires once; the others every time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import runpy
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from hotswap import transport
+from hotswap.errors import BrokenResourceError
+from hotswap.protocol import encode
+
+WHERE, TYPE, ACTION = os.environ["HOTSWAP_TEST_FAULT"].split(":")
+_send, _receive = transport.Channel.send, transport.Channel.receive
+_fired = False
+
+
+def die() -> None:
+    sys.stderr.write(f"faulty: SIGKILL at {WHERE} {TYPE} ({ACTION})\n")
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+async def send(self: transport.Channel, message: Any, *, timeout: float) -> None:
+    global _fired
+    if WHERE == "send" and message.TYPE == TYPE:
+        if ACTION == "kill-before":
+            die()
+        if ACTION == "pause-before":
+            await asyncio.sleep(float(os.environ.get("HOTSWAP_TEST_PAUSE", "1")))
+        if ACTION == "half-frame" and not _fired:
+            _fired = True
+            frame = encode(message)
+            self.conn.send(message)
+            transport.send_frame(self.sock, frame[: len(frame) // 2],
+                                 getattr(message, "fds", ()))
+            sys.stderr.write(f"faulty: sent half of {TYPE!r} and closed\n")
+            self.close()
+            raise BrokenResourceError("test fault: connection closed mid-frame")
+    await _send(self, message, timeout=timeout)
+    if WHERE == "send" and message.TYPE == TYPE and ACTION == "kill-after":
+        die()
+
+
+async def receive(self: transport.Channel, *, timeout: float) -> Any:
+    message = await _receive(self, timeout=timeout)
+    if WHERE == "receive" and message.TYPE == TYPE:
+        if ACTION == "kill-after":
+            die()
+        if ACTION == "stop-after":
+            sys.stderr.write(f"faulty: SIGSTOP after receiving {TYPE}\n")
+            sys.stderr.flush()
+            os.kill(os.getpid(), signal.SIGSTOP)
+    return message
+
+
+transport.Channel.send = send  # type: ignore[method-assign]
+transport.Channel.receive = receive  # type: ignore[method-assign]
+
+main = Path(__file__).resolve().parents[2] / "examples" / "sidecar_server" / "main.py"
+sys.argv = [str(main), *sys.argv[1:]]
+runpy.run_path(str(main), run_name="__main__")

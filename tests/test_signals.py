@@ -1,0 +1,87 @@
+"""Signals on real processes (issue 5): SIGTERM drains within the deadline,
+a second SIGTERM forces the exit, SIGTERM during a handover loses nothing."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import time
+from typing import Any
+
+from conftest import Procs, port_of, serving, wait_for
+
+
+def read_response(sock: socket.socket) -> bytes:
+    """One response (the sample's body ends with "sidecar"); fails on EOF.
+    The socket's own timeout bounds each read."""
+    data = b""
+    while b"sidecar" not in data:
+        chunk = sock.recv(4096)
+        assert chunk, f"connection closed after {data!r}"
+        data += chunk
+    return data
+
+
+def keepalive_request(port: int) -> tuple[socket.socket, bytes]:
+    """Open a connection, make one request, keep the connection (idle)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(b"GET /serve HTTP/1.1\r\nHost: x\r\n\r\n")
+    return sock, read_response(sock)
+
+
+def test_sigterm_drains_within_the_deadline(procs: Procs, name: str) -> None:
+    """Invariant 5: an in-flight request finishes (told Connection: close),
+    an idle keep-alive connection is cut only at the deadline and logged, and
+    the process exits 0 in about the deadline."""
+    v1 = procs.sidecar(name, "v1", args=("--drain-timeout", "2", "--delay", "0.5"))
+    port = port_of(wait_for(serving(name, "v1"), 15, "v1 serving"))
+    idle, _ = keepalive_request(port)
+    busy, _ = keepalive_request(port)  # accepted: it has been answered once
+    busy.sendall(b"GET /serve HTTP/1.1\r\nHost: x\r\n\r\n")  # 0.5 s in flight
+    started = time.monotonic()
+    v1.send_signal(signal.SIGTERM)
+    reply = read_response(busy)
+    assert b"200 OK" in reply and b"Connection: close" in reply
+    assert v1.wait(timeout=10) == 0
+    elapsed = time.monotonic() - started
+    assert 1.5 < elapsed < 5, elapsed  # held by the idle connection until ~2 s
+    assert idle.recv(4096) == b""  # cut at the deadline
+    assert "drain deadline: cutting idle connection" in procs.logs()
+    idle.close()
+    busy.close()
+
+
+def test_second_sigterm_forces_the_exit(procs: Procs, name: str) -> None:
+    """Invariant 5's escalation: a drain waiting on an idle connection (30 s
+    deadline) ends at once on the second SIGTERM."""
+    v1 = procs.sidecar(name, "v1", args=("--drain-timeout", "30",))
+    port = port_of(wait_for(serving(name, "v1"), 15, "v1 serving"))
+    idle, _ = keepalive_request(port)
+    v1.send_signal(signal.SIGTERM)
+    wait_for(lambda: "stop-requested; draining" in procs.logs(), 10, "the drain to start")
+    assert v1.poll() is None
+    started = time.monotonic()
+    v1.send_signal(signal.SIGTERM)
+    assert v1.wait(timeout=10) == 0
+    assert time.monotonic() - started < 3
+    assert "cutting the drain short" in procs.logs()
+    idle.close()
+
+
+def test_sigterm_during_a_handover_loses_nothing(procs: Procs, name: str, load: Any) -> None:
+    """Invariants 1, 3: SIGTERM reaches the serving process while a successor
+    holds the descriptors but has not confirmed yet; the stop waits for the
+    outcome, the successor takes over, not one request fails."""
+    v1 = procs.sidecar(name, "v1")
+    port = port_of(wait_for(serving(name, "v1"), 15, "v1 serving"))
+    traffic = load(port, keepalive=3, fresh=2)
+    v2 = procs.faulty(name, "v2", "send:accepting:pause-before", HOTSWAP_TEST_PAUSE="1.5")
+    wait_for(lambda: "handing over to pid" in procs.logs(), 15, "the handover to start")
+    v1.send_signal(signal.SIGTERM)
+    st = wait_for(serving(name, "v2"), 15, "v2 serving")
+    assert st.pid == v2.pid and port_of(st) == port
+    assert v1.wait(timeout=15) == 0
+    result = traffic.finish()
+    assert result["failed"] == 0, result
+    v2.send_signal(signal.SIGTERM)
+    assert v2.wait(timeout=15) == 0
