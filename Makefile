@@ -4,7 +4,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo demo-docker images bench test lint typecheck pytest clean
+.PHONY: demo demo-docker images bench soak test lint typecheck pytest clean
 
 $(VENV)/.stamp: setup.cfg pyproject.toml scripts/bootstrap.sh
 	sh scripts/bootstrap.sh
@@ -25,6 +25,10 @@ images: $(VENV)/.stamp
 bench: $(VENV)/.stamp
 	sh scripts/bootstrap.sh bench
 	$(PY) bench/run.py
+
+# Hundreds of consecutive upgrades under load (a few minutes); writes docs/soak/.
+soak: $(VENV)/.stamp
+	$(PY) bench/soak.py
 
 test: $(VENV)/.stamp lint typecheck pytest
 

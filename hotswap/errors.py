@@ -47,7 +47,7 @@ class HandoverRefused(HotswapError):
     """The serving process refused the handover.
 
     ``code`` is one of ``"busy"``, ``"older"``, ``"forbidden"``, ``"protocol"``,
-    ``"state"``.
+    ``"timeout"``.
     """
 
     def __init__(self, code: str, reason: str) -> None:

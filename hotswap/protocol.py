@@ -292,7 +292,7 @@ class Welcome(Message):
 
 @dataclass(frozen=True, kw_only=True)
 class Refused(Message):
-    """The server says no. ``code``: busy, older, forbidden, protocol, state."""
+    """The server says no. ``code``: busy, older, forbidden, protocol, timeout."""
 
     TYPE: ClassVar[str] = "refused"
     code: str

@@ -549,6 +549,9 @@ class Upgrader:
             log.warning("%s: control connection: %s", self.name, exc)
             # Tell the peer why, outside the (now dead) conversation.
             channel.send_nowait(Refused(code="protocol", reason=str(exc)))
+        except HandoverTimeout as exc:
+            log.warning("%s: control connection: %s", self.name, exc)
+            channel.send_nowait(Refused(code="timeout", reason=str(exc)))
         except HotswapError as exc:
             log.warning("%s: control connection: %s", self.name, exc)
         finally:

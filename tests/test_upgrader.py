@@ -237,3 +237,40 @@ def test_stop_before_confirming_aborts_and_the_old_side_keeps_serving(run: Runne
         await old.close()
 
     run(main())
+
+
+def test_slow_loris_partial_frames(run: Runner) -> None:
+    """Invariants 6, 7: peers that send part of a frame and stall are each
+    dropped after message_timeout with a reason; meanwhile the control socket
+    answers others; no descriptor is left."""
+    name = new_name()
+
+    async def main() -> None:
+        upg = hotswap.Upgrader(name, version="v1", options=hotswap.Options(
+            env={}, message_timeout=0.5))
+        await upg.start()
+        upg.listen("http", ("127.0.0.1", 0))
+        await upg.ready()
+        baseline = len(os.listdir("/proc/self/fd"))
+        loop = asyncio.get_running_loop()
+        lorises = []
+        for _ in range(20):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            await loop.sock_connect(sock, sockaddr(control_address(name)))
+            await loop.sock_sendall(sock, encode(hotswap.protocol.StatusRequest())[:3])
+            lorises.append(sock)
+        st = await query_status(control_address(name))  # answered meanwhile
+        assert st.state == "serving"
+        for sock in lorises:
+            reply = b""
+            async with asyncio.timeout(5):
+                while chunk := await loop.sock_recv(sock, 4096):
+                    reply += chunk
+            assert b'"code":"timeout"' in reply, reply
+            sock.close()
+        await until(lambda: len(os.listdir("/proc/self/fd")) == baseline,
+                    "descriptor count back to its baseline")
+        await upg.close()
+
+    run(main())

@@ -1,0 +1,212 @@
+"""``make soak``: hundreds of consecutive hot upgrades of the sample sidecar
+under load, on 127.0.0.1, bounded in count and time.
+
+Each upgrade starts the next version (no Kruise variables: the new process
+takes over from the running one), waits until it serves and its predecessor
+is gone, and records for the serving process: its descriptors other than connections
+(every non-socket descriptor plus the listening sockets, from /proc: a leaked
+listener, pipe or event loop shows as growth here, whatever the load does to
+the connection count), its RSS (psutil), and
+the upgrade time (launch to "serving, predecessor gone"). The load generator
+(tests/support/loadgen.py: keep-alive and new-connection clients, never
+retrying) runs throughout; its failures are the headline number.
+
+Writes ``<out>/soak.json`` and ``<out>/soak.md``. Exit status 1 if any request
+failed, a descriptor leaked, or an upgrade did not complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import hotswap.control  # noqa: E402  (the repository's own package)
+
+PY = sys.executable
+SIDECAR = ROOT / "examples/sidecar_server/main.py"
+LOADGEN = ROOT / "tests/support/loadgen.py"
+
+
+def status(name: str) -> Any:
+    try:
+        return asyncio.run(hotswap.control.query_status(
+            hotswap.control.control_address(name), timeout=2))
+    except (OSError, hotswap.HotswapError):
+        return None
+
+
+def wait_serving(name: str, version: str, timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = status(name)
+        if st and st.version == version and st.state == "serving" \
+                and st.predecessor in ("none", "gone"):
+            return st
+        time.sleep(0.01)
+    raise RuntimeError(f"{version} not serving within {timeout}s")
+
+
+def _listening_inodes() -> set[str]:
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as fh:
+            for line in fh.readlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A":  # TCP_LISTEN
+                    inodes.add(fields[9])
+    with open("/proc/net/unix") as fh:
+        for line in fh.readlines()[1:]:
+            fields = line.split()
+            if int(fields[3], 16) & 0x10000:  # __SO_ACCEPTCON
+                inodes.add(fields[6])
+    return inodes
+
+
+def fds_without_connections(pid: int) -> int:
+    """The process's descriptors that are not connections: every non-socket
+    descriptor plus the listening sockets (TCP and Unix). Connections come and
+    go with the load; a leak of anything the handover touches shows here."""
+    listening = _listening_inodes()
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:
+            continue  # closed while we looked
+        if not target.startswith("socket:[") or target[8:-1] in listening:
+            count += 1
+    return count
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--upgrades", type=int, default=300)
+    parser.add_argument("--keepalive", type=int, default=4)
+    parser.add_argument("--fresh", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "soak")
+    parser.add_argument("--max-seconds", type=float, default=1200)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="hotswap-soak-"))
+    name = f"soak-{uuid.uuid4().hex[:8]}"
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(argv: list[str], label: str) -> subprocess.Popen[bytes]:
+        with open(tmp / f"{label}.log", "wb") as log:
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        procs.append(proc)
+        return proc
+
+    def sidecar(n: int) -> subprocess.Popen[bytes]:
+        return start([PY, str(SIDECAR), "--name", name, "--version", f"v{n}", "--port", "0"],
+                     f"v{n}")
+
+    samples: list[dict[str, float]] = []
+    ok = True
+    began = time.monotonic()
+    try:
+        current = sidecar(0)
+        st = wait_serving(name, "v0", 30)
+        port = int(st.listeners[0].address.rsplit(":", 1)[1])
+        load = start([PY, str(LOADGEN), "--port", str(port), "--keepalive",
+                      str(args.keepalive), "--fresh", str(args.fresh),
+                      "--duration", str(args.max_seconds), "--out", str(tmp / "load.json")],
+                     "load")
+        for n in range(1, args.upgrades + 1):
+            if time.monotonic() - began > args.max_seconds:
+                print(f"soak: time limit reached after {n - 1} upgrades", flush=True)
+                ok = False
+                break
+            t0 = time.monotonic()
+            new = sidecar(n)
+            st = wait_serving(name, f"v{n}", 60)
+            elapsed = time.monotonic() - t0
+            if current.wait(timeout=60) != 0:
+                print(f"soak: v{n - 1} exited {current.returncode}", flush=True)
+                ok = False
+            current = new
+            proc = psutil.Process(current.pid)
+            samples.append({"upgrade": n, "seconds": round(elapsed, 4),
+                            "fds": fds_without_connections(current.pid),
+                            "rss_mb": round(proc.memory_info().rss / 1e6, 2)})
+            if n % 25 == 0:
+                print(f"soak: {n} upgrades, last {elapsed:.3f}s, fds {samples[-1]['fds']}, "
+                      f"rss {samples[-1]['rss_mb']} MB", flush=True)
+        load.send_signal(signal.SIGTERM)
+        load.wait(timeout=60)
+        current.send_signal(signal.SIGTERM)
+        current.wait(timeout=60)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    result = json.loads((tmp / "load.json").read_text())
+    failures: dict[str, int] = result["failures"]
+    times = [s["seconds"] for s in samples]
+    fds = [s["fds"] for s in samples]
+    rss = [s["rss_mb"] for s in samples]
+    report = {
+        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{os.cpu_count()} cores, {platform.machine()}, Python "
+                   f"{platform.python_version()}",
+        "upgrades": len(samples), "requests": result["requests"],
+        "failed": sum(failures.values()), "failures": failures,
+        "upgrade_seconds": {"p50": statistics.median(times), "p90": percentile(times, 90),
+                            "p99": percentile(times, 99), "max": max(times)},
+        "fds": {"first": fds[0], "last": fds[-1], "min": min(fds), "max": max(fds)},
+        "rss_mb": {"first": rss[0], "last": rss[-1], "min": min(rss), "max": max(rss)},
+        "samples": samples,
+    }
+    leak = len(set(fds)) != 1
+    if report["failed"] or leak or len(samples) < args.upgrades:
+        ok = False
+    (args.out / "soak.json").write_text(json.dumps(report, indent=1) + "\n")
+    step = max(1, len(samples) // 10)
+    lines = [f"Soak measured {report['when']} on {report['machine']}; command: "
+             f"`make soak` ({args.upgrades} upgrades, {args.keepalive} keep-alive and "
+             f"{args.fresh} new-connection clients, no retries).", "",
+             f"- upgrades: {report['upgrades']}, requests: {report['requests']}, "
+             f"failed: {report['failed']} {failures or ''}",
+             "- upgrade time (launch to serving with the predecessor gone): p50 "
+             f"{report['upgrade_seconds']['p50']:.3f} s, p90 "
+             f"{report['upgrade_seconds']['p90']:.3f} s, p99 "
+             f"{report['upgrade_seconds']['p99']:.3f} s, max "
+             f"{report['upgrade_seconds']['max']:.3f} s",
+             f"- descriptors of the serving process (all but connections): "
+             f"min {min(fds)}, max {max(fds)}",
+             f"- RSS of the serving process: min {min(rss)} MB, max {max(rss)} MB", "",
+             "| upgrade | upgrade time (s) | descriptors | RSS (MB) |", "|---|---|---|---|"]
+    for sample in samples[step - 1::step]:
+        lines.append(f"| {sample['upgrade']} | {sample['seconds']:.3f} | {sample['fds']} "
+                     f"| {sample['rss_mb']} |")
+    (args.out / "soak.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print("soak: PASS" if ok else "soak: FAIL", flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
