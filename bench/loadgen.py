@@ -13,7 +13,12 @@ Each request is recorded as ``[start (epoch s), latency (s), client, outcome]``
 where outcome is the version that answered (``v1``, ...) or ``!kind`` for a
 failure: ``!refused``, ``!reset``, ``!eof-reused`` (EOF on a connection that
 had already served a request: the keep-alive race), ``!eof``, ``!timeout``,
-``!status-NNN``, ``!other``. Written as JSON to ``--out``.
+``!status-NNN``, ``!other``. Written as JSON to ``--out``: ``summary``
+(requests, failed, failures by kind, versions, each client's version order,
+the first errors) and, unless ``--no-records``, ``records``. Prints
+``loadgen: first response`` when the first request completes, so a caller can
+wait for the load to be running. The one load generator of the project: the
+tests, the soak and the benchmark all use it.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import json
 import re
 import signal
 import time
+from collections import Counter
 
 import uvloop
 
@@ -74,6 +80,8 @@ async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
 
 async def client(name: str, port: int, persistent: bool, interval: float, timeout: float,
                  stop: asyncio.Event, records: list[list[object]]) -> None:
+    """One client until ``stop``: never retries; a persistent one reconnects
+    only after ``Connection: close`` or a failure."""
     conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
     served = 0  # requests answered on the current connection
     while not stop.is_set():
@@ -105,6 +113,8 @@ async def client(name: str, port: int, persistent: bool, interval: float, timeou
         if outcome.startswith("!") and conn is not None:
             conn[1].close()
             conn = None
+        if not records:
+            print("loadgen: first response", flush=True)
         records.append([round(started, 6), round(time.perf_counter() - t0, 6), name, outcome])
         if interval:
             try:
@@ -123,8 +133,8 @@ async def main(args: argparse.Namespace) -> list[list[object]]:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     records: list[list[object]] = []
-    clients = [("ka", True, 0.0, args.keepalive), ("bb", True, 0.1, args.busybox),
-               ("new", False, 0.0, args.fresh)]
+    clients = [("ka", True, args.pace, args.keepalive), ("bb", True, 0.1, args.busybox),
+               ("new", False, args.pace, args.fresh)]
     tasks = [asyncio.create_task(client(f"{kind}{i}", args.port, persistent, interval,
                                         args.timeout, stop, records))
              for kind, persistent, interval, count in clients for i in range(count)]
@@ -137,16 +147,44 @@ async def main(args: argparse.Namespace) -> list[list[object]]:
     return records
 
 
+def summarize(records: list[list[object]]) -> dict[str, object]:
+    failures: Counter[str] = Counter()
+    versions: Counter[str] = Counter()
+    orders: dict[str, list[str]] = {}
+    errors: list[str] = []
+    for started, _, name, outcome in records:
+        assert isinstance(outcome, str) and isinstance(name, str)
+        if outcome.startswith("!"):
+            failures[outcome[1:]] += 1
+            if len(errors) < 50:
+                errors.append(f"{started} {name} {outcome[1:]}")
+            continue
+        versions[outcome] += 1
+        order = orders.setdefault(name, [])
+        if not order or order[-1] != outcome:
+            order.append(outcome)
+    return {"requests": len(records), "failed": sum(failures.values()),
+            "failures": dict(failures), "versions": dict(versions), "orders": orders,
+            "errors": errors}
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--keepalive", type=int, default=16)
     parser.add_argument("--busybox", type=int, default=1)
     parser.add_argument("--fresh", type=int, default=4)
+    parser.add_argument("--pace", type=float, default=0.0,
+                        help="seconds between requests of the keep-alive and "
+                             "new-connection clients (0: back to back)")
     parser.add_argument("--timeout", type=float, default=2.0)
     parser.add_argument("--duration", type=float, default=60.0)
+    parser.add_argument("--no-records", action="store_true")
     parser.add_argument("--out", required=True)
     arguments = parser.parse_args()
     result = uvloop.run(main(arguments))
+    output: dict[str, object] = {"summary": summarize(result)}
+    if not arguments.no_records:
+        output["records"] = result
     with open(arguments.out, "w") as fh:
-        json.dump({"records": result}, fh)
+        json.dump(output, fh)

@@ -188,7 +188,7 @@ def run_strategy(name: str, procs: Procs, args: argparse.Namespace) -> dict[str,
         say(f"{name}: upgrade to v{n} done")
     load.wait(timeout=duration + 30)
     procs.stop(current)
-    records = json.loads(out.read_text())["records"]
+    records = json.loads(out.read_text())["records"]  # the raw records, not the summary
     return analyse(name, records, upgrades, began + args.warmup / 2)
 
 

@@ -8,7 +8,7 @@ is gone, and records for the serving process: its descriptors other than connect
 listener, pipe or event loop shows as growth here, whatever the load does to
 the connection count), its RSS (psutil), and
 the upgrade time (launch to "serving, predecessor gone"). The load generator
-(tests/support/loadgen.py: keep-alive and new-connection clients, never
+(bench/loadgen.py: keep-alive, busybox and new-connection clients, never
 retrying) runs throughout; its failures are the headline number.
 
 Writes ``<out>/soak.json`` and ``<out>/soak.md``. Exit status 1 if any request
@@ -40,7 +40,7 @@ import hotswap.control  # noqa: E402  (the repository's own package)
 
 PY = sys.executable
 SIDECAR = ROOT / "examples/sidecar_server/main.py"
-LOADGEN = ROOT / "tests/support/loadgen.py"
+LOADGEN = ROOT / "bench/loadgen.py"
 
 
 def status(name: str) -> Any:
@@ -131,8 +131,9 @@ def main() -> int:
         st = wait_serving(name, "v0", 30)
         port = int(st.listeners[0].address.rsplit(":", 1)[1])
         load = start([PY, str(LOADGEN), "--port", str(port), "--keepalive",
-                      str(args.keepalive), "--fresh", str(args.fresh),
-                      "--duration", str(args.max_seconds), "--out", str(tmp / "load.json")],
+                      str(args.keepalive), "--fresh", str(args.fresh), "--pace", "0.002",
+                      "--duration", str(args.max_seconds), "--no-records",
+                      "--out", str(tmp / "load.json")],
                      "load")
         for n in range(1, args.upgrades + 1):
             if time.monotonic() - began > args.max_seconds:
@@ -163,7 +164,7 @@ def main() -> int:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    result = json.loads((tmp / "load.json").read_text())
+    result = json.loads((tmp / "load.json").read_text())["summary"]
     failures: dict[str, int] = result["failures"]
     times = [s["seconds"] for s in samples]
     fds = [s["fds"] for s in samples]

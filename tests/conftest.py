@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 SIDECAR = ROOT / "examples/sidecar_server/main.py"
 TINY = ROOT / "tests/support/tiny_server.py"
-LOADGEN = ROOT / "tests/support/loadgen.py"
+LOADGEN = ROOT / "bench/loadgen.py"
 FAULTY = ROOT / "tests/support/faulty.py"
 
 KRUISE_VARS = ("SIDECARSET_VERSION", "SIDECARSET_VERSION_ALT", "IS_INJECTED",
@@ -142,16 +142,17 @@ def name() -> str:
 
 
 class Load:
-    """The load generator process: keep-alive and new-connection clients."""
+    """The load generator process (bench/loadgen.py): keep-alive clients, the
+    100 ms busybox client and new-connection clients; nothing retries."""
 
     def __init__(self, procs: Procs, port: int, *, keepalive: int, fresh: int,
                  interval: float, duration: float) -> None:
         self.out = procs.tmp / f"load-{uuid.uuid4().hex[:6]}.json"
         self.proc = procs.spawn("load", [PY, str(LOADGEN), "--port", str(port),
                                          "--keepalive", str(keepalive),
-                                         "--fresh", str(fresh),
-                                         "--interval", str(interval),
-                                         "--duration", str(duration),
+                                         "--fresh", str(fresh), "--busybox", "1",
+                                         "--pace", str(interval),
+                                         "--duration", str(duration), "--no-records",
                                          "--out", str(self.out)])
         self.duration = duration
         self.log = procs.procs[-1][2]
@@ -162,7 +163,7 @@ class Load:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(timeout=30)
-        result: dict[str, Any] = json.loads(self.out.read_text())
+        result: dict[str, Any] = json.loads(self.out.read_text())["summary"]
         return result
 
 
