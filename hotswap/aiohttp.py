@@ -2,18 +2,18 @@
 
 :func:`serve` runs the whole lifecycle. The drain, in order:
 
-1. The successor confirmed it accepts on every socket
+1. The successor confirmed it is accepting on every socket
    (:attr:`~hotswap.ExitReason.TAKEN_OVER`), or a stop was requested.
 2. Stop accepting: each ``SockSite`` is stopped, which closes *our* descriptor
    of the listener; the kernel socket and its queue live on in the successor.
    Never ``shutdown()``.
-3. Tell the successor (``Released``): it is now the only acceptor.
-4. From now on every response carries ``Connection: close`` (see
-   :class:`Drainer` for how, at no cost before the drain), so each keep-alive client is
-   told to reconnect on its next response, and reconnects to the successor.
-   Idle keep-alive connections are *not* closed: closing one races a client
-   that is sending on it at that moment (aiohttp's own ``cleanup()`` does that
-   first, and loses one request per keep-alive connection).
+3. From now on every response carries ``Connection: close`` (see
+   :class:`Drainer` for how, at no cost before the drain), so each keep-alive
+   client is told to reconnect on its next response, and reconnects to the
+   successor. Idle keep-alive connections are *not* closed: closing one races
+   a client that is sending on it at that moment (aiohttp's own ``cleanup()``
+   does that first, and loses one request per keep-alive connection).
+4. Tell the successor (``Released``): it is now the only acceptor.
 5. Wait until every connection has closed, or the drain deadline
    (``drain_timeout``, default 25 s to fit Kubernetes' 30 s grace period).
 6. At the deadline, close what is left and log each connection cut.
@@ -155,8 +155,7 @@ async def serve(app: web.Application, upgrader: Upgrader,
                 sockets: Mapping[str, Address], *,
                 drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
                 idle_after_drain: bool | None = None,
-                handle_signals: bool = True,
-                on_serving: Callable[[], None] | None = None) -> int:
+                handle_signals: bool = True) -> int:
     """Run ``app`` on the named ``sockets`` until replaced or stopped.
 
     Returns the process exit status: 0 after a clean handover or stop, 1 when
@@ -203,14 +202,11 @@ async def serve(app: web.Application, upgrader: Upgrader,
         try:
             for name, address in sockets.items():
                 await web.SockSite(runner, upgrader.listen(name, address)).start()
-            failed = False
             try:
                 await upgrader.ready()
             except HandoverFailed as exc:
+                # wait_exit() now says why: step down, or stop as asked.
                 log.error("%s", exc)
-                failed = True
-            if on_serving is not None and not failed:
-                on_serving()
             reason = await upgrader.wait_exit()
             log.info("%s: %s; draining (deadline %.1fs)", upgrader.name, reason.value,
                      drain_timeout)
