@@ -15,8 +15,9 @@ failure: ``!refused``, ``!reset``, ``!eof-reused`` (EOF on a connection that
 had already served a request: the keep-alive race), ``!eof``, ``!timeout``,
 ``!status-NNN``, ``!other``. Written as JSON to ``--out``: ``summary``
 (requests, failed, failures by kind, versions, each client's version order,
-the first errors) and, unless ``--no-records``, ``records``. Prints
-``loadgen: first response`` when the first request completes, so a caller can
+the first errors, connections opened by each client) and, unless
+``--no-records``, ``records``. Prints ``loadgen: first response`` when the
+first request completes, so a caller can
 wait for the load to be running. The one load generator of the project: the
 tests, the soak and the benchmark all use it.
 """
@@ -78,6 +79,9 @@ async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
     return (match.group(1).decode() if match else "?"), close
 
 
+OPENED: Counter[str] = Counter()  # connections opened, by client
+
+
 async def client(name: str, port: int, persistent: bool, interval: float, timeout: float,
                  stop: asyncio.Event, records: list[list[object]]) -> None:
     """One client until ``stop``: never retries; a persistent one reconnects
@@ -94,6 +98,7 @@ async def client(name: str, port: int, persistent: bool, interval: float, timeou
                         conn = await asyncio.open_connection("127.0.0.1", port)
                     except ConnectionRefusedError:
                         raise Failure("refused") from None
+                    OPENED[name] += 1
                     served = 0
                 reader, writer = conn
                 version, close = await exchange(reader, writer,
@@ -165,7 +170,7 @@ def summarize(records: list[list[object]]) -> dict[str, object]:
             order.append(outcome)
     return {"requests": len(records), "failed": sum(failures.values()),
             "failures": dict(failures), "versions": dict(versions), "orders": orders,
-            "errors": errors}
+            "errors": errors, "connections": dict(OPENED)}
 
 
 if __name__ == "__main__":

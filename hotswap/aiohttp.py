@@ -45,6 +45,8 @@ from aiohttp import web
 from .errors import HandoverFailed
 from .kruise import Role
 from .listeners import Address
+from .migrate import Migrator
+from .migrate import supported as _migration_supported
 from .upgrader import ExitReason, Upgrader
 
 log = logging.getLogger("hotswap")
@@ -53,6 +55,14 @@ DEFAULT_DRAIN_TIMEOUT = 25.0
 """Seconds to let connections finish after a handover or stop request."""
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _closing(factory: Any) -> Any:
+    """A request factory whose requests read as ``should_close``."""
+    def make(message: Any, *args: Any) -> Any:
+        return factory(message._replace(should_close=True), *args)
+    make._hotswap_closing = True  # type: ignore[attr-defined]
+    return make
 
 
 def _can_swap_request_factory() -> bool:
@@ -84,27 +94,32 @@ class Drainer:
         if not self.zero_cost:
             app.middlewares.append(self.middleware)
 
-    def start(self, server: web.Server) -> None:
-        """From now on every response says ``Connection: close``."""
+    def start(self, server: web.Server, *, every_connection: bool = True) -> None:
+        """From now on responses say ``Connection: close``: on every
+        connection, or (``every_connection=False``, while migrating) only on
+        those later passed to :meth:`close_after_next_response`."""
         self.draining = True
-        if not self.zero_cost:
+        if not self.zero_cost or not every_connection:
             return
-
-        def closing(factory: Any) -> Any:
-            def make(message: Any, *args: Any) -> Any:
-                return factory(message._replace(should_close=True), *args)
-            return make
-
-        server.request_factory = closing(server.request_factory)
+        if not getattr(server.request_factory, "_hotswap_closing", False):
+            server.request_factory = _closing(server.request_factory)
         for handler in server.connections:
-            factory = handler._request_factory
-            if factory is not None:
-                handler._request_factory = closing(factory)
+            self.close_after_next_response(handler)
+
+    def close_after_next_response(self, handler: web.RequestHandler) -> None:
+        """Make ``handler``'s next response (and the one in progress, if not
+        yet prepared) say ``Connection: close``. Idempotent."""
+        if not self.zero_cost:
+            return  # the middleware does it for every response once draining
+        conn: Any = handler
+        factory = conn._request_factory
+        if factory is not None and not getattr(factory, "_hotswap_closing", False):
+            conn._request_factory = _closing(factory)
+        request = conn._current_request
+        if request is not None and not request._message.should_close:
             # A request in progress: its response is not prepared yet (or it
             # is too late anyway), so let it read as should_close too.
-            request = handler._current_request
-            if request is not None:
-                request._message = request._message._replace(should_close=True)
+            request._message = request._message._replace(should_close=True)
 
     @web.middleware
     async def middleware(self, request: web.Request,
@@ -124,19 +139,35 @@ class Drainer:
         """Cut the drain short (a second signal)."""
         self._forced.set()
 
-    async def drain(self, server: web.Server, timeout: float) -> int:
-        """Wait for every connection of ``server`` to close, up to ``timeout``.
+    async def drain(self, server: web.Server, timeout: float, *,
+                    migrator: Migrator | None = None,
+                    upgrader: Upgrader | None = None) -> int:
+        """Wait for every connection of ``server`` to close, up to ``timeout``,
+        handing idle keep-alive connections to the successor meanwhile when a
+        ``migrator`` and ``upgrader`` are given and the successor adopts them.
 
         Returns how many were cut at the deadline (each is logged).
         """
-        if not self.draining:
-            self.start(server)
+        migrating = (migrator is not None and upgrader is not None
+                     and upgrader.can_hand_over_connections)
+        if not migrating:
+            self.start(server)  # idempotent
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while server.connections and loop.time() < deadline and not self._forced.is_set():
+            if migrating:
+                assert migrator is not None and upgrader is not None
+                if not await migrator.step(upgrader, self.close_after_next_response):
+                    migrating = False
+                    log.info("connection handover stopped; the rest drain the safe way")
+                    self.start(server)
+                    for conn in migrator.tracked:
+                        if conn.transport is not None and not conn.transport.is_reading():
+                            conn.transport.resume_reading()
             # Poll: aiohttp has no "connection closed" hook for a server.
             try:
-                async with asyncio.timeout(min(0.02, max(0.0, deadline - loop.time()))):
+                interval = 0.01 if migrating else 0.02
+                async with asyncio.timeout(min(interval, max(0.0, deadline - loop.time()))):
                     await self._forced.wait()
             except TimeoutError:
                 pass
@@ -155,13 +186,17 @@ async def serve(app: web.Application, upgrader: Upgrader,
                 sockets: Mapping[str, Address], *,
                 drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
                 idle_after_drain: bool | None = None,
-                handle_signals: bool = True) -> int:
+                handle_signals: bool = True,
+                migrate_connections: bool = True) -> int:
     """Run ``app`` on the named ``sockets`` until replaced or stopped.
 
     Returns the process exit status: 0 after a clean handover or stop, 1 when
     this process was a successor whose predecessor abandoned the handover (it
     still drained what it had accepted). ``idle_after_drain`` defaults to True
-    in a Kruise slot (``SIDECARSET_VERSION`` set).
+    in a Kruise slot (``SIDECARSET_VERSION`` set). ``migrate_connections``
+    (on by default) hands idle keep-alive connections to the successor and
+    adopts the predecessor's (:mod:`hotswap.migrate`); off, or where aiohttp
+    does not allow it, they drain the safe way.
 
     Resource handling: every socket is owned by the sites (closed when they
     stop); the upgrader's control sockets are closed before returning, on
@@ -190,6 +225,9 @@ async def serve(app: web.Application, upgrader: Upgrader,
     if handle_signals:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, on_signal, signum)
+    migrator = Migrator() if migrate_connections and _migration_supported() else None
+    if migrator is not None:
+        upgrader.adopt_connections(migrator.adopt)
     try:
         role = await upgrader.start()
         if role in (Role.PASSIVE, Role.EMPTY):
@@ -201,7 +239,10 @@ async def serve(app: web.Application, upgrader: Upgrader,
         await runner.setup()
         try:
             for name, address in sockets.items():
-                await web.SockSite(runner, upgrader.listen(name, address)).start()
+                sock = upgrader.listen(name, address)
+                site: web.BaseSite = (migrator.site(runner, sock, name)
+                                      if migrator is not None else web.SockSite(runner, sock))
+                await site.start()
             try:
                 await upgrader.ready()
             except HandoverFailed as exc:
@@ -213,9 +254,15 @@ async def serve(app: web.Application, upgrader: Upgrader,
             for site in list(runner.sites):
                 await site.stop()
             assert runner.server is not None
-            drainer.start(runner.server)
+            migrating = migrator is not None and reason is ExitReason.TAKEN_OVER
+            drainer.start(runner.server, every_connection=not migrating)
             await upgrader.release()
-            cut = await drainer.drain(runner.server, drain_timeout)
+            cut = await drainer.drain(runner.server, drain_timeout,
+                                      migrator=migrator if migrating else None,
+                                      upgrader=upgrader)
+            if migrator is not None and migrator.moved:
+                log.info("%s: handed %d connection(s) over in %.1f ms", upgrader.name,
+                         migrator.moved, migrator.seconds * 1e3)
         finally:
             await runner.cleanup()
         await upgrader.close(cut=cut)

@@ -8,6 +8,7 @@ close-on-exec and non-blocking.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -113,7 +114,8 @@ def adopt_fd(fd: int, declared: SocketInfo) -> socket.socket:
             raise ListenerError(f"{declared.name}: descriptor is not a socket")
         sock = socket.socket(fileno=fd)
     except BaseException:
-        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.close(fd)
         raise
     try:
         validate(sock, declared)
@@ -122,6 +124,39 @@ def adopt_fd(fd: int, declared: SocketInfo) -> socket.socket:
     except BaseException:
         sock.close()
         raise
+    return sock
+
+
+def adopt_connection_fd(fd: int) -> socket.socket:
+    """Wrap a received descriptor that must be a connected TCP stream socket.
+
+    Ownership: on success the returned (non-blocking, close-on-exec) socket
+    owns ``fd``; on any error ``fd`` is closed before raising ListenerError.
+    """
+    try:
+        is_socket = stat.S_ISSOCK(os.fstat(fd).st_mode)
+        sock = socket.socket(fileno=fd) if is_socket else None
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        raise ListenerError(f"bad descriptor: {exc}") from exc
+    if sock is None:
+        os.close(fd)
+        raise ListenerError("descriptor is not a socket")
+    try:
+        if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET,
+                                                                  socket.AF_INET6):
+            raise ListenerError(f"not a TCP stream socket: {sock!r}")
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            raise ListenerError("a listening socket, not a connection")
+        sock.getpeername()
+        sock.set_inheritable(False)
+        sock.setblocking(False)
+    except (OSError, ListenerError) as exc:
+        sock.close()
+        if isinstance(exc, ListenerError):
+            raise
+        raise ListenerError(f"not a connected socket: {exc}") from exc
     return sock
 
 

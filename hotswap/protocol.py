@@ -32,6 +32,9 @@ A handover, as a sequence
                                               (stop accepting)
                                          <-- Released(pid)
                                               (drain)
+                                         <-- Connections(entries, fds)  x n
+                                              (idle keep-alive connections,
+                                               if the hello offered "connections")
                                          <-- Drained(pid, cut)
 
 Either outcome is in the vocabulary: the server may answer ``Refused`` instead
@@ -59,7 +62,7 @@ import os
 import struct
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, ClassVar, Final, NoReturn
 
@@ -342,6 +345,55 @@ class Sockets(Message):
 
 
 @dataclass(frozen=True, kw_only=True)
+class ConnInfo:
+    """An accepted connection handed over during the drain: which listener
+    accepted it, and its peer (for logs)."""
+
+    listener: str
+    peer: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"listener": self.listener, "peer": self.peer}
+
+    @classmethod
+    def from_json(cls, data: Any) -> ConnInfo:
+        if not isinstance(data, dict):
+            raise RemoteProtocolError("connection entry must be an object")
+        return cls(listener=_check(data, "listener", (str,)), peer=_check(data, "peer", (str,)))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Connections(Message):
+    """Idle keep-alive connections handed to the successor while the old side
+    drains (only to a successor whose hello announced ``"connections"``);
+    ``fds[i]`` is ``entries[i]``. The receiver owns the descriptors."""
+
+    TYPE: ClassVar[str] = "connections"
+    entries: tuple[ConnInfo, ...]
+    fds: tuple[int, ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        if not 1 <= len(self.entries) <= MAX_FDS_PER_FRAME:
+            raise LocalProtocolError(
+                f"a connections frame carries 1-{MAX_FDS_PER_FRAME} descriptors")
+
+    @property
+    def nfds(self) -> int:
+        return len(self.entries)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"entries": [entry.to_json() for entry in self.entries]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Connections:
+        entries = _check(data, "entries", (list,))
+        if not 1 <= len(entries) <= MAX_FDS_PER_FRAME:
+            raise RemoteProtocolError(
+                f"a connections frame carries 1-{MAX_FDS_PER_FRAME} descriptors")
+        return cls(entries=tuple(ConnInfo.from_json(item) for item in entries))
+
+
+@dataclass(frozen=True, kw_only=True)
 class Accepting(Message):
     """The successor adopted every socket and is accepting on all of them."""
 
@@ -420,7 +472,7 @@ class Drained(Message):
 MESSAGE_TYPES: Final[dict[str, type[Message]]] = {
     cls.TYPE: cls
     for cls in (Hello, StatusRequest, Status, Welcome, Refused, Sockets, Accepting,
-                Abort, Failed, Released, Drained)
+                Abort, Failed, Released, Connections, Drained)
 }
 
 _C, _S = Sender.CLIENT, Sender.SERVER
@@ -443,6 +495,7 @@ _TRANSITIONS: Final[dict[tuple[State, Sender, type[Message]], State]] = {
     # The server's deadline may fire while Accepting is in flight: the client
     # (already CONFIRMED) then reads Failed and must step down.
     (State.CONFIRMED, _S, Failed): State.FAILED,
+    (State.RELEASED, _S, Connections): State.RELEASED,
     (State.RELEASED, _S, Drained): State.DONE,
     # Crossing messages after the server gave up are ignored.
     (State.FAILED, _C, Accepting): State.FAILED,
@@ -543,8 +596,8 @@ class Connection:
         """
         if self.state is State.ERROR:
             raise LocalProtocolError("connection is in the error state")
-        if isinstance(message, Sockets) and len(message.fds) != message.nfds:
-            raise LocalProtocolError("sockets message needs one fd per entry")
+        if isinstance(message, Sockets | Connections) and len(message.fds) != message.nfds:
+            raise LocalProtocolError(f"{message.TYPE} message needs one fd per entry")
         try:
             new = self._next_state(self.our_role, message)
         except LookupError as exc:
@@ -607,8 +660,8 @@ class Connection:
             self._fail(f"{len(self._fds)} unexpected descriptor(s) "
                        f"with {message.TYPE!r}")
         self._apply(new, message)
-        if isinstance(message, Sockets):
-            return Sockets(entries=message.entries, fds=fds)
+        if isinstance(message, Sockets | Connections):
+            return replace(message, fds=fds)
         return message
 
     def _need_data(self) -> _NeedData:

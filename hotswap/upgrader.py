@@ -33,7 +33,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NoReturn
 
@@ -49,9 +49,12 @@ from .errors import (
 )
 from .kruise import Role
 from .protocol import (
+    MAX_FDS_PER_FRAME,
     PROTOCOL_VERSION,
     Abort,
     Accepting,
+    Connections,
+    ConnInfo,
     Drained,
     Failed,
     Hello,
@@ -169,6 +172,8 @@ class Upgrader:
         self._exit: asyncio.Future[ExitReason] | None = None
         self._stop_requested = False
         self._handover_times: tuple[float, float] | None = None
+        self._adopter: Callable[[str, socket.socket], None] | None = None
+        self._successor_caps: frozenset[str] = frozenset()
         self._set_title()
 
     # ------------------------------------------------------------- lifecycle
@@ -273,6 +278,54 @@ class Upgrader:
                           State.TAKING_OVER):
             # TAKING_OVER: ready() will abort rather than confirm.
             self._finish(ExitReason.STOP_REQUESTED)
+
+    def adopt_connections(self, adopter: Callable[[str, socket.socket], None]) -> None:
+        """Offer to take the predecessor's idle keep-alive connections.
+
+        Call before :meth:`start`: the hello then announces the
+        ``"connections"`` capability. While the predecessor drains,
+        ``adopter(listener_name, sock)`` is called for each connection handed
+        over: a connected, non-blocking TCP socket whose next request has not
+        been read by anyone. Ownership of ``sock`` passes to the adopter; if
+        it raises, the socket is closed.
+        """
+        if self._exit is not None:
+            raise HotswapError("adopt_connections() must come before start()")
+        self._adopter = adopter
+
+    @property
+    def can_hand_over_connections(self) -> bool:
+        """True while draining after a handover to a successor that offered
+        to adopt connections."""
+        return (self.state is State.DRAINING and self._successor is not None
+                and not self._successor.closed and "connections" in self._successor_caps)
+
+    async def hand_over_connections(self, conns: Sequence[tuple[str, int, str]]) -> int:
+        """Send ``(listener name, fd, peer)`` connections to the successor, in
+        frames of at most 253. Returns how many were sent (a prefix of
+        ``conns``); after a failure the rest were not, and the channel to the
+        successor is closed. The caller keeps ownership of every fd it passed
+        (the successor got its own copies) and closes them.
+        """
+        sent = 0
+        channel = self._successor
+        if not self.can_hand_over_connections or channel is None:
+            return 0
+        for i in range(0, len(conns), MAX_FDS_PER_FRAME):
+            chunk = conns[i:i + MAX_FDS_PER_FRAME]
+            message = Connections(entries=tuple(ConnInfo(listener=name, peer=peer)
+                                                for name, _, peer in chunk),
+                                  fds=tuple(fd for _, fd, _ in chunk))
+            try:
+                await channel.send(message, timeout=self.options.message_timeout)
+            except HotswapError as exc:
+                log.warning("%s: handing connections over failed after %d: %s",
+                            self.name, sent, exc)
+                channel.close()
+                self._successor = None
+                return sent
+            sent += len(chunk)
+        return sent
 
     async def release(self) -> None:
         """Say that this process has stopped accepting.
@@ -407,7 +460,8 @@ class Upgrader:
         opts = self.options
         self._set_state(State.TAKING_OVER)
         hello = Hello(pid=self.pid, version=self.version, rank=self.versions.rank,
-                      token=opts.token)
+                      token=opts.token,
+                      capabilities=("connections",) if self._adopter else ())
         reply = await channel.request(hello, timeout=opts.message_timeout)
         if isinstance(reply, Refused):
             self._set_state(State.STARTING)
@@ -508,17 +562,49 @@ class Upgrader:
         raise HandoverFailed(reason)
 
     async def _watch_predecessor(self, channel: Channel) -> None:
+        """Follow the predecessor's drain: adopt the connections it hands
+        over, until Drained, EOF or the deadline."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.options.predecessor_drain_timeout
+        adopted = 0
         try:
-            message = await channel.receive(timeout=self.options.predecessor_drain_timeout)
-            if isinstance(message, Drained):
-                log.info("%s: predecessor pid %d drained (%d cut)", self.name,
-                         message.pid, message.cut)
+            while True:
+                message = await channel.receive(timeout=max(0.0, deadline - loop.time()))
+                if isinstance(message, Connections):
+                    adopted += self._adopt_connections(message)
+                    continue
+                if isinstance(message, Drained):
+                    log.info("%s: predecessor pid %d drained (%d cut, %d connection(s) "
+                             "adopted)", self.name, message.pid, message.cut, adopted)
+                break
         except HotswapError as exc:
             log.info("%s: predecessor gone (%s)", self.name, exc)
         finally:
             channel.close()
             self._predecessor_channel = None
             self._predecessor = "gone"
+
+    def _adopt_connections(self, message: Connections) -> int:
+        adopted = 0
+        for entry, fd in zip(message.entries, message.fds, strict=True):
+            try:
+                sock = listeners.adopt_connection_fd(fd)
+            except ListenerError as exc:
+                log.warning("%s: not adopting connection from %s: %s", self.name,
+                            entry.peer, exc)
+                continue
+            if self._adopter is None:
+                sock.close()
+                continue
+            try:
+                self._adopter(entry.listener, sock)
+            except Exception as exc:  # noqa: BLE001 - the app's callback; we own sock again
+                log.warning("%s: adopting connection from %s failed: %s", self.name,
+                            entry.peer, exc)
+                sock.close()
+                continue
+            adopted += 1
+        return adopted
 
     # ----------------------------------------------------- old side (server)
 
@@ -633,6 +719,7 @@ class Upgrader:
             return False
         # Committed: the successor is accepting on every socket.
         self._handover_times = (hello_at, time.time())
+        self._successor_caps = frozenset(hello.capabilities)
         log.info("%s: pid %d confirmed; stopping accepting", self.name, hello.pid)
         self._successor = channel
         await self._stop_control()

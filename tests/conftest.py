@@ -146,11 +146,11 @@ class Load:
     100 ms busybox client and new-connection clients; nothing retries."""
 
     def __init__(self, procs: Procs, port: int, *, keepalive: int, fresh: int,
-                 interval: float, duration: float) -> None:
+                 interval: float, duration: float, busybox: int = 1) -> None:
         self.out = procs.tmp / f"load-{uuid.uuid4().hex[:6]}.json"
         self.proc = procs.spawn("load", [PY, str(LOADGEN), "--port", str(port),
                                          "--keepalive", str(keepalive),
-                                         "--fresh", str(fresh), "--busybox", "1",
+                                         "--fresh", str(fresh), "--busybox", str(busybox),
                                          "--pace", str(interval),
                                          "--duration", str(duration), "--no-records",
                                          "--out", str(self.out)])
@@ -170,9 +170,9 @@ class Load:
 @pytest.fixture
 def load(procs: Procs) -> Callable[..., Load]:
     def start(port: int, *, keepalive: int = 4, fresh: int = 2, interval: float = 0.002,
-              duration: float = 60.0) -> Load:
+              duration: float = 60.0, busybox: int = 1) -> Load:
         return Load(procs, port, keepalive=keepalive, fresh=fresh, interval=interval,
-                    duration=duration)
+                    duration=duration, busybox=busybox)
     return start
 
 

@@ -45,6 +45,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         default=float(env.get("HOTSWAP_HANDOVER_TIMEOUT", "30")))
     parser.add_argument("--delay", type=float, default=float(env.get("SIDECAR_DELAY", "0")),
                         help="seconds each request takes (to show in-flight draining)")
+    parser.add_argument("--no-migrate", action="store_true",
+                        default=env.get("HOTSWAP_MIGRATE") == "0",
+                        help="do not hand idle keep-alive connections to the successor "
+                             "(they drain with Connection: close instead)")
     parser.add_argument("--fail-start", choices=("kill", "hang"),
                         default=env.get("SIDECAR_FAIL_START") or None,
                         help="after taking the sockets and before confirming, "
@@ -84,7 +88,8 @@ async def run(args: argparse.Namespace) -> int:
             logging.error("--fail-start hang: not confirming until SIGTERM")
             await upgrader.wait_exit()
     return await hotswap.aiohttp.serve(app, upgrader, {"http": (args.host, args.port)},
-                                       drain_timeout=args.drain_timeout)
+                                       drain_timeout=args.drain_timeout,
+                                       migrate_connections=not args.no_migrate)
 
 
 def main() -> int:

@@ -1,0 +1,222 @@
+"""Handing idle keep-alive connections to the successor (aiohttp).
+
+Closing an idle keep-alive connection races a client that is sending on it at
+that very moment; telling it ``Connection: close`` on its next response avoids
+that, but the client still has to reconnect. Migration goes further: while the
+old process drains, each HTTP/1.1 connection that sits at a request boundary
+is paused, its descriptor sent to the successor over the control channel
+(``Connections`` frames, at most 253 descriptors each) and adopted by the
+successor's server, which reads the next request from the same TCP connection.
+The client notices nothing.
+
+*At a request boundary* means: no request in progress, none parsed and
+queued, and nothing of a next request read into user space. aiohttp's parser
+keeps partial requests where we cannot see them, so every connection is
+watched from its first byte by a thin protocol in front of aiohttp's
+(:class:`Tracked`), which remembers the last four bytes received: a
+connection is at a boundary only if nothing was received yet, or the last
+bytes received end a header block (``\\r\\n\\r\\n``) and the request they
+belong to has been answered. A connection whose request has a body, or whose
+client pipelines, may never look like that: it drains the safe way (its next
+response says ``Connection: close``). A connection busy with a request whose
+body has arrived is paused at once (its next request waits in the kernel, not
+in our buffer), so it reaches the boundary when its response is sent and
+is handed over then.
+
+Ownership: after a frame is sent the old side closes its copy of each
+descriptor (``close()``, never ``shutdown()``: the socket lives on in the
+successor); a connection whose transfer fails is resumed and drains the safe
+way. The successor owns what it receives and closes anything it cannot adopt.
+TLS connections are never migrated (their session state cannot move): they
+drain the safe way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from typing import Any, cast
+
+from aiohttp import web
+
+from .upgrader import Upgrader
+
+log = logging.getLogger("hotswap")
+
+BOUNDARY = b"\r\n\r\n"
+
+
+def supported() -> bool:
+    """Does this aiohttp expose what migration reads (aiohttp 3.x)?"""
+    slots = set(getattr(web.RequestHandler, "__slots__", ()))
+    return {"_waiter", "_messages", "_current_request", "_request_factory"} <= slots
+
+
+class Tracked(asyncio.Protocol):
+    """aiohttp's RequestHandler behind a forwarding protocol that remembers
+    the last bytes received (one slice per read: the only per-request cost)."""
+
+    __slots__ = ("handler", "listener", "migrator", "tail", "transport")
+
+    def __init__(self, handler: web.RequestHandler, listener: str,
+                 migrator: Migrator) -> None:
+        self.handler = handler
+        self.listener = listener
+        self.migrator = migrator
+        self.tail = b""
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        self.migrator.tracked.add(self)
+        self.handler.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.tail = (self.tail + data[-4:])[-4:]
+        self.handler.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        self.handler.eof_received()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.migrator.tracked.discard(self)
+        self.handler.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.handler.resume_writing()
+
+    # -- state, read from aiohttp's handler (see supported()) --------------
+
+    def at_boundary(self) -> bool:
+        return self.tail in (b"", BOUNDARY)
+
+    def idle(self) -> bool:
+        handler: Any = self.handler
+        waiter = handler._waiter
+        return (waiter is not None and not waiter.done() and not handler._messages
+                and handler._current_request is None)
+
+    def busy_with_body_read(self) -> bool:
+        request = self.handler._current_request
+        return request is not None and request.content.is_eof()
+
+
+class TrackedSite(web.SockSite):
+    """A ``SockSite`` whose connections are :class:`Tracked`."""
+
+    def __init__(self, runner: web.BaseRunner, sock: socket.socket, listener: str,
+                 migrator: Migrator) -> None:
+        super().__init__(runner, sock)
+        self._listener = listener
+        self._migrator = migrator
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registers the site with the runner
+        loop = asyncio.get_running_loop()
+        server = self._runner.server
+        assert server is not None
+        self._server = await loop.create_server(
+            lambda: Tracked(server(), self._listener, self._migrator),
+            sock=self._sock, backlog=self._backlog)
+
+
+class Migrator:
+    """Tracks the connections of one aiohttp server; hands idle ones over
+    (old side) and adopts handed-over ones (new side)."""
+
+    def __init__(self) -> None:
+        self.tracked: set[Tracked] = set()
+        self.runner: web.BaseRunner | None = None
+        self._adoptions: set[asyncio.Task[None]] = set()
+        self.moved = 0
+        self.seconds = 0.0
+
+    def site(self, runner: web.BaseRunner, sock: socket.socket, listener: str) -> TrackedSite:
+        self.runner = runner
+        return TrackedSite(runner, sock, listener, self)
+
+    # ------------------------------------------------------------ new side
+
+    def adopt(self, listener: str, sock: socket.socket) -> None:
+        """The upgrader's adopter: serve ``sock`` like a freshly accepted
+        connection of ``listener``. Takes ownership of ``sock``."""
+        runner = self.runner
+        if runner is None or runner.server is None:
+            raise RuntimeError("no server to adopt connections into yet")
+        server = runner.server
+        loop = asyncio.get_running_loop()
+
+        async def attach() -> None:
+            try:
+                await loop.connect_accepted_socket(
+                    lambda: Tracked(server(), listener, self), sock)
+            except OSError as exc:
+                log.warning("adopting a connection failed: %s", exc)
+                sock.close()
+
+        task = asyncio.create_task(attach())
+        self._adoptions.add(task)
+        task.add_done_callback(self._adoptions.discard)
+
+    # ------------------------------------------------------------ old side
+
+    async def step(self, upgrader: Upgrader,
+                   close_after_next_response: Callable[[web.RequestHandler], None]) -> bool:
+        """One round: pause busy connections whose request has been read,
+        hand every connection at a request boundary to the successor, and
+        send the rest the safe way. Returns False once migration is not
+        possible (no successor that adopts, or the channel broke)."""
+        if not upgrader.can_hand_over_connections:
+            return False
+        started = time.perf_counter()
+        ready: list[Tracked] = []
+        for conn in list(self.tracked):
+            transport = conn.transport
+            if transport is None or transport.is_closing():
+                continue
+            if conn.idle():
+                if conn.at_boundary():
+                    transport.pause_reading()
+                    ready.append(conn)
+                else:
+                    close_after_next_response(conn.handler)
+            elif conn.at_boundary() and conn.busy_with_body_read() \
+                    and transport.is_reading():
+                # Keep its next request in the kernel: at the end of this
+                # response it is at a boundary, and moves next round.
+                transport.pause_reading()
+        if not ready:
+            return True
+        items: list[tuple[str, int, str]] = []
+        for conn in ready:
+            assert conn.transport is not None
+            raw = conn.transport.get_extra_info("socket")
+            peer = conn.transport.get_extra_info("peername")
+            items.append((conn.listener, os.dup(raw.fileno()), str(peer)))
+        try:
+            sent = await upgrader.hand_over_connections(items)
+        finally:
+            for _, fd, _ in items:
+                os.close(fd)
+        for i, conn in enumerate(ready):
+            assert conn.transport is not None
+            if i < sent:
+                self.tracked.discard(conn)
+                conn.transport.close()  # our descriptor only; the socket lives on
+            else:
+                conn.transport.resume_reading()
+                close_after_next_response(conn.handler)
+        self.moved += sent
+        self.seconds += time.perf_counter() - started
+        if sent:
+            log.info("handed %d idle connection(s) to the successor", sent)
+        return sent == len(ready)
