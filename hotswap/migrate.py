@@ -43,6 +43,7 @@ from typing import Any, cast
 
 from aiohttp import web
 
+from .protocol import MAX_FDS_PER_FRAME
 from .upgrader import Upgrader
 
 log = logging.getLogger("hotswap")
@@ -58,16 +59,20 @@ def supported() -> bool:
 
 class Tracked(asyncio.Protocol):
     """aiohttp's RequestHandler behind a forwarding protocol that remembers
-    the last bytes received (one slice per read: the only per-request cost)."""
+    whether the last read ended a header block (one ``endswith`` per read: the
+    only per-request cost)."""
 
-    __slots__ = ("handler", "listener", "migrator", "tail", "transport")
+    __slots__ = ("_feed", "boundary", "handler", "listener", "migrator", "transport")
 
     def __init__(self, handler: web.RequestHandler, listener: str,
                  migrator: Migrator) -> None:
         self.handler = handler
         self.listener = listener
         self.migrator = migrator
-        self.tail = b""
+        # Nothing received yet, or the last read ended a header block. A
+        # block's end split across two reads reads as False: conservative.
+        self.boundary = True
+        self._feed = handler.data_received
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -77,8 +82,8 @@ class Tracked(asyncio.Protocol):
         self.handler.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
-        self.tail = (self.tail + data[-4:])[-4:]
-        self.handler.data_received(data)
+        self.boundary = data.endswith(BOUNDARY)
+        self._feed(data)
 
     def eof_received(self) -> bool | None:
         self.handler.eof_received()
@@ -97,7 +102,7 @@ class Tracked(asyncio.Protocol):
     # -- state, read from aiohttp's handler (see supported()) --------------
 
     def at_boundary(self) -> bool:
-        return self.tail in (b"", BOUNDARY)
+        return self.boundary
 
     def idle(self) -> bool:
         handler: Any = self.handler
@@ -196,8 +201,29 @@ class Migrator:
                 transport.pause_reading()
         if not ready:
             return True
+        # A frame's worth at a time: dup, send, close, so the old process
+        # never holds two descriptors for more than 253 connections.
+        moved = 0
+        for i in range(0, len(ready), MAX_FDS_PER_FRAME):
+            batch = ready[i:i + MAX_FDS_PER_FRAME]
+            sent = await self._send(upgrader, batch, close_after_next_response)
+            moved += sent
+            if sent < len(batch):
+                for conn in ready[i + MAX_FDS_PER_FRAME:]:
+                    assert conn.transport is not None
+                    conn.transport.resume_reading()
+                    close_after_next_response(conn.handler)
+                break
+        self.moved += moved
+        self.seconds += time.perf_counter() - started
+        if moved:
+            log.info("handed %d idle connection(s) to the successor", moved)
+        return moved == len(ready)
+
+    async def _send(self, upgrader: Upgrader, batch: list[Tracked],
+                    close_after_next_response: Callable[[web.RequestHandler], None]) -> int:
         items: list[tuple[str, int, str]] = []
-        for conn in ready:
+        for conn in batch:
             assert conn.transport is not None
             raw = conn.transport.get_extra_info("socket")
             peer = conn.transport.get_extra_info("peername")
@@ -207,7 +233,7 @@ class Migrator:
         finally:
             for _, fd, _ in items:
                 os.close(fd)
-        for i, conn in enumerate(ready):
+        for i, conn in enumerate(batch):
             assert conn.transport is not None
             if i < sent:
                 self.tracked.discard(conn)
@@ -215,8 +241,4 @@ class Migrator:
             else:
                 conn.transport.resume_reading()
                 close_after_next_response(conn.handler)
-        self.moved += sent
-        self.seconds += time.perf_counter() - started
-        if sent:
-            log.info("handed %d idle connection(s) to the successor", sent)
-        return sent == len(ready)
+        return sent
