@@ -341,6 +341,51 @@ def listener_scaling(repeats: int) -> dict[str, Any]:
     return result
 
 
+# --------------------------------------------- scaling with idle connections
+
+MOVED_RE = re.compile(r"handed (\d+) connection\(s\) over in ([\d.]+) ms")
+
+
+def connection_scaling(procs: Procs, counts: list[int]) -> dict[str, Any]:
+    """Hand N idle keep-alive connections from v1 to v2; time the old side's
+    work (pause, dup, send, close: the sum of its migration rounds) and check
+    that every connection's next request is answered by v2."""
+    result: dict[str, Any] = {}
+    for count in counts:
+        port = free_port()
+        name = f"conns-{uuid.uuid4().hex[:8]}"
+        argv = [PY, str(SIDECAR), "--port", str(port), "--name", name,
+                "--drain-timeout", "60"]
+        v1, v1_log = procs.start(f"conns-v1-{count}", [*argv, "--version", "v1"])
+        wait_answering(port, "v1")
+        out = procs.tmp / f"idle-{count}.json"
+        clients, clients_log = procs.start(f"idle-{count}", [
+            PY, str(ROOT / "bench/idle_clients.py"), "--port", str(port), "--count",
+            str(count), "--out", str(out)])
+        deadline = time.monotonic() + 120
+        while b"ready" not in clients_log.read_bytes():
+            if time.monotonic() > deadline or clients.poll() is not None:
+                raise RuntimeError(f"idle clients not ready: {clients_log.read_text()}")
+            time.sleep(0.05)
+        v2, _ = procs.start(f"conns-v2-{count}", [*argv, "--version", "v2"])
+        match = None
+        while match is None:
+            if time.monotonic() > deadline or v1.poll() not in (None, 0):
+                raise RuntimeError(f"v1 did not hand over: {v1_log.read_text()[-2000:]}")
+            match = MOVED_RE.search(v1_log.read_text())
+            time.sleep(0.05)
+        clients.send_signal(signal.SIGUSR1)
+        clients.wait(timeout=120)
+        answers = json.loads(out.read_text())
+        procs.stop(v1)
+        procs.stop(v2)
+        result[str(count)] = {"moved": int(match.group(1)), "ms": float(match.group(2)),
+                              "next_request": answers["second"]}
+        say(f"handed {match.group(1)} idle connection(s) over in {match.group(2)} ms; "
+            f"next requests: {answers['second']}")
+    return result
+
+
 # --------------------------------------------------------------------- output
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -416,6 +461,11 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", "| listeners | handover median (ms) | min | max |", "|---|---|---|---|"]
     for n, v in report["listeners"].items():
         lines.append(f"| {n} | {v['median_ms']:.2f} | {v['min_ms']:.2f} | {v['max_ms']:.2f} |")
+    lines += ["", "| idle keep-alive connections | handed over | old side's time (ms) "
+              "| next request on each answered by |", "|---|---|---|---|"]
+    for n, v in report["connections"].items():
+        answered = ", ".join(f"{k} {c}" for k, c in sorted(v["next_request"].items()))
+        lines.append(f"| {n} | {v['moved']} | {v['ms']:.1f} | {answered} |")
     lines += ["", "Definitions: the switch is the successor's confirmation (hotswap) or the "
               "moment the old process is told to stop (the others). A switch window runs from "
               f"{WINDOW_BEFORE} s before the switch to {WINDOW_AFTER} s after it; the start-up "
@@ -441,6 +491,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--wrk-seconds", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--connections", type=int, nargs="*", default=[100, 1000, 10000])
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -458,6 +509,8 @@ def main() -> int:
         tp = throughput(procs, args)
         say("handover time against the number of listeners")
         scaling = listener_scaling(args.repeats)
+        say("handing over idle keep-alive connections")
+        moved = connection_scaling(procs, args.connections)
     finally:
         procs.kill_all()
     report = {
@@ -471,6 +524,7 @@ def main() -> int:
                        for r in strategies],
         "throughput": tp,
         "listeners": scaling,
+        "connections": moved,
     }
     (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     table = markdown(report)

@@ -8,7 +8,7 @@ import socket
 from typing import Any
 
 import pytest
-from conftest import Procs, port_of, serving, wait_for
+from conftest import Procs, port_of, serving, status, wait_for
 
 
 def get(sock: socket.socket) -> bytes:
@@ -28,7 +28,8 @@ def test_the_same_connection_is_answered_by_each_successor(procs: Procs, name: s
     the next request on the same connection (same local port, no reconnect)
     is answered by the new version, without Connection: close."""
     v1 = procs.sidecar(name, "v1")
-    port = port_of(wait_for(serving(name, "v1"), 15, "v1 serving"))
+    st = wait_for(serving(name, "v1"), 15, "v1 serving")
+    port, baseline = port_of(st), st.num_fds
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     local = sock.getsockname()
     assert b"version(v1)" in get(sock)
@@ -44,6 +45,9 @@ def test_the_same_connection_is_answered_by_each_successor(procs: Procs, name: s
         previous = new
     assert procs.logs().count("handed 1 idle connection(s) to the successor") == 2
     sock.close()
+    # The adopted connection's descriptor goes when the client closes it.
+    wait_for(lambda: (s := status(name)) is not None and s.num_fds == baseline, 10,
+             f"v3 back to {baseline} descriptors")
     previous.send_signal(signal.SIGTERM)
     assert previous.wait(timeout=15) == 0
 
