@@ -83,9 +83,16 @@ OPENED: Counter[str] = Counter()  # connections opened, by client
 
 
 async def client(name: str, port: int, persistent: bool, interval: float, timeout: float,
-                 stop: asyncio.Event, records: list[list[object]]) -> None:
+                 stop: asyncio.Event, records: list[list[object]], offset: float = 0.0) -> None:
     """One client until ``stop``: never retries; a persistent one reconnects
-    only after ``Connection: close`` or a failure."""
+    only after ``Connection: close`` or a failure. Paced clients start
+    ``offset`` seconds late, so that they do not all ask at the same moment."""
+    if offset:
+        try:
+            async with asyncio.timeout(offset):
+                await stop.wait()
+        except TimeoutError:
+            pass
     conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
     served = 0  # requests answered on the current connection
     while not stop.is_set():
@@ -141,7 +148,8 @@ async def main(args: argparse.Namespace) -> list[list[object]]:
     clients = [("ka", True, args.pace, args.keepalive), ("bb", True, 0.1, args.busybox),
                ("new", False, args.pace, args.fresh)]
     tasks = [asyncio.create_task(client(f"{kind}{i}", args.port, persistent, interval,
-                                        args.timeout, stop, records))
+                                        args.timeout, stop, records,
+                                        offset=interval * i / count))
              for kind, persistent, interval, count in clients for i in range(count)]
     try:
         async with asyncio.timeout(args.duration):

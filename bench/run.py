@@ -386,6 +386,56 @@ def connection_scaling(procs: Procs, counts: list[int]) -> dict[str, Any]:
     return result
 
 
+def wait_settled(name: str, version: str, timeout: float = 30) -> None:
+    """Until ``version`` serves ``name`` and its predecessor has drained."""
+    import hotswap.control
+    address = hotswap.control.control_address(name)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            st = asyncio.run(hotswap.control.query_status(address, timeout=2))
+        except (OSError, hotswap.HotswapError):
+            st = None
+        if st and st.version == version and st.predecessor in ("none", "gone"):
+            return
+        time.sleep(0.02)
+    raise RuntimeError(f"{version} did not settle within {timeout}s")
+
+
+def idle_keepalive(procs: Procs, clients: int = 32) -> dict[str, Any]:
+    """Keep-alive clients idling 1 s between requests (longer than the 0.5 s
+    drain deadline), never reconnecting unless told, never retrying; three
+    upgrades, with connection handover on and off."""
+    result: dict[str, Any] = {}
+    for migrate in (True, False):
+        port = free_port()
+        name = f"idle-{uuid.uuid4().hex[:8]}"
+        argv = [PY, str(SIDECAR), "--port", str(port), "--name", name,
+                "--drain-timeout", "0.5", *(() if migrate else ("--no-migrate",))]
+        current, _ = procs.start("idle-v1", [*argv, "--version", "v1"])
+        wait_answering(port, "v1")
+        out = procs.tmp / f"idle-load-{migrate}.json"
+        load, _ = procs.start("idle-load", [
+            PY, str(LOADGEN), "--port", str(port), "--keepalive", str(clients),
+            "--busybox", "0", "--fresh", "0", "--pace", "1.0", "--duration", "6",
+            "--no-records", "--out", str(out)])
+        time.sleep(1.5)  # every client has its connection and is idling
+        for n in (2, 3, 4):
+            new, _ = procs.start(f"idle-v{n}", [*argv, "--version", f"v{n}"])
+            wait_settled(name, f"v{n}")
+            procs.stop(current)
+            current = new
+        load.wait(timeout=60)
+        procs.stop(current)
+        summary = json.loads(out.read_text())["summary"]
+        key = "on" if migrate else "off"
+        result[key] = {"requests": summary["requests"], "failed": summary["failed"],
+                       "failures": summary["failures"],
+                       "connections": sum(summary["connections"].values())}
+        say(f"idle keep-alive clients, handover {key}: {result[key]}")
+    return result
+
+
 # --------------------------------------------------------------------- output
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -466,6 +516,13 @@ def markdown(report: dict[str, Any]) -> str:
     for n, v in report["connections"].items():
         answered = ", ".join(f"{k} {c}" for k, c in sorted(v["next_request"].items()))
         lines.append(f"| {n} | {v['moved']} | {v['ms']:.1f} | {answered} |")
+    idle = report["idle_keepalive"]
+    lines += ["", "Keep-alive clients that idle 1 s between requests (longer than the 0.5 s "
+              "drain deadline), never reconnect unless told, never retry; 32 of them, 3 "
+              "upgrades: "
+              + "; ".join(f"connection handover {k}: {v['requests']} requests, {v['failed']} "
+                          f"failed {v['failures'] or ''}, {v['connections']} connections opened"
+                          for k, v in idle.items()) + "."]
     lines += ["", "Definitions: the switch is the successor's confirmation (hotswap) or the "
               "moment the old process is told to stop (the others). A switch window runs from "
               f"{WINDOW_BEFORE} s before the switch to {WINDOW_AFTER} s after it; the start-up "
@@ -511,6 +568,7 @@ def main() -> int:
         scaling = listener_scaling(args.repeats)
         say("handing over idle keep-alive connections")
         moved = connection_scaling(procs, args.connections)
+        idle = idle_keepalive(procs)
     finally:
         procs.kill_all()
     report = {
@@ -525,6 +583,7 @@ def main() -> int:
         "throughput": tp,
         "listeners": scaling,
         "connections": moved,
+        "idle_keepalive": idle,
     }
     (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     table = markdown(report)

@@ -15,7 +15,9 @@ Every message is one frame: a 4-byte big-endian length ``N`` (1 <= N <=
 ``"type"`` names the message. Descriptors ride with exactly one frame
 (:class:`Sockets`), attached with SCM_RIGHTS to that frame's first byte, at most
 :data:`MAX_FDS_PER_FRAME` of them, and are named by the frame's entries in
-order -- never positional across frames. The receiver keeps a FIFO of arrived
+order -- never positional across frames (:class:`Sockets` for listeners,
+:class:`Connections` for keep-alive connections handed over while the old
+side drains). The receiver keeps a FIFO of arrived
 descriptors; a frame that needs more than have arrived, or descriptors that
 belong to no frame, are a :class:`~hotswap.errors.RemoteProtocolError`.
 

@@ -21,6 +21,8 @@ from hotswap.protocol import (
     Abort,
     Accepting,
     Connection,
+    Connections,
+    ConnInfo,
     Drained,
     Failed,
     Hello,
@@ -86,9 +88,25 @@ def test_full_handover_sequence() -> None:
     assert p.client.state is State.ADOPTING
     p.send(p.client, Accepting())
     p.send(p.server, Released(pid=1))
+    conns = tuple(ConnInfo(listener="http", peer=f"127.0.0.1:{i}") for i in range(2))
+    event = p.send(p.server, Connections(entries=conns, fds=(50, 51)))
+    assert isinstance(event, Connections) and event.fds == (50, 51)
     p.send(p.server, Drained(pid=1, cut=0))
     assert p.client.state is State.DONE
     assert p.closed == []
+
+
+def test_connections_only_while_the_old_side_drains() -> None:
+    p = Pair()
+    frame_ = Connections(entries=(ConnInfo(listener="http", peer="x"),), fds=(7,))
+    with pytest.raises(LocalProtocolError):
+        p.server.send(frame_)
+    p.send(p.client, Hello(pid=2, version="v2"))
+    p.send(p.server, Welcome(pid=1, version="v1", count=1))
+    p.send(p.server, Sockets(entries=(info(1),), fds=(3,)))
+    with pytest.raises(LocalProtocolError):  # not before the release
+        p.server.send(frame_)
+    assert p.server.state is State.ADOPTING
 
 
 def test_status_conversation() -> None:
@@ -255,6 +273,7 @@ def test_roundtrip_every_message_type() -> None:
         StatusRequest(), Welcome(pid=1, version="v", count=2, generation=1),
         Refused(code="busy", reason="r"), Sockets(entries=(info(1),)), Accepting(),
         Abort(reason="r"), Failed(reason="r"), Released(pid=1), Drained(pid=1, cut=2),
+        Connections(entries=(ConnInfo(listener="http", peer="127.0.0.1:5"),)),
         Status(name="n", pid=1, version="v", rank=None, state="serving",
                predecessor="none", generation=0, listeners=(info(2),)),
     ]
@@ -287,7 +306,7 @@ def test_arbitrary_bytes_never_crash_or_leak(data: bytes, fds: list[int]) -> Non
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.sampled_from(["hello", "status-request", "welcome", "sockets",
                                  "accepting", "abort", "failed", "released",
-                                 "drained", "refused"]), max_size=8))
+                                 "connections", "drained", "refused"]), max_size=8))
 def test_random_message_orders_from_a_client(order: list[str]) -> None:
     """The server side accepts only what the table allows; an illegal order is
     a RemoteProtocolError and leaves the state ERROR."""
@@ -299,6 +318,7 @@ def test_random_message_orders_from_a_client(order: list[str]) -> None:
         "accepting": encode(Accepting()), "abort": encode(Abort(reason="x")),
         "failed": encode(Failed(reason="x")), "released": encode(Released(pid=1)),
         "drained": encode(Drained(pid=1)),
+        "connections": encode(Connections(entries=(ConnInfo(listener="h", peer="p"),))),
         "refused": encode(Refused(code="x", reason="y")),
     }
     server = Connection(Sender.SERVER, close_fd=lambda fd: None)
