@@ -550,18 +550,26 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--connections", type=int, nargs="*", default=[100, 1000, 10000])
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--strategies", nargs="*",
+                        default=["hotswap", "naive-restart", "reuseport-overlap"])
+    parser.add_argument("--quick", action="store_true",
+                        help="strategies only (no throughput or scaling runs)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     procs = Procs(Path(tempfile.mkdtemp(prefix="hotswap-bench-")))
     try:
         strategies = []
-        for name in ("hotswap", "naive-restart", "reuseport-overlap"):
+        for name in args.strategies:
             say(f"strategy {name}: {args.upgrades} upgrades every {args.interval}s under load")
             result = run_strategy(name, procs, args)
             plot(result, args.out / f"timeline-{name}.png")
             strategies.append(result)
             say(f"{name}: {result['requests']} requests, {result['failed']} failed "
                 f"{result['failures']}")
+        if args.quick:
+            for result in strategies:
+                print({k: v for k, v in result.items() if not k.startswith("_")})
+            return 0
         say("throughput with and without hotswap")
         tp = throughput(procs, args)
         say("handover time against the number of listeners")

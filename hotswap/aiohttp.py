@@ -166,7 +166,10 @@ class Drainer:
                             conn.transport.resume_reading()
             # Poll: aiohttp has no "connection closed" hook for a server.
             try:
-                interval = 0.01 if migrating else 0.02
+                # A paused connection's next request waits in the kernel until
+                # it moves: look again soon while any is waiting.
+                interval = (0.001 if migrator is not None and migrator.pending else 0.01) \
+                    if migrating else 0.02
                 async with asyncio.timeout(min(interval, max(0.0, deadline - loop.time()))):
                     await self._forced.wait()
             except TimeoutError:

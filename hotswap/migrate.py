@@ -144,6 +144,7 @@ class Migrator:
         self._adoptions: set[asyncio.Task[None]] = set()
         self.moved = 0
         self.seconds = 0.0
+        self.pending = 0  # paused busy connections waiting for their response
 
     def site(self, runner: web.BaseRunner, sock: socket.socket, listener: str) -> TrackedSite:
         self.runner = runner
@@ -199,6 +200,10 @@ class Migrator:
                 # Keep its next request in the kernel: at the end of this
                 # response it is at a boundary, and moves next round.
                 transport.pause_reading()
+        self.pending = sum(1 for conn in self.tracked
+                           if conn.transport is not None and conn not in ready
+                           and not conn.transport.is_closing()
+                           and not conn.transport.is_reading())
         if not ready:
             return True
         # A frame's worth at a time: dup, send, close, so the old process
