@@ -88,3 +88,65 @@ def test_idle_connection_is_cut_at_the_deadline_and_counted() -> None:
         await runner.cleanup()
 
     asyncio.run(main())
+
+
+def test_failed_connection_transfer_drains_the_safe_way(caplog: pytest.LogCaptureFixture,
+                                                        ) -> None:
+    """Issue 6: when handing a connection to the successor fails (here the
+    successor's end of the channel is gone), the old side resumes it and its
+    next response says Connection: close: it is never dropped silently."""
+    import uuid
+
+    import hotswap
+    from hotswap.migrate import Migrator
+
+    name = f"d-{uuid.uuid4().hex[:10]}"
+
+    async def main() -> None:
+        async def hello(request: web.Request) -> web.Response:
+            return web.Response(text="hi")
+
+        app = web.Application()
+        app.router.add_get("/", hello)
+        old = hotswap.Upgrader(name, version="v1", options=hotswap.Options(env={}))
+        await old.start()
+        sock = old.listen("http", ("127.0.0.1", 0))
+        migrator = Migrator()
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = migrator.site(runner, sock, "http")
+        await site.start()
+        await old.ready()
+        reader, writer = await asyncio.open_connection(*sock.getsockname())
+        assert b"connection: close" not in await get(reader, writer)
+
+        new = hotswap.Upgrader(name, version="v2", options=hotswap.Options(env={}))
+        new.adopt_connections(lambda listener, conn: conn.close())
+        await new.start()
+        new.listen("http", ("127.0.0.1", 0))
+        confirmed = asyncio.create_task(new.ready())
+        assert await old.wait_exit() is hotswap.ExitReason.TAKEN_OVER
+        await site.stop()
+        assert runner.server is not None
+        drainer = Drainer()
+        drainer.start(runner.server, every_connection=False)
+        await old.release()
+        await confirmed
+        await new.close()  # the successor's end of the channel goes away
+        assert old.can_hand_over_connections  # the old side does not know yet
+        drain = asyncio.create_task(drainer.drain(runner.server, timeout=10,
+                                                  migrator=migrator, upgrader=old))
+        # The connection was resumed: its next request is served, and told to go.
+        second = await get(reader, writer)
+        assert b"connection: close" in second
+        assert await eof(reader) == b""
+        assert await drain == 0
+        assert migrator.moved == 0
+        writer.close()
+        await runner.cleanup()
+        await old.close()
+
+    with caplog.at_level("INFO", logger="hotswap"):
+        asyncio.run(main())
+    assert "handing connections over failed after 0" in caplog.text
+    assert "the rest drain the safe way" in caplog.text
