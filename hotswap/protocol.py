@@ -66,7 +66,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import Any, ClassVar, Final, NoReturn
+from typing import Any, ClassVar, Final, Generic, NoReturn, Self, TypeVar
 
 from .errors import LocalProtocolError, RemoteProtocolError
 
@@ -313,40 +313,6 @@ class Refused(Message):
 
 
 @dataclass(frozen=True, kw_only=True)
-class Sockets(Message):
-    """A chunk of named descriptors; ``fds[i]`` is ``entries[i]``.
-
-    ``fds`` is not part of the wire JSON: it is the SCM_RIGHTS payload. On a
-    received message the receiver owns the descriptors and must adopt or close
-    each of them.
-    """
-
-    TYPE: ClassVar[str] = "sockets"
-    entries: tuple[SocketInfo, ...]
-    fds: tuple[int, ...] = field(default=(), compare=False)
-
-    def __post_init__(self) -> None:
-        if not 1 <= len(self.entries) <= MAX_FDS_PER_FRAME:
-            raise LocalProtocolError(
-                f"a sockets frame carries 1-{MAX_FDS_PER_FRAME} descriptors")
-
-    @property
-    def nfds(self) -> int:
-        return len(self.entries)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"entries": [entry.to_json() for entry in self.entries]}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Sockets:
-        entries = _check(data, "entries", (list,))
-        if not 1 <= len(entries) <= MAX_FDS_PER_FRAME:
-            raise RemoteProtocolError(
-                f"a sockets frame carries 1-{MAX_FDS_PER_FRAME} descriptors")
-        return cls(entries=tuple(SocketInfo.from_json(item) for item in entries))
-
-
-@dataclass(frozen=True, kw_only=True)
 class ConnInfo:
     """An accepted connection handed over during the drain: which listener
     accepted it, and its peer (for logs)."""
@@ -364,20 +330,26 @@ class ConnInfo:
         return cls(listener=_check(data, "listener", (str,)), peer=_check(data, "peer", (str,)))
 
 
-@dataclass(frozen=True, kw_only=True)
-class Connections(Message):
-    """Idle keep-alive connections handed to the successor while the old side
-    drains (only to a successor whose hello announced ``"connections"``);
-    ``fds[i]`` is ``entries[i]``. The receiver owns the descriptors."""
+_Entry = TypeVar("_Entry", SocketInfo, ConnInfo)
 
-    TYPE: ClassVar[str] = "connections"
-    entries: tuple[ConnInfo, ...]
+
+@dataclass(frozen=True, kw_only=True)
+class _Descriptors(Message, Generic[_Entry]):
+    """A chunk of named descriptors; ``fds[i]`` is ``entries[i]``.
+
+    ``fds`` is not part of the wire JSON: it is the SCM_RIGHTS payload. On a
+    received message the receiver owns the descriptors and must adopt or close
+    each of them.
+    """
+
+    ENTRY: ClassVar[Any]
+    entries: tuple[_Entry, ...]
     fds: tuple[int, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.entries) <= MAX_FDS_PER_FRAME:
             raise LocalProtocolError(
-                f"a connections frame carries 1-{MAX_FDS_PER_FRAME} descriptors")
+                f"a {self.TYPE} frame carries 1-{MAX_FDS_PER_FRAME} descriptors")
 
     @property
     def nfds(self) -> int:
@@ -387,12 +359,29 @@ class Connections(Message):
         return {"entries": [entry.to_json() for entry in self.entries]}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Connections:
+    def from_json(cls, data: dict[str, Any]) -> Self:
         entries = _check(data, "entries", (list,))
         if not 1 <= len(entries) <= MAX_FDS_PER_FRAME:
             raise RemoteProtocolError(
-                f"a connections frame carries 1-{MAX_FDS_PER_FRAME} descriptors")
-        return cls(entries=tuple(ConnInfo.from_json(item) for item in entries))
+                f"a {cls.TYPE} frame carries 1-{MAX_FDS_PER_FRAME} descriptors")
+        return cls(entries=tuple(cls.ENTRY.from_json(item) for item in entries))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Sockets(_Descriptors[SocketInfo]):
+    """Listening sockets (and the control socket) for the successor."""
+
+    TYPE: ClassVar[str] = "sockets"
+    ENTRY: ClassVar[Any] = SocketInfo
+
+
+@dataclass(frozen=True, kw_only=True)
+class Connections(_Descriptors[ConnInfo]):
+    """Idle keep-alive connections handed to the successor while the old side
+    drains (only to a successor whose hello announced ``"connections"``)."""
+
+    TYPE: ClassVar[str] = "connections"
+    ENTRY: ClassVar[Any] = ConnInfo
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -598,7 +587,7 @@ class Connection:
         """
         if self.state is State.ERROR:
             raise LocalProtocolError("connection is in the error state")
-        if isinstance(message, Sockets | Connections) and len(message.fds) != message.nfds:
+        if isinstance(message, _Descriptors) and len(message.fds) != message.nfds:
             raise LocalProtocolError(f"{message.TYPE} message needs one fd per entry")
         try:
             new = self._next_state(self.our_role, message)
@@ -662,7 +651,7 @@ class Connection:
             self._fail(f"{len(self._fds)} unexpected descriptor(s) "
                        f"with {message.TYPE!r}")
         self._apply(new, message)
-        if isinstance(message, Sockets | Connections):
+        if isinstance(message, _Descriptors):
             return replace(message, fds=fds)
         return message
 

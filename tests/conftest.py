@@ -55,6 +55,23 @@ def status(name: str, timeout: float = 2.0) -> Status | None:
         return None
 
 
+def read_response(sock: socket.socket) -> bytes:
+    """One response of the sample sidecar (its body ends with "sidecar");
+    fails on EOF. The socket's own timeout bounds each read."""
+    data = b""
+    while b"sidecar" not in data:
+        chunk = sock.recv(4096)
+        assert chunk, f"connection closed after {data!r}"
+        data += chunk
+    return data
+
+
+def http_get(sock: socket.socket) -> bytes:
+    """GET /serve on an open connection; the whole response."""
+    sock.sendall(b"GET /serve HTTP/1.1\r\nHost: x\r\n\r\n")
+    return read_response(sock)
+
+
 def free_port() -> int:
     """A port that is free now (for tests where a fresh bind must find the
     same port again)."""

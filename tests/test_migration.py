@@ -8,19 +8,7 @@ import socket
 from typing import Any
 
 import pytest
-from conftest import Procs, port_of, serving, status, wait_for
-
-
-def get(sock: socket.socket) -> bytes:
-    """One request on ``sock``; the whole response (the sample's body ends
-    with "sidecar"). Fails on EOF; the socket's timeout bounds each read."""
-    sock.sendall(b"GET /serve HTTP/1.1\r\nHost: x\r\n\r\n")
-    data = b""
-    while b"sidecar" not in data:
-        chunk = sock.recv(4096)
-        assert chunk, f"connection closed after {data!r}"
-        data += chunk
-    return data
+from conftest import Procs, http_get, port_of, serving, status, wait_for
 
 
 def test_the_same_connection_is_answered_by_each_successor(procs: Procs, name: str) -> None:
@@ -32,13 +20,13 @@ def test_the_same_connection_is_answered_by_each_successor(procs: Procs, name: s
     port, baseline = port_of(st), st.num_fds
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     local = sock.getsockname()
-    assert b"version(v1)" in get(sock)
+    assert b"version(v1)" in http_get(sock)
     previous = v1
     for version in ("v2", "v3"):
         new = procs.sidecar(name, version)
         wait_for(serving(name, version), 15, f"{version} serving, predecessor drained")
         assert previous.wait(timeout=15) == 0
-        reply = get(sock)
+        reply = http_get(sock)
         assert f"version({version})".encode() in reply, reply
         assert b"Connection: close" not in reply
         assert sock.getsockname() == local

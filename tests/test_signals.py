@@ -8,25 +8,13 @@ import socket
 import time
 from typing import Any
 
-from conftest import Procs, port_of, serving, wait_for
-
-
-def read_response(sock: socket.socket) -> bytes:
-    """One response (the sample's body ends with "sidecar"); fails on EOF.
-    The socket's own timeout bounds each read."""
-    data = b""
-    while b"sidecar" not in data:
-        chunk = sock.recv(4096)
-        assert chunk, f"connection closed after {data!r}"
-        data += chunk
-    return data
+from conftest import Procs, http_get, port_of, read_response, serving, wait_for
 
 
 def keepalive_request(port: int) -> tuple[socket.socket, bytes]:
     """Open a connection, make one request, keep the connection (idle)."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    sock.sendall(b"GET /serve HTTP/1.1\r\nHost: x\r\n\r\n")
-    return sock, read_response(sock)
+    return sock, http_get(sock)
 
 
 def test_sigterm_drains_within_the_deadline(procs: Procs, name: str) -> None:
