@@ -16,8 +16,10 @@
 4. Tell the successor (``Released``): it is now the only acceptor.
 5. Wait until every connection has closed, or the drain deadline
    (``drain_timeout``, default 25 s to fit Kubernetes' 30 s grace period).
-6. At the deadline, close what is left and log each connection cut.
-7. ``AppRunner.cleanup()`` (now finds nothing to cut), tell the successor
+6. At the deadline, cut the idle connections that are left, and log each; a
+   connection still busy with a request is told ``Connection: close`` on its
+   response instead, and gets the runner's shutdown grace (1 s) to send it.
+7. ``AppRunner.cleanup()`` (cuts whatever is left after that grace), tell the successor
    (``Drained``), and return. In a Kruise slot (``SIDECARSET_VERSION`` set) the
    process then idles without sockets until SIGTERM, since exiting would make
    the kubelet restart the container.
@@ -146,7 +148,8 @@ class Drainer:
         handing idle keep-alive connections to the successor meanwhile when a
         ``migrator`` and ``upgrader`` are given and the successor adopts them.
 
-        Returns how many were cut at the deadline (each is logged).
+        Returns how many were cut at the deadline (each is logged; see
+        :meth:`_deadline`).
         """
         migrating = (migrator is not None and upgrader is not None
                      and upgrader.can_hand_over_connections)
@@ -174,12 +177,30 @@ class Drainer:
                     await self._forced.wait()
             except TimeoutError:
                 pass
+        return self._deadline(server, migrator)
+
+    def _deadline(self, server: web.Server, migrator: Migrator | None) -> int:
+        """What is left at the deadline: idle connections are cut; one busy
+        with a request is told ``Connection: close`` on its response and gets
+        the runner's shutdown grace to send it (a forced drain cuts it too).
+        Returns how many were cut; each is logged."""
+        if migrator is not None:
+            for conn in migrator.tracked:  # a paused one's next request is waiting
+                if conn.transport is not None and not conn.transport.is_closing() \
+                        and not conn.transport.is_reading():
+                    conn.transport.resume_reading()
         cut = 0
         for handler in server.connections:
             transport = handler.transport
             peer = transport.get_extra_info("peername") if transport else None
-            busy = "busy" if getattr(handler, "_request_in_progress", False) else "idle"
-            log.warning("drain deadline: cutting %s connection from %s", busy, peer)
+            busy = getattr(handler, "_request_in_progress", False)
+            if busy and not self._forced.is_set():
+                log.warning("drain deadline: connection from %s is busy; its response "
+                            "says Connection: close", peer)
+                self.close_after_next_response(handler)
+                continue
+            log.warning("drain deadline: cutting %s connection from %s",
+                        "busy" if busy else "idle", peer)
             handler.force_close()
             cut += 1
         return cut

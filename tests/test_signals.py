@@ -73,3 +73,19 @@ def test_sigterm_during_a_handover_loses_nothing(procs: Procs, name: str, load: 
     assert result["failed"] == 0, result
     v2.send_signal(signal.SIGTERM)
     assert v2.wait(timeout=15) == 0
+
+
+def test_busy_at_the_deadline_gets_its_response(procs: Procs, name: str) -> None:
+    """Issue 6 / invariant 5: a request still running at the drain deadline is
+    not cut: its response says Connection: close and is sent within the
+    runner's 1 s shutdown grace."""
+    v1 = procs.sidecar(name, "v1", args=("--drain-timeout", "1", "--delay", "1.6"))
+    port = port_of(wait_for(serving(name, "v1"), 15, "v1 serving"))
+    busy, _ = keepalive_request(port)  # accepted: it has been answered once
+    busy.sendall(b"GET /serve HTTP/1.1\r\nHost: x\r\n\r\n")  # 1.6 s in flight
+    v1.send_signal(signal.SIGTERM)
+    reply = read_response(busy)
+    assert b"200 OK" in reply and b"Connection: close" in reply
+    assert v1.wait(timeout=10) == 0
+    assert "is busy; its response says Connection: close" in procs.logs()
+    busy.close()
