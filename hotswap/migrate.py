@@ -185,6 +185,7 @@ class Migrator:
             return False
         started = time.perf_counter()
         ready: list[Tracked] = []
+        pending = 0
         for conn in list(self.tracked):
             transport = conn.transport
             if transport is None or transport.is_closing():
@@ -195,15 +196,13 @@ class Migrator:
                     ready.append(conn)
                 else:
                     close_after_next_response(conn.handler)
-            elif conn.at_boundary() and conn.busy_with_body_read() \
-                    and transport.is_reading():
+            elif conn.at_boundary() and conn.busy_with_body_read():
                 # Keep its next request in the kernel: at the end of this
                 # response it is at a boundary, and moves next round.
-                transport.pause_reading()
-        self.pending = sum(1 for conn in self.tracked
-                           if conn.transport is not None and conn not in ready
-                           and not conn.transport.is_closing()
-                           and not conn.transport.is_reading())
+                if transport.is_reading():
+                    transport.pause_reading()
+                pending += 1
+        self.pending = pending
         if not ready:
             return True
         # A frame's worth at a time: dup, send, close, so the old process
