@@ -20,6 +20,8 @@ Invariants (each is tested; see the README's guarantees table):
 8. The listening control socket travels with the others.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     BrokenResourceError,
     ClosedResourceError,
@@ -33,9 +35,24 @@ from .errors import (
     RemoteProtocolError,
 )
 from .kruise import Role
-from .upgrader import ExitReason, Options, State, Upgrader
+
+if TYPE_CHECKING:
+    from .upgrader import ExitReason, Options, State, Upgrader
 
 __version__ = "0.1.0"
+
+_LAZY = {"ExitReason", "Options", "State", "Upgrader"}
+
+
+def __getattr__(name: str) -> Any:
+    # The upgrader (asyncio, psutil, prctl) is loaded on first use, so that
+    # `python -m hotswap` -- the PostStart hook and the readiness probe, run on
+    # every upgrade -- starts without it.
+    if name in _LAZY:
+        from . import upgrader
+
+        return getattr(upgrader, name)
+    raise AttributeError(f"module 'hotswap' has no attribute {name!r}")
 
 __all__ = [
     "BrokenResourceError",

@@ -15,10 +15,10 @@ Exit status: 0 success, 1 the condition failed or timed out, 2 usage error.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 
 from . import control, kruise
@@ -41,10 +41,10 @@ def _describe(status: Status) -> str:
             f"listeners {listeners}, fds {status.num_fds}")
 
 
-async def _status(args: argparse.Namespace) -> int:
+def _status(args: argparse.Namespace) -> int:
     address = _address(args)
     try:
-        status = await control.query_status(address, timeout=args.timeout)
+        status = control.status_blocking(address, timeout=args.timeout)
     except (OSError, HotswapError) as exc:
         print(f"hotswap: no answer from {address}: {exc}", file=sys.stderr)
         return 1
@@ -76,17 +76,16 @@ def _verdict(status: Status, rank: int | None, version: str | None) -> tuple[boo
     return False, False, f"not ours yet: {_describe(status)}"
 
 
-async def _wait_ready(args: argparse.Namespace) -> int:
+def _wait_ready(args: argparse.Namespace) -> int:
     rank, version = _target(args)
     want = f"sidecarset version {rank}" if rank is not None else f"version {version}"
     address = _address(args)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + args.timeout
+    deadline = time.monotonic() + args.timeout
     last = "no answer yet"
     while True:
-        remaining = max(0.1, deadline - loop.time())
+        remaining = max(0.1, deadline - time.monotonic())
         try:
-            status = await control.query_status(address, timeout=min(remaining, 2.0))
+            status = control.status_blocking(address, timeout=min(remaining, 2.0))
         except HandoverRefused as exc:
             print(f"hotswap: {address} refused us: {exc}", file=sys.stderr)
             return 1
@@ -100,14 +99,14 @@ async def _wait_ready(args: argparse.Namespace) -> int:
             if hopeless:
                 print(f"hotswap: {want} will not serve: {last}", file=sys.stderr)
                 return 1
-        if loop.time() >= deadline:
+        if time.monotonic() >= deadline:
             print(f"hotswap: {want} timed out after {args.timeout:g}s; last: {last}",
                   file=sys.stderr)
             return 1
-        await asyncio.sleep(_POLL)
+        time.sleep(min(_POLL, max(0.0, deadline - time.monotonic())))
 
 
-async def _probe(args: argparse.Namespace) -> int:
+def _probe(args: argparse.Namespace) -> int:
     """Readiness of *this* slot: ready if it is the empty image, if its
     version serves, or if a newer version has superseded it (the old slot
     between migration and reset must not make the pod NotReady). Not ready if
@@ -119,7 +118,7 @@ async def _probe(args: argparse.Namespace) -> int:
     rank, version = _target(args)
     address = _address(args)
     try:
-        status = await control.query_status(address, timeout=args.timeout)
+        status = control.status_blocking(address, timeout=args.timeout)
     except (OSError, HotswapError) as exc:
         print(f"hotswap: not ready: no answer from {address}: {exc}", file=sys.stderr)
         return 1
@@ -165,10 +164,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "status":
-            return asyncio.run(_status(args))
+            return _status(args)
         if args.command == "probe":
-            return asyncio.run(_probe(args))
-        return asyncio.run(_wait_ready(args))
+            return _probe(args)
+        return _wait_ready(args)
     except (HotswapError, ValueError) as exc:
         print(f"hotswap: {exc}", file=sys.stderr)
         return 2

@@ -9,13 +9,18 @@ instead; it is created owner-only (0600).
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import errno
 import socket
+import time
 
-from .errors import HandoverRefused, RemoteProtocolError
-from .protocol import Refused, Sender, Status, StatusRequest
-from .transport import Channel
+from .errors import BrokenResourceError, HandoverRefused, HandoverTimeout, RemoteProtocolError
+from .fdio import recv_some
+from .protocol import NEED_DATA, Connection, Message, Refused, Sender, Status, StatusRequest
+
+# asyncio is imported inside the async functions: the CLI (a PostStart hook and
+# a readiness probe, started on every upgrade) uses the blocking client below
+# and starts twice as fast without it.
 
 CONTROL_NAME = "hotswap.control"
 """The name under which the listening control socket travels."""
@@ -46,6 +51,8 @@ async def connect(address: str, *, timeout: float) -> socket.socket:
     Raises ConnectionRefusedError/FileNotFoundError (OSError) when nobody
     listens there, TimeoutError after ``timeout``.
     """
+    import asyncio
+
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.setblocking(False)
     try:
@@ -64,12 +71,59 @@ async def query_status(address: str, *, timeout: float = DEFAULT_TIMEOUT) -> Sta
     example another uid), HotswapError subclasses on a broken or garbled reply
     or a timeout.
     """
+    from .transport import Channel
+
     sock = await connect(address, timeout=timeout)
     channel = Channel(sock, Sender.CLIENT)
     try:
         reply = await channel.request(StatusRequest(), timeout=timeout)
     finally:
         channel.close()
+    if isinstance(reply, Refused):
+        raise HandoverRefused(reply.code, reply.reason)
+    if not isinstance(reply, Status):
+        raise RemoteProtocolError(f"expected a status, got {reply.TYPE!r}")
+    return reply
+
+
+def status_blocking(address: str, *, timeout: float = DEFAULT_TIMEOUT) -> Status:
+    """:func:`query_status` without an event loop (for the CLI): the same
+    sans-IO conversation over a blocking socket, all of it within ``timeout``.
+
+    Raises OSError if nobody listens, HandoverRefused if refused,
+    HandoverTimeout after ``timeout``, other HotswapErrors on a broken or
+    garbled reply.
+    """
+    deadline = time.monotonic() + timeout
+    conn = Connection(Sender.CLIENT)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(sockaddr(address))
+        # A refused peer may find the answer waiting even if its send broke.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(conn.send(StatusRequest()))
+        while True:
+            event = conn.next_event()
+            if event is not NEED_DATA:
+                assert isinstance(event, Message)
+                reply = event
+                break
+            if conn.at_eof:
+                raise BrokenResourceError("peer closed the control connection")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise HandoverTimeout(f"no status from {address} within {timeout:.1f}s")
+            sock.settimeout(remaining)
+            try:
+                data, fds = recv_some(sock)
+            except TimeoutError:
+                raise HandoverTimeout(
+                    f"no status from {address} within {timeout:.1f}s") from None
+            conn.receive_data(data, fds)
+    finally:
+        conn.close_fds()
+        sock.close()
     if isinstance(reply, Refused):
         raise HandoverRefused(reply.code, reply.reason)
     if not isinstance(reply, Status):

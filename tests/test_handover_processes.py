@@ -17,6 +17,7 @@ from conftest import Procs, port_of, serving, status, wait_for
 
 import hotswap
 import hotswap.control
+import hotswap.upgrader
 
 
 def test_v1_v2_v3_under_load_loses_nothing(procs: Procs, name: str, load) -> None:
@@ -141,7 +142,15 @@ def test_peer_with_another_uid_is_refused(procs: Procs, name: str) -> None:
             await upgrader.close()
         return "took over"
 
+    async def ask_status_blocking() -> str:  # the CLI's client, no event loop
+        try:
+            hotswap.control.status_blocking(address, timeout=5)
+        except hotswap.HandoverRefused as exc:
+            return f"refused {exc.code} {os.getuid()}"
+        return "answered"
+
     assert _as_uid(65534, ask_status) == "refused forbidden 65534"
+    assert _as_uid(65534, ask_status_blocking) == "refused forbidden 65534"
     assert _as_uid(65534, take_over) == "refused forbidden"
     st = status(name)
     assert st is not None and st.pid == v1.pid and st.state == "serving"

@@ -1,0 +1,91 @@
+"""Frames plus descriptors over a Unix stream socket, with no event loop.
+
+The only calls of ``sendmsg``/``recvmsg`` in hotswap. Used by the asyncio
+driver (:mod:`hotswap.transport`) and, blocking, by the CLI (which starts
+fast because it imports no event loop).
+
+Linux facts handled here:
+
+- at most 253 descriptors per ``sendmsg`` (``SCM_MAX_FD``): the protocol layer
+  chunks, this layer refuses more;
+- ``recvmsg`` with ``MSG_CMSG_CLOEXEC`` so received descriptors are never
+  inherited by a child we spawn;
+- ``MSG_CTRUNC`` (the kernel dropped descriptors that did not fit) is a
+  :class:`~hotswap.errors.BrokenResourceError`, raised after closing every
+  descriptor that did arrive.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import os
+import socket
+import struct
+from collections.abc import Sequence
+
+from .errors import BrokenResourceError
+from .protocol import MAX_FDS_PER_FRAME
+
+RECV_BUFSIZE = 64 * 1024
+_INT_SIZE = array.array("i").itemsize
+_CMSG_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_FRAME * _INT_SIZE)
+
+
+def close_fds(fds: Sequence[int]) -> None:
+    """Close each descriptor, ignoring ones that are already gone."""
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _parse_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(data) - (len(data) % _INT_SIZE)
+            fds.extend(array.array("i", data[:usable]))
+    return fds
+
+
+def recv_some(sock: socket.socket,
+              max_fds: int = MAX_FDS_PER_FRAME) -> tuple[bytes, list[int]]:
+    """One non-blocking ``recvmsg``: the bytes and the descriptors that came.
+
+    Returns ``(b"", [])`` at EOF. Raises BlockingIOError if nothing is ready.
+    On ``MSG_CTRUNC`` closes what arrived and raises BrokenResourceError.
+    The caller owns the returned descriptors. ``max_fds`` sizes the ancillary
+    buffer (one frame's worth by default).
+    """
+    space = _CMSG_SPACE if max_fds == MAX_FDS_PER_FRAME else socket.CMSG_SPACE(
+        max_fds * _INT_SIZE)
+    data, ancdata, flags, _ = sock.recvmsg(RECV_BUFSIZE, space, socket.MSG_CMSG_CLOEXEC)
+    fds = _parse_fds(ancdata)
+    if flags & socket.MSG_CTRUNC:
+        close_fds(fds)
+        raise BrokenResourceError(
+            f"control message truncated (MSG_CTRUNC): {len(fds)} descriptor(s) "
+            "arrived and were closed")
+    return data, fds
+
+
+def send_frame(sock: socket.socket, frame: bytes, fds: Sequence[int] = ()) -> int:
+    """One non-blocking ``sendmsg`` of ``frame`` with ``fds`` attached.
+
+    Returns how many bytes went out; the descriptors went with the first byte.
+    The caller keeps ownership of ``fds`` (the kernel duplicates them).
+    """
+    if len(fds) > MAX_FDS_PER_FRAME:
+        raise ValueError(f"at most {MAX_FDS_PER_FRAME} descriptors per sendmsg")
+    if not fds:
+        return sock.send(frame)
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+    return sock.sendmsg([frame], anc)
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """``(pid, uid, gid)`` of the peer from SO_PEERCRED (pid 0 across PID
+    namespaces)."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
