@@ -79,11 +79,7 @@ async def query_status(address: str, *, timeout: float = DEFAULT_TIMEOUT) -> Sta
         reply = await channel.request(StatusRequest(), timeout=timeout)
     finally:
         channel.close()
-    if isinstance(reply, Refused):
-        raise HandoverRefused(reply.code, reply.reason)
-    if not isinstance(reply, Status):
-        raise RemoteProtocolError(f"expected a status, got {reply.TYPE!r}")
-    return reply
+    return _as_status(reply)
 
 
 def status_blocking(address: str, *, timeout: float = DEFAULT_TIMEOUT) -> Status:
@@ -124,6 +120,11 @@ def status_blocking(address: str, *, timeout: float = DEFAULT_TIMEOUT) -> Status
     finally:
         conn.close_fds()
         sock.close()
+    return _as_status(reply)
+
+
+def _as_status(reply: Message) -> Status:
+    """The answer to a StatusRequest, or the error it stands for."""
     if isinstance(reply, Refused):
         raise HandoverRefused(reply.code, reply.reason)
     if not isinstance(reply, Status):
