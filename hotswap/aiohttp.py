@@ -206,12 +206,23 @@ class Drainer:
         return cut
 
 
+def _yield_cpu() -> None:
+    """Lowest CPU priority for the rest of this (calling) thread's life: on
+    Linux nice values are per thread and an unprivileged one never gets a
+    lower value back, which is fine for a process that is about to exit."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, 19)
+    except OSError as exc:  # a sandbox that forbids it: exit at normal priority
+        log.debug("could not lower the CPU priority: %s", exc)
+
+
 async def serve(app: web.Application, upgrader: Upgrader,
                 sockets: Mapping[str, Address], *,
                 drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
                 idle_after_drain: bool | None = None,
                 handle_signals: bool = True,
-                migrate_connections: bool = True) -> int:
+                migrate_connections: bool = True,
+                yield_cpu_after_drain: bool = True) -> int:
     """Run ``app`` on the named ``sockets`` until replaced or stopped.
 
     Returns the process exit status: 0 after a clean handover or stop, 1 when
@@ -220,7 +231,11 @@ async def serve(app: web.Application, upgrader: Upgrader,
     in a Kruise slot (``SIDECARSET_VERSION`` set). ``migrate_connections``
     (on by default) hands idle keep-alive connections to the successor and
     adopts the predecessor's (:mod:`hotswap.migrate`); off, or where aiohttp
-    does not allow it, they drain the safe way.
+    does not allow it, they drain the safe way. ``yield_cpu_after_drain``
+    (on by default): once a process that was taken over has drained, it has
+    nothing left to serve, so its clean-up, its wait for SIGTERM and its exit
+    run at the lowest CPU priority (nice 19, this thread) instead of
+    competing with the successor for the CPU.
 
     Resource handling: every socket is owned by the sites (closed when they
     stop); the upgrader's control sockets are closed before returning, on
@@ -284,6 +299,8 @@ async def serve(app: web.Application, upgrader: Upgrader,
             cut = await drainer.drain(runner.server, drain_timeout,
                                       migrator=migrator if migrating else None,
                                       upgrader=upgrader)
+            if yield_cpu_after_drain and reason is ExitReason.TAKEN_OVER:
+                _yield_cpu()
             if migrator is not None and migrator.moved:
                 log.info("%s: handed %d connection(s) over in %.1f ms", upgrader.name,
                          migrator.moved, migrator.seconds * 1e3)

@@ -23,11 +23,17 @@ import os
 import signal
 import sys
 
-import uvloop
-from aiohttp import web
+import hotswap.startup
 
-import hotswap
-import hotswap.aiohttp
+# Taking over from a serving predecessor: load the heavy modules at idle CPU
+# priority so that the version still serving does not feel this start-up.
+IDLE_START = hotswap.startup.preload("uvloop", "aiohttp.web", "hotswap.aiohttp")
+
+import uvloop  # noqa: E402 -- loaded above
+from aiohttp import web  # noqa: E402
+
+import hotswap  # noqa: E402
+import hotswap.aiohttp  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -98,6 +104,8 @@ def main() -> int:
                         format=f"%(asctime)s {args.version} pid={os.getpid()} "
                                "%(levelname)s %(message)s")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    if IDLE_START:
+        logging.info("taking over: start-up modules were loaded at idle CPU priority")
     return uvloop.run(run(args))
 
 

@@ -1,0 +1,108 @@
+"""Start a successor without taking CPU from the version that serves.
+
+Most of a new version's start-up is importing its code (aiohttp alone is about
+a quarter of a second of CPU). While it starts, the old version is still
+serving every request; on a node whose cores are busy, the newcomer's imports
+compete with it and its latency doubles until the switch. :func:`preload` runs
+those imports in a helper thread at Linux's ``SCHED_IDLE`` priority: the thread
+only gets CPU that nobody else wants, so the serving process does not notice,
+and the start takes longer instead. Scheduling policy is per thread on Linux,
+so the calling thread keeps its normal priority (an unprivileged thread can
+lower its priority but never raise it back, which is why the work is done in a
+thread that then ends).
+
+Call it first thing, before importing the heavy modules::
+
+    import hotswap.startup
+    hotswap.startup.preload("aiohttp.web", "uvloop", "hotswap.aiohttp")
+
+    from aiohttp import web  # already imported: instant
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import threading
+from collections.abc import Mapping
+
+from .errors import HotswapError
+from .kruise import Role, detect
+
+log = logging.getLogger(__name__)
+
+IDLE_ENV = "HOTSWAP_IDLE_START"
+DEFAULT_TIMEOUT = 60.0
+
+
+def should_idle(env: Mapping[str, str] | None = None) -> bool:
+    """Whether a start-up should yield the CPU: ``HOTSWAP_IDLE_START=1`` or
+    ``0`` decides; otherwise yes exactly when Kruise says this slot takes over
+    from a serving predecessor (``SIDECARSET_VERSION > SIDECARSET_VERSION_ALT
+    > 0``). A fresh start has nobody to yield to and starts at full speed."""
+    env = os.environ if env is None else env
+    forced = env.get(IDLE_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    try:
+        return detect(env).role is Role.TAKEOVER
+    except HotswapError:  # a malformed version is the upgrader's to report
+        return False
+
+
+def preload(*modules: str, idle: bool | None = None,
+            timeout: float = DEFAULT_TIMEOUT) -> bool:
+    """Import ``modules`` (dotted names), at idle CPU priority if ``idle``.
+
+    ``idle=None`` asks :func:`should_idle`. The imports run in a helper thread
+    that sets ``SCHED_IDLE`` on itself and ends; the caller waits for it.
+    Returns True if the imports ran at idle priority, False if they ran
+    plainly in the calling thread (``idle`` false, or the platform refused
+    ``SCHED_IDLE``: not Linux, or a seccomp profile that forbids it).
+
+    Errors: the first import error is raised in the caller, as the import
+    itself would raise it. If the imports have not finished within
+    ``timeout`` seconds (a node whose CPUs never idle), raises
+    :class:`TimeoutError`; the helper is a daemon thread and does not keep the
+    process alive, so the caller can exit and the old version serves on.
+    """
+    if idle is None:
+        idle = should_idle()
+    policy = getattr(os, "SCHED_IDLE", None)
+    if not idle or policy is None:
+        _import_all(modules)
+        return False
+    outcome: dict[str, BaseException] = {}
+
+    def run() -> None:
+        try:
+            os.sched_setscheduler(0, policy, os.sched_param(0))
+        except OSError as exc:
+            outcome["refused"] = exc
+            return
+        try:
+            _import_all(modules)
+        except BaseException as exc:  # noqa: BLE001 -- re-raised in the caller
+            outcome["error"] = exc
+
+    helper = threading.Thread(target=run, name="hotswap-preload", daemon=True)
+    helper.start()
+    helper.join(timeout)
+    if helper.is_alive():
+        raise TimeoutError(f"hotswap: preloading {', '.join(modules)} at idle priority "
+                           f"took over {timeout:g}s (no idle CPU on this node?)")
+    refused = outcome.get("refused")
+    if isinstance(refused, OSError):
+        log.info("SCHED_IDLE refused (%s): importing at normal priority", refused)
+        _import_all(modules)
+        return False
+    error = outcome.get("error")
+    if isinstance(error, BaseException):
+        raise error
+    return True
+
+
+def _import_all(modules: tuple[str, ...]) -> None:
+    for name in modules:
+        importlib.import_module(name)

@@ -1,0 +1,136 @@
+"""Gentle start-up and step-aside: the successor loads at idle CPU priority,
+the old process yields the CPU once it has drained (hotswap.startup,
+hotswap.aiohttp.serve)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import Procs, serving, wait_for
+
+import hotswap.startup
+from hotswap.startup import preload, should_idle
+
+IDLE = 5  # SCHED_IDLE; os.SCHED_IDLE exists only on Linux
+
+
+@pytest.fixture
+def modules(tmp_path: Path) -> Iterator[Path]:
+    """A directory on sys.path for throw-away modules with unique names."""
+    sys.path.insert(0, str(tmp_path))
+    try:
+        yield tmp_path
+    finally:
+        sys.path.remove(str(tmp_path))
+
+
+def _module(where: Path, body: str) -> str:
+    name = f"hotswap_probe_{uuid.uuid4().hex[:10]}"
+    (where / f"{name}.py").write_text(body)
+    return name
+
+
+def test_should_idle_follows_kruise_roles_and_the_override() -> None:
+    assert should_idle({"SIDECARSET_VERSION": "2", "SIDECARSET_VERSION_ALT": "1"})
+    assert not should_idle({"SIDECARSET_VERSION": "1", "SIDECARSET_VERSION_ALT": "0"})
+    assert not should_idle({"SIDECARSET_VERSION": "1", "SIDECARSET_VERSION_ALT": "2"})
+    assert not should_idle({"SIDECARSET_VERSION": "0", "SIDECARSET_VERSION_ALT": "1"})
+    assert not should_idle({})
+    assert should_idle({"HOTSWAP_IDLE_START": "1"})
+    assert not should_idle({"HOTSWAP_IDLE_START": "0", "SIDECARSET_VERSION": "2",
+                            "SIDECARSET_VERSION_ALT": "1"})
+    # A malformed version is not start-up's error to raise (the upgrader reports it).
+    assert not should_idle({"SIDECARSET_VERSION": "two", "SIDECARSET_VERSION_ALT": "1"})
+
+
+def test_imports_run_at_idle_priority_off_the_calling_thread(modules: Path) -> None:
+    name = _module(modules, "import os, threading\n"
+                            "POLICY = os.sched_getscheduler(0)\n"
+                            "THREAD = threading.current_thread().name\n")
+    before = os.sched_getscheduler(0)
+    assert preload(name, idle=True) is True
+    probe = sys.modules[name]
+    assert probe.POLICY == IDLE, "the import ran at SCHED_IDLE"
+    assert probe.THREAD == "hotswap-preload"
+    assert os.sched_getscheduler(0) == before == os.SCHED_OTHER, \
+        "the calling thread keeps its priority"
+    assert not any(t.name == "hotswap-preload" for t in threading.enumerate())
+
+
+def test_not_idle_imports_in_the_calling_thread(modules: Path) -> None:
+    name = _module(modules, "import threading\nTHREAD = threading.current_thread().name\n")
+    assert preload(name, idle=False) is False
+    assert threading.current_thread().name == sys.modules[name].THREAD
+
+
+def test_an_import_error_is_raised_in_the_caller(modules: Path) -> None:
+    broken = _module(modules, "raise ValueError('broken at import')\n")
+    with pytest.raises(ValueError, match="broken at import"):
+        preload(broken, idle=True)
+    with pytest.raises(ModuleNotFoundError):
+        preload(f"hotswap_no_such_{uuid.uuid4().hex}", idle=True)
+
+
+def test_imports_that_do_not_finish_in_time_raise(modules: Path) -> None:
+    gate = _module(modules, "import threading\nOPEN = threading.Event()\n")
+    slow = _module(modules, f"import {gate}\n{gate}.OPEN.wait(30)\n")
+    opener = __import__(gate)
+    try:
+        with pytest.raises(TimeoutError, match="idle priority"):
+            preload(slow, idle=True, timeout=0.2)
+    finally:
+        opener.OPEN.set()
+    helper = next(t for t in threading.enumerate() if t.name == "hotswap-preload")
+    assert helper.daemon, "a stuck helper must not keep the process alive"
+    helper.join(10)
+    assert not helper.is_alive()
+
+
+def test_a_refused_sched_idle_falls_back_to_a_plain_import(
+        modules: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Mocked: this machine (root, no seccomp filter) always allows SCHED_IDLE;
+    # a container runtime's seccomp profile may refuse it with EPERM.
+    def refuse(*_: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(hotswap.startup.os, "sched_setscheduler", refuse)
+    name = _module(modules, "import threading\nTHREAD = threading.current_thread().name\n")
+    assert preload(name, idle=True) is False
+    assert threading.current_thread().name == sys.modules[name].THREAD
+
+
+def _policy(pid: int) -> int:
+    """The scheduling policy of a process's main thread (/proc stat field 41)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[38])
+
+
+def test_successor_loads_gently_and_the_drained_old_one_yields_the_cpu(
+        procs: Procs, name: str) -> None:
+    """The Kruise way: v2 (VERSION 2, ALT 1) loads its modules at idle priority
+    and then serves at normal priority; v1, drained and idle until Kruise
+    resets its slot, runs at nice 19 while v2 keeps nice 0."""
+    v1 = procs.sidecar(name, "v1", SIDECARSET_VERSION="1", SIDECARSET_VERSION_ALT="0")
+    wait_for(serving(name, "v1"), 15, "v1 serving")
+    assert psutil.Process(v1.pid).nice() == 0
+    v2 = procs.sidecar(name, "v2", SIDECARSET_VERSION="2", SIDECARSET_VERSION_ALT="1")
+    wait_for(serving(name, "v2"), 30, "v2 serving, v1 drained")
+    wait_for(lambda: "idle without sockets" in procs.logs(), 15, "v1 idle after its drain")
+    wait_for(lambda: psutil.Process(v1.pid).nice() == 19, 5, "v1 at nice 19")
+    assert v1.poll() is None, "v1 waits for its slot's reset"
+    assert psutil.Process(v2.pid).nice() == 0
+    assert _policy(v2.pid) == os.SCHED_OTHER, "v2 serves at normal priority"
+    logs = procs.logs()
+    assert logs.count("start-up modules were loaded at idle CPU priority") == 1, logs
+    v1.send_signal(signal.SIGTERM)
+    assert v1.wait(timeout=15) == 0
+    v2.send_signal(signal.SIGTERM)
+    assert v2.wait(timeout=15) == 0
