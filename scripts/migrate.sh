@@ -36,6 +36,13 @@ else
     cli="python3 -m hotswap"
 fi
 
+# The hook only waits: its own Python start-up should not take CPU from the
+# version serving meanwhile (the readiness probe, by contrast, keeps normal
+# priority: it must answer within its timeout).
+if command -v nice >/dev/null 2>&1; then
+    cli="nice -n 19 $cli"
+fi
+
 case "$alt" in
     ""|0) log "version ${version:-unset}: fresh start, waiting until it serves" ;;
     *)    log "version $version taking over from version $alt (timeout ${timeout}s)" ;;
