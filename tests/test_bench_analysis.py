@@ -31,6 +31,9 @@ def test_analyse_counts_failures_gaps_and_switch_times() -> None:
     # A 0.5 s outage with refused connections for new0 right after the switch.
     records = [r for r in records if not (r[2] == "new0" and 105.0 <= r[0] < 105.5)]
     records += [[105.0 + k * 0.05, 0.0001, "new0", "!refused"] for k in range(10)]
+    # Silences: 40 ms while the new process starts, 70 ms inside the switch window.
+    records = [r for r in records
+               if not (104.7 <= r[0] < 104.73 or 105.2 <= r[0] < 105.26)]
     result = analyse("synthetic", records,
                      [{"launched": 104.5, "switched": 105.0, "critical_ms": 2.0,
                        "version": 2}], steady_from=100.5)
@@ -40,5 +43,8 @@ def test_analyse_counts_failures_gaps_and_switch_times() -> None:
     assert abs(result["switch_s"]["keepalive_all"] - 0.021) < 1e-6
     assert abs(result["switch_s"]["new_connection"] - 0.501) < 1e-6
     assert abs(result["longest_gap_steady_ms"] - 10.0) < 0.5
+    assert abs(result["longest_gap_startup_ms"] - 40.0) < 0.5
+    assert abs(result["longest_gap_switch_ms"] - 70.0) < 0.5
+    assert abs(result["longest_gap_ms"] - 70.0) < 0.5
     assert result["critical_section_ms"] == {"median": 2.0, "max": 2.0}
     assert abs(result["latency_ms"]["steady"]["p50"] - 1.0) < 1e-6
