@@ -32,8 +32,8 @@ def test_analyse_counts_failures_gaps_and_switch_times() -> None:
     records = [r for r in records if not (r[2] == "new0" and 105.0 <= r[0] < 105.5)]
     records += [[105.0 + k * 0.05, 0.0001, "new0", "!refused"] for k in range(10)]
     # Silences: 40 ms while the new process starts, 70 ms inside the switch window.
-    records = [r for r in records
-               if not (104.7 <= r[0] < 104.73 or 105.2 <= r[0] < 105.26)]
+    records = [r for r in records if r[3].startswith("!")
+               or not (104.7 <= r[0] < 104.73 or 105.2 <= r[0] < 105.26)]
     result = analyse("synthetic", records,
                      [{"launched": 104.5, "switched": 105.0, "critical_ms": 2.0,
                        "version": 2}], steady_from=100.5)
