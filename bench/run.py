@@ -115,6 +115,87 @@ class Procs:
 
 # ------------------------------------------------------------------ strategies
 
+# Reference peers from Debian (optional): the same answer as the sample
+# sidecar, so the load generator sees which version answered.
+PEERS = {"nginx-reload": "nginx", "haproxy-reload": "haproxy"}
+
+NGINX_CONF = """worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log stderr notice;
+daemon off;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    keepalive_requests 10000000;
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            default_type text/plain;
+            return 200 "This is version({version}) sidecar";
+        }}
+    }}
+}}
+"""
+
+HAPROXY_CONF = """global
+    nbthread 1
+    stats socket {tmp}/haproxy.sock mode 600 level admin expose-fd listeners
+defaults
+    mode http
+    option http-keep-alive
+    timeout client 30s
+    timeout connect 5s
+    timeout server 30s
+frontend sidecar
+    bind 127.0.0.1:{port}
+    http-request return status 200 content-type text/plain \
+        string "This is version({version}) sidecar"
+"""
+
+
+def peer_binary(strategy: str) -> str | None:
+    name = PEERS[strategy]
+    return shutil.which(name) or next(
+        (p for p in (f"/usr/sbin/{name}", f"/usr/local/sbin/{name}") if os.access(p, os.X_OK)),
+        None)
+
+
+class Peer:
+    """nginx or HAProxy in master-worker mode, upgraded by its reload signal:
+    nginx SIGHUP (new workers, old ones finish gracefully), HAProxy SIGUSR2
+    (its default seamless reload: the new worker gets the listeners)."""
+
+    def __init__(self, strategy: str, procs: Procs, port: int) -> None:
+        self.strategy, self.procs, self.port = strategy, procs, port
+        self.binary = peer_binary(strategy)
+        assert self.binary is not None
+        self.dir = procs.tmp / strategy
+        self.dir.mkdir(exist_ok=True)
+        self.conf = self.dir / ("nginx.conf" if strategy == "nginx-reload" else "haproxy.cfg")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def write(self, version: str) -> None:
+        template = NGINX_CONF if self.strategy == "nginx-reload" else HAPROXY_CONF
+        self.conf.write_text(template.format(tmp=self.dir, port=self.port, version=version))
+
+    def start(self, version: str) -> subprocess.Popen[bytes]:
+        self.write(version)
+        assert self.binary is not None
+        argv = ([self.binary, "-p", f"{self.dir}/", "-c", str(self.conf), "-e", "stderr"]
+                if self.strategy == "nginx-reload"
+                else [self.binary, "-W", "-db", "-f", str(self.conf)])
+        self.proc, _ = self.procs.start(self.strategy, argv)
+        return self.proc
+
+    def reload(self, version: str) -> None:
+        assert self.proc is not None
+        self.write(version)
+        self.proc.send_signal(signal.SIGHUP if self.strategy == "nginx-reload"
+                              else signal.SIGUSR2)
+
+
 def run_strategy(name: str, procs: Procs, args: argparse.Namespace) -> dict[str, Any]:
     port = free_port()
     sidecar_name = f"bench-{uuid.uuid4().hex[:8]}"
@@ -131,7 +212,12 @@ def run_strategy(name: str, procs: Procs, args: argparse.Namespace) -> dict[str,
         return procs.start(f"{name}-v{n}", argv + (["--reuse-port"] if reuse else []))
 
     reuse = name == "reuseport-overlap"
-    current, current_log = (hotswap_start(1) if name == "hotswap" else plain_start(1, reuse))
+    peer = Peer(name, procs, port) if name in PEERS else None
+    if peer is not None:
+        current, current_log = peer.start("v1"), Path()
+    else:
+        current, current_log = (hotswap_start(1) if name == "hotswap"
+                                else plain_start(1, reuse))
     wait_answering(port, "v1")
     out = procs.tmp / f"load-{name}.json"
     duration = args.warmup + args.upgrades * args.interval + args.tail
@@ -166,6 +252,11 @@ def run_strategy(name: str, procs: Procs, args: argparse.Namespace) -> dict[str,
             switched = hello + float(match.group(2)) / 1e3
             critical = float(match.group(3))
             procs.stop(current)  # Kruise's reset of the old slot
+        elif peer is not None:
+            switched = launched
+            peer.reload(f"v{n}")
+            wait_answering(port, f"v{n}")
+            new, new_log, critical = current, current_log, float("nan")
         elif name == "naive-restart":
             switched = launched
             procs.stop(current)
@@ -505,6 +596,8 @@ def markdown(report: dict[str, Any]) -> str:
             + " / ".join(fmt(lat['startup'][k], 2) for k in ("p50", "p99", "p99.9")) + " | "
             + (f"{fmt(crit['median'], 2)} (max {fmt(crit['max'], 2)})" if crit else "-")
             + " |")
+    if report.get("skipped"):
+        lines += ["", "Skipped (not installed): " + ", ".join(report["skipped"]) + "."]
     tp = report["throughput"]
     lines.append("")
     if "skipped" in tp:
@@ -559,7 +652,8 @@ def main() -> int:
     parser.add_argument("--connections", type=int, nargs="*", default=[100, 1000, 10000])
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--strategies", nargs="*",
-                        default=["hotswap", "naive-restart", "reuseport-overlap"])
+                        default=["hotswap", "naive-restart", "reuseport-overlap",
+                                 *PEERS])
     parser.add_argument("--quick", action="store_true",
                         help="strategies only (no throughput or scaling runs)")
     args = parser.parse_args()
@@ -567,7 +661,12 @@ def main() -> int:
     procs = Procs(Path(tempfile.mkdtemp(prefix="hotswap-bench-")))
     try:
         strategies = []
+        skipped = []
         for name in args.strategies:
+            if name in PEERS and peer_binary(name) is None:
+                say(f"strategy {name}: skipped ({PEERS[name]} is not installed)")
+                skipped.append(name)
+                continue
             say(f"strategy {name}: {args.upgrades} upgrades every {args.interval}s under load")
             result = run_strategy(name, procs, args)
             plot(result, args.out / f"timeline-{name}.png")
@@ -596,6 +695,7 @@ def main() -> int:
                  f"{args.upgrades} upgrades {args.interval:g} s apart per strategy"),
         "strategies": [{k: v for k, v in r.items() if not k.startswith("_")}
                        for r in strategies],
+        "skipped": skipped,
         "throughput": tp,
         "listeners": scaling,
         "connections": moved,

@@ -18,13 +18,27 @@ if ! [ -e /usr/include/sys/capability.h ] || ! command -v gcc >/dev/null 2>&1; t
 fi
 
 if [ "${1:-}" = bench ]; then
-    # make bench: wrk (throughput) from Debian, matplotlib from PyPI.
-    if ! command -v wrk >/dev/null 2>&1; then
+    # make bench: wrk (throughput) and the reference peers nginx and HAProxy
+    # from Debian, matplotlib from PyPI. The peers' own services must not
+    # start (the bench runs its own, on 127.0.0.1 only): policy-rc.d says so
+    # for the install, if the machine has none.
+    missing=""
+    command -v wrk >/dev/null 2>&1 || missing="$missing wrk"
+    [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null 2>&1 || missing="$missing nginx-light"
+    [ -x /usr/sbin/haproxy ] || command -v haproxy >/dev/null 2>&1 || missing="$missing haproxy"
+    if [ -n "$missing" ]; then
         if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+            if [ ! -e /usr/sbin/policy-rc.d ]; then
+                printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+                chmod 755 /usr/sbin/policy-rc.d
+                trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+            fi
             apt-get update -qq
-            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null
+            # shellcheck disable=SC2086  # a list of package names
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+                $missing >/dev/null
         else
-            echo "bootstrap: install wrk for the throughput benchmark" >&2
+            echo "bootstrap: install$missing for the benchmark (those parts are skipped)" >&2
         fi
     fi
     .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev,bench]'
