@@ -20,6 +20,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import NoReturn
 
 from . import control, kruise
 from .errors import HandoverRefused, HotswapError
@@ -171,3 +172,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (HotswapError, ValueError) as exc:
         print(f"hotswap: {exc}", file=sys.stderr)
         return 2
+
+
+def run() -> NoReturn:
+    """The ``hotswap`` command: :func:`main`, then exit at once. The PostStart
+    hook's process ends at the moment the new version starts serving, when
+    CPU is scarcest; flushing stdout/stderr and ``os._exit`` skip the
+    interpreter's teardown, which has nothing to release here."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

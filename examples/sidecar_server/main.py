@@ -110,4 +110,12 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # serve() has closed every socket. Skip the interpreter's teardown (a full
+    # garbage collection and module clean-up, ~60 ms here at nice 19): a
+    # replaced process exits right after its successor took over, when the
+    # CPU is needed most. Flush what is buffered first.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
