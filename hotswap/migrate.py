@@ -110,9 +110,28 @@ class Tracked(asyncio.Protocol):
         return (waiter is not None and not waiter.done() and not handler._messages
                 and handler._current_request is None)
 
+    def between_requests(self) -> bool:
+        """Everything received is consumed and no request handler runs: the
+        moments around one (taken from the queue, its response being
+        finished, the loop back to waiting)."""
+        handler: Any = self.handler
+        return (self.boundary and handler._current_request is None
+                and not handler._messages)
+
     def busy_with_body_read(self) -> bool:
-        request = self.handler._current_request
-        return request is not None and request.content.is_eof()
+        """Busy, and every request received is complete: the one being
+        handled and any parsed and queued behind it (under load a request
+        often waits there for its handler to run). Pausing the reading then
+        holds only what comes next, in the kernel; never true while a body is
+        still arriving (pausing would stall that request)."""
+        handler: Any = self.handler
+        request = handler._current_request
+        if request is not None and not request.content.is_eof():
+            return False
+        queued = handler._messages
+        if request is None and not queued:
+            return False
+        return all(payload.is_eof() for _, payload in queued)
 
 
 class TrackedSite(web.SockSite):
@@ -144,7 +163,9 @@ class Migrator:
         self._adoptions: set[asyncio.Task[None]] = set()
         self.moved = 0
         self.seconds = 0.0
-        self.pending = 0  # paused busy connections waiting for their response
+        # Connections about to reach a boundary (paused busy ones waiting for
+        # their response, and ones between two requests): look again soon.
+        self.pending = 0
 
     def site(self, runner: web.BaseRunner, sock: socket.socket, listener: str) -> TrackedSite:
         self.runner = runner
@@ -201,6 +222,11 @@ class Migrator:
                 # response it is at a boundary, and moves next round.
                 if transport.is_reading():
                     transport.pause_reading()
+                pending += 1
+            elif conn.between_requests():
+                # Not provably safe to pause (the request just taken may
+                # still have a body to read), but a boundary is a loop
+                # iteration or two away: no 10 ms wait for it.
                 pending += 1
         self.pending = pending
         if not ready:
