@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .errors import HotswapError
 
@@ -40,9 +40,10 @@ class Role(enum.Enum):
     EMPTY = "empty"
 
 
-@dataclass(frozen=True)
-class Versions:
-    """The Kruise versions of this slot (``rank``) and the other (``alt``)."""
+class Versions(NamedTuple):
+    """The Kruise versions of this slot (``rank``) and the other (``alt``).
+    (A NamedTuple, not a dataclass: a successor reads it first thing, before
+    its heavy imports, and dataclasses costs ~7 ms of CPU to import.)"""
 
     rank: int | None
     alt: int | None

@@ -22,15 +22,12 @@ Call it first thing, before importing the heavy modules::
 from __future__ import annotations
 
 import importlib
-import logging
 import os
 import threading
 from collections.abc import Mapping
 
 from .errors import HotswapError
 from .kruise import Role, detect
-
-log = logging.getLogger(__name__)
 
 IDLE_ENV = "HOTSWAP_IDLE_START"
 DEFAULT_TIMEOUT = 60.0
@@ -94,7 +91,10 @@ def preload(*modules: str, idle: bool | None = None,
                            f"took over {timeout:g}s (no idle CPU on this node?)")
     refused = outcome.get("refused")
     if isinstance(refused, OSError):
-        log.info("SCHED_IDLE refused (%s): importing at normal priority", refused)
+        import logging  # not before: this module is imported first thing
+
+        logging.getLogger(__name__).info(
+            "SCHED_IDLE refused (%s): importing at normal priority", refused)
         _import_all(modules)
         return False
     error = outcome.get("error")

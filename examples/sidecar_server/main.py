@@ -16,20 +16,22 @@ images configure it.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import logging
-import os
-import signal
-import sys
-
 import hotswap.startup
 
-# Taking over from a serving predecessor: load the heavy modules at idle CPU
-# priority so that the version still serving does not feel this start-up.
-IDLE_START = hotswap.startup.preload("uvloop", "aiohttp.web", "hotswap.aiohttp")
+# Taking over from a serving predecessor: load the modules at idle CPU
+# priority (first thing, even the standard library's) so that the version
+# still serving does not feel this start-up.
+IDLE_START = hotswap.startup.preload("argparse", "asyncio", "logging", "signal", "uvloop",
+                                     "aiohttp.web", "hotswap.aiohttp")
 
-import uvloop  # noqa: E402 -- loaded above
+import argparse  # noqa: E402 -- loaded above
+import asyncio  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+
+import uvloop  # noqa: E402
 from aiohttp import web  # noqa: E402
 
 import hotswap  # noqa: E402
