@@ -58,6 +58,10 @@ def preload(*modules: str, idle: bool | None = None,
     plainly in the calling thread (``idle`` false, or the platform refused
     ``SCHED_IDLE``: not Linux, or a seccomp profile that forbids it).
 
+    The imports run in another thread: a module that must be imported in
+    the main thread (one that installs signal handlers as it loads, say)
+    does not belong in the list.
+
     Errors: the first import error is raised in the caller, as the import
     itself would raise it. If the imports have not finished within
     ``timeout`` seconds (a node whose CPUs never idle), raises
