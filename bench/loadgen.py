@@ -30,6 +30,7 @@ import gc
 import json
 import re
 import signal
+import sys
 import time
 from collections import Counter
 
@@ -121,8 +122,15 @@ async def client(name: str, port: int, persistent: bool, interval: float, timeou
             outcome = "!" + exc.kind
         except TimeoutError:
             outcome = "!timeout"
-        except OSError:
+        except ConnectionRefusedError:
+            outcome = "!refused"
+        except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError):
+            # e.g. while connecting: a listener closed with the connection
+            # still in its accept queue resets it.
+            outcome = "!reset"
+        except OSError as exc:
             outcome = "!other"
+            print(f"loadgen: {name}: {exc!r}", file=sys.stderr, flush=True)
         if outcome.startswith("!") and conn is not None:
             conn[1].close()
             conn = None
