@@ -137,6 +137,10 @@ class Pod:
         assert isinstance(image, dict)
         self.check(image["Image"] == EMPTY, f"sidecar-{slot} is on the empty image")
 
+    def logs(self, slot: int) -> str:
+        result = run(["docker", "logs", self.container(f"sidecar-{slot}")], check=False)
+        return result.stdout + result.stderr
+
     def serving(self, slot: int) -> dict[str, object]:
         result = run(["docker", "exec", self.container(f"sidecar-{slot}"), "hotswap",
                       "status", "--name", "sidecar", "--json"], check=False)
@@ -216,6 +220,10 @@ def main() -> int:
         switches.append(("v1 -> v2", now()))
         pod.switch(2, sidecar_image("v2"), "2", "1")
         pod.check(pod.hook(2) == 0, "migration to v2")
+        # As uid 10001 under the engine's default seccomp profile: SCHED_IDLE
+        # for the successor's imports must be allowed, not silently skipped.
+        pod.check("loaded at idle CPU priority" in pod.logs(2),
+                  "v2 loaded its modules at idle CPU priority")
         pod.reset(1, "2")
         time.sleep(args.dwell)
 
