@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import re
@@ -84,17 +85,20 @@ async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
 OPENED: Counter[str] = Counter()  # connections opened, by client
 
 
+async def wait_stop(stop: asyncio.Event, seconds: float) -> None:
+    """Until ``stop`` is set or ``seconds`` have passed, whichever is first."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await stop.wait()
+
+
 async def client(name: str, port: int, persistent: bool, interval: float, timeout: float,
                  stop: asyncio.Event, records: list[list[object]], offset: float = 0.0) -> None:
     """One client until ``stop``: never retries; a persistent one reconnects
     only after ``Connection: close`` or a failure. Paced clients start
     ``offset`` seconds late, so that they do not all ask at the same moment."""
     if offset:
-        try:
-            async with asyncio.timeout(offset):
-                await stop.wait()
-        except TimeoutError:
-            pass
+        await wait_stop(stop, offset)
     conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
     served = 0  # requests answered on the current connection
     while not stop.is_set():
@@ -138,11 +142,7 @@ async def client(name: str, port: int, persistent: bool, interval: float, timeou
             print("loadgen: first response", flush=True)
         records.append([round(started, 6), round(time.perf_counter() - t0, 6), name, outcome])
         if interval:
-            try:
-                async with asyncio.timeout(interval):
-                    await stop.wait()
-            except TimeoutError:
-                pass
+            await wait_stop(stop, interval)
         elif outcome.startswith("!"):
             await asyncio.sleep(0.001)  # a refused connect returns at once
     if conn is not None:
@@ -160,11 +160,8 @@ async def main(args: argparse.Namespace) -> list[list[object]]:
                                         args.timeout, stop, records,
                                         offset=interval * i / count))
              for kind, persistent, interval, count in clients for i in range(count)]
-    try:
-        async with asyncio.timeout(args.duration):
-            await stop.wait()
-    except TimeoutError:
-        stop.set()
+    await wait_stop(stop, args.duration)
+    stop.set()
     await asyncio.wait(tasks, timeout=args.timeout + 2)
     return records
 
