@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from typing import NamedTuple
 
 from .errors import HotswapError
 
@@ -40,14 +39,22 @@ class Role(enum.Enum):
     EMPTY = "empty"
 
 
-class Versions(NamedTuple):
-    """The Kruise versions of this slot (``rank``) and the other (``alt``).
-    (A NamedTuple, not a dataclass: a successor reads it first thing, before
-    its heavy imports, and dataclasses costs ~7 ms of CPU to import.)"""
+class Versions:
+    """The Kruise versions of this slot (``rank``) and the other (``alt``),
+    and the :class:`Role` they give. (A plain class: a successor reads it
+    first thing, before its heavy imports, at normal CPU priority; a
+    dataclass or NamedTuple would import ``dataclasses`` or ``typing``,
+    7-15 ms of CPU.)"""
 
-    rank: int | None
-    alt: int | None
-    role: Role
+    __slots__ = ("alt", "rank", "role")
+
+    def __init__(self, rank: int | None, alt: int | None, role: Role) -> None:
+        self.rank = rank
+        self.alt = alt
+        self.role = role
+
+    def __repr__(self) -> str:
+        return f"Versions(rank={self.rank!r}, alt={self.alt!r}, role={self.role})"
 
 
 def _parse(env: Mapping[str, str], key: str) -> int | None:
