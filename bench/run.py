@@ -84,8 +84,14 @@ def wait_answering(port: int, version: str, timeout: float = 20) -> None:
 
 
 class Procs:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, separate: bool = False) -> None:
         self.tmp = tmp
+        # separate: each process in a session of its own, hence (with the
+        # kernel's autogroups, outside any CPU cgroup) a scheduling group of
+        # its own, as each container of a pod is: CPU is shared between the
+        # groups first, and a thread's nice value or SCHED_IDLE only ranks it
+        # within its group.
+        self.separate = separate
         self.all: list[subprocess.Popen[bytes]] = []
 
     def start(self, label: str, argv: list[str], env: dict[str, str] | None = None
@@ -93,7 +99,8 @@ class Procs:
         log = self.tmp / f"{label}-{len(self.all)}.log"
         with open(log, "wb") as fh:
             proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT,
-                                    env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                                    start_new_session=self.separate)
         self.all.append(proc)
         return proc, log
 
@@ -153,6 +160,19 @@ frontend sidecar
     http-request return status 200 content-type text/plain \
         string "This is version({version}) sidecar"
 """
+
+
+def autogroups_apply() -> bool:
+    """Do sessions get scheduling groups of their own here (autogroups are on
+    and this process sits in the root CPU cgroup, where they apply)?"""
+    try:
+        enabled = Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "1"
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return False
+    v1 = [line for line in lines if "cpu" in line.split(":")[1].split(",")]
+    path = (v1 or [line for line in lines if line.startswith("0::")] or ["::?"])[0]
+    return enabled and path.split(":", 2)[2] == "/"
 
 
 def peer_binary(strategy: str) -> str | None:
@@ -654,11 +674,18 @@ def main() -> int:
     parser.add_argument("--strategies", nargs="*",
                         default=["hotswap", "naive-restart", "reuseport-overlap",
                                  *PEERS])
+    parser.add_argument("--separate-groups", action="store_true",
+                        help="start each server and the load generator in a CPU "
+                             "scheduling group of its own (as containers are; the hook "
+                             "stays in the runner's)")
     parser.add_argument("--quick", action="store_true",
                         help="strategies only (no throughput or scaling runs)")
     args = parser.parse_args()
+    if args.separate_groups and not autogroups_apply():
+        parser.error("--separate-groups needs the kernel's autogroups "
+                     "(kernel.sched_autogroup_enabled=1) and the root CPU cgroup")
     args.out.mkdir(parents=True, exist_ok=True)
-    procs = Procs(Path(tempfile.mkdtemp(prefix="hotswap-bench-")))
+    procs = Procs(Path(tempfile.mkdtemp(prefix="hotswap-bench-")), args.separate_groups)
     try:
         strategies = []
         skipped = []
@@ -692,7 +719,9 @@ def main() -> int:
                    f"{platform.release()}, Python {platform.python_version()}",
         "load": (f"{args.keepalive} keep-alive clients back to back, 1 busybox client every "
                  f"100 ms, {args.fresh} new-connection clients back to back, no retries; "
-                 f"{args.upgrades} upgrades {args.interval:g} s apart per strategy"),
+                 f"{args.upgrades} upgrades {args.interval:g} s apart per strategy"
+                 + ("; each process in a scheduling group of its own" if args.separate_groups
+                    else "")),
         "strategies": [{k: v for k, v in r.items() if not k.startswith("_")}
                        for r in strategies],
         "skipped": skipped,

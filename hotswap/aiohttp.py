@@ -235,7 +235,8 @@ async def serve(app: web.Application, upgrader: Upgrader,
     (on by default): once a process that was taken over has drained, it has
     nothing left to serve, so its clean-up, its wait for SIGTERM and its exit
     run at the lowest CPU priority (nice 19, this thread) instead of
-    competing with the successor for the CPU.
+    competing with the successor for the CPU (which ranks it only within its
+    CPU scheduling group: see :mod:`hotswap.startup`).
 
     Resource handling: every socket is owned by the sites (closed when they
     stop); the upgrader's control sockets are closed before returning, on
