@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import threading
 import uuid
@@ -36,6 +37,34 @@ def _module(where: Path, body: str) -> str:
     name = f"hotswap_probe_{uuid.uuid4().hex[:10]}"
     (where / f"{name}.py").write_text(body)
     return name
+
+
+HEAVY = ("typing", "dataclasses", "asyncio", "psutil", "prctl", "logging",
+         "hotswap.upgrader", "hotswap.protocol")
+
+
+def test_the_first_import_stays_light() -> None:
+    """What a successor runs at normal priority before its preload lowers it:
+    ``import hotswap.startup`` pulls in none of the heavy modules (the package
+    loads its public names on first use)."""
+    probe = ("import sys; before = set(sys.modules); import hotswap.startup; "
+             "print(' '.join(sorted(set(sys.modules) - before)))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True, timeout=30).stdout.split()
+    assert "hotswap.startup" in out
+    assert not [m for m in out if m in HEAVY or m.split(".")[0] in HEAVY], out
+
+
+def test_public_names_load_on_first_use() -> None:
+    probe = ("import sys, hotswap; assert 'hotswap.upgrader' not in sys.modules; "
+             "from hotswap import *; assert Upgrader.__module__ == 'hotswap.upgrader'; "
+             "assert issubclass(HandoverTimeout, HotswapError); assert Role.TAKEOVER; "
+             "assert sorted(dir(hotswap)) == sorted(hotswap.__all__)\n"
+             "try:\n    hotswap.nothing\nexcept AttributeError as e:\n    print(e)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "module 'hotswap' has no attribute 'nothing'"
 
 
 def test_should_idle_follows_kruise_roles_and_the_override() -> None:
