@@ -166,6 +166,7 @@ class Upgrader:
         self._control_task: asyncio.Task[None] | None = None
         self._handlers: set[asyncio.Task[None]] = set()
         self._predecessor = "none"  # none | accepting | draining | gone
+        self._taken_from = ""  # what the handshake received, for the log
         self._predecessor_channel: Channel | None = None
         self._predecessor_task: asyncio.Task[None] | None = None
         self._successor: Channel | None = None
@@ -225,7 +226,7 @@ class Upgrader:
         want = listeners.wanted_info(name, address, kind)
         got = self._inherited.pop(name, None)
         if got is not None and listeners.matches(got.info, want):
-            log.info("%s: inherited %s %s", self.name, name, got.info.address)
+            log.debug("%s: inherited %s %s", self.name, name, got.info.address)
             self._listeners[name] = got
             return got.sock
         if got is not None:
@@ -260,8 +261,11 @@ class Upgrader:
             await self._confirm()
         elif self.state is not State.SERVING:
             raise HotswapError(f"ready() in state {self.state.value}")
-        log.info("%s: %s ready (pid %d, generation %d)", self.name, self.version,
-                 self.pid, self.generation)
+        names = list(self._listeners)
+        listed = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if names[8:] else "")
+        log.info("%s: %s ready (pid %d, generation %d%s)", self.name, self.version,
+                 self.pid, self.generation,
+                 f"; took over {self._taken_from}: {listed}" if self._taken_from else "")
 
     async def wait_exit(self) -> ExitReason:
         """Wait until this process should stop accepting: a successor took
@@ -495,8 +499,10 @@ class Upgrader:
         self._predecessor_channel = channel
         self._predecessor = "accepting"
         self.generation = reply.generation + 1
-        log.info("%s: received %d socket(s) from pid %d (%s)", self.name,
-                 reply.count, reply.pid, reply.version)
+        # Logged once ready (not here: this is the critical section, and a
+        # line per socket costs ~10 us each, 60% more for 1,000 listeners).
+        self._taken_from = f"{reply.count} socket(s) from pid {reply.pid} ({reply.version})"
+        log.debug("%s: received %s", self.name, self._taken_from)
 
     def _adopt_chunk(self, chunk: Sockets, adopted: dict[str, _Listener]) -> None:
         fds = list(chunk.fds)
@@ -688,7 +694,6 @@ class Upgrader:
         opts = self.options
         hello_at = time.time()
         self._set_state(State.HANDING_OVER)
-        log.info("%s: handing over to pid %d (%s)", self.name, hello.pid, hello.version)
         try:
             assert self._control_sock is not None
             entries = [e.info for e in self._listeners.values()]
@@ -701,6 +706,9 @@ class Upgrader:
                                timeout=opts.message_timeout)
             for chunk in split_sockets(entries, [s.fileno() for s in socks]):
                 await channel.send(chunk, timeout=opts.message_timeout)
+            # Not before: the successor waits for the sockets.
+            log.info("%s: handing over to pid %d (%s): %d socket(s) sent", self.name,
+                     hello.pid, hello.version, len(entries))
             while True:
                 reply: Message = await channel.receive(timeout=opts.handover_timeout)
                 if isinstance(reply, Accepting):

@@ -5,6 +5,7 @@ real listeners on 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import stat
@@ -93,6 +94,41 @@ def test_handover_in_process_and_control_socket_travels(run: Runner) -> None:
         st = await query_status(control_address(name))
         assert (st.pid, st.version, st.state) == (os.getpid(), "v2", "serving")
         assert st.predecessor == "draining" and st.generation == 1
+        await old.close(cut=0)
+        await new.close()
+
+    run(main())
+
+
+def test_the_critical_section_logs_nothing_per_socket(
+        run: Runner, caplog: pytest.LogCaptureFixture) -> None:
+    """With INFO logging on, a line per socket inside the critical section
+    cost ~10 us each (60% more for 1,000 listeners): the successor says what
+    it took over in one line once it is ready."""
+    name = new_name()
+
+    async def main() -> None:
+        old = hotswap.Upgrader(name, version="v1", options=opts())
+        await old.start()
+        for i in range(12):
+            old.listen(f"l{i}", ("127.0.0.1", 0))
+        await old.ready()
+        new = hotswap.Upgrader(name, version="v2", options=opts())
+        with caplog.at_level(logging.INFO, logger="hotswap"):
+            await new.start()
+            for i in range(12):
+                new.listen(f"l{i}", ("127.0.0.1", 0))
+            in_critical_section = [r.getMessage() for r in caplog.records]
+            ready = asyncio.create_task(new.ready())
+            await old.wait_exit()
+            await old.release()
+            await ready
+        successor = [r.getMessage() for r in caplog.records if "v2 ready" in r.getMessage()]
+        assert not [m for m in in_critical_section
+                    if "inherited" in m or "received" in m], in_critical_section
+        assert len(successor) == 1, caplog.text
+        assert (f"took over 13 socket(s) from pid {os.getpid()} (v1): "
+                "l0, l1, l2, l3, l4, l5, l6, l7, ... (12 in all)") in successor[0]
         await old.close(cut=0)
         await new.close()
 
