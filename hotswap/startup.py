@@ -35,10 +35,16 @@ from __future__ import annotations
 import importlib
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from .errors import HotswapError
 from .kruise import Role, detect
+
+TYPE_CHECKING = False  # not typing's: importing typing costs ~15 ms of CPU
+if TYPE_CHECKING:
+    from typing import Any, TypeVar
+
+    T = TypeVar("T")
 
 IDLE_ENV = "HOTSWAP_IDLE_START"
 DEFAULT_TIMEOUT = 60.0
@@ -79,13 +85,30 @@ def preload(*modules: str, idle: bool | None = None,
     :class:`TimeoutError`; the helper is a daemon thread and does not keep the
     process alive, so the caller can exit and the old version serves on.
     """
+    return _call(_import_all, (modules,), idle, timeout)[0]
+
+
+def idle_call(fn: Callable[..., T], /, *args: object, idle: bool | None = None,
+              timeout: float = DEFAULT_TIMEOUT) -> T:
+    """Return ``fn(*args)``, computed at idle CPU priority if ``idle``.
+
+    For the rest of a successor's set-up that needs no event loop (parsing
+    its configuration, building its application): work done here is not
+    taken from the version still serving. The same helper thread, fallback,
+    errors and ``timeout`` as :func:`preload`; ``fn`` runs in another thread,
+    so it must not need to run in the main one (signal handlers).
+    """
+    return _call(fn, args, idle, timeout)[1]
+
+
+def _call(fn: Callable[..., T], args: tuple[object, ...], idle: bool | None,
+          timeout: float) -> tuple[bool, T]:
     if idle is None:
         idle = should_idle()
     policy = getattr(os, "SCHED_IDLE", None)
     if not idle or policy is None:
-        _import_all(modules)
-        return False
-    outcome: dict[str, BaseException] = {}
+        return False, fn(*args)
+    outcome: dict[str, Any] = {}
 
     def run() -> None:
         try:
@@ -94,7 +117,7 @@ def preload(*modules: str, idle: bool | None = None,
             outcome["refused"] = exc
             return
         try:
-            _import_all(modules)
+            outcome["result"] = fn(*args)
         except BaseException as exc:  # noqa: BLE001 -- re-raised in the caller
             outcome["error"] = exc
 
@@ -102,20 +125,19 @@ def preload(*modules: str, idle: bool | None = None,
     helper.start()
     helper.join(timeout)
     if helper.is_alive():
-        raise TimeoutError(f"hotswap: preloading {', '.join(modules)} at idle priority "
-                           f"took over {timeout:g}s (no idle CPU on this node?)")
+        raise TimeoutError(f"hotswap: {getattr(fn, '__name__', 'a start-up step')} at idle "
+                           f"priority took over {timeout:g}s (no idle CPU on this node?)")
     refused = outcome.get("refused")
     if isinstance(refused, OSError):
         import logging  # not before: this module is imported first thing
 
         logging.getLogger(__name__).info(
-            "SCHED_IDLE refused (%s): importing at normal priority", refused)
-        _import_all(modules)
-        return False
+            "SCHED_IDLE refused (%s): running at normal priority", refused)
+        return False, fn(*args)
     error = outcome.get("error")
     if isinstance(error, BaseException):
         raise error
-    return True
+    return True, outcome["result"]
 
 
 def _import_all(modules: tuple[str, ...]) -> None:

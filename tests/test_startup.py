@@ -18,7 +18,7 @@ import pytest
 from conftest import Procs, serving, wait_for
 
 import hotswap.startup
-from hotswap.startup import preload, should_idle
+from hotswap.startup import idle_call, preload, should_idle
 
 IDLE = 5  # SCHED_IDLE; os.SCHED_IDLE exists only on Linux
 
@@ -134,6 +134,30 @@ def test_a_refused_sched_idle_falls_back_to_a_plain_import(
     name = _module(modules, "import threading\nTHREAD = threading.current_thread().name\n")
     assert preload(name, idle=True) is False
     assert threading.current_thread().name == sys.modules[name].THREAD
+
+
+def _where() -> tuple[int, str]:
+    return os.sched_getscheduler(0), threading.current_thread().name
+
+
+def test_idle_call_returns_what_was_computed_at_idle_priority() -> None:
+    assert idle_call(_where, idle=True) == (IDLE, "hotswap-preload")
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER, "the caller keeps its priority"
+    assert idle_call(_where, idle=False) == (os.SCHED_OTHER, threading.current_thread().name)
+    assert idle_call(divmod, 17, 5, idle=True) == (3, 2)
+
+
+def test_idle_call_raises_what_the_call_raised_even_system_exit() -> None:
+    # argparse exits with SystemExit from the helper thread on a bad flag: the
+    # caller must exit with it, not lose it in the thread.
+    def bad_flag() -> None:
+        raise SystemExit(2)
+
+    with pytest.raises(SystemExit) as exited:
+        idle_call(bad_flag, idle=True)
+    assert exited.value.code == 2
+    with pytest.raises(ZeroDivisionError):
+        idle_call(divmod, 1, 0, idle=True)
 
 
 def _policy(pid: int) -> int:
