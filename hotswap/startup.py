@@ -85,7 +85,8 @@ def preload(*modules: str, idle: bool | None = None,
     :class:`TimeoutError`; the helper is a daemon thread and does not keep the
     process alive, so the caller can exit and the old version serves on.
     """
-    return _call(_import_all, (modules,), idle, timeout)[0]
+    return _call(_import_all, (modules,), idle, timeout,
+                 f"preloading {', '.join(modules)}")[0]
 
 
 def idle_call(fn: Callable[..., T], /, *args: object, idle: bool | None = None,
@@ -98,11 +99,11 @@ def idle_call(fn: Callable[..., T], /, *args: object, idle: bool | None = None,
     errors and ``timeout`` as :func:`preload`; ``fn`` runs in another thread,
     so it must not need to run in the main one (signal handlers).
     """
-    return _call(fn, args, idle, timeout)[1]
+    return _call(fn, args, idle, timeout, getattr(fn, "__qualname__", repr(fn)))[1]
 
 
 def _call(fn: Callable[..., T], args: tuple[object, ...], idle: bool | None,
-          timeout: float) -> tuple[bool, T]:
+          timeout: float, what: str) -> tuple[bool, T]:
     if idle is None:
         idle = should_idle()
     policy = getattr(os, "SCHED_IDLE", None)
@@ -125,8 +126,8 @@ def _call(fn: Callable[..., T], args: tuple[object, ...], idle: bool | None,
     helper.start()
     helper.join(timeout)
     if helper.is_alive():
-        raise TimeoutError(f"hotswap: {getattr(fn, '__name__', 'a start-up step')} at idle "
-                           f"priority took over {timeout:g}s (no idle CPU on this node?)")
+        raise TimeoutError(f"hotswap: {what} at idle priority took over {timeout:g}s "
+                           "(no idle CPU on this node?)")
     refused = outcome.get("refused")
     if isinstance(refused, OSError):
         import logging  # not before: this module is imported first thing

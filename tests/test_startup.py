@@ -113,7 +113,7 @@ def test_imports_that_do_not_finish_in_time_raise(modules: Path) -> None:
     slow = _module(modules, f"import {gate}\n{gate}.OPEN.wait(30)\n")
     opener = __import__(gate)
     try:
-        with pytest.raises(TimeoutError, match="idle priority"):
+        with pytest.raises(TimeoutError, match=f"preloading {slow} at idle priority"):
             preload(slow, idle=True, timeout=0.2)
     finally:
         opener.OPEN.set()
