@@ -101,21 +101,21 @@ async def run(args: argparse.Namespace, app: web.Application) -> int:
 
 def prepare() -> tuple[argparse.Namespace, web.Application, asyncio.AbstractEventLoop]:
     """The set-up that needs no running event loop: ~2 ms of CPU (argparse's
-    first regular expressions, the app, the loop) that would otherwise run
-    at normal priority right before the handover, on cores the old version
-    is serving from."""
+    first regular expressions, logging, the app, the loop) that would
+    otherwise run at normal priority right before the handover, on cores the
+    old version is serving from."""
     args = parse_args()
-    return args, make_app(args.version, args.delay), uvloop.new_event_loop()
-
-
-def main() -> int:
-    args, app, loop = hotswap.startup.idle_call(prepare, idle=IDLE_START)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s {args.version} pid={os.getpid()} "
                                "%(levelname)s %(message)s")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     if IDLE_START:
         logging.info("taking over: start-up modules were loaded at idle CPU priority")
+    return args, make_app(args.version, args.delay), uvloop.new_event_loop()
+
+
+def main() -> int:
+    args, app, loop = hotswap.startup.idle_call(prepare, idle=IDLE_START)
     with asyncio.Runner(loop_factory=lambda: loop) as runner:
         return runner.run(run(args, app))
 
