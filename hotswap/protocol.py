@@ -64,11 +64,15 @@ import os
 import struct
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import Any, ClassVar, Final, Generic, NoReturn, Self, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, NoReturn, Self, TypeVar
 
 from .errors import LocalProtocolError, RemoteProtocolError
+
+if TYPE_CHECKING:
+    from dataclasses import dataclass, field, replace
+else:  # the same, without dataclasses' import and code generation (see _record)
+    from ._record import dataclass, field, replace
 
 PROTOCOL_VERSION: Final = 1
 MAX_FRAME: Final = 256 * 1024
