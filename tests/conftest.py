@@ -56,14 +56,21 @@ def status(name: str, timeout: float = 2.0) -> Status | None:
 
 
 def read_response(sock: socket.socket) -> bytes:
-    """One response of the sample sidecar (its body ends with "sidecar");
-    fails on EOF. The socket's own timeout bounds each read."""
+    """One whole response (headers and its Content-Length body); fails on
+    EOF. The socket's own timeout bounds each read."""
     data = b""
-    while b"sidecar" not in data:
+    while b"\r\n\r\n" not in data:
         chunk = sock.recv(4096)
         assert chunk, f"connection closed after {data!r}"
         data += chunk
-    return data
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    while len(body) < length:
+        chunk = sock.recv(4096)
+        assert chunk, f"connection closed after {data!r}"
+        body += chunk
+    return head + b"\r\n\r\n" + body
 
 
 def http_get(sock: socket.socket) -> bytes:
