@@ -39,8 +39,9 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "docs" / "bench"
@@ -124,8 +125,6 @@ class Procs:
 
 # Reference peers from Debian (optional): the same answer as the sample
 # sidecar, so the load generator sees which version answered.
-PEERS = {"nginx-reload": "nginx", "haproxy-reload": "haproxy"}
-
 NGINX_CONF = """worker_processes 1;
 pid {tmp}/nginx.pid;
 error_log stderr notice;
@@ -162,6 +161,26 @@ frontend sidecar
 """
 
 
+class PeerSpec(NamedTuple):
+    binary: str
+    conf: str  # file name
+    template: str
+    argv: Callable[[str, Path, Path], list[str]]  # (binary, dir, conf)
+    reload: signal.Signals
+
+
+PEERS = {
+    "nginx-reload": PeerSpec(
+        "nginx", "nginx.conf", NGINX_CONF,
+        lambda binary, d, conf: [binary, "-p", f"{d}/", "-c", str(conf), "-e", "stderr"],
+        signal.SIGHUP),  # new workers; the old ones finish gracefully
+    "haproxy-reload": PeerSpec(
+        "haproxy", "haproxy.cfg", HAPROXY_CONF,
+        lambda binary, d, conf: [binary, "-W", "-db", "-f", str(conf)],
+        signal.SIGUSR2),  # the default seamless reload: the new worker gets the listeners
+}
+
+
 def autogroups_apply() -> bool:
     """Do sessions get scheduling groups of their own here (autogroups are on
     and this process sits in the root CPU cgroup, where they apply)?"""
@@ -176,7 +195,7 @@ def autogroups_apply() -> bool:
 
 
 def peer_binary(strategy: str) -> str | None:
-    name = PEERS[strategy]
+    name = PEERS[strategy].binary
     return shutil.which(name) or next(
         (p for p in (f"/usr/sbin/{name}", f"/usr/local/sbin/{name}") if os.access(p, os.X_OK)),
         None)
@@ -189,31 +208,29 @@ class Peer:
 
     def __init__(self, strategy: str, procs: Procs, port: int) -> None:
         self.strategy, self.procs, self.port = strategy, procs, port
-        self.binary = peer_binary(strategy)
-        assert self.binary is not None
+        self.spec = PEERS[strategy]
+        binary = peer_binary(strategy)
+        assert binary is not None
+        self.binary = binary
         self.dir = procs.tmp / strategy
         self.dir.mkdir(exist_ok=True)
-        self.conf = self.dir / ("nginx.conf" if strategy == "nginx-reload" else "haproxy.cfg")
+        self.conf = self.dir / self.spec.conf
         self.proc: subprocess.Popen[bytes] | None = None
 
     def write(self, version: str) -> None:
-        template = NGINX_CONF if self.strategy == "nginx-reload" else HAPROXY_CONF
-        self.conf.write_text(template.format(tmp=self.dir, port=self.port, version=version))
+        self.conf.write_text(self.spec.template.format(tmp=self.dir, port=self.port,
+                                                       version=version))
 
     def start(self, version: str) -> subprocess.Popen[bytes]:
         self.write(version)
-        assert self.binary is not None
-        argv = ([self.binary, "-p", f"{self.dir}/", "-c", str(self.conf), "-e", "stderr"]
-                if self.strategy == "nginx-reload"
-                else [self.binary, "-W", "-db", "-f", str(self.conf)])
-        self.proc, _ = self.procs.start(self.strategy, argv)
+        self.proc, _ = self.procs.start(self.strategy,
+                                        self.spec.argv(self.binary, self.dir, self.conf))
         return self.proc
 
     def reload(self, version: str) -> None:
         assert self.proc is not None
         self.write(version)
-        self.proc.send_signal(signal.SIGHUP if self.strategy == "nginx-reload"
-                              else signal.SIGUSR2)
+        self.proc.send_signal(self.spec.reload)
 
 
 def run_strategy(name: str, procs: Procs, args: argparse.Namespace) -> dict[str, Any]:
@@ -693,7 +710,7 @@ def main() -> int:
         skipped = []
         for name in args.strategies:
             if name in PEERS and peer_binary(name) is None:
-                say(f"strategy {name}: skipped ({PEERS[name]} is not installed)")
+                say(f"strategy {name}: skipped ({PEERS[name].binary} is not installed)")
                 skipped.append(name)
                 continue
             say(f"strategy {name}: {args.upgrades} upgrades every {args.interval}s under load")
