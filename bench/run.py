@@ -13,8 +13,9 @@ sidecar (same aiohttp + uvloop app), all on 127.0.0.1:
 - ``reuseport-overlap``: start v2 with SO_REUSEPORT beside v1, wait until it
   listens, then stop v1 gracefully with aiohttp's own shutdown.
 
-Then: steady-state throughput with and without hotswap (wrk, alternating
-rounds, medians), and the handover time against the number of listeners.
+Then: steady-state throughput with and without hotswap (wrk; alternating
+rounds, and both servers side by side at the same time), and the handover
+time against the number of listeners and of idle keep-alive connections.
 
 Writes ``docs/bench/results.json``, ``docs/bench/results.md`` and one
 ``docs/bench/timeline-<strategy>.png`` per strategy.
@@ -400,32 +401,69 @@ def analyse(name: str, records: list[list[Any]], upgrades: list[dict[str, float]
 
 # ------------------------------------------------------------------ throughput
 
+def _tp_server(procs: Procs, kind: str) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    if kind == "hotswap":
+        server, _ = procs.start("tp-hotswap", [
+            PY, str(SIDECAR), "--version", "v1", "--port", str(port),
+            "--name", f"tp-{uuid.uuid4().hex[:8]}"])
+    else:
+        server, _ = procs.start("tp-plain", [PY, str(PLAIN), "--version", "v1",
+                                             "--port", str(port)])
+    wait_answering(port, "v1")
+    return server, port
+
+
+def _wrk(wrk: str, port: int, seconds: int) -> subprocess.Popen[str]:
+    return subprocess.Popen([wrk, "-t1", "-c32", f"-d{seconds}s",
+                             f"http://127.0.0.1:{port}/serve"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _rps(run: subprocess.Popen[str]) -> float:
+    out, _ = run.communicate(timeout=120)
+    match = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if match is None:
+        raise RuntimeError(f"wrk said: {out}")
+    return float(match.group(1))
+
+
 def throughput(procs: Procs, args: argparse.Namespace) -> dict[str, Any]:
+    """Requests per second of the sample sidecar with hotswap and of the same
+    app without it, measured two ways, ``args.rounds`` rounds each:
+
+    - one after the other (each server alone with its wrk, order alternating
+      per round; medians): the plain throughput figure, but one round moves
+      +-5% on a shared machine;
+    - side by side (both servers and both wrk at the same time, the first
+      started alternating per round): whatever the machine does to one round
+      it does to both, so the per-round ratio is steady to about +-1%.
+    """
     wrk = shutil.which("wrk")
     if wrk is None:
         return {"skipped": "wrk is not installed (apt-get install wrk)"}
-    results: dict[str, list[float]] = {"hotswap": [], "plain": []}
+    kinds = ("hotswap", "plain")
+    results: dict[str, list[float]] = {k: [] for k in kinds}
     for round_ in range(args.rounds):
-        for kind in ("hotswap", "plain") if round_ % 2 == 0 else ("plain", "hotswap"):
-            port = free_port()
-            if kind == "hotswap":
-                server, _ = procs.start("tp-hotswap", [
-                    PY, str(SIDECAR), "--version", "v1", "--port", str(port),
-                    "--name", f"tp-{uuid.uuid4().hex[:8]}"])
-            else:
-                server, _ = procs.start("tp-plain", [PY, str(PLAIN), "--version", "v1",
-                                                     "--port", str(port)])
-            wait_answering(port, "v1")
-            out = subprocess.run([wrk, "-t1", "-c32", f"-d{args.wrk_seconds}s",
-                                  f"http://127.0.0.1:{port}/serve"],
-                                 capture_output=True, text=True, timeout=120).stdout
+        for kind in kinds if round_ % 2 == 0 else kinds[::-1]:
+            server, port = _tp_server(procs, kind)
+            results[kind].append(_rps(_wrk(wrk, port, args.wrk_seconds)))
             procs.stop(server)
-            match = re.search(r"Requests/sec:\s+([\d.]+)", out)
-            if match is None:
-                raise RuntimeError(f"wrk said: {out}")
-            results[kind].append(float(match.group(1)))
+    together: dict[str, list[float]] = {k: [] for k in kinds}
+    for round_ in range(args.rounds):
+        started = [(kind, *_tp_server(procs, kind))
+                   for kind in (kinds if round_ % 2 == 0 else kinds[::-1])]
+        runs = {kind: _wrk(wrk, port, args.wrk_seconds) for kind, _, port in started}
+        for kind, run in runs.items():
+            together[kind].append(_rps(run))
+        for _, server, _ in started:
+            procs.stop(server)
     med = {k: statistics.median(v) for k, v in results.items()}
-    return {"rounds": results, "median_rps": med, "ratio": med["hotswap"] / med["plain"]}
+    ratios = [h / p for h, p in zip(together["hotswap"], together["plain"], strict=True)]
+    return {"rounds": results, "median_rps": med, "ratio": med["hotswap"] / med["plain"],
+            "side_by_side": {"rounds": together, "ratios": ratios,
+                             "ratio": statistics.median(ratios),
+                             "ratio_min": min(ratios), "ratio_max": max(ratios)}}
 
 
 # ------------------------------------------------------- scaling with listeners
@@ -640,10 +678,14 @@ def markdown(report: dict[str, Any]) -> str:
     if "skipped" in tp:
         lines.append(f"Throughput: skipped ({tp['skipped']}).")
     else:
+        side = tp["side_by_side"]
         lines.append(
             f"Steady-state throughput (wrk -t1 -c32, {len(tp['rounds']['plain'])} alternating "
             f"rounds, medians): with hotswap {tp['median_rps']['hotswap']:.0f} req/s, plain "
-            f"aiohttp {tp['median_rps']['plain']:.0f} req/s, ratio {tp['ratio']:.3f}.")
+            f"aiohttp {tp['median_rps']['plain']:.0f} req/s, ratio {tp['ratio']:.3f}. "
+            f"Side by side ({len(side['ratios'])} rounds, both servers and both wrk at "
+            f"the same time): ratio median {side['ratio']:.3f} (rounds "
+            f"{side['ratio_min']:.3f} to {side['ratio_max']:.3f}).")
     lines += ["", "| listeners | handover median (ms) | min | max |", "|---|---|---|---|"]
     for n, v in report["listeners"].items():
         lines.append(f"| {n} | {v['median_ms']:.2f} | {v['min_ms']:.2f} | {v['max_ms']:.2f} |")
