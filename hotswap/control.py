@@ -40,6 +40,17 @@ def control_address(name: str, path: str | None = None) -> str:
     return f"@hotswap/{name}"
 
 
+def serving_marker(name: str, rank: int) -> str:
+    """``@hotswap/<name>/serving/<rank>``: an abstract name that the process
+    serving ``name`` as Kruise version ``rank`` keeps bound (never listening)
+    exactly while its state is ``serving``. It shows in ``/proc/net/unix`` to
+    every container of the pod and vanishes with the process, so the
+    readiness probe (``scripts/probe.sh``) can read it without starting
+    Python. Not used with a filesystem control socket."""
+    control_address(name)  # the same validation
+    return f"@hotswap/{name}/serving/{rank}"
+
+
 def sockaddr(address: str) -> str:
     """Turn ``@abstract`` into the leading-NUL form the kernel wants."""
     return "\0" + address[1:] if address.startswith("@") else address

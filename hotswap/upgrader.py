@@ -163,6 +163,7 @@ class Upgrader:
         self._listeners: dict[str, _Listener] = {}
         self._inherited: dict[str, _Listener] = {}
         self._control_sock: socket.socket | None = None
+        self._marker: socket.socket | None = None
         self._control_task: asyncio.Task[None] | None = None
         self._handlers: set[asyncio.Task[None]] = set()
         self._predecessor = "none"  # none | accepting | draining | gone
@@ -770,7 +771,31 @@ class Upgrader:
 
     def _set_state(self, state: State) -> None:
         self.state = state
+        self._mark_serving(state is State.SERVING)
         self._set_title()
+
+    def _mark_serving(self, serving: bool) -> None:
+        """Keep the serving marker (:func:`control.serving_marker`) bound
+        exactly while serving, for the readiness probe. Best effort: a name
+        someone else holds is logged and skipped (the probe then asks the
+        control socket, the authoritative answer). We own the marker socket:
+        closed here on leaving ``serving``, and by the kernel if we die."""
+        if not serving:
+            if self._marker is not None:
+                self._marker.close()
+                self._marker = None
+            return
+        rank = self.versions.rank
+        if self._marker is not None or rank is None or self.options.control_path:
+            return
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.bind(control.sockaddr(control.serving_marker(self.name, rank)))
+        except OSError as exc:
+            sock.close()
+            log.warning("%s: no serving marker for the readiness probe: %s", self.name, exc)
+            return
+        self._marker = sock
 
     def _set_title(self) -> None:
         _proc.set_title(f"hotswap[{self.name}] {self.version} {self.state.value}")

@@ -220,6 +220,56 @@ def test_filesystem_control_socket(run: Runner, tmp_path) -> None:  # type: igno
     run(main())
 
 
+def markers(name: str) -> set[str]:
+    """The serving markers of ``name`` that the kernel lists (what probe.sh reads)."""
+    prefix = f"@hotswap/{name}/serving/"
+    with open("/proc/net/unix") as fh:
+        return {fields[-1] for fields in map(str.split, fh)
+                if len(fields) >= 8 and fields[-1].startswith(prefix)}
+
+
+def test_serving_marker_follows_the_state(run: Runner, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """probe.sh's marker: bound exactly while a process with a Kruise version
+    serves, closed as it hands over and on close(); never without a version,
+    nor with a filesystem control socket."""
+    name = new_name()
+
+    def kruise(version: int, alt: int, **kw: object) -> hotswap.Options:
+        return opts(env={"SIDECARSET_VERSION": str(version),
+                         "SIDECARSET_VERSION_ALT": str(alt)}, **kw)
+
+    async def main() -> None:
+        old = hotswap.Upgrader(name, version="v1", options=kruise(1, 0))
+        await old.start()
+        old.listen("http", ("127.0.0.1", 0))
+        await old.ready()
+        assert markers(name) == {f"@hotswap/{name}/serving/1"}
+        new = hotswap.Upgrader(name, version="v2", options=kruise(2, 1))
+        assert await new.start() is hotswap.Role.TAKEOVER
+        new.listen("http", ("127.0.0.1", 0))
+        ready = asyncio.create_task(new.ready())
+        await old.wait_exit()
+        assert markers(name) == set(), "the old side stopped serving, the new not yet"
+        await old.release()
+        await ready
+        assert markers(name) == {f"@hotswap/{name}/serving/2"}
+        await old.close()
+        await new.close()
+        assert markers(name) == set()
+
+        for other in (hotswap.Upgrader(new_name(), version="v1", options=opts()),
+                      hotswap.Upgrader(new_name(), version="v1", options=kruise(
+                          1, 0, control_path=str(tmp_path / "control.sock")))):
+            await other.start()
+            other.listen("http", ("127.0.0.1", 0))
+            await other.ready()
+            assert other.state is hotswap.State.SERVING
+            assert markers(other.name) == set()
+            await other.close()
+
+    run(main())
+
+
 def test_older_rank_is_refused_in_process(run: Runner) -> None:
     name = new_name()
 
