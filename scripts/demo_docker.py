@@ -122,6 +122,14 @@ class Pod:
         say(f"sidecar-{slot}: hook exited {result.returncode}")
         return result.returncode
 
+    def probe(self, slot: int, *, python: bool = True) -> int:
+        """The readiness probe in a slot. ``python=False`` takes the CLI
+        fallback away (``HOTSWAP_CLI=false``): 0 then means probe.sh answered
+        from the serving marker in /proc/net/unix alone."""
+        env = [] if python else ["-e", "HOTSWAP_CLI=false"]
+        return run(["docker", "exec", *env, self.container(f"sidecar-{slot}"), "sh",
+                    "/usr/local/bin/probe.sh"], check=False, timeout=60).returncode
+
     def reset(self, slot: int, other_version: str) -> None:
         say(f"sidecar-{slot}: reset (stop, then the empty image)")
         restarts = self.inspect(f"sidecar-{slot}")["RestartCount"]
@@ -224,6 +232,9 @@ def main() -> int:
         # for the successor's imports must be allowed, not silently skipped.
         pod.check("loaded at idle CPU priority" in pod.logs(2),
                   "v2 loaded its modules at idle CPU priority")
+        pod.check(pod.probe(2, python=False) == 0 and pod.probe(1, python=False) == 0,
+                  "readiness without Python: v2 serving, v1 superseded (serving marker)")
+        pod.check(pod.probe(2) == 0 and pod.probe(1) == 0, "readiness probes pass")
         pod.reset(1, "2")
         time.sleep(args.dwell)
 

@@ -5,10 +5,42 @@
 #   this slot's version serves            ready
 #   a newer version has superseded it     ready (until Kruise resets the slot)
 #   nobody serves / an older one serves   not ready (migration pending or failed)
+#
+# It runs every few seconds in every pod, so the common answer costs no Python:
+# the process serving NAME as version N keeps the abstract Unix name
+# @hotswap/NAME/serving/N bound while it serves (the kernel drops it with the
+# process), and the pod's network namespace lists it in /proc/net/unix. A
+# marker of our version or a newer one means ready. Anything else (no marker,
+# a filesystem control socket, no /proc/net/unix) asks the control socket
+# through `hotswap probe`, which has the final word.
 set -eu
-if [ "${SIDECARSET_VERSION:-}" = "0" ]; then
+version=${SIDECARSET_VERSION:-}
+name=${HOTSWAP_NAME:-sidecar}
+if [ "$version" = "0" ]; then
     exit 0
 fi
+
+case $version in
+    ""|*[!0-9]*) ;;
+    *)
+        if [ -z "${HOTSWAP_CONTROL_PATH:-}" ] && [ -r /proc/net/unix ]; then
+            # Path is the last field of each line; a name has no blanks.
+            set -f
+            for field in $(grep -F "@hotswap/$name/serving/" /proc/net/unix || true); do
+                case $field in
+                    "@hotswap/$name/serving/"*)
+                        rank=${field##*/}
+                        case $rank in ""|*[!0-9]*) continue ;; esac
+                        if [ "$rank" -ge "$version" ]; then
+                            exit 0
+                        fi
+                        ;;
+                esac
+            done
+        fi
+        ;;
+esac
+
 if [ -n "${HOTSWAP_CLI:-}" ]; then
     cli=$HOTSWAP_CLI
 elif command -v hotswap >/dev/null 2>&1; then
@@ -17,4 +49,4 @@ else
     cli="python3 -m hotswap"
 fi
 # shellcheck disable=SC2086  # $cli may be "python3 -m hotswap"
-exec $cli probe --name "${HOTSWAP_NAME:-sidecar}"
+exec $cli probe --name "$name"

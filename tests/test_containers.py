@@ -152,6 +152,7 @@ def test_compose_pod_demo_two_hot_upgrades_and_a_failed_one() -> None:
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-6000:]
     for line in ("ok   the failed migration's hook exits non-zero", "ok   migration to v2",
+                 "ok   readiness without Python: v2 serving, v1 superseded (serving marker)",
                  "ok   migration to v3", "ok   sidecar-1 is on the empty image",
                  "ok   sidecar-2 is on the empty image", "ok   sidecar-2 never restarted",
                  "0 failed, versions seen in order: v1 -> v2 -> v3", "PASS"):

@@ -45,6 +45,11 @@ def hook(procs: Procs, **env: str) -> subprocess.CompletedProcess[str]:
                           env=procs.env(HOTSWAP_CLI=f"{PY} -m hotswap", **env))
 
 
+def probe_sh(procs: Procs, cli_command: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["sh", str(ROOT / "scripts/probe.sh")], capture_output=True,
+                          text=True, timeout=60, env=procs.env(HOTSWAP_CLI=cli_command, **env))
+
+
 def test_hook_in_the_empty_image(procs: Procs) -> None:
     result = hook(procs, SIDECARSET_VERSION="0", SIDECARSET_VERSION_ALT="1")
     assert result.returncode == 0
@@ -76,6 +81,25 @@ def test_status_wait_ready_and_probe_against_real_sidecars(procs: Procs, name: s
     data = json.loads(result.stdout)
     assert (data["pid"], data["version"], data["state"]) == (v1.pid, "v1", "serving")
     assert data["listeners"][0]["name"] == "http"
+    # probe.sh answers "ready" from the kernel's list of abstract sockets
+    # (no Python) when it can, and asks the CLI otherwise: a stand-in CLI
+    # that only reports being run tells the two paths apart.
+    no_cli = procs.tmp / "no-cli"
+    no_cli.write_text('#!/bin/sh\necho "cli ran: $*"\nexit 7\n')
+    no_cli.chmod(0o755)
+
+    def fast_path(version: str, **env: str) -> bool:
+        result = probe_sh(procs, str(no_cli), SIDECARSET_VERSION=version,
+                          HOTSWAP_NAME=name, **env)
+        if result.returncode == 7:
+            assert f"cli ran: probe --name {name}" in result.stdout, result
+            return False
+        assert result.returncode == 0 and result.stdout == "", result
+        return True
+
+    assert fast_path("1") and fast_path("0")
+    assert not fast_path("2")
+    assert not fast_path("1", HOTSWAP_CONTROL_PATH=str(procs.tmp / "control.sock"))
     v2 = procs.sidecar(name, "v2", SIDECARSET_VERSION="2", SIDECARSET_VERSION_ALT="1")
     result = hook(procs, SIDECARSET_VERSION="2", SIDECARSET_VERSION_ALT="1",
                   HOTSWAP_NAME=name)
@@ -91,6 +115,10 @@ def test_status_wait_ready_and_probe_against_real_sidecars(procs: Procs, name: s
                                ("3", 1, "not ready")):
         result = cli(procs, "probe", "--name", name, SIDECARSET_VERSION=version)
         assert result.returncode == code and why in result.stdout + result.stderr, result
+        result = probe_sh(procs, f"{PY} -m hotswap", SIDECARSET_VERSION=version,
+                          HOTSWAP_NAME=name)
+        assert result.returncode == code, result
+        assert fast_path(version) is (code == 0)
     # The old slot idles after the drain (a Kruise container must not exit),
     # and ps tells the two apart by role and state (python-prctl).
     assert v1.poll() is None
@@ -101,9 +129,15 @@ def test_status_wait_ready_and_probe_against_real_sidecars(procs: Procs, name: s
     result = cli(procs, "wait-ready", "--name", name, "--timeout", "30",
                  SIDECARSET_VERSION="1")
     assert result.returncode == 1 and "a newer version serves" in result.stderr
-    for proc in (v1, v2):
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=15) == 0
+    v1.send_signal(signal.SIGTERM)
+    assert v1.wait(timeout=15) == 0
+    # A serving process that dies takes its marker along (the kernel closes
+    # it): the probe falls back to the control socket, which finds nobody.
+    v2.kill()
+    assert v2.wait(timeout=15) == -signal.SIGKILL
+    assert not fast_path("2")
+    assert probe_sh(procs, f"{PY} -m hotswap", SIDECARSET_VERSION="2",
+                    HOTSWAP_NAME=name).returncode == 1
 
 
 def test_failed_migration_makes_the_hook_fail(procs: Procs, name: str) -> None:
