@@ -235,8 +235,8 @@ def test_serving_marker_follows_the_state(run: Runner, tmp_path) -> None:  # typ
     name = new_name()
 
     def kruise(version: int, alt: int, **kw: object) -> hotswap.Options:
-        return opts(env={"SIDECARSET_VERSION": str(version),
-                         "SIDECARSET_VERSION_ALT": str(alt)}, **kw)
+        env = {"SIDECARSET_VERSION": str(version), "SIDECARSET_VERSION_ALT": str(alt)}
+        return hotswap.Options(env=env, message_timeout=2.0, **kw)  # type: ignore[arg-type]
 
     async def main() -> None:
         old = hotswap.Upgrader(name, version="v1", options=kruise(1, 0))
