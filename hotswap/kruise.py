@@ -23,10 +23,11 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 
+from . import _versions
+from ._versions import ALT_ENV, VERSION_ENV
 from .errors import HotswapError
 
-VERSION_ENV = "SIDECARSET_VERSION"
-ALT_ENV = "SIDECARSET_VERSION_ALT"
+__all__ = ["ALT_ENV", "VERSION_ENV", "Role", "Versions", "detect"]
 
 
 class Role(enum.Enum):
@@ -57,30 +58,12 @@ class Versions:
         return f"Versions(rank={self.rank!r}, alt={self.alt!r}, role={self.role})"
 
 
-def _parse(env: Mapping[str, str], key: str) -> int | None:
-    raw = env.get(key, "").strip()
-    if not raw:
-        return None
-    try:
-        value = int(raw)
-    except ValueError:
-        raise HotswapError(f"{key}={raw!r} is not an integer") from None
-    if value < 0:
-        raise HotswapError(f"{key}={raw!r} is negative")
-    return value
-
-
 def detect(env: Mapping[str, str]) -> Versions:
     """Apply the role rules to an environment. Raises HotswapError on a
     malformed version."""
-    rank = _parse(env, VERSION_ENV)
-    alt = _parse(env, ALT_ENV)
-    if rank is None:
-        return Versions(None, alt, Role.AUTO)
-    if rank == 0:
-        return Versions(rank, alt, Role.EMPTY)
-    if not alt:
-        return Versions(rank, alt, Role.FRESH)
-    if rank > alt:
-        return Versions(rank, alt, Role.TAKEOVER)
-    return Versions(rank, alt, Role.PASSIVE)
+    try:
+        rank = _versions.parse(env, VERSION_ENV)
+        alt = _versions.parse(env, ALT_ENV)
+    except ValueError as exc:
+        raise HotswapError(str(exc)) from None
+    return Versions(rank, alt, Role(_versions.role(rank, alt)))

@@ -32,16 +32,17 @@ Call it first thing, before importing the heavy modules::
 
 from __future__ import annotations
 
-import importlib
 import os
 import threading
-from collections.abc import Callable, Mapping
 
-from .errors import HotswapError
-from .kruise import Role, detect
+from . import _versions
 
-TYPE_CHECKING = False  # not typing's: importing typing costs ~15 ms of CPU
+# Everything this module imports runs at normal priority, before it can lower
+# anything: only what it needs (threading), not enum (hotswap.kruise), not
+# importlib, not typing (~15 ms of CPU).
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
     from typing import Any, TypeVar
 
     T = TypeVar("T")
@@ -60,9 +61,11 @@ def should_idle(env: Mapping[str, str] | None = None) -> bool:
     if forced in ("0", "1"):
         return forced == "1"
     try:
-        return detect(env).role is Role.TAKEOVER
-    except HotswapError:  # a malformed version is the upgrader's to report
+        rank = _versions.parse(env, _versions.VERSION_ENV)
+        alt = _versions.parse(env, _versions.ALT_ENV)
+    except ValueError:  # a malformed version is the upgrader's to report
         return False
+    return _versions.role(rank, alt) == "takeover"
 
 
 def preload(*modules: str, idle: bool | None = None,
@@ -143,4 +146,4 @@ def _call(fn: Callable[..., T], args: tuple[object, ...], idle: bool | None,
 
 def _import_all(modules: tuple[str, ...]) -> None:
     for name in modules:
-        importlib.import_module(name)
+        __import__(name)  # importlib.import_module without importing importlib
