@@ -436,8 +436,9 @@ def throughput(procs: Procs, args: argparse.Namespace) -> dict[str, Any]:
       per round; medians): the plain throughput figure, but one round moves
       +-5% on a shared machine;
     - side by side (both servers and both wrk at the same time, the first
-      started alternating per round): whatever the machine does to one round
-      it does to both, so the per-round ratio is steady to about +-1%.
+      started alternating per round): whatever the machine does to a round
+      it does to both servers (each runs at ~78% of a core there, a
+      different operating point from alone).
     """
     wrk = shutil.which("wrk")
     if wrk is None:
