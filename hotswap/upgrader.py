@@ -776,10 +776,12 @@ class Upgrader:
 
     def _mark_serving(self, serving: bool) -> None:
         """Keep the serving marker (:func:`control.serving_marker`) bound
-        exactly while serving, for the readiness probe. Best effort: a name
-        someone else holds is logged and skipped (the probe then asks the
-        control socket, the authoritative answer). We own the marker socket:
-        closed here on leaving ``serving``, and by the kernel if we die."""
+        exactly while serving, for the readiness probe. Best effort: if the
+        name is taken (only a misconfigured or hostile process in the pod's
+        network namespace could, one that could take the control socket's
+        name as well), that is logged and we serve without a marker; the
+        probe then asks the control socket. We own the marker socket: closed
+        here on leaving ``serving``, and by the kernel if we die."""
         if not serving:
             if self._marker is not None:
                 self._marker.close()
