@@ -779,8 +779,9 @@ class Upgrader:
         exactly while serving, for the readiness probe. Best effort: if the
         name is taken (only a misconfigured or hostile process in the pod's
         network namespace could, one that could take the control socket's
-        name as well), that is logged and we serve without a marker; the
-        probe then asks the control socket. We own the marker socket: closed
+        name as well), that is logged and we serve without a marker (the
+        probe.sh fast path then believes the holder; ``hotswap probe`` asks
+        the control socket). We own the marker socket: closed
         here on leaving ``serving``, and by the kernel if we die."""
         if not serving:
             if self._marker is not None:
