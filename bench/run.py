@@ -455,10 +455,16 @@ def throughput(procs: Procs, args: argparse.Namespace) -> dict[str, Any]:
         started = [(kind, *_tp_server(procs, kind))
                    for kind in (kinds if round_ % 2 == 0 else kinds[::-1])]
         runs = {kind: _wrk(wrk, port, args.wrk_seconds) for kind, _, port in started}
-        for kind, run in runs.items():
-            together[kind].append(_rps(run))
-        for _, server, _ in started:
-            procs.stop(server)
+        try:
+            for kind, run in runs.items():
+                together[kind].append(_rps(run))
+        finally:
+            for run in runs.values():  # wrk stops by itself; reap it on errors too
+                if run.poll() is None:
+                    run.kill()
+                    run.wait()
+            for _, server, _ in started:
+                procs.stop(server)
     med = {k: statistics.median(v) for k, v in results.items()}
     ratios = [h / p for h, p in zip(together["hotswap"], together["plain"], strict=True)]
     return {"rounds": results, "median_rps": med, "ratio": med["hotswap"] / med["plain"],
