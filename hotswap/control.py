@@ -40,15 +40,24 @@ def control_address(name: str, path: str | None = None) -> str:
     return f"@hotswap/{name}"
 
 
-def serving_marker(name: str, rank: int) -> str:
-    """``@hotswap/<name>/serving/<rank>``: an abstract name that the process
-    serving ``name`` as Kruise version ``rank`` keeps bound (never listening)
-    exactly while its state is ``serving``. It shows in ``/proc/net/unix`` to
-    every container of the pod and vanishes with the process, so the
-    readiness probe (``scripts/probe.sh``) can read it without starting
-    Python. Not used with a filesystem control socket."""
+MARKER_REFRESH = 1.0
+"""Seconds between two renewals of a serving marker."""
+
+
+def serving_marker(name: str, rank: int, stamp: int) -> str:
+    """``@hotswap/<name>/serving/<rank>/<stamp>``: an abstract name that the
+    process serving ``name`` as Kruise version ``rank`` keeps bound (never
+    listening) exactly while its state is ``serving``, renewed by its event
+    loop every :data:`MARKER_REFRESH` seconds under the current Unix time
+    ``stamp``. It shows in ``/proc/net/unix`` to every container of the pod
+    and vanishes with the process, so the readiness probe
+    (``scripts/probe.sh``) can read it without starting Python; a stale stamp
+    means a loop that stopped running (or a forked child's inherited copy),
+    and the probe asks the control socket instead. Not authenticated: any
+    process in the pod's network namespace can bind such a name. Not used
+    with a filesystem control socket."""
     control_address(name)  # the same validation
-    return f"@hotswap/{name}/serving/{rank}"
+    return f"@hotswap/{name}/serving/{rank}/{stamp}"
 
 
 def sockaddr(address: str) -> str:

@@ -164,6 +164,8 @@ class Upgrader:
         self._inherited: dict[str, _Listener] = {}
         self._control_sock: socket.socket | None = None
         self._marker: socket.socket | None = None
+        self._marker_name = ""
+        self._marker_timer: asyncio.TimerHandle | None = None
         self._control_task: asyncio.Task[None] | None = None
         self._handlers: set[asyncio.Task[None]] = set()
         self._predecessor = "none"  # none | accepting | draining | gone
@@ -776,29 +778,53 @@ class Upgrader:
 
     def _mark_serving(self, serving: bool) -> None:
         """Keep the serving marker (:func:`control.serving_marker`) bound
-        exactly while serving, for the readiness probe. Best effort: if the
-        name is taken (only a misconfigured or hostile process in the pod's
-        network namespace could, one that could take the control socket's
-        name as well), that is logged and we serve without a marker (the
-        probe.sh fast path then believes the holder; ``hotswap probe`` asks
-        the control socket). We own the marker socket: closed
-        here on leaving ``serving``, and by the kernel if we die."""
+        exactly while serving, renewed by the event loop, for the readiness
+        probe. Best effort: if the marker cannot be bound (no descriptor
+        left, or the name is taken), that is logged and we serve on without
+        one; the probe then asks the control socket. We own the marker
+        socket: closed here on leaving ``serving`` or on renewal, and by the
+        kernel if we die."""
         if not serving:
+            if self._marker_timer is not None:
+                self._marker_timer.cancel()
+                self._marker_timer = None
             if self._marker is not None:
                 self._marker.close()
                 self._marker = None
+            self._marker_name = ""
             return
+        if (self._marker_timer is not None or self.versions.rank is None
+                or self.options.control_path):
+            return
+        self._renew_marker()
+
+    def _renew_marker(self) -> None:
         rank = self.versions.rank
-        if self._marker is not None or rank is None or self.options.control_path:
-            return
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        assert rank is not None
+        name = control.serving_marker(self.name, rank, int(time.time()))
+        if name != self._marker_name:  # else the same second: keep the bound one
+            try:
+                sock = socket.socket(socket.AF_UNIX,
+                                     socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+                try:
+                    sock.bind(control.sockaddr(name))
+                except OSError:
+                    sock.close()
+                    raise
+            except OSError as exc:
+                if self._marker_name != "refused":
+                    log.warning("%s: no serving marker for the readiness probe: %s",
+                                self.name, exc)
+                self._marker_name = "refused"  # say it once
+            else:
+                if self._marker is not None:
+                    self._marker.close()
+                self._marker, self._marker_name = sock, name
         try:
-            sock.bind(control.sockaddr(control.serving_marker(self.name, rank)))
-        except OSError as exc:
-            sock.close()
-            log.warning("%s: no serving marker for the readiness probe: %s", self.name, exc)
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a test driving the class by hand): no renewal
             return
-        self._marker = sock
+        self._marker_timer = loop.call_later(control.MARKER_REFRESH, self._renew_marker)
 
     def _set_title(self) -> None:
         _proc.set_title(f"hotswap[{self.name}] {self.version} {self.state.value}")

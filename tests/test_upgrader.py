@@ -10,6 +10,7 @@ import os
 import socket
 import stat
 import struct
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 
@@ -220,12 +221,19 @@ def test_filesystem_control_socket(run: Runner, tmp_path) -> None:  # type: igno
     run(main())
 
 
-def markers(name: str) -> set[str]:
-    """The serving markers of ``name`` that the kernel lists (what probe.sh reads)."""
+def markers(name: str) -> set[tuple[int, int]]:
+    """The serving markers of ``name`` that the kernel lists (what probe.sh
+    reads), as (rank, stamp) pairs."""
     prefix = f"@hotswap/{name}/serving/"
     with open("/proc/net/unix") as fh:
-        return {fields[-1] for fields in map(str.split, fh)
-                if len(fields) >= 8 and fields[-1].startswith(prefix)}
+        paths = [fields[-1] for fields in map(str.split, fh)
+                 if len(fields) >= 8 and fields[-1].startswith(prefix)]
+    return {(int(rank), int(stamp))
+            for rank, stamp in (p[len(prefix):].split("/") for p in paths)}
+
+
+def ranks(name: str) -> set[int]:
+    return {rank for rank, _ in markers(name)}
 
 
 def test_serving_marker_follows_the_state(run: Runner, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -243,19 +251,24 @@ def test_serving_marker_follows_the_state(run: Runner, tmp_path) -> None:  # typ
         await old.start()
         old.listen("http", ("127.0.0.1", 0))
         await old.ready()
-        assert markers(name) == {f"@hotswap/{name}/serving/1"}
+        (first,) = markers(name)
+        assert first[0] == 1 and abs(first[1] - time.time()) <= 2
+        # The loop renews it under the current time, one name at a time.
+        await until(lambda: len(markers(name)) == 1 and markers(name) != {first},
+                    "the marker renewed")
+        assert ranks(name) == {1}
         new = hotswap.Upgrader(name, version="v2", options=kruise(2, 1))
         assert await new.start() is hotswap.Role.TAKEOVER
         new.listen("http", ("127.0.0.1", 0))
         ready = asyncio.create_task(new.ready())
         await old.wait_exit()
-        assert markers(name) == set(), "the old side stopped serving, the new not yet"
+        assert ranks(name) == set(), "the old side stopped serving, the new not yet"
         await old.release()
         await ready
-        assert markers(name) == {f"@hotswap/{name}/serving/2"}
+        assert ranks(name) == {2}
         await old.close()
         await new.close()
-        assert markers(name) == set()
+        assert ranks(name) == set()
 
         for other in (hotswap.Upgrader(new_name(), version="v1", options=opts()),
                       hotswap.Upgrader(new_name(), version="v1", options=kruise(
@@ -264,7 +277,7 @@ def test_serving_marker_follows_the_state(run: Runner, tmp_path) -> None:  # typ
             other.listen("http", ("127.0.0.1", 0))
             await other.ready()
             assert other.state is hotswap.State.SERVING
-            assert markers(other.name) == set()
+            assert ranks(other.name) == set()
             await other.close()
 
     run(main())
