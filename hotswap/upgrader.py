@@ -165,6 +165,7 @@ class Upgrader:
         self._control_sock: socket.socket | None = None
         self._marker: socket.socket | None = None
         self._marker_name = ""
+        self._marker_warned = False
         self._marker_timer: asyncio.TimerHandle | None = None
         self._control_task: asyncio.Task[None] | None = None
         self._handlers: set[asyncio.Task[None]] = set()
@@ -803,19 +804,18 @@ class Upgrader:
         assert rank is not None
         name = control.serving_marker(self.name, rank, int(time.time()))
         if name != self._marker_name:  # else the same second: keep the bound one
+            sock = None
             try:
                 sock = socket.socket(socket.AF_UNIX,
                                      socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-                try:
-                    sock.bind(control.sockaddr(name))
-                except OSError:
-                    sock.close()
-                    raise
+                sock.bind(control.sockaddr(name))
             except OSError as exc:
-                if self._marker_name != "refused":
+                if sock is not None:
+                    sock.close()
+                if not self._marker_warned:  # say it once
+                    self._marker_warned = True
                     log.warning("%s: no serving marker for the readiness probe: %s",
                                 self.name, exc)
-                self._marker_name = "refused"  # say it once
             else:
                 if self._marker is not None:
                     self._marker.close()
