@@ -80,6 +80,7 @@ class Pod:
                       2: {"image": EMPTY, "version": "0", "alt": "1", "fail": ""}}
         self.handover_timeout = handover_timeout
         self.ok = True
+        self.hook_output = ""
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -117,7 +118,8 @@ class Pod:
         result = run(["docker", "exec", "-e", f"HOTSWAP_MIGRATE_TIMEOUT={timeout}",
                       self.container(f"sidecar-{slot}"), "sh", "/usr/local/bin/migrate.sh"],
                      check=False, timeout=120)
-        for line in (result.stdout + result.stderr).splitlines():
+        self.hook_output = result.stdout + result.stderr
+        for line in self.hook_output.splitlines():
             print(f"    | {line}", flush=True)
         say(f"sidecar-{slot}: hook exited {result.returncode}")
         return result.returncode
@@ -228,6 +230,8 @@ def main() -> int:
         switches.append(("v1 -> v2", now()))
         pod.switch(2, sidecar_image("v2"), "2", "1")
         pod.check(pod.hook(2) == 0, "migration to v2")
+        pod.check("migration to version 2 done (version 2 serves)" in pod.hook_output,
+                  "the hook saw v2 serve from its serving marker (no Python)")
         # As uid 10001 under the engine's default seccomp profile: SCHED_IDLE
         # for the successor's imports must be allowed, not silently skipped.
         pod.check("loaded at idle CPU priority" in pod.logs(2),

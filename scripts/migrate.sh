@@ -13,6 +13,9 @@
 #   HOTSWAP_NAME              sidecar name, control socket @hotswap/NAME (default: sidecar)
 #   HOTSWAP_CONTROL_PATH      filesystem control socket instead (optional)
 #   HOTSWAP_MIGRATE_TIMEOUT   seconds to wait (default: 60)
+#   HOTSWAP_MIGRATE_FAST      seconds of the wait spent watching the serving
+#                             marker without Python (default: 10; 0: never)
+#   HOTSWAP_MARKER_FRESH      seconds a marker stays valid (default: 3)
 #   HOTSWAP_CLI               the hotswap command (default: hotswap, else python3 -m hotswap)
 set -eu
 
@@ -26,6 +29,52 @@ log() { echo "migrate.sh[$name]: $*"; }
 if [ "$version" = "0" ]; then
     log "SIDECARSET_VERSION=0: this is the empty image, nothing to migrate"
     exit 0
+fi
+
+case "$alt" in
+    ""|0) log "version ${version:-unset}: fresh start, waiting until it serves" ;;
+    *)    log "version $version taking over from version $alt (timeout ${timeout}s)" ;;
+esac
+
+# Fast path, no Python: our version serving NAME binds its serving marker
+# (hotswap-marker.sh, installed beside this script) exactly when it serves
+# and its predecessor has stopped accepting, which is what `hotswap
+# wait-ready` waits for. Watch for it every 0.1 s for up to
+# HOTSWAP_MIGRATE_FAST seconds, but leave the CLI at least one second of the
+# timeout: if the marker does not show up (slow start, failed migration, a
+# newer version serving, a filesystem control socket, a timeout that is not
+# a whole number of seconds), the CLI waits for the rest and has the final
+# word.
+whole() { case $1 in ""|*[!0-9]*|???????*) return 1 ;; esac; }
+fast=${HOTSWAP_MIGRATE_FAST:-10}
+case $0 in */*) here=${0%/*} ;; *) here=. ;; esac
+if whole "$version" && whole "$timeout" && whole "$fast" &&
+   [ "$timeout" -gt 1 ] && [ "$fast" -gt 0 ] && [ -z "${HOTSWAP_CONTROL_PATH:-}" ] &&
+   [ -r /proc/net/unix ] && [ -r "$here/hotswap-marker.sh" ]; then
+    # shellcheck source=scripts/hotswap-marker.sh
+    . "$here/hotswap-marker.sh"
+    if [ "$fast" -ge "$timeout" ]; then
+        fast=$((timeout - 1))
+    fi
+    # Bounded by the clock and by the number of polls (the clock may step).
+    hotswap_markers "$name" "$version" "${HOTSWAP_MARKER_FRESH:-3}"
+    start=$marker_now
+    polls=0
+    while [ "$marker_ours" = 0 ] && [ "$marker_newer" = 0 ] && [ "$marker_now" -gt 0 ] &&
+          [ $((marker_now - start)) -lt "$fast" ] && [ "$polls" -lt $((fast * 10)) ]; do
+        sleep 0.1
+        polls=$((polls + 1))
+        hotswap_markers "$name" "$version" "${HOTSWAP_MARKER_FRESH:-3}"
+    done
+    if [ "$marker_ours" = 1 ]; then
+        log "migration to version $version done (version $version serves)"
+        exit 0
+    fi
+    spent=$((polls / 10))
+    if [ "$marker_now" -gt "$start" ] && [ $((marker_now - start)) -gt "$spent" ]; then
+        spent=$((marker_now - start))
+    fi
+    timeout=$((timeout > spent + 1 ? timeout - spent : 1))
 fi
 
 if [ -n "${HOTSWAP_CLI:-}" ]; then
@@ -42,11 +91,6 @@ fi
 if command -v nice >/dev/null 2>&1; then
     cli="nice -n 19 $cli"
 fi
-
-case "$alt" in
-    ""|0) log "version ${version:-unset}: fresh start, waiting until it serves" ;;
-    *)    log "version $version taking over from version $alt (timeout ${timeout}s)" ;;
-esac
 
 # shellcheck disable=SC2086  # $cli may be "python3 -m hotswap"
 if $cli wait-ready --name "$name" --timeout "$timeout"; then

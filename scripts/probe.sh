@@ -7,15 +7,10 @@
 #   nobody serves / an older one serves   not ready (migration pending or failed)
 #
 # It runs every few seconds in every pod, so the common answer costs no Python:
-# the process serving NAME as version N keeps the abstract Unix name
-# @hotswap/NAME/serving/N/T bound while it serves, its event loop renewing it
-# every second with the current Unix time T (the kernel drops it with the
-# process), and the pod's network namespace lists it in /proc/net/unix. A
-# fresh marker (T within the last few seconds) of our version or a newer one
-# means ready. Anything else (no marker, a stale one: a stuck event loop; a
-# filesystem control socket; no /proc/net/unix) asks the control socket
-# through `hotswap probe`, which has the final word. Markers are not
-# authenticated: the fast path trusts the pod's own containers.
+# a fresh serving marker (see hotswap-marker.sh, installed beside this script)
+# of our version or a newer one means ready. Anything else (no marker, a stale
+# one, a filesystem control socket, no /proc/net/unix, no hotswap-marker.sh)
+# asks the control socket through `hotswap probe`, which has the final word.
 set -eu
 version=${SIDECARSET_VERSION:-}
 name=${HOTSWAP_NAME:-sidecar}
@@ -24,30 +19,17 @@ if [ "$version" = "0" ]; then
     exit 0
 fi
 
+case $0 in */*) here=${0%/*} ;; *) here=. ;; esac
 case $version in
     ""|*[!0-9]*) ;;
     *)
-        if [ -z "${HOTSWAP_CONTROL_PATH:-}" ] && [ -r /proc/net/unix ]; then
-            now=$(date +%s)
-            # The path is the last field of a line (a name with blanks never
-            # matches here and goes to the CLI).
-            set -f
-            for field in $(grep -F "@hotswap/$name/serving/" /proc/net/unix || true); do
-                case $field in
-                    "@hotswap/$name/serving/"*/*)
-                        rest=${field#"@hotswap/$name/serving/"}
-                        rank=${rest%%/*}
-                        stamp=${rest#*/}
-                        case $rank in ""|*[!0-9]*) continue ;; esac
-                        case $stamp in ""|*[!0-9]*|????????????*) continue ;; esac
-                        if [ "$rank" -ge "$version" ] 2>/dev/null &&
-                           [ $((now - stamp)) -le "$fresh" ] 2>/dev/null &&
-                           [ $((stamp - now)) -le "$fresh" ] 2>/dev/null; then
-                            exit 0
-                        fi
-                        ;;
-                esac
-            done
+        if [ -z "${HOTSWAP_CONTROL_PATH:-}" ] && [ -r "$here/hotswap-marker.sh" ]; then
+            # shellcheck source=scripts/hotswap-marker.sh
+    . "$here/hotswap-marker.sh"
+            hotswap_markers "$name" "$version" "$fresh"
+            if [ "$marker_ours" = 1 ] || [ "$marker_newer" = 1 ]; then
+                exit 0
+            fi
         fi
         ;;
 esac

@@ -110,7 +110,8 @@ def test_sidecarset_has_what_hot_upgrade_needs() -> None:
     # Both images carry the hook and the probe at those paths.
     for dockerfile in ("Dockerfile.sidecar", "Dockerfile.empty"):
         text = (ROOT / dockerfile).read_text()
-        assert re.search(r"COPY scripts/migrate.sh scripts/probe.sh /usr/local/bin/", text)
+        assert re.search(r"COPY scripts/migrate.sh scripts/probe.sh "
+                         r"scripts/hotswap-marker.sh /usr/local/bin/", text)
     # Images are the ones the Dockerfiles build.
     assert container["image"].startswith("hotswap-sidecar:")
     assert empty.startswith("hotswap-empty:")
@@ -152,6 +153,7 @@ def test_compose_pod_demo_two_hot_upgrades_and_a_failed_one() -> None:
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-6000:]
     for line in ("ok   the failed migration's hook exits non-zero", "ok   migration to v2",
+                 "ok   the hook saw v2 serve from its serving marker (no Python)",
                  "ok   readiness without Python: v2 serving, v1 superseded (serving marker)",
                  "ok   migration to v3", "ok   sidecar-1 is on the empty image",
                  "ok   sidecar-2 is on the empty image", "ok   sidecar-2 never restarted",

@@ -4,12 +4,13 @@ against a real one)."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 
 import psutil
 import pytest
-from conftest import PY, ROOT, Procs, serving, wait_for
+from conftest import PY, ROOT, Procs, serving, status, wait_for
 
 from hotswap.errors import HotswapError
 from hotswap.kruise import Role, detect
@@ -42,7 +43,7 @@ def cli(procs: Procs, *args: str, **env: str) -> subprocess.CompletedProcess[str
 def hook(procs: Procs, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["sh", str(ROOT / "scripts/migrate.sh")], capture_output=True,
                           text=True, timeout=60,
-                          env=procs.env(HOTSWAP_CLI=f"{PY} -m hotswap", **env))
+                          env=procs.env(**{"HOTSWAP_CLI": f"{PY} -m hotswap", **env}))
 
 
 def probe_sh(procs: Procs, cli_command: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -97,15 +98,40 @@ def test_status_wait_ready_and_probe_against_real_sidecars(procs: Procs, name: s
         assert result.returncode == 0 and result.stdout == "", result
         return True
 
+    def hook_fast(version: str, **env: str) -> tuple[bool, str]:
+        """(answered without the CLI, the CLI's arguments otherwise)."""
+        result = hook(procs, SIDECARSET_VERSION=version, SIDECARSET_VERSION_ALT="0",
+                      HOTSWAP_NAME=name, HOTSWAP_CLI=str(no_cli), **env)
+        if result.returncode == 7:
+            return False, result.stdout.split("cli ran: ", 1)[1].splitlines()[0]
+        assert result.returncode == 0, result
+        assert f"migration to version {version} done (version {version} serves)" \
+            in result.stdout, result
+        return True, ""
+
     assert fast_path("1")
     assert not fast_path("2")
     assert not fast_path("1", HOTSWAP_CONTROL_PATH=str(procs.tmp / "control.sock"))
+    # The PostStart hook too: the marker of its own version, or the CLI
+    # after HOTSWAP_MIGRATE_FAST seconds with the rest of the timeout.
+    assert hook_fast("1") == (True, "")
+    fast, cli_args = hook_fast("2", HOTSWAP_MIGRATE_TIMEOUT="30", HOTSWAP_MIGRATE_FAST="1")
+    assert not fast and re.fullmatch(rf"wait-ready --name {name} --timeout 2[89]", cli_args)
+    assert hook_fast("1", HOTSWAP_CONTROL_PATH=str(procs.tmp / "control.sock"))[0] is False
+    assert hook_fast("1", HOTSWAP_MIGRATE_FAST="0")[0] is False
     v2 = procs.sidecar(name, "v2", SIDECARSET_VERSION="2", SIDECARSET_VERSION_ALT="1")
     result = hook(procs, SIDECARSET_VERSION="2", SIDECARSET_VERSION_ALT="1",
                   HOTSWAP_NAME=name)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "migration to version 2 done" in result.stdout
-    wait_for(serving(name, "v2"), 15, "v2 serving")
+    assert "migration to version 2 done (version 2 serves)" in result.stdout
+    st = status(name)
+    assert st is not None and (st.pid, st.state) == (v2.pid, "serving")
+    assert st.predecessor in ("draining", "gone")
+    # A newer version serves: the hook of an older one hands over to the
+    # CLI at once (which says why it will never be done), with the whole
+    # timeout left.
+    assert hook_fast("1", HOTSWAP_MIGRATE_TIMEOUT="30") == \
+        (False, f"wait-ready --name {name} --timeout 30")
     # Readiness: the new slot serves; the old slot is superseded (ready, so
     # the pod stays Ready until Kruise resets it); the empty slot is ready; a
     # slot whose version has not taken over (v3 pending) is not.
