@@ -9,7 +9,10 @@ set -eu
 cd "$(dirname "$0")/.."
 up=../shared/tools/docker-up.sh
 if [ -z "${BASE_IMAGE:-}" ] && [ -f "$up" ] && [ "$(id -u)" = 0 ]; then
-    if BASE_IMAGE=$(bash "$up" | tail -n 1); then
+    # Its status, not tail's: a failed bring-up must not pass off its last
+    # line as the base image.
+    if up_out=$(bash "$up"); then
+        BASE_IMAGE=$(printf '%s\n' "$up_out" | tail -n 1)
         export BASE_IMAGE
         echo "test.sh: Docker is up; base image $BASE_IMAGE"
     else
