@@ -2,7 +2,9 @@
 127.0.0.1 so that nothing retries behind our back (aiohttp's client and
 urllib3 may retry a request on a reused connection; this never does).
 
-Clients, all started together and run until ``--duration`` or SIGTERM:
+Clients, all started together and run until ``--duration`` or SIGTERM, or
+after SIGUSR1 ("last round") until each has made one more request that
+started after the signal:
 
 - ``keepalive``: one persistent connection each, requests back to back;
   reconnects only after a response that said ``Connection: close``;
@@ -92,11 +94,16 @@ async def wait_stop(stop: asyncio.Event, seconds: float) -> None:
             await stop.wait()
 
 
+LAST_ROUND: list[float] = []  # when SIGUSR1 came (time.time()), once
+
+
 async def client(name: str, port: int, persistent: bool, interval: float, timeout: float,
                  stop: asyncio.Event, records: list[list[object]], offset: float = 0.0) -> None:
-    """One client until ``stop``: never retries; a persistent one reconnects
-    only after ``Connection: close`` or a failure. Paced clients start
-    ``offset`` seconds late, so that they do not all ask at the same moment."""
+    """One client until ``stop``, or until its first request that started
+    after the last round was called: never retries; a persistent one
+    reconnects only after ``Connection: close`` or a failure. Paced clients
+    start ``offset`` seconds late, so that they do not all ask at the same
+    moment."""
     if offset:
         await wait_stop(stop, offset)
     conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
@@ -141,6 +148,8 @@ async def client(name: str, port: int, persistent: bool, interval: float, timeou
         if not records:
             print("loadgen: first response", flush=True)
         records.append([round(started, 6), round(time.perf_counter() - t0, 6), name, outcome])
+        if LAST_ROUND and started >= LAST_ROUND[0]:
+            break
         if interval:
             await wait_stop(stop, interval)
         elif outcome.startswith("!"):
@@ -153,6 +162,8 @@ async def main(args: argparse.Namespace) -> list[list[object]]:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1,
+                            lambda: LAST_ROUND or LAST_ROUND.append(time.time()))
     records: list[list[object]] = []
     clients = [("ka", True, args.pace, args.keepalive), ("bb", True, 0.1, args.busybox),
                ("new", False, args.pace, args.fresh)]
@@ -160,7 +171,12 @@ async def main(args: argparse.Namespace) -> list[list[object]]:
                                         args.timeout, stop, records,
                                         offset=interval * i / count))
              for kind, persistent, interval, count in clients for i in range(count)]
-    await wait_stop(stop, args.duration)
+    # Until SIGTERM, the duration, or every client done after a last round.
+    stopped = asyncio.create_task(stop.wait())
+    waiters = [stopped, *([asyncio.create_task(asyncio.wait(tasks))] if tasks else [])]
+    await asyncio.wait(waiters, timeout=args.duration, return_when=asyncio.FIRST_COMPLETED)
+    for waiter in waiters:
+        waiter.cancel()
     stop.set()
     await asyncio.wait(tasks, timeout=args.timeout + 2)
     return records

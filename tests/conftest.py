@@ -183,6 +183,13 @@ class Load:
         wait_for(lambda: b"first response" in self.log.read_bytes(), 10,
                  "the load generator's first response")
 
+    def last_round(self) -> dict[str, Any]:
+        """Every client makes one more request, started from now on, then
+        the load generator stops and reports."""
+        self.proc.send_signal(signal.SIGUSR1)
+        self.proc.wait(timeout=30)
+        return self.finish()
+
     def finish(self) -> dict[str, Any]:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

@@ -164,16 +164,20 @@ def test_descriptors_stable_over_100_handovers(procs: Procs, name: str) -> None:
     process left behind."""
     generations = 100
     previous = procs.tiny(name, "g0")
-    counts = []
     st = wait_for(serving(name, "g0"), 15, "g0 serving")
     port = port_of(st)
+    # num_fds is read by the server itself (psutil) while it answers the
+    # status query: its own descriptors plus that one connection. Every
+    # generation, once done with its predecessor, holds what a fresh start
+    # holds: a leak per takeover shows in the first successor already.
+    counts = [st.num_fds]
     for gen in range(1, generations + 1):
         current = procs.tiny(name, f"g{gen}")
         st = wait_for(serving(name, f"g{gen}"), 15, f"g{gen} serving")
         assert previous.wait(timeout=15) == 0
         assert port_of(st) == port and st.generation == gen
-        # num_fds is read by the server itself (psutil) while it answers the
-        # status query: its own descriptors plus that one connection.
+        st = wait_for(lambda: (s := status(name)) is not None and s.predecessor == "gone"
+                      and s, 15, f"g{gen} done with its predecessor")
         counts.append(st.num_fds)
         previous = current
     assert max(counts) == min(counts), counts

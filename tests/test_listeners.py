@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import stat
+import subprocess
+import sys
+import uuid
+from pathlib import Path
 
 import pytest
 
@@ -30,8 +35,9 @@ def test_bind_and_describe_tcp_unix() -> None:
     assert matches(info, wanted_info("http", ("127.0.0.1", 0)))
     assert not matches(info, wanted_info("http", ("127.0.0.2", 0)))
     tcp.close()
-    abstract = bind("@hotswap-test-abstract")
-    assert describe("c", abstract).address == "@hotswap-test-abstract"
+    name = f"@hotswap-test-abstract-{uuid.uuid4().hex}"
+    abstract = bind(name)
+    assert describe("c", abstract).address == name
     abstract.close()
 
 
@@ -93,6 +99,71 @@ def test_adopt_rejects_and_closes(case: str) -> None:
     assert not is_open(fd)
     for other in extra:
         os.close(other)
+
+
+SYSTEMD_CHILD = """
+import asyncio, fcntl, json, os, socket, sys
+import hotswap
+# As systemd starts a service: the sockets at fds 3, 4, 5 (here a pipe at 4).
+passed = [int(fd) for fd in sys.argv[1:4]]
+high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for fd in passed]
+for fd in passed:
+    os.close(fd)
+for target, fd in enumerate(high, 3):
+    os.dup2(fd, target)
+    os.close(fd)
+env = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "3",
+       "LISTEN_FDNAMES": "http:junk:admin"}
+
+async def main():
+    upg = hotswap.Upgrader(sys.argv[6], options=hotswap.Options(env=env))
+    await upg.start()
+    http = upg.listen("http", ("127.0.0.1", int(sys.argv[4])))
+    admin = upg.listen("admin", sys.argv[5], kind="stream")
+    await upg.ready()
+    http.setblocking(True)
+    http.settimeout(10)
+    conn, _ = http.accept()
+    conn.sendall(b"from the inherited listener")
+    conn.close()
+    print(json.dumps({"http": http.fileno(), "admin": admin.fileno()}))
+    await upg.close()
+
+asyncio.run(main())
+"""
+
+
+def test_systemd_sockets_are_adopted_by_name(tmp_path: Path) -> None:
+    """Socket activation: a fresh start takes the listeners systemd passed
+    (LISTEN_FDS at fds 3.., named by LISTEN_FDNAMES) instead of binding, in a
+    real process started that way; a descriptor that is no socket is closed."""
+    tcp = bind(("127.0.0.1", 0))
+    port = tcp.getsockname()[1]
+    path = str(tmp_path / "admin.sock")
+    unix = bind(path)
+    r, w = os.pipe()
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    fds = (tcp.fileno(), r, unix.fileno())
+    child = subprocess.Popen([sys.executable, "-c", SYSTEMD_CHILD, *map(str, fds), str(port),
+                              path, name], pass_fds=fds, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        for sock in (tcp, unix):
+            sock.close()
+        os.close(r)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            assert conn.recv(100) == b"from the inherited listener"
+        # By now the child has started: it closed the pipe, the only reader.
+        with pytest.raises(BrokenPipeError):
+            os.write(w, b"x")
+        out, err = child.communicate(timeout=30)
+    finally:
+        os.close(w)
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+    assert child.returncode == 0, err
+    assert json.loads(out) == {"http": 3, "admin": 5}, err
 
 
 def test_systemd_sockets_only_for_our_pid() -> None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import signal
 import socket
+import subprocess
 import time
 from typing import Any
 
+import psutil
 from conftest import Procs, http_get, port_of, read_response, serving, wait_for
 
 
@@ -56,23 +58,57 @@ def test_second_sigterm_forces_the_exit(procs: Procs, name: str) -> None:
     idle.close()
 
 
+def log_of(procs: Procs, proc: subprocess.Popen[bytes]) -> str:
+    return next(log.read_text(errors="replace") for _, p, log in procs.procs if p is proc)
+
+
+def sigterm_while_the_successor_holds_the_sockets(procs: Procs, name: str
+                                                   ) -> tuple[subprocess.Popen[bytes],
+                                                              subprocess.Popen[bytes], int]:
+    """v1 serving; v2 has received every socket and is stopped (SIGSTOP)
+    just before confirming; v1 has taken a SIGTERM meanwhile."""
+    v1 = procs.sidecar(name, "v1")
+    port = port_of(wait_for(serving(name, "v1"), 15, "v1 serving"))
+    v2 = procs.faulty(name, "v2", "send:accepting:stop-before")
+    wait_for(lambda: psutil.Process(v2.pid).status() == psutil.STATUS_STOPPED, 15,
+             "v2 to hold the sockets, stopped before confirming")
+    v1.send_signal(signal.SIGTERM)
+    wait_for(lambda: "signal 15: stopping" in log_of(procs, v1), 10, "v1 to take the SIGTERM")
+    # Not confirmed yet: v1 still accepts, stop or no stop.
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        assert b"version(v1)" in http_get(sock)
+    return v1, v2, port
+
+
 def test_sigterm_during_a_handover_loses_nothing(procs: Procs, name: str, load: Any) -> None:
     """Invariants 1, 3: SIGTERM reaches the serving process while a successor
     holds the descriptors but has not confirmed yet; the stop waits for the
     outcome, the successor takes over, not one request fails."""
-    v1 = procs.sidecar(name, "v1")
-    port = port_of(wait_for(serving(name, "v1"), 15, "v1 serving"))
+    v1, v2, port = sigterm_while_the_successor_holds_the_sockets(procs, name)
     traffic = load(port, keepalive=3, fresh=2)
-    v2 = procs.faulty(name, "v2", "send:accepting:pause-before", HOTSWAP_TEST_PAUSE="1.5")
-    wait_for(lambda: "handing over to pid" in procs.logs(), 15, "the handover to start")
-    v1.send_signal(signal.SIGTERM)
+    v2.send_signal(signal.SIGCONT)
     st = wait_for(serving(name, "v2"), 15, "v2 serving")
     assert st.pid == v2.pid and port_of(st) == port
     assert v1.wait(timeout=15) == 0
+    log = log_of(procs, v1)
+    assert log.index("signal 15: stopping") < log.index(f"pid {v2.pid} confirmed")
     result = traffic.finish()
     assert result["failed"] == 0, result
     v2.send_signal(signal.SIGTERM)
     assert v2.wait(timeout=15) == 0
+
+
+def test_sigterm_during_a_failed_handover_is_kept(procs: Procs, name: str) -> None:
+    """Invariant 1 and the stop: the successor dies before confirming, so the
+    handover fails and v1 serves on, but the SIGTERM it took meanwhile still
+    stops it: it drains and exits 0."""
+    v1, v2, _ = sigterm_while_the_successor_holds_the_sockets(procs, name)
+    v2.kill()
+    assert v2.wait(timeout=15) == -signal.SIGKILL
+    assert v1.wait(timeout=15) == 0
+    log = log_of(procs, v1)
+    assert log.index("signal 15: stopping") < log.index(
+        f"handover to pid {v2.pid} failed, still serving")
 
 
 def test_busy_at_the_deadline_gets_its_response(procs: Procs, name: str) -> None:

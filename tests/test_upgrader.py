@@ -283,7 +283,8 @@ def test_serving_marker_follows_the_state(run: Runner, tmp_path) -> None:  # typ
     run(main())
 
 
-def test_older_rank_is_refused_in_process(run: Runner) -> None:
+@pytest.mark.parametrize("rank", ["2", "3"])  # older, and the same version again
+def test_older_rank_is_refused_in_process(run: Runner, rank: str) -> None:
     name = new_name()
 
     async def main() -> None:
@@ -292,11 +293,12 @@ def test_older_rank_is_refused_in_process(run: Runner) -> None:
         await old.start()
         old.listen("http", ("127.0.0.1", 0))
         await old.ready()
-        env2 = {"SIDECARSET_VERSION": "2", "SIDECARSET_VERSION_ALT": "1"}
+        env2 = {"SIDECARSET_VERSION": rank, "SIDECARSET_VERSION_ALT": "1"}
         young = hotswap.Upgrader(name, version="v2", options=hotswap.Options(env=env2))
         with pytest.raises(hotswap.HandoverRefused) as refused:
             await young.start()
         assert refused.value.code == "older"
+        assert old.state is hotswap.State.SERVING
         await young.close()
         await old.close()
 

@@ -10,8 +10,7 @@ with the remaining arguments. ``HOTSWAP_TEST_FAULT`` is
 - ``half-frame``: send only the first half of that message's frame (with its
   descriptors, if any), close the connection, and fail the send as a broken
   channel would (the process lives on);
-- ``pause-before``: wait ``HOTSWAP_TEST_PAUSE`` seconds (default 1) before
-  sending it;
+- ``stop-before``: SIGSTOP this process just before sending that message;
 - ``stop-after``: SIGSTOP this process just after receiving that message (the
   test SIGCONTs or kills it).
 
@@ -20,7 +19,6 @@ with the remaining arguments. ``HOTSWAP_TEST_FAULT`` is
 
 from __future__ import annotations
 
-import asyncio
 import os
 import runpy
 import signal
@@ -37,6 +35,12 @@ _send, _receive = transport.Channel.send, transport.Channel.receive
 _fired = False
 
 
+def stop(what: str) -> None:
+    sys.stderr.write(f"faulty: SIGSTOP {what}\n")
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGSTOP)
+
+
 def die() -> None:
     sys.stderr.write(f"faulty: SIGKILL at {WHERE} {TYPE} ({ACTION})\n")
     sys.stderr.flush()
@@ -48,8 +52,8 @@ async def send(self: transport.Channel, message: Any, *, timeout: float) -> None
     if WHERE == "send" and message.TYPE == TYPE:
         if ACTION == "kill-before":
             die()
-        if ACTION == "pause-before":
-            await asyncio.sleep(float(os.environ.get("HOTSWAP_TEST_PAUSE", "1")))
+        if ACTION == "stop-before":
+            stop(f"before sending {TYPE}")
         if ACTION == "half-frame" and not _fired:
             _fired = True
             frame = encode(message)
@@ -70,9 +74,7 @@ async def receive(self: transport.Channel, *, timeout: float) -> Any:
         if ACTION == "kill-after":
             die()
         if ACTION == "stop-after":
-            sys.stderr.write(f"faulty: SIGSTOP after receiving {TYPE}\n")
-            sys.stderr.flush()
-            os.kill(os.getpid(), signal.SIGSTOP)
+            stop(f"after receiving {TYPE}")
     return message
 
 
