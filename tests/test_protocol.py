@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import json
 import struct
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from copy import deepcopy
+from dataclasses import dataclass, replace
+from functools import cache
 
 import pytest
 from hypothesis import given, settings
@@ -15,8 +20,10 @@ from hypothesis import strategies as st
 
 from hotswap.errors import LocalProtocolError, RemoteProtocolError
 from hotswap.protocol import (
+    _TRANSITIONS,
     MAX_FDS_PER_FRAME,
     MAX_FRAME,
+    MESSAGE_TYPES,
     NEED_DATA,
     Abort,
     Accepting,
@@ -333,3 +340,310 @@ def test_random_message_orders_from_a_client(order: list[str]) -> None:
             server.next_event()
         assert server.state is State.ERROR
         return
+
+
+# ------------------------------------------------- the conversation, specified
+#
+# An independent statement of the conversation -- the module docstring's "A
+# handover, as a sequence" and the README's "How it works" -- written in terms
+# of what has been said so far, not of the table's states. The transition table
+# and both Connection ends are checked against it, in every state.
+
+# Every message type, the handover's own order first (the random walk below
+# favours the first legal one, so that it often gets to the late states).
+HANDOVER_ORDER: tuple[type[Message], ...] = (
+    Hello, Welcome, Sockets, Accepting, Released, Connections, Drained,
+    StatusRequest, Status, Refused, Abort, Failed,
+)
+
+_SAMPLES: dict[type[Message], Callable[[int, tuple[int, ...]], Message]] = {
+    Hello: lambda n, fds: Hello(pid=2, version="v2", capabilities=("connections",)),
+    StatusRequest: lambda n, fds: StatusRequest(),
+    Status: lambda n, fds: Status(name="s", pid=1, version="v1", rank=None, state="serving",
+                                  predecessor="none", generation=0),
+    Welcome: lambda n, fds: Welcome(pid=1, version="v1", count=n),
+    Refused: lambda n, fds: Refused(code="busy", reason="r"),
+    Sockets: lambda n, fds: Sockets(entries=tuple(info(i) for i in range(n)), fds=fds),
+    Accepting: lambda n, fds: Accepting(),
+    Abort: lambda n, fds: Abort(reason="r"),
+    Failed: lambda n, fds: Failed(reason="r"),
+    Released: lambda n, fds: Released(pid=1),
+    Connections: lambda n, fds: Connections(
+        entries=tuple(ConnInfo(listener="http", peer=f"127.0.0.1:{i}") for i in range(n)),
+        fds=fds),
+    Drained: lambda n, fds: Drained(pid=1, cut=0),
+}
+
+
+_sampled: dict[tuple[str, int, int], Message] = {}
+
+
+def sample(kind: type[Message], n: int = 1, first_fd: int = 500) -> Message:
+    """A message of type ``kind``: ``n`` is a Welcome's count, or how many
+    descriptors a Sockets/Connections frame carries (``first_fd`` onwards).
+    Messages are frozen, so one of each is made and shared."""
+    key = (kind.TYPE, n, first_fd)
+    if key not in _sampled:
+        _sampled[key] = _SAMPLES[kind](n, tuple(range(first_fd, first_fd + n)))
+    return _sampled[key]
+
+
+encoded = cache(encode)
+
+
+@dataclass(frozen=True)
+class Said:
+    """What has been said so far in one conversation: a point of the spec."""
+
+    opening: type[Message] | None = None  # the client's Hello or StatusRequest
+    answer: type[Message] | None = None  # the server's Welcome, Refused or Status
+    announced: int = 0  # Welcome.count
+    delivered: int = 0  # sockets sent so far
+    confirmed: bool = False  # the client sent Accepting
+    given_up: bool = False  # Failed or Abort
+    released: bool = False
+    drained: bool = False
+
+    def allows(self, sender: Sender, kind: type[Message], nfds: int = 1) -> bool:
+        handover = self.answer is Welcome and not self.given_up
+        if sender is Sender.CLIENT:
+            if kind in (Hello, StatusRequest):  # the client opens, once
+                return self.opening is None and self.answer is None
+            if kind is Accepting:
+                # Once, and only when every announced socket has arrived (the old
+                # side accepts until the successor has them all). After Failed or
+                # Abort, a late Accepting (or Abort) crosses and is ignored.
+                return self.given_up or (handover and not self.confirmed
+                                         and self.delivered == self.announced)
+            if kind is Abort:  # the client may abort before it confirms
+                return self.given_up or (handover and not self.confirmed)
+            return False
+        if kind is Refused:  # instead of an answer, or before the opening
+            return self.answer is None
+        if kind is Status:
+            return self.opening is StatusRequest and self.answer is None
+        if kind is Welcome:
+            return self.opening is Hello and self.answer is None
+        if kind is Sockets:  # never more than announced
+            return handover and self.delivered + nfds <= self.announced
+        if kind is Failed:
+            # Any time before Accepting; also just after, as the two may cross.
+            return handover and not self.released
+        if kind is Released:
+            return handover and self.confirmed and not self.released
+        if kind in (Connections, Drained):
+            return self.released and not self.drained
+        return False
+
+    def after(self, sender: Sender, message: Message) -> Said:
+        assert self.allows(sender, type(message), message.nfds)
+        if self.given_up:  # a crossing Accepting or Abort: ignored
+            return self
+        if isinstance(message, Hello | StatusRequest):
+            return replace(self, opening=type(message))
+        if isinstance(message, Welcome):
+            return replace(self, answer=Welcome, announced=message.count)
+        if isinstance(message, Refused | Status):
+            return replace(self, answer=type(message))
+        if isinstance(message, Sockets):
+            return replace(self, delivered=self.delivered + message.nfds)
+        if isinstance(message, Accepting):
+            return replace(self, confirmed=True)
+        if isinstance(message, Abort | Failed):
+            return replace(self, given_up=True)
+        if isinstance(message, Released):
+            return replace(self, released=True)
+        if isinstance(message, Drained):
+            return replace(self, drained=True)
+        return self  # Connections: still draining
+
+    @property
+    def state(self) -> State:
+        """The name the protocol gives this point of the conversation."""
+        if self.given_up:
+            return State.FAILED
+        if self.drained or self.answer in (Refused, Status):
+            return State.DONE
+        if self.released:
+            return State.RELEASED
+        if self.confirmed:
+            return State.CONFIRMED
+        if self.answer is Welcome:
+            return State.TRANSFERRING if self.delivered < self.announced else State.ADOPTING
+        if self.opening is Hello:
+            return State.HELLO_SENT
+        if self.opening is StatusRequest:
+            return State.STATUS_REQUESTED
+        return State.IDLE
+
+
+def specified_moves(said: Said, sizes: Iterable[int]) -> Iterator[tuple[Sender, Message]]:
+    """Every message the spec allows next, with each of ``sizes`` as count/fds."""
+    for kind in HANDOVER_ORDER:
+        for sender in Sender:
+            for n in sizes:
+                if said.allows(sender, kind, n):
+                    yield sender, sample(kind, n)
+
+
+def specified_conversations(
+        sizes: tuple[int, ...] = (1, 2, 3)) -> Iterator[tuple[Said, list[tuple[Sender, Message]]]]:
+    """Every point of the specified conversation (handovers of 1-3 sockets in
+    chunks of 1-3), each once, with a shortest way to get there."""
+    paths: dict[Said, list[tuple[Sender, Message]]] = {Said(): []}
+    todo = deque([Said()])
+    while todo:
+        said = todo.popleft()
+        yield said, paths[said]
+        for sender, message in specified_moves(said, sizes):
+            nxt = said.after(sender, message)
+            if nxt not in paths:
+                paths[nxt] = [*paths[said], (sender, message)]
+                todo.append(nxt)
+
+
+def end(p: Pair, sender: Sender) -> Connection:
+    return p.client if sender is Sender.CLIENT else p.server
+
+
+def check_every_message(p: Pair, said: Said) -> None:
+    """In the conversation ``p`` (at ``said``), try every message type from each
+    side, on the end that would send it and on the end that would receive it.
+
+    Allowed by the spec: sent, it is framed and moves the sender to the next
+    state; received, it comes out unchanged and moves the receiver there too.
+    Not allowed: sent, LocalProtocolError and nothing changes (tried on the real
+    end, which the conversation then goes on using); received,
+    RemoteProtocolError, ERROR for good and the frame's descriptors closed.
+    """
+    state = said.state
+    assert p.client.state is p.server.state is state
+    remaining = said.announced - said.delivered
+    for sender in Sender:
+        sending = end(p, sender)
+        receiving = end(p, Sender.SERVER if sender is Sender.CLIENT else Sender.CLIENT)
+        for kind in HANDOVER_ORDER:
+            sizes = {1, remaining, remaining + 1} if kind is Sockets else {1}
+            for n in sorted(size for size in sizes if 1 <= size <= MAX_FDS_PER_FRAME):
+                message = sample(kind, n, first_fd=900)
+                what = f"{sender.value} {kind.TYPE} ({n}) in {state.value}"
+                legal = said.allows(sender, kind, n)
+                if legal:
+                    expected = said.after(sender, message).state
+                    copy_ = deepcopy(sending)
+                    copy_.send(message)
+                    assert copy_.state is expected, what
+                else:
+                    try:  # (not pytest.raises: this runs ~10^5 times)
+                        sending.send(message)
+                    except LocalProtocolError:
+                        pass
+                    else:
+                        pytest.fail(f"sending {what} was allowed")
+                    assert sending.state is state, what
+                    assert sending.pending_fds == 0, what
+                copy_ = deepcopy(receiving)
+                closed = len(p.closed)
+                copy_.receive_data(encoded(message), getattr(message, "fds", ()))
+                if legal:
+                    assert copy_.next_event() == message, what
+                    assert copy_.next_event() is NEED_DATA, what
+                    assert copy_.state is expected, what
+                    assert len(p.closed) == closed, what
+                else:
+                    for _ in range(2):  # and sticky
+                        try:
+                            copy_.next_event()
+                        except RemoteProtocolError:
+                            pass
+                        else:
+                            pytest.fail(f"receiving {what} was allowed")
+                        assert copy_.state is State.ERROR, what
+                    assert sorted(p.closed[closed:]) == list(getattr(message, "fds", ())), what
+                    del p.closed[closed:]
+    assert p.client.state is p.server.state is state
+
+
+def test_transition_table_is_the_specified_conversation() -> None:
+    """The table holds exactly the transitions of the spec: an added or a
+    missing one fails here, whatever state it is in."""
+    assert set(HANDOVER_ORDER) == set(MESSAGE_TYPES.values())
+    derived: dict[tuple[State, Sender, type[Message]], State] = {}
+    points = [said for said, _ in specified_conversations()]
+    for said in points:
+        for sender, message in specified_moves(said, (1, 2, 3)):
+            kind, target = type(message), said.after(sender, message).state
+            if kind is Sockets:
+                # The table keeps TRANSFERRING; Connection counts its way on to
+                # ADOPTING with the last chunk.
+                assert target in (State.TRANSFERRING, State.ADOPTING)
+                target = State.TRANSFERRING
+            key = (said.state, sender, kind)
+            assert derived.setdefault(key, target) is target, f"the spec is ambiguous at {key}"
+    # A table can say it: every point in one state allows the same messages.
+    for said in points:
+        for sender in Sender:
+            for kind in HANDOVER_ORDER:
+                assert said.allows(sender, kind) == ((said.state, sender, kind) in derived)
+    assert {said.state for said in points} == set(State) - {State.ERROR}
+
+    def show(keys: Iterable[tuple[State, Sender, type[Message]]]) -> list[str]:
+        return sorted(f"({s.value}, {snd.value}, {k.TYPE})" for s, snd, k in keys)
+
+    added = show(_TRANSITIONS.keys() - derived.keys())
+    missing = show(derived.keys() - _TRANSITIONS.keys())
+    changed = [f"{key}: {_TRANSITIONS[key]} != {derived[key]}"
+               for key in derived.keys() & _TRANSITIONS.keys()
+               if _TRANSITIONS[key] is not derived[key]]
+    assert (added, missing, changed) == ([], [], [])
+
+
+def test_every_state_of_both_ends_allows_exactly_the_specified_messages() -> None:
+    """Exhaustively: every point of the spec (small handovers), reached by a
+    real conversation between two ends, then every message tried there."""
+    reached = set()
+    for said, path in specified_conversations():
+        p = Pair()
+        for sender, message in path:
+            p.send(end(p, sender), message)
+        check_every_message(p, said)
+        reached.add(said.state)
+        assert p.closed == []
+    assert reached == set(State) - {State.ERROR}
+
+
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(st.data())
+def test_random_legal_conversations_between_both_ends(data: st.DataObject) -> None:
+    """Random legal conversations (any order the spec allows, handovers of up to
+    two frames of sockets, several chunkings), every message type tried in every
+    state reached, on both ends."""
+    p = Pair()
+    said = Said()
+    next_fd = 1000
+    unchanged = 0  # steps that left the conversation where it was (ignored, draining)
+    for _ in range(12):
+        check_every_message(p, said)
+        if unchanged == 3:
+            break
+        moves = [(sender, kind) for kind in HANDOVER_ORDER for sender in Sender
+                 if said.allows(sender, kind)]
+        if not moves:
+            break
+        # Half the time the handover's next step, so that its late states come up.
+        sender, kind = moves[data.draw(st.just(0) | st.integers(0, len(moves) - 1))]
+        n = 1
+        if kind is Welcome:
+            n = data.draw(st.sampled_from([1, 2, 3, MAX_FDS_PER_FRAME, MAX_FDS_PER_FRAME + 1]))
+        elif kind is Sockets:
+            most = min(said.announced - said.delivered, MAX_FDS_PER_FRAME)
+            n = data.draw(st.just(most) | st.integers(1, most))
+        elif kind is Connections:
+            n = data.draw(st.integers(1, 3))
+        message = sample(kind, n, first_fd=next_fd)
+        next_fd += n
+        p.send(end(p, sender), message)
+        said, before = said.after(sender, message), said
+        unchanged = unchanged + 1 if said == before else 0
+    assert p.client.state is p.server.state is said.state
+    assert p.closed == []
