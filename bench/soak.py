@@ -13,6 +13,15 @@ retrying) runs throughout; its failures are the headline number.
 
 Writes ``<out>/soak.json`` and ``<out>/soak.md``. Exit status 1 if any request
 failed, a descriptor leaked, or an upgrade did not complete.
+
+``--max-seconds`` bounds the whole run: every wait is bounded by what is left
+of it (less a few seconds kept for stopping the load and the last sidecar);
+when it is spent the soak stops, says so ("soak: time limit reached ...") and
+exits 1; SIGTERM stops it too (exit status 143). Every process it starts is
+ended by its pid and reaped, and dies with it if it is killed
+(PR_SET_PDEATHSIG). Its working directory (every process's log) is removed
+after a passing run and kept, with its path printed, after a failing one or
+with ``--keep``.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -29,9 +39,11 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import prctl
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,6 +53,30 @@ import hotswap.control  # noqa: E402  (the repository's own package)
 PY = sys.executable
 SIDECAR = ROOT / "examples/sidecar_server/main.py"
 LOADGEN = ROOT / "bench/loadgen.py"
+# Seconds of --max-seconds kept for stopping the load generator (its clients
+# finish within --timeout + 2 s) and the last sidecar once the upgrades stop.
+STOP_GRACE = 15.0
+
+
+def die_with(parent: int) -> Callable[[], None]:
+    """A preexec_fn: the child is SIGKILLed when ``parent`` (this process)
+    dies, even by SIGKILL, so nothing outlives the soak. Checked after the
+    prctl, in case the parent died between the fork and it."""
+    def preexec() -> None:
+        prctl.set_pdeathsig(signal.SIGKILL)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return preexec
+
+
+class Terminated(Exception):
+    """SIGTERM: the soak stops like a failed one (children ended by pid and
+    reaped, logs kept) and exits 143."""
+
+
+def on_sigterm(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, lambda *_: None)  # once: the stopping is not interrupted
+    raise Terminated
 
 
 def status(name: str) -> Any:
@@ -59,7 +95,7 @@ def wait_serving(name: str, version: str, timeout: float) -> Any:
                 and st.predecessor in ("none", "gone"):
             return st
         time.sleep(0.01)
-    raise RuntimeError(f"{version} not serving within {timeout}s")
+    raise RuntimeError(f"{version} not serving within {timeout:.1f}s")
 
 
 def _listening_inodes() -> set[str]:
@@ -105,19 +141,65 @@ def main() -> int:
     parser.add_argument("--keepalive", type=int, default=4)
     parser.add_argument("--fresh", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "soak")
-    parser.add_argument("--max-seconds", type=float, default=1200)
+    parser.add_argument("--max-seconds", type=float, default=1200,
+                        help="time limit of the whole run, every wait included")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the working directory (every process's log) instead "
+                             "of removing it after a passing run")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, on_sigterm)
     args.out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="hotswap-soak-"))
+    ok = False
+    try:
+        ok = soak(args, tmp)
+    except Terminated:
+        print("soak: SIGTERM, stopped", flush=True)
+        print("soak: FAIL", flush=True)
+        return 128 + signal.SIGTERM
+    finally:
+        if ok and not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            print(f"soak: logs kept in {tmp}", flush=True)
+    return 0 if ok else 1
+
+
+def soak(args: argparse.Namespace, tmp: Path) -> bool:
+    """The run; True if it passed. Every wait is bounded by what is left of
+    ``--max-seconds``; every process started is ended by its pid and reaped."""
     name = f"soak-{uuid.uuid4().hex[:8]}"
     procs: list[subprocess.Popen[bytes]] = []
+    deadline = time.monotonic() + args.max_seconds
+    grace = min(STOP_GRACE, args.max_seconds / 4)
+
+    def left(reserve: float = 0.0) -> float:
+        """Seconds left of --max-seconds, less ``reserve``."""
+        return max(0.0, deadline - reserve - time.monotonic())
+
+    def bounded(limit: float) -> float:
+        """A wait of at most ``limit`` s that leaves the stopping time."""
+        return min(limit, left(grace))
 
     def start(argv: list[str], label: str) -> subprocess.Popen[bytes]:
         with open(tmp / f"{label}.log", "wb") as log:
             proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                    preexec_fn=die_with(os.getpid()))
         procs.append(proc)
         return proc
+
+    def stop(proc: subprocess.Popen[bytes], label: str) -> None:
+        """SIGTERM, then (below) SIGKILL if it has not exited within 60 s or
+        what is left of the time limit."""
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        wait = min(60.0, left())
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            print(f"soak: {label} (pid {proc.pid}) still running {wait:.1f}s after "
+                  "SIGTERM, killed", flush=True)
 
     def sidecar(n: int) -> subprocess.Popen[bytes]:
         return start([PY, str(SIDECAR), "--name", name, "--version", f"v{n}", "--port", "0"],
@@ -125,46 +207,78 @@ def main() -> int:
 
     samples: list[dict[str, float]] = []
     ok = True
-    began = time.monotonic()
+    load: subprocess.Popen[bytes] | None = None
+    current: subprocess.Popen[bytes] | None = None
+    n = 0
     try:
-        current = sidecar(0)
-        st = wait_serving(name, "v0", 30)
-        port = int(st.listeners[0].address.rsplit(":", 1)[1])
-        load = start([PY, str(LOADGEN), "--port", str(port), "--keepalive",
-                      str(args.keepalive), "--fresh", str(args.fresh), "--pace", "0.002",
-                      "--duration", str(args.max_seconds), "--no-records",
-                      "--out", str(tmp / "load.json")],
-                     "load")
-        for n in range(1, args.upgrades + 1):
-            if time.monotonic() - began > args.max_seconds:
-                print(f"soak: time limit reached after {n - 1} upgrades", flush=True)
-                ok = False
-                break
-            t0 = time.monotonic()
-            new = sidecar(n)
-            st = wait_serving(name, f"v{n}", 60)
-            elapsed = time.monotonic() - t0
-            if current.wait(timeout=60) != 0:
-                print(f"soak: v{n - 1} exited {current.returncode}", flush=True)
-                ok = False
-            current = new
-            proc = psutil.Process(current.pid)
-            samples.append({"upgrade": n, "seconds": round(elapsed, 4),
-                            "fds": fds_without_connections(current.pid),
-                            "rss_mb": round(proc.memory_info().rss / 1e6, 2)})
-            if n % 25 == 0:
-                print(f"soak: {n} upgrades, last {elapsed:.3f}s, fds {samples[-1]['fds']}, "
-                      f"rss {samples[-1]['rss_mb']} MB", flush=True)
-        load.send_signal(signal.SIGTERM)
-        load.wait(timeout=60)
-        current.send_signal(signal.SIGTERM)
-        current.wait(timeout=60)
+        try:
+            current = sidecar(0)
+            st = wait_serving(name, "v0", bounded(30))
+            port = int(st.listeners[0].address.rsplit(":", 1)[1])
+            load = start([PY, str(LOADGEN), "--port", str(port), "--keepalive",
+                          str(args.keepalive), "--fresh", str(args.fresh), "--pace", "0.002",
+                          "--duration", str(args.max_seconds), "--no-records",
+                          "--out", str(tmp / "load.json")],
+                         "load")
+            for n in range(1, args.upgrades + 1):
+                if left(grace) <= 0:
+                    print(f"soak: time limit reached after {n - 1} upgrades "
+                          f"(--max-seconds {args.max_seconds:g})", flush=True)
+                    ok = False
+                    break
+                t0 = time.monotonic()
+                new = sidecar(n)
+                st = wait_serving(name, f"v{n}", bounded(60))
+                elapsed = time.monotonic() - t0
+                wait = bounded(60)
+                try:
+                    code = current.wait(timeout=wait)
+                except subprocess.TimeoutExpired:
+                    raise RuntimeError(f"v{n - 1} still running {wait:.1f}s after v{n} "
+                                       "served") from None
+                if code != 0:
+                    print(f"soak: v{n - 1} exited {code}", flush=True)
+                    ok = False
+                current = new
+                proc = psutil.Process(current.pid)
+                samples.append({"upgrade": n, "seconds": round(elapsed, 4),
+                                "fds": fds_without_connections(current.pid),
+                                "rss_mb": round(proc.memory_info().rss / 1e6, 2)})
+                if n % 25 == 0:
+                    print(f"soak: {n} upgrades, last {elapsed:.3f}s, fds "
+                          f"{samples[-1]['fds']}, rss {samples[-1]['rss_mb']} MB", flush=True)
+        except (RuntimeError, OSError, subprocess.SubprocessError, psutil.Error) as exc:
+            what = f"upgrade {n} did not complete" if n else "v0 did not start"
+            if left(grace) <= 0:
+                print(f"soak: time limit reached after {max(n - 1, 0)} upgrades "
+                      f"(--max-seconds {args.max_seconds:g}; {what}: {exc})", flush=True)
+            else:
+                print(f"soak: {what}: {exc}", flush=True)
+            ok = False
+        if load is not None:
+            stop(load, "the load generator")
+        if current is not None:
+            stop(current, "the serving sidecar")
     finally:
+        signal.signal(signal.SIGTERM, lambda *_: None)  # a SIGTERM now: we are stopping
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
-                proc.wait()
-    result = json.loads((tmp / "load.json").read_text())["summary"]
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                print(f"soak: pid {proc.pid} still there 10s after SIGKILL", flush=True)
+                ok = False
+    try:
+        result = json.loads((tmp / "load.json").read_text())["summary"]
+    except (OSError, ValueError) as exc:
+        print(f"soak: no load summary ({exc}); no report", flush=True)
+        result = None
+    if result is None or not samples:
+        if result is not None:
+            print("soak: no upgrade completed; no report", flush=True)
+        print("soak: FAIL", flush=True)
+        return False
     failures: dict[str, int] = result["failures"]
     times = [s["seconds"] for s in samples]
     fds = [s["fds"] for s in samples]
@@ -206,7 +320,7 @@ def main() -> int:
     (args.out / "soak.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print("soak: PASS" if ok else "soak: FAIL", flush=True)
-    return 0 if ok else 1
+    return ok
 
 
 if __name__ == "__main__":

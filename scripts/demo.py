@@ -14,7 +14,9 @@ processes on 127.0.0.1, each new side started the Kruise way.
 5. the client stops; its log and summary are printed. Exit status 0 only if
    every hook succeeded, every old slot exited cleanly and no request failed.
 
-Every process is started here and ended by its own pid, with deadlines.
+Every process is started here and ended by its own pid, with deadlines. The
+working directory (every process's log) is removed after a passing run and
+kept, with its path printed, after a failing one or with ``--keep``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -55,13 +58,13 @@ class Demo:
 
     def start_sidecar(self, slot: int, label: str, version: int, alt: int
                       ) -> subprocess.Popen[bytes]:
-        log = open(self.workdir / f"sidecar-{slot}-{label}.log", "wb")  # noqa: SIM115
         say(f"sidecar-{slot}: start {label} (SIDECARSET_VERSION={version}, "
             f"SIDECARSET_VERSION_ALT={alt})")
-        proc = subprocess.Popen(
-            [PY, str(ROOT / "examples/sidecar_server/main.py"), "--version", label,
-             "--port", str(self.args.port), "--name", self.args.name],
-            env=self.env(version, alt), stdout=log, stderr=subprocess.STDOUT)
+        with open(self.workdir / f"sidecar-{slot}-{label}.log", "wb") as log:
+            proc = subprocess.Popen(
+                [PY, str(ROOT / "examples/sidecar_server/main.py"), "--version", label,
+                 "--port", str(self.args.port), "--name", self.args.name],
+                env=self.env(version, alt), stdout=log, stderr=subprocess.STDOUT)
         self.procs.append(proc)
         return proc
 
@@ -104,11 +107,15 @@ def main() -> int:
     parser.add_argument("--name", default=os.environ.get("DEMO_NAME", "sidecar"))
     parser.add_argument("--dwell", type=float, default=3.0,
                         help="seconds between upgrades")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the working directory (every process's log) instead "
+                             "of removing it after a passing run")
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="hotswap-demo-"))
     demo = Demo(args, workdir)
     client: subprocess.Popen[str] | None = None
+    passed = False
     try:
         v1 = demo.start_sidecar(1, "v1", 1, 0)
         if not demo.hook(1, 1, 0):
@@ -155,9 +162,14 @@ def main() -> int:
         if summary["failed"] or client.returncode != 0:
             demo.ok = False
         say("PASS" if demo.ok else "FAIL")
+        passed = demo.ok
         return 0 if demo.ok else 1
     finally:
         demo.stop_all()
+        if passed and not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            say(f"logs kept in {workdir}")
 
 
 if __name__ == "__main__":
