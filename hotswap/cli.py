@@ -27,6 +27,8 @@ from .errors import HandoverRefused, HotswapError
 from .protocol import Status
 
 _POLL = 0.1
+# Accepting connections: serving, or handing over (until the successor confirms).
+_SERVING = ("serving", "handing-over")
 
 
 def _address(args: argparse.Namespace) -> str:
@@ -69,7 +71,7 @@ def _verdict(status: Status, rank: int | None, version: str | None) -> tuple[boo
     """(done, hopeless, why) for one status reply."""
     ours = status.rank == rank if rank is not None else status.version == version
     if ours:
-        if status.state == "serving" and status.predecessor in ("none", "draining", "gone"):
+        if status.state in _SERVING and status.predecessor in ("none", "draining", "gone"):
             return True, False, _describe(status)
         return False, False, f"ours but not yet done: {_describe(status)}"
     if rank is not None and status.rank is not None and status.rank > rank:
@@ -124,7 +126,7 @@ def _probe(args: argparse.Namespace) -> int:
         print(f"hotswap: not ready: no answer from {address}: {exc}", file=sys.stderr)
         return 1
     ours = status.rank == rank if rank is not None else status.version == version
-    if ours and status.state == "serving":
+    if ours and status.state in _SERVING:
         print(f"hotswap: ready: serving: {_describe(status)}")
         return 0
     if rank is not None and status.rank is not None and status.rank > rank:

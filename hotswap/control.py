@@ -47,7 +47,8 @@ MARKER_REFRESH = 1.0
 def serving_marker(name: str, rank: int, stamp: int) -> str:
     """``@hotswap/<name>/serving/<rank>/<stamp>``: an abstract name that the
     process serving ``name`` as Kruise version ``rank`` keeps bound (never
-    listening) exactly while its state is ``serving``, renewed by its event
+    listening) exactly while it accepts connections (state ``serving``, or
+    ``handing-over`` until the successor confirms), renewed by its event
     loop every :data:`MARKER_REFRESH` seconds under the current Unix time
     ``stamp``. It shows in ``/proc/net/unix`` to every container of the pod
     and vanishes with the process, so the readiness probe

@@ -514,6 +514,8 @@ def decode(payload: bytes) -> Message:
         data = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise RemoteProtocolError(f"frame is not UTF-8 JSON: {exc}") from None
+    except RecursionError:  # [[[[... nested deeper than the parser recurses
+        raise RemoteProtocolError("frame nests too deep") from None
     if not isinstance(data, dict):
         raise RemoteProtocolError("frame is not a JSON object")
     type_name = data.get("type")

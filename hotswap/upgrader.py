@@ -263,6 +263,8 @@ class Upgrader:
             await self._abort("stop requested before confirming")
         if self.state is State.TAKING_OVER:
             await self._confirm()
+        elif self.state is State.STARTING and self._control_sock is not None:
+            self._set_state(State.SERVING)  # a fresh start: serving from now on
         elif self.state is not State.SERVING:
             raise HotswapError(f"ready() in state {self.state.value}")
         names = list(self._listeners)
@@ -398,7 +400,10 @@ class Upgrader:
             except ListenerError:
                 sock.close()
         self._control_sock = self._bind_control()
-        self._set_state(State.SERVING)
+        # STARTING until ready() (also after a takeover that came to
+        # nothing): nothing listens yet, so the control socket says
+        # "starting" and refuses successors as busy (they retry).
+        self._set_state(State.STARTING)
         self._serve_control()
 
     def _bind_control(self) -> socket.socket:
@@ -650,6 +655,10 @@ class Upgrader:
             channel.send_nowait(Refused(code="timeout", reason=str(exc)))
         except HotswapError as exc:
             log.warning("%s: control connection: %s", self.name, exc)
+        except Exception as exc:  # a bug or input nobody foresaw: this connection only
+            log.exception("%s: control connection failed", self.name)
+            channel.send_nowait(Refused(code="protocol",
+                                        reason=f"internal error: {exc!r}"[:200]))
         finally:
             if not keep:
                 channel.close()
@@ -682,7 +691,7 @@ class Upgrader:
             return Refused(code="protocol", reason=f"protocol {hello.protocol} "
                            f"not supported (this is {PROTOCOL_VERSION})")
         if self.options.token and not hmac.compare_digest(
-                hello.token.encode(), self.options.token.encode()):
+                hello.token.encode("utf-8", "surrogatepass"), self.options.token.encode()):
             return Refused(code="forbidden", reason="bad or missing token")
         if self.state is not State.SERVING or self._stop_requested:
             return Refused(code="busy", reason=f"state is {self.state.value}")
@@ -719,9 +728,12 @@ class Upgrader:
                     break
                 assert isinstance(reply, Abort)
                 raise HandoverFailed(f"successor aborted: {reply.reason}")
-        except (HotswapError, OSError) as exc:
+        except Exception as exc:
+            # Whatever went wrong before the successor confirmed, the sockets
+            # are still ours and we still accept: serve on.
             log.warning("%s: handover to pid %d failed, still serving: %s",
-                        self.name, hello.pid, exc)
+                        self.name, hello.pid, exc,
+                        exc_info=not isinstance(exc, (HotswapError, OSError)))
             if not channel.closed and not isinstance(exc, BrokenResourceError):
                 with contextlib.suppress(HotswapError):
                     await channel.send(Failed(reason=str(exc)), timeout=1.0)
@@ -774,12 +786,13 @@ class Upgrader:
 
     def _set_state(self, state: State) -> None:
         self.state = state
-        self._mark_serving(state is State.SERVING)
+        self._mark_serving(state in (State.SERVING, State.HANDING_OVER))
         self._set_title()
 
     def _mark_serving(self, serving: bool) -> None:
         """Keep the serving marker (:func:`control.serving_marker`) bound
-        exactly while serving, renewed by the event loop, for the readiness
+        exactly while serving (handing over included: we accept until the
+        successor confirms), renewed by the event loop, for the readiness
         probe. Best effort: if the marker cannot be bound (no descriptor
         left, or the name is taken), that is logged and we serve on without
         one; the probe then asks the control socket. We own the marker

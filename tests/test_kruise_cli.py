@@ -203,3 +203,29 @@ def test_exports_are_locked() -> None:
         "State", "Upgrader", "__version__"])
     for symbol in hotswap.__all__:
         assert hasattr(hotswap, symbol)
+
+
+def test_the_old_slot_stays_ready_while_it_hands_over(procs: Procs, name: str) -> None:
+    """Until the successor confirms, the old version accepts every connection:
+    its slot stays ready (else a successor that hangs before confirming could
+    take the pod out of its Service for up to the handover timeout), and the
+    new slot is not ready yet."""
+    v1 = procs.sidecar(name, "v1", args=("--handover-timeout", "60"),
+                       SIDECARSET_VERSION="1", SIDECARSET_VERSION_ALT="0")
+    wait_for(serving(name, "v1"), 15, "v1 serving")
+    hung = procs.sidecar(name, "v2", args=("--fail-start", "hang"), SIDECARSET_VERSION="2",
+                         SIDECARSET_VERSION_ALT="1")
+    wait_for(lambda: (st := status(name)) is not None and st.state == "handing-over", 15,
+             "v1 handing over to the hung v2")
+    for cli_command in (f"{PY} -m hotswap", "false"):  # the CLI; the marker alone
+        result = probe_sh(procs, cli_command, SIDECARSET_VERSION="1", HOTSWAP_NAME=name)
+        assert result.returncode == 0, result
+    result = cli(procs, "probe", "--name", name, SIDECARSET_VERSION="1")
+    assert result.returncode == 0 and "ready: serving" in result.stdout, result
+    result = cli(procs, "probe", "--name", name, SIDECARSET_VERSION="2")
+    assert result.returncode == 1 and "not ready" in result.stderr, result
+    hung.send_signal(signal.SIGTERM)
+    assert hung.wait(timeout=15) == 0
+    wait_for(serving(name, "v1"), 15, "v1 serving again")
+    v1.send_signal(signal.SIGTERM)
+    assert v1.wait(timeout=15) == 0

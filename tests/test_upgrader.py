@@ -18,7 +18,8 @@ import pytest
 
 import hotswap
 from hotswap.control import control_address, query_status, sockaddr
-from hotswap.protocol import Hello, encode
+from hotswap.protocol import Hello, Sender, encode
+from hotswap.transport import Channel
 
 Runner = Callable[[Awaitable[None]], None]
 
@@ -170,6 +171,93 @@ def test_hostile_input_on_the_control_socket(run: Runner) -> None:
     run(main())
 
 
+def test_garbage_in_the_middle_of_a_handover_changes_nothing(run: Runner) -> None:
+    """Invariant 3 against a hostile successor: it takes the sockets, then
+    sends a frame nested too deep for the JSON parser (which raised
+    RecursionError, left the old side handing over for good: every later
+    successor refused as busy, no stop possible). The old side serves on,
+    and the next successor takes over."""
+    name = new_name()
+
+    async def main() -> None:
+        old = await serving_upgrader(name, "v1")
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, sockaddr(control_address(name)))
+        channel = Channel(sock, Sender.CLIENT)
+        hello = hotswap.protocol.Hello(pid=os.getpid(), version="evil", rank=None,
+                                       token="", capabilities=())
+        assert isinstance(await channel.request(hello, timeout=5),
+                          hotswap.protocol.Welcome)
+        chunk = await channel.receive(timeout=5)
+        assert isinstance(chunk, hotswap.protocol.Sockets) and chunk.nfds == 2
+        for fd in chunk.fds:
+            os.close(fd)
+        assert old.state is hotswap.State.HANDING_OVER
+        payload = b"[" * 200_000
+        await loop.sock_sendall(sock, struct.pack("!I", len(payload)) + payload)
+        await until(lambda: old.state is hotswap.State.SERVING, "v1 serving again")
+        channel.close()
+        new = hotswap.Upgrader(name, version="v2", options=opts())
+        assert await new.start() is hotswap.Role.TAKEOVER
+        new.listen("http", ("127.0.0.1", 0))
+        ready = asyncio.create_task(new.ready())
+        assert await old.wait_exit() is hotswap.ExitReason.TAKEN_OVER
+        await old.release()
+        await ready
+        await old.close(cut=0)
+        await new.close()
+
+    run(main())
+
+
+def test_a_token_that_is_no_text_is_refused(run: Runner) -> None:
+    """A lone surrogate is valid JSON but no UTF-8: refused like any wrong
+    token, not an exception in the handler."""
+    name = new_name()
+
+    async def main() -> None:
+        upg = await serving_upgrader(name, "v1", token="s3cret")
+        payload = (b'{"protocol":1,"pid":1,"version":"v","rank":null,"token":"\\ud800",'
+                   b'"capabilities":[],"type":"hello"}')
+        reply = await raw_exchange(name, struct.pack("!I", len(payload)) + payload)
+        assert b'"code":"forbidden"' in reply, reply
+        assert upg.state is hotswap.State.SERVING
+        await upg.close()
+
+    run(main())
+
+
+def test_a_fresh_start_serves_only_once_ready(run: Runner) -> None:
+    """Between start() and ready() nothing listens yet: the control socket
+    says "starting" (the hook and the probe wait), a successor is refused as
+    busy, and no serving marker is bound."""
+    name = new_name()
+    env = {"SIDECARSET_VERSION": "1", "SIDECARSET_VERSION_ALT": "0"}
+
+    async def main() -> None:
+        first = hotswap.Upgrader(name, version="v1",
+                                 options=hotswap.Options(env=env, message_timeout=2.0))
+        assert await first.start() is hotswap.Role.FRESH
+        st = await query_status(control_address(name))
+        assert st.state == "starting" and st.listeners == ()
+        assert ranks(name) == set()
+        eager = hotswap.Upgrader(name, version="v2", options=opts(connect_timeout=0.3))
+        with pytest.raises(hotswap.HandoverRefused) as refused:
+            await eager.start()
+        assert refused.value.code == "busy"
+        await eager.close()
+        first.listen("http", ("127.0.0.1", 0))
+        await first.ready()
+        st = await query_status(control_address(name))
+        assert st.state == "serving" and len(st.listeners) == 1
+        assert ranks(name) == {1}
+        await first.close()
+
+    run(main())
+
+
 def test_wrong_token_and_second_successor_are_refused(run: Runner) -> None:
     name = new_name()
 
@@ -238,8 +326,9 @@ def ranks(name: str) -> set[int]:
 
 def test_serving_marker_follows_the_state(run: Runner, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """probe.sh's marker: bound exactly while a process with a Kruise version
-    serves, closed as it hands over and on close(); never without a version,
-    nor with a filesystem control socket."""
+    accepts (serving, or handing over until the successor confirms), closed
+    as it stops accepting and on close(); never without a version, nor with
+    a filesystem control socket."""
     name = new_name()
 
     def kruise(version: int, alt: int, **kw: object) -> hotswap.Options:
@@ -259,6 +348,8 @@ def test_serving_marker_follows_the_state(run: Runner, tmp_path) -> None:  # typ
         assert ranks(name) == {1}
         new = hotswap.Upgrader(name, version="v2", options=kruise(2, 1))
         assert await new.start() is hotswap.Role.TAKEOVER
+        assert old.state is hotswap.State.HANDING_OVER
+        assert ranks(name) == {1}, "v1 accepts until v2 confirms"
         new.listen("http", ("127.0.0.1", 0))
         ready = asyncio.create_task(new.ready())
         await old.wait_exit()
