@@ -37,6 +37,8 @@ def _address(args: argparse.Namespace) -> str:
 
 def _describe(status: Status) -> str:
     listeners = ", ".join(f"{i.name}={i.address}" for i in status.listeners) or "-"
+    if status.listener_count > len(status.listeners):
+        listeners += f", ... ({status.listener_count} in all)"
     rank = "-" if status.rank is None else str(status.rank)
     return (f"{status.name}: pid {status.pid} version {status.version or '-'} "
             f"(sidecarset {rank}) state {status.state}, predecessor "

@@ -77,6 +77,9 @@ else:  # the same, without dataclasses' import and code generation (see _record)
 PROTOCOL_VERSION: Final = 1
 MAX_FRAME: Final = 256 * 1024
 MAX_FDS_PER_FRAME: Final = 253  # SCM_MAX_FD in the Linux kernel
+STATUS_MAX_LISTENERS: Final = 100
+"""A :class:`Status` lists at most this many listeners: with names and
+addresses at their limits that is well inside :data:`MAX_FRAME`."""
 _HEADER = struct.Struct("!I")
 
 
@@ -235,7 +238,10 @@ class Status(Message):
 
     ``state`` is the upgrader state (``"serving"``, ``"handing-over"``, ...);
     ``predecessor`` is ``"none"``, ``"accepting"`` (has not stopped accepting
-    yet), ``"draining"`` or ``"gone"``.
+    yet), ``"draining"`` or ``"gone"``. ``listeners`` lists at most
+    :data:`STATUS_MAX_LISTENERS` of them (the reply is one frame);
+    ``listener_count`` says how many there are (absent on the wire from
+    older versions: then the length of ``listeners``).
     """
 
     TYPE: ClassVar[str] = "status"
@@ -249,16 +255,26 @@ class Status(Message):
     listeners: tuple[SocketInfo, ...] = ()
     num_fds: int = -1
     rss: int = -1
+    listener_count: int = -1
+
+    def __post_init__(self) -> None:
+        if len(self.listeners) > STATUS_MAX_LISTENERS:
+            raise LocalProtocolError(f"a status lists at most {STATUS_MAX_LISTENERS} "
+                                     f"listeners, not {len(self.listeners)}")
+        if self.listener_count < len(self.listeners):
+            object.__setattr__(self, "listener_count", len(self.listeners))
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "pid": self.pid, "version": self.version,
                 "rank": self.rank, "state": self.state,
                 "predecessor": self.predecessor, "generation": self.generation,
                 "listeners": [info.to_json() for info in self.listeners],
-                "num_fds": self.num_fds, "rss": self.rss}
+                "num_fds": self.num_fds, "rss": self.rss,
+                "listener_count": self.listener_count}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Status:
+        count = _check(data, "listener_count", (int,)) if "listener_count" in data else -1
         return cls(name=_check(data, "name", (str,)), pid=_check(data, "pid", (int,)),
                    version=_check(data, "version", (str,)),
                    rank=_check(data, "rank", (int, type(None))),
@@ -268,7 +284,7 @@ class Status(Message):
                    listeners=tuple(SocketInfo.from_json(item)
                                    for item in _check(data, "listeners", (list,))),
                    num_fds=_check(data, "num_fds", (int,)),
-                   rss=_check(data, "rss", (int,)))
+                   rss=_check(data, "rss", (int,)), listener_count=count)
 
 
 @dataclass(frozen=True, kw_only=True)

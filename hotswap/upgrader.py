@@ -51,6 +51,7 @@ from .kruise import Role
 from .protocol import (
     MAX_FDS_PER_FRAME,
     PROTOCOL_VERSION,
+    STATUS_MAX_LISTENERS,
     Abort,
     Accepting,
     Connections,
@@ -382,13 +383,16 @@ class Upgrader:
     # ---------------------------------------------------------------- status
 
     def status(self) -> Status:
-        """This process as the control socket reports it."""
+        """This process as the control socket reports it: the first
+        :data:`~hotswap.protocol.STATUS_MAX_LISTENERS` listeners and how many
+        there are."""
         num_fds, rss = _proc.usage()
+        infos = [e.info for e in self._listeners.values()]
         return Status(name=self.name, pid=self.pid, version=self.version,
                       rank=self.versions.rank, state=self.state.value,
                       predecessor=self._predecessor, generation=self.generation,
-                      listeners=tuple(e.info for e in self._listeners.values()),
-                      num_fds=num_fds, rss=rss)
+                      listeners=tuple(infos[:STATUS_MAX_LISTENERS]),
+                      listener_count=len(infos), num_fds=num_fds, rss=rss)
 
     # ------------------------------------------------------- new side (client)
 

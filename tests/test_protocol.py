@@ -25,6 +25,7 @@ from hotswap.protocol import (
     MAX_FRAME,
     MESSAGE_TYPES,
     NEED_DATA,
+    STATUS_MAX_LISTENERS,
     Abort,
     Accepting,
     Connection,
@@ -647,3 +648,22 @@ def test_random_legal_conversations_between_both_ends(data: st.DataObject) -> No
         unchanged = unchanged + 1 if said == before else 0
     assert p.client.state is p.server.state is said.state
     assert p.closed == []
+
+
+def test_status_lists_a_bounded_number_of_listeners() -> None:
+    """One frame: at most STATUS_MAX_LISTENERS entries, and how many there
+    are; a status from a version without the count counts its list."""
+    info = SocketInfo(name="http", family="inet", kind="stream", address="127.0.0.1:1")
+    base = {"name": "s", "pid": 1, "version": "v1", "rank": None, "state": "serving",
+            "predecessor": "none", "generation": 0}
+    many = Status(**base, listeners=(info,) * STATUS_MAX_LISTENERS, listener_count=1000)
+    assert decode(encode(many)[4:]) == many
+    with pytest.raises(LocalProtocolError):
+        Status(**base, listeners=(info,) * (STATUS_MAX_LISTENERS + 1))
+    older = {**many.to_json(), "type": "status"}
+    del older["listener_count"]
+    decoded = decode(json.dumps(older).encode())
+    assert isinstance(decoded, Status) and decoded.listener_count == STATUS_MAX_LISTENERS
+    too_many = {**older, "listeners": [info.to_json()] * (STATUS_MAX_LISTENERS + 1)}
+    with pytest.raises(RemoteProtocolError):
+        decode(json.dumps(too_many).encode())

@@ -10,6 +10,7 @@ import os
 import socket
 import stat
 import struct
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -463,6 +464,35 @@ def test_slow_loris_partial_frames(run: Runner) -> None:
             sock.close()
         await until(lambda: len(os.listdir("/proc/self/fd")) == baseline,
                     "descriptor count back to its baseline")
+        await upg.close()
+
+    run(main())
+
+
+def test_status_with_more_listeners_than_one_reply_lists(run: Runner) -> None:
+    """A status is one frame: with 300 listeners of 200-character names
+    (over 256 KiB listed in full) it lists the first 100 and says how many
+    there are; the CLI's status and wait-ready still answer."""
+    name = new_name()
+
+    async def main() -> None:
+        upg = hotswap.Upgrader(name, version="v1", options=opts())
+        await upg.start()
+        names = [f"{i:03d}" + "x" * 197 for i in range(300)]
+        for listener in names:
+            upg.listen(listener, ("127.0.0.1", 0))
+        await upg.ready()
+        st = await query_status(control_address(name))
+        assert st.listener_count == 300
+        assert [info.name for info in st.listeners] == names[:100]
+        for args in (["status", "--name", name],
+                     ["wait-ready", "--name", name, "--version", "v1", "--timeout", "10"]):
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "hotswap", *args, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE)
+            out, err = await asyncio.wait_for(proc.communicate(), 30)
+            assert proc.returncode == 0, (args, out, err)
+            assert b"... (300 in all)" in out, out
         await upg.close()
 
     run(main())
