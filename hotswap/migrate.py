@@ -253,13 +253,17 @@ class Migrator:
     async def _send(self, upgrader: Upgrader, batch: list[Tracked],
                     close_after_next_response: Callable[[web.RequestHandler], None]) -> int:
         items: list[tuple[str, int, str]] = []
-        for conn in batch:
-            assert conn.transport is not None
-            raw = conn.transport.get_extra_info("socket")
-            peer = conn.transport.get_extra_info("peername")
-            items.append((conn.listener, os.dup(raw.fileno()), str(peer)))
+        sent = 0
         try:
+            for conn in batch:
+                assert conn.transport is not None
+                raw = conn.transport.get_extra_info("socket")
+                peer = conn.transport.get_extra_info("peername")
+                items.append((conn.listener, os.dup(raw.fileno()), str(peer)))
             sent = await upgrader.hand_over_connections(items)
+        except OSError as exc:  # EMFILE: no descriptor left for the copies
+            log.warning("cannot hand %d connection(s) over (%s); they drain here",
+                        len(batch), exc)
         finally:
             for _, fd, _ in items:
                 os.close(fd)

@@ -3,12 +3,13 @@ keeps its TCP connection across upgrades and never notices them."""
 
 from __future__ import annotations
 
+import resource
 import signal
 import socket
 from typing import Any
 
 import pytest
-from conftest import Procs, http_get, port_of, read_response, serving, status, wait_for
+from conftest import PY, SIDECAR, Procs, http_get, port_of, read_response, serving, status, wait_for
 
 
 def test_the_same_connection_is_answered_by_each_successor(procs: Procs, name: str) -> None:
@@ -101,5 +102,42 @@ def test_a_body_still_arriving_is_never_paused(procs: Procs, name: str) -> None:
         assert b"version(v2)" in http_get(sock)
     assert "drain deadline" not in procs.logs()
     sock.close()
+    v2.send_signal(signal.SIGTERM)
+    assert v2.wait(timeout=15) == 0
+
+
+def test_no_descriptor_left_for_the_copies(procs: Procs, name: str) -> None:
+    """Handing a connection over needs a copy of its descriptor for a moment;
+    a process at its descriptor limit (EMFILE) cannot make them. Then those
+    connections drain the safe way, in v1: each client's next request is
+    answered with Connection: close, none fails, and v1 finishes its drain."""
+    clients = 40
+    probe = procs.sidecar(name, "v0")
+    base = wait_for(serving(name, "v0"), 15, "v0 serving").num_fds
+    probe.send_signal(signal.SIGTERM)
+    assert probe.wait(timeout=15) == 0
+    # Room for the clients and a few more, not for a copy of each.
+    limit = base + clients + 10
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+    v1 = procs.spawn("v1", [PY, str(SIDECAR), "--name", name, "--version", "v1", "--port",
+                            "0", "--drain-timeout", "20"], preexec_fn=low_limit)
+    port = port_of(wait_for(serving(name, "v1"), 15, "v1 serving"))
+    socks = []
+    for _ in range(clients):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        assert b"version(v1)" in http_get(sock)
+        socks.append(sock)
+    v2 = procs.sidecar(name, "v2")
+    wait_for(serving(name, "v2", settled=False), 15, "v2 serving")
+    wait_for(lambda: "Too many open files" in procs.logs(), 10, "v1 to give up handing over")
+    for sock in socks:
+        reply = http_get(sock)
+        assert b"version(v1)" in reply and b"Connection: close" in reply, reply
+        sock.close()
+    assert v1.wait(timeout=15) == 0
+    wait_for(serving(name, "v2"), 15, "v2 serving, v1 gone")
     v2.send_signal(signal.SIGTERM)
     assert v2.wait(timeout=15) == 0
