@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import signal
+import time
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -207,3 +209,68 @@ def test_successor_hung_past_the_deadline(procs: Procs, name: str, load) -> None
     assert result["failed"] == 0, result
     v2.send_signal(signal.SIGTERM)
     assert v2.wait(timeout=15) == 0
+
+
+def test_a_server_of_another_uid_is_not_taken_from(procs: Procs, name: str) -> None:
+    """Invariant 6 the other way: the abstract name is first come, first
+    served, so a successor takes sockets only from a serving process of an
+    allowed uid (SO_PEERCRED); it fails instead, and that process serves on."""
+    if os.getuid() != 0:
+        pytest.skip("needs root to run the serving process as another uid")
+    ready_r, ready_w = os.pipe()
+    stop_r, stop_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: serve as uid 65534 until stop_r closes
+        code = 1
+        try:
+            os.close(ready_r)
+            os.close(stop_w)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+
+            async def serve() -> hotswap.State:
+                # It would hand its sockets to root: only the successor's
+                # own check stops the takeover.
+                upg = hotswap.Upgrader(name, version="v1", options=hotswap.Options(
+                    env={}, allowed_uids=frozenset({0, 65534})))
+                await upg.start()
+                upg.listen("http", ("127.0.0.1", 0))
+                await upg.ready()
+                os.write(ready_w, b"ready")
+                # (Nothing here may import: the stdlib may be unreadable as 65534.)
+                loop = asyncio.get_running_loop()
+                stopped = loop.create_future()
+                loop.add_reader(stop_r, stopped.set_result, None)
+                await stopped
+                state = upg.state
+                await upg.close()
+                return state
+
+            code = 0 if asyncio.run(serve()) is hotswap.State.SERVING else 2
+        finally:
+            os._exit(code)
+    os.close(ready_w)
+    os.close(stop_r)
+    reaped = False
+    try:
+        assert select.select([ready_r], [], [], 15)[0], "the uid-65534 server did not start"
+        assert os.read(ready_r, 5) == b"ready"
+        v2 = procs.sidecar(name, "v2")
+        assert v2.wait(timeout=30) != 0
+        assert "runs as uid 65534, not allowed" in procs.logs()
+        os.close(stop_w)
+        stop_w = -1
+        deadline = time.monotonic() + 15
+        while not reaped and time.monotonic() < deadline:
+            done, wait_status = os.waitpid(pid, os.WNOHANG)
+            reaped = done == pid
+            time.sleep(0 if reaped else 0.05)
+        assert reaped and os.waitstatus_to_exitcode(wait_status) == 0, "v1 did not serve on"
+    finally:
+        os.close(ready_r)
+        if stop_w >= 0:
+            os.close(stop_w)
+        if not reaped:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
