@@ -9,6 +9,7 @@ close-on-exec and non-blocking.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 import socket
@@ -58,29 +59,128 @@ def describe(name: str, sock: socket.socket) -> SocketInfo:
                       address=format_address(sock.family, sock.getsockname()))
 
 
+def _inet_family(host: str) -> int:
+    """The family :func:`bind` uses for ``host``: IPv6 if it contains ``:``."""
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
 def wanted_info(name: str, address: Address, kind: str = "stream") -> SocketInfo:
-    """The SocketInfo a listener bound to ``address`` would have (port 0 and
-    ``::``/``0.0.0.0`` kept as given)."""
+    """A request as a SocketInfo: the family and kind :func:`bind` would use,
+    the address as given (``"localhost:80"``, ``":80"``, ``"[::0001]:80"``,
+    port 0 kept). Nothing is resolved here: :func:`matches` canonicalises
+    the address, and only when it has to."""
     if isinstance(address, str):
         shown = "@" + address[1:] if address.startswith("\0") else address
         return SocketInfo(name=name, family="unix", kind=kind, address=shown)
     host, port = address
-    if ":" in host:
+    if _inet_family(host) == socket.AF_INET6:
         return SocketInfo(name=name, family="inet6", kind=kind, address=f"[{host}]:{port}")
     return SocketInfo(name=name, family="inet", kind=kind, address=f"{host}:{port}")
 
 
+_IP = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _split_inet(address: str) -> tuple[str, str]:
+    """``"host:port"`` or ``"[host]:port"`` into host and port (as text)."""
+    host, _, port = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, port
+
+
+def _ip(text: str) -> _IP | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def _bind_addresses(host: str, family: int) -> frozenset[_IP]:
+    """The addresses ``bind((host, port))`` may bind ``host`` to, resolved
+    the way CPython's ``socket.bind`` does it: ``""`` is the wildcard
+    (0.0.0.0, or ``::`` on an IPv6 socket), ``"<broadcast>"`` is
+    255.255.255.255, a numeric address is taken as it is (no lookup; so are
+    ``"127.1"`` and a scope like ``%eth0``, by getaddrinfo, which does not
+    look them up either), anything else is a host name resolved with
+    ``getaddrinfo(host, None, family)``. ``bind`` binds the first result;
+    every result is returned, so a name whose answers rotate (round-robin
+    DNS) still matches what the predecessor bound it to.
+
+    A host name is resolved by the system resolver, bounded by its own
+    timeouts only (``/etc/hosts`` is instant; DNS may take
+    ``timeout`` x ``attempts`` of resolv.conf), exactly as :func:`bind`
+    would resolve it. Empty if ``host`` does not resolve in ``family`` (then
+    ``bind`` fails too).
+    """
+    if host == "":
+        return frozenset({ipaddress.ip_address("::" if family == socket.AF_INET6
+                                               else "0.0.0.0")})
+    if host == "<broadcast>" and family == socket.AF_INET:
+        return frozenset({ipaddress.IPv4Address("255.255.255.255")})
+    literal = _ip(host) if "%" not in host else None
+    if literal is not None:
+        wanted_version = 6 if family == socket.AF_INET6 else 4
+        return frozenset({literal}) if literal.version == wanted_version else frozenset()
+    # As socket.bind passes it: ASCII as it is, anything else IDNA-encoded
+    # (socket.getaddrinfo would IDNA-encode ASCII too, and refuse names such
+    # as "x..y" that bind hands to the resolver).
+    name: str | bytes = host.encode("ascii") if host.isascii() else host
+    try:
+        results = socket.getaddrinfo(name, None, family)
+    except (OSError, UnicodeError):  # gaierror, or a name IDNA cannot encode
+        return frozenset()
+    found = {_ip(str(sockaddr[0])) for _, _, _, _, sockaddr in results}
+    return frozenset(ip for ip in found if ip is not None)
+
+
+def _unix_key(address: str) -> str | None:
+    """What identifies a Unix socket address: an abstract name exactly, a
+    filesystem path made absolute (relative to our working directory, as
+    ``bind`` took it relative to the binding process's); None for ``""``
+    (``bind("")`` autobinds a random abstract name, which nothing can ask
+    for again)."""
+    if address == "":
+        return None
+    if address.startswith("@"):
+        return address
+    return os.path.abspath(address)
+
+
 def matches(have: SocketInfo, want: SocketInfo) -> bool:
-    """Does an inherited socket satisfy a request? Port 0 matches any port."""
+    """Does an inherited socket ``have`` satisfy the request ``want`` (from
+    :func:`wanted_info`)? True if ``have`` is what binding the request
+    could have produced: same family and kind; port 0 matches any port;
+    hosts compared as addresses, not text (``"localhost"`` is 127.0.0.1,
+    ``""`` is 0.0.0.0, ``"::0001"`` is ``::1``), with host names resolved
+    as :func:`bind` resolves them and matching any of their addresses (see
+    :func:`_bind_addresses`); Unix paths compared made absolute, abstract
+    names exactly.
+
+    Resolution happens only when the cheap checks (family, kind, port,
+    identical text, numeric address) cannot decide, i.e. for a host name:
+    then it may wait on the system resolver like :func:`bind` would (a
+    listener that does not match is bound anew, which resolves the name
+    anyway). Pass numeric addresses to never resolve anything.
+    """
     if (have.family, have.kind) != (want.family, want.kind):
         return False
     if have.address == want.address:
         return True
     if want.family == "unix":
+        key = _unix_key(want.address)
+        return key is not None and key == _unix_key(have.address)
+    have_host, have_port = _split_inet(have.address)
+    want_host, want_port = _split_inet(want.address)
+    if want_port not in ("0", have_port):
         return False
-    want_host, _, want_port = want.address.rpartition(":")
-    have_host, _, _ = have.address.rpartition(":")
-    return want_port == "0" and want_host == have_host
+    if want_host == have_host:
+        return True
+    have_ip = _ip(have_host)
+    if have_ip is None:  # not how describe() renders an address: no guessing
+        return False
+    family = socket.AF_INET6 if want.family == "inet6" else socket.AF_INET
+    return have_ip in _bind_addresses(want_host, family)
 
 
 def validate(sock: socket.socket, declared: SocketInfo) -> None:
@@ -168,14 +268,17 @@ def bind(address: Address, *, kind: str = "stream", backlog: int = 1024,
     one port is exactly what hotswap exists to avoid). ``unix_mode`` is applied
     to a filesystem Unix socket before ``listen()``, so nobody can connect
     while it is wider than asked. The caller owns the returned socket.
-    Raises ListenerError (chained) if the address is taken or invalid.
+    A host name is resolved by ``socket.bind`` (first getaddrinfo result in
+    the socket's family, waiting on the system resolver as long as it takes;
+    :func:`matches` resolves the same way). Raises ListenerError (chained) if
+    the address is taken or invalid.
     """
     sock_type = _KINDS[kind]
     if isinstance(address, str):
         sock = socket.socket(socket.AF_UNIX, sock_type)
         target: str | tuple[str, int] = _unix_bind_name(address)
     else:
-        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        family = _inet_family(address[0])
         sock = socket.socket(family, sock_type)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         target = address

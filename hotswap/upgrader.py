@@ -219,7 +219,9 @@ class Upgrader:
                backlog: int = 1024) -> socket.socket:
         """Return the listener called ``name``: inherited if the predecessor
         had one with that name and a matching address (port 0 matches any
-        port), else newly bound.
+        port; hosts compare as addresses, so ``"localhost"`` matches
+        ``127.0.0.1``, resolved like ``bind`` would: see
+        :func:`hotswap.listeners.matches`), else newly bound.
 
         Ownership passes to the caller (see the class docstring). Raises
         ListenerError if binding fails, HotswapError if ``name`` is taken.

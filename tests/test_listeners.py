@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import hotswap
 from hotswap.errors import ListenerError
 from hotswap.listeners import adopt_fd, bind, describe, matches, systemd_sockets, wanted_info
 from hotswap.protocol import SocketInfo
@@ -51,6 +53,144 @@ def test_bind_ipv6_when_available() -> None:
     assert describe("v6", sock).address.startswith("[::1]:")
     sock.close()
 
+
+
+def bound(host: str) -> socket.socket:
+    """A listener bound to (host, any port); the test skipped if this is an
+    IPv6 address and IPv6 is not configured here."""
+    try:
+        return bind((host, 0))
+    except ListenerError as exc:
+        if ":" not in host:
+            raise
+        pytest.skip(f"{host} not available here: {exc}")
+
+
+def port_of(sock: socket.socket) -> int:
+    return int(sock.getsockname()[1])
+
+
+@pytest.mark.parametrize("host", [
+    "localhost", "", "0.0.0.0", "0", "127.0.0.1", "127.1",
+    "::1", "::0001", "0:0:0:0:0:0:0:1", "::", "::0", "::ffff:127.0.0.1", "::ffff:7f00:1"])
+def test_what_bind_binds_matches_its_own_request(host: str) -> None:
+    """What a predecessor bound for a request is what the same request in
+    the successor matches, however the host was spelt (the reviewer's bug:
+    ("localhost", P) was bound to 127.0.0.1:P and then never matched)."""
+    with bound(host) as sock:
+        have = describe("http", sock)
+        port = port_of(sock)
+        assert matches(have, wanted_info("http", (host, port))), have.address
+        assert matches(have, wanted_info("http", (host, 0))), have.address
+        assert not matches(have, wanted_info("http", (host, port + 1)))
+        assert not matches(have, wanted_info("http", (host, port), kind="dgram"))
+
+
+def test_ipv4_spellings_compare_as_addresses() -> None:
+    with bind(("localhost", 0)) as loopback:
+        have = describe("http", loopback)
+        port = port_of(loopback)
+        assert have.address == f"127.0.0.1:{port}"
+        for same in ("127.0.0.1", "127.1", "localhost"):
+            assert matches(have, wanted_info("http", (same, port))), same
+        for other in ("127.0.0.2", "0.0.0.0", "", "::1", "::ffff:127.0.0.1"):
+            assert not matches(have, wanted_info("http", (other, port))), other
+    with bind(("", 0)) as wildcard:
+        have = describe("http", wildcard)
+        port = port_of(wildcard)
+        assert have.address == f"0.0.0.0:{port}"
+        for same in ("", "0.0.0.0", "0"):
+            assert matches(have, wanted_info("http", (same, port))), same
+        for other in ("127.0.0.1", "localhost", "::"):
+            assert not matches(have, wanted_info("http", (other, port))), other
+
+
+def test_ipv6_spellings_compare_as_addresses() -> None:
+    with bound("::1") as v6:
+        have = describe("v6", v6)
+        port = port_of(v6)
+        assert have.address == f"[::1]:{port}"
+        for same in ("::1", "::0001", "0::1", "0:0:0:0:0:0:0:1"):
+            assert matches(have, wanted_info("v6", (same, port))), same
+        # "[::1]" is not something bind accepts, so it matches nothing either.
+        with pytest.raises(ListenerError):
+            bind(("[::1]", 0))
+        for other in ("[::1]", "::", "::2", "::ffff:127.0.0.1", "127.0.0.1", "localhost"):
+            assert not matches(have, wanted_info("v6", (other, port))), other
+    with bound("::ffff:7f00:1") as mapped:
+        have = describe("mapped", mapped)
+        port = port_of(mapped)
+        assert have.address == f"[::ffff:127.0.0.1]:{port}"
+        for same in ("::ffff:127.0.0.1", "::ffff:7f00:1", "0:0:0:0:0:ffff:7f00:1"):
+            assert matches(have, wanted_info("mapped", (same, port))), same
+        for other in ("127.0.0.1", "::1", "::"):
+            assert not matches(have, wanted_info("mapped", (other, port))), other
+
+
+def test_port_zero_matches_any_port_of_the_same_address() -> None:
+    with bind(("localhost", 0)) as sock:
+        have = describe("http", sock)
+        for same in ("localhost", "127.0.0.1", "127.1"):
+            assert matches(have, wanted_info("http", (same, 0))), same
+        for other in ("127.0.0.2", "", "0.0.0.0"):
+            assert not matches(have, wanted_info("http", (other, 0))), other
+
+
+def test_unix_paths_made_absolute_abstract_names_exact(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with bind("ctl.sock") as relative:
+        have = describe("ctl", relative)
+        assert have.address == "ctl.sock"  # reported as bind was given it
+        for same in ("ctl.sock", "./ctl.sock", str(tmp_path / "ctl.sock"),
+                     str(tmp_path / "sub" / ".." / "ctl.sock")):
+            assert matches(have, wanted_info("ctl", same)), same
+        for other in ("other.sock", "@ctl.sock", "", str(tmp_path)):
+            assert not matches(have, wanted_info("ctl", other)), other
+    name = f"hotswap-test-abstract-{uuid.uuid4().hex}"
+    with bind("@" + name) as abstract:
+        have = describe("a", abstract)
+        assert matches(have, wanted_info("a", "@" + name))
+        assert matches(have, wanted_info("a", "\0" + name))
+        for other in (name, "@" + name + "x", "@./" + name, ""):
+            assert not matches(have, wanted_info("a", other)), other
+
+
+def test_only_host_names_are_resolved_and_any_of_their_addresses_matches(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Resolution is the one step that can wait (on DNS): numeric addresses,
+    the wildcard, identical text and a port or family that cannot match
+    never reach getaddrinfo; a name is resolved in the family bind would use,
+    and matches whichever of its addresses the predecessor bound (bind takes
+    the first, which can rotate between lookups)."""
+    asked: list[tuple[str, int]] = []
+    answers = {"multi.test": ["10.0.0.1", "127.0.0.1"]}
+
+    def fake_getaddrinfo(host: str | bytes, port: object, family: int = 0,
+                         *rest: object) -> list[tuple[socket.AddressFamily, socket.SocketKind,
+                                                      int, str, tuple[str, int]]]:
+        host = host.decode() if isinstance(host, bytes) else host
+        asked.append((host, family))
+        if host not in answers:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, 0)) for ip in answers[host]]
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake_getaddrinfo)
+    have = SocketInfo(name="h", family="inet", kind="stream", address="127.0.0.1:8080")
+    for numeric in (("127.0.0.1", 8080), ("127.0.0.1", 0), ("0.0.0.0", 8080), ("", 8080),
+                    ("localhost", 9090), ("::1", 8080)):
+        matches(have, wanted_info("h", numeric))
+    assert asked == []
+    assert matches(have, wanted_info("h", ("multi.test", 8080)))
+    assert asked == [("multi.test", socket.AF_INET)]
+    assert not matches(have, wanted_info("h", ("nowhere.test", 8080)))  # no exception
+    other = SocketInfo(name="h", family="inet", kind="stream", address="127.0.0.2:8080")
+    assert not matches(other, wanted_info("h", ("multi.test", 8080)))
+    monkeypatch.undo()
+    # Names nobody can resolve (bind fails on them too) just do not match;
+    # these are no valid DNS names, so no query is ever sent for them.
+    for bad in ("bad\udcff", "x..y", "a" * 300):
+        assert not matches(have, wanted_info("h", (bad, 8080))), bad
 
 def test_filesystem_unix_socket_is_owner_only(tmp_path) -> None:  # type: ignore[no-untyped-def]
     path = str(tmp_path / "ctl.sock")
@@ -170,3 +310,54 @@ def test_systemd_sockets_only_for_our_pid() -> None:
     assert systemd_sockets({"LISTEN_PID": "1", "LISTEN_FDS": "1"}, os.getpid()) == {}
     assert systemd_sockets({"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "x"},
                            os.getpid()) == {}
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 a moment ago (callers retry on a race)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_successor_inherits_a_listener_asked_for_by_host_name() -> None:
+    """The reviewer's failure: both versions ask for ("localhost", P). The
+    predecessor's socket is bound to 127.0.0.1:P; a successor that compared
+    "localhost:P" with it as text closed it and bound again, and got
+    EADDRINUSE (the predecessor still holds the port): every upgrade failed.
+    The successor must get the very socket the predecessor had."""
+    name = f"l-{uuid.uuid4().hex[:12]}"
+
+    def options() -> hotswap.Options:
+        return hotswap.Options(env={}, message_timeout=2.0, handover_timeout=5.0)
+
+    async def main() -> None:
+        old = hotswap.Upgrader(name, version="v1", options=options())
+        new = hotswap.Upgrader(name, version="v2", options=options())
+        try:
+            assert await old.start() is hotswap.Role.FRESH
+            for attempt in range(20):
+                port = free_port()
+                try:
+                    old_sock = old.listen("http", ("localhost", port))
+                    break
+                except ListenerError:  # someone took the port meanwhile
+                    if attempt == 19:
+                        raise
+            await old.ready()
+            assert old.status().listeners[0].address == f"127.0.0.1:{port}"
+            assert await new.start() is hotswap.Role.TAKEOVER
+            new_sock = new.listen("http", ("localhost", port))
+            # The same kernel socket, received over the control socket.
+            assert os.fstat(new_sock.fileno()).st_ino == os.fstat(old_sock.fileno()).st_ino
+            ready = asyncio.create_task(new.ready())
+            assert await old.wait_exit() is hotswap.ExitReason.TAKEN_OVER
+            await old.release()
+            await ready
+            assert [i.address for i in new.status().listeners] == [f"127.0.0.1:{port}"]
+            with socket.create_connection(("127.0.0.1", port), timeout=5):
+                pass  # still listening, now in the successor's hands
+        finally:
+            await old.close(cut=0)
+            await new.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
