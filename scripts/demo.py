@@ -98,7 +98,10 @@ class Demo:
         for proc in self.procs:
             if proc.poll() is None:
                 proc.kill()
-                proc.wait()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:  # stuck in the kernel: say so, go on
+                    say(f"pid {proc.pid} did not die within 10 s of SIGKILL")
 
 
 def main() -> int:
