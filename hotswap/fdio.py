@@ -10,9 +10,26 @@ Linux facts handled here:
   chunks, this layer refuses more;
 - ``recvmsg`` with ``MSG_CMSG_CLOEXEC`` so received descriptors are never
   inherited by a child we spawn;
-- ``MSG_CTRUNC`` (the kernel dropped descriptors that did not fit) is a
+- ``MSG_CTRUNC`` (the kernel dropped descriptors that did not fit -- no room
+  in the buffer, or no free descriptor number in this process) is a
   :class:`~hotswap.errors.BrokenResourceError`, raised after closing every
-  descriptor that did arrive.
+  descriptor that did arrive;
+- one ``sendmsg`` bigger than what the kernel puts in one skb (about 36 KB)
+  is split into several, and only the first carries the descriptors. A
+  ``recvmsg`` stops *after* an skb that carried descriptors (unix(7): the
+  ancillary data "forms a kind of barrier"), but not *before* one: a read that
+  continues the fd-less rest of one frame runs on into the next frame's first
+  skb and takes that frame's descriptors. So the descriptors one ``recvmsg``
+  returns rode with the ``sendmsg`` that holds the *last* byte it returned;
+  they can belong to a later frame than its first byte. A reader that wants
+  one frame's descriptors reads no further than that frame's end
+  (``size``), or attributes them by the last byte, as
+  :meth:`hotswap.transport.Channel.receive` does.
+
+A sender keeps its side of this by sending each frame that carries
+descriptors with its own ``sendmsg`` starting at the frame's first byte
+(:func:`send_frame`), the rest of the frame after it, and no other frame's
+bytes in between.
 """
 
 from __future__ import annotations
@@ -48,18 +65,22 @@ def _parse_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     return fds
 
 
-def recv_some(sock: socket.socket,
+def recv_some(sock: socket.socket, size: int = RECV_BUFSIZE,
               max_fds: int = MAX_FDS_PER_FRAME) -> tuple[bytes, list[int]]:
-    """One non-blocking ``recvmsg``: the bytes and the descriptors that came.
+    """One non-blocking ``recvmsg`` of at most ``size`` bytes: the bytes and
+    the descriptors that came with them (close-on-exec).
 
-    Returns ``(b"", [])`` at EOF. Raises BlockingIOError if nothing is ready.
-    On ``MSG_CTRUNC`` closes what arrived and raises BrokenResourceError.
+    Returns ``(b"", [])`` at EOF. Raises BlockingIOError if nothing is ready,
+    OSError as the socket does. On ``MSG_CTRUNC`` closes what arrived and
+    raises BrokenResourceError (the bytes of that read are lost with it).
     The caller owns the returned descriptors. ``max_fds`` sizes the ancillary
-    buffer (one frame's worth by default).
+    buffer (one frame's worth by default). The descriptors belong to the
+    sender's frame that holds the last byte returned (see the module notes),
+    which is not the first byte's frame if the read crossed a frame's end.
     """
     space = _CMSG_SPACE if max_fds == MAX_FDS_PER_FRAME else socket.CMSG_SPACE(
         max_fds * _INT_SIZE)
-    data, ancdata, flags, _ = sock.recvmsg(RECV_BUFSIZE, space, socket.MSG_CMSG_CLOEXEC)
+    data, ancdata, flags, _ = sock.recvmsg(size, space, socket.MSG_CMSG_CLOEXEC)
     fds = _parse_fds(ancdata)
     if flags & socket.MSG_CTRUNC:
         close_fds(fds)
@@ -72,8 +93,10 @@ def recv_some(sock: socket.socket,
 def send_frame(sock: socket.socket, frame: bytes, fds: Sequence[int] = ()) -> int:
     """One non-blocking ``sendmsg`` of ``frame`` with ``fds`` attached.
 
-    Returns how many bytes went out; the descriptors went with the first byte.
-    The caller keeps ownership of ``fds`` (the kernel duplicates them).
+    Returns how many bytes went out; the descriptors went with the first byte
+    (if none went, neither did they: OSError or BlockingIOError). The rest of
+    the frame must follow with plain sends before any other frame. The caller
+    keeps ownership of ``fds`` (the kernel duplicates them), also on error.
     """
     if len(fds) > MAX_FDS_PER_FRAME:
         raise ValueError(f"at most {MAX_FDS_PER_FRAME} descriptors per sendmsg")

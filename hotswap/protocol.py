@@ -695,6 +695,23 @@ class Connection:
         """Descriptors received but not yet handed out."""
         return len(self._fds)
 
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet consumed (0 between frames)."""
+        return len(self._buffer)
+
+    @property
+    def bytes_needed(self) -> int:
+        """Bytes still missing from the frame being received: the rest of the
+        4-byte length header while it is incomplete (4 between frames), then
+        the rest of the body; 0 once a whole frame is buffered. Giving no
+        more than this to :meth:`receive_data` never passes a frame's end."""
+        have = len(self._buffer)
+        if have < _HEADER.size:
+            return _HEADER.size - have
+        length: int = _HEADER.unpack_from(self._buffer)[0]
+        return max(0, _HEADER.size + length - have)
+
     def _fail(self, reason: str) -> NoReturn:
         self.state = State.ERROR
         self.close_fds()

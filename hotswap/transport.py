@@ -16,8 +16,14 @@ import socket
 from collections.abc import Callable
 from typing import TypeVar
 
-from .errors import BrokenResourceError, ClosedResourceError, HandoverTimeout, HotswapError
-from .fdio import close_fds, peer_credentials, recv_some, send_frame
+from .errors import (
+    BrokenResourceError,
+    ClosedResourceError,
+    HandoverTimeout,
+    HotswapError,
+    RemoteProtocolError,
+)
+from .fdio import RECV_BUFSIZE, close_fds, peer_credentials, recv_some, send_frame
 from .protocol import NEED_DATA, Connection, Message, Sender, encode
 
 __all__ = ["Channel", "close_fds", "peer_credentials", "recv_some", "send_frame"]
@@ -29,15 +35,26 @@ class Channel:
     """A :class:`~hotswap.protocol.Connection` driven over a Unix socket.
 
     Resource handling: the channel owns ``sock`` and closes it in
-    :meth:`close`. Descriptors it receives belong to the Connection until a
-    :class:`~hotswap.protocol.Sockets` event hands them to the caller;
-    :meth:`close` closes any still held.
+    :meth:`close`. Descriptors given to :meth:`send` stay the caller's (the
+    kernel sends copies). Descriptors it receives belong to the channel (read
+    ahead, or held by the Connection for a frame not yet complete) until
+    :meth:`receive` returns the :class:`~hotswap.protocol.Sockets` or
+    :class:`~hotswap.protocol.Connections` message that names them: from
+    then on the caller owns them and must adopt or close each. The channel
+    closes every descriptor it still holds in :meth:`close`, and at once when
+    a receive fails with RemoteProtocolError or MSG_CTRUNC.
 
     Error handling: every wait takes a ``timeout`` and raises
     :class:`~hotswap.errors.HandoverTimeout` when it passes; an ``OSError``
     from the socket becomes :class:`~hotswap.errors.BrokenResourceError`
     (chained); use after :meth:`close` is
     :class:`~hotswap.errors.ClosedResourceError`.
+
+    Descriptors and frames: each received descriptor is delivered with the
+    frame it was sent with, never an earlier or a later one -- see
+    :meth:`receive` for how, and :mod:`hotswap.fdio` for the kernel behaviour
+    that makes it necessary. Sends may come from several tasks (they take
+    turns); receives from one task at a time.
     """
 
     def __init__(self, sock: socket.socket, role: Sender) -> None:
@@ -45,6 +62,14 @@ class Channel:
         self.sock = sock
         self.conn = Connection(role)
         self._closed = False
+        # Read but not yet given to the Connection (see _feed): bytes from
+        # _ahead_at on, and the descriptors that came with the read.
+        self._ahead = b""
+        self._ahead_at = 0
+        self._ahead_fds: list[int] = []
+        self._receive_broken = ""  # why receiving cannot go on (MSG_CTRUNC)
+        self._send_lock = asyncio.Lock()
+        self._torn = False  # a frame went out in part only
 
     @property
     def closed(self) -> bool:
@@ -54,31 +79,66 @@ class Channel:
         return peer_credentials(self.sock)
 
     async def send(self, message: Message, *, timeout: float) -> None:
-        """Send one message (with its descriptors, for Sockets)."""
+        """Send one message (with its descriptors, for Sockets and Connections).
+
+        The caller keeps ownership of ``message.fds`` whatever happens. Frames
+        never interleave: a send waits (within ``timeout``) while another is
+        in progress. A send that fails after part of its frame went out
+        (deadline, cancellation, socket error) leaves the peer in the middle
+        of that frame: every later send raises BrokenResourceError.
+        """
         self._check_open()
-        frame = self.conn.send(message)
         fds = getattr(message, "fds", ())
+        frame = b""
+        sent = 0
         try:
             async with asyncio.timeout(timeout):
-                sent = await self._io(lambda: send_frame(self.sock, frame, fds),
-                                      writable=True)
-                while sent < len(frame):
-                    rest = frame[sent:]
-                    sent += await self._io(functools.partial(self.sock.send, rest),
-                                           writable=True)
+                async with self._send_lock:
+                    self._check_open()
+                    if self._torn:
+                        raise BrokenResourceError(
+                            f"cannot send {message.TYPE!r}: an earlier frame was cut short")
+                    frame = self.conn.send(message)
+                    # The descriptors go with the frame's first byte, in a
+                    # sendmsg of this frame only; the rest follows before
+                    # any other frame (the lock), as fdio describes.
+                    sent = await self._io(lambda: send_frame(self.sock, frame, fds),
+                                          writable=True)
+                    while sent < len(frame):
+                        sent += await self._io(
+                            functools.partial(self.sock.send, frame[sent:]), writable=True)
         except TimeoutError:
             raise HandoverTimeout(
                 f"sending {message.TYPE!r} took longer than {timeout:.1f}s") from None
         except OSError as exc:
             raise BrokenResourceError(f"sending {message.TYPE!r}: {exc}") from exc
+        finally:
+            if 0 < sent < len(frame):
+                self._torn = True
 
     async def receive(self, *, timeout: float) -> Message:
         """Wait for the next message.
 
-        Raises BrokenResourceError on EOF, RemoteProtocolError on garbage,
-        HandoverTimeout after ``timeout`` seconds.
+        A returned Sockets or Connections message carries descriptors the
+        caller now owns. Raises BrokenResourceError on EOF, a socket error or
+        MSG_CTRUNC (after which receiving cannot go on), RemoteProtocolError
+        on garbage, HandoverTimeout after ``timeout`` seconds. On
+        RemoteProtocolError and MSG_CTRUNC every descriptor the channel held
+        has been closed; on HandoverTimeout they stay held (for a later
+        receive, or :meth:`close`).
+
+        How descriptors stay with their frame: between frames the channel
+        reads all that is there (one ``recvmsg`` for any number of queued
+        small frames). Descriptors that such a read returns rode with the
+        frame holding its last byte (the kernel's barrier, see
+        :mod:`hotswap.fdio`), so the read is given to the Connection a frame
+        at a time, the descriptors with that last frame's bytes. Once a
+        frame has begun, the channel reads no further than its end (the
+        Connection's ``bytes_needed``), so whatever arrives is that frame's.
         """
         self._check_open()
+        if self._receive_broken:
+            raise BrokenResourceError(self._receive_broken)
         try:
             async with asyncio.timeout(timeout):
                 while True:
@@ -86,25 +146,68 @@ class Channel:
                     if event is not NEED_DATA:
                         assert isinstance(event, Message)
                         return event
-                    if self.conn.at_eof:
-                        raise BrokenResourceError("peer closed the control connection")
-                    data, fds = await self._io(lambda: recv_some(self.sock),
-                                               writable=False)
-                    self.conn.receive_data(data, fds)
+                    if not self._ahead:
+                        if self.conn.at_eof:
+                            raise BrokenResourceError("peer closed the control connection")
+                        try:
+                            data, fds = await self._io(self._recv, writable=False)
+                        except BrokenResourceError as exc:  # MSG_CTRUNC, bytes lost
+                            self._receive_broken = str(exc)
+                            self.conn.close_fds()
+                            raise
+                        if not (fds and data):
+                            self.conn.receive_data(data, fds)
+                            continue
+                        self._ahead, self._ahead_at, self._ahead_fds = data, 0, fds
+                    self._feed()
         except TimeoutError:
             raise HandoverTimeout(
                 f"no message from the peer within {timeout:.1f}s") from None
+        except RemoteProtocolError:
+            self._drop_ahead()
+            raise
         except OSError as exc:
             raise BrokenResourceError(f"receiving: {exc}") from exc
+
+    def _recv(self) -> tuple[bytes, list[int]]:
+        size = RECV_BUFSIZE
+        if self.conn.buffered:  # inside a frame: not past its end
+            size = min(size, max(1, self.conn.bytes_needed))
+        return recv_some(self.sock, size)
+
+    def _feed(self) -> None:
+        """Give the Connection what was read ahead, up to the end of the frame
+        it is receiving (header, then body); the descriptors go with the
+        piece that holds the read's last byte: their frame's."""
+        data, at = self._ahead, self._ahead_at
+        while True:
+            need = max(1, self.conn.bytes_needed)
+            if len(data) - at <= need:
+                fds = self._ahead_fds
+                self._ahead, self._ahead_at, self._ahead_fds = b"", 0, []
+                self.conn.receive_data(data[at:], fds)
+                return
+            self.conn.receive_data(data[at:at + need])
+            at += need
+            self._ahead_at = at
+            if not self.conn.bytes_needed:  # a whole frame: next_event's turn
+                return
+
+    def _drop_ahead(self) -> None:
+        fds = self._ahead_fds
+        self._ahead, self._ahead_at, self._ahead_fds = b"", 0, []
+        close_fds(fds)
 
     def send_nowait(self, message: Message) -> None:
         """Best effort: write one frame now, bypassing the state machine (to
         explain an error on a conversation that is already dead). Never
         raises; a peer that does not read it loses nothing of ours."""
-        if self._closed:
-            return
+        if self._closed or self._torn or self._send_lock.locked():
+            return  # the peer is mid-frame: our bytes would land inside it
+        frame = encode(message)
         with contextlib.suppress(OSError):
-            self.sock.send(encode(message))
+            if self.sock.send(frame) < len(frame):
+                self._torn = True
 
     async def request(self, message: Message, *, timeout: float) -> Message:
         """Send ``message`` and return the reply.
@@ -158,4 +261,5 @@ class Channel:
             return
         self._closed = True
         self.conn.close_fds()
+        self._drop_ahead()
         self.sock.close()

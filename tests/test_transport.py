@@ -7,12 +7,29 @@ import asyncio
 import fcntl
 import os
 import socket
+from typing import Any
 
 import pytest
 
 from hotswap.errors import BrokenResourceError, HandoverTimeout, RemoteProtocolError
-from hotswap.protocol import Hello, Sender, SocketInfo, Sockets, Welcome, split_sockets
-from hotswap.transport import Channel, recv_some, send_frame
+from hotswap.protocol import (
+    MAX_FDS_PER_FRAME,
+    Accepting,
+    Connections,
+    ConnInfo,
+    Drained,
+    Failed,
+    Hello,
+    Message,
+    Released,
+    Sender,
+    SocketInfo,
+    Sockets,
+    Welcome,
+    encode,
+    split_sockets,
+)
+from hotswap.transport import Channel, close_fds, recv_some, send_frame
 
 
 def open_fds() -> set[int]:
@@ -145,3 +162,474 @@ def test_send_more_than_scm_max_fd_is_refused() -> None:
         send_frame(a, b"x", list(range(254)))
     a.close()
     b.close()
+
+
+# ------------------------------------------------- descriptors stay with their frame
+#
+# A frame bigger than one skb (about 36 KB here) is split by the kernel and only
+# its first skb carries the descriptors. A recvmsg stops after an skb that
+# carried descriptors but not before one, so a read that continues an fd-less
+# part of frame 1 runs on into frame 2's first skb and takes frame 2's
+# descriptors while frame 1's are still pending. These tests send real,
+# distinct sockets and check by inode that each arrived named by its own entry.
+
+
+def ident(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def fresh_sockets(n: int) -> list[socket.socket]:
+    """``n`` unconnected sockets: each its own inode."""
+    return [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+
+
+def socket_entries(n: int, name_len: int) -> list[SocketInfo]:
+    return [SocketInfo(name=f"{i:04d}-" + "n" * (name_len - 5), family="inet",
+                       kind="stream", address=f"127.0.0.1:{10000 + i}")
+            for i in range(n)]
+
+
+async def queued_then_received(server: Channel, client: Channel,
+                               messages: list[Message], count: int) -> list[Message]:
+    """The server queues ``messages`` (all of them, if the socket buffer
+    holds them) before the client reads; the client receives until messages
+    naming ``count`` descriptors have arrived."""
+    async def sender() -> None:
+        for message in messages:
+            await server.send(message, timeout=5)
+
+    task = asyncio.create_task(sender())
+    await asyncio.wait({task}, timeout=1)
+    got: list[Message] = []
+    named = 0
+    try:
+        while named < count:
+            event = await client.receive(timeout=5)
+            got.append(event)
+            named += event.nfds
+    finally:
+        for event in got:
+            if isinstance(event, Sockets | Connections):
+                close_fds(event.fds)
+    await task
+    return got
+
+
+def check_attribution(got: list[Message], names: list[str], sent: list[socket.socket],
+                      received: list[list[tuple[int, int]]]) -> None:
+    """Every received descriptor is the sent socket its entry names."""
+    by_name = {name: ident(sock.fileno()) for name, sock in zip(names, sent, strict=True)}
+    order: list[str] = []
+    for event, idents in zip([e for e in got if e.nfds], received, strict=True):
+        assert isinstance(event, Sockets | Connections)
+        event_names = [getattr(e, "name", None) or getattr(e, "peer", "")
+                       for e in event.entries]
+        order.extend(event_names)
+        assert len(idents) == len(event_names)
+        for name, got_ident in zip(event_names, idents, strict=True):
+            assert got_ident == by_name[name], f"{name} arrived as another socket"
+    assert order == names
+
+
+@pytest.mark.parametrize("name_len", [100, 200], ids=["frames>skb", "frames>64KiB"])
+def test_big_sockets_frames_keep_their_own_descriptors(run, name_len: int) -> None:  # type: ignore[no-untyped-def]
+    """600 sockets with long names: frames of 253 larger than an skb (and,
+    with 200-character names, larger than one 64 KiB read), all queued before
+    the successor reads. Each descriptor arrives named by its own entry."""
+    entries = socket_entries(600, name_len)
+    chunks = split_sockets(entries, [0] * len(entries))
+    # Bigger than one skb (about 36 KB), and with 200 characters than a read.
+    assert min(len(encode(c)) for c in chunks[:2]) > (40_000 if name_len < 200 else 65_536)
+    before = open_fds()
+    sent = fresh_sockets(len(entries))
+    received: list[list[tuple[int, int]]] = []
+
+    async def main() -> list[Message]:
+        a, b = socket.socketpair()
+        server, client = Channel(a, Sender.SERVER), Channel(b, Sender.CLIENT)
+        try:
+            await client.send(Hello(pid=1, version="v"), timeout=5)
+            await server.receive(timeout=5)
+            messages: list[Message] = [Welcome(pid=1, version="v", count=len(entries))]
+            messages += split_sockets(entries, [s.fileno() for s in sent])
+            original = client.receive
+
+            async def receive(*, timeout: float) -> Message:
+                event = await original(timeout=timeout)
+                if isinstance(event, Sockets):
+                    for fd in event.fds:
+                        assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+                    received.append([ident(fd) for fd in event.fds])
+                return event
+
+            client.receive = receive  # type: ignore[method-assign]
+            return await queued_then_received(server, client, messages, len(entries))
+        finally:
+            server.close()
+            client.close()
+
+    try:
+        got = run(main())
+        assert isinstance(got[0], Welcome)
+        assert [e.nfds for e in got[1:]] == [253, 253, 94]
+        check_attribution(got, [e.name for e in entries], sent, received)
+    finally:
+        for sock in sent:
+            sock.close()
+    assert open_fds() == before
+
+
+def test_big_connections_frames_keep_their_own_descriptors(run) -> None:  # type: ignore[no-untyped-def]
+    """The same for connections handed over during the drain: 600 in frames
+    of 253 with long listener names, queued before the successor reads."""
+    before = open_fds()
+    control = fresh_sockets(1)
+    conns = fresh_sockets(600)
+    infos = [ConnInfo(listener="l" * 150, peer=f"{i:04d}-127.0.0.1:{20000 + i}")
+             for i in range(len(conns))]
+    received: list[list[tuple[int, int]]] = []
+
+    async def main() -> list[Message]:
+        a, b = socket.socketpair()
+        server, client = Channel(a, Sender.SERVER), Channel(b, Sender.CLIENT)
+        try:
+            await client.send(Hello(pid=1, version="v", capabilities=("connections",)),
+                              timeout=5)
+            await server.receive(timeout=5)
+            await server.send(Welcome(pid=1, version="v", count=1), timeout=5)
+            await server.send(Sockets(entries=tuple(socket_entries(1, 10)),
+                                      fds=(control[0].fileno(),)), timeout=5)
+            assert isinstance(await client.receive(timeout=5), Welcome)
+            first = await client.receive(timeout=5)
+            assert isinstance(first, Sockets)
+            close_fds(first.fds)
+            await client.send(Accepting(), timeout=5)
+            assert isinstance(await server.receive(timeout=5), Accepting)
+            messages: list[Message] = [Released(pid=1)]
+            for i in range(0, len(conns), MAX_FDS_PER_FRAME):
+                messages.append(Connections(
+                    entries=tuple(infos[i:i + MAX_FDS_PER_FRAME]),
+                    fds=tuple(c.fileno() for c in conns[i:i + MAX_FDS_PER_FRAME])))
+            assert len(encode(messages[1])) > 40_000
+            messages.append(Drained(pid=1))
+            original = client.receive
+
+            async def receive(*, timeout: float) -> Message:
+                event = await original(timeout=timeout)
+                if isinstance(event, Connections):
+                    received.append([ident(fd) for fd in event.fds])
+                return event
+
+            client.receive = receive  # type: ignore[method-assign]
+            got = await queued_then_received(server, client, messages, len(conns))
+            assert isinstance(await client.receive(timeout=5), Drained)
+            return got
+        finally:
+            server.close()
+            client.close()
+
+    try:
+        got = run(main())
+        assert isinstance(got[0], Released)
+        assert [e.nfds for e in got[1:]] == [253, 253, 94]
+        check_attribution(got, [i.peer for i in infos], conns, received)
+    finally:
+        for sock in control + conns:
+            sock.close()
+    assert open_fds() == before
+
+
+def test_descriptors_never_go_to_an_earlier_frame(run) -> None:  # type: ignore[no-untyped-def]
+    """A Sockets frame that came without its descriptors is an error even when
+    the next frame's descriptors are already queued: they are not its own."""
+    before = open_fds()
+    sent = fresh_sockets(3)
+    entries = socket_entries(6, 10)
+
+    async def main() -> None:
+        a, b = socket.socketpair()
+        client = Channel(b, Sender.CLIENT)
+        try:
+            await client.send(Hello(pid=1, version="v"), timeout=5)
+            a.sendall(encode(Welcome(pid=1, version="v", count=6)))
+            a.sendall(encode(Sockets(entries=tuple(entries[:3]))))  # no descriptors
+            send_frame(a, encode(Sockets(entries=tuple(entries[3:]))),
+                       [s.fileno() for s in sent])
+            assert isinstance(await client.receive(timeout=5), Welcome)
+            with pytest.raises(RemoteProtocolError, match="needs 3 descriptors, 0"):
+                event = await client.receive(timeout=5)
+                close_fds(getattr(event, "fds", ()))
+        finally:
+            client.close()
+            a.close()
+
+    try:
+        run(main())
+    finally:
+        for sock in sent:
+            sock.close()
+    assert open_fds() == before
+
+
+class CountingSocket(socket.socket):
+    """A socket that counts its recvmsg calls (EAGAIN included)."""
+
+    recvmsg_calls = 0
+
+    def recvmsg(self, *args: int) -> tuple[bytes, list[tuple[int, int, bytes]], int, Any]:
+        CountingSocket.recvmsg_calls += 1
+        return super().recvmsg(*args)
+
+
+def test_small_frames_cost_one_recvmsg(run) -> None:  # type: ignore[no-untyped-def]
+    """Small frames that are already queued are read together: a Welcome and
+    a Sockets chunk behind it take one recvmsg, not one per frame or two per
+    frame (header, then body)."""
+    sent = fresh_sockets(3)
+
+    async def main() -> int:
+        a, raw = socket.socketpair()
+        b = CountingSocket(fileno=raw.detach())
+        server, client = Channel(a, Sender.SERVER), Channel(b, Sender.CLIENT)
+        try:
+            await client.send(Hello(pid=1, version="v"), timeout=5)
+            await server.receive(timeout=5)
+            await server.send(Welcome(pid=1, version="v", count=3), timeout=5)
+            await server.send(Sockets(entries=tuple(socket_entries(3, 10)),
+                                      fds=tuple(s.fileno() for s in sent)), timeout=5)
+            CountingSocket.recvmsg_calls = 0
+            assert isinstance(await client.receive(timeout=5), Welcome)
+            event = await client.receive(timeout=5)
+            assert isinstance(event, Sockets)
+            assert [ident(fd) for fd in event.fds] == [ident(s.fileno()) for s in sent]
+            close_fds(event.fds)
+            return CountingSocket.recvmsg_calls
+        finally:
+            server.close()
+            client.close()
+
+    try:
+        assert run(main()) == 1
+    finally:
+        for sock in sent:
+            sock.close()
+
+
+def test_concurrent_sends_never_interleave_frames(run) -> None:  # type: ignore[no-untyped-def]
+    """Frames sent from several tasks at once arrive whole and in order, each
+    with its own descriptors, even when a sendmsg goes out in part (a small
+    socket buffer): the rest of a frame goes before any other frame."""
+    before = open_fds()
+    sent = fresh_sockets(600)
+    entries = socket_entries(len(sent), 100)
+    received: list[list[tuple[int, int]]] = []
+
+    async def main() -> list[Message]:
+        a, b = socket.socketpair()
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * 1024)
+        server, client = Channel(a, Sender.SERVER), Channel(b, Sender.CLIENT)
+        try:
+            await client.send(Hello(pid=1, version="v"), timeout=5)
+            await server.receive(timeout=5)
+            await server.send(Welcome(pid=1, version="v", count=len(sent)), timeout=5)
+            assert isinstance(await client.receive(timeout=5), Welcome)
+            chunks = split_sockets(entries, [s.fileno() for s in sent])
+            sends = [asyncio.create_task(server.send(c, timeout=5)) for c in chunks]
+            got: list[Message] = []
+            try:
+                while sum(e.nfds for e in got) < len(sent):
+                    event = await client.receive(timeout=5)
+                    assert isinstance(event, Sockets)
+                    got.append(event)
+                    received.append([ident(fd) for fd in event.fds])
+            except BaseException:
+                client.close()  # the senders fail at once: this error is the story
+                await asyncio.wait(sends)
+                raise
+            finally:
+                for event in got:
+                    close_fds(getattr(event, "fds", ()))
+            await asyncio.gather(*sends)
+            return got
+        finally:
+            server.close()
+            client.close()
+
+    try:
+        got = run(main())
+        check_attribution(got, [e.name for e in entries], sent, received)
+    finally:
+        for sock in sent:
+            sock.close()
+    assert open_fds() == before
+
+
+def test_nothing_is_sent_after_a_frame_cut_short(run) -> None:  # type: ignore[no-untyped-def]
+    """A send that times out with part of its frame out leaves the peer in
+    the middle of that frame: later sends refuse instead of writing bytes the
+    peer would read as the rest of it."""
+    before = open_fds()
+    sent = fresh_sockets(1)
+
+    async def main() -> bytes:
+        a, b = socket.socketpair()
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * 1024)
+        server = Channel(a, Sender.SERVER)
+        try:
+            b.sendall(encode(Hello(pid=1, version="v")))
+            await server.receive(timeout=5)
+            await server.send(Welcome(pid=1, version="v", count=1), timeout=5)
+            big = Sockets(entries=(SocketInfo(name="x" * 200, family="unix", kind="stream",
+                                              address="@" + "a" * 200_000),),
+                          fds=(sent[0].fileno(),))
+            with pytest.raises(HandoverTimeout):
+                await server.send(big, timeout=0.2)
+            with pytest.raises(BrokenResourceError, match="cut short"):
+                await server.send(Failed(reason="x"), timeout=1)
+            server.send_nowait(Failed(reason="y"))
+        finally:
+            server.close()
+        data = b""
+        while True:  # blocking, up to EOF
+            chunk, fds = recv_some(b)
+            close_fds(fds)
+            if not chunk:
+                break
+            data += chunk
+        b.close()
+        return data
+
+    try:
+        data = run(main())
+    finally:
+        for sock in sent:
+            sock.close()
+    welcome = encode(Welcome(pid=1, version="v", count=1))
+    frame = encode(Sockets(entries=(SocketInfo(name="x" * 200, family="unix", kind="stream",
+                                               address="@" + "a" * 200_000),)))
+    # The Welcome, then a part of the big frame, and nothing after it.
+    assert data.startswith(welcome)
+    assert len(welcome) < len(data) < len(welcome) + len(frame)
+    assert frame.startswith(data[len(welcome):])
+    assert open_fds() == before
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_frames_splits_and_timing_keep_descriptors_with_their_frame(
+        run, seed: int) -> None:  # type: ignore[no-untyped-def]
+    """Sockets frames of random sizes (1-253 entries, names of 1-200
+    characters), a socket buffer that is sometimes small (sendmsg goes out in
+    parts), a reader that is sometimes slower than the sender: every
+    descriptor arrives with its own frame, nothing leaks."""
+    import random
+
+    rng = random.Random(seed)
+    counts = [rng.randint(1, MAX_FDS_PER_FRAME) for _ in range(rng.randint(2, 5))]
+    entries = [SocketInfo(name=f"{i:04d}-" + "n" * rng.randint(0, 195), family="inet",
+                          kind="stream", address=f"127.0.0.1:{i + 1}")
+               for i in range(sum(counts))]
+    before = open_fds()
+    sent = fresh_sockets(len(entries))
+    received: list[list[tuple[int, int]]] = []
+
+    async def main() -> list[Message]:
+        a, b = socket.socketpair()
+        if rng.random() < 0.5:
+            a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, rng.choice([8, 32]) * 1024)
+        server, client = Channel(a, Sender.SERVER), Channel(b, Sender.CLIENT)
+        try:
+            await client.send(Hello(pid=1, version="v"), timeout=5)
+            await server.receive(timeout=5)
+            frames: list[Message] = [Welcome(pid=1, version="v", count=len(entries))]
+            at = 0
+            for n in counts:
+                frames.append(Sockets(entries=tuple(entries[at:at + n]),
+                                      fds=tuple(s.fileno() for s in sent[at:at + n])))
+                at += n
+
+            async def sender() -> None:
+                for frame in frames:
+                    await server.send(frame, timeout=5)
+                    if rng.random() < 0.3:
+                        await asyncio.sleep(0.001)
+
+            task = asyncio.create_task(sender())
+            got: list[Message] = []
+            try:
+                while sum(e.nfds for e in got) < len(entries):
+                    if rng.random() < 0.3:
+                        await asyncio.sleep(0.002)
+                    event = await client.receive(timeout=5)
+                    got.append(event)
+                    if isinstance(event, Sockets):
+                        received.append([ident(fd) for fd in event.fds])
+            except BaseException:
+                client.close()
+                await asyncio.wait({task})
+                raise
+            finally:
+                for event in got:
+                    close_fds(getattr(event, "fds", ()))
+            await task
+            return got
+        finally:
+            server.close()
+            client.close()
+
+    try:
+        got = run(main())
+        assert [e.nfds for e in got] == [0, *counts]
+        check_attribution(got, [e.name for e in entries], sent, received)
+    finally:
+        for sock in sent:
+            sock.close()
+    assert open_fds() == before
+
+
+def test_descriptors_that_do_not_fit_break_receiving_and_leak_nothing() -> None:
+    """No free descriptor number for all of a frame's descriptors (EMFILE):
+    the kernel delivers some and drops the rest (MSG_CTRUNC). The ones that
+    came are closed, the error says so, and receiving cannot go on (the
+    bytes of that read are gone with them)."""
+    import resource
+
+    before = open_fds()
+    sent = fresh_sockets(10)
+
+    async def main() -> None:
+        a, b = socket.socketpair()
+        server, client = Channel(a, Sender.SERVER), Channel(b, Sender.CLIENT)
+        try:
+            await client.send(Hello(pid=1, version="v"), timeout=5)
+            await server.receive(timeout=5)
+            await server.send(Welcome(pid=1, version="v", count=10), timeout=5)
+            assert isinstance(await client.receive(timeout=5), Welcome)
+            await server.send(Sockets(entries=tuple(socket_entries(10, 10)),
+                                      fds=tuple(s.fileno() for s in sent)), timeout=5)
+            # Fill the free numbers below the highest in use, then allow 3 more.
+            top = max(open_fds())
+            fillers: list[int] = []
+            while (fd := os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)) < top:
+                fillers.append(fd)
+            os.close(fd)
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (top + 4, hard))
+            try:
+                with pytest.raises(BrokenResourceError, match=r"MSG_CTRUNC.*3 desc"):
+                    await client.receive(timeout=5)
+            finally:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+                close_fds(fillers)
+            with pytest.raises(BrokenResourceError, match="MSG_CTRUNC"):
+                await client.receive(timeout=1)
+        finally:
+            server.close()
+            client.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        for sock in sent:
+            sock.close()
+    assert open_fds() == before
