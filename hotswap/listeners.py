@@ -289,7 +289,7 @@ def bind(address: Address, *, kind: str = "stream", backlog: int = 1024,
         if sock_type == socket.SOCK_STREAM:
             sock.listen(backlog)
         sock.setblocking(False)
-    except OSError as exc:
+    except (OSError, TypeError, ValueError) as exc:  # TypeError: a host IDNA cannot encode
         sock.close()
         raise ListenerError(f"cannot bind {address!r}: {exc}") from exc
     return sock

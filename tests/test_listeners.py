@@ -43,6 +43,11 @@ def test_bind_and_describe_tcp_unix() -> None:
     abstract.close()
 
 
+def test_a_host_that_is_no_name_is_a_listener_error() -> None:
+    with pytest.raises(ListenerError, match="cannot bind"):
+        bind(("bad\udcff", 0))
+
+
 def test_bind_ipv6_when_available() -> None:
     if not socket.has_ipv6:
         pytest.skip("no IPv6 in this kernel")
