@@ -78,8 +78,11 @@ PROTOCOL_VERSION: Final = 1
 MAX_FRAME: Final = 256 * 1024
 MAX_FDS_PER_FRAME: Final = 253  # SCM_MAX_FD in the Linux kernel
 STATUS_MAX_LISTENERS: Final = 100
-"""A :class:`Status` lists at most this many listeners: with names and
-addresses at their limits that is well inside :data:`MAX_FRAME`."""
+STATUS_LISTENERS_BYTES: Final = MAX_FRAME // 2
+"""A serving process's :class:`Status` lists at most STATUS_MAX_LISTENERS
+listeners, and no more than fit in STATUS_LISTENERS_BYTES of JSON (names and
+addresses are bounded in characters, not in bytes): the reply is one frame.
+A receiver takes any number (older versions list them all)."""
 _HEADER = struct.Struct("!I")
 
 
@@ -238,10 +241,11 @@ class Status(Message):
 
     ``state`` is the upgrader state (``"serving"``, ``"handing-over"``, ...);
     ``predecessor`` is ``"none"``, ``"accepting"`` (has not stopped accepting
-    yet), ``"draining"`` or ``"gone"``. ``listeners`` lists at most
-    :data:`STATUS_MAX_LISTENERS` of them (the reply is one frame);
-    ``listener_count`` says how many there are (absent on the wire from
-    older versions: then the length of ``listeners``).
+    yet), ``"draining"`` or ``"gone"``. ``listeners`` lists the first of
+    them, as many as fit (see :data:`STATUS_MAX_LISTENERS`; the reply is one
+    frame); ``listener_count`` says how many there are (absent on the wire
+    from older versions, which list them all: then the length of
+    ``listeners``).
     """
 
     TYPE: ClassVar[str] = "status"
@@ -258,9 +262,6 @@ class Status(Message):
     listener_count: int = -1
 
     def __post_init__(self) -> None:
-        if len(self.listeners) > STATUS_MAX_LISTENERS:
-            raise LocalProtocolError(f"a status lists at most {STATUS_MAX_LISTENERS} "
-                                     f"listeners, not {len(self.listeners)}")
         if self.listener_count < len(self.listeners):
             object.__setattr__(self, "listener_count", len(self.listeners))
 

@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import enum
 import hmac
+import json
 import logging
 import os
 import socket
@@ -51,6 +52,7 @@ from .kruise import Role
 from .protocol import (
     MAX_FDS_PER_FRAME,
     PROTOCOL_VERSION,
+    STATUS_LISTENERS_BYTES,
     STATUS_MAX_LISTENERS,
     Abort,
     Accepting,
@@ -385,16 +387,22 @@ class Upgrader:
     # ---------------------------------------------------------------- status
 
     def status(self) -> Status:
-        """This process as the control socket reports it: the first
-        :data:`~hotswap.protocol.STATUS_MAX_LISTENERS` listeners and how many
-        there are."""
+        """This process as the control socket reports it: its first listeners,
+        as many as one reply holds (:data:`~hotswap.protocol.STATUS_MAX_LISTENERS`,
+        ``STATUS_LISTENERS_BYTES``), and how many there are."""
         num_fds, rss = _proc.usage()
         infos = [e.info for e in self._listeners.values()]
+        listed, size = [], 0
+        for info in infos[:STATUS_MAX_LISTENERS]:
+            size += len(json.dumps(info.to_json())) + 1  # ASCII: the most bytes
+            if size > STATUS_LISTENERS_BYTES:
+                break
+            listed.append(info)
         return Status(name=self.name, pid=self.pid, version=self.version,
                       rank=self.versions.rank, state=self.state.value,
                       predecessor=self._predecessor, generation=self.generation,
-                      listeners=tuple(infos[:STATUS_MAX_LISTENERS]),
-                      listener_count=len(infos), num_fds=num_fds, rss=rss)
+                      listeners=tuple(listed), listener_count=len(infos),
+                      num_fds=num_fds, rss=rss)
 
     # ------------------------------------------------------- new side (client)
 

@@ -35,8 +35,10 @@ hotswap_markers() {
         _hm_rest=${_hm_field#"$_hm_prefix"}
         _hm_rank=${_hm_rest%%/*}
         _hm_stamp=${_hm_rest#*/}
-        case $_hm_rank in ""|*[!0-9]*|????????????????*) continue ;; esac
-        case $_hm_stamp in ""|*[!0-9]*|????????????*) continue ;; esac
+        # Decimal without leading zeros (the shell's arithmetic takes 0NN for
+        # octal, and a bad number there is fatal, not a false test).
+        case $_hm_rank in ""|*[!0-9]*|0?*|????????????????*) continue ;; esac
+        case $_hm_stamp in ""|*[!0-9]*|0?*|????????????*) continue ;; esac
         [ $((_hm_now - _hm_stamp)) -le "$3" ] 2>/dev/null || continue
         [ $((_hm_stamp - _hm_now)) -le "$3" ] 2>/dev/null || continue
         if [ "$_hm_rank" -eq "$2" ] 2>/dev/null; then

@@ -45,7 +45,8 @@ esac
 # newer version serving, a filesystem control socket, a timeout that is not
 # a whole number of seconds), the CLI waits for the rest and has the final
 # word.
-whole() { case $1 in ""|*[!0-9]*|???????*) return 1 ;; esac; }
+# A whole number the shell's arithmetic takes as such (no leading zero: octal).
+whole() { case $1 in ""|*[!0-9]*|0?*|???????*) return 1 ;; esac; }
 fast=${HOTSWAP_MIGRATE_FAST:-10}
 case $0 in */*) here=${0%/*} ;; *) here=. ;; esac
 if whole "$version" && whole "$timeout" && whole "$fast" &&
@@ -62,8 +63,12 @@ if whole "$version" && whole "$timeout" && whole "$fast" &&
     polls=0
     while [ "$marker_ours" = 0 ] && [ "$marker_newer" = 0 ] && [ "$marker_now" -gt 0 ] &&
           [ $((marker_now - start)) -lt "$fast" ] && [ "$polls" -lt $((fast * 10)) ]; do
-        sleep 0.1
-        polls=$((polls + 1))
+        if sleep 0.1 2>/dev/null; then  # POSIX sleep need not take fractions
+            polls=$((polls + 1))
+        else
+            sleep 1
+            polls=$((polls + 10))
+        fi
         hotswap_markers "$name" "$version" "${HOTSWAP_MARKER_FRESH:-3}"
     done
     if [ "$marker_ours" = 1 ]; then

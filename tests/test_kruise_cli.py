@@ -4,9 +4,12 @@ against a real one)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
+import socket
 import subprocess
+import time
 
 import psutil
 import pytest
@@ -229,3 +232,40 @@ def test_the_old_slot_stays_ready_while_it_hands_over(procs: Procs, name: str) -
     wait_for(serving(name, "v1"), 15, "v1 serving again")
     v1.send_signal(signal.SIGTERM)
     assert v1.wait(timeout=15) == 0
+
+
+def test_the_shell_paths_survive_odd_markers_and_an_integer_sleep(procs: Procs,
+                                                                  name: str) -> None:
+    """Any process of the pod can bind a marker-like name: one with a leading
+    zero (octal, and fatal, to the shell's arithmetic) is skipped, and the
+    probe and the hook ask the CLI as for no marker. A sleep(1) that takes
+    no fractions (POSIX only asks for whole seconds) slows the hook's fast
+    path down but does not break it."""
+    no_cli = procs.tmp / "no-cli"
+    no_cli.write_text('#!/bin/sh\necho "cli ran: $*"\nexit 7\n')
+    no_cli.chmod(0o755)
+    odd = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    odd.bind(f"\0hotswap/{name}/serving/5/0{int(time.time())}")
+    try:
+        for script in ("probe.sh", "migrate.sh"):
+            result = subprocess.run(
+                ["sh", str(ROOT / "scripts" / script)], capture_output=True, text=True,
+                timeout=60, env=procs.env(HOTSWAP_CLI=str(no_cli), HOTSWAP_NAME=name,
+                                          SIDECARSET_VERSION="5", HOTSWAP_MIGRATE_FAST="1",
+                                          HOTSWAP_MIGRATE_TIMEOUT="5"))
+            assert result.returncode == 7 and "cli ran:" in result.stdout, (script, result)
+    finally:
+        odd.close()
+    bin_dir = procs.tmp / "bin"
+    bin_dir.mkdir()
+    asked = procs.tmp / "sleeps"
+    (bin_dir / "sleep").write_text(f'#!/bin/sh\necho "$1" >> {asked}\ncase $1 in *.*) echo '
+                                   '"sleep: invalid time interval" >&2; exit 1 ;; esac\n'
+                                   'exec /bin/sleep "$1"\n')
+    (bin_dir / "sleep").chmod(0o755)
+    procs.sidecar(name, "v1", SIDECARSET_VERSION="1", SIDECARSET_VERSION_ALT="0")
+    result = hook(procs, SIDECARSET_VERSION="1", SIDECARSET_VERSION_ALT="0", HOTSWAP_NAME=name,
+                  HOTSWAP_CLI=str(no_cli), PATH=f"{bin_dir}:{os.environ['PATH']}")
+    assert result.returncode == 0, result
+    assert "migration to version 1 done (version 1 serves)" in result.stdout, result
+    assert asked.read_text().split()[:2] == ["0.1", "1"]  # it did have to wait

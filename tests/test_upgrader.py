@@ -472,7 +472,8 @@ def test_slow_loris_partial_frames(run: Runner) -> None:
 def test_status_with_more_listeners_than_one_reply_lists(run: Runner) -> None:
     """A status is one frame: with 300 listeners of 200-character names
     (over 256 KiB listed in full) it lists the first 100 and says how many
-    there are; the CLI's status and wait-ready still answer."""
+    there are, fewer if their JSON would not fit; the CLI's status and
+    wait-ready still answer."""
     name = new_name()
 
     async def main() -> None:
@@ -485,6 +486,7 @@ def test_status_with_more_listeners_than_one_reply_lists(run: Runner) -> None:
         st = await query_status(control_address(name))
         assert st.listener_count == 300
         assert [info.name for info in st.listeners] == names[:100]
+
         for args in (["status", "--name", name],
                      ["wait-ready", "--name", name, "--version", "v1", "--timeout", "10"]):
             proc = await asyncio.create_subprocess_exec(
@@ -494,5 +496,14 @@ def test_status_with_more_listeners_than_one_reply_lists(run: Runner) -> None:
             assert proc.returncode == 0, (args, out, err)
             assert b"... (300 in all)" in out, out
         await upg.close()
+        # Characters JSON escapes to 12 bytes each: fewer fit in one reply.
+        wide = hotswap.Upgrader(new_name(), version="v1", options=opts())
+        await wide.start()
+        for i in range(100):
+            wide.listen(f"{i:03d}" + "\U0001f600" * 197, ("127.0.0.1", 0))
+        await wide.ready()
+        st = await query_status(control_address(wide.name))
+        assert st.listener_count == 100 and 0 < len(st.listeners) < 100
+        await wide.close()
 
     run(main())
