@@ -37,6 +37,8 @@ A handover, as a sequence
                                          <-- Connections(entries, fds)  x n
                                               (idle keep-alive connections,
                                                if the hello offered "connections")
+      Adopted(count)                      -->  after each, if both offered
+                                              "connections-ack"
                                          <-- Drained(pid, cut)
 
 Either outcome is in the vocabulary: the server may answer ``Refused`` instead
@@ -290,7 +292,11 @@ class Status(Message):
 
 @dataclass(frozen=True, kw_only=True)
 class Welcome(Message):
-    """The server agrees and announces how many sockets follow."""
+    """The server agrees and announces how many sockets follow.
+
+    ``capabilities`` are what the server supports of the hello's (absent on
+    the wire from older versions: none), e.g. ``"connections-ack"``.
+    """
 
     TYPE: ClassVar[str] = "welcome"
     protocol: int = PROTOCOL_VERSION
@@ -298,6 +304,7 @@ class Welcome(Message):
     version: str
     count: int
     generation: int = 0
+    capabilities: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.count < 1:
@@ -305,7 +312,8 @@ class Welcome(Message):
 
     def to_json(self) -> dict[str, Any]:
         return {"protocol": self.protocol, "pid": self.pid, "version": self.version,
-                "count": self.count, "generation": self.generation}
+                "count": self.count, "generation": self.generation,
+                "capabilities": list(self.capabilities)}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Welcome:
@@ -313,7 +321,9 @@ class Welcome(Message):
                    pid=_check(data, "pid", (int,)),
                    version=_check(data, "version", (str,)),
                    count=_check(data, "count", (int,)),
-                   generation=_check(data, "generation", (int,)))
+                   generation=_check(data, "generation", (int,)),
+                   capabilities=(_str_tuple(data, "capabilities")
+                                 if "capabilities" in data else ()))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -481,10 +491,33 @@ class Drained(Message):
         return cls(pid=_check(data, "pid", (int,)), cut=_check(data, "cut", (int,)))
 
 
+@dataclass(frozen=True, kw_only=True)
+class Adopted(Message):
+    """The client has the descriptors of the last :class:`Connections` frame
+    (``count`` of them): the server may let go of its copies. Sent, after
+    each such frame, only when both ends offered ``"connections-ack"``; a
+    server that sees the channel end instead keeps that frame's connections
+    (the successor adopts nothing it has not acknowledged)."""
+
+    TYPE: ClassVar[str] = "adopted"
+    count: int
+
+    def __post_init__(self) -> None:
+        if self.count < 0:
+            raise LocalProtocolError("adopted count must not be negative")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"count": self.count}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Adopted:
+        return cls(count=_check(data, "count", (int,)))
+
+
 MESSAGE_TYPES: Final[dict[str, type[Message]]] = {
     cls.TYPE: cls
     for cls in (Hello, StatusRequest, Status, Welcome, Refused, Sockets, Accepting,
-                Abort, Failed, Released, Connections, Drained)
+                Abort, Failed, Released, Connections, Adopted, Drained)
 }
 
 _C, _S = Sender.CLIENT, Sender.SERVER
@@ -508,6 +541,7 @@ _TRANSITIONS: Final[dict[tuple[State, Sender, type[Message]], State]] = {
     # (already CONFIRMED) then reads Failed and must step down.
     (State.CONFIRMED, _S, Failed): State.FAILED,
     (State.RELEASED, _S, Connections): State.RELEASED,
+    (State.RELEASED, _C, Adopted): State.RELEASED,
     (State.RELEASED, _S, Drained): State.DONE,
     # Crossing messages after the server gave up are ignored.
     (State.FAILED, _C, Accepting): State.FAILED,

@@ -56,6 +56,7 @@ from .protocol import (
     STATUS_MAX_LISTENERS,
     Abort,
     Accepting,
+    Adopted,
     Connections,
     ConnInfo,
     Drained,
@@ -75,6 +76,8 @@ from .protocol import (
 from .transport import Channel, close_fds
 
 log = logging.getLogger("hotswap")
+
+_ACK = "connections-ack"  # capability: Adopted after each Connections frame
 
 DEFAULT_HANDOVER_TIMEOUT = 30.0
 """Seconds the old process waits for a successor to confirm."""
@@ -182,6 +185,7 @@ class Upgrader:
         self._handover_times: tuple[float, float] | None = None
         self._adopter: Callable[[str, socket.socket], None] | None = None
         self._successor_caps: frozenset[str] = frozenset()
+        self._predecessor_acks = False  # it waits for Adopted after Connections
         self._set_title()
 
     # ------------------------------------------------------------- lifecycle
@@ -320,12 +324,20 @@ class Upgrader:
         frames of at most 253. Returns how many were sent (a prefix of
         ``conns``); after a failure the rest were not, and the channel to the
         successor is closed. The caller keeps ownership of every fd it passed
-        (the successor got its own copies) and closes them.
+        (the successor got its own copies) and closes them; the ones not sent
+        it must go on serving. With a successor that acknowledges each frame
+        (``"connections-ack"``), a frame counts as sent once acknowledged;
+        one it could not take (e.g. no descriptor numbers left: MSG_CTRUNC)
+        ends the channel unacknowledged and counts as not sent. A frame whose
+        acknowledgement does not come within ``message_timeout`` counts as
+        sent (the successor may still adopt it: never two servers for one
+        connection).
         """
         sent = 0
         channel = self._successor
         if not self.can_hand_over_connections or channel is None:
             return 0
+        acked = _ACK in self._successor_caps
         for i in range(0, len(conns), MAX_FDS_PER_FRAME):
             chunk = conns[i:i + MAX_FDS_PER_FRAME]
             message = Connections(entries=tuple(ConnInfo(listener=name, peer=peer)
@@ -333,6 +345,23 @@ class Upgrader:
                                   fds=tuple(fd for _, fd, _ in chunk))
             try:
                 await channel.send(message, timeout=self.options.message_timeout)
+                if acked:
+                    # The successor adopts only what it acknowledged; the
+                    # channel ending first means it has none of this frame.
+                    try:
+                        reply = await channel.receive(timeout=self.options.message_timeout)
+                    except HandoverTimeout as exc:
+                        # It may yet adopt them, and two processes must never
+                        # serve one connection: they count as sent.
+                        log.warning("%s: no acknowledgement for %d connection(s) (%s); "
+                                    "letting go of them", self.name, len(chunk), exc)
+                        channel.close()
+                        self._successor = None
+                        return sent + len(chunk)
+                    assert isinstance(reply, Adopted)  # the state machine allows no other
+                    if reply.count != len(chunk):
+                        raise HandoverFailed(f"successor adopted {reply.count} of "
+                                             f"{len(chunk)} connection(s)")
             except HotswapError as exc:
                 log.warning("%s: handing connections over failed after %d: %s",
                             self.name, sent, exc)
@@ -496,7 +525,7 @@ class Upgrader:
         self._set_state(State.TAKING_OVER)
         hello = Hello(pid=self.pid, version=self.version, rank=self.versions.rank,
                       token=opts.token,
-                      capabilities=("connections",) if self._adopter else ())
+                      capabilities=("connections", _ACK) if self._adopter else ())
         reply = await channel.request(hello, timeout=opts.message_timeout)
         if isinstance(reply, Refused):
             self._set_state(State.STARTING)
@@ -533,6 +562,7 @@ class Upgrader:
         # Logged once ready (not here: this is the critical section, and a
         # line per socket costs ~10 us each, 60% more for 1,000 listeners).
         self._taken_from = f"{reply.count} socket(s) from pid {reply.pid} ({reply.version})"
+        self._predecessor_acks = _ACK in reply.capabilities and self._adopter is not None
         log.debug("%s: received %s", self.name, self._taken_from)
 
     def _adopt_chunk(self, chunk: Sockets, adopted: dict[str, _Listener]) -> None:
@@ -608,6 +638,15 @@ class Upgrader:
             while True:
                 message = await channel.receive(timeout=max(0.0, deadline - loop.time()))
                 if isinstance(message, Connections):
+                    if self._predecessor_acks:
+                        # Adopt only what the predecessor knows we have: if it
+                        # does not hear from us, it serves them on itself.
+                        try:
+                            await channel.send(Adopted(count=len(message.fds)),
+                                               timeout=self.options.message_timeout)
+                        except HotswapError:
+                            close_fds(message.fds)
+                            raise
                     adopted += self._adopt_connections(message)
                     continue
                 if isinstance(message, Drained):
@@ -737,7 +776,9 @@ class Upgrader:
                                       kind="stream", address=self.address))
             socks.append(self._control_sock)
             await channel.send(Welcome(pid=self.pid, version=self.version,
-                                       count=len(entries), generation=self.generation),
+                                       count=len(entries), generation=self.generation,
+                                       capabilities=tuple(c for c in hello.capabilities
+                                                          if c == _ACK)),
                                timeout=opts.message_timeout)
             for chunk in split_sockets(entries, [s.fileno() for s in socks]):
                 await channel.send(chunk, timeout=opts.message_timeout)

@@ -141,3 +141,41 @@ def test_no_descriptor_left_for_the_copies(procs: Procs, name: str) -> None:
     wait_for(serving(name, "v2"), 15, "v2 serving, v1 gone")
     v2.send_signal(signal.SIGTERM)
     assert v2.wait(timeout=15) == 0
+
+
+def test_a_successor_with_no_descriptor_left_loses_nothing(procs: Procs, name: str) -> None:
+    """The successor at its descriptor limit when the connections come: the
+    kernel drops the descriptors that do not fit (MSG_CTRUNC), so it never
+    acknowledges that frame, and v1, which kept its copies until then, serves
+    those connections on: each client's next request is answered by v1 with
+    Connection: close, none fails."""
+    clients = 40
+    probe = procs.sidecar(name, "v0")
+    base = wait_for(serving(name, "v0"), 15, "v0 serving").num_fds
+    probe.send_signal(signal.SIGTERM)
+    assert probe.wait(timeout=15) == 0
+    limit = base + 10  # room for the handover itself, not for 40 connections
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+    v1 = procs.sidecar(name, "v1", args=("--drain-timeout", "20"))
+    port = port_of(wait_for(serving(name, "v1"), 15, "v1 serving"))
+    socks = []
+    for _ in range(clients):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        assert b"version(v1)" in http_get(sock)
+        socks.append(sock)
+    v2 = procs.spawn("v2", [PY, str(SIDECAR), "--name", name, "--version", "v2", "--port",
+                            "0"], preexec_fn=low_limit)
+    wait_for(serving(name, "v2", settled=False), 15, "v2 serving")
+    wait_for(lambda: "handing connections over failed after 0" in procs.logs(), 10,
+             "v1 to keep the connections v2 could not take")
+    for sock in socks:
+        reply = http_get(sock)
+        assert b"version(v1)" in reply and b"Connection: close" in reply, reply
+        sock.close()
+    assert v1.wait(timeout=15) == 0
+    assert "MSG_CTRUNC" in procs.logs()
+    v2.send_signal(signal.SIGTERM)
+    assert v2.wait(timeout=15) == 0

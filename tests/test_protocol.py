@@ -28,6 +28,7 @@ from hotswap.protocol import (
     STATUS_MAX_LISTENERS,
     Abort,
     Accepting,
+    Adopted,
     Connection,
     Connections,
     ConnInfo,
@@ -353,7 +354,7 @@ def test_random_message_orders_from_a_client(order: list[str]) -> None:
 # Every message type, the handover's own order first (the random walk below
 # favours the first legal one, so that it often gets to the late states).
 HANDOVER_ORDER: tuple[type[Message], ...] = (
-    Hello, Welcome, Sockets, Accepting, Released, Connections, Drained,
+    Hello, Welcome, Sockets, Accepting, Released, Connections, Adopted, Drained,
     StatusRequest, Status, Refused, Abort, Failed,
 )
 
@@ -369,6 +370,7 @@ _SAMPLES: dict[type[Message], Callable[[int, tuple[int, ...]], Message]] = {
     Abort: lambda n, fds: Abort(reason="r"),
     Failed: lambda n, fds: Failed(reason="r"),
     Released: lambda n, fds: Released(pid=1),
+    Adopted: lambda n, fds: Adopted(count=n),
     Connections: lambda n, fds: Connections(
         entries=tuple(ConnInfo(listener="http", peer=f"127.0.0.1:{i}") for i in range(n)),
         fds=fds),
@@ -418,6 +420,8 @@ class Said:
                                          and self.delivered == self.announced)
             if kind is Abort:  # the client may abort before it confirms
                 return self.given_up or (handover and not self.confirmed)
+            if kind is Adopted:  # acknowledging connections, while they come
+                return self.released and not self.drained
             return False
         if kind is Refused:  # instead of an answer, or before the opening
             return self.answer is None
@@ -456,7 +460,7 @@ class Said:
             return replace(self, released=True)
         if isinstance(message, Drained):
             return replace(self, drained=True)
-        return self  # Connections: still draining
+        return self  # Connections, Adopted: still draining
 
     @property
     def state(self) -> State:
