@@ -6,6 +6,7 @@ from __future__ import annotations
 import resource
 import signal
 import socket
+import subprocess
 from typing import Any
 
 import pytest
@@ -106,37 +107,55 @@ def test_a_body_still_arriving_is_never_paused(procs: Procs, name: str) -> None:
     assert v2.wait(timeout=15) == 0
 
 
+def fresh_start_fds(procs: Procs, name: str) -> int:
+    """Descriptors of a sample sidecar serving alone (its status says)."""
+    probe = procs.sidecar(name, "v0")
+    base = wait_for(serving(name, "v0"), 15, "v0 serving").num_fds
+    probe.send_signal(signal.SIGTERM)
+    assert probe.wait(timeout=15) == 0
+    return base
+
+
+def sidecar_with_fd_limit(procs: Procs, name: str, version: str, limit: int,
+                          *args: str) -> subprocess.Popen[bytes]:
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+    return procs.spawn(version, [PY, str(SIDECAR), "--name", name, "--version", version,
+                                 "--port", "0", *args], preexec_fn=low_limit)
+
+
+def idle_clients(port: int, count: int) -> list[socket.socket]:
+    """``count`` keep-alive connections, each answered once by v1, now idle."""
+    socks = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        assert b"version(v1)" in http_get(sock)
+        socks.append(sock)
+    return socks
+
+
+def next_requests_answered_by_v1(socks: list[socket.socket]) -> None:
+    for sock in socks:
+        reply = http_get(sock)
+        assert b"version(v1)" in reply and b"Connection: close" in reply, reply
+        sock.close()
+
+
 def test_no_descriptor_left_for_the_copies(procs: Procs, name: str) -> None:
     """Handing a connection over needs a copy of its descriptor for a moment;
     a process at its descriptor limit (EMFILE) cannot make them. Then those
     connections drain the safe way, in v1: each client's next request is
     answered with Connection: close, none fails, and v1 finishes its drain."""
     clients = 40
-    probe = procs.sidecar(name, "v0")
-    base = wait_for(serving(name, "v0"), 15, "v0 serving").num_fds
-    probe.send_signal(signal.SIGTERM)
-    assert probe.wait(timeout=15) == 0
     # Room for the clients and a few more, not for a copy of each.
-    limit = base + clients + 10
-
-    def low_limit() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
-
-    v1 = procs.spawn("v1", [PY, str(SIDECAR), "--name", name, "--version", "v1", "--port",
-                            "0", "--drain-timeout", "20"], preexec_fn=low_limit)
-    port = port_of(wait_for(serving(name, "v1"), 15, "v1 serving"))
-    socks = []
-    for _ in range(clients):
-        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        assert b"version(v1)" in http_get(sock)
-        socks.append(sock)
+    limit = fresh_start_fds(procs, name) + clients + 10
+    v1 = sidecar_with_fd_limit(procs, name, "v1", limit, "--drain-timeout", "20")
+    socks = idle_clients(port_of(wait_for(serving(name, "v1"), 15, "v1 serving")), clients)
     v2 = procs.sidecar(name, "v2")
     wait_for(serving(name, "v2", settled=False), 15, "v2 serving")
     wait_for(lambda: "Too many open files" in procs.logs(), 10, "v1 to give up handing over")
-    for sock in socks:
-        reply = http_get(sock)
-        assert b"version(v1)" in reply and b"Connection: close" in reply, reply
-        sock.close()
+    next_requests_answered_by_v1(socks)
     assert v1.wait(timeout=15) == 0
     wait_for(serving(name, "v2"), 15, "v2 serving, v1 gone")
     v2.send_signal(signal.SIGTERM)
@@ -149,32 +168,15 @@ def test_a_successor_with_no_descriptor_left_loses_nothing(procs: Procs, name: s
     acknowledges that frame, and v1, which kept its copies until then, serves
     those connections on: each client's next request is answered by v1 with
     Connection: close, none fails."""
-    clients = 40
-    probe = procs.sidecar(name, "v0")
-    base = wait_for(serving(name, "v0"), 15, "v0 serving").num_fds
-    probe.send_signal(signal.SIGTERM)
-    assert probe.wait(timeout=15) == 0
-    limit = base + 10  # room for the handover itself, not for 40 connections
-
-    def low_limit() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
-
+    # Room for the handover itself, not for 40 connections.
+    limit = fresh_start_fds(procs, name) + 10
     v1 = procs.sidecar(name, "v1", args=("--drain-timeout", "20"))
-    port = port_of(wait_for(serving(name, "v1"), 15, "v1 serving"))
-    socks = []
-    for _ in range(clients):
-        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        assert b"version(v1)" in http_get(sock)
-        socks.append(sock)
-    v2 = procs.spawn("v2", [PY, str(SIDECAR), "--name", name, "--version", "v2", "--port",
-                            "0"], preexec_fn=low_limit)
+    socks = idle_clients(port_of(wait_for(serving(name, "v1"), 15, "v1 serving")), 40)
+    v2 = sidecar_with_fd_limit(procs, name, "v2", limit)
     wait_for(serving(name, "v2", settled=False), 15, "v2 serving")
     wait_for(lambda: "handing connections over failed after 0" in procs.logs(), 10,
              "v1 to keep the connections v2 could not take")
-    for sock in socks:
-        reply = http_get(sock)
-        assert b"version(v1)" in reply and b"Connection: close" in reply, reply
-        sock.close()
+    next_requests_answered_by_v1(socks)
     assert v1.wait(timeout=15) == 0
     assert "MSG_CTRUNC" in procs.logs()
     v2.send_signal(signal.SIGTERM)
