@@ -160,7 +160,8 @@ class Drainer:
         while server.connections and loop.time() < deadline and not self._forced.is_set():
             if migrating:
                 assert migrator is not None and upgrader is not None
-                if not await migrator.step(upgrader, self.close_after_next_response):
+                if not await migrator.step(upgrader, self.close_after_next_response,
+                                           deadline - loop.time()):
                     migrating = False
                     log.info("connection handover stopped; the rest drain the safe way")
                     self.start(server)

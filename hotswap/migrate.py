@@ -197,11 +197,13 @@ class Migrator:
     # ------------------------------------------------------------ old side
 
     async def step(self, upgrader: Upgrader,
-                   close_after_next_response: Callable[[web.RequestHandler], None]) -> bool:
+                   close_after_next_response: Callable[[web.RequestHandler], None],
+                   time_left: float | None = None) -> bool:
         """One round: pause busy connections whose request has been read,
         hand every connection at a request boundary to the successor, and
-        send the rest the safe way. Returns False once migration is not
-        possible (no successor that adopts, or the channel broke)."""
+        send the rest the safe way, within ``time_left`` seconds (the
+        drain's) when given. Returns False once migration is not possible
+        (no successor that adopts, or the channel broke)."""
         if not upgrader.can_hand_over_connections:
             return False
         started = time.perf_counter()
@@ -234,9 +236,12 @@ class Migrator:
         # A frame's worth at a time: dup, send, close, so the old process
         # never holds two descriptors for more than 253 connections.
         moved = 0
+        loop = asyncio.get_running_loop()
+        until = None if time_left is None else loop.time() + time_left
         for i in range(0, len(ready), MAX_FDS_PER_FRAME):
             batch = ready[i:i + MAX_FDS_PER_FRAME]
-            sent = await self._send(upgrader, batch, close_after_next_response)
+            left = None if until is None else max(0.0, until - loop.time())
+            sent = await self._send(upgrader, batch, close_after_next_response, left)
             moved += sent
             if sent < len(batch):
                 for conn in ready[i + MAX_FDS_PER_FRAME:]:
@@ -251,7 +256,8 @@ class Migrator:
         return moved == len(ready)
 
     async def _send(self, upgrader: Upgrader, batch: list[Tracked],
-                    close_after_next_response: Callable[[web.RequestHandler], None]) -> int:
+                    close_after_next_response: Callable[[web.RequestHandler], None],
+                    time_left: float | None) -> int:
         items: list[tuple[str, int, str]] = []
         sent = 0
         try:
@@ -260,7 +266,7 @@ class Migrator:
                 raw = conn.transport.get_extra_info("socket")
                 peer = conn.transport.get_extra_info("peername")
                 items.append((conn.listener, os.dup(raw.fileno()), str(peer)))
-            sent = await upgrader.hand_over_connections(items)
+            sent = await upgrader.hand_over_connections(items, timeout=time_left)
         except OSError as exc:  # EMFILE: no descriptor left for the copies
             log.warning("cannot hand %d connection(s) over (%s); they drain here",
                         len(batch), exc)

@@ -319,7 +319,8 @@ class Upgrader:
         return (self.state is State.DRAINING and self._successor is not None
                 and not self._successor.closed and "connections" in self._successor_caps)
 
-    async def hand_over_connections(self, conns: Sequence[tuple[str, int, str]]) -> int:
+    async def hand_over_connections(self, conns: Sequence[tuple[str, int, str]], *,
+                                    timeout: float | None = None) -> int:
         """Send ``(listener name, fd, peer)`` connections to the successor, in
         frames of at most 253. Returns how many were sent (a prefix of
         ``conns``); after a failure the rest were not, and the channel to the
@@ -329,30 +330,41 @@ class Upgrader:
         (``"connections-ack"``), a frame counts as sent once acknowledged;
         one it could not take (e.g. no descriptor numbers left: MSG_CTRUNC)
         ends the channel unacknowledged and counts as not sent. A frame whose
-        acknowledgement does not come within ``message_timeout`` counts as
-        sent (the successor may still adopt it: never two servers for one
-        connection).
+        acknowledgement does not come in time counts as sent (the successor
+        adopts a complete frame it could not acknowledge: never two servers
+        for one connection, nor none). Each send and each wait for an
+        acknowledgement takes at most ``message_timeout``, and all of them
+        together at most ``timeout`` seconds when given (what is left of the
+        drain).
         """
         sent = 0
         channel = self._successor
         if not self.can_hand_over_connections or channel is None:
             return 0
         acked = _ACK in self._successor_caps
+        loop = asyncio.get_running_loop()
+        until = None if timeout is None else loop.time() + timeout
+
+        def wait() -> float:
+            limit = self.options.message_timeout
+            return limit if until is None else max(0.0, min(limit, until - loop.time()))
+
         for i in range(0, len(conns), MAX_FDS_PER_FRAME):
             chunk = conns[i:i + MAX_FDS_PER_FRAME]
             message = Connections(entries=tuple(ConnInfo(listener=name, peer=peer)
                                                 for name, _, peer in chunk),
                                   fds=tuple(fd for _, fd, _ in chunk))
             try:
-                await channel.send(message, timeout=self.options.message_timeout)
+                await channel.send(message, timeout=wait())
                 if acked:
                     # The successor adopts only what it acknowledged; the
                     # channel ending first means it has none of this frame.
                     try:
-                        reply = await channel.receive(timeout=self.options.message_timeout)
+                        reply = await channel.receive(timeout=wait())
                     except HandoverTimeout as exc:
-                        # It may yet adopt them, and two processes must never
-                        # serve one connection: they count as sent.
+                        # Closing the channel without an answer tells it to
+                        # adopt them, if the frame reached it: they count as
+                        # sent.
                         log.warning("%s: no acknowledgement for %d connection(s) (%s); "
                                     "letting go of them", self.name, len(chunk), exc)
                         channel.close()
@@ -644,8 +656,15 @@ class Upgrader:
                         try:
                             await channel.send(Adopted(count=len(message.fds)),
                                                timeout=self.options.message_timeout)
-                        except HotswapError:
-                            close_fds(message.fds)
+                        except BrokenResourceError as exc:
+                            # It closed the channel without our word: it gave
+                            # up waiting for it and let go of this complete
+                            # frame (or died): ours, or nobody's.
+                            adopted += self._adopt_connections(message)
+                            raise HotswapError(f"predecessor stopped listening: {exc}"
+                                               ) from exc
+                        except BaseException:  # no answer in time, or cancelled:
+                            close_fds(message.fds)  # it may still serve them
                             raise
                     adopted += self._adopt_connections(message)
                     continue

@@ -48,7 +48,7 @@ def new_name() -> str:
 
 
 def opts(**kw: object) -> hotswap.Options:
-    return hotswap.Options(env={}, message_timeout=2.0, **kw)  # type: ignore[arg-type]
+    return hotswap.Options(**{"env": {}, "message_timeout": 2.0, **kw})  # type: ignore[arg-type]
 
 
 async def serving_upgrader(name: str, version: str, **kw: object) -> hotswap.Upgrader:
@@ -505,5 +505,54 @@ def test_status_with_more_listeners_than_one_reply_lists(run: Runner) -> None:
         st = await query_status(control_address(wide.name))
         assert st.listener_count == 100 and 0 < len(st.listeners) < 100
         await wide.close()
+
+    run(main())
+
+
+def test_a_frame_acknowledged_too_late_is_still_adopted(run: Runner) -> None:
+    """The successor is slow to read a frame of connections: the old side's
+    wait for the acknowledgement ends, it lets go of them and closes the
+    channel. The successor, finding the frame complete but nobody to tell,
+    adopts them anyway: the connection is served by exactly one process,
+    not by none."""
+    name = new_name()
+
+    async def main() -> None:
+        old = await serving_upgrader(name, "v1", message_timeout=0.3)
+        listener = old.status().listeners[0].address
+        client = socket.create_connection(("127.0.0.1", int(listener.rsplit(":", 1)[1])))
+        server_side, _ = old._listeners["http"].sock.accept()
+        adopted: list[socket.socket] = []
+        new = hotswap.Upgrader(name, version="v2", options=opts(message_timeout=0.3))
+        new.adopt_connections(lambda listener, sock: adopted.append(sock))
+        assert await new.start() is hotswap.Role.TAKEOVER
+        new.listen("http", ("127.0.0.1", 0))
+        channel = new._predecessor_channel
+        assert channel is not None
+        original, slow = channel.receive, [False]
+
+        async def late(*, timeout: float) -> hotswap.protocol.Message:
+            if slow[0]:
+                slow[0] = False
+                await asyncio.sleep(1.0)  # past the old side's 0.3 s
+            return await original(timeout=timeout)
+
+        channel.receive = late  # type: ignore[method-assign]
+        ready = asyncio.create_task(new.ready())
+        assert await old.wait_exit() is hotswap.ExitReason.TAKEN_OVER
+        slow[0] = True  # the successor's first read after Released
+        await old.release()
+        await ready
+        assert await old.hand_over_connections(
+            [("http", server_side.fileno(), "peer")]) == 1  # let go: counted as sent
+        server_side.close()
+        await until(lambda: len(adopted) == 1, "the successor to adopt it anyway")
+        adopted[0].sendall(b"still here")
+        client.settimeout(5)
+        assert client.recv(100) == b"still here"
+        for sock in (*adopted, client):
+            sock.close()
+        await old.close(cut=0)
+        await new.close()
 
     run(main())
