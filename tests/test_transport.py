@@ -7,6 +7,7 @@ import asyncio
 import fcntl
 import os
 import socket
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -232,6 +233,42 @@ def check_attribution(got: list[Message], names: list[str], sent: list[socket.so
     assert order == names
 
 
+def record_descriptors(client: Channel, kind: type[Sockets | Connections],
+                       received: list[list[tuple[int, int]]]) -> None:
+    """Wrap ``client.receive``: note the identity of each descriptor that
+    arrives with a ``kind`` message (and that it is close-on-exec)."""
+    original = client.receive
+
+    async def receive(*, timeout: float) -> Message:
+        event = await original(timeout=timeout)
+        if isinstance(event, kind):
+            for fd in event.fds:
+                assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+            received.append([ident(fd) for fd in event.fds])
+        return event
+
+    client.receive = receive  # type: ignore[method-assign]
+
+
+def run_600_and_check(run: Callable[[Awaitable[list[Message]]], list[Message]],
+                      conversation: Awaitable[list[Message]], first: type[Message],
+                      names: list[str], sent: list[socket.socket],
+                      received: list[list[tuple[int, int]]], *,
+                      owned: list[socket.socket], before: set[int]) -> None:
+    """Run a conversation that ends with 600 descriptors in frames of 253;
+    check each arrived as its own entry's, then close ``owned`` and check
+    that no descriptor is left over."""
+    try:
+        got = run(conversation)
+        assert isinstance(got[0], first)
+        assert [e.nfds for e in got[1:]] == [253, 253, 94]
+        check_attribution(got, names, sent, received)
+    finally:
+        for sock in owned:
+            sock.close()
+    assert open_fds() == before
+
+
 @pytest.mark.parametrize("name_len", [100, 200], ids=["frames>skb", "frames>64KiB"])
 def test_big_sockets_frames_keep_their_own_descriptors(run, name_len: int) -> None:  # type: ignore[no-untyped-def]
     """600 sockets with long names: frames of 253 larger than an skb (and,
@@ -253,31 +290,14 @@ def test_big_sockets_frames_keep_their_own_descriptors(run, name_len: int) -> No
             await server.receive(timeout=5)
             messages: list[Message] = [Welcome(pid=1, version="v", count=len(entries))]
             messages += split_sockets(entries, [s.fileno() for s in sent])
-            original = client.receive
-
-            async def receive(*, timeout: float) -> Message:
-                event = await original(timeout=timeout)
-                if isinstance(event, Sockets):
-                    for fd in event.fds:
-                        assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
-                    received.append([ident(fd) for fd in event.fds])
-                return event
-
-            client.receive = receive  # type: ignore[method-assign]
+            record_descriptors(client, Sockets, received)
             return await queued_then_received(server, client, messages, len(entries))
         finally:
             server.close()
             client.close()
 
-    try:
-        got = run(main())
-        assert isinstance(got[0], Welcome)
-        assert [e.nfds for e in got[1:]] == [253, 253, 94]
-        check_attribution(got, [e.name for e in entries], sent, received)
-    finally:
-        for sock in sent:
-            sock.close()
-    assert open_fds() == before
+    run_600_and_check(run, main(), Welcome, [e.name for e in entries], sent, received,
+                      owned=sent, before=before)
 
 
 def test_big_connections_frames_keep_their_own_descriptors(run) -> None:  # type: ignore[no-untyped-def]
@@ -313,15 +333,7 @@ def test_big_connections_frames_keep_their_own_descriptors(run) -> None:  # type
                     fds=tuple(c.fileno() for c in conns[i:i + MAX_FDS_PER_FRAME])))
             assert len(encode(messages[1])) > 40_000
             messages.append(Drained(pid=1))
-            original = client.receive
-
-            async def receive(*, timeout: float) -> Message:
-                event = await original(timeout=timeout)
-                if isinstance(event, Connections):
-                    received.append([ident(fd) for fd in event.fds])
-                return event
-
-            client.receive = receive  # type: ignore[method-assign]
+            record_descriptors(client, Connections, received)
             got = await queued_then_received(server, client, messages, len(conns))
             assert isinstance(await client.receive(timeout=5), Drained)
             return got
@@ -329,15 +341,8 @@ def test_big_connections_frames_keep_their_own_descriptors(run) -> None:  # type
             server.close()
             client.close()
 
-    try:
-        got = run(main())
-        assert isinstance(got[0], Released)
-        assert [e.nfds for e in got[1:]] == [253, 253, 94]
-        check_attribution(got, [i.peer for i in infos], conns, received)
-    finally:
-        for sock in control + conns:
-            sock.close()
-    assert open_fds() == before
+    run_600_and_check(run, main(), Released, [i.peer for i in infos], conns, received,
+                      owned=control + conns, before=before)
 
 
 def test_descriptors_never_go_to_an_earlier_frame(run) -> None:  # type: ignore[no-untyped-def]
