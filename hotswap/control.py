@@ -127,7 +127,7 @@ def status_blocking(address: str, *, timeout: float = DEFAULT_TIMEOUT) -> Status
                 reply = event
                 break
             if conn.at_eof:
-                raise BrokenResourceError("peer closed the control connection")
+                raise BrokenResourceError("peer closed the control connection", eof=True)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise HandoverTimeout(f"no status from {address} within {timeout:.1f}s")

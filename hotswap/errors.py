@@ -40,7 +40,15 @@ class ClosedResourceError(HotswapError):
 
 
 class BrokenResourceError(HotswapError):
-    """The channel was broken by the peer or the OS (EOF, reset, bad fd)."""
+    """The channel was broken by the peer or the OS (EOF, reset, bad fd).
+
+    ``eof`` is True when the peer closed its end cleanly; otherwise
+    ``__cause__`` is the ``OSError``, if there was one.
+    """
+
+    def __init__(self, message: str, *, eof: bool = False) -> None:
+        super().__init__(message)
+        self.eof = eof
 
 
 class HandoverRefused(HotswapError):

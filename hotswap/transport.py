@@ -70,6 +70,11 @@ class Channel:
         self._receive_broken = ""  # why receiving cannot go on (MSG_CTRUNC)
         self._send_lock = asyncio.Lock()
         self._torn = False  # a frame went out in part only
+        # The loop and waiter of a send (True) / receive (False) waiting for
+        # the socket, so that close() can unregister them before the
+        # descriptor goes.
+        self._waiting: dict[bool, tuple[asyncio.AbstractEventLoop,
+                                        asyncio.Future[None]]] = {}
 
     @property
     def closed(self) -> bool:
@@ -148,7 +153,8 @@ class Channel:
                         return event
                     if not self._ahead:
                         if self.conn.at_eof:
-                            raise BrokenResourceError("peer closed the control connection")
+                            raise BrokenResourceError(
+                                "peer closed the control connection", eof=True)
                         try:
                             data, fds = await self._io(self._recv, writable=False)
                         except BrokenResourceError as exc:  # MSG_CTRUNC, bytes lost
@@ -229,6 +235,7 @@ class Channel:
         loop = asyncio.get_running_loop()
         fd = self.sock.fileno()
         while True:
+            self._check_open()
             try:
                 return op()
             except (BlockingIOError, InterruptedError):
@@ -243,23 +250,40 @@ class Channel:
                 loop.add_writer(fd, wake)
             else:
                 loop.add_reader(fd, wake)
+            self._waiting[writable] = (loop, waiter)
             try:
                 await waiter
             finally:
-                if writable:
-                    loop.remove_writer(fd)
-                else:
-                    loop.remove_reader(fd)
+                # Unregister here only if close() has not (the descriptor
+                # number may belong to another socket by now).
+                if self._waiting.get(writable, (None, None))[1] is waiter:
+                    del self._waiting[writable]
+                    self._unwatch(loop, fd, writable)
+
+    @staticmethod
+    def _unwatch(loop: asyncio.AbstractEventLoop, fd: int, writable: bool) -> None:
+        if writable:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)
 
     def _check_open(self) -> None:
         if self._closed:
             raise ClosedResourceError("control channel is closed")
 
     def close(self) -> None:
-        """Close the socket and any descriptors not yet handed out. Idempotent."""
+        """Close the socket and any descriptors not yet handed out. Idempotent.
+        A send or receive waiting on the socket meanwhile raises
+        ClosedResourceError."""
         if self._closed:
             return
         self._closed = True
+        fd = self.sock.fileno()
+        for writable, (loop, waiter) in list(self._waiting.items()):
+            self._unwatch(loop, fd, writable)
+            if not waiter.done():
+                waiter.set_result(None)  # _io looks again and finds us closed
+        self._waiting.clear()
         self.conn.close_fds()
         self._drop_ahead()
         self.sock.close()

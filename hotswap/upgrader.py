@@ -79,6 +79,14 @@ log = logging.getLogger("hotswap")
 
 _ACK = "connections-ack"  # capability: Adopted after each Connections frame
 
+
+def _peer_closed(exc: BaseException) -> bool:
+    """Did a channel operation fail because the other end closed (EOF, EPIPE,
+    ECONNRESET), rather than for a reason of ours or of the kernel's? Both
+    sides of an acknowledged connection handover decide by this alone."""
+    return isinstance(exc, BrokenResourceError) and (
+        exc.eof or isinstance(exc.__cause__, (BrokenPipeError, ConnectionResetError)))
+
 DEFAULT_HANDOVER_TIMEOUT = 30.0
 """Seconds the old process waits for a successor to confirm."""
 DEFAULT_CONNECT_TIMEOUT = 30.0
@@ -370,10 +378,17 @@ class Upgrader:
                         channel.close()
                         self._successor = None
                         return sent + len(chunk)
+                    except HotswapError as exc:
+                        if _peer_closed(exc):  # it has none of them: serve them on
+                            raise
+                        # Anything else says nothing of the successor: let go
+                        # and close, which tells it to adopt a complete frame.
+                        log.warning("%s: no acknowledgement for %d connection(s) (%s); "
+                                    "letting go of them", self.name, len(chunk), exc)
+                        channel.close()
+                        self._successor = None
+                        return sent + len(chunk)
                     assert isinstance(reply, Adopted)  # the state machine allows no other
-                    if reply.count != len(chunk):
-                        raise HandoverFailed(f"successor adopted {reply.count} of "
-                                             f"{len(chunk)} connection(s)")
             except HotswapError as exc:
                 log.warning("%s: handing connections over failed after %d: %s",
                             self.name, sent, exc)
@@ -656,16 +671,16 @@ class Upgrader:
                         try:
                             await channel.send(Adopted(count=len(message.fds)),
                                                timeout=self.options.message_timeout)
-                        except BrokenResourceError as exc:
-                            # It closed the channel without our word: it gave
-                            # up waiting for it and let go of this complete
-                            # frame (or died): ours, or nobody's.
+                        except BaseException as exc:
+                            if not _peer_closed(exc):  # it may still serve them
+                                close_fds(message.fds)
+                                raise
+                            # It closed the channel without our word: it let
+                            # go of this complete frame (or died): ours, or
+                            # nobody's.
                             adopted += self._adopt_connections(message)
                             raise HotswapError(f"predecessor stopped listening: {exc}"
                                                ) from exc
-                        except BaseException:  # no answer in time, or cancelled:
-                            close_fds(message.fds)  # it may still serve them
-                            raise
                     adopted += self._adopt_connections(message)
                     continue
                 if isinstance(message, Drained):

@@ -12,7 +12,12 @@ from typing import Any
 
 import pytest
 
-from hotswap.errors import BrokenResourceError, HandoverTimeout, RemoteProtocolError
+from hotswap.errors import (
+    BrokenResourceError,
+    ClosedResourceError,
+    HandoverTimeout,
+    RemoteProtocolError,
+)
 from hotswap.protocol import (
     MAX_FDS_PER_FRAME,
     Accepting,
@@ -26,6 +31,7 @@ from hotswap.protocol import (
     Sender,
     SocketInfo,
     Sockets,
+    StatusRequest,
     Welcome,
     encode,
     split_sockets,
@@ -637,4 +643,36 @@ def test_descriptors_that_do_not_fit_break_receiving_and_leak_nothing() -> None:
     finally:
         for sock in sent:
             sock.close()
+    assert open_fds() == before
+
+
+def test_close_while_a_receive_waits(run) -> None:  # type: ignore[no-untyped-def]
+    """close() from elsewhere while a receive waits on the socket: the receive
+    raises ClosedResourceError, and the loop no longer watches that
+    descriptor number (uvloop aborted the whole process when the waiter
+    unregistered it after the close; and the number is free for the next
+    socket, which must work)."""
+    before = open_fds()
+
+    async def main() -> None:
+        a, b = socket.socketpair()
+        waiting = Channel(a, Sender.CLIENT)
+        task = asyncio.create_task(waiting.receive(timeout=10))
+        await asyncio.sleep(0)  # one loop turn: the task runs up to its wait
+        assert not task.done()
+        waiting.close()
+        with pytest.raises(ClosedResourceError):
+            await task
+        b.close()
+        c, d = socket.socketpair()  # likely the numbers just freed
+        server, client = Channel(c, Sender.SERVER), Channel(d, Sender.CLIENT)
+        try:
+            reply = asyncio.create_task(server.receive(timeout=5))
+            await client.send(StatusRequest(), timeout=5)
+            assert isinstance(await reply, StatusRequest)
+        finally:
+            server.close()
+            client.close()
+
+    run(main())
     assert open_fds() == before

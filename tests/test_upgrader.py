@@ -556,3 +556,28 @@ def test_a_frame_acknowledged_too_late_is_still_adopted(run: Runner) -> None:
         await new.close()
 
     run(main())
+
+
+def test_both_sides_of_an_acknowledgement_read_a_failure_alike() -> None:
+    """The old side serves a frame on only if the successor closed the
+    channel before acknowledging it, and the successor adopts a frame it
+    could not acknowledge only if the old side closed: one rule for both
+    (hotswap.upgrader._peer_closed), or a connection gets two servers or
+    none. Any other failure (a full kernel buffer, garbage, a deadline) says
+    nothing of the other side."""
+    from hotswap.errors import BrokenResourceError, HandoverTimeout, RemoteProtocolError
+    from hotswap.upgrader import _peer_closed
+
+    def broken(cause: OSError) -> BrokenResourceError:
+        try:
+            raise BrokenResourceError(f"sending: {cause}") from cause
+        except BrokenResourceError as exc:
+            return exc
+
+    assert _peer_closed(BrokenResourceError("peer closed the control connection", eof=True))
+    assert _peer_closed(broken(BrokenPipeError(32, "Broken pipe")))
+    assert _peer_closed(broken(ConnectionResetError(104, "reset")))
+    assert not _peer_closed(broken(OSError(105, "No buffer space available")))
+    assert not _peer_closed(BrokenResourceError("cannot send: an earlier frame was cut short"))
+    assert not _peer_closed(RemoteProtocolError("garbage"))
+    assert not _peer_closed(HandoverTimeout("late"))
