@@ -618,14 +618,17 @@ def test_descriptors_that_do_not_fit_break_receiving_and_leak_nothing() -> None:
             assert isinstance(await client.receive(timeout=5), Welcome)
             await server.send(Sockets(entries=tuple(socket_entries(10, 10)),
                                       fds=tuple(s.fileno() for s in sent)), timeout=5)
-            # Fill the free numbers below the highest in use, then allow 3 more.
+            # Fill the free numbers below the highest listed (which may be
+            # the listing's own descriptor, closed again), so the number the
+            # loop stops at is the lowest free one and all above it are free:
+            # a limit of that number + 3 leaves exactly 3.
             top = max(open_fds())
             fillers: list[int] = []
             while (fd := os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)) < top:
                 fillers.append(fd)
             os.close(fd)
             soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-            resource.setrlimit(resource.RLIMIT_NOFILE, (top + 4, hard))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (fd + 3, hard))
             try:
                 with pytest.raises(BrokenResourceError, match=r"MSG_CTRUNC.*3 desc"):
                     await client.receive(timeout=5)
