@@ -29,7 +29,26 @@ LOADGEN = ROOT / "bench/loadgen.py"
 FAULTY = ROOT / "tests/support/faulty.py"
 
 KRUISE_VARS = ("SIDECARSET_VERSION", "SIDECARSET_VERSION_ALT", "IS_INJECTED",
-               "HOTSWAP_NAME", "HOTSWAP_CONTROL_PATH", "LISTEN_PID", "LISTEN_FDS")
+               "LISTEN_PID", "LISTEN_FDS")
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a process a test starts: ours without what steers
+    hotswap (Kruise's variables, systemd's, every ``HOTSWAP_*``: the shell
+    that runs the tests must not change what they check), with unbuffered
+    output and the idle start off, then ``extra``.
+
+    Idle start off: a SCHED_IDLE thread gets only CPU that nothing else in
+    its CPU scheduling group wants; with that group's cores busy (a CPU hog
+    in the same session), a Kruise successor's imports would wait minutes.
+    The tests of the idle start ask for it (``HOTSWAP_IDLE_START=""``: the
+    Kruise role decides)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in KRUISE_VARS and not k.startswith("HOTSWAP_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    env["HOTSWAP_IDLE_START"] = "0"
+    env.update(extra)
+    return env
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str,
@@ -99,10 +118,7 @@ class Procs:
         self.procs: list[tuple[str, subprocess.Popen[bytes], Path]] = []
 
     def env(self, **extra: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k not in KRUISE_VARS}
-        env["PYTHONUNBUFFERED"] = "1"
-        env.update(extra)
-        return env
+        return child_env(**extra)
 
     def spawn(self, label: str, argv: list[str], env: dict[str, str] | None = None,
               **kwargs: Any) -> subprocess.Popen[bytes]:

@@ -140,8 +140,14 @@ def test_predecessor_killed(procs: Procs, name: str, load: Any, fault: str,
     result = finish(procs, name, fds, traffic, last)
     lost = {k: v for k, v in result["failures"].items() if k != "refused"}
     clients = KEEPALIVE + FRESH + 1  # and the busybox client
-    assert set(lost) <= {"reset", "eof", "eof-reused"} and sum(lost.values()) <= clients, \
-        result
+    # Killed with the only listener, v1's descriptors are released one by one
+    # as it dies, its connections before its listener (a busy CPU widens the
+    # gap): a client whose connection went first reconnects into the accept
+    # queue of the listener still open, and is reset when that goes. Two
+    # losses for such a client, no more.
+    per_client = 2 if refusals else 1
+    assert set(lost) <= {"reset", "eof", "eof-reused"} \
+        and sum(lost.values()) <= per_client * clients, result
     if not refusals:
         assert "refused" not in result["failures"], result
 

@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from conftest import child_env
 
 import hotswap
 from hotswap.errors import ListenerError
@@ -290,7 +291,8 @@ def test_systemd_sockets_are_adopted_by_name(tmp_path: Path) -> None:
     name = f"t-{uuid.uuid4().hex[:12]}"
     fds = (tcp.fileno(), r, unix.fileno())
     child = subprocess.Popen([sys.executable, "-c", SYSTEMD_CHILD, *map(str, fds), str(port),
-                              path, name], pass_fds=fds, stdout=subprocess.PIPE,
+                              path, name], pass_fds=fds, env=child_env(),
+                             stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     try:
         for sock in (tcp, unix):

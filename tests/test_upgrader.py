@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 import pytest
+from conftest import child_env
 
 import hotswap
 from hotswap.control import control_address, query_status, sockaddr
@@ -491,7 +492,7 @@ def test_status_with_more_listeners_than_one_reply_lists(run: Runner) -> None:
                      ["wait-ready", "--name", name, "--version", "v1", "--timeout", "10"]):
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "hotswap", *args, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE)
+                stderr=asyncio.subprocess.PIPE, env=child_env())
             out, err = await asyncio.wait_for(proc.communicate(), 30)
             assert proc.returncode == 0, (args, out, err)
             assert b"... (300 in all)" in out, out
