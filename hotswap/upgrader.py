@@ -306,6 +306,10 @@ class Upgrader:
             # TAKING_OVER: ready() will abort rather than confirm.
             self._finish(ExitReason.STOP_REQUESTED)
 
+    @property
+    def _stopping(self) -> bool:
+        return self._stop_requested or self.state in (State.DRAINING, State.STOPPED)
+
     def adopt_connections(self, adopter: Callable[[str, socket.socket], None]) -> None:
         """Offer to take the predecessor's idle keep-alive connections.
 
@@ -314,7 +318,9 @@ class Upgrader:
         ``adopter(listener_name, sock)`` is called for each connection handed
         over: a connected, non-blocking TCP socket whose next request has not
         been read by anyone. Ownership of ``sock`` passes to the adopter; if
-        it raises, the socket is closed.
+        it raises, the socket is closed. Once this process is stopping
+        (:meth:`request_stop`, :meth:`release`), a predecessor that waits for
+        acknowledgements is refused instead and keeps its connections.
         """
         if self._exit is not None:
             raise HotswapError("adopt_connections() must come before start()")
@@ -665,6 +671,13 @@ class Upgrader:
             while True:
                 message = await channel.receive(timeout=max(0.0, deadline - loop.time()))
                 if isinstance(message, Connections):
+                    if self._predecessor_acks and self._stopping:
+                        # Stopping ourselves: the connections would only be
+                        # closed under their clients. Unacknowledged, they
+                        # stay with the predecessor, which drains them the
+                        # safe way (Connection: close on the next response).
+                        close_fds(message.fds)
+                        raise HotswapError("stopping: not adopting its connections")
                     if self._predecessor_acks:
                         # Adopt only what the predecessor knows we have: if it
                         # does not hear from us, it serves them on itself.

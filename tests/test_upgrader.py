@@ -559,6 +559,49 @@ def test_a_frame_acknowledged_too_late_is_still_adopted(run: Runner) -> None:
     run(main())
 
 
+@pytest.mark.parametrize("how", ["stop-requested", "released"])
+def test_a_stopping_successor_leaves_the_connections_with_the_old_side(
+        run: Runner, how: str) -> None:
+    """The successor is told to stop (the pod goes, its container restarts)
+    while the old side still drains: it does not acknowledge a frame of
+    connections it would only close under their clients. The old side keeps
+    them (0 sent) and serves them on; the successor's adopter is never
+    called."""
+    name = new_name()
+
+    async def main() -> None:
+        old = await serving_upgrader(name, "v1")
+        listener = old.status().listeners[0].address
+        client = socket.create_connection(("127.0.0.1", int(listener.rsplit(":", 1)[1])))
+        server_side, _ = old._listeners["http"].sock.accept()
+        adopted: list[socket.socket] = []
+        new = hotswap.Upgrader(name, version="v2", options=opts())
+        new.adopt_connections(lambda listener, sock: adopted.append(sock))
+        assert await new.start() is hotswap.Role.TAKEOVER
+        new.listen("http", ("127.0.0.1", 0))
+        ready = asyncio.create_task(new.ready())
+        assert await old.wait_exit() is hotswap.ExitReason.TAKEN_OVER
+        await old.release()
+        await ready
+        new.request_stop()
+        if how == "released":
+            await new.release()
+        assert old.can_hand_over_connections
+        assert await old.hand_over_connections(
+            [("http", server_side.fileno(), "peer")]) == 0
+        assert not old.can_hand_over_connections
+        assert adopted == []
+        server_side.sendall(b"the old side")
+        client.settimeout(5)
+        assert client.recv(100) == b"the old side"
+        for sock in (server_side, client):
+            sock.close()
+        await old.close(cut=0)
+        await new.close()
+
+    run(main())
+
+
 def test_both_sides_of_an_acknowledgement_read_a_failure_alike() -> None:
     """The old side serves a frame on only if the successor closed the
     channel before acknowledging it, and the successor adopts a frame it
