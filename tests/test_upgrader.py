@@ -60,6 +60,22 @@ async def serving_upgrader(name: str, version: str, **kw: object) -> hotswap.Upg
     return upg
 
 
+async def taken_over(old: hotswap.Upgrader, name: str, adopter: Callable[
+        [str, socket.socket], None] | None = None) -> hotswap.Upgrader:
+    """A successor v2 (adopting connections with ``adopter``, if given) takes
+    over from ``old``, which releases: v2 serves, ``old`` drains."""
+    new = hotswap.Upgrader(name, version="v2", options=opts())
+    if adopter is not None:
+        new.adopt_connections(adopter)
+    assert await new.start() is hotswap.Role.TAKEOVER
+    new.listen("http", ("127.0.0.1", 0))
+    ready = asyncio.create_task(new.ready())
+    assert await old.wait_exit() is hotswap.ExitReason.TAKEN_OVER
+    await old.release()
+    await ready
+    return new
+
+
 async def raw_exchange(name: str, data: bytes, fds: list[int] | None = None) -> bytes:
     """Send raw bytes (and descriptors) to the control socket; return whatever
     comes back before the server closes."""
@@ -201,13 +217,7 @@ def test_garbage_in_the_middle_of_a_handover_changes_nothing(run: Runner) -> Non
         await loop.sock_sendall(sock, struct.pack("!I", len(payload)) + payload)
         await until(lambda: old.state is hotswap.State.SERVING, "v1 serving again")
         channel.close()
-        new = hotswap.Upgrader(name, version="v2", options=opts())
-        assert await new.start() is hotswap.Role.TAKEOVER
-        new.listen("http", ("127.0.0.1", 0))
-        ready = asyncio.create_task(new.ready())
-        assert await old.wait_exit() is hotswap.ExitReason.TAKEN_OVER
-        await old.release()
-        await ready
+        new = await taken_over(old, name)
         await old.close(cut=0)
         await new.close()
 
@@ -575,14 +585,7 @@ def test_a_stopping_successor_leaves_the_connections_with_the_old_side(
         client = socket.create_connection(("127.0.0.1", int(listener.rsplit(":", 1)[1])))
         server_side, _ = old._listeners["http"].sock.accept()
         adopted: list[socket.socket] = []
-        new = hotswap.Upgrader(name, version="v2", options=opts())
-        new.adopt_connections(lambda listener, sock: adopted.append(sock))
-        assert await new.start() is hotswap.Role.TAKEOVER
-        new.listen("http", ("127.0.0.1", 0))
-        ready = asyncio.create_task(new.ready())
-        assert await old.wait_exit() is hotswap.ExitReason.TAKEN_OVER
-        await old.release()
-        await ready
+        new = await taken_over(old, name, lambda listener, sock: adopted.append(sock))
         new.request_stop()
         if how == "released":
             await new.release()
