@@ -227,6 +227,22 @@ def adopt_fd(fd: int, declared: SocketInfo) -> socket.socket:
     return sock
 
 
+def is_tcp_stream(fd: int) -> bool:
+    """Whether ``fd`` is a TCP stream socket (in any state). Never closes
+    or keeps ``fd``."""
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            return False
+        probe = socket.socket(fileno=fd)
+    except OSError:
+        return False
+    try:
+        return probe.type == socket.SOCK_STREAM and probe.family in (socket.AF_INET,
+                                                                     socket.AF_INET6)
+    finally:
+        probe.detach()
+
+
 def adopt_connection_fd(fd: int) -> socket.socket:
     """Wrap a received descriptor that must be a connected TCP stream socket.
 

@@ -671,30 +671,7 @@ class Upgrader:
             while True:
                 message = await channel.receive(timeout=max(0.0, deadline - loop.time()))
                 if isinstance(message, Connections):
-                    if self._predecessor_acks and self._stopping:
-                        # Stopping ourselves: the connections would only be
-                        # closed under their clients. Unacknowledged, they
-                        # stay with the predecessor, which drains them the
-                        # safe way (Connection: close on the next response).
-                        close_fds(message.fds)
-                        raise HotswapError("stopping: not adopting its connections")
-                    if self._predecessor_acks:
-                        # Adopt only what the predecessor knows we have: if it
-                        # does not hear from us, it serves them on itself.
-                        try:
-                            await channel.send(Adopted(count=len(message.fds)),
-                                               timeout=self.options.message_timeout)
-                        except BaseException as exc:
-                            if not _peer_closed(exc):  # it may still serve them
-                                close_fds(message.fds)
-                                raise
-                            # It closed the channel without our word: it let
-                            # go of this complete frame (or died): ours, or
-                            # nobody's.
-                            adopted += self._adopt_connections(message)
-                            raise HotswapError(f"predecessor stopped listening: {exc}"
-                                               ) from exc
-                    adopted += self._adopt_connections(message)
+                    adopted += await self._take_connections(channel, message)
                     continue
                 if isinstance(message, Drained):
                     log.info("%s: predecessor pid %d drained (%d cut, %d connection(s) "
@@ -707,14 +684,59 @@ class Upgrader:
             self._predecessor_channel = None
             self._predecessor = "gone"
 
-    def _adopt_connections(self, message: Connections) -> int:
-        adopted = 0
+    async def _take_connections(self, channel: Channel, message: Connections) -> int:
+        """Adopt a frame of connections; returns how many the adopter took.
+        With a predecessor that waits for our acknowledgement, we take a
+        frame only whole and only if we can serve it: refusing (raising
+        HotswapError, which ends the channel) leaves every connection of
+        the frame with the predecessor, which drains them the safe way."""
+        if self._predecessor_acks:
+            if self._stopping:
+                # They would only be closed under their clients.
+                close_fds(message.fds)
+                raise HotswapError("stopping: not adopting its connections")
+            if not all(listeners.is_tcp_stream(fd) for fd in message.fds):
+                close_fds(message.fds)
+                raise HotswapError("refusing a frame of connections that are not all "
+                                   "TCP streams")
+        socks = self._wrap_connections(message)
+        if self._predecessor_acks:
+            # Adopt only what the predecessor knows we have: if it does not
+            # hear from us, it serves them on itself.
+            try:
+                await channel.send(Adopted(count=len(message.fds)),
+                                   timeout=self.options.message_timeout)
+            except BaseException as exc:
+                if not _peer_closed(exc):  # it may still serve them
+                    for sock in socks:
+                        if sock is not None:
+                            sock.close()
+                    raise
+                # It closed the channel without our word: it let go of this
+                # complete frame (or died): ours, or nobody's.
+                self._adopt_connections(message, socks)
+                raise HotswapError(f"predecessor stopped listening: {exc}") from exc
+        return self._adopt_connections(message, socks)
+
+    def _wrap_connections(self, message: Connections) -> list[socket.socket | None]:
+        """The frame's descriptors as sockets we own; one that is no
+        connected TCP socket (the client already gone, say) is closed,
+        logged and None."""
+        socks: list[socket.socket | None] = []
         for entry, fd in zip(message.entries, message.fds, strict=True):
             try:
-                sock = listeners.adopt_connection_fd(fd)
+                socks.append(listeners.adopt_connection_fd(fd))
             except ListenerError as exc:
                 log.warning("%s: not adopting connection from %s: %s", self.name,
                             entry.peer, exc)
+                socks.append(None)
+        return socks
+
+    def _adopt_connections(self, message: Connections,
+                           socks: list[socket.socket | None]) -> int:
+        adopted = 0
+        for entry, sock in zip(message.entries, socks, strict=True):
+            if sock is None:
                 continue
             if self._adopter is None:
                 sock.close()

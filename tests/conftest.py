@@ -51,6 +51,16 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
+async def until(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    """Poll a condition that has no event to wait on, with a deadline."""
+    try:
+        async with asyncio.timeout(timeout):
+            while not predicate():  # noqa: ASYNC110 - state owned by another task
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str,
              interval: float = 0.02) -> Any:
     """Poll ``predicate`` until it returns something truthy; fail after

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 import pytest
-from conftest import child_env
+from conftest import child_env, until
 
 import hotswap
 from hotswap.control import control_address, query_status, sockaddr
@@ -32,16 +32,6 @@ def run(request: pytest.FixtureRequest) -> Runner:
         import uvloop
         return uvloop.run  # type: ignore[no-any-return]
     return asyncio.run
-
-
-async def until(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
-    """Poll a condition that has no event to wait on, with a deadline."""
-    try:
-        async with asyncio.timeout(timeout):
-            while not predicate():  # noqa: ASYNC110 - state owned by another task
-                await asyncio.sleep(0.01)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
 
 
 def new_name() -> str:
@@ -598,6 +588,36 @@ def test_a_stopping_successor_leaves_the_connections_with_the_old_side(
         client.settimeout(5)
         assert client.recv(100) == b"the old side"
         for sock in (server_side, client):
+            sock.close()
+        await old.close(cut=0)
+        await new.close()
+
+    run(main())
+
+
+def test_a_frame_with_a_connection_the_successor_cannot_serve_stays(run: Runner) -> None:
+    """The successor takes TCP connections only, and a frame only whole: one
+    with a Unix-socket connection in it is refused before it is
+    acknowledged, so every connection of it stays with the old side (none
+    adopted, none closed under its client)."""
+    name = new_name()
+
+    async def main() -> None:
+        old = await serving_upgrader(name, "v1")
+        port = int(old.status().listeners[0].address.rsplit(":", 1)[1])
+        client = socket.create_connection(("127.0.0.1", port))
+        tcp, _ = old._listeners["http"].sock.accept()
+        unix, unix_peer = socket.socketpair()
+        adopted: list[socket.socket] = []
+        new = await taken_over(old, name, lambda listener, sock: adopted.append(sock))
+        assert await old.hand_over_connections(
+            [("http", tcp.fileno(), "tcp"), ("http", unix.fileno(), "unix")]) == 0
+        assert adopted == []
+        for ours, theirs in ((tcp, client), (unix, unix_peer)):
+            ours.sendall(b"still the old side")
+            theirs.settimeout(5)
+            assert theirs.recv(100) == b"still the old side"
+        for sock in (tcp, client, unix, unix_peer):
             sock.close()
         await old.close(cut=0)
         await new.close()
