@@ -155,6 +155,12 @@ class Drainer:
                      and upgrader.can_hand_over_connections)
         if not migrating:
             self.start(server)  # idempotent
+        else:
+            assert migrator is not None
+            movable = {conn.handler for conn in migrator.tracked}
+            for handler in server.connections:
+                if handler not in movable:  # a Unix socket's: the safe way
+                    self.close_after_next_response(handler)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while server.connections and loop.time() < deadline and not self._forced.is_set():
@@ -215,6 +221,28 @@ def _yield_cpu() -> None:
         os.setpriority(os.PRIO_PROCESS, 0, 19)
     except OSError as exc:  # a sandbox that forbids it: exit at normal priority
         log.debug("could not lower the CPU priority: %s", exc)
+
+
+async def _stop_accepting(runner: web.BaseRunner) -> None:
+    """Stop accepting without dropping a connection already accepted.
+
+    asyncio's selector loop accepts in one callback and attaches each new
+    connection to its server in a task that runs an iteration later; a
+    server closed in between drops that connection unanswered (CPython 3.11:
+    an AssertionError in ``Server._attach``, logged only in debug mode; the
+    client sees a reset). So stop reading the listening sockets first and
+    let those tasks run; the sites are stopped after. uvloop attaches a
+    connection as it accepts it: nothing to do there.
+    """
+    loop = asyncio.get_running_loop()
+    if not isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop):
+        return
+    for site in runner.sites:
+        server = getattr(site, "_server", None)
+        for sock in getattr(server, "sockets", None) or ():
+            loop.remove_reader(sock.fileno())
+    for _ in range(3):  # one iteration attaches them; the rest is margin
+        await asyncio.sleep(0)
 
 
 async def serve(app: web.Application, upgrader: Upgrader,
@@ -292,6 +320,7 @@ async def serve(app: web.Application, upgrader: Upgrader,
             reason = await upgrader.wait_exit()
             log.info("%s: %s; draining (deadline %.1fs)", upgrader.name, reason.value,
                      drain_timeout)
+            await _stop_accepting(runner)
             for site in list(runner.sites):
                 await site.stop()
             assert runner.server is not None

@@ -27,8 +27,10 @@ Ownership: after a frame is sent the old side closes its copy of each
 descriptor (``close()``, never ``shutdown()``: the socket lives on in the
 successor); a connection whose transfer fails is resumed and drains the safe
 way. The successor owns what it receives and closes anything it cannot adopt.
-TLS connections are never migrated (their session state cannot move): they
-drain the safe way.
+TLS connections are never migrated (their session state cannot move), nor
+those of a Unix-socket listener, nor upgraded ones (websockets): they drain
+the safe way. A connection whose last response is still in our send buffer
+waits until it is sent.
 """
 
 from __future__ import annotations
@@ -110,6 +112,12 @@ class Tracked(asyncio.Protocol):
         return (waiter is not None and not waiter.done() and not handler._messages
                 and handler._current_request is None)
 
+    def flushed(self) -> bool:
+        """Nothing of a response is left in our buffer: handed over now, the
+        tail of one could be lost, or mixed with the successor's next."""
+        assert self.transport is not None
+        return self.transport.get_write_buffer_size() == 0
+
     def between_requests(self) -> bool:
         """Everything received is consumed and no request handler runs: the
         moments around one (taken from the queue, its response being
@@ -125,6 +133,9 @@ class Tracked(asyncio.Protocol):
         holds only what comes next, in the kernel; never true while a body is
         still arriving (pausing would stall that request)."""
         handler: Any = self.handler
+        if getattr(handler, "_upgraded", False) or getattr(handler, "_payload_parser", None):
+            # Upgraded (a websocket): it is read for as long as it lives.
+            return False
         request = handler._current_request
         if request is not None and not request.content.is_eof():
             return False
@@ -167,8 +178,14 @@ class Migrator:
         # their response, and ones between two requests): look again soon.
         self.pending = 0
 
-    def site(self, runner: web.BaseRunner, sock: socket.socket, listener: str) -> TrackedSite:
+    def site(self, runner: web.BaseRunner, sock: socket.socket,
+             listener: str) -> web.BaseSite:
+        """The site to serve ``sock`` with: tracked if its connections can
+        move (TCP); a plain one otherwise (a Unix socket's connections drain
+        the safe way: the successor adopts TCP connections only)."""
         self.runner = runner
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return web.SockSite(runner, sock)
         return TrackedSite(runner, sock, listener, self)
 
     # ------------------------------------------------------------ new side
@@ -214,11 +231,12 @@ class Migrator:
             if transport is None or transport.is_closing():
                 continue
             if conn.idle():
-                if conn.at_boundary():
+                if not conn.at_boundary():
+                    close_after_next_response(conn.handler)
+                elif conn.flushed():
                     transport.pause_reading()
                     ready.append(conn)
-                else:
-                    close_after_next_response(conn.handler)
+                # else: its last response is still being sent; next round.
             elif conn.at_boundary() and conn.busy_with_body_read():
                 # Keep its next request in the kernel: at the end of this
                 # response it is at a boundary, and moves next round.

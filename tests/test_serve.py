@@ -1,0 +1,180 @@
+"""hotswap.aiohttp.serve in one process, on real sockets and real aiohttp
+servers, under the stock loop and uvloop: what the drain does with
+connections that are not plain HTTP/1.1 on TCP, and with one accepted just
+as the stop comes. Two versions here are two serve() calls on one loop
+(each with its own Upgrader), which is what two processes run."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+import uvloop
+from aiohttp import web
+from conftest import until
+
+import hotswap
+import hotswap.aiohttp
+
+LOOPS: dict[str, Callable[[Awaitable[None]], None]] = {
+    "asyncio": asyncio.run, "uvloop": uvloop.run}  # type: ignore[dict-item]
+
+
+@pytest.fixture(params=sorted(LOOPS))
+def run(request: pytest.FixtureRequest) -> Iterator[Callable[[Awaitable[None]], None]]:
+    """The loop to run a test under; no descriptor may be left after it."""
+    runner = LOOPS[request.param]
+
+    async def nothing() -> None:
+        pass
+
+    runner(nothing())  # uvloop's first run keeps a signal pipe for good
+    before = set(os.listdir("/proc/self/fd"))
+    yield runner
+    # Names, not numbers (a listing's own descriptor comes and goes).
+    left = {fd for fd in set(os.listdir("/proc/self/fd")) - before
+            if os.path.exists(f"/proc/self/fd/{fd}")}
+    assert not left, [os.readlink(f"/proc/self/fd/{fd}") for fd in left]
+
+
+def app_of(version: str) -> web.Application:
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(text=f"version({version})")
+
+    async def echo(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for message in ws:
+            await ws.send_str(f"{version} {message.data}")
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/", hello)
+    app.router.add_get("/ws", echo)
+    return app
+
+
+def start(name: str, version: str, sockets: dict[str, hotswap.Address],
+          drain_timeout: float = 10.0) -> tuple[hotswap.Upgrader, asyncio.Task[int]]:
+    """One version serving (a task): no signal handlers, no nice 19 for this
+    thread after the drain."""
+    upgrader = hotswap.Upgrader(name, version=version, options=hotswap.Options(env={}))
+    task = asyncio.create_task(hotswap.aiohttp.serve(
+        app_of(version), upgrader, sockets, drain_timeout=drain_timeout,
+        handle_signals=False, yield_cpu_after_drain=False))
+    return upgrader, task
+
+
+def serving(upgrader: hotswap.Upgrader) -> Callable[[], bool]:
+    return lambda: upgrader.state is hotswap.State.SERVING
+
+
+async def request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+    """One GET on a kept connection; the whole response."""
+    async with asyncio.timeout(10):
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        return head.lower() + await reader.readexactly(length)
+
+
+def test_a_connection_accepted_as_the_stop_comes_is_answered(run: Callable[
+        [Awaitable[None]], None]) -> None:
+    """A connection arrives right after the stop is asked for: the loop
+    accepts it in the iteration in which the stop reaches serve()'s task,
+    and it is answered (the stock loop attaches a connection to its server
+    an iteration after accepting it, and one whose server had been closed
+    in between used to be dropped: the client saw a reset)."""
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        upgrader, task = start(f"s-{uuid.uuid4().hex[:10]}", "v1",
+                               {"http": ("127.0.0.1", 0)})
+        await until(serving(upgrader), "v1 serving")
+        port = int(upgrader.status().listeners[0].address.rsplit(":", 1)[1])
+        client = socket.socket()
+        sent = asyncio.Event()
+
+        def stop_then_connect() -> None:
+            upgrader.request_stop()  # serve() resumes two iterations later
+            client.connect(("127.0.0.1", port))  # the next iteration accepts it
+            client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            sent.set()
+
+        loop.call_soon(stop_then_connect)
+        await sent.wait()
+        client.setblocking(False)
+        try:
+            async with asyncio.timeout(10):
+                answer = await loop.sock_recv(client, 4096)
+        finally:
+            client.close()
+        assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"version(v1)"), answer
+        assert await asyncio.wait_for(task, 15) == 0
+
+    run(main())
+
+
+def test_unix_socket_connections_drain_the_safe_way(run: Callable[
+        [Awaitable[None]], None], tmp_path: Path) -> None:
+    """Idle keep-alive connections of a Unix-socket listener cannot move
+    (the successor adopts TCP connections only): they stay with v1, whose
+    next response on each says Connection: close; none is closed under its
+    client. TCP connections of the same server still move."""
+    async def main() -> None:
+        name, path = f"s-{uuid.uuid4().hex[:10]}", str(tmp_path / "http.sock")
+        sockets: dict[str, hotswap.Address] = {"unix": path, "tcp": ("127.0.0.1", 0)}
+        v1, v1_task = start(name, "v1", sockets)
+        await until(serving(v1), "v1 serving")
+        port = int(next(i.address for i in v1.status().listeners
+                        if i.name == "tcp").rsplit(":", 1)[1])
+        unix = [await asyncio.open_unix_connection(path) for _ in range(3)]
+        tcp = await asyncio.open_connection("127.0.0.1", port)
+        for reader, writer in (*unix, tcp):
+            assert (await request(reader, writer)).endswith(b"version(v1)")
+        v2, v2_task = start(name, "v2", sockets)
+        await until(serving(v2), "v2 serving")
+        await until(lambda: v1.state is hotswap.State.DRAINING, "v1 draining")
+        for reader, writer in unix:
+            second = await request(reader, writer)
+            assert b"connection: close" in second and second.endswith(b"version(v1)"), second
+            writer.close()
+        assert (await request(*tcp)).endswith(b"version(v2)")  # moved, not told to close
+        tcp[1].close()
+        assert await asyncio.wait_for(v1_task, 15) == 0
+        v2.request_stop()
+        assert await asyncio.wait_for(v2_task, 15) == 0
+
+    run(main())
+
+
+def test_a_websocket_is_read_throughout_the_drain(run: Callable[
+        [Awaitable[None]], None]) -> None:
+    """A websocket that said nothing since its upgrade request (which reads
+    like a request boundary) is not paused when v2 takes over: its messages
+    are answered by v1 during the whole drain, not after its deadline."""
+    async def main() -> None:
+        name = f"s-{uuid.uuid4().hex[:10]}"
+        sockets: dict[str, hotswap.Address] = {"http": ("127.0.0.1", 0)}
+        v1, v1_task = start(name, "v1", sockets, drain_timeout=20)
+        await until(serving(v1), "v1 serving")
+        url = f"http://{v1.status().listeners[0].address}/ws"
+        async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+            v2, v2_task = start(name, "v2", sockets)
+            await until(serving(v2), "v2 serving")
+            await until(lambda: v1.state is hotswap.State.DRAINING, "v1 draining")
+            for i in range(3):
+                await ws.send_str(f"m{i}")
+                # Well inside v1's 20 s drain deadline.
+                assert (await ws.receive(timeout=5)).data == f"v1 m{i}"
+        assert await asyncio.wait_for(v1_task, 15) == 0
+        v2.request_stop()
+        assert await asyncio.wait_for(v2_task, 15) == 0
+
+    run(main())
