@@ -80,6 +80,18 @@ class Channel:
     def closed(self) -> bool:
         return self._closed
 
+    def peer_closed(self) -> bool:
+        """Whether the other end has closed (EOF or reset) and nothing is
+        left for us to read: a non-blocking peek that consumes nothing."""
+        if self._closed or len(self._ahead) > self._ahead_at:
+            return False
+        try:
+            return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        except OSError:  # nothing to read yet (EAGAIN), or anything else: no
+            return False
+
     def peer_credentials(self) -> tuple[int, int, int]:
         return peer_credentials(self.sock)
 

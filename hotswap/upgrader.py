@@ -691,14 +691,19 @@ class Upgrader:
         HotswapError, which ends the channel) leaves every connection of
         the frame with the predecessor, which drains them the safe way."""
         if self._predecessor_acks:
-            if self._stopping:
-                # They would only be closed under their clients.
-                close_fds(message.fds)
-                raise HotswapError("stopping: not adopting its connections")
-            if not all(listeners.is_tcp_stream(fd) for fd in message.fds):
-                close_fds(message.fds)
-                raise HotswapError("refusing a frame of connections that are not all "
-                                   "TCP streams")
+            refusal = ""
+            if self._stopping:  # they would only be closed under their clients
+                refusal = "stopping: not adopting its connections"
+            elif not all(listeners.is_tcp_stream(fd) for fd in message.fds):
+                refusal = "refusing a frame of connections that are not all TCP streams"
+            if refusal:
+                if not channel.peer_closed():
+                    close_fds(message.fds)
+                    raise HotswapError(refusal)
+                # Too late to refuse: it gave up waiting for our word and let
+                # go of them. Ours or nobody's: take what we can.
+                log.warning("%s: %s, but the predecessor has let go of them: "
+                            "adopting what can be", self.name, refusal)
         socks = self._wrap_connections(message)
         if self._predecessor_acks:
             # Adopt only what the predecessor knows we have: if it does not

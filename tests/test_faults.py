@@ -128,7 +128,8 @@ def test_predecessor_killed(procs: Procs, name: str, load: Any, fault: str,
     at most one request per client in flight on its connections. Once the
     descriptors have crossed (invariant 1), not one new connection is
     refused: the successor holds the listening socket and its queue. Killed
-    before that, the kernel closes the listener with its only holder, and new
+    before that, the kernel closes the listener with its only holder (what
+    waits in its queue is reset: at most one more per client), and new
     connections are refused until the successor, finding nobody, binds the
     port afresh (moments later: it retries at once)."""
     v1, port, fds, traffic = start_v1(procs, name, load, fault=fault)

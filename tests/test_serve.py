@@ -136,17 +136,20 @@ def test_unix_socket_connections_drain_the_safe_way(run: Callable[
                         if i.name == "tcp").rsplit(":", 1)[1])
         unix = [await asyncio.open_unix_connection(path) for _ in range(3)]
         tcp = await asyncio.open_connection("127.0.0.1", port)
-        for reader, writer in (*unix, tcp):
-            assert (await request(reader, writer)).endswith(b"version(v1)")
-        v2, v2_task = start(name, "v2", sockets)
-        await until(serving(v2), "v2 serving")
-        await until(lambda: v1.state is hotswap.State.DRAINING, "v1 draining")
-        for reader, writer in unix:
-            second = await request(reader, writer)
-            assert b"connection: close" in second and second.endswith(b"version(v1)"), second
-            writer.close()
-        assert (await request(*tcp)).endswith(b"version(v2)")  # moved, not told to close
-        tcp[1].close()
+        try:
+            for reader, writer in (*unix, tcp):
+                assert (await request(reader, writer)).endswith(b"version(v1)")
+            v2, v2_task = start(name, "v2", sockets)
+            await until(serving(v2), "v2 serving")
+            await until(lambda: v1.state is hotswap.State.DRAINING, "v1 draining")
+            for reader, writer in unix:
+                second = await request(reader, writer)
+                assert b"connection: close" in second and second.endswith(b"version(v1)"), \
+                    second
+            assert (await request(*tcp)).endswith(b"version(v2)")  # moved, not told to close
+        finally:
+            for _, writer in (*unix, tcp):
+                writer.close()
         assert await asyncio.wait_for(v1_task, 15) == 0
         v2.request_stop()
         assert await asyncio.wait_for(v2_task, 15) == 0

@@ -679,3 +679,24 @@ def test_close_while_a_receive_waits(run) -> None:  # type: ignore[no-untyped-de
 
     run(main())
     assert open_fds() == before
+
+
+def test_peer_closed_peeks_without_consuming() -> None:
+    """Channel.peer_closed(): True only once the other end closed and nothing
+    is left to read; it consumes nothing (a frame still waiting is read
+    whole afterwards)."""
+    async def main() -> None:
+        a, b = socket.socketpair()
+        server, client = Channel(a, Sender.SERVER), Channel(b, Sender.CLIENT)
+        try:
+            assert not server.peer_closed()
+            await client.send(Hello(pid=1, version="v"), timeout=5)
+            client.close()
+            assert not server.peer_closed()  # a frame is still there
+            assert isinstance(await server.receive(timeout=5), Hello)
+            assert server.peer_closed()
+        finally:
+            server.close()
+        assert not server.peer_closed()  # our own end closed: not the peer
+
+    asyncio.run(main())

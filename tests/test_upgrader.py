@@ -510,12 +510,15 @@ def test_status_with_more_listeners_than_one_reply_lists(run: Runner) -> None:
     run(main())
 
 
-def test_a_frame_acknowledged_too_late_is_still_adopted(run: Runner) -> None:
+@pytest.mark.parametrize("case", ["plain", "mixed", "stopping"])
+def test_a_frame_acknowledged_too_late_is_still_adopted(run: Runner, case: str) -> None:
     """The successor is slow to read a frame of connections: the old side's
     wait for the acknowledgement ends, it lets go of them and closes the
     channel. The successor, finding the frame complete but nobody to tell,
     adopts them anyway: the connection is served by exactly one process,
-    not by none."""
+    not by none. So also when it would have refused the frame, had it been
+    in time: one with a connection it cannot serve ("mixed": it adopts the
+    TCP one), or because it is stopping meanwhile."""
     name = new_name()
 
     async def main() -> None:
@@ -523,6 +526,10 @@ def test_a_frame_acknowledged_too_late_is_still_adopted(run: Runner) -> None:
         listener = old.status().listeners[0].address
         client = socket.create_connection(("127.0.0.1", int(listener.rsplit(":", 1)[1])))
         server_side, _ = old._listeners["http"].sock.accept()
+        conns = [("http", server_side.fileno(), "peer")]
+        pair = socket.socketpair() if case == "mixed" else ()
+        if pair:
+            conns.append(("http", pair[0].fileno(), "unix"))
         adopted: list[socket.socket] = []
         new = hotswap.Upgrader(name, version="v2", options=opts(message_timeout=0.3))
         new.adopt_connections(lambda listener, sock: adopted.append(sock))
@@ -544,14 +551,16 @@ def test_a_frame_acknowledged_too_late_is_still_adopted(run: Runner) -> None:
         slow[0] = True  # the successor's first read after Released
         await old.release()
         await ready
-        assert await old.hand_over_connections(
-            [("http", server_side.fileno(), "peer")]) == 1  # let go: counted as sent
-        server_side.close()
+        if case == "stopping":
+            new.request_stop()
+        assert await old.hand_over_connections(conns) == len(conns)  # let go: counted as sent
+        for sock in (server_side, *pair[:1]):
+            sock.close()
         await until(lambda: len(adopted) == 1, "the successor to adopt it anyway")
         adopted[0].sendall(b"still here")
         client.settimeout(5)
         assert client.recv(100) == b"still here"
-        for sock in (*adopted, client):
+        for sock in (*adopted, client, *pair[1:]):
             sock.close()
         await old.close(cut=0)
         await new.close()
@@ -576,9 +585,10 @@ def test_a_stopping_successor_leaves_the_connections_with_the_old_side(
         server_side, _ = old._listeners["http"].sock.accept()
         adopted: list[socket.socket] = []
         new = await taken_over(old, name, lambda listener, sock: adopted.append(sock))
-        new.request_stop()
-        if how == "released":
+        if how == "released":  # as a step-down does, with no stop asked for
             await new.release()
+        else:
+            new.request_stop()
         assert old.can_hand_over_connections
         assert await old.hand_over_connections(
             [("http", server_side.fileno(), "peer")]) == 0
