@@ -231,9 +231,7 @@ def is_tcp_stream(fd: int) -> bool:
     """Whether ``fd`` is a TCP stream socket (in any state). Never closes
     or keeps ``fd``."""
     try:
-        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
-            return False
-        probe = socket.socket(fileno=fd)
+        probe = socket.socket(fileno=fd)  # ENOTSOCK if it is none
     except OSError:
         return False
     try:

@@ -704,24 +704,21 @@ class Upgrader:
                 # go of them. Ours or nobody's: take what we can.
                 log.warning("%s: %s, but the predecessor has let go of them: "
                             "adopting what can be", self.name, refusal)
-        socks = self._wrap_connections(message)
-        if self._predecessor_acks:
             # Adopt only what the predecessor knows we have: if it does not
-            # hear from us, it serves them on itself.
+            # hear from us, it serves them on itself. Told first, before the
+            # wrapping: it sends the next frame while we wrap this one.
             try:
                 await channel.send(Adopted(count=len(message.fds)),
                                    timeout=self.options.message_timeout)
             except BaseException as exc:
                 if not _peer_closed(exc):  # it may still serve them
-                    for sock in socks:
-                        if sock is not None:
-                            sock.close()
+                    close_fds(message.fds)
                     raise
                 # It closed the channel without our word: it let go of this
                 # complete frame (or died): ours, or nobody's.
-                self._adopt_connections(message, socks)
+                self._adopt_connections(message, self._wrap_connections(message))
                 raise HotswapError(f"predecessor stopped listening: {exc}") from exc
-        return self._adopt_connections(message, socks)
+        return self._adopt_connections(message, self._wrap_connections(message))
 
     def _wrap_connections(self, message: Connections) -> list[socket.socket | None]:
         """The frame's descriptors as sockets we own; one that is no
