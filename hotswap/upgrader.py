@@ -716,29 +716,18 @@ class Upgrader:
                     raise
                 # It closed the channel without our word: it let go of this
                 # complete frame (or died): ours, or nobody's.
-                self._adopt_connections(message, self._wrap_connections(message))
+                self._adopt_connections(message)
                 raise HotswapError(f"predecessor stopped listening: {exc}") from exc
-        return self._adopt_connections(message, self._wrap_connections(message))
+        return self._adopt_connections(message)
 
-    def _wrap_connections(self, message: Connections) -> list[socket.socket | None]:
-        """The frame's descriptors as sockets we own; one that is no
-        connected TCP socket (the client already gone, say) is closed,
-        logged and None."""
-        socks: list[socket.socket | None] = []
+    def _adopt_connections(self, message: Connections) -> int:
+        adopted = 0
         for entry, fd in zip(message.entries, message.fds, strict=True):
             try:
-                socks.append(listeners.adopt_connection_fd(fd))
+                sock = listeners.adopt_connection_fd(fd)
             except ListenerError as exc:
                 log.warning("%s: not adopting connection from %s: %s", self.name,
                             entry.peer, exc)
-                socks.append(None)
-        return socks
-
-    def _adopt_connections(self, message: Connections,
-                           socks: list[socket.socket | None]) -> int:
-        adopted = 0
-        for entry, sock in zip(message.entries, socks, strict=True):
-            if sock is None:
                 continue
             if self._adopter is None:
                 sock.close()
