@@ -61,6 +61,17 @@ async def until(predicate: Callable[[], bool], what: str, timeout: float = 5.0) 
         raise AssertionError(f"timed out waiting for {what}") from None
 
 
+async def keepalive_get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+    """One GET on a kept connection: the response's head (lower case) and
+    body, within 10 s."""
+    async with asyncio.timeout(10):
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        head = (await reader.readuntil(b"\r\n\r\n")).lower()
+        length = int(head.split(b"content-length:")[1].split(b"\r\n")[0])
+        return head + await reader.readexactly(length)
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str,
              interval: float = 0.02) -> Any:
     """Poll ``predicate`` until it returns something truthy; fail after

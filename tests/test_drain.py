@@ -9,18 +9,9 @@ import socket
 
 import pytest
 from aiohttp import web
+from conftest import keepalive_get as get
 
 from hotswap.aiohttp import Drainer
-
-
-async def get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
-    async with asyncio.timeout(10):
-        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        await writer.drain()
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-        await reader.readexactly(length)
-    return head.lower()
 
 
 async def eof(reader: asyncio.StreamReader) -> bytes:

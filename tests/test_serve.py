@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 import uvloop
 from aiohttp import web
+from conftest import keepalive_get as request
 from conftest import until
 
 import hotswap
@@ -73,16 +74,6 @@ def start(name: str, version: str, sockets: dict[str, hotswap.Address],
 
 def serving(upgrader: hotswap.Upgrader) -> Callable[[], bool]:
     return lambda: upgrader.state is hotswap.State.SERVING
-
-
-async def request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
-    """One GET on a kept connection; the whole response."""
-    async with asyncio.timeout(10):
-        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        await writer.drain()
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-        return head.lower() + await reader.readexactly(length)
 
 
 def test_a_connection_accepted_as_the_stop_comes_is_answered(run: Callable[
