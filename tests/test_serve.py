@@ -23,6 +23,8 @@ from conftest import until
 import hotswap
 import hotswap.aiohttp
 
+BIG = 16 << 20  # more than the kernel buffers of a loopback connection hold
+
 LOOPS: dict[str, Callable[[Awaitable[None]], None]] = {
     "asyncio": asyncio.run, "uvloop": uvloop.run}  # type: ignore[dict-item]
 
@@ -55,9 +57,17 @@ def app_of(version: str) -> web.Application:
             await ws.send_str(f"{version} {message.data}")
         return ws
 
+    async def big(request: web.Request) -> web.Response:
+        # Buffer the whole body instead of waiting for the client to read it:
+        # the handler is done while most of its response is still ours.
+        assert request.transport is not None
+        request.transport.set_write_buffer_limits(high=2 * BIG)
+        return web.Response(body=version.encode().ljust(BIG, b"."))
+
     app = web.Application()
     app.router.add_get("/", hello)
     app.router.add_get("/ws", echo)
+    app.router.add_get("/big", big)
     return app
 
 
@@ -142,6 +152,53 @@ def test_unix_socket_connections_drain_the_safe_way(run: Callable[
             for _, writer in (*unix, tcp):
                 writer.close()
         assert await asyncio.wait_for(v1_task, 15) == 0
+        v2.request_stop()
+        assert await asyncio.wait_for(v2_task, 15) == 0
+
+    run(main())
+
+
+def test_a_response_still_being_sent_keeps_its_connection_with_v1(run: Callable[
+        [Awaitable[None]], None]) -> None:
+    """A connection whose last response is still in v1's send buffer does
+    not move: v2 writing on it meanwhile could cut into that response. The
+    next request on it is answered by v1; once everything is sent, the
+    connection moves, and the one after is answered by v2."""
+    async def main() -> None:
+        name = f"s-{uuid.uuid4().hex[:10]}"
+        sockets: dict[str, hotswap.Address] = {"http": ("127.0.0.1", 0)}
+        v1, v1_task = start(name, "v1", sockets)
+        await until(serving(v1), "v1 serving")
+        port = int(v1.status().listeners[0].address.rsplit(":", 1)[1])
+        # A fixed receive buffer (no autotuning: up to 32 MiB here) and the
+        # reader's default limit (it stops at 128 KiB unless asked): nearly
+        # all of the big response stays in v1's buffer until we read it.
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+        sock.connect(("127.0.0.1", port))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        try:
+            writer.write(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+            async with asyncio.timeout(10):
+                head = (await reader.readuntil(b"\r\n\r\n")).lower()
+            assert f"content-length: {BIG}".encode() in head
+            v2, v2_task = start(name, "v2", sockets)  # we read no more meanwhile
+            await until(serving(v2), "v2 serving")
+            await until(lambda: v1.state is hotswap.State.DRAINING, "v1 draining")
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            async with asyncio.timeout(10):
+                body = await reader.readexactly(BIG)
+            assert body == b"v1".ljust(BIG, b"."), "the big response arrived whole"
+            # Sent just before it was all out: answered by v1, not by v2.
+            async with asyncio.timeout(10):
+                head = (await reader.readuntil(b"\r\n\r\n")).lower()
+                length = int(head.split(b"content-length:")[1].split(b"\r\n")[0])
+                assert await reader.readexactly(length) == b"version(v1)"
+            # Then it moves (v1's drain ends with its last connection gone).
+            assert await asyncio.wait_for(v1_task, 15) == 0
+            assert (await request(reader, writer)).endswith(b"version(v2)")
+        finally:
+            writer.close()
         v2.request_stop()
         assert await asyncio.wait_for(v2_task, 15) == 0
 
