@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -92,45 +93,39 @@ def test_what_bind_binds_matches_its_own_request(host: str) -> None:
         assert not matches(have, wanted_info("http", (host, port), kind="dgram"))
 
 
+def check_spellings(name: str, sock: socket.socket, shown: str, same: Sequence[str],
+                    other: Sequence[str]) -> None:
+    """``sock`` is described as ``shown`` (``{port}`` filled in), and matches
+    a request for its port under each host in ``same``, none in ``other``."""
+    have = describe(name, sock)
+    port = port_of(sock)
+    assert have.address == shown.format(port=port)
+    for host in same:
+        assert matches(have, wanted_info(name, (host, port))), host
+    for host in other:
+        assert not matches(have, wanted_info(name, (host, port))), host
+
+
 def test_ipv4_spellings_compare_as_addresses() -> None:
     with bind(("localhost", 0)) as loopback:
-        have = describe("http", loopback)
-        port = port_of(loopback)
-        assert have.address == f"127.0.0.1:{port}"
-        for same in ("127.0.0.1", "127.1", "localhost"):
-            assert matches(have, wanted_info("http", (same, port))), same
-        for other in ("127.0.0.2", "0.0.0.0", "", "::1", "::ffff:127.0.0.1"):
-            assert not matches(have, wanted_info("http", (other, port))), other
+        check_spellings("http", loopback, "127.0.0.1:{port}", ("127.0.0.1", "127.1", "localhost"),
+                        ("127.0.0.2", "0.0.0.0", "", "::1", "::ffff:127.0.0.1"))
     with bind(("", 0)) as wildcard:
-        have = describe("http", wildcard)
-        port = port_of(wildcard)
-        assert have.address == f"0.0.0.0:{port}"
-        for same in ("", "0.0.0.0", "0"):
-            assert matches(have, wanted_info("http", (same, port))), same
-        for other in ("127.0.0.1", "localhost", "::"):
-            assert not matches(have, wanted_info("http", (other, port))), other
+        check_spellings("http", wildcard, "0.0.0.0:{port}", ("", "0.0.0.0", "0"),
+                        ("127.0.0.1", "localhost", "::"))
 
 
 def test_ipv6_spellings_compare_as_addresses() -> None:
     with bound("::1") as v6:
-        have = describe("v6", v6)
-        port = port_of(v6)
-        assert have.address == f"[::1]:{port}"
-        for same in ("::1", "::0001", "0::1", "0:0:0:0:0:0:0:1"):
-            assert matches(have, wanted_info("v6", (same, port))), same
         # "[::1]" is not something bind accepts, so it matches nothing either.
         with pytest.raises(ListenerError):
             bind(("[::1]", 0))
-        for other in ("[::1]", "::", "::2", "::ffff:127.0.0.1", "127.0.0.1", "localhost"):
-            assert not matches(have, wanted_info("v6", (other, port))), other
+        check_spellings("v6", v6, "[::1]:{port}", ("::1", "::0001", "0::1", "0:0:0:0:0:0:0:1"),
+                        ("[::1]", "::", "::2", "::ffff:127.0.0.1", "127.0.0.1", "localhost"))
     with bound("::ffff:7f00:1") as mapped:
-        have = describe("mapped", mapped)
-        port = port_of(mapped)
-        assert have.address == f"[::ffff:127.0.0.1]:{port}"
-        for same in ("::ffff:127.0.0.1", "::ffff:7f00:1", "0:0:0:0:0:ffff:7f00:1"):
-            assert matches(have, wanted_info("mapped", (same, port))), same
-        for other in ("127.0.0.1", "::1", "::"):
-            assert not matches(have, wanted_info("mapped", (other, port))), other
+        check_spellings("mapped", mapped, "[::ffff:127.0.0.1]:{port}",
+                        ("::ffff:127.0.0.1", "::ffff:7f00:1", "0:0:0:0:0:ffff:7f00:1"),
+                        ("127.0.0.1", "::1", "::"))
 
 
 def test_port_zero_matches_any_port_of_the_same_address() -> None:

@@ -427,6 +427,34 @@ def test_small_frames_cost_one_recvmsg(run) -> None:  # type: ignore[no-untyped-
             sock.close()
 
 
+async def receive_descriptors(client: Channel, total: int, senders: list[asyncio.Task[None]],
+                              received: list[list[tuple[int, int]]],
+                              before_each: Callable[[], Awaitable[None]] | None = None
+                              ) -> list[Message]:
+    """Receive until ``total`` descriptors came, noting each Sockets frame's
+    descriptors (``ident``) in ``received`` and closing them; then wait for
+    the ``senders``. On an error the client is closed first, so that the
+    senders fail at once and this error is the one raised."""
+    got: list[Message] = []
+    try:
+        while sum(e.nfds for e in got) < total:
+            if before_each is not None:
+                await before_each()
+            event = await client.receive(timeout=5)
+            got.append(event)
+            if isinstance(event, Sockets):
+                received.append([ident(fd) for fd in event.fds])
+    except BaseException:
+        client.close()
+        await asyncio.wait(senders)
+        raise
+    finally:
+        for event in got:
+            close_fds(getattr(event, "fds", ()))
+    await asyncio.gather(*senders)
+    return got
+
+
 def test_concurrent_sends_never_interleave_frames(run) -> None:  # type: ignore[no-untyped-def]
     """Frames sent from several tasks at once arrive whole and in order, each
     with its own descriptors, even when a sendmsg goes out in part (a small
@@ -447,21 +475,8 @@ def test_concurrent_sends_never_interleave_frames(run) -> None:  # type: ignore[
             assert isinstance(await client.receive(timeout=5), Welcome)
             chunks = split_sockets(entries, [s.fileno() for s in sent])
             sends = [asyncio.create_task(server.send(c, timeout=5)) for c in chunks]
-            got: list[Message] = []
-            try:
-                while sum(e.nfds for e in got) < len(sent):
-                    event = await client.receive(timeout=5)
-                    assert isinstance(event, Sockets)
-                    got.append(event)
-                    received.append([ident(fd) for fd in event.fds])
-            except BaseException:
-                client.close()  # the senders fail at once: this error is the story
-                await asyncio.wait(sends)
-                raise
-            finally:
-                for event in got:
-                    close_fds(getattr(event, "fds", ()))
-            await asyncio.gather(*sends)
+            got = await receive_descriptors(client, len(sent), sends, received)
+            assert all(isinstance(e, Sockets) for e in got), got
             return got
         finally:
             server.close()
@@ -565,25 +580,13 @@ def test_random_frames_splits_and_timing_keep_descriptors_with_their_frame(
                     if rng.random() < 0.3:
                         await asyncio.sleep(0.001)
 
-            task = asyncio.create_task(sender())
-            got: list[Message] = []
-            try:
-                while sum(e.nfds for e in got) < len(entries):
-                    if rng.random() < 0.3:
-                        await asyncio.sleep(0.002)
-                    event = await client.receive(timeout=5)
-                    got.append(event)
-                    if isinstance(event, Sockets):
-                        received.append([ident(fd) for fd in event.fds])
-            except BaseException:
-                client.close()
-                await asyncio.wait({task})
-                raise
-            finally:
-                for event in got:
-                    close_fds(getattr(event, "fds", ()))
-            await task
-            return got
+            async def now_and_then() -> None:
+                if rng.random() < 0.3:
+                    await asyncio.sleep(0.002)
+
+            return await receive_descriptors(client, len(entries),
+                                             [asyncio.create_task(sender())], received,
+                                             now_and_then)
         finally:
             server.close()
             client.close()
