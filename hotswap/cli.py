@@ -9,6 +9,10 @@
   (``SIDECARSET_VERSION=0``), serving, or superseded by a newer version; not
   ready if nobody serves or an older version still does.
 
+Each trusts only a server of its own uid (SO_PEERCRED; ``--allow-uid`` adds
+others): any process of the pod's network namespace can bind the abstract
+name first.
+
 Exit status: 0 success, 1 the condition failed or timed out, 2 usage error.
 """
 
@@ -46,10 +50,15 @@ def _describe(status: Status) -> str:
             f"listeners {listeners}, fds {status.num_fds}")
 
 
+def _allowed(args: argparse.Namespace) -> frozenset[int]:
+    return frozenset({os.getuid(), *args.allow_uid})
+
+
 def _status(args: argparse.Namespace) -> int:
     address = _address(args)
     try:
-        status = control.status_blocking(address, timeout=args.timeout)
+        status = control.status_blocking(address, timeout=args.timeout,
+                                         allowed_uids=_allowed(args))
     except (OSError, HotswapError) as exc:
         print(f"hotswap: no answer from {address}: {exc}", file=sys.stderr)
         return 1
@@ -90,9 +99,10 @@ def _wait_ready(args: argparse.Namespace) -> int:
     while True:
         remaining = max(0.1, deadline - time.monotonic())
         try:
-            status = control.status_blocking(address, timeout=min(remaining, 2.0))
+            status = control.status_blocking(address, timeout=min(remaining, 2.0),
+                                             allowed_uids=_allowed(args))
         except HandoverRefused as exc:
-            print(f"hotswap: {address} refused us: {exc}", file=sys.stderr)
+            print(f"hotswap: no status from {address}: {exc}", file=sys.stderr)
             return 1
         except (OSError, HotswapError) as exc:
             last = f"no answer from {address}: {exc}"
@@ -123,7 +133,8 @@ def _probe(args: argparse.Namespace) -> int:
     rank, version = _target(args)
     address = _address(args)
     try:
-        status = control.status_blocking(address, timeout=args.timeout)
+        status = control.status_blocking(address, timeout=args.timeout,
+                                         allowed_uids=_allowed(args))
     except (OSError, HotswapError) as exc:
         print(f"hotswap: not ready: no answer from {address}: {exc}", file=sys.stderr)
         return 1
@@ -148,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="sidecar name (control socket @hotswap/NAME)")
         p.add_argument("--control-path", default=os.environ.get("HOTSWAP_CONTROL_PATH"),
                        help="filesystem control socket instead of the abstract name")
+        p.add_argument("--allow-uid", type=int, action="append", default=[],
+                       metavar="UID", help="also trust a server running as UID "
+                       "(repeatable; our own uid always)")
 
     p = sub.add_parser("status", help="show the process serving NAME")
     common(p)

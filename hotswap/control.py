@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import socket
 import time
+from collections.abc import Collection
 
 from .errors import BrokenResourceError, HandoverRefused, HandoverTimeout, RemoteProtocolError
-from .fdio import recv_some
+from .fdio import peer_credentials, recv_some
 from .protocol import NEED_DATA, Connection, Message, Refused, Sender, Status, StatusRequest
 
 # asyncio is imported inside the async functions: the CLI (a PostStart hook and
@@ -85,31 +87,49 @@ async def connect(address: str, *, timeout: float) -> socket.socket:
     return sock
 
 
-async def query_status(address: str, *, timeout: float = DEFAULT_TIMEOUT) -> Status:
+def check_server(sock: socket.socket, address: str,
+                 allowed_uids: Collection[int] | None = None) -> None:
+    """Raise HandoverRefused (``forbidden``) unless the process at the other
+    end of the connected ``sock`` runs as one of ``allowed_uids`` (default:
+    our own uid), by SO_PEERCRED. An abstract name is first come, first
+    served: any process of the network namespace could have bound it, and a
+    status it gives is worth what its uid is. ``sock`` stays the caller's."""
+    allowed = frozenset({os.getuid()}) if allowed_uids is None else allowed_uids
+    pid, uid, _ = peer_credentials(sock)
+    if uid not in allowed:
+        raise HandoverRefused("forbidden", f"the process serving {address} "
+                              f"(pid {pid}) runs as uid {uid}, not allowed")
+
+
+async def query_status(address: str, *, timeout: float = DEFAULT_TIMEOUT,
+                       allowed_uids: Collection[int] | None = None) -> Status:
     """Ask the process serving ``address`` who it is.
 
     Raises OSError if nobody listens, HandoverRefused if it refuses us (for
-    example another uid), HotswapError subclasses on a broken or garbled reply
-    or a timeout.
+    example another uid) or if it runs as a uid not in ``allowed_uids``
+    (default: ours; see :func:`check_server`), HotswapError subclasses on a
+    broken or garbled reply or a timeout.
     """
     from .transport import Channel
 
     sock = await connect(address, timeout=timeout)
     channel = Channel(sock, Sender.CLIENT)
     try:
+        check_server(sock, address, allowed_uids)
         reply = await channel.request(StatusRequest(), timeout=timeout)
     finally:
         channel.close()
     return _as_status(reply)
 
 
-def status_blocking(address: str, *, timeout: float = DEFAULT_TIMEOUT) -> Status:
+def status_blocking(address: str, *, timeout: float = DEFAULT_TIMEOUT,
+                    allowed_uids: Collection[int] | None = None) -> Status:
     """:func:`query_status` without an event loop (for the CLI): the same
     sans-IO conversation over a blocking socket, all of it within ``timeout``.
 
-    Raises OSError if nobody listens, HandoverRefused if refused,
-    HandoverTimeout after ``timeout``, other HotswapErrors on a broken or
-    garbled reply.
+    Raises OSError if nobody listens, HandoverRefused if refused or if the
+    server's uid is not in ``allowed_uids`` (default: ours), HandoverTimeout
+    after ``timeout``, other HotswapErrors on a broken or garbled reply.
     """
     deadline = time.monotonic() + timeout
     conn = Connection(Sender.CLIENT)
@@ -117,6 +137,7 @@ def status_blocking(address: str, *, timeout: float = DEFAULT_TIMEOUT) -> Status
     try:
         sock.settimeout(timeout)
         sock.connect(sockaddr(address))
+        check_server(sock, address, allowed_uids)
         # A refused peer may find the answer waiting even if its send broke.
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             sock.sendall(conn.send(StatusRequest()))

@@ -522,15 +522,10 @@ class Upgrader:
                     return False
                 raise BrokenResourceError(f"connecting to {self.address}: {exc}") from exc
             channel = Channel(sock, Sender.CLIENT)
-            # The name is first come, first served: take sockets only from a
-            # process of an allowed uid (SO_PEERCRED), as it only gives them
-            # to one.
-            pid, uid, _ = channel.peer_credentials()
-            if uid not in self._allowed_uids:
-                channel.close()
-                raise HandoverRefused("forbidden", f"the process serving {self.address} "
-                                      f"(pid {pid}) runs as uid {uid}, not allowed")
             try:
+                # The name is first come, first served: take sockets only from
+                # a process of an allowed uid, as it only gives them to one.
+                control.check_server(sock, self.address, self._allowed_uids)
                 await self._handshake(channel)
                 return True
             except HandoverRefused as exc:

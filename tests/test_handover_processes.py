@@ -8,14 +8,17 @@ process whose clients never retry.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import select
 import signal
+import subprocess
+import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
-from conftest import Procs, port_of, serving, status, wait_for
+from conftest import Procs, child_env, port_of, serving, status, wait_for
 
 import hotswap
 import hotswap.control
@@ -126,34 +129,37 @@ def test_peer_with_another_uid_is_refused(procs: Procs, name: str) -> None:
     wait_for(serving(name, "v1"), 15, "v1 serving")
     address = hotswap.control.control_address(name)
 
+    # The peers trust the root server (allowed_uids): the refusal checked
+    # is the server's, not their own check of the server's uid.
     async def ask_status() -> str:
         try:
-            await hotswap.control.query_status(address, timeout=5)
+            await hotswap.control.query_status(address, timeout=5, allowed_uids={0})
         except hotswap.HandoverRefused as exc:
-            return f"refused {exc.code} {os.getuid()}"
+            return f"refused {exc.code}: {exc.reason}"
         return "answered"
 
     async def take_over() -> str:
-        upgrader = hotswap.Upgrader(name, version="v2",
-                                    options=hotswap.Options(env={}))
+        upgrader = hotswap.Upgrader(name, version="v2", options=hotswap.Options(
+            env={}, allowed_uids=frozenset({0})))
         try:
             await upgrader.start()
         except hotswap.HandoverRefused as exc:
-            return f"refused {exc.code}"
+            return f"refused {exc.code}: {exc.reason}"
         finally:
             await upgrader.close()
         return "took over"
 
     async def ask_status_blocking() -> str:  # the CLI's client, no event loop
         try:
-            hotswap.control.status_blocking(address, timeout=5)
+            hotswap.control.status_blocking(address, timeout=5, allowed_uids={0})
         except hotswap.HandoverRefused as exc:
-            return f"refused {exc.code} {os.getuid()}"
+            return f"refused {exc.code}: {exc.reason}"
         return "answered"
 
-    assert _as_uid(65534, ask_status) == "refused forbidden 65534"
-    assert _as_uid(65534, ask_status_blocking) == "refused forbidden 65534"
-    assert _as_uid(65534, take_over) == "refused forbidden"
+    server_says = "refused forbidden: uid 65534 is not allowed"
+    assert _as_uid(65534, ask_status) == server_says
+    assert _as_uid(65534, ask_status_blocking) == server_says
+    assert _as_uid(65534, take_over) == server_says
     st = status(name)
     assert st is not None and st.pid == v1.pid and st.state == "serving"
     assert "refused control peer" in procs.logs()
@@ -211,34 +217,32 @@ def test_successor_hung_past_the_deadline(procs: Procs, name: str, load) -> None
     assert v2.wait(timeout=15) == 0
 
 
-def test_a_server_of_another_uid_is_not_taken_from(procs: Procs, name: str) -> None:
-    """Invariant 6 the other way: the abstract name is first come, first
-    served, so a successor takes sockets only from a serving process of an
-    allowed uid (SO_PEERCRED); it fails instead, and that process serves on."""
-    if os.getuid() != 0:
-        pytest.skip("needs root to run the serving process as another uid")
+@contextlib.contextmanager
+def _served_as(uid: int, name: str) -> Iterator[Callable[[], bool]]:
+    """A server of ``name`` running as ``uid`` in a forked child (it would
+    hand its sockets to root too: allowed uids 0 and ``uid``), until the
+    block ends. Yields ``stop()``: ends the server and says whether it was
+    still serving (not taken over) when it stopped."""
     ready_r, ready_w = os.pipe()
     stop_r, stop_w = os.pipe()
     pid = os.fork()
-    if pid == 0:  # child: serve as uid 65534 until stop_r closes
+    if pid == 0:  # child: serve as uid until stop_r closes
         code = 1
         try:
             os.close(ready_r)
             os.close(stop_w)
             os.setgroups([])
-            os.setgid(65534)
-            os.setuid(65534)
+            os.setgid(uid)
+            os.setuid(uid)
 
             async def serve() -> hotswap.State:
-                # It would hand its sockets to root: only the successor's
-                # own check stops the takeover.
                 upg = hotswap.Upgrader(name, version="v1", options=hotswap.Options(
-                    env={}, allowed_uids=frozenset({0, 65534})))
+                    env={}, allowed_uids=frozenset({0, uid})))
                 await upg.start()
                 upg.listen("http", ("127.0.0.1", 0))
                 await upg.ready()
                 os.write(ready_w, b"ready")
-                # (Nothing here may import: the stdlib may be unreadable as 65534.)
+                # (Nothing here may import: the stdlib may be unreadable as uid.)
                 loop = asyncio.get_running_loop()
                 stopped = loop.create_future()
                 loop.add_reader(stop_r, stopped.set_result, None)
@@ -253,20 +257,23 @@ def test_a_server_of_another_uid_is_not_taken_from(procs: Procs, name: str) -> N
     os.close(ready_w)
     os.close(stop_r)
     reaped = False
-    try:
-        assert select.select([ready_r], [], [], 15)[0], "the uid-65534 server did not start"
-        assert os.read(ready_r, 5) == b"ready"
-        v2 = procs.sidecar(name, "v2")
-        assert v2.wait(timeout=30) != 0
-        assert "runs as uid 65534, not allowed" in procs.logs()
+
+    def stop() -> bool:
+        nonlocal stop_w, reaped
         os.close(stop_w)
         stop_w = -1
         deadline = time.monotonic() + 15
+        wait_status = -1
         while not reaped and time.monotonic() < deadline:
             done, wait_status = os.waitpid(pid, os.WNOHANG)
             reaped = done == pid
             time.sleep(0 if reaped else 0.05)
-        assert reaped and os.waitstatus_to_exitcode(wait_status) == 0, "v1 did not serve on"
+        return reaped and os.waitstatus_to_exitcode(wait_status) == 0
+
+    try:
+        assert select.select([ready_r], [], [], 15)[0], f"the uid-{uid} server did not start"
+        assert os.read(ready_r, 5) == b"ready"
+        yield stop
     finally:
         os.close(ready_r)
         if stop_w >= 0:
@@ -274,3 +281,52 @@ def test_a_server_of_another_uid_is_not_taken_from(procs: Procs, name: str) -> N
         if not reaped:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
+
+
+def test_a_server_of_another_uid_is_not_taken_from(procs: Procs, name: str) -> None:
+    """Invariant 6 the other way: the abstract name is first come, first
+    served, so a successor takes sockets only from a serving process of an
+    allowed uid (SO_PEERCRED); it fails instead, and that process serves on.
+    (That server would hand its sockets to root: only the successor's own
+    check stops the takeover.)"""
+    if os.getuid() != 0:
+        pytest.skip("needs root to run the serving process as another uid")
+    with _served_as(65534, name) as stop:
+        v2 = procs.sidecar(name, "v2")
+        assert v2.wait(timeout=30) != 0
+        assert "runs as uid 65534, not allowed" in procs.logs()
+        assert stop(), "v1 did not serve on"
+
+
+def test_status_of_a_server_of_another_uid_is_not_trusted(procs: Procs, name: str) -> None:
+    """Invariant 6 for the status clients: the CLI (PostStart hook and
+    readiness probe) and both library clients believe only a server of an
+    allowed uid (ours, or ``--allow-uid``): one of another uid that bound
+    the name first cannot make a migration look done or a slot ready."""
+    if os.getuid() != 0:
+        pytest.skip("needs root to run the serving process as another uid")
+    address = hotswap.control.control_address(name)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "hotswap", *args, "--name", name],
+                              capture_output=True, text=True, timeout=60,
+                              env=child_env())
+
+    with _served_as(65534, name) as stop:
+        for args in (["status"], ["wait-ready", "--version", "v1", "--timeout", "5"],
+                     ["probe", "--version", "v1"]):
+            run = cli(*args)
+            assert run.returncode == 1, (args, run.stdout, run.stderr)
+            assert "runs as uid 65534, not allowed" in run.stderr, (args, run.stderr)
+            assert "ready" not in run.stdout, (args, run.stdout)
+        with pytest.raises(hotswap.HandoverRefused, match="runs as uid 65534"):
+            hotswap.control.status_blocking(address, timeout=5)
+        with pytest.raises(hotswap.HandoverRefused, match="runs as uid 65534"):
+            asyncio.run(hotswap.control.query_status(address, timeout=5))
+        # Trusted when allowed: the same server answers (it allows root).
+        run = cli("probe", "--version", "v1", "--allow-uid", "65534")
+        assert run.returncode == 0 and "ready: serving" in run.stdout, run
+        st = hotswap.control.status_blocking(address, timeout=5,
+                                             allowed_uids={0, 65534})
+        assert st.version == "v1" and st.state == "serving"
+        assert stop(), "the uid-65534 server did not serve on"
