@@ -194,6 +194,7 @@ class Upgrader:
         self._adopter: Callable[[str, socket.socket], None] | None = None
         self._successor_caps: frozenset[str] = frozenset()
         self._predecessor_acks = False  # it waits for Adopted after Connections
+        self._renamed: dict[str, str] = {}  # predecessor's listener name -> ours
         self._set_title()
 
     # ------------------------------------------------------------- lifecycle
@@ -235,7 +236,11 @@ class Upgrader:
         had one with that name and a matching address (port 0 matches any
         port; hosts compare as addresses, so ``"localhost"`` matches
         ``127.0.0.1``, resolved like ``bind`` would: see
-        :func:`hotswap.listeners.matches`), else newly bound.
+        :func:`hotswap.listeners.matches`), else inherited if one it had under
+        another name is at that very address (a renamed or swapped listener:
+        binding it anew would fail, the predecessor still holds it; not for
+        port 0), else newly bound. An inherited listener that no call claims
+        is closed by :meth:`ready`.
 
         Ownership passes to the caller (see the class docstring). Raises
         ListenerError if binding fails, HotswapError if ``name`` is taken.
@@ -245,20 +250,37 @@ class Upgrader:
         if self.state not in (State.STARTING, State.TAKING_OVER, State.SERVING):
             raise HotswapError(f"cannot listen in state {self.state.value}")
         want = listeners.wanted_info(name, address, kind)
-        got = self._inherited.pop(name, None)
-        if got is not None and listeners.matches(got.info, want):
-            log.debug("%s: inherited %s %s", self.name, name, got.info.address)
+        got = self._inherited.get(name)
+        if got is None or not listeners.matches(got.info, want):
+            stale, got = got, self._inherited_at(want)
+            if stale is not None and got is None:
+                log.warning("%s: inherited %s is %s, asked for %s: binding anew",
+                            self.name, name, stale.info.address, want.address)
+        if got is not None:
+            del self._inherited[got.info.name]
+            if got.info.name != name:
+                log.info("%s: inherited %s %s as %s", self.name, got.info.name,
+                         got.info.address, name)
+                self._renamed[got.info.name] = name
+                info = got.info
+                got = _Listener(SocketInfo(name=name, family=info.family, kind=info.kind,
+                                           address=info.address), got.sock)
             self._listeners[name] = got
             return got.sock
-        if got is not None:
-            log.warning("%s: inherited %s is %s, asked for %s: binding anew",
-                        self.name, name, got.info.address, want.address)
-            got.sock.close()
         sock = listeners.bind(address, kind=kind, backlog=backlog)
         info = listeners.describe(name, sock)
         log.info("%s: bound %s %s", self.name, name, info.address)
         self._listeners[name] = _Listener(info, sock)
         return sock
+
+    def _inherited_at(self, want: SocketInfo) -> _Listener | None:
+        """The unclaimed inherited listener at exactly the address of
+        ``want``, whatever its name (not for port 0: any port is no
+        address)."""
+        if want.family != "unix" and want.address.endswith(":0"):
+            return None
+        return next((e for e in self._inherited.values()
+                     if listeners.matches(e.info, want)), None)
 
     async def ready(self) -> None:
         """Declare that every listener is accepting.
@@ -728,7 +750,7 @@ class Upgrader:
                 sock.close()
                 continue
             try:
-                self._adopter(entry.listener, sock)
+                self._adopter(self._renamed.get(entry.listener, entry.listener), sock)
             except Exception as exc:  # noqa: BLE001 - the app's callback; we own sock again
                 log.warning("%s: adopting connection from %s failed: %s", self.name,
                             entry.peer, exc)

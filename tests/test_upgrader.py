@@ -658,3 +658,88 @@ def test_both_sides_of_an_acknowledgement_read_a_failure_alike() -> None:
     assert not _peer_closed(BrokenResourceError("cannot send: an earlier frame was cut short"))
     assert not _peer_closed(RemoteProtocolError("garbage"))
     assert not _peer_closed(HandoverTimeout("late"))
+
+
+def _port(sock: socket.socket) -> int:
+    return int(sock.getsockname()[1])
+
+
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_a_successor_with_other_listeners_inherits_what_it_can(run: Runner) -> None:
+    """A new version's configuration may rename, move, swap, drop or add
+    listeners. It inherits every listener whose address it asks for, under
+    whatever name (a renamed or swapped one would otherwise fail to bind:
+    the old side still holds the address), so the clients queued there are
+    not lost; a moved one is bound anew; one it does not ask for is closed
+    at ready(), and with the old side's release nobody holds it any more.
+    Connections handed over on a renamed listener arrive under the new
+    name. No descriptor is left behind."""
+    name = new_name()
+
+    async def main() -> None:
+        before = set(os.listdir("/proc/self/fd"))
+        old = hotswap.Upgrader(name, version="v1", options=opts())
+        await old.start()
+        ports = {n: _port(old.listen(n, ("127.0.0.1", 0)))
+                 for n in ("http", "admin", "api", "legacy", "dropped")}
+        await old.ready()
+        client = socket.create_connection(("127.0.0.1", ports["http"]))
+        on_http, _ = old._listeners["http"].sock.accept()
+        # Waiting in the accept queues of the listeners that change names.
+        queued = {n: socket.create_connection(("127.0.0.1", ports[n]))
+                  for n in ("http", "admin", "api")}
+        adopted: list[tuple[str, socket.socket]] = []
+        new = hotswap.Upgrader(name, version="v2", options=opts())
+        new.adopt_connections(lambda listener, sock: adopted.append((listener, sock)))
+        assert await new.start() is hotswap.Role.TAKEOVER
+        with socket.socket() as probe:  # a free port for the moved listener
+            probe.bind(("127.0.0.1", 0))
+            moved_to = _port(probe)
+        socks = {
+            "web": new.listen("web", ("127.0.0.1", ports["http"])),      # renamed
+            "admin": new.listen("admin", ("127.0.0.1", ports["api"])),   # swapped
+            "api": new.listen("api", ("127.0.0.1", ports["admin"])),     # swapped
+            "legacy": new.listen("legacy", ("127.0.0.1", moved_to)),     # moved
+            "metrics": new.listen("metrics", ("127.0.0.1", 0)),          # added
+        }  # and "dropped" not asked for
+        ready = asyncio.create_task(new.ready())
+        assert await old.wait_exit() is hotswap.ExitReason.TAKEN_OVER
+        await old.release()
+        await ready
+        st = new.status()
+        assert {i.name: i.address for i in st.listeners} == {
+            "web": f"127.0.0.1:{ports['http']}", "admin": f"127.0.0.1:{ports['api']}",
+            "api": f"127.0.0.1:{ports['admin']}", "legacy": f"127.0.0.1:{moved_to}",
+            "metrics": f"127.0.0.1:{_port(socks['metrics'])}"}
+        # The queued clients are accepted by the successor: same kernel sockets.
+        for new_name_, old_name in (("web", "http"), ("admin", "api"), ("api", "admin")):
+            socks[new_name_].settimeout(5)
+            conn, peer = socks[new_name_].accept()
+            assert peer == queued[old_name].getsockname()
+            conn.close()
+        assert _refused(ports["legacy"]) and _refused(ports["dropped"])
+        with socket.create_connection(("127.0.0.1", moved_to), timeout=5):
+            pass
+        # A connection of the old "http" listener arrives as one of "web".
+        assert await old.hand_over_connections(
+            [("http", on_http.fileno(), "peer")]) == 1
+        on_http.close()
+        await until(lambda: len(adopted) == 1, "the successor to adopt the connection")
+        assert adopted[0][0] == "web"
+        adopted[0][1].sendall(b"v2")
+        client.settimeout(5)
+        assert client.recv(10) == b"v2"
+        for sock in (adopted[0][1], client, *queued.values(), *socks.values()):
+            sock.close()
+        await old.close(cut=0)
+        await new.close()
+        assert set(os.listdir("/proc/self/fd")) == before
+
+    run(main())
