@@ -9,9 +9,10 @@
   (``SIDECARSET_VERSION=0``), serving, or superseded by a newer version; not
   ready if nobody serves or an older version still does.
 
-Each trusts only a server of its own uid (SO_PEERCRED; ``--allow-uid`` adds
-others): any process of the pod's network namespace can bind the abstract
-name first.
+Each trusts only a server of its own uid (SO_PEERCRED; ``--allow-uid`` and
+``HOTSWAP_ALLOW_UIDS=uid,uid`` add others, e.g. for the hook and the probe
+when the server runs as another user): any process of the pod's network
+namespace can bind the abstract name first.
 
 Exit status: 0 success, 1 the condition failed or timed out, 2 usage error.
 """
@@ -51,7 +52,12 @@ def _describe(status: Status) -> str:
 
 
 def _allowed(args: argparse.Namespace) -> frozenset[int]:
-    return frozenset({os.getuid(), *args.allow_uid})
+    extra = os.environ.get("HOTSWAP_ALLOW_UIDS", "").replace(",", " ").split()
+    try:
+        return frozenset({os.getuid(), *args.allow_uid, *map(int, extra)})
+    except ValueError:
+        raise ValueError(f"HOTSWAP_ALLOW_UIDS={os.environ['HOTSWAP_ALLOW_UIDS']!r} "
+                         "is not a list of uids") from None
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -161,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="filesystem control socket instead of the abstract name")
         p.add_argument("--allow-uid", type=int, action="append", default=[],
                        metavar="UID", help="also trust a server running as UID "
-                       "(repeatable; our own uid always)")
+                       "(repeatable; also HOTSWAP_ALLOW_UIDS=uid,uid; our own uid always)")
 
     p = sub.add_parser("status", help="show the process serving NAME")
     common(p)

@@ -87,6 +87,8 @@ def _peer_closed(exc: BaseException) -> bool:
     return isinstance(exc, BrokenResourceError) and (
         exc.eof or isinstance(exc.__cause__, (BrokenPipeError, ConnectionResetError)))
 
+_CONTROL_BACKLOG = 64
+
 DEFAULT_HANDOVER_TIMEOUT = 30.0
 """Seconds the old process waits for a successor to confirm."""
 DEFAULT_CONNECT_TIMEOUT = 30.0
@@ -267,7 +269,16 @@ class Upgrader:
                                            address=info.address), got.sock)
             self._listeners[name] = got
             return got.sock
-        sock = listeners.bind(address, kind=kind, backlog=backlog)
+        try:
+            sock = listeners.bind(address, kind=kind, backlog=backlog)
+        except ListenerError:
+            stale = self._inherited.pop(name, None)
+            if stale is None:
+                raise
+            # Our own unclaimed copy may be what holds an overlapping address
+            # (0.0.0.0 and 127.0.0.1 of one port), when nobody else does.
+            stale.sock.close()
+            sock = listeners.bind(address, kind=kind, backlog=backlog)
         info = listeners.describe(name, sock)
         log.info("%s: bound %s %s", self.name, name, info.address)
         self._listeners[name] = _Listener(info, sock)
@@ -519,7 +530,7 @@ class Upgrader:
             finally:
                 probe.close()
         try:
-            return listeners.bind(self.address, backlog=64, unix_mode=0o600)
+            return listeners.bind(self.address, backlog=_CONTROL_BACKLOG, unix_mode=0o600)
         except ListenerError as exc:
             raise ListenerError(
                 f"{exc}: another process already serves {self.name!r}; start it "
@@ -653,6 +664,11 @@ class Upgrader:
             self._predecessor = "draining"
             self._predecessor_task = asyncio.create_task(self._watch_predecessor(channel))
         self._set_state(State.SERVING)
+        assert self._control_sock is not None
+        # A client's SO_PEERCRED names whoever last called listen() on the
+        # control socket, and it travels from version to version: make it
+        # ours, or clients would check the uid (and see the pid) of the first.
+        self._control_sock.listen(_CONTROL_BACKLOG)
         self._serve_control()
         if self._stop_requested:
             self._finish(ExitReason.STOP_REQUESTED)
@@ -713,6 +729,9 @@ class Upgrader:
                 refusal = "stopping: not adopting its connections"
             elif not all(listeners.is_tcp_stream(fd) for fd in message.fds):
                 refusal = "refusing a frame of connections that are not all TCP streams"
+            elif any(self._label(e.listener) is None for e in message.entries):
+                refusal = ("refusing a frame with connections of a listener this version "
+                           "dropped and whose name it gave another")
             if refusal:
                 if not channel.peer_closed():
                     close_fds(message.fds)
@@ -737,6 +756,16 @@ class Upgrader:
                 raise HotswapError(f"predecessor stopped listening: {exc}") from exc
         return self._adopt_connections(message)
 
+    def _label(self, listener: str) -> str | None:
+        """Our name for the predecessor's listener ``listener``: the name we
+        inherited it under; its own if we did not inherit it (moved: bound
+        anew under that name; or dropped); None if we dropped it and that
+        name is now another inherited listener's (whose adopter would take
+        its connections for that one's)."""
+        if listener in self._renamed:
+            return self._renamed[listener]
+        return None if listener in self._renamed.values() else listener
+
     def _adopt_connections(self, message: Connections) -> int:
         adopted = 0
         for entry, fd in zip(message.entries, message.fds, strict=True):
@@ -750,7 +779,7 @@ class Upgrader:
                 sock.close()
                 continue
             try:
-                self._adopter(self._renamed.get(entry.listener, entry.listener), sock)
+                self._adopter(self._label(entry.listener) or entry.listener, sock)
             except Exception as exc:  # noqa: BLE001 - the app's callback; we own sock again
                 log.warning("%s: adopting connection from %s failed: %s", self.name,
                             entry.peer, exc)

@@ -17,6 +17,8 @@
 #                             marker without Python (default: 10; 0: never)
 #   HOTSWAP_MARKER_FRESH      seconds a marker stays valid (default: 3)
 #   HOTSWAP_CLI               the hotswap command (default: hotswap, else python3 -m hotswap)
+#   HOTSWAP_ALLOW_UIDS        more uids the CLI trusts as the server's (default:
+#                             only its own; for a server that runs as another user)
 set -eu
 
 version=${SIDECARSET_VERSION:-}

@@ -11,6 +11,7 @@
 # of our version or a newer one means ready. Anything else (no marker, a stale
 # one, a filesystem control socket, no /proc/net/unix, no hotswap-marker.sh)
 # asks the control socket through `hotswap probe`, which has the final word.
+# That trusts only a server of its own uid, plus HOTSWAP_ALLOW_UIDS=uid,uid.
 set -eu
 version=${SIDECARSET_VERSION:-}
 name=${HOTSWAP_NAME:-sidecar}

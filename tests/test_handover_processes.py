@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import select
 import signal
@@ -221,8 +222,9 @@ def test_successor_hung_past_the_deadline(procs: Procs, name: str, load) -> None
 def _served_as(uid: int, name: str) -> Iterator[Callable[[], bool]]:
     """A server of ``name`` running as ``uid`` in a forked child (it would
     hand its sockets to root too: allowed uids 0 and ``uid``), until the
-    block ends. Yields ``stop()``: ends the server and says whether it was
-    still serving (not taken over) when it stopped."""
+    block ends; taken over, it releases its sockets. Yields ``stop()``: ends
+    the server and says whether it was still serving (not taken over) when
+    it stopped."""
     ready_r, ready_w = os.pipe()
     stop_r, stop_w = os.pipe()
     pid = os.fork()
@@ -241,12 +243,19 @@ def _served_as(uid: int, name: str) -> Iterator[Callable[[], bool]]:
                 await upg.start()
                 upg.listen("http", ("127.0.0.1", 0))
                 await upg.ready()
+
+                async def release_when_taken_over() -> None:
+                    if await upg.wait_exit() is hotswap.ExitReason.TAKEN_OVER:
+                        await upg.release()
+
+                releasing = asyncio.create_task(release_when_taken_over())
                 os.write(ready_w, b"ready")
                 # (Nothing here may import: the stdlib may be unreadable as uid.)
                 loop = asyncio.get_running_loop()
                 stopped = loop.create_future()
                 loop.add_reader(stop_r, stopped.set_result, None)
                 await stopped
+                releasing.cancel()
                 state = upg.state
                 await upg.close()
                 return state
@@ -307,10 +316,10 @@ def test_status_of_a_server_of_another_uid_is_not_trusted(procs: Procs, name: st
         pytest.skip("needs root to run the serving process as another uid")
     address = hotswap.control.control_address(name)
 
-    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "hotswap", *args, "--name", name],
                               capture_output=True, text=True, timeout=60,
-                              env=child_env())
+                              env=child_env(**env))
 
     with _served_as(65534, name) as stop:
         for args in (["status"], ["wait-ready", "--version", "v1", "--timeout", "5"],
@@ -326,7 +335,45 @@ def test_status_of_a_server_of_another_uid_is_not_trusted(procs: Procs, name: st
         # Trusted when allowed: the same server answers (it allows root).
         run = cli("probe", "--version", "v1", "--allow-uid", "65534")
         assert run.returncode == 0 and "ready: serving" in run.stdout, run
+        run = cli("probe", "--version", "v1", HOTSWAP_ALLOW_UIDS="10001,65534")
+        assert run.returncode == 0 and "ready: serving" in run.stdout, run
+        run = cli("probe", "--version", "v1", HOTSWAP_ALLOW_UIDS="nobody")
+        assert run.returncode == 2 and "HOTSWAP_ALLOW_UIDS='nobody'" in run.stderr, run
         st = hotswap.control.status_blocking(address, timeout=5,
                                              allowed_uids={0, 65534})
         assert st.version == "v1" and st.state == "serving"
         assert stop(), "the uid-65534 server did not serve on"
+
+
+def test_the_control_socket_names_the_process_that_serves_now(procs: Procs, name: str) -> None:
+    """A client's SO_PEERCRED names whoever last called listen() on the
+    control socket, and that socket travels. v1 runs as uid 65534 (and
+    allows root); v2, as root, takes over: from then on a status client
+    must see v2's uid and pid, not v1's. Otherwise a version whose user
+    changed would be refused by its own PostStart hook and readiness probe,
+    and the next version would check the first one's uid."""
+    if os.getuid() != 0:
+        pytest.skip("needs root to run the serving process as another uid")
+    address = hotswap.control.control_address(name)
+
+    async def take_over_and_ask() -> tuple[int, str]:
+        v2 = hotswap.Upgrader(name, version="v2", options=hotswap.Options(
+            env={}, allowed_uids=frozenset({0, 65534})))
+        assert await v2.start() is hotswap.Role.TAKEOVER
+        sock = v2.listen("http", ("127.0.0.1", 0))
+        await v2.ready()
+        cli = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "hotswap", "status", "--json", "--name", name,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env())
+        out, _ = await asyncio.wait_for(cli.communicate(), 60)
+        assert cli.returncode == 0, out
+        st = await hotswap.control.query_status(address, timeout=5)
+        assert st.pid == os.getpid() and st.version == "v2"
+        sock.close()
+        await v2.close()
+        return json.loads(out)["pid"], out.decode()
+
+    with _served_as(65534, name) as stop:
+        pid, out = asyncio.run(take_over_and_ask())
+        assert pid == os.getpid(), out
+        assert not stop(), "v1 was not taken over"

@@ -743,3 +743,78 @@ def test_a_successor_with_other_listeners_inherits_what_it_can(run: Runner) -> N
         assert set(os.listdir("/proc/self/fd")) == before
 
     run(main())
+
+
+def test_a_moved_listener_binds_over_our_own_copy_of_the_old_address(run: Runner) -> None:
+    """A listener moved to an overlapping address (127.0.0.1:P -> 0.0.0.0:P)
+    when nobody but the successor holds the old one any more (a launcher
+    that keeps no copy; a predecessor that died after the descriptors
+    crossed): the successor's own unclaimed copy must not make the bind
+    fail. It closes that copy and binds."""
+    name = new_name()
+
+    async def main() -> None:
+        old = await serving_upgrader(name, "v1")
+        port = _port(old._listeners["http"].sock)
+        new = hotswap.Upgrader(name, version="v2", options=opts())
+        assert await new.start() is hotswap.Role.TAKEOVER
+        old._listeners["http"].sock.close()  # the old side's copy is gone
+        sock = new.listen("http", ("0.0.0.0", port))
+        assert sock.getsockname() == ("0.0.0.0", port)
+        ready = asyncio.create_task(new.ready())
+        assert await old.wait_exit() is hotswap.ExitReason.TAKEN_OVER
+        await old.release()
+        await ready
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+            sock.settimeout(5)
+            conn, peer = sock.accept()
+            assert peer == client.getsockname()
+            conn.close()
+        sock.close()
+        await old.close(cut=0)
+        await new.close()
+
+    run(main())
+
+
+def test_connections_of_a_dropped_listener_whose_name_was_reused_stay(run: Runner) -> None:
+    """The predecessor had "a" at P1 and "b" at P2; the successor asks for
+    "b" at P1 (inheriting "a" by address) and drops P2. A connection of the
+    old "a" arrives as "b"; one of the old "b" must not arrive as "b" (that
+    is now the listener at P1): the successor refuses its frame, and the
+    old side keeps it and serves it on."""
+    name = new_name()
+
+    async def main() -> None:
+        old = hotswap.Upgrader(name, version="v1", options=opts())
+        await old.start()
+        p1 = _port(old.listen("a", ("127.0.0.1", 0)))
+        p2 = _port(old.listen("b", ("127.0.0.1", 0)))
+        await old.ready()
+        client_a = socket.create_connection(("127.0.0.1", p1))
+        on_a, _ = old._listeners["a"].sock.accept()
+        client_b = socket.create_connection(("127.0.0.1", p2))
+        on_b, _ = old._listeners["b"].sock.accept()
+        adopted: list[tuple[str, socket.socket]] = []
+        new = hotswap.Upgrader(name, version="v2", options=opts())
+        new.adopt_connections(lambda listener, sock: adopted.append((listener, sock)))
+        assert await new.start() is hotswap.Role.TAKEOVER
+        sock = new.listen("b", ("127.0.0.1", p1))
+        ready = asyncio.create_task(new.ready())
+        assert await old.wait_exit() is hotswap.ExitReason.TAKEN_OVER
+        await old.release()
+        await ready
+        assert await old.hand_over_connections([("a", on_a.fileno(), "a")]) == 1
+        await until(lambda: len(adopted) == 1, "the successor to adopt the connection")
+        assert adopted[0][0] == "b"
+        assert await old.hand_over_connections([("b", on_b.fileno(), "b")]) == 0
+        assert len(adopted) == 1
+        on_b.sendall(b"still v1")
+        client_b.settimeout(5)
+        assert client_b.recv(10) == b"still v1"
+        for s in (on_a, on_b, client_a, client_b, adopted[0][1], sock):
+            s.close()
+        await old.close(cut=0)
+        await new.close()
+
+    run(main())
