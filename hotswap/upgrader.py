@@ -78,6 +78,7 @@ from .transport import Channel, close_fds
 log = logging.getLogger("hotswap")
 
 _ACK = "connections-ack"  # capability: Adopted after each Connections frame
+_CONTROL_BACKLOG = 64
 
 
 def _peer_closed(exc: BaseException) -> bool:
@@ -87,7 +88,6 @@ def _peer_closed(exc: BaseException) -> bool:
     return isinstance(exc, BrokenResourceError) and (
         exc.eof or isinstance(exc.__cause__, (BrokenPipeError, ConnectionResetError)))
 
-_CONTROL_BACKLOG = 64
 
 DEFAULT_HANDOVER_TIMEOUT = 30.0
 """Seconds the old process waits for a successor to confirm."""
