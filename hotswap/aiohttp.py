@@ -163,17 +163,20 @@ class Drainer:
                     self.close_after_next_response(handler)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        # From here on a busy connection is told to close with its response:
+        # one sent keep-alive could not count on a move before the cut.
+        last_call = deadline - min(1.0, timeout / 10)
         while server.connections and loop.time() < deadline and not self._forced.is_set():
             if migrating:
                 assert migrator is not None and upgrader is not None
                 if not await migrator.step(upgrader, self.close_after_next_response,
-                                           deadline - loop.time()):
+                                           deadline - loop.time(),
+                                           last_call=loop.time() >= last_call):
                     migrating = False
                     log.info("connection handover stopped; the rest drain the safe way")
                     self.start(server)
                     for conn in migrator.tracked:
-                        if conn.transport is not None and not conn.transport.is_reading():
-                            conn.transport.resume_reading()
+                        conn.resume()
             # Poll: aiohttp has no "connection closed" hook for a server.
             try:
                 # A paused connection's next request waits in the kernel until
@@ -193,9 +196,7 @@ class Drainer:
         Returns how many were cut; each is logged."""
         if migrator is not None:
             for conn in migrator.tracked:  # a paused one's next request is waiting
-                if conn.transport is not None and not conn.transport.is_closing() \
-                        and not conn.transport.is_reading():
-                    conn.transport.resume_reading()
+                conn.resume()
         cut = 0
         for handler in server.connections:
             transport = handler.transport

@@ -64,7 +64,8 @@ class Tracked(asyncio.Protocol):
     whether the last read ended a header block (one ``endswith`` per read: the
     only per-request cost)."""
 
-    __slots__ = ("_feed", "boundary", "handler", "listener", "migrator", "transport")
+    __slots__ = ("_feed", "boundary", "handler", "listener", "migrator", "paused",
+                 "transport")
 
     def __init__(self, handler: web.RequestHandler, listener: str,
                  migrator: Migrator) -> None:
@@ -76,6 +77,9 @@ class Tracked(asyncio.Protocol):
         self.boundary = True
         self._feed = handler.data_received
         self.transport: asyncio.Transport | None = None
+        # Reading paused by the drain (not by aiohttp's flow control, which
+        # is aiohttp's to undo).
+        self.paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
@@ -100,6 +104,19 @@ class Tracked(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.handler.resume_writing()
+
+    def pause(self) -> None:
+        """Leave what the client sends next in the kernel (the drain's)."""
+        assert self.transport is not None
+        if self.transport.is_reading():
+            self.transport.pause_reading()
+            self.paused = True
+
+    def resume(self) -> None:
+        """Undo :meth:`pause`; a pause of aiohttp's own stays."""
+        if self.paused and self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+        self.paused = False
 
     # -- state, read from aiohttp's handler (see supported()) --------------
 
@@ -215,12 +232,18 @@ class Migrator:
 
     async def step(self, upgrader: Upgrader,
                    close_after_next_response: Callable[[web.RequestHandler], None],
-                   time_left: float | None = None) -> bool:
+                   time_left: float | None = None, *, last_call: bool = False) -> bool:
         """One round: pause busy connections whose request has been read,
         hand every connection at a request boundary to the successor, and
         send the rest the safe way, within ``time_left`` seconds (the
-        drain's) when given. Returns False once migration is not possible
-        (no successor that adopts, or the channel broke)."""
+        drain's) when given. A busy connection that cannot move after its
+        response (what it read last ended no header block: a body, a split
+        terminator) is told to close with it: idle, it would be cut at the
+        deadline. ``last_call`` (the drain's end is near): so is every busy
+        one, and none is paused any more; a response sent keep-alive now
+        could not count on a move before the cut. Returns False once
+        migration is not possible (no successor that adopts, or the channel
+        broke)."""
         if not upgrader.can_hand_over_connections:
             return False
         started = time.perf_counter()
@@ -234,14 +257,16 @@ class Migrator:
                 if not conn.at_boundary():
                     close_after_next_response(conn.handler)
                 elif conn.flushed():
-                    transport.pause_reading()
+                    conn.pause()
                     ready.append(conn)
                 # else: its last response is still being sent; next round.
-            elif conn.at_boundary() and conn.busy_with_body_read():
+            elif last_call or not conn.at_boundary():
+                close_after_next_response(conn.handler)
+                conn.resume()  # if paused in an earlier round
+            elif conn.busy_with_body_read():
                 # Keep its next request in the kernel: at the end of this
                 # response it is at a boundary, and moves next round.
-                if transport.is_reading():
-                    transport.pause_reading()
+                conn.pause()
                 pending += 1
             elif conn.between_requests():
                 # Not provably safe to pause (the request just taken may
@@ -263,8 +288,7 @@ class Migrator:
             moved += sent
             if sent < len(batch):
                 for conn in ready[i + MAX_FDS_PER_FRAME:]:
-                    assert conn.transport is not None
-                    conn.transport.resume_reading()
+                    conn.resume()
                     close_after_next_response(conn.handler)
                 break
         self.moved += moved
@@ -297,6 +321,6 @@ class Migrator:
                 self.tracked.discard(conn)
                 conn.transport.close()  # our descriptor only; the socket lives on
             else:
-                conn.transport.resume_reading()
+                conn.resume()
                 close_after_next_response(conn.handler)
         return sent

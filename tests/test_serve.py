@@ -46,9 +46,16 @@ def run(request: pytest.FixtureRequest) -> Iterator[Callable[[Awaitable[None]], 
     assert not left, [os.readlink(f"/proc/self/fd/{fd}") for fd in left]
 
 
-def app_of(version: str) -> web.Application:
+def app_of(version: str, gate: asyncio.Event | None = None) -> web.Application:
     async def hello(request: web.Request) -> web.Response:
         return web.Response(text=f"version({version})")
+
+    async def held(request: web.Request) -> web.Response:
+        # Read the body (if any), then answer once the test opens the gate.
+        body = await request.read()
+        assert gate is not None
+        await gate.wait()
+        return web.Response(text=f"version({version}) read {len(body)}")
 
     async def echo(request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse()
@@ -68,16 +75,18 @@ def app_of(version: str) -> web.Application:
     app.router.add_get("/", hello)
     app.router.add_get("/ws", echo)
     app.router.add_get("/big", big)
+    app.router.add_route("*", "/held", held)
     return app
 
 
 def start(name: str, version: str, sockets: dict[str, hotswap.Address],
-          drain_timeout: float = 10.0) -> tuple[hotswap.Upgrader, asyncio.Task[int]]:
+          drain_timeout: float = 10.0, gate: asyncio.Event | None = None,
+          ) -> tuple[hotswap.Upgrader, asyncio.Task[int]]:
     """One version serving (a task): no signal handlers, no nice 19 for this
-    thread after the drain."""
+    thread after the drain. ``gate`` holds the answers of ``/held``."""
     upgrader = hotswap.Upgrader(name, version=version, options=hotswap.Options(env={}))
     task = asyncio.create_task(hotswap.aiohttp.serve(
-        app_of(version), upgrader, sockets, drain_timeout=drain_timeout,
+        app_of(version, gate), upgrader, sockets, drain_timeout=drain_timeout,
         handle_signals=False, yield_cpu_after_drain=False))
     return upgrader, task
 
@@ -225,6 +234,68 @@ def test_a_websocket_is_read_throughout_the_drain(run: Callable[
                 # Well inside v1's 20 s drain deadline.
                 assert (await ws.receive(timeout=5)).data == f"v1 m{i}"
         assert await asyncio.wait_for(v1_task, 15) == 0
+        v2.request_stop()
+        assert await asyncio.wait_for(v2_task, 15) == 0
+
+    run(main())
+
+
+async def read_response(reader: asyncio.StreamReader) -> bytes:
+    """One response's head (lower case) and body, within 10 s."""
+    async with asyncio.timeout(10):
+        head = (await reader.readuntil(b"\r\n\r\n")).lower()
+        length = int(head.split(b"content-length:")[1].split(b"\r\n")[0])
+        return head + await reader.readexactly(length)
+
+
+@pytest.mark.parametrize("when", ["body-read-last", "near-the-deadline"])
+def test_a_request_in_flight_that_cannot_move_is_told_to_close(run: Callable[
+        [Awaitable[None]], None], when: str) -> None:
+    """A request is in flight on v1 when v2 takes over, and its client then
+    idles past v1's drain deadline before its next request. Its connection
+    cannot move after this response if what v1 read last was a body (no
+    header block's end: "body-read-last"), and a connection whose response
+    ends in the drain's last tenth cannot count on moving before the cut
+    ("near-the-deadline"). Either way that response must say Connection:
+    close: sent keep-alive, the connection was cut idle at the deadline and
+    the client's next request on it failed. A client that reconnects as
+    told gets v2."""
+    async def main() -> None:
+        name, gate = f"s-{uuid.uuid4().hex[:10]}", asyncio.Event()
+        sockets: dict[str, hotswap.Address] = {"http": ("127.0.0.1", 0)}
+        drain = 3.0
+        v1, v1_task = start(name, "v1", sockets, drain_timeout=drain, gate=gate)
+        await until(serving(v1), "v1 serving")
+        port = int(v1.status().listeners[0].address.rsplit(":", 1)[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            if when == "body-read-last":
+                writer.write(b"POST /held HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+                             b"\r\nhello")
+            else:
+                writer.write(b"GET /held HTTP/1.1\r\nHost: x\r\n\r\n")
+            v2, v2_task = start(name, "v2", sockets)
+            await until(serving(v2), "v2 serving")
+            await until(lambda: v1.state is hotswap.State.DRAINING, "v1 draining")
+            if when == "near-the-deadline":
+                # The handler's work ends in the drain's last tenth (the
+                # scenario, not a wait for a condition).
+                await asyncio.sleep(drain - 0.1)
+            gate.set()
+            first = await read_response(reader)
+            read = b"5" if when == "body-read-last" else b"0"
+            assert first.startswith(b"http/1.1 200"), first
+            assert first.endswith(b"version(v1) read " + read), first
+            assert b"connection: close" in first, first
+            # Its client idles past v1's deadline (v1's serve() has returned).
+            assert await asyncio.wait_for(v1_task, 15) == 0
+        finally:
+            writer.close()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)  # as told
+        try:
+            assert (await request(reader, writer)).endswith(b"version(v2)")
+        finally:
+            writer.close()
         v2.request_stop()
         assert await asyncio.wait_for(v2_task, 15) == 0
 
