@@ -309,6 +309,14 @@ class Upgrader:
             log.info("%s: closing unclaimed inherited %s", self.name, leftover.info.name)
             leftover.sock.close()
         self._inherited.clear()
+        if self.state is State.TAKING_OVER:
+            # A stop signal that came while this process could not run its
+            # loop (a blocking on_startup, a stopped process) waits there as
+            # a callback, one iteration for the wakeup and one for the
+            # handler: let it run before we commit, or it would be seen
+            # only after the old side stopped accepting.
+            for _ in range(2):
+                await asyncio.sleep(0)
         if self.state is State.TAKING_OVER and self._stop_requested:
             await self._abort("stop requested before confirming")
         if self.state is State.TAKING_OVER:

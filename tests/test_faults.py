@@ -182,3 +182,25 @@ def test_successor_killed_after_confirming(procs: Procs, name: str, load: Any) -
     last = next_upgrade_works(procs, name, port, fds, [v1])
     result = finish(procs, name, fds, traffic, last)
     assert set(result["failures"]) <= {"refused", "reset", "eof", "eof-reused"}, result
+
+
+def test_successor_sigtermed_while_it_cannot_run_aborts(procs: Procs, name: str,
+                                                      load: Any) -> None:
+    """Invariant 3: a SIGTERM that reaches the successor before it confirms,
+    while its loop cannot run (here it is SIGSTOPped right after taking the
+    descriptors; a blocking on_startup does the same), is a stop before
+    confirming: it aborts, and v1 serves on. (Its handler used to run only
+    after the confirmation had gone out: v1 stopped accepting, v2 drained
+    and exited, and nobody served.)"""
+    v1, port, fds, traffic = start_v1(procs, name, load)
+    stopped = procs.faulty(name, "v2", "receive:sockets:stop-after", port=port)
+    wait_for(lambda: "faulty: SIGSTOP" in procs.logs(), 15, "v2 stopped with the descriptors")
+    stopped.send_signal(signal.SIGTERM)  # pending until it runs again
+    stopped.send_signal(signal.SIGCONT)
+    assert stopped.wait(timeout=15) == 0
+    assert "stop requested before confirming" in procs.logs()
+    st = status(name)
+    assert st is not None and st.pid == v1.pid and st.state == "serving"
+    last = next_upgrade_works(procs, name, port, fds, [v1])
+    result = finish(procs, name, fds, traffic, last)
+    assert result["failed"] == 0, result
