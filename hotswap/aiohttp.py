@@ -56,6 +56,10 @@ log = logging.getLogger("hotswap")
 DEFAULT_DRAIN_TIMEOUT = 25.0
 """Seconds to let connections finish after a handover or stop request."""
 
+DEFAULT_CLEANUP_TIMEOUT = 5.0
+"""Seconds the app's ``on_shutdown`` and ``on_cleanup`` callbacks get, all
+together, once the drain is over."""
+
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -214,6 +218,48 @@ class Drainer:
         return cut
 
 
+class _BoundedHooks:
+    """Wraps the app's ``on_shutdown`` and ``on_cleanup`` callbacks (before
+    the app is frozen) so that, together, they take at most ``timeout``
+    seconds from the first one's start, and one that raises or runs out of
+    time is logged and counted instead of ending the clean-up: aiohttp would
+    skip the rest of it, the 1 s grace of a connection still answering its
+    last request included, and a hook that never returns would keep the old
+    process (and its successor's next upgrade) waiting for good."""
+
+    def __init__(self, app: web.Application, timeout: float) -> None:
+        self.timeout = timeout
+        self.failed = 0
+        self._deadline: float | None = None
+        if app.on_shutdown.frozen:  # set up elsewhere already: left as it is
+            return
+        for hooks in (app.on_shutdown, app.on_cleanup):
+            for i, callback in enumerate(hooks):
+                hooks[i] = self._bounded(callback)
+
+    def _bounded(self, callback: Callable[[web.Application], Awaitable[object]]
+                 ) -> Callable[[web.Application], Awaitable[None]]:
+        async def bounded(app: web.Application) -> None:
+            loop = asyncio.get_running_loop()
+            if self._deadline is None:
+                self._deadline = loop.time() + self.timeout
+            task = asyncio.ensure_future(callback(app))
+            done, _ = await asyncio.wait({task}, timeout=max(0.0, self._deadline - loop.time()))
+            if not done:
+                self.failed += 1
+                log.error("app clean-up %r still running after %.1fs: abandoned",
+                          callback, self.timeout)
+                task.cancel()
+                # Not awaited (it may ignore the cancellation): only its end read.
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())
+                return
+            exc = task.exception()
+            if exc is not None:
+                self.failed += 1
+                log.error("app clean-up %r failed: %r", callback, exc, exc_info=exc)
+        return bounded
+
+
 def _yield_cpu() -> None:
     """Lowest CPU priority for the rest of this (calling) thread's life: on
     Linux nice values are per thread and an unprivileged one never gets a
@@ -252,12 +298,18 @@ async def serve(app: web.Application, upgrader: Upgrader,
                 idle_after_drain: bool | None = None,
                 handle_signals: bool = True,
                 migrate_connections: bool = True,
-                yield_cpu_after_drain: bool = True) -> int:
+                yield_cpu_after_drain: bool = True,
+                cleanup_timeout: float = DEFAULT_CLEANUP_TIMEOUT) -> int:
     """Run ``app`` on the named ``sockets`` until replaced or stopped.
 
     Returns the process exit status: 0 after a clean handover or stop, 1 when
     this process was a successor whose predecessor abandoned the handover (it
-    still drained what it had accepted). ``idle_after_drain`` defaults to True
+    still drained what it had accepted), or when one of the app's
+    ``on_shutdown``/``on_cleanup`` callbacks raised or was still running
+    after ``cleanup_timeout`` seconds (for all of them together). Those are
+    logged and abandoned, never an exception out of here: the rest of the
+    clean-up still runs (the last responses' 1 s grace included), and the
+    successor is told the drain is over. ``idle_after_drain`` defaults to True
     in a Kruise slot (``SIDECARSET_VERSION`` set). ``migrate_connections``
     (on by default) hands idle keep-alive connections to the successor and
     adopts the predecessor's (:mod:`hotswap.migrate`); off, or where aiohttp
@@ -305,6 +357,7 @@ async def serve(app: web.Application, upgrader: Upgrader,
             await upgrader.close()
             return 0
         drainer.install(app)
+        hooks = _BoundedHooks(app, cleanup_timeout)
         runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
         try:
@@ -340,12 +393,10 @@ async def serve(app: web.Application, upgrader: Upgrader,
             await runner.cleanup()
         await upgrader.close(cut=cut)
         log.info("%s: drained, %d connection(s) cut", upgrader.name, cut)
-        if reason is ExitReason.HANDOVER_FAILED:
-            return 1
         if idle_after_drain and reason is ExitReason.TAKEN_OVER:
             log.info("%s: idle without sockets until SIGTERM", upgrader.name)
             await signalled.wait()
-        return 0
+        return 1 if reason is ExitReason.HANDOVER_FAILED or hooks.failed else 0
     finally:
         await upgrader.close()
         if handle_signals:

@@ -46,7 +46,8 @@ def run(request: pytest.FixtureRequest) -> Iterator[Callable[[Awaitable[None]], 
     assert not left, [os.readlink(f"/proc/self/fd/{fd}") for fd in left]
 
 
-def app_of(version: str, gate: asyncio.Event | None = None) -> web.Application:
+def app_of(version: str, gate: asyncio.Event | None = None,
+           entered: asyncio.Event | None = None) -> web.Application:
     async def hello(request: web.Request) -> web.Response:
         return web.Response(text=f"version({version})")
 
@@ -54,6 +55,8 @@ def app_of(version: str, gate: asyncio.Event | None = None) -> web.Application:
         # Read the body (if any), then answer once the test opens the gate.
         body = await request.read()
         assert gate is not None
+        if entered is not None:
+            entered.set()
         await gate.wait()
         return web.Response(text=f"version({version}) read {len(body)}")
 
@@ -298,5 +301,53 @@ def test_a_request_in_flight_that_cannot_move_is_told_to_close(run: Callable[
             writer.close()
         v2.request_stop()
         assert await asyncio.wait_for(v2_task, 15) == 0
+
+    run(main())
+
+
+@pytest.mark.parametrize("hook", ["raises", "hangs"])
+def test_a_failing_clean_up_hook_still_lets_the_last_response_out(run: Callable[
+        [Awaitable[None]], None], hook: str) -> None:
+    """The app's on_shutdown callback raises, or never returns, while a
+    request is still being answered at the drain deadline. The response
+    still gets its grace and arrives (told to close); the hook is logged and
+    abandoned within cleanup_timeout; the on_cleanup callbacks still run;
+    serve() returns 1 rather than raising or hanging. (A raise used to skip
+    aiohttp's grace, the response was lost and serve() raised; a hang kept
+    the old process, and its successor's next upgrade, waiting for good.)"""
+    async def main() -> None:
+        gate, entered, cleaned = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        app = app_of("v1", gate, entered)
+
+        async def on_shutdown(app: web.Application) -> None:
+            gate.set()  # the busy request may answer now, in its grace
+            if hook == "raises":
+                raise RuntimeError("on_shutdown failed")
+            await asyncio.Event().wait()
+
+        async def on_cleanup(app: web.Application) -> None:
+            cleaned.set()
+
+        app.on_shutdown.append(on_shutdown)
+        app.on_cleanup.append(on_cleanup)
+        upgrader = hotswap.Upgrader(f"s-{uuid.uuid4().hex[:10]}", version="v1",
+                                    options=hotswap.Options(env={}))
+        task = asyncio.create_task(hotswap.aiohttp.serve(
+            app, upgrader, {"http": ("127.0.0.1", 0)}, drain_timeout=0.2,
+            cleanup_timeout=0.5, handle_signals=False, yield_cpu_after_drain=False))
+        await until(serving(upgrader), "v1 serving")
+        port = int(upgrader.status().listeners[0].address.rsplit(":", 1)[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(b"GET /held HTTP/1.1\r\nHost: x\r\n\r\n")
+            await asyncio.wait_for(entered.wait(), 10)  # in flight
+            upgrader.request_stop()
+            answer = await read_response(reader)
+            assert answer.startswith(b"http/1.1 200") and b"connection: close" in answer, answer
+            assert answer.endswith(b"version(v1) read 0"), answer
+        finally:
+            writer.close()
+        assert await asyncio.wait_for(task, 10) == 1
+        assert cleaned.is_set()
 
     run(main())
