@@ -552,6 +552,8 @@ class Upgrader:
         deadline = loop.time() + opts.connect_timeout
         delay = 0.05
         while True:
+            if self._stop_requested:  # while waiting for a busy one, say
+                raise HandoverFailed("stop requested before taking over; nothing was taken")
             try:
                 sock = await control.connect(self.address, timeout=opts.message_timeout)
             except OSError as exc:

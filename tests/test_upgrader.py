@@ -818,3 +818,31 @@ def test_connections_of_a_dropped_listener_whose_name_was_reused_stay(run: Runne
         await new.close()
 
     run(main())
+
+
+def test_a_successor_told_to_stop_while_refused_busy_stops_waiting(
+        run: Runner, caplog: pytest.LogCaptureFixture) -> None:
+    """v3 asks while v2 still follows v1's drain, and is refused busy: it
+    retries (for up to connect_timeout, 30 s by default). Told to stop
+    meanwhile, it gives up within a retry's delay instead of waiting out
+    that time, or taking the sockets later only to give them back; nothing
+    is taken, v2 serves on."""
+    name = new_name()
+    caplog.set_level(logging.INFO, logger="hotswap")
+
+    async def main() -> None:
+        v1 = await serving_upgrader(name, "v1")
+        v2 = await taken_over(v1, name)  # v1 drains and does not finish
+        v3 = hotswap.Upgrader(name, version="v3", options=opts())
+        starting = asyncio.create_task(v3.start())
+        await until(lambda: "serving process busy" in caplog.text, "v3 refused (busy)")
+        v3.request_stop()
+        with pytest.raises(hotswap.HandoverFailed, match="stop requested"):
+            await asyncio.wait_for(starting, 5)
+        st = await query_status(control_address(name))
+        assert (st.pid, st.version, st.state) == (os.getpid(), "v2", "serving")
+        await v3.close()
+        await v1.close(cut=0)
+        await v2.close()
+
+    run(main())
