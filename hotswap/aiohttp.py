@@ -204,7 +204,9 @@ class Drainer:
         cut = 0
         for handler in server.connections:
             transport = handler.transport
-            peer = transport.get_extra_info("peername") if transport else None
+            if transport is None or transport.is_closing():
+                continue  # closing already: handed over, or told to close
+            peer = transport.get_extra_info("peername")
             busy = getattr(handler, "_request_in_progress", False)
             if busy and not self._forced.is_set():
                 log.warning("drain deadline: connection from %s is busy; its response "
