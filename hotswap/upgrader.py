@@ -471,6 +471,13 @@ class Upgrader:
         call more than once and on any path."""
         if self.state is State.STOPPED:
             return
+        channel = self._predecessor_channel
+        if self.state is State.TAKING_OVER and channel is not None:
+            # Closed before confirming (its set-up failed, say): tell the old
+            # side why it serves on, rather than leave it a closed channel.
+            with contextlib.suppress(HotswapError):
+                await channel.send(Abort(reason="successor closed before confirming"),
+                                   timeout=1.0)
         if self.state is not State.DRAINING and self._listeners:
             await self.release()
         await self._tell_successor(Drained(pid=self.pid, cut=cut))

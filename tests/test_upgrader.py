@@ -846,3 +846,26 @@ def test_a_successor_told_to_stop_while_refused_busy_stops_waiting(
         await v2.close()
 
     run(main())
+
+
+def test_a_successor_closed_before_confirming_says_so(
+        run: Runner, caplog: pytest.LogCaptureFixture) -> None:
+    """A successor that is closed after taking the sockets and before
+    confirming (its app's set-up raised, say) tells the old side, which
+    logs why it serves on instead of a bare closed channel."""
+    name = new_name()
+    caplog.set_level(logging.INFO, logger="hotswap")
+
+    async def main() -> None:
+        old = await serving_upgrader(name, "v1")
+        new = hotswap.Upgrader(name, version="v2", options=opts())
+        assert await new.start() is hotswap.Role.TAKEOVER
+        new.listen("http", ("127.0.0.1", 0))
+        await new.close()
+        await until(lambda: "still serving" in caplog.text, "the old side to give up")
+        assert "successor aborted: successor closed before confirming" in caplog.text
+        st = await query_status(control_address(name))
+        assert (st.version, st.state) == ("v1", "serving")
+        await old.close()
+
+    run(main())
