@@ -61,6 +61,17 @@ def finish(procs: Procs, name: str, baseline_fds: int, traffic: Load,
     return result
 
 
+def v1_serves_on(procs: Procs, name: str, v1: subprocess.Popen[bytes], port: int,
+                 baseline_fds: int, traffic: Load) -> None:
+    """After a fault that must change nothing: v1 still serves, the next
+    upgrade works, and not one request failed."""
+    st = status(name)
+    assert st is not None and st.pid == v1.pid and st.state == "serving"
+    last = next_upgrade_works(procs, name, port, baseline_fds, [v1])
+    result = finish(procs, name, baseline_fds, traffic, last)
+    assert result["failed"] == 0, result
+
+
 # --------------------------------------------------------- successor faults
 
 @pytest.mark.parametrize(("fault", "exit_code"), [
@@ -108,11 +119,8 @@ def test_successor_stopped_past_the_deadline(procs: Procs, name: str, load: Any)
     stopped.send_signal(signal.SIGCONT)
     assert stopped.wait(timeout=15) == 1
     assert "predecessor abandoned the handover" in procs.logs()
-    st = wait_for(serving(name, "v1"), 5, "v1 still the one serving")
-    assert st.pid == v1.pid
-    last = next_upgrade_works(procs, name, port, fds, [v1])
-    result = finish(procs, name, fds, traffic, last)
-    assert result["failed"] == 0, result
+    wait_for(serving(name, "v1"), 5, "v1 still the one serving")
+    v1_serves_on(procs, name, v1, port, fds, traffic)
 
 
 # ------------------------------------------------------ predecessor faults
@@ -161,11 +169,7 @@ def test_predecessor_half_frame(procs: Procs, name: str, load: Any) -> None:
     v2 = procs.sidecar(name, "v2", port=port)
     assert v2.wait(timeout=20) != 0
     assert "adopting the sockets failed" in procs.logs()
-    st = status(name)
-    assert st is not None and st.pid == v1.pid and st.state == "serving"
-    last = next_upgrade_works(procs, name, port, fds, [v1])
-    result = finish(procs, name, fds, traffic, last)
-    assert result["failed"] == 0, result
+    v1_serves_on(procs, name, v1, port, fds, traffic)
 
 
 def test_successor_killed_after_confirming(procs: Procs, name: str, load: Any) -> None:
@@ -199,8 +203,4 @@ def test_successor_sigtermed_while_it_cannot_run_aborts(procs: Procs, name: str,
     stopped.send_signal(signal.SIGCONT)
     assert stopped.wait(timeout=15) == 0
     assert "stop requested before confirming" in procs.logs()
-    st = status(name)
-    assert st is not None and st.pid == v1.pid and st.state == "serving"
-    last = next_upgrade_works(procs, name, port, fds, [v1])
-    result = finish(procs, name, fds, traffic, last)
-    assert result["failed"] == 0, result
+    v1_serves_on(procs, name, v1, port, fds, traffic)

@@ -98,6 +98,12 @@ def serving(upgrader: hotswap.Upgrader) -> Callable[[], bool]:
     return lambda: upgrader.state is hotswap.State.SERVING
 
 
+async def stop_serving(upgrader: hotswap.Upgrader, task: asyncio.Task[int]) -> None:
+    """Stop a version the test started; it drains and returns 0."""
+    upgrader.request_stop()
+    assert await asyncio.wait_for(task, 15) == 0
+
+
 def test_a_connection_accepted_as_the_stop_comes_is_answered(run: Callable[
         [Awaitable[None]], None]) -> None:
     """A connection arrives right after the stop is asked for: the loop
@@ -164,8 +170,7 @@ def test_unix_socket_connections_drain_the_safe_way(run: Callable[
             for _, writer in (*unix, tcp):
                 writer.close()
         assert await asyncio.wait_for(v1_task, 15) == 0
-        v2.request_stop()
-        assert await asyncio.wait_for(v2_task, 15) == 0
+        await stop_serving(v2, v2_task)
 
     run(main())
 
@@ -211,8 +216,7 @@ def test_a_response_still_being_sent_keeps_its_connection_with_v1(run: Callable[
             assert (await request(reader, writer)).endswith(b"version(v2)")
         finally:
             writer.close()
-        v2.request_stop()
-        assert await asyncio.wait_for(v2_task, 15) == 0
+        await stop_serving(v2, v2_task)
 
     run(main())
 
@@ -237,8 +241,7 @@ def test_a_websocket_is_read_throughout_the_drain(run: Callable[
                 # Well inside v1's 20 s drain deadline.
                 assert (await ws.receive(timeout=5)).data == f"v1 m{i}"
         assert await asyncio.wait_for(v1_task, 15) == 0
-        v2.request_stop()
-        assert await asyncio.wait_for(v2_task, 15) == 0
+        await stop_serving(v2, v2_task)
 
     run(main())
 
@@ -299,8 +302,7 @@ def test_a_request_in_flight_that_cannot_move_is_told_to_close(run: Callable[
             assert (await request(reader, writer)).endswith(b"version(v2)")
         finally:
             writer.close()
-        v2.request_stop()
-        assert await asyncio.wait_for(v2_task, 15) == 0
+        await stop_serving(v2, v2_task)
 
     run(main())
 
