@@ -255,8 +255,10 @@ class _BoundedHooks:
                 # Not awaited (it may ignore the cancellation): only its end read.
                 task.add_done_callback(lambda t: t.cancelled() or t.exception())
                 return
-            exc = task.exception()
-            if exc is not None:
+            if task.cancelled():
+                self.failed += 1
+                log.error("app clean-up %r was cancelled", callback)
+            elif (exc := task.exception()) is not None:
                 self.failed += 1
                 log.error("app clean-up %r failed: %r", callback, exc, exc_info=exc)
         return bounded
