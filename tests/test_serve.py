@@ -307,11 +307,12 @@ def test_a_request_in_flight_that_cannot_move_is_told_to_close(run: Callable[
     run(main())
 
 
-@pytest.mark.parametrize("hook", ["raises", "hangs"])
+@pytest.mark.parametrize("hook", ["raises", "hangs", "cancelled"])
 def test_a_failing_clean_up_hook_still_lets_the_last_response_out(run: Callable[
         [Awaitable[None]], None], hook: str) -> None:
-    """The app's on_shutdown callback raises, or never returns, while a
-    request is still being answered at the drain deadline. The response
+    """The app's on_shutdown callback raises (or ends cancelled), or never
+    returns, while a request is still being answered at the drain deadline.
+    The response
     still gets its grace and arrives (told to close); the hook is logged and
     abandoned within cleanup_timeout; the on_cleanup callbacks still run;
     serve() returns 1 rather than raising or hanging. (A raise used to skip
@@ -325,6 +326,8 @@ def test_a_failing_clean_up_hook_still_lets_the_last_response_out(run: Callable[
             gate.set()  # the busy request may answer now, in its grace
             if hook == "raises":
                 raise RuntimeError("on_shutdown failed")
+            if hook == "cancelled":
+                raise asyncio.CancelledError
             await asyncio.Event().wait()
 
         async def on_cleanup(app: web.Application) -> None:
