@@ -355,7 +355,14 @@ async def serve(app: web.Application, upgrader: Upgrader,
     if migrator is not None:
         upgrader.adopt_connections(migrator.adopt)
     try:
-        role = await upgrader.start()
+        try:
+            role = await upgrader.start()
+        except HandoverFailed as exc:
+            if not upgrader._stop_requested:
+                raise
+            # Stopped (SIGTERM) before taking anything over: a normal stop.
+            log.info("%s", exc)
+            return 0
         if role in (Role.PASSIVE, Role.EMPTY):
             await upgrader.wait_exit()
             await upgrader.close()

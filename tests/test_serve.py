@@ -408,3 +408,42 @@ def test_connections_handed_over_at_the_deadline_are_not_counted_cut(
         assert "drained, 0 connection(s) cut" in caplog.text, caplog.text
 
     run(main())
+
+
+def test_a_version_stopped_while_waiting_to_take_over_exits_cleanly(run: Callable[
+        [Awaitable[None]], None], caplog: pytest.LogCaptureFixture) -> None:
+    """v3 starts while v2 still follows v1's drain (v1 answers a held
+    request), so it is refused as busy and waits. Stopped meanwhile (the
+    pod goes), serve() returns 0 at once, having taken nothing: a stop, not
+    a failure; v2 serves on."""
+    import logging
+    caplog.set_level(logging.INFO, logger="hotswap")
+
+    async def main() -> None:
+        name, gate, entered = f"s-{uuid.uuid4().hex[:10]}", asyncio.Event(), asyncio.Event()
+        sockets: dict[str, hotswap.Address] = {"http": ("127.0.0.1", 0)}
+        upgrader = hotswap.Upgrader(name, version="v1", options=hotswap.Options(env={}))
+        v1_task = asyncio.create_task(hotswap.aiohttp.serve(
+            app_of("v1", gate, entered), upgrader, sockets, drain_timeout=20,
+            handle_signals=False, yield_cpu_after_drain=False))
+        await until(serving(upgrader), "v1 serving")
+        port = int(upgrader.status().listeners[0].address.rsplit(":", 1)[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(b"GET /held HTTP/1.1\r\nHost: x\r\n\r\n")
+            await asyncio.wait_for(entered.wait(), 10)
+            v2, v2_task = start(name, "v2", sockets)
+            await until(serving(v2), "v2 serving")
+            v3, v3_task = start(name, "v3", sockets)
+            await until(lambda: "serving process busy" in caplog.text, "v3 refused (busy)")
+            await stop_serving(v3, v3_task)
+            assert "stop requested before taking over" in caplog.text
+            assert v2.status().state == "serving"
+            gate.set()
+            assert (await read_response(reader)).endswith(b"version(v1) read 0")
+        finally:
+            writer.close()
+        assert await asyncio.wait_for(v1_task, 15) == 0
+        await stop_serving(v2, v2_task)
+
+    run(main())
