@@ -227,6 +227,12 @@ def adopt_fd(fd: int, declared: SocketInfo) -> socket.socket:
     return sock
 
 
+def is_tcp(sock: socket.socket) -> bool:
+    """Whether ``sock`` is a TCP stream socket (in any state)."""
+    return sock.type == socket.SOCK_STREAM and sock.family in (socket.AF_INET,
+                                                               socket.AF_INET6)
+
+
 def is_tcp_stream(fd: int) -> bool:
     """Whether ``fd`` is a TCP stream socket (in any state). Never closes
     or keeps ``fd``."""
@@ -235,8 +241,7 @@ def is_tcp_stream(fd: int) -> bool:
     except OSError:
         return False
     try:
-        return probe.type == socket.SOCK_STREAM and probe.family in (socket.AF_INET,
-                                                                     socket.AF_INET6)
+        return is_tcp(probe)
     finally:
         probe.detach()
 
@@ -258,8 +263,7 @@ def adopt_connection_fd(fd: int) -> socket.socket:
         os.close(fd)
         raise ListenerError("descriptor is not a socket")
     try:
-        if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET,
-                                                                  socket.AF_INET6):
+        if not is_tcp(sock):
             raise ListenerError(f"not a TCP stream socket: {sock!r}")
         if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
             raise ListenerError("a listening socket, not a connection")

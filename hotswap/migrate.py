@@ -45,6 +45,7 @@ from typing import Any, cast
 
 from aiohttp import web
 
+from .listeners import is_tcp
 from .protocol import MAX_FDS_PER_FRAME
 from .upgrader import Upgrader
 
@@ -201,7 +202,7 @@ class Migrator:
         move (TCP); a plain one otherwise (a Unix socket's connections drain
         the safe way: the successor adopts TCP connections only)."""
         self.runner = runner
-        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        if not is_tcp(sock):
             return web.SockSite(runner, sock)
         return TrackedSite(runner, sock, listener, self)
 

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import NoReturn
 
 from . import _proc, control, kruise, listeners
+from ._record import replace
 from .errors import (
     BrokenResourceError,
     HandoverFailed,
@@ -264,9 +265,7 @@ class Upgrader:
                 log.info("%s: inherited %s %s as %s", self.name, got.info.name,
                          got.info.address, name)
                 self._renamed[got.info.name] = name
-                info = got.info
-                got = _Listener(SocketInfo(name=name, family=info.family, kind=info.kind,
-                                           address=info.address), got.sock)
+                got = _Listener(replace(got.info, name=name), got.sock)
             self._listeners[name] = got
             return got.sock
         try:
