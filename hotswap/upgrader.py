@@ -603,7 +603,15 @@ class Upgrader:
         hello = Hello(pid=self.pid, version=self.version, rank=self.versions.rank,
                       token=opts.token,
                       capabilities=("connections", _ACK) if self._adopter else ())
-        reply = await channel.request(hello, timeout=opts.message_timeout)
+        try:
+            reply = await channel.request(hello, timeout=opts.message_timeout)
+        except HandoverTimeout as exc:
+            self._set_state(State.STARTING)
+            pid = channel.peer_credentials()[0]
+            raise HandoverTimeout(
+                f"the process serving {self.address} (pid {pid}) did not answer our "
+                f"hello ({exc}): it is stopped or hung, or it is not a hotswap "
+                f"process; nothing was taken") from None
         if isinstance(reply, Refused):
             self._set_state(State.STARTING)
             raise HandoverRefused(reply.code, reply.reason)

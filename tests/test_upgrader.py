@@ -869,3 +869,30 @@ def test_a_successor_closed_before_confirming_says_so(
         await old.close()
 
     run(main())
+
+
+def test_a_squatter_that_never_answers_is_named(run: Runner) -> None:
+    """Something of our uid holds the control name and never answers (a
+    stopped predecessor, or not hotswap at all): the successor gives up
+    after message_timeout, says where and who, and holds nothing."""
+    name = new_name()
+    squatter = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    squatter.bind(sockaddr(control_address(name)))
+    squatter.listen(1)
+
+    async def main() -> None:
+        fds_before = len(os.listdir("/proc/self/fd"))
+        new = hotswap.Upgrader(name, version="v2", options=opts(message_timeout=0.3))
+        with pytest.raises(hotswap.HandoverTimeout) as info:
+            await new.start()
+        message = str(info.value)
+        assert control_address(name) in message and f"pid {os.getpid()}" in message
+        assert "did not answer our hello" in message and "nothing was taken" in message
+        assert new.state is hotswap.State.STARTING
+        await new.close()
+        assert len(os.listdir("/proc/self/fd")) == fds_before
+
+    try:
+        run(main())
+    finally:
+        squatter.close()
