@@ -26,6 +26,8 @@
 
 Signals: the first SIGTERM/SIGINT requests a stop (a drain); the second cuts
 the drain short (closes every connection now); the third exits at once.
+SIGHUP is logged and ignored (its default action would kill the process with
+no drain; there is nothing to reload in place: an upgrade is a new version).
 
 Limits: a response that the handler has already prepared (streamed) before the
 drain started cannot carry ``Connection: close``; its connection is told on the
@@ -348,9 +350,13 @@ async def serve(app: web.Application, upgrader: Upgrader,
         else:
             os._exit(128 + signum)
 
+    def on_hangup() -> None:
+        log.warning("SIGHUP ignored: send SIGTERM to stop; an upgrade starts a new version")
+
     if handle_signals:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, on_signal, signum)
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)
     migrator = Migrator() if migrate_connections and _migration_supported() else None
     if migrator is not None:
         upgrader.adopt_connections(migrator.adopt)
@@ -411,6 +417,6 @@ async def serve(app: web.Application, upgrader: Upgrader,
     finally:
         await upgrader.close()
         if handle_signals:
-            for signum in (signal.SIGTERM, signal.SIGINT):
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
 

@@ -41,6 +41,23 @@ def test_sigterm_drains_within_the_deadline(procs: Procs, name: str) -> None:
     busy.close()
 
 
+def test_sighup_is_ignored_and_the_sidecar_serves_on(procs: Procs, name: str) -> None:
+    """SIGHUP's default action kills at once, with no drain: a terminal's
+    hangup or a stray reload signal must not drop a keep-alive client."""
+    v1 = procs.sidecar(name, "v1")
+    port = port_of(wait_for(serving(name, "v1"), 15, "v1 serving"))
+    sock, first = keepalive_request(port)
+    assert b"200 OK" in first
+    v1.send_signal(signal.SIGHUP)
+    wait_for(lambda: "SIGHUP ignored" in procs.logs(), 10, "v1 to log the SIGHUP")
+    again = http_get(sock)  # the same connection, after the signal
+    assert b"200 OK" in again and b"Connection: close" not in again
+    assert v1.poll() is None
+    sock.close()
+    v1.send_signal(signal.SIGTERM)
+    assert v1.wait(timeout=10) == 0
+
+
 def test_second_sigterm_forces_the_exit(procs: Procs, name: str) -> None:
     """Invariant 5's escalation: a drain waiting on an idle connection (30 s
     deadline) ends at once on the second SIGTERM."""
