@@ -78,6 +78,11 @@ def _can_swap_request_factory() -> bool:
     return "_request_factory" in getattr(web.RequestHandler, "__slots__", ())
 
 
+_FIRST_ROUND = 1.0
+"""Seconds the drain's first connection handover gets, however short the
+drain: the time to acknowledge one frame."""
+
+
 class Drainer:
     """Tells keep-alive clients to go once draining, and tracks the drain.
 
@@ -172,12 +177,19 @@ class Drainer:
         # From here on a busy connection is told to close with its response:
         # one sent keep-alive could not count on a move before the cut.
         last_call = deadline - min(1.0, timeout / 10)
-        while server.connections and loop.time() < deadline and not self._forced.is_set():
+        # Handing idle connections over loses nothing and takes milliseconds,
+        # cutting them races their clients: the first round runs even with
+        # no time left (drain_timeout=0), with up to _FIRST_ROUND to do it.
+        first = migrating
+        while server.connections and (loop.time() < deadline or first) \
+                and not self._forced.is_set():
             if migrating:
                 assert migrator is not None and upgrader is not None
+                time_left = deadline - loop.time()
+                if first:
+                    time_left, first = max(time_left, _FIRST_ROUND), False
                 if not await migrator.step(upgrader, self.close_after_next_response,
-                                           deadline - loop.time(),
-                                           last_call=loop.time() >= last_call):
+                                           time_left, last_call=loop.time() >= last_call):
                     migrating = False
                     log.info("connection handover stopped; the rest drain the safe way")
                     self.start(server)

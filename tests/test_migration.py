@@ -42,6 +42,27 @@ def test_the_same_connection_is_answered_by_each_successor(procs: Procs, name: s
     assert previous.wait(timeout=15) == 0
 
 
+def test_a_drain_with_no_time_still_hands_idle_connections_over(
+        procs: Procs, name: str) -> None:
+    """--drain-timeout 0 asks to step aside at once: idle keep-alive
+    connections still get one handover (milliseconds) rather than a cut,
+    which races whatever their clients send next."""
+    v1 = procs.sidecar(name, "v1", args=("--drain-timeout", "0"))
+    port = port_of(wait_for(serving(name, "v1"), 15, "v1 serving"))
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
+    for sock in socks:
+        assert b"version(v1)" in http_get(sock)
+    procs.sidecar(name, "v2", args=("--drain-timeout", "0"))
+    wait_for(serving(name, "v2"), 15, "v2 serving, v1 drained")
+    assert v1.wait(timeout=15) == 0
+    for sock in socks:
+        reply = http_get(sock)
+        assert b"version(v2)" in reply and b"Connection: close" not in reply, reply
+        sock.close()
+    assert "handed 3 idle connection(s) to the successor" in procs.logs()
+    assert "cutting idle connection" not in procs.logs()
+
+
 @pytest.mark.parametrize("migrate", [True, False], ids=["migration-on", "migration-off"])
 def test_idle_keepalive_clients_across_upgrades(procs: Procs, name: str, load: Any,
                                                 migrate: bool) -> None:
