@@ -376,7 +376,7 @@ async def serve(app: web.Application, upgrader: Upgrader,
         try:
             role = await upgrader.start()
         except HandoverFailed as exc:
-            if not upgrader._stop_requested:
+            if not upgrader.stop_requested:
                 raise
             # Stopped (SIGTERM) before taking anything over: a normal stop.
             log.info("%s", exc)

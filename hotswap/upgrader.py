@@ -347,6 +347,12 @@ class Upgrader:
             self._finish(ExitReason.STOP_REQUESTED)
 
     @property
+    def stop_requested(self) -> bool:
+        """Whether :meth:`request_stop` was called (a :class:`HandoverFailed`
+        out of :meth:`start` is then a stop, not a failure)."""
+        return self._stop_requested
+
+    @property
     def _stopping(self) -> bool:
         return self._stop_requested or self.state in (State.DRAINING, State.STOPPED)
 

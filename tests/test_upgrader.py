@@ -836,9 +836,11 @@ def test_a_successor_told_to_stop_while_refused_busy_stops_waiting(
         v3 = hotswap.Upgrader(name, version="v3", options=opts())
         starting = asyncio.create_task(v3.start())
         await until(lambda: "serving process busy" in caplog.text, "v3 refused (busy)")
+        assert not v3.stop_requested
         v3.request_stop()
         with pytest.raises(hotswap.HandoverFailed, match="stop requested"):
             await asyncio.wait_for(starting, 5)
+        assert v3.stop_requested  # how serve() tells this stop from a failure
         st = await query_status(control_address(name))
         assert (st.pid, st.version, st.state) == (os.getpid(), "v2", "serving")
         await v3.close()
