@@ -3,7 +3,10 @@
 - ``hotswap status --name N [--json]``: who serves N now.
 - ``hotswap wait-ready --name N --timeout S``: wait until the process whose
   ``SIDECARSET_VERSION`` is ours (or ``--version``) serves N and its
-  predecessor stopped accepting; the PostStart hook's check.
+  predecessor stopped accepting; the PostStart hook's check. In the empty
+  slot (``SIDECARSET_VERSION=0``) or an old slot restarted mid-upgrade
+  (passive: ``SIDECARSET_VERSION <= SIDECARSET_VERSION_ALT``) there is
+  nothing to wait for: exit 0 at once.
 - ``hotswap probe --name N``: readiness of this slot (a probe that tells the
   two slots apart although they share the port): ready if empty
   (``SIDECARSET_VERSION=0``), serving, or superseded by a newer version; not
@@ -12,7 +15,9 @@
 Each trusts only a server of its own uid (SO_PEERCRED; ``--allow-uid`` and
 ``HOTSWAP_ALLOW_UIDS=uid,uid`` add others, e.g. for the hook and the probe
 when the server runs as another user): any process of the pod's network
-namespace can bind the abstract name first.
+namespace can bind the abstract name first. The server checks the client's
+uid the same way: it answers only uids it allows (by default its own, plus
+its own ``HOTSWAP_ALLOW_UIDS``), so set the variable on both sides.
 
 Exit status: 0 success, 1 the condition failed or timed out, 2 usage error.
 """
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -52,12 +58,7 @@ def _describe(status: Status) -> str:
 
 
 def _allowed(args: argparse.Namespace) -> frozenset[int]:
-    extra = os.environ.get("HOTSWAP_ALLOW_UIDS", "").replace(",", " ").split()
-    try:
-        return frozenset({os.getuid(), *args.allow_uid, *map(int, extra)})
-    except ValueError:
-        raise ValueError(f"HOTSWAP_ALLOW_UIDS={os.environ['HOTSWAP_ALLOW_UIDS']!r} "
-                         "is not a list of uids") from None
+    return control.allowed_uids(os.environ, args.allow_uid)
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -80,8 +81,24 @@ def _target(args: argparse.Namespace) -> tuple[int | None, str | None]:
         return None, args.version
     rank = kruise.detect(os.environ).rank
     if rank is None:
-        raise SystemExit("hotswap: set SIDECARSET_VERSION or pass --version")
+        raise ValueError("set SIDECARSET_VERSION or pass --version")  # usage: 2
     return rank, None
+
+
+def _nothing_to_wait_for(args: argparse.Namespace) -> str | None:
+    """Why this Kruise slot will never serve and that is fine (the empty
+    image, or an old slot restarted mid-upgrade: :attr:`Role.PASSIVE`), or
+    None. The hook of such a slot succeeds: failing it would only get the
+    container killed and restarted."""
+    if args.version:
+        return None
+    versions = kruise.detect(os.environ)
+    if versions.role is kruise.Role.EMPTY:
+        return "empty slot"
+    if versions.role is kruise.Role.PASSIVE:
+        return (f"passive slot (version {versions.rank}, other slot {versions.alt}: "
+                "an old slot restarted mid-upgrade never takes the sockets back)")
+    return None
 
 
 def _verdict(status: Status, rank: int | None, version: str | None) -> tuple[bool, bool, str]:
@@ -97,6 +114,10 @@ def _verdict(status: Status, rank: int | None, version: str | None) -> tuple[boo
 
 
 def _wait_ready(args: argparse.Namespace) -> int:
+    idle = _nothing_to_wait_for(args)
+    if idle is not None:
+        print(f"hotswap: ready: {idle}")
+        return 0
     rank, version = _target(args)
     want = f"sidecarset version {rank}" if rank is not None else f"version {version}"
     address = _address(args)
@@ -133,7 +154,7 @@ def _probe(args: argparse.Namespace) -> int:
     between migration and reset must not make the pod NotReady). Not ready if
     nobody answers or an older version still serves (our migration is pending
     or failed: Kruise then retries this slot)."""
-    if not args.version and kruise.detect(os.environ).rank == 0:
+    if not args.version and kruise.detect(os.environ).role is kruise.Role.EMPTY:
         print("hotswap: ready: empty slot")
         return 0
     rank, version = _target(args)
@@ -155,6 +176,19 @@ def _probe(args: argparse.Namespace) -> int:
     return 1
 
 
+def _seconds(text: str) -> float:
+    """A timeout: a finite number of seconds, not negative (``nan`` would
+    never time out, and ``inf`` is no deadline)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"not a finite, non-negative number of "
+                                         f"seconds: {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hotswap", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -172,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="show the process serving NAME")
     common(p)
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--timeout", type=float, default=control.DEFAULT_TIMEOUT)
+    p.add_argument("--timeout", type=_seconds, default=control.DEFAULT_TIMEOUT)
     for cmd, help_ in (("wait-ready", "wait until our version serves NAME"),
                        ("probe", "readiness of this slot: exit 0 if it is empty, "
                                  "serving, or superseded by a newer version")):
@@ -180,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
         common(p)
         p.add_argument("--version", help="app version to look for "
                        "(default: SIDECARSET_VERSION)")
-        p.add_argument("--timeout", type=float,
+        p.add_argument("--timeout", type=_seconds,
                        default=60.0 if cmd == "wait-ready" else 2.0)
     return parser
 

@@ -14,7 +14,7 @@ import errno
 import os
 import socket
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 
 from .errors import BrokenResourceError, HandoverRefused, HandoverTimeout, RemoteProtocolError
 from .fdio import peer_credentials, recv_some
@@ -85,6 +85,26 @@ async def connect(address: str, *, timeout: float) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+ALLOW_UIDS_ENV = "HOTSWAP_ALLOW_UIDS"
+"""More uids the pod's hotswap processes trust (``uid,uid``): as a server,
+whose requests it answers and to whom it hands over; as a client (the CLI),
+whose answers it believes. Our own uid always."""
+
+
+def allowed_uids(env: Mapping[str, str], extra: Collection[int] = ()) -> frozenset[int]:
+    """Our uid, ``extra`` and the uids listed in ``env[ALLOW_UIDS_ENV]``
+    (comma or blank separated). Raises ValueError naming the variable if it
+    holds anything else."""
+    raw = env.get(ALLOW_UIDS_ENV, "")
+    try:
+        listed = [int(uid) for uid in raw.replace(",", " ").split()]
+    except ValueError:
+        raise ValueError(f"{ALLOW_UIDS_ENV}={raw!r} is not a list of uids") from None
+    if any(uid < 0 for uid in listed):
+        raise ValueError(f"{ALLOW_UIDS_ENV}={raw!r} is not a list of uids")
+    return frozenset({os.getuid(), *extra, *listed})
 
 
 def check_server(sock: socket.socket, address: str,

@@ -135,7 +135,9 @@ class Options:
     control_path: str | None = None
     """Filesystem path of the control socket; default abstract ``hotswap/NAME``."""
     allowed_uids: frozenset[int] | None = None
-    """Peer uids allowed on the control socket; default: our own uid only."""
+    """Peer uids allowed on the control socket (to ask for status, to take
+    the sockets, to be believed as the serving process); default: our own
+    uid and those in ``env["HOTSWAP_ALLOW_UIDS"]`` (``uid,uid``)."""
     token: str = ""
     """Shared secret a successor must present (empty: not required)."""
     handover_timeout: float = DEFAULT_HANDOVER_TIMEOUT
@@ -174,9 +176,13 @@ class Upgrader:
         self.state = State.STARTING
         self.generation = 0
         self.pid = os.getpid()
-        self._allowed_uids = (self.options.allowed_uids
-                              if self.options.allowed_uids is not None
-                              else frozenset({os.getuid()}))
+        if self.options.allowed_uids is not None:
+            self._allowed_uids = self.options.allowed_uids
+        else:
+            try:
+                self._allowed_uids = control.allowed_uids(env)
+            except ValueError as exc:
+                raise HotswapError(str(exc)) from None
         self._listeners: dict[str, _Listener] = {}
         self._inherited: dict[str, _Listener] = {}
         self._control_sock: socket.socket | None = None

@@ -18,7 +18,8 @@
 #   HOTSWAP_MARKER_FRESH      seconds a marker stays valid (default: 3)
 #   HOTSWAP_CLI               the hotswap command (default: hotswap, else python3 -m hotswap)
 #   HOTSWAP_ALLOW_UIDS        more uids the CLI trusts as the server's (default:
-#                             only its own; for a server that runs as another user)
+#                             only its own; for a server that runs as another
+#                             user, which must allow ours by the same variable)
 set -eu
 
 version=${SIDECARSET_VERSION:-}
@@ -28,13 +29,29 @@ timeout=${HOTSWAP_MIGRATE_TIMEOUT:-60}
 
 log() { echo "migrate.sh[$name]: $*"; }
 
+# A whole number the shell's arithmetic takes as such (no leading zero: octal).
+whole() { case $1 in ""|*[!0-9]*|0?*|???????*) return 1 ;; esac; }
+
+# The shortcuts below take only plain numbers; any other spelling goes to the
+# CLI, which applies hotswap.kruise's rules (and rejects what is no version).
 if [ "$version" = "0" ]; then
     log "SIDECARSET_VERSION=0: this is the empty image, nothing to migrate"
     exit 0
 fi
+if [ -z "$version" ]; then
+    log "SIDECARSET_VERSION is unset: this hook belongs to a Kruise HotUpgrade slot"
+    exit 2
+fi
+if whole "$version" && whole "$alt" && [ "$alt" != 0 ] && [ "$version" -le "$alt" ]; then
+    # The role hotswap calls passive: the process never takes the sockets
+    # back, and a failed hook would only get the container killed.
+    log "version $version, other slot $alt: an old slot restarted mid-upgrade;" \
+        "passive, nothing to migrate"
+    exit 0
+fi
 
 case "$alt" in
-    ""|0) log "version ${version:-unset}: fresh start, waiting until it serves" ;;
+    ""|0) log "version $version: fresh start, waiting until it serves" ;;
     *)    log "version $version taking over from version $alt (timeout ${timeout}s)" ;;
 esac
 
@@ -47,8 +64,6 @@ esac
 # newer version serving, a filesystem control socket, a timeout that is not
 # a whole number of seconds), the CLI waits for the rest and has the final
 # word.
-# A whole number the shell's arithmetic takes as such (no leading zero: octal).
-whole() { case $1 in ""|*[!0-9]*|0?*|???????*) return 1 ;; esac; }
 fast=${HOTSWAP_MIGRATE_FAST:-10}
 case $0 in */*) here=${0%/*} ;; *) here=. ;; esac
 if whole "$version" && whole "$timeout" && whole "$fast" &&
@@ -101,10 +116,10 @@ fi
 
 # shellcheck disable=SC2086  # $cli may be "python3 -m hotswap"
 if $cli wait-ready --name "$name" --timeout "$timeout"; then
-    log "migration to version ${version:-?} done"
+    log "migration to version $version done"
     exit 0
 else
     status=$?
-    log "migration to version ${version:-?} FAILED (exit $status)"
+    log "migration to version $version FAILED (exit $status)"
     exit "$status"
 fi

@@ -168,6 +168,28 @@ def test_peer_with_another_uid_is_refused(procs: Procs, name: str) -> None:
     assert v1.wait(timeout=15) == 0
 
 
+def test_allow_uids_on_both_sides(procs: Procs, name: str) -> None:
+    """Invariant 6 with a hook and a probe that run as another user: the
+    server allows their uid by the same HOTSWAP_ALLOW_UIDS the CLI reads, so
+    setting it on both sides is enough; the clients then believe the server
+    (root) by their own HOTSWAP_ALLOW_UIDS."""
+    if os.getuid() != 0:
+        pytest.skip("needs root to drop to another uid for the peer")
+    from hotswap import cli
+
+    v1 = procs.sidecar(name, "v1", HOTSWAP_ALLOW_UIDS="65534")
+    wait_for(serving(name, "v1"), 15, "v1 serving")
+
+    async def cli_status() -> str:
+        os.environ["HOTSWAP_ALLOW_UIDS"] = "0"
+        return f"exit {cli.main(['status', '--name', name])}"
+
+    assert _as_uid(65534, cli_status) == "exit 0"
+    assert "refused control peer" not in procs.logs()
+    v1.send_signal(signal.SIGTERM)
+    assert v1.wait(timeout=15) == 0
+
+
 def test_descriptors_stable_over_100_handovers(procs: Procs, name: str) -> None:
     """Invariant 7: no descriptor leaks generation after generation, and no
     process left behind."""

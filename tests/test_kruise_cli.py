@@ -60,6 +60,45 @@ def test_hook_in_the_empty_image(procs: Procs) -> None:
     assert "empty image" in result.stdout
 
 
+@pytest.mark.parametrize(("version", "alt", "says"), [
+    ("1", "2", "passive, nothing to migrate"),  # the shell's shortcut
+    ("2", "2", "passive, nothing to migrate"),
+    (" 1", "02", "ready: passive slot (version 1, other slot 2"),  # the CLI's rule
+    ("00", "1", "ready: empty slot"),
+    (" 0", "1", "ready: empty slot"),
+])
+def test_hook_in_a_slot_that_never_serves(procs: Procs, name: str, version: str,
+                                          alt: str, says: str) -> None:
+    """An old slot restarted mid-upgrade goes passive and the empty image
+    serves nothing: their hook succeeds at once (a failed PostStart hook gets
+    the container killed), whatever the spelling of the versions, by the
+    same rule as hotswap.kruise. Nobody serves here: nothing is waited for."""
+    started = time.monotonic()
+    result = hook(procs, SIDECARSET_VERSION=version, SIDECARSET_VERSION_ALT=alt,
+                  HOTSWAP_NAME=name, HOTSWAP_MIGRATE_TIMEOUT="30")
+    assert result.returncode == 0, result
+    assert says in result.stdout, result
+    assert time.monotonic() - started < 15
+
+
+def test_cli_usage_errors_exit_2(procs: Procs, name: str) -> None:
+    """A timeout that is no deadline, a missing or malformed version: exit 2
+    with the reason, never a wait with no end."""
+    for value in ("nan", "inf", "-1", "soon"):
+        result = cli(procs, "wait-ready", "--name", name, "--timeout", value,
+                     SIDECARSET_VERSION="2")
+        assert result.returncode == 2 and "--timeout" in result.stderr, (value, result)
+    result = cli(procs, "wait-ready", "--name", name)
+    assert result.returncode == 2 and "set SIDECARSET_VERSION" in result.stderr, result
+    result = cli(procs, "probe", "--name", name, SIDECARSET_VERSION="v2")
+    assert result.returncode == 2 and "is not an integer" in result.stderr, result
+    result = hook(procs, HOTSWAP_NAME=name)
+    assert result.returncode == 2 and "SIDECARSET_VERSION is unset" in result.stdout, result
+    result = hook(procs, SIDECARSET_VERSION="x1", SIDECARSET_VERSION_ALT="1",
+                  HOTSWAP_NAME=name)
+    assert result.returncode == 2 and "is not an integer" in result.stderr, result
+
+
 def test_cli_without_a_server(procs: Procs, name: str) -> None:
     result = cli(procs, "status", "--name", name)
     assert result.returncode == 1

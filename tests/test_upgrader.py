@@ -898,3 +898,12 @@ def test_a_squatter_that_never_answers_is_named(run: Runner) -> None:
         run(main())
     finally:
         squatter.close()
+
+
+def test_a_malformed_allow_uids_is_a_clear_error() -> None:
+    with pytest.raises(hotswap.HotswapError, match="HOTSWAP_ALLOW_UIDS='0,root' is not"):
+        hotswap.Upgrader(new_name(), options=hotswap.Options(
+            env={"HOTSWAP_ALLOW_UIDS": "0,root"}))
+    upg = hotswap.Upgrader(new_name(), options=hotswap.Options(
+        env={"HOTSWAP_ALLOW_UIDS": "65534, 10001"}))
+    assert upg._allowed_uids == {os.getuid(), 65534, 10001}

@@ -11,7 +11,8 @@ It uses only hotswap's public API: :class:`hotswap.Upgrader` and
 :func:`hotswap.aiohttp.serve`. Every flag has an environment fallback
 (``SIDECAR_VERSION``, ``SIDECAR_PORT``, ``SIDECAR_HOST``, ``HOTSWAP_NAME``,
 ``HOTSWAP_DRAIN_TIMEOUT``, ``HOTSWAP_CONTROL_PATH``), which is how the container
-images configure it.
+images configure it; the upgrader itself reads ``HOTSWAP_ALLOW_UIDS`` (more
+uids allowed on the control socket) and the Kruise versions.
 """
 
 from __future__ import annotations
