@@ -928,7 +928,7 @@ class Upgrader:
             log.info("%s: handing over to pid %d (%s): %d socket(s) sent", self.name,
                      hello.pid, hello.version, len(entries))
             while True:
-                reply: Message = await channel.receive(timeout=opts.handover_timeout)
+                reply: Message = await self._successor_verdict(channel)
                 if isinstance(reply, Accepting):
                     break
                 assert isinstance(reply, Abort)
@@ -955,6 +955,21 @@ class Upgrader:
         self._set_state(State.DRAINING)
         self._finish(ExitReason.TAKEN_OVER)
         return True
+
+    async def _successor_verdict(self, channel: Channel) -> Message:
+        """The successor's next message, within ``handover_timeout``. A loop
+        that was stalled (stopped, starved) past the deadline wakes to its
+        timer before its socket: what already arrived still counts. An
+        ``Accepting`` there means the successor accepts, and it may have
+        stopped waiting for our answer (it serves on without one): failing
+        the handover then would leave two versions accepting for good."""
+        try:
+            return await channel.receive(timeout=self.options.handover_timeout)
+        except HandoverTimeout as exc:
+            try:
+                return await channel.receive(timeout=0)  # no wait: only what is there
+            except HandoverTimeout:
+                raise exc from None
 
     async def _tell_successor(self, message: Message) -> None:
         channel = self._successor

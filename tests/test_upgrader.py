@@ -907,3 +907,42 @@ def test_a_malformed_allow_uids_is_a_clear_error() -> None:
     upg = hotswap.Upgrader(new_name(), options=hotswap.Options(
         env={"HOTSWAP_ALLOW_UIDS": "65534, 10001"}))
     assert upg._allowed_uids == {os.getuid(), 65534, 10001}
+
+
+def test_an_accepting_that_came_while_the_old_side_stalled_counts(
+        run: Runner, caplog: pytest.LogCaptureFixture) -> None:
+    """The old side is stalled (here: its event loop blocked) past its
+    handover_timeout while the successor's Accepting arrives. It wakes to
+    its timer before its socket; failing the handover then would leave both
+    versions accepting for good, as a successor that waited in vain for
+    Released serves on without it. The Accepting already there counts."""
+    name = new_name()
+    caplog.set_level(logging.INFO, logger="hotswap")
+
+    async def main() -> None:
+        old = await serving_upgrader(name, "v1", handover_timeout=0.3)
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, sockaddr(control_address(name)))
+        channel = Channel(sock, Sender.CLIENT)
+        hello = hotswap.protocol.Hello(pid=os.getpid(), version="v2", rank=None,
+                                       token="", capabilities=())
+        assert isinstance(await channel.request(hello, timeout=5),
+                          hotswap.protocol.Welcome)
+        chunk = await channel.receive(timeout=5)
+        assert isinstance(chunk, hotswap.protocol.Sockets) and chunk.nfds == 2
+        for fd in chunk.fds:
+            os.close(fd)
+        await channel.send(hotswap.protocol.Accepting(), timeout=5)
+        time.sleep(0.6)  # noqa: ASYNC251 - the stall itself: the old side cannot run
+        await until(lambda: old.state is not hotswap.State.HANDING_OVER,
+                    "the old side to decide")
+        assert old.state is hotswap.State.DRAINING, caplog.text
+        assert "failed, still serving" not in caplog.text
+        await old.release()
+        assert isinstance(await channel.receive(timeout=5), hotswap.protocol.Released)
+        channel.close()
+        await old.close(cut=0)
+
+    run(main())
