@@ -31,9 +31,11 @@ def set_title(title: str) -> None:
 
 
 def usage() -> tuple[int, int]:
-    """``(open descriptors, RSS bytes)`` of this process, -1 when unknown."""
+    """``(open descriptors, RSS bytes)`` of this process, -1 when unknown
+    (at the descriptor limit, psutil cannot open ``/proc`` and raises a
+    plain OSError: a status reply then says -1, it does not fail)."""
     try:
         proc = psutil.Process()
         return proc.num_fds(), proc.memory_info().rss
-    except psutil.Error:
+    except (psutil.Error, OSError):
         return -1, -1

@@ -10,6 +10,7 @@ import os
 import socket
 import stat
 import struct
+import subprocess
 import sys
 import time
 import uuid
@@ -946,3 +947,21 @@ def test_an_accepting_that_came_while_the_old_side_stalled_counts(
         await old.close(cut=0)
 
     run(main())
+
+
+def test_usage_at_the_descriptor_limit_is_unknown_not_an_error() -> None:
+    """A status request that takes the last descriptor: psutil cannot open
+    /proc, and the reply says -1 rather than failing ("internal error",
+    which the readiness probe's fallback would take for not ready). Run in
+    a child, whose descriptor limit it lowers to what it has open."""
+    code = ("import os, resource\n"
+            "from hotswap import _proc\n"
+            "assert _proc.usage()[0] > 0\n"
+            "open_now = len(os.listdir('/proc/self/fd')) - 1\n"
+            "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (open_now, hard))\n"
+            "print(_proc.usage())\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=30, env=child_env())
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "(-1, -1)"
