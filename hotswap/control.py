@@ -72,19 +72,37 @@ async def connect(address: str, *, timeout: float) -> socket.socket:
     """Connect to a control socket. The caller owns the returned socket.
 
     Raises ConnectionRefusedError/FileNotFoundError (OSError) when nobody
-    listens there, TimeoutError after ``timeout``.
+    listens there, HandoverTimeout when its listen queue stayed full for
+    ``timeout`` seconds (the process serving it does not accept: stopped or
+    hung, or flooded).
+
+    A Unix socket's connect() never goes "in progress": it succeeds, fails,
+    or says EAGAIN when the listener's queue is full. The event loops take
+    EAGAIN for "in progress", wait for writability and hand back a socket
+    that is not connected, so this retries connect() itself.
     """
     import asyncio
 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.setblocking(False)
+    delay = 0.005
     try:
         async with asyncio.timeout(timeout):
-            await asyncio.get_running_loop().sock_connect(sock, sockaddr(address))
+            while True:
+                try:
+                    sock.connect(sockaddr(address))
+                    return sock
+                except BlockingIOError:  # EAGAIN: the queue is full for now
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 0.1)
+    except TimeoutError:
+        sock.close()
+        raise HandoverTimeout(f"{address} accepted no connection within {timeout:.1f}s "
+                              "(its queue is full: the process serving it is stopped "
+                              "or hung, or flooded)") from None
     except BaseException:
         sock.close()
         raise
-    return sock
 
 
 ALLOW_UIDS_ENV = "HOTSWAP_ALLOW_UIDS"

@@ -965,3 +965,48 @@ def test_usage_at_the_descriptor_limit_is_unknown_not_an_error() -> None:
                             timeout=30, env=child_env())
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "(-1, -1)"
+
+
+def test_a_full_control_queue_is_a_timeout_not_a_forbidden_uid(run: Runner) -> None:
+    """A control socket whose listen queue is full (its process stopped, or
+    flooded): connect() says EAGAIN, which the event loops took for "in
+    progress", handing back an unconnected socket whose SO_PEERCRED said
+    uid -1: a false "forbidden". Now connect() retries while the queue is
+    full: a timeout if it stays full, connected once there is room."""
+    name = new_name()
+    address = control_address(name)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(sockaddr(address))
+    listener.listen(0)
+    queued: list[socket.socket] = []
+    try:
+        for _ in range(100):  # fill the queue
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            client.setblocking(False)
+            try:
+                client.connect(sockaddr(address))
+            except BlockingIOError:
+                client.close()
+                break
+            queued.append(client)
+        else:
+            raise AssertionError("the queue never filled")
+
+        async def main() -> None:
+            with pytest.raises(hotswap.HandoverTimeout, match="queue is full"):
+                await hotswap.control.connect(address, timeout=0.3)
+            new = hotswap.Upgrader(name, version="v2", options=opts(message_timeout=0.3))
+            with pytest.raises(hotswap.HandoverTimeout, match="queue is full"):
+                await new.start()
+            await new.close()
+            # Room in the queue a moment later: connected, to the listener.
+            asyncio.get_running_loop().call_later(0.05, lambda: listener.accept()[0].close())
+            sock = await hotswap.control.connect(address, timeout=5)
+            assert sock.getpeername() == sockaddr(address).encode()
+            sock.close()
+
+        run(main())
+    finally:
+        for client in queued:
+            client.close()
+        listener.close()
