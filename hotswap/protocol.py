@@ -78,6 +78,11 @@ else:  # the same, without dataclasses' import and code generation (see _record)
 
 PROTOCOL_VERSION: Final = 1
 MAX_FRAME: Final = 256 * 1024
+MAX_CLIENT_FRAME: Final = 16 * 1024
+"""The largest frame a server takes from a client: a client's messages
+(hello, status request, accepting, abort, adopted) are well under 1 KiB, and
+a server holds a partial frame per connection: 256 KiB each, from a few
+hundred peers, was memory the allocator kept."""
 MAX_FDS_PER_FRAME: Final = 253  # SCM_MAX_FD in the Linux kernel
 STATUS_MAX_LISTENERS: Final = 100
 STATUS_LISTENERS_BYTES: Final = MAX_FRAME // 2
@@ -611,6 +616,8 @@ class Connection:
         self._close_fd = close_fd
         self._expected = 0  # sockets still to come in TRANSFERRING
         self._eof = False
+        # What the peer may send in one frame (see MAX_CLIENT_FRAME).
+        self.max_frame = MAX_CLIENT_FRAME if our_role is _S else MAX_FRAME
 
     # ----------------------------------------------------------------- state
 
@@ -683,8 +690,8 @@ class Connection:
         if len(self._buffer) < _HEADER.size:
             return self._need_data()
         (length,) = _HEADER.unpack_from(self._buffer)
-        if not 1 <= length <= MAX_FRAME:
-            self._fail(f"frame length {length} outside 1..{MAX_FRAME}")
+        if not 1 <= length <= self.max_frame:
+            self._fail(f"frame length {length} outside 1..{self.max_frame}")
         if len(self._buffer) < _HEADER.size + length:
             return self._need_data()
         payload = bytes(self._buffer[_HEADER.size:_HEADER.size + length])

@@ -191,6 +191,17 @@ class Channel:
         size = RECV_BUFSIZE
         if self.conn.buffered:  # inside a frame: not past its end
             size = min(size, max(1, self.conn.bytes_needed))
+        if self.conn.our_role is Sender.SERVER:
+            # No client message carries descriptors: take none (the kernel
+            # closes what it cannot deliver), rather than hold up to a
+            # frame's worth that a peer parked with a partial frame.
+            try:
+                return recv_some(self.sock, size, max_fds=0)
+            except BrokenResourceError:  # MSG_CTRUNC: the bytes went too
+                self._receive_broken = "the client sent descriptors"
+                raise RemoteProtocolError(
+                    "descriptors from a client, whose messages carry none "
+                    "(the kernel closed them)") from None
         return recv_some(self.sock, size)
 
     def _feed(self) -> None:

@@ -80,6 +80,8 @@ log = logging.getLogger("hotswap")
 
 _ACK = "connections-ack"  # capability: Adopted after each Connections frame
 _CONTROL_BACKLOG = 64
+_CONTROL_CONNECTIONS = 16
+"""Control connections handled at once (a probe, a hook, a successor: a few)."""
 
 
 def _peer_closed(exc: BaseException) -> bool:
@@ -832,17 +834,28 @@ class Upgrader:
         self._control_task = asyncio.create_task(self._accept_control(self._control_sock))
 
     async def _accept_control(self, sock: socket.socket) -> None:
+        """Accept control connections, at most :data:`_CONTROL_CONNECTIONS`
+        at a time: beyond that they wait in the kernel's queue (then their
+        connect() waits), so peers that connect and idle cannot take the
+        descriptors the service needs."""
         loop = asyncio.get_running_loop()
+        slots = asyncio.Semaphore(_CONTROL_CONNECTIONS)
         while True:
+            await slots.acquire()
             try:
                 conn, _ = await loop.sock_accept(sock)
             except OSError as exc:
+                slots.release()
                 log.warning("%s: control accept failed: %s", self.name, exc)
                 await asyncio.sleep(0.1)
                 continue
+            except BaseException:
+                slots.release()
+                raise
             task = asyncio.create_task(self._handle_control(conn))
             self._handlers.add(task)
             task.add_done_callback(self._handlers.discard)
+            task.add_done_callback(lambda _: slots.release())
 
     async def _handle_control(self, conn: socket.socket) -> None:
         channel = Channel(conn, Sender.SERVER)

@@ -127,20 +127,24 @@ def test_truncated_control_message_leaks_nothing() -> None:
     b.close()
 
 
-def test_garbage_closes_descriptors_that_came_with_it(run) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("role", [Sender.CLIENT, Sender.SERVER])
+def test_garbage_closes_descriptors_that_came_with_it(run, role: Sender) -> None:  # type: ignore[no-untyped-def]
+    """Garbage with descriptors: a client closes them with the garbage; a
+    server takes no descriptors at all (no client message has any): the
+    kernel closes them, and that is a protocol error."""
     r, w = os.pipe()
     before = open_fds()
 
     async def main() -> None:
         a, b = socket.socketpair()
-        server = Channel(a, Sender.SERVER)
+        channel = Channel(a, role)
         anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r, w]).tobytes())]
         b.sendmsg([b"\x00\x00\x00\x02{}"], anc)
         try:
             with pytest.raises(RemoteProtocolError):
-                await server.receive(timeout=5)
+                await channel.receive(timeout=5)
         finally:
-            server.close()
+            channel.close()
             b.close()
 
     run(main())
