@@ -58,9 +58,15 @@ log = logging.getLogger("hotswap")
 DEFAULT_DRAIN_TIMEOUT = 25.0
 """Seconds to let connections finish after a handover or stop request."""
 
-DEFAULT_CLEANUP_TIMEOUT = 5.0
+DEFAULT_CLEANUP_TIMEOUT = 3.0
 """Seconds the app's ``on_shutdown`` and ``on_cleanup`` callbacks get, all
-together, once the drain is over."""
+together, once the drain is over. With the defaults, drain (25 s), the last
+responses' grace (1 s) and these end a stop within 29 s: inside Kubernetes'
+default 30 s grace period, after which the kubelet kills."""
+
+GRACE = 1.0
+"""Seconds a request still being handled when the drain ends gets to send
+its response (then its connection is cut)."""
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -340,7 +346,10 @@ async def serve(app: web.Application, upgrader: Upgrader,
 
     Resource handling: every socket is owned by the sites (closed when they
     stop); the upgrader's control sockets are closed before returning, on
-    every path.
+    every path. A clean-up callback that was abandoned may still be running
+    (one that ignores its cancellation): end the process when this returns,
+    as the sample sidecar does, rather than let ``asyncio.run()`` wait for
+    it with no deadline.
     """
     if idle_after_drain is None:
         idle_after_drain = upgrader.versions.rank is not None
@@ -387,7 +396,9 @@ async def serve(app: web.Application, upgrader: Upgrader,
             return 0
         drainer.install(app)
         hooks = _BoundedHooks(app, cleanup_timeout)
-        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0)
+        # aiohttp (>= 3.10) waits shutdown_timeout for a busy handler, then
+        # cancels its request and waits as long again: GRACE in all.
+        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=GRACE / 2)
         await runner.setup()
         try:
             for name, address in sockets.items():

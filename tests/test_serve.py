@@ -447,3 +447,44 @@ def test_a_version_stopped_while_waiting_to_take_over_exits_cleanly(run: Callabl
         await stop_serving(v2, v2_task)
 
     run(main())
+
+
+def test_a_request_still_running_after_the_drain_gets_a_1s_grace(run: Callable[
+        [Awaitable[None]], None]) -> None:
+    """A handler that does not finish: after the drain (0.2 s) it gets the 1 s
+    grace, then its connection is cut, about 1.2 s after the stop. aiohttp
+    waits its shutdown_timeout twice (for the handler, then again after
+    cancelling the request): a shutdown_timeout of 1 s was a 2 s grace, and
+    the defaults overran Kubernetes' 30 s."""
+    async def main() -> None:
+        entered = asyncio.Event()
+
+        async def never(request: web.Request) -> web.Response:
+            entered.set()
+            await asyncio.Event().wait()
+            raise AssertionError("unreachable")
+
+        app = web.Application()
+        app.router.add_get("/never", never)
+        upgrader = hotswap.Upgrader(f"s-{uuid.uuid4().hex[:10]}", version="v1",
+                                    options=hotswap.Options(env={}))
+        task = asyncio.create_task(hotswap.aiohttp.serve(
+            app, upgrader, {"http": ("127.0.0.1", 0)}, drain_timeout=0.2,
+            handle_signals=False, yield_cpu_after_drain=False))
+        await until(serving(upgrader), "v1 serving")
+        port = int(upgrader.status().listeners[0].address.rsplit(":", 1)[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(b"GET /never HTTP/1.1\r\nHost: x\r\n\r\n")
+            await asyncio.wait_for(entered.wait(), 10)
+            loop = asyncio.get_running_loop()
+            stopped = loop.time()
+            upgrader.request_stop()
+            assert await asyncio.wait_for(reader.read(), 10) == b""  # cut
+            elapsed = loop.time() - stopped
+        finally:
+            writer.close()
+        assert await asyncio.wait_for(task, 10) == 0
+        assert 1.0 <= elapsed < 1.7, elapsed  # 0.2 s drain + 1 s grace
+
+    run(main())

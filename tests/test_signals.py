@@ -142,3 +142,20 @@ def test_busy_at_the_deadline_gets_its_response(procs: Procs, name: str) -> None
     assert v1.wait(timeout=10) == 0
     assert "is busy; its response says Connection: close" in procs.logs()
     busy.close()
+
+
+def test_a_clean_up_callback_that_ignores_cancellation_does_not_keep_the_process(
+        procs: Procs, name: str) -> None:
+    """The app's on_shutdown never returns and ignores its cancellation:
+    serve() abandons it after cleanup_timeout (3 s) and returns 1, and the
+    sample sidecar exits then, rather than in asyncio.Runner's close(),
+    which waited for that task with no deadline."""
+    v1 = procs.faulty(name, "v1", "app:on_shutdown:ignore-cancel",
+                      args=("--drain-timeout", "0.5"))
+    wait_for(serving(name, "v1"), 15, "v1 serving")
+    started = time.monotonic()
+    v1.send_signal(signal.SIGTERM)
+    assert v1.wait(timeout=15) == 1
+    # drain 0.5 s + cleanup_timeout 3 s, and no more than a little slack.
+    assert time.monotonic() - started < 6
+    assert "on_shutdown cancelled, going on" in procs.logs()

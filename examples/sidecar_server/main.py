@@ -115,15 +115,13 @@ def prepare() -> tuple[argparse.Namespace, web.Application, asyncio.AbstractEven
     return args, make_app(args.version, args.delay), uvloop.new_event_loop()
 
 
-def main() -> int:
+def main() -> None:
     args, app, loop = hotswap.startup.idle_call(prepare, idle=IDLE_START)
-    with asyncio.Runner(loop_factory=lambda: loop) as runner:
-        return runner.run(run(args, app))
-
-
-if __name__ == "__main__":
-    code = main()
-    # serve() has closed every socket. Skip the interpreter's teardown (a full
+    code = asyncio.Runner(loop_factory=lambda: loop).run(run(args, app))
+    # serve() has closed every socket: exit now. Not after the runner's
+    # close(), which waits with no deadline for any task left (an app
+    # clean-up callback that serve() abandoned and that ignores its
+    # cancellation), and not through the interpreter's teardown (a full
     # garbage collection and module clean-up, ~60 ms here at nice 19): a
     # replaced process exits right after its successor took over, when the
     # CPU is needed most. Flush what is buffered first.
@@ -131,3 +129,7 @@ if __name__ == "__main__":
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -15,6 +15,9 @@ with the remaining arguments. ``HOTSWAP_TEST_FAULT`` is
   test SIGCONTs or kills it).
 
 ``half-frame`` fires once; the others every time.
+
+``app:on_shutdown:ignore-cancel`` is no channel fault: it gives the app an
+``on_shutdown`` callback that never returns and ignores its cancellation.
 """
 
 from __future__ import annotations
@@ -80,6 +83,26 @@ async def receive(self: transport.Channel, *, timeout: float) -> Any:
 
 transport.Channel.send = send  # type: ignore[method-assign]
 transport.Channel.receive = receive  # type: ignore[method-assign]
+
+if WHERE == "app":
+    import asyncio
+
+    import hotswap.aiohttp
+    _serve = hotswap.aiohttp.serve
+
+    async def stubborn(app: Any) -> None:
+        sys.stderr.write("faulty: on_shutdown that ignores cancellation\n")
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                sys.stderr.write("faulty: on_shutdown cancelled, going on\n")
+
+    async def serve_with_fault(app: Any, *args: Any, **kwargs: Any) -> int:
+        app.on_shutdown.append(stubborn)
+        return await _serve(app, *args, **kwargs)
+
+    hotswap.aiohttp.serve = serve_with_fault  # type: ignore[assignment]
 
 main = Path(__file__).resolve().parents[2] / "examples" / "sidecar_server" / "main.py"
 sys.argv = [str(main), *sys.argv[1:]]
