@@ -18,7 +18,7 @@ import pytest
 import uvloop
 from aiohttp import web
 from conftest import keepalive_get as request
-from conftest import until
+from conftest import port_of, until
 
 import hotswap
 import hotswap.aiohttp
@@ -116,7 +116,7 @@ def test_a_connection_accepted_as_the_stop_comes_is_answered(run: Callable[
         upgrader, task = start(f"s-{uuid.uuid4().hex[:10]}", "v1",
                                {"http": ("127.0.0.1", 0)})
         await until(serving(upgrader), "v1 serving")
-        port = int(upgrader.status().listeners[0].address.rsplit(":", 1)[1])
+        port = port_of(upgrader.status())
         client = socket.socket()
         sent = asyncio.Event()
 
@@ -186,7 +186,7 @@ def test_a_response_still_being_sent_keeps_its_connection_with_v1(run: Callable[
         sockets: dict[str, hotswap.Address] = {"http": ("127.0.0.1", 0)}
         v1, v1_task = start(name, "v1", sockets)
         await until(serving(v1), "v1 serving")
-        port = int(v1.status().listeners[0].address.rsplit(":", 1)[1])
+        port = port_of(v1.status())
         # A fixed receive buffer (no autotuning: up to 32 MiB here) and the
         # reader's default limit (it stops at 128 KiB unless asked): nearly
         # all of the big response stays in v1's buffer until we read it.
@@ -272,7 +272,7 @@ def test_a_request_in_flight_that_cannot_move_is_told_to_close(run: Callable[
         drain = 3.0
         v1, v1_task = start(name, "v1", sockets, drain_timeout=drain, gate=gate)
         await until(serving(v1), "v1 serving")
-        port = int(v1.status().listeners[0].address.rsplit(":", 1)[1])
+        port = port_of(v1.status())
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
             if when == "body-read-last":
@@ -341,7 +341,7 @@ def test_a_failing_clean_up_hook_still_lets_the_last_response_out(run: Callable[
             app, upgrader, {"http": ("127.0.0.1", 0)}, drain_timeout=0.2,
             cleanup_timeout=0.5, handle_signals=False, yield_cpu_after_drain=False))
         await until(serving(upgrader), "v1 serving")
-        port = int(upgrader.status().listeners[0].address.rsplit(":", 1)[1])
+        port = port_of(upgrader.status())
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
             writer.write(b"GET /held HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -373,7 +373,7 @@ def test_connections_handed_over_at_the_deadline_are_not_counted_cut(
         name = f"s-{uuid.uuid4().hex[:10]}"
         v1, v1_task = start(name, "v1", {"http": ("127.0.0.1", 0)}, drain_timeout=0.3)
         await until(serving(v1), "v1 serving")
-        port = int(v1.status().listeners[0].address.rsplit(":", 1)[1])
+        port = port_of(v1.status())
         clients = [await asyncio.open_connection("127.0.0.1", port) for _ in range(20)]
         for reader, writer in clients:
             assert (await request(reader, writer)).endswith(b"version(v1)")
@@ -427,7 +427,7 @@ def test_a_version_stopped_while_waiting_to_take_over_exits_cleanly(run: Callabl
             app_of("v1", gate, entered), upgrader, sockets, drain_timeout=20,
             handle_signals=False, yield_cpu_after_drain=False))
         await until(serving(upgrader), "v1 serving")
-        port = int(upgrader.status().listeners[0].address.rsplit(":", 1)[1])
+        port = port_of(upgrader.status())
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
             writer.write(b"GET /held HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -472,7 +472,7 @@ def test_a_request_still_running_after_the_drain_gets_a_1s_grace(run: Callable[
             app, upgrader, {"http": ("127.0.0.1", 0)}, drain_timeout=0.2,
             handle_signals=False, yield_cpu_after_drain=False))
         await until(serving(upgrader), "v1 serving")
-        port = int(upgrader.status().listeners[0].address.rsplit(":", 1)[1])
+        port = port_of(upgrader.status())
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
             writer.write(b"GET /never HTTP/1.1\r\nHost: x\r\n\r\n")

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 import pytest
-from conftest import child_env, until
+from conftest import child_env, port_of, until
 
 import hotswap
 from hotswap.control import control_address, query_status, sockaddr
@@ -65,6 +65,24 @@ async def taken_over(old: hotswap.Upgrader, name: str, adopter: Callable[
     await old.release()
     await ready
     return new
+
+
+async def raw_successor(name: str, version: str) -> Channel:
+    """A successor by hand: hello, the welcome, the two sockets (the
+    listener and the control socket; closed here). Returns its channel,
+    before Accepting."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, sockaddr(control_address(name)))
+    channel = Channel(sock, Sender.CLIENT)
+    hello = hotswap.protocol.Hello(pid=os.getpid(), version=version, rank=None,
+                                   token="", capabilities=())
+    assert isinstance(await channel.request(hello, timeout=5), hotswap.protocol.Welcome)
+    chunk = await channel.receive(timeout=5)
+    assert isinstance(chunk, hotswap.protocol.Sockets) and chunk.nfds == 2
+    for fd in chunk.fds:
+        os.close(fd)
+    return channel
 
 
 async def raw_exchange(name: str, data: bytes, fds: list[int] | None = None) -> bytes:
@@ -191,22 +209,11 @@ def test_garbage_in_the_middle_of_a_handover_changes_nothing(run: Runner) -> Non
 
     async def main() -> None:
         old = await serving_upgrader(name, "v1")
-        loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        await loop.sock_connect(sock, sockaddr(control_address(name)))
-        channel = Channel(sock, Sender.CLIENT)
-        hello = hotswap.protocol.Hello(pid=os.getpid(), version="evil", rank=None,
-                                       token="", capabilities=())
-        assert isinstance(await channel.request(hello, timeout=5),
-                          hotswap.protocol.Welcome)
-        chunk = await channel.receive(timeout=5)
-        assert isinstance(chunk, hotswap.protocol.Sockets) and chunk.nfds == 2
-        for fd in chunk.fds:
-            os.close(fd)
+        channel = await raw_successor(name, "evil")
         assert old.state is hotswap.State.HANDING_OVER
         payload = b"[" * 200_000
-        await loop.sock_sendall(sock, struct.pack("!I", len(payload)) + payload)
+        await asyncio.get_running_loop().sock_sendall(
+            channel.sock, struct.pack("!I", len(payload)) + payload)
         await until(lambda: old.state is hotswap.State.SERVING, "v1 serving again")
         channel.close()
         new = await taken_over(old, name)
@@ -616,7 +623,7 @@ def test_a_frame_with_a_connection_the_successor_cannot_serve_stays(run: Runner)
 
     async def main() -> None:
         old = await serving_upgrader(name, "v1")
-        port = int(old.status().listeners[0].address.rsplit(":", 1)[1])
+        port = port_of(old.status())
         client = socket.create_connection(("127.0.0.1", port))
         tcp, _ = old._listeners["http"].sock.accept()
         unix, unix_peer = socket.socketpair()
@@ -923,19 +930,7 @@ def test_an_accepting_that_came_while_the_old_side_stalled_counts(
 
     async def main() -> None:
         old = await serving_upgrader(name, "v1", handover_timeout=0.3)
-        loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        await loop.sock_connect(sock, sockaddr(control_address(name)))
-        channel = Channel(sock, Sender.CLIENT)
-        hello = hotswap.protocol.Hello(pid=os.getpid(), version="v2", rank=None,
-                                       token="", capabilities=())
-        assert isinstance(await channel.request(hello, timeout=5),
-                          hotswap.protocol.Welcome)
-        chunk = await channel.receive(timeout=5)
-        assert isinstance(chunk, hotswap.protocol.Sockets) and chunk.nfds == 2
-        for fd in chunk.fds:
-            os.close(fd)
+        channel = await raw_successor(name, "v2")
         await channel.send(hotswap.protocol.Accepting(), timeout=5)
         time.sleep(0.6)  # noqa: ASYNC251 - the stall itself: the old side cannot run
         await until(lambda: old.state is not hotswap.State.HANDING_OVER,
