@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import hmac
 import json
 import logging
@@ -194,6 +195,10 @@ class Upgrader:
         self._marker_timer: asyncio.TimerHandle | None = None
         self._control_task: asyncio.Task[None] | None = None
         self._handlers: set[asyncio.Task[None]] = set()
+        # Control connections whose first message has not come in yet, in
+        # the order they were accepted: the ones to let go when all slots are
+        # taken (see _accept_control).
+        self._silent: dict[asyncio.Task[None], None] = {}
         self._predecessor = "none"  # none | accepting | draining | gone
         self._taken_from = ""  # what the handshake received, for the log
         self._predecessor_channel: Channel | None = None
@@ -624,8 +629,8 @@ class Upgrader:
             pid = channel.peer_credentials()[0]
             raise HandoverTimeout(
                 f"the process serving {self.address} (pid {pid}) did not answer our "
-                f"hello ({exc}): it is stopped or hung, or it is not a hotswap "
-                f"process; nothing was taken") from None
+                f"hello ({exc}): it is stopped, hung or flooded, or it is not a "
+                f"hotswap process; nothing was taken") from None
         if isinstance(reply, Refused):
             self._set_state(State.STARTING)
             raise HandoverRefused(reply.code, reply.reason)
@@ -835,27 +840,54 @@ class Upgrader:
 
     async def _accept_control(self, sock: socket.socket) -> None:
         """Accept control connections, at most :data:`_CONTROL_CONNECTIONS`
-        at a time: beyond that they wait in the kernel's queue (then their
-        connect() waits), so peers that connect and idle cannot take the
-        descriptors the service needs."""
+        at a time, so that peers that connect and idle cannot take the
+        descriptors the service needs. With every slot taken, a newcomer
+        lets go of the oldest connection that has not sent its first message
+        yet (every real client sends it at once: a probe, a hook, a
+        successor), so such peers cannot keep those clients out either; if
+        none is silent, the next connection waits in the kernel's queue."""
         loop = asyncio.get_running_loop()
-        slots = asyncio.Semaphore(_CONTROL_CONNECTIONS)
+        freed = asyncio.Event()
+
+        def done(conn: socket.socket, task: asyncio.Task[None]) -> None:
+            self._handlers.discard(task)
+            self._silent.pop(task, None)
+            if task.cancelled():  # maybe before it ran: nobody closed it
+                conn.close()
+            freed.set()
+
+        async def make_room() -> None:
+            while len(self._handlers) >= _CONTROL_CONNECTIONS:
+                if self._silent:
+                    oldest = next(iter(self._silent))
+                    log.warning("%s: %d control connections at once: letting go of "
+                                "the oldest that has not said anything",
+                                self.name, len(self._handlers))
+                    oldest.cancel()
+                    await asyncio.wait({oldest})
+                else:
+                    freed.clear()
+                    await freed.wait()
+
         while True:
-            await slots.acquire()
+            while len(self._handlers) >= _CONTROL_CONNECTIONS and not self._silent:
+                freed.clear()  # nobody to let go: leave newcomers queued
+                await freed.wait()
             try:
                 conn, _ = await loop.sock_accept(sock)
             except OSError as exc:
-                slots.release()
                 log.warning("%s: control accept failed: %s", self.name, exc)
                 await asyncio.sleep(0.1)
                 continue
+            try:
+                await make_room()
             except BaseException:
-                slots.release()
+                conn.close()
                 raise
             task = asyncio.create_task(self._handle_control(conn))
             self._handlers.add(task)
-            task.add_done_callback(self._handlers.discard)
-            task.add_done_callback(lambda _: slots.release())
+            self._silent[task] = None
+            task.add_done_callback(functools.partial(done, conn))
 
     async def _handle_control(self, conn: socket.socket) -> None:
         channel = Channel(conn, Sender.SERVER)
@@ -890,6 +922,8 @@ class Upgrader:
                                timeout=timeout)
             return False
         first = await channel.receive(timeout=timeout)
+        if (me := asyncio.current_task()) is not None:
+            self._silent.pop(me, None)
         if isinstance(first, StatusRequest):
             await channel.send(self.status(), timeout=timeout)
             return False
