@@ -64,6 +64,8 @@ together, once the drain is over. With the defaults, drain (25 s), the last
 responses' grace (1 s) and these end a stop within 29 s: inside Kubernetes'
 default 30 s grace period, after which the kubelet kills."""
 
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
 GRACE = 1.0
 """Seconds a request still being handled when the drain ends gets to send
 its response (then its connection is cut)."""
@@ -374,6 +376,11 @@ async def serve(app: web.Application, upgrader: Upgrader,
     def on_hangup() -> None:
         log.warning("SIGHUP ignored: send SIGTERM to stop; an upgrade starts a new version")
 
+    # What the three signals did before: put back on the way out (asyncio's
+    # remove_signal_handler() would leave SIG_DFL: a process started with
+    # SIGHUP ignored, nohup, would die of one after serve() returns).
+    previous = {signum: signal.getsignal(signum) for signum in _SIGNALS} \
+        if handle_signals else {}
     if handle_signals:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, on_signal, signum)
@@ -439,7 +446,8 @@ async def serve(app: web.Application, upgrader: Upgrader,
         return 1 if reason is ExitReason.HANDOVER_FAILED or hooks.failed else 0
     finally:
         await upgrader.close()
-        if handle_signals:
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.remove_signal_handler(signum)
+        for signum, action in previous.items():
+            loop.remove_signal_handler(signum)
+            if action is not None:  # None: set outside Python, unknown
+                signal.signal(signum, action)
 

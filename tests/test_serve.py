@@ -488,3 +488,37 @@ def test_a_request_still_running_after_the_drain_gets_a_1s_grace(run: Callable[
         assert 1.0 <= elapsed < 1.7, elapsed  # 0.2 s drain + 1 s grace
 
     run(main())
+
+
+def test_serve_puts_the_signal_actions_back(run: Callable[[Awaitable[None]], None]) -> None:
+    """serve() handles SIGTERM, SIGINT and SIGHUP while it runs, and leaves
+    them as it found them: asyncio's remove_signal_handler() alone would
+    leave SIG_DFL, so a process started with SIGHUP ignored (nohup) would
+    die of one after serve() returned."""
+    import signal
+
+    def mine(signum: int, frame: object) -> None:
+        raise AssertionError("not expected to run")
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, mine)
+    try:
+        async def main() -> None:
+            upgrader = hotswap.Upgrader(f"s-{uuid.uuid4().hex[:10]}", version="v1",
+                                        options=hotswap.Options(env={}))
+            task = asyncio.create_task(hotswap.aiohttp.serve(
+                app_of("v1"), upgrader, {"http": ("127.0.0.1", 0)}, drain_timeout=1,
+                yield_cpu_after_drain=False))
+            await until(serving(upgrader), "v1 serving")
+            assert signal.getsignal(signal.SIGHUP) not in (signal.SIG_IGN, signal.SIG_DFL)
+            upgrader.request_stop()
+            assert await asyncio.wait_for(task, 10) == 0
+
+        run(main())
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is mine
+        assert signal.getsignal(signal.SIGINT) is saved[signal.SIGINT]
+    finally:
+        for signum, action in saved.items():
+            signal.signal(signum, action)
