@@ -444,7 +444,9 @@ def test_stop_before_confirming_aborts_and_the_old_side_keeps_serving(run: Runne
 
 def test_slow_loris_partial_frames(run: Runner) -> None:
     """Invariants 6, 7: peers that send part of a frame and stall are each
-    dropped after message_timeout with a reason; meanwhile the control socket
+    dropped after message_timeout with a reason, or, beyond the 16 handled
+    at once, let go of when a newcomer needs the slot (here: the four oldest
+    and then one more for the status query); meanwhile the control socket
     answers others; no descriptor is left."""
     name = new_name()
 
@@ -465,13 +467,24 @@ def test_slow_loris_partial_frames(run: Runner) -> None:
             lorises.append(sock)
         st = await query_status(control_address(name))  # answered meanwhile
         assert st.state == "serving"
+        timed_out = let_go = 0
         for sock in lorises:
             reply = b""
-            async with asyncio.timeout(5):
-                while chunk := await loop.sock_recv(sock, 4096):
-                    reply += chunk
-            assert b'"code":"timeout"' in reply, reply
+            try:
+                async with asyncio.timeout(5):
+                    while chunk := await loop.sock_recv(sock, 4096):
+                        reply += chunk
+            except ConnectionResetError:  # closed with our bytes unread
+                pass
+            if b'"code":"timeout"' in reply:
+                timed_out += 1
+            else:
+                assert reply == b"", reply
+                let_go += 1
             sock.close()
+        # 20 lorises and a query in 16 slots; fewer let go if one timed out
+        # before the last was accepted (a slow machine).
+        assert let_go <= 5 and timed_out + let_go == 20, (timed_out, let_go)
         await until(lambda: len(os.listdir("/proc/self/fd")) == baseline,
                     "descriptor count back to its baseline")
         await upg.close()
