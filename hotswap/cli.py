@@ -9,8 +9,10 @@
   nothing to wait for: exit 0 at once.
 - ``hotswap probe --name N``: readiness of this slot (a probe that tells the
   two slots apart although they share the port): ready if empty
-  (``SIDECARSET_VERSION=0``), serving, or superseded by a newer version; not
-  ready if nobody serves or an older version still does.
+  (``SIDECARSET_VERSION=0``), passive (``VERSION <= ALT``: the empty image
+  after a reset keeps the slot's old version; an old slot restarted
+  mid-upgrade), serving, or superseded by a newer version; not ready if
+  nobody serves or an older version still does.
 
 Each trusts only a server of its own uid (SO_PEERCRED; ``--allow-uid`` and
 ``HOTSWAP_ALLOW_UIDS=uid,uid`` add others, e.g. for the hook and the probe
@@ -86,10 +88,13 @@ def _target(args: argparse.Namespace) -> tuple[int | None, str | None]:
 
 
 def _nothing_to_wait_for(args: argparse.Namespace) -> str | None:
-    """Why this Kruise slot will never serve and that is fine (the empty
-    image, or an old slot restarted mid-upgrade: :attr:`Role.PASSIVE`), or
-    None. The hook of such a slot succeeds: failing it would only get the
-    container killed and restarted."""
+    """Why this Kruise slot will never serve and that is fine, or None: the
+    empty image (``VERSION=0`` as first injected, or after a reset, which
+    keeps the slot's old version, ``VERSION <= ALT``), or an old slot the
+    kubelet restarted mid-upgrade (:attr:`Role.PASSIVE` too). Its hook
+    succeeds (failing it would only get the container killed and
+    restarted) and its probe says ready (the other slot's probe speaks for
+    the pod)."""
     if args.version:
         return None
     versions = kruise.detect(os.environ)
@@ -97,7 +102,8 @@ def _nothing_to_wait_for(args: argparse.Namespace) -> str | None:
         return "empty slot"
     if versions.role is kruise.Role.PASSIVE:
         return (f"passive slot (version {versions.rank}, other slot {versions.alt}: "
-                "an old slot restarted mid-upgrade never takes the sockets back)")
+                "the empty image after a reset, or an old slot restarted mid-upgrade, "
+                "never takes the sockets back)")
     return None
 
 
@@ -154,8 +160,9 @@ def _probe(args: argparse.Namespace) -> int:
     between migration and reset must not make the pod NotReady). Not ready if
     nobody answers or an older version still serves (our migration is pending
     or failed: Kruise then retries this slot)."""
-    if not args.version and kruise.detect(os.environ).role is kruise.Role.EMPTY:
-        print("hotswap: ready: empty slot")
+    idle = _nothing_to_wait_for(args)
+    if idle is not None:  # it never serves: the other slot's probe speaks for the pod
+        print(f"hotswap: ready: {idle}")
         return 0
     rank, version = _target(args)
     address = _address(args)

@@ -9,7 +9,12 @@ For each upgrade, as the SidecarSet controller and the kubelet would:
 2. *Migration*: its PostStart hook (``/usr/local/bin/migrate.sh``) runs in it,
    and the driver waits for its exit code (0 = migrated);
 3. *Reset*: the old slot is stopped (SIGTERM; it must exit 0) and switched to
-   the empty image (``SIDECARSET_VERSION=0``), whose hook exits 0 at once.
+   the empty image. Kruise changes only the image: the slot keeps its old
+   version, with the new one as ALT (passive), and the empty image's hook and
+   probe, which have no Python there, must exit 0 at once.
+
+The versions are the SidecarSet's resourceVersions, as Kruise sets them
+(ten digits), not 1, 2, 3.
 
 With ``--failed-migration`` an upgrade to a v2 that takes the sockets and never
 confirms is tried first: its hook must fail while v1 serves on; the slot is put
@@ -33,6 +38,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TAG = "dev"
+# SIDECARSET_VERSION of v1, v2, v3: resourceVersions, as Kruise sets them.
+RV = {"v1": "1097936677", "v2": "1098297016", "v3": "1098301234"}
 EMPTY = f"hotswap-empty:{TAG}"
 BUSYBOX = f"hotswap-busybox:{TAG}"
 
@@ -75,9 +82,9 @@ class Pod:
 
     def __init__(self, project: str, handover_timeout: str) -> None:
         self.project = project
-        self.slots = {1: {"image": sidecar_image("v1"), "version": "1", "alt": "0",
+        self.slots = {1: {"image": sidecar_image("v1"), "version": RV["v1"], "alt": "0",
                           "fail": ""},
-                      2: {"image": EMPTY, "version": "0", "alt": "1", "fail": ""}}
+                      2: {"image": EMPTY, "version": "0", "alt": RV["v1"], "fail": ""}}
         self.handover_timeout = handover_timeout
         self.ok = True
         self.hook_output = ""
@@ -133,7 +140,10 @@ class Pod:
                     "/usr/local/bin/probe.sh"], check=False, timeout=60).returncode
 
     def reset(self, slot: int, other_version: str) -> None:
+        """Stop the old slot and put the empty image in it, keeping its old
+        version (Kruise changes only the image)."""
         say(f"sidecar-{slot}: reset (stop, then the empty image)")
+        old_version = self.slots[slot]["version"]
         restarts = self.inspect(f"sidecar-{slot}")["RestartCount"]
         self.check(restarts == 0, f"sidecar-{slot} idled after its drain, never restarted")
         self.compose("stop", f"sidecar-{slot}", timeout=60)
@@ -141,8 +151,9 @@ class Pod:
         assert isinstance(state, dict)
         say(f"sidecar-{slot}: old version exited {state['ExitCode']}")
         self.check(state["ExitCode"] == 0, f"sidecar-{slot} exited 0 after its drain")
-        self.switch(slot, EMPTY, "0", other_version)
+        self.switch(slot, EMPTY, old_version, other_version)
         self.check(self.hook(slot) == 0, f"sidecar-{slot}: the empty image's hook exits 0")
+        self.check(self.probe(slot) == 0, f"sidecar-{slot}: the empty image's probe says ready")
         image = self.inspect(f"sidecar-{slot}")["Config"]
         assert isinstance(image, dict)
         self.check(image["Image"] == EMPTY, f"sidecar-{slot} is on the empty image")
@@ -217,21 +228,21 @@ def main() -> int:
         if args.failed_migration:
             say("=== failed migration: a v2 that takes the sockets and never confirms ===")
             switches.append(("failed v2", now()))
-            pod.switch(2, sidecar_image("v2"), "2", "1", fail="hang")
+            pod.switch(2, sidecar_image("v2"), RV["v2"], RV["v1"], fail="hang")
             pod.check(pod.hook(2, timeout="8") != 0, "the failed migration's hook exits non-zero")
             status = pod.serving(1)
             pod.check(status.get("version") == "v1" and status.get("state") == "serving",
                       f"v1 still serves: {status}")
             say("sidecar-2: back to the empty image")
-            pod.switch(2, EMPTY, "0", "1")
+            pod.switch(2, EMPTY, "0", RV["v1"])
             time.sleep(args.dwell)
 
         say("=== upgrade 1: v1 -> v2 (sidecar-2) ===")
         switches.append(("v1 -> v2", now()))
-        pod.switch(2, sidecar_image("v2"), "2", "1")
+        pod.switch(2, sidecar_image("v2"), RV["v2"], RV["v1"])
         pod.check(pod.hook(2) == 0, "migration to v2")
-        pod.check("migration to version 2 done (version 2 serves)" in pod.hook_output,
-                  "the hook saw v2 serve from its serving marker (no Python)")
+        pod.check(f"migration to version {RV['v2']} done (version {RV['v2']} serves)"
+                  in pod.hook_output, "the hook saw v2 serve from its serving marker (no Python)")
         # As uid 10001 under the engine's default seccomp profile: SCHED_IDLE
         # for the successor's imports must be allowed, not silently skipped.
         pod.check("loaded at idle CPU priority" in pod.logs(2),
@@ -239,14 +250,14 @@ def main() -> int:
         pod.check(pod.probe(2, python=False) == 0 and pod.probe(1, python=False) == 0,
                   "readiness without Python: v2 serving, v1 superseded (serving marker)")
         pod.check(pod.probe(2) == 0 and pod.probe(1) == 0, "readiness probes pass")
-        pod.reset(1, "2")
+        pod.reset(1, RV["v2"])
         time.sleep(args.dwell)
 
         say("=== upgrade 2: v2 -> v3 (sidecar-1) ===")
         switches.append(("v2 -> v3", now()))
-        pod.switch(1, sidecar_image("v3"), "3", "2")
+        pod.switch(1, sidecar_image("v3"), RV["v3"], RV["v2"])
         pod.check(pod.hook(1) == 0, "migration to v3")
-        pod.reset(2, "3")
+        pod.reset(2, RV["v3"])
         time.sleep(args.dwell)
 
         say("stopping busybox")

@@ -37,7 +37,7 @@ hotswap_markers() {
         _hm_stamp=${_hm_rest#*/}
         # Decimal without leading zeros (the shell's arithmetic takes 0NN for
         # octal, and a bad number there is fatal, not a false test).
-        case $_hm_rank in ""|*[!0-9]*|0?*|????????????????*) continue ;; esac
+        case $_hm_rank in ""|*[!0-9]*|0?*|???????????????????*) continue ;; esac
         case $_hm_stamp in ""|*[!0-9]*|0?*|????????????*) continue ;; esac
         [ $((_hm_now - _hm_stamp)) -le "$3" ] 2>/dev/null || continue
         [ $((_hm_stamp - _hm_now)) -le "$3" ] 2>/dev/null || continue

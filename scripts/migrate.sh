@@ -2,8 +2,13 @@
 # PostStart hook of an OpenKruise SidecarSet HotUpgrade sidecar slot.
 #
 # Kruise runs this in the container it has just started, with
-#   SIDECARSET_VERSION      this slot's version (0 = the empty image)
+#   SIDECARSET_VERSION      this slot's version: the SidecarSet's resourceVersion
+#                           (say 1098297016) when the slot was last switched, 0
+#                           for the empty image Kruise injects at first
 #   SIDECARSET_VERSION_ALT  the other slot's version
+# A slot reset to the empty image keeps its old version, the other slot's
+# being newer: that is the passive case below, as is an old slot the kubelet
+# restarted mid-upgrade.
 # and holds the container (and the rollout) until it exits:
 #   exit 0      the new version serves and the old one has stopped accepting
 #   exit != 0   the migration failed; the kubelet restarts this container while
@@ -29,7 +34,10 @@ timeout=${HOTSWAP_MIGRATE_TIMEOUT:-60}
 
 log() { echo "migrate.sh[$name]: $*"; }
 
-# A whole number the shell's arithmetic takes as such (no leading zero: octal).
+# A version the shell compares as such: digits, no leading zero (octal), at
+# most 18 of them (64-bit arithmetic); a resourceVersion has about ten.
+number() { case $1 in ""|*[!0-9]*|0?*|???????????????????*) return 1 ;; esac; }
+# A number of seconds small enough for the arithmetic below.
 whole() { case $1 in ""|*[!0-9]*|0?*|???????*) return 1 ;; esac; }
 
 # The shortcuts below take only plain numbers; any other spelling goes to the
@@ -42,11 +50,12 @@ if [ -z "$version" ]; then
     log "SIDECARSET_VERSION is unset: this hook belongs to a Kruise HotUpgrade slot"
     exit 2
 fi
-if whole "$version" && whole "$alt" && [ "$alt" != 0 ] && [ "$version" -le "$alt" ]; then
+if number "$version" && number "$alt" && [ "$alt" != 0 ] && [ "$version" -le "$alt" ]; then
     # The role hotswap calls passive: the process never takes the sockets
-    # back, and a failed hook would only get the container killed.
-    log "version $version, other slot $alt: an old slot restarted mid-upgrade;" \
-        "passive, nothing to migrate"
+    # back (or this is the empty image), and a failed hook would only get the
+    # container killed.
+    log "version $version, other slot $alt: the empty image after a reset, or an" \
+        "old slot restarted mid-upgrade; passive, nothing to migrate"
     exit 0
 fi
 
@@ -66,7 +75,7 @@ esac
 # word.
 fast=${HOTSWAP_MIGRATE_FAST:-10}
 case $0 in */*) here=${0%/*} ;; *) here=. ;; esac
-if whole "$version" && whole "$timeout" && whole "$fast" &&
+if number "$version" && whole "$timeout" && whole "$fast" &&
    [ "$timeout" -gt 1 ] && [ "$fast" -gt 0 ] && [ -z "${HOTSWAP_CONTROL_PATH:-}" ] &&
    [ -r /proc/net/unix ] && [ -r "$here/hotswap-marker.sh" ]; then
     # shellcheck source=scripts/hotswap-marker.sh

@@ -2,6 +2,10 @@
 # Readiness probe of a hot-upgrade sidecar slot (OpenKruise runs the same probe
 # in both slots, the empty image included):
 #   SIDECARSET_VERSION=0 (empty image)   ready
+#   VERSION <= ALT (passive: the empty    ready: it never serves, and the other
+#   image after a reset, which keeps the  slot's probe speaks for the pod
+#   slot's old version; an old slot
+#   restarted mid-upgrade)
 #   this slot's version serves            ready
 #   a newer version has superseded it     ready (until Kruise resets the slot)
 #   nobody serves / an older one serves   not ready (migration pending or failed)
@@ -14,9 +18,16 @@
 # That trusts only a server of its own uid, plus HOTSWAP_ALLOW_UIDS=uid,uid.
 set -eu
 version=${SIDECARSET_VERSION:-}
+alt=${SIDECARSET_VERSION_ALT:-}
 name=${HOTSWAP_NAME:-sidecar}
 fresh=${HOTSWAP_MARKER_FRESH:-3}  # seconds
 if [ "$version" = "0" ]; then
+    exit 0
+fi
+# Plain numbers only (digits, no leading zero, at most 18: 64-bit arithmetic);
+# any other spelling goes to the CLI, which applies hotswap.kruise's rules.
+number() { case $1 in ""|*[!0-9]*|0?*|???????????????????*) return 1 ;; esac; }
+if number "$version" && number "$alt" && [ "$alt" != 0 ] && [ "$version" -le "$alt" ]; then
     exit 0
 fi
 

@@ -61,24 +61,58 @@ def test_hook_in_the_empty_image(procs: Procs) -> None:
 
 
 @pytest.mark.parametrize(("version", "alt", "says"), [
-    ("1", "2", "passive, nothing to migrate"),  # the shell's shortcut
+    # The shell's shortcuts, which must need no Python (the empty image has none):
+    ("1", "2", "passive, nothing to migrate"),
     ("2", "2", "passive, nothing to migrate"),
-    (" 1", "02", "ready: passive slot (version 1, other slot 2"),  # the CLI's rule
+    # Kruise's versions are resourceVersions; a slot reset to the empty image
+    # keeps its old one, the other slot's being newer.
+    ("1097936677", "1098297016", "passive, nothing to migrate"),
+    ("0", "1098297016", "this is the empty image"),
+    # Other spellings: the CLI's rule (hotswap.kruise).
+    (" 1", "02", "ready: passive slot (version 1, other slot 2"),
     ("00", "1", "ready: empty slot"),
     (" 0", "1", "ready: empty slot"),
 ])
-def test_hook_in_a_slot_that_never_serves(procs: Procs, name: str, version: str,
-                                          alt: str, says: str) -> None:
-    """An old slot restarted mid-upgrade goes passive and the empty image
-    serves nothing: their hook succeeds at once (a failed PostStart hook gets
-    the container killed), whatever the spelling of the versions, by the
-    same rule as hotswap.kruise. Nobody serves here: nothing is waited for."""
+def test_hook_and_probe_in_a_slot_that_never_serves(procs: Procs, name: str, version: str,
+                                                    alt: str, says: str) -> None:
+    """The empty image (as first injected, or after a reset) and an old slot
+    restarted mid-upgrade never serve: their hook succeeds at once (a failed
+    PostStart hook gets the container killed), and their probe says ready
+    (the other slot's probe speaks for the pod), whatever the spelling of
+    the versions, by the same rule as hotswap.kruise. Nobody serves here:
+    nothing is waited for. Plain numbers are answered in the shell alone
+    (the CLI given is one that fails)."""
+    shell_alone = not says.startswith("ready:")
+    cli_command = "false" if shell_alone else f"{PY} -m hotswap"
     started = time.monotonic()
     result = hook(procs, SIDECARSET_VERSION=version, SIDECARSET_VERSION_ALT=alt,
-                  HOTSWAP_NAME=name, HOTSWAP_MIGRATE_TIMEOUT="30")
+                  HOTSWAP_NAME=name, HOTSWAP_MIGRATE_TIMEOUT="30", HOTSWAP_CLI=cli_command)
     assert result.returncode == 0, result
     assert says in result.stdout, result
     assert time.monotonic() - started < 15
+    probe = probe_sh(procs, cli_command, SIDECARSET_VERSION=version,
+                     SIDECARSET_VERSION_ALT=alt, HOTSWAP_NAME=name)
+    assert probe.returncode == 0, probe
+
+
+def test_kruise_sized_versions_take_the_shell_paths(procs: Procs, name: str) -> None:
+    """Kruise's versions are resourceVersions (ten digits or so): the hook's
+    and the probe's answers from the serving marker work with them, with no
+    Python (the CLI given is one that fails)."""
+    version = "1097936677"
+    v1 = procs.sidecar(name, "v1", SIDECARSET_VERSION=version, SIDECARSET_VERSION_ALT="0")
+    wait_for(serving(name, "v1"), 15, "v1 serving")
+    result = hook(procs, SIDECARSET_VERSION=version, SIDECARSET_VERSION_ALT="0",
+                  HOTSWAP_NAME=name, HOTSWAP_CLI="false")
+    assert result.returncode == 0, result
+    assert f"migration to version {version} done (version {version} serves)" in result.stdout
+    assert probe_sh(procs, "false", SIDECARSET_VERSION=version,
+                    HOTSWAP_NAME=name).returncode == 0
+    # An older slot's probe: superseded by the one serving, ready as well.
+    assert probe_sh(procs, "false", SIDECARSET_VERSION="1097936000",
+                    SIDECARSET_VERSION_ALT="0", HOTSWAP_NAME=name).returncode == 0
+    v1.send_signal(signal.SIGTERM)
+    assert v1.wait(timeout=15) == 0
 
 
 def test_cli_usage_errors_exit_2(procs: Procs, name: str) -> None:
