@@ -9,10 +9,9 @@
   nothing to wait for: exit 0 at once.
 - ``hotswap probe --name N``: readiness of this slot (a probe that tells the
   two slots apart although they share the port): ready if empty
-  (``SIDECARSET_VERSION=0``), passive (``VERSION <= ALT``: the empty image
-  after a reset keeps the slot's old version; an old slot restarted
-  mid-upgrade), serving, or superseded by a newer version; not ready if
-  nobody serves or an older version still does.
+  (``SIDECARSET_VERSION=0``), passive (``VERSION <= ALT``: an old slot
+  restarted mid-upgrade), serving, or superseded by a newer version; not
+  ready if nobody serves or an older version still does.
 
 Each trusts only a server of its own uid (SO_PEERCRED; ``--allow-uid`` and
 ``HOTSWAP_ALLOW_UIDS=uid,uid`` add others, e.g. for the hook and the probe
@@ -89,9 +88,8 @@ def _target(args: argparse.Namespace) -> tuple[int | None, str | None]:
 
 def _nothing_to_wait_for(args: argparse.Namespace) -> str | None:
     """Why this Kruise slot will never serve and that is fine, or None: the
-    empty image (``VERSION=0`` as first injected, or after a reset, which
-    keeps the slot's old version, ``VERSION <= ALT``), or an old slot the
-    kubelet restarted mid-upgrade (:attr:`Role.PASSIVE` too). Its hook
+    empty image (``VERSION=0``), or an old slot the kubelet restarted
+    mid-upgrade (:attr:`Role.PASSIVE`: ``VERSION <= ALT``). Its hook
     succeeds (failing it would only get the container killed and
     restarted) and its probe says ready (the other slot's probe speaks for
     the pod)."""
@@ -102,8 +100,7 @@ def _nothing_to_wait_for(args: argparse.Namespace) -> str | None:
         return "empty slot"
     if versions.role is kruise.Role.PASSIVE:
         return (f"passive slot (version {versions.rank}, other slot {versions.alt}: "
-                "the empty image after a reset, or an old slot restarted mid-upgrade, "
-                "never takes the sockets back)")
+                "an old slot restarted mid-upgrade never takes the sockets back)")
     return None
 
 

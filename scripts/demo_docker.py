@@ -9,9 +9,8 @@ For each upgrade, as the SidecarSet controller and the kubelet would:
 2. *Migration*: its PostStart hook (``/usr/local/bin/migrate.sh``) runs in it,
    and the driver waits for its exit code (0 = migrated);
 3. *Reset*: the old slot is stopped (SIGTERM; it must exit 0) and switched to
-   the empty image. Kruise changes only the image: the slot keeps its old
-   version, with the new one as ALT (passive), and the empty image's hook and
-   probe, which have no Python there, must exit 0 at once.
+   the empty image with ``SIDECARSET_VERSION=0``; its hook and probe, which
+   have no Python there, must exit 0 at once.
 
 The versions are the SidecarSet's resourceVersions, as Kruise sets them
 (ten digits), not 1, 2, 3.
@@ -140,10 +139,9 @@ class Pod:
                     "/usr/local/bin/probe.sh"], check=False, timeout=60).returncode
 
     def reset(self, slot: int, other_version: str) -> None:
-        """Stop the old slot and put the empty image in it, keeping its old
-        version (Kruise changes only the image)."""
+        """Stop the old slot and put the empty image in it, with version 0
+        (Kruise's flipPodSidecarContainerDo)."""
         say(f"sidecar-{slot}: reset (stop, then the empty image)")
-        old_version = self.slots[slot]["version"]
         restarts = self.inspect(f"sidecar-{slot}")["RestartCount"]
         self.check(restarts == 0, f"sidecar-{slot} idled after its drain, never restarted")
         self.compose("stop", f"sidecar-{slot}", timeout=60)
@@ -151,7 +149,7 @@ class Pod:
         assert isinstance(state, dict)
         say(f"sidecar-{slot}: old version exited {state['ExitCode']}")
         self.check(state["ExitCode"] == 0, f"sidecar-{slot} exited 0 after its drain")
-        self.switch(slot, EMPTY, old_version, other_version)
+        self.switch(slot, EMPTY, "0", other_version)
         self.check(self.hook(slot) == 0, f"sidecar-{slot}: the empty image's hook exits 0")
         self.check(self.probe(slot) == 0, f"sidecar-{slot}: the empty image's probe says ready")
         image = self.inspect(f"sidecar-{slot}")["Config"]

@@ -3,12 +3,11 @@
 #
 # Kruise runs this in the container it has just started, with
 #   SIDECARSET_VERSION      this slot's version: the SidecarSet's resourceVersion
-#                           (say 1098297016) when the slot was last switched, 0
-#                           for the empty image Kruise injects at first
+#                           (say 1098297016) when the slot was switched to it;
+#                           0 for the empty image (injected, or reset)
 #   SIDECARSET_VERSION_ALT  the other slot's version
-# A slot reset to the empty image keeps its old version, the other slot's
-# being newer: that is the passive case below, as is an old slot the kubelet
-# restarted mid-upgrade.
+# An old slot the kubelet restarts mid-upgrade has the new version as its ALT:
+# the passive case below.
 # and holds the container (and the rollout) until it exits:
 #   exit 0      the new version serves and the old one has stopped accepting
 #   exit != 0   the migration failed; the kubelet restarts this container while
@@ -52,10 +51,9 @@ if [ -z "$version" ]; then
 fi
 if number "$version" && number "$alt" && [ "$alt" != 0 ] && [ "$version" -le "$alt" ]; then
     # The role hotswap calls passive: the process never takes the sockets
-    # back (or this is the empty image), and a failed hook would only get the
-    # container killed.
-    log "version $version, other slot $alt: the empty image after a reset, or an" \
-        "old slot restarted mid-upgrade; passive, nothing to migrate"
+    # back, and a failed hook would only get the container killed.
+    log "version $version, other slot $alt: an old slot restarted mid-upgrade;" \
+        "passive, nothing to migrate"
     exit 0
 fi
 

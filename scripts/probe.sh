@@ -2,10 +2,8 @@
 # Readiness probe of a hot-upgrade sidecar slot (OpenKruise runs the same probe
 # in both slots, the empty image included):
 #   SIDECARSET_VERSION=0 (empty image)   ready
-#   VERSION <= ALT (passive: the empty    ready: it never serves, and the other
-#   image after a reset, which keeps the  slot's probe speaks for the pod
-#   slot's old version; an old slot
-#   restarted mid-upgrade)
+#   VERSION <= ALT (passive: an old slot  ready: it never serves, and the other
+#   restarted mid-upgrade)                slot's probe speaks for the pod
 #   this slot's version serves            ready
 #   a newer version has superseded it     ready (until Kruise resets the slot)
 #   nobody serves / an older one serves   not ready (migration pending or failed)

@@ -64,8 +64,8 @@ def test_hook_in_the_empty_image(procs: Procs) -> None:
     # The shell's shortcuts, which must need no Python (the empty image has none):
     ("1", "2", "passive, nothing to migrate"),
     ("2", "2", "passive, nothing to migrate"),
-    # Kruise's versions are resourceVersions; a slot reset to the empty image
-    # keeps its old one, the other slot's being newer.
+    # Kruise's versions are resourceVersions: an old slot restarted
+    # mid-upgrade, and the empty image.
     ("1097936677", "1098297016", "passive, nothing to migrate"),
     ("0", "1098297016", "this is the empty image"),
     # Other spellings: the CLI's rule (hotswap.kruise).
@@ -75,9 +75,9 @@ def test_hook_in_the_empty_image(procs: Procs) -> None:
 ])
 def test_hook_and_probe_in_a_slot_that_never_serves(procs: Procs, name: str, version: str,
                                                     alt: str, says: str) -> None:
-    """The empty image (as first injected, or after a reset) and an old slot
-    restarted mid-upgrade never serve: their hook succeeds at once (a failed
-    PostStart hook gets the container killed), and their probe says ready
+    """The empty image and an old slot restarted mid-upgrade never serve:
+    their hook succeeds at once (a failed PostStart hook gets the container
+    killed), and their probe says ready
     (the other slot's probe speaks for the pod), whatever the spelling of
     the versions, by the same rule as hotswap.kruise. Nobody serves here:
     nothing is waited for. Plain numbers are answered in the shell alone
