@@ -28,6 +28,9 @@ Signals: the first SIGTERM/SIGINT requests a stop (a drain); the second cuts
 the drain short (closes every connection now); the third exits at once.
 SIGHUP is logged and ignored (its default action would kill the process with
 no drain; there is nothing to reload in place: an upgrade is a new version).
+On return, actions set with ``signal.signal()`` (SIG_IGN included) are put
+back; a handler the app had added to the event loop for one of them is gone
+(the default action then applies).
 
 Limits: a response that the handler has already prepared (streamed) before the
 drain started cannot carry ``Connection: close``; its connection is told on the
@@ -65,6 +68,16 @@ responses' grace (1 s) and these end a stop within 29 s: inside Kubernetes'
 default 30 s grace period, after which the kubelet kills."""
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def _restorable(action: object) -> bool:
+    """Whether ``serve()`` can put a signal action back: SIG_IGN, SIG_DFL or
+    a handler set with ``signal.signal()``. Not None (set outside Python),
+    nor an event loop's own (its ``add_signal_handler`` callback went with
+    ours: restoring the loop's stub would swallow the signal), which leaves
+    the default action."""
+    module = getattr(action, "__module__", None) or ""
+    return action is not None and not module.startswith(("asyncio", "uvloop"))
 
 GRACE = 1.0
 """Seconds a request still being handled when the drain ends gets to send
@@ -448,6 +461,6 @@ async def serve(app: web.Application, upgrader: Upgrader,
         await upgrader.close()
         for signum, action in previous.items():
             loop.remove_signal_handler(signum)
-            if action is not None:  # None: set outside Python, unknown
+            if _restorable(action):
                 signal.signal(signum, action)
 

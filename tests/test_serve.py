@@ -494,7 +494,9 @@ def test_serve_puts_the_signal_actions_back(run: Callable[[Awaitable[None]], Non
     """serve() handles SIGTERM, SIGINT and SIGHUP while it runs, and leaves
     them as it found them: asyncio's remove_signal_handler() alone would
     leave SIG_DFL, so a process started with SIGHUP ignored (nohup) would
-    die of one after serve() returned."""
+    die of one after serve() returned. A handler the app had added to the
+    loop is gone with serve()'s own: the default action applies, not the
+    loop's stub, which would swallow the signal."""
     import signal
 
     def mine(signum: int, frame: object) -> None:
@@ -505,6 +507,7 @@ def test_serve_puts_the_signal_actions_back(run: Callable[[Awaitable[None]], Non
     signal.signal(signal.SIGTERM, mine)
     try:
         async def main() -> None:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGINT, lambda: None)
             upgrader = hotswap.Upgrader(f"s-{uuid.uuid4().hex[:10]}", version="v1",
                                         options=hotswap.Options(env={}))
             task = asyncio.create_task(hotswap.aiohttp.serve(
@@ -514,11 +517,11 @@ def test_serve_puts_the_signal_actions_back(run: Callable[[Awaitable[None]], Non
             assert signal.getsignal(signal.SIGHUP) not in (signal.SIG_IGN, signal.SIG_DFL)
             upgrader.request_stop()
             assert await asyncio.wait_for(task, 10) == 0
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
         run(main())
         assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
         assert signal.getsignal(signal.SIGTERM) is mine
-        assert signal.getsignal(signal.SIGINT) is saved[signal.SIGINT]
     finally:
         for signum, action in saved.items():
             signal.signal(signum, action)
