@@ -83,6 +83,9 @@ _ACK = "connections-ack"  # capability: Adopted after each Connections frame
 _CONTROL_BACKLOG = 64
 _CONTROL_CONNECTIONS = 16
 """Control connections handled at once (a probe, a hook, a successor: a few)."""
+_EVICTION_LOG_EVERY = 10.0
+"""Seconds between two log lines about control connections let go of (a
+flood must not flood the log)."""
 
 
 def _peer_closed(exc: BaseException) -> bool:
@@ -848,6 +851,8 @@ class Upgrader:
         none is silent, the next connection waits in the kernel's queue."""
         loop = asyncio.get_running_loop()
         freed = asyncio.Event()
+        let_go = 0  # since the last log line: one per _EVICTION_LOG_EVERY at most
+        logged_at = -_EVICTION_LOG_EVERY
 
         def done(conn: socket.socket, task: asyncio.Task[None]) -> None:
             self._handlers.discard(task)
@@ -857,14 +862,18 @@ class Upgrader:
             freed.set()
 
         async def make_room() -> None:
+            nonlocal let_go, logged_at
             while len(self._handlers) >= _CONTROL_CONNECTIONS:
                 if self._silent:
                     oldest = next(iter(self._silent))
-                    log.warning("%s: %d control connections at once: letting go of "
-                                "the oldest that has not said anything",
-                                self.name, len(self._handlers))
                     oldest.cancel()
                     await asyncio.wait({oldest})
+                    let_go += 1
+                    if loop.time() - logged_at >= _EVICTION_LOG_EVERY:
+                        log.warning("%s: %d control connections at once: let go of %d "
+                                    "that had not said anything", self.name,
+                                    _CONTROL_CONNECTIONS, let_go)
+                        let_go, logged_at = 0, loop.time()
                 else:
                     freed.clear()
                     await freed.wait()

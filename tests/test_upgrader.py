@@ -1021,14 +1021,16 @@ def test_a_full_control_queue_is_a_timeout_not_a_forbidden_uid(run: Runner) -> N
         listener.close()
 
 
-def test_idle_control_peers_take_at_most_their_share(run: Runner) -> None:
+def test_idle_control_peers_take_at_most_their_share(
+        run: Runner, caplog: pytest.LogCaptureFixture) -> None:
     """Peers that connect and say nothing would each be held for
     message_timeout; unbounded, a few hundred took every descriptor and the
     service failed. At most 16 are handled at once; the rest wait in the
     kernel's queue, and each newcomer lets the oldest silent one go, so a
     status query is answered at once and a successor takes over, however
-    many idle peers there are."""
+    many idle peers there are. The log says so once, not once per peer."""
     name = new_name()
+    caplog.set_level(logging.INFO, logger="hotswap")
 
     async def main() -> None:
         upg = await serving_upgrader(name, "v1", message_timeout=5.0)
@@ -1053,6 +1055,7 @@ def test_idle_control_peers_take_at_most_their_share(run: Runner) -> None:
         new = await asyncio.wait_for(taken_over(upg, name), 4)
         assert handled() <= 16 and peak <= 16
         assert any(sock.recv(1) == b"" for sock in idle)  # let go of (EOF)
+        assert caplog.text.count("that had not said anything") == 1, caplog.text
         for sock in idle:
             sock.close()
         await upg.close(cut=0)
