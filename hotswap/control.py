@@ -97,12 +97,16 @@ async def connect(address: str, *, timeout: float) -> socket.socket:
                     delay = min(delay * 2, 0.1)
     except TimeoutError:
         sock.close()
-        raise HandoverTimeout(f"{address} accepted no connection within {timeout:.1f}s "
-                              "(its queue is full: the process serving it is stopped "
-                              "or hung, or flooded)") from None
+        raise _queue_full(address, timeout) from None
     except BaseException:
         sock.close()
         raise
+
+
+def _queue_full(address: str, timeout: float) -> HandoverTimeout:
+    return HandoverTimeout(f"{address} accepted no connection within {timeout:.1f}s "
+                           "(its queue is full: the process serving it is stopped "
+                           "or hung, or flooded)")
 
 
 ALLOW_UIDS_ENV = "HOTSWAP_ALLOW_UIDS"
@@ -167,14 +171,25 @@ def status_blocking(address: str, *, timeout: float = DEFAULT_TIMEOUT,
 
     Raises OSError if nobody listens, HandoverRefused if refused or if the
     server's uid is not in ``allowed_uids`` (default: ours), HandoverTimeout
-    after ``timeout``, other HotswapErrors on a broken or garbled reply.
+    after ``timeout`` (a listen queue that stays full included), other
+    HotswapErrors on a broken or garbled reply.
     """
     deadline = time.monotonic() + timeout
     conn = Connection(Sender.CLIENT)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(timeout)
-        sock.connect(sockaddr(address))
+        delay = 0.005
+        while True:
+            try:
+                sock.connect(sockaddr(address))
+                break
+            except BlockingIOError:  # EAGAIN: the queue is full for now (see connect())
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise _queue_full(address, timeout) from None
+                time.sleep(min(delay, remaining))
+                delay = min(delay * 2, 0.1)
         check_server(sock, address, allowed_uids)
         # A refused peer may find the answer waiting even if its send broke.
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):

@@ -1015,6 +1015,9 @@ def test_a_full_control_queue_is_a_timeout_not_a_forbidden_uid(run: Runner) -> N
             sock.close()
 
         run(main())
+        # The CLI's client, with no event loop, alike (it failed at once).
+        with pytest.raises(hotswap.HandoverTimeout, match="queue is full"):
+            hotswap.control.status_blocking(address, timeout=0.3)
     finally:
         for client in queued:
             client.close()
