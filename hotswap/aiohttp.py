@@ -67,6 +67,10 @@ together, once the drain is over. With the defaults, drain (25 s), the last
 responses' grace (1 s) and these end a stop within 29 s: inside Kubernetes'
 default 30 s grace period, after which the kubelet kills."""
 
+GRACE = 1.0
+"""Seconds a request still being handled when the drain ends gets to send
+its response (then its connection is cut)."""
+
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
@@ -79,9 +83,6 @@ def _restorable(action: object) -> bool:
     module = getattr(action, "__module__", None) or ""
     return action is not None and not module.startswith(("asyncio", "uvloop"))
 
-GRACE = 1.0
-"""Seconds a request still being handled when the drain ends gets to send
-its response (then its connection is cut)."""
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
