@@ -525,3 +525,43 @@ def test_serve_puts_the_signal_actions_back(run: Callable[[Awaitable[None]], Non
     finally:
         for signum, action in saved.items():
             signal.signal(signum, action)
+
+
+def test_the_drain_resumes_only_the_reading_it_paused(
+        run: Callable[[Awaitable[None]], None]) -> None:
+    """The drain pauses a busy connection's reading so that its next request
+    stays in the kernel until it moves, and resumes it if it does not move.
+    A pause of aiohttp's own (flow control: the handler has not read the
+    body it was sent) is aiohttp's to undo: the drain must leave it, or a
+    client could push an unbounded body into memory. Real transports on a
+    socket pair, both loops."""
+    from hotswap.migrate import Migrator, Tracked
+
+    async def main() -> None:
+        async def handler(request: web.BaseRequest) -> web.Response:
+            return web.Response(text="ok")
+
+        server = web.Server(handler)
+        ours, theirs = socket.socketpair()
+        try:
+            migrator = Migrator()
+            tracked = Tracked(server(), "http", migrator)
+            transport, _ = await asyncio.get_running_loop().connect_accepted_socket(
+                lambda: tracked, ours)
+            assert transport.is_reading()
+            tracked.pause()  # the drain's own pause ...
+            assert not transport.is_reading()
+            tracked.resume()  # ... is undone
+            assert transport.is_reading()
+            transport.pause_reading()  # aiohttp's flow control
+            tracked.pause()
+            tracked.resume()
+            assert not transport.is_reading()  # still aiohttp's to undo
+            transport.resume_reading()
+            transport.close()
+            await until(lambda: tracked not in migrator.tracked, "the connection's end")
+        finally:
+            theirs.close()
+            ours.close()
+
+    run(main())
