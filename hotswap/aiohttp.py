@@ -80,8 +80,8 @@ def _restorable(action: object) -> bool:
     nor an event loop's own (its ``add_signal_handler`` callback went with
     ours: restoring the loop's stub would swallow the signal), which leaves
     the default action."""
-    module = getattr(action, "__module__", None) or ""
-    return action is not None and not module.startswith(("asyncio", "uvloop"))
+    package = (getattr(action, "__module__", None) or "").partition(".")[0]
+    return action is not None and package not in ("asyncio", "uvloop")
 
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

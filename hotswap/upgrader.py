@@ -851,8 +851,19 @@ class Upgrader:
         none is silent, the next connection waits in the kernel's queue."""
         loop = asyncio.get_running_loop()
         freed = asyncio.Event()
-        let_go = 0  # since the last log line: one per _EVICTION_LOG_EVERY at most
+        # Connections let go of, logged at once, then at most one line per
+        # _EVICTION_LOG_EVERY with the count since the last one.
+        let_go = 0
         logged_at = -_EVICTION_LOG_EVERY
+        flush_at: asyncio.TimerHandle | None = None
+
+        def flush() -> None:
+            nonlocal let_go, logged_at, flush_at
+            flush_at = None
+            if let_go:
+                log.warning("%s: %d control connections at once: let go of %d that had "
+                            "not said anything", self.name, _CONTROL_CONNECTIONS, let_go)
+                let_go, logged_at = 0, loop.time()
 
         def done(conn: socket.socket, task: asyncio.Task[None]) -> None:
             self._handlers.discard(task)
@@ -862,7 +873,7 @@ class Upgrader:
             freed.set()
 
         async def make_room() -> None:
-            nonlocal let_go, logged_at
+            nonlocal let_go, flush_at
             while len(self._handlers) >= _CONTROL_CONNECTIONS:
                 if self._silent:
                     oldest = next(iter(self._silent))
@@ -870,33 +881,37 @@ class Upgrader:
                     await asyncio.wait({oldest})
                     let_go += 1
                     if loop.time() - logged_at >= _EVICTION_LOG_EVERY:
-                        log.warning("%s: %d control connections at once: let go of %d "
-                                    "that had not said anything", self.name,
-                                    _CONTROL_CONNECTIONS, let_go)
-                        let_go, logged_at = 0, loop.time()
+                        flush()
+                    elif flush_at is None:
+                        flush_at = loop.call_at(logged_at + _EVICTION_LOG_EVERY, flush)
                 else:
                     freed.clear()
                     await freed.wait()
 
-        while True:
-            while len(self._handlers) >= _CONTROL_CONNECTIONS and not self._silent:
-                freed.clear()  # nobody to let go: leave newcomers queued
-                await freed.wait()
-            try:
-                conn, _ = await loop.sock_accept(sock)
-            except OSError as exc:
-                log.warning("%s: control accept failed: %s", self.name, exc)
-                await asyncio.sleep(0.1)
-                continue
-            try:
-                await make_room()
-            except BaseException:
-                conn.close()
-                raise
-            task = asyncio.create_task(self._handle_control(conn))
-            self._handlers.add(task)
-            self._silent[task] = None
-            task.add_done_callback(functools.partial(done, conn))
+        try:
+            while True:
+                while len(self._handlers) >= _CONTROL_CONNECTIONS and not self._silent:
+                    freed.clear()  # nobody to let go: leave newcomers queued
+                    await freed.wait()
+                try:
+                    conn, _ = await loop.sock_accept(sock)
+                except OSError as exc:
+                    log.warning("%s: control accept failed: %s", self.name, exc)
+                    await asyncio.sleep(0.1)
+                    continue
+                try:
+                    await make_room()
+                except BaseException:
+                    conn.close()
+                    raise
+                task = asyncio.create_task(self._handle_control(conn))
+                self._handlers.add(task)
+                self._silent[task] = None
+                task.add_done_callback(functools.partial(done, conn))
+        finally:
+            if flush_at is not None:
+                flush_at.cancel()
+            flush()
 
     async def _handle_control(self, conn: socket.socket) -> None:
         channel = Channel(conn, Sender.SERVER)
@@ -911,7 +926,11 @@ class Upgrader:
             log.warning("%s: control connection: %s", self.name, exc)
             channel.send_nowait(Refused(code="timeout", reason=str(exc)))
         except HotswapError as exc:
-            log.warning("%s: control connection: %s", self.name, exc)
+            # A peer that closed before saying anything is no news (and a
+            # flood of them must not flood the log).
+            quiet = _peer_closed(exc) and asyncio.current_task() in self._silent
+            log.log(logging.DEBUG if quiet else logging.WARNING,
+                    "%s: control connection: %s", self.name, exc)
         except Exception as exc:  # a bug or input nobody foresaw: this connection only
             log.exception("%s: control connection failed", self.name)
             channel.send_nowait(Refused(code="protocol",

@@ -502,6 +502,11 @@ def test_serve_puts_the_signal_actions_back(run: Callable[[Awaitable[None]], Non
     def mine(signum: int, frame: object) -> None:
         raise AssertionError("not expected to run")
 
+    def helpers_own(signum: int, frame: object) -> None:
+        pass
+
+    helpers_own.__module__ = "asyncio_helpers"  # a package of the app's, not asyncio
+    assert hotswap.aiohttp._restorable(helpers_own)
     saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, mine)
