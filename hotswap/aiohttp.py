@@ -51,7 +51,7 @@ from aiohttp import web
 
 from .errors import HandoverFailed
 from .kruise import Role
-from .listeners import Address
+from .listeners import DEFAULT_BACKLOG, Address
 from .migrate import Migrator
 from .migrate import supported as _migration_supported
 from .upgrader import ExitReason, Upgrader
@@ -425,7 +425,8 @@ async def serve(app: web.Application, upgrader: Upgrader,
             for name, address in sockets.items():
                 sock = upgrader.listen(name, address)
                 site: web.BaseSite = (migrator.site(runner, sock, name)
-                                      if migrator is not None else web.SockSite(runner, sock))
+                                      if migrator is not None
+                                      else web.SockSite(runner, sock, backlog=DEFAULT_BACKLOG))
                 await site.start()
             try:
                 await upgrader.ready()

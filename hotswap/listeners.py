@@ -39,7 +39,8 @@ def format_address(family: int, raw: object) -> str:
         assert isinstance(raw, tuple)
         return f"[{raw[0]}]:{raw[1]}"
     if isinstance(raw, bytes):  # abstract names come back as bytes
-        return "@" + raw.lstrip(b"\0").decode("utf-8", "surrogateescape")
+        name = raw[1:] if raw.startswith(b"\0") else raw  # one NUL: the marker
+        return "@" + name.decode("utf-8", "surrogateescape")
     assert isinstance(raw, str)
     return "@" + raw[1:] if raw.startswith("\0") else raw
 
@@ -278,14 +279,43 @@ def adopt_connection_fd(fd: int) -> socket.socket:
     return sock
 
 
-def bind(address: Address, *, kind: str = "stream", backlog: int = 1024,
+DEFAULT_BACKLOG = 1024
+"""The listen queue of a socket hotswap binds, and of the sites that serve
+one (aiohttp's own default is 128)."""
+
+
+def _stale_unix_socket(path: str) -> bool:
+    """Whether ``path`` is a Unix socket file that nobody listens on (its
+    process stopped or died: a path outlives its socket). A listener whose
+    queue is full, or anything that is not a socket, does not count."""
+    try:
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            return False
+    except OSError:
+        return False
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return False
+
+
+def bind(address: Address, *, kind: str = "stream", backlog: int = DEFAULT_BACKLOG,
          unix_mode: int | None = None) -> socket.socket:
     """Create, bind and (for stream) listen a new socket.
 
     TCP sockets get SO_REUSEADDR (never SO_REUSEPORT: two unrelated binds on
     one port is exactly what hotswap exists to avoid). ``unix_mode`` is applied
     to a filesystem Unix socket before ``listen()``, so nobody can connect
-    while it is wider than asked. The caller owns the returned socket.
+    while it is wider than asked. A filesystem Unix stream socket whose path
+    is left over from a process that stopped or died (nobody listens there)
+    is removed first, as a fresh start must be able to bind it. The caller
+    owns the returned socket.
     A host name is resolved by ``socket.bind`` (first getaddrinfo result in
     the socket's family, waiting on the system resolver as long as it takes;
     :func:`matches` resolves the same way). Raises ListenerError (chained) if
@@ -294,7 +324,13 @@ def bind(address: Address, *, kind: str = "stream", backlog: int = 1024,
     sock_type = _KINDS[kind]
     if isinstance(address, str):
         sock = socket.socket(socket.AF_UNIX, sock_type)
-        target: str | tuple[str, int] = _unix_bind_name(address)
+        path = _unix_bind_name(address)
+        if sock_type == socket.SOCK_STREAM and not path.startswith("\0") \
+                and _stale_unix_socket(path):
+            log.info("removing stale Unix socket %s (nobody listens on it)", path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        target: str | tuple[str, int] = path
     else:
         family = _inet_family(address[0])
         sock = socket.socket(family, sock_type)
@@ -307,7 +343,8 @@ def bind(address: Address, *, kind: str = "stream", backlog: int = 1024,
         if sock_type == socket.SOCK_STREAM:
             sock.listen(backlog)
         sock.setblocking(False)
-    except (OSError, TypeError, ValueError) as exc:  # TypeError: a host IDNA cannot encode
+    except (OSError, TypeError, ValueError, OverflowError) as exc:
+        # TypeError: a host IDNA cannot encode; OverflowError: a port > 65535
         sock.close()
         raise ListenerError(f"cannot bind {address!r}: {exc}") from exc
     return sock

@@ -45,7 +45,7 @@ from typing import Any, cast
 
 from aiohttp import web
 
-from .listeners import is_tcp
+from .listeners import DEFAULT_BACKLOG, is_tcp
 from .protocol import MAX_FDS_PER_FRAME
 from .upgrader import Upgrader
 
@@ -168,7 +168,7 @@ class TrackedSite(web.SockSite):
 
     def __init__(self, runner: web.BaseRunner, sock: socket.socket, listener: str,
                  migrator: Migrator) -> None:
-        super().__init__(runner, sock)
+        super().__init__(runner, sock, backlog=DEFAULT_BACKLOG)
         self._listener = listener
         self._migrator = migrator
 
@@ -203,7 +203,7 @@ class Migrator:
         the safe way: the successor adopts TCP connections only)."""
         self.runner = runner
         if not is_tcp(sock):
-            return web.SockSite(runner, sock)
+            return web.SockSite(runner, sock, backlog=DEFAULT_BACKLOG)
         return TrackedSite(runner, sock, listener, self)
 
     # ------------------------------------------------------------ new side

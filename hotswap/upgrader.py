@@ -246,6 +246,7 @@ class Upgrader:
                 self._start_fresh()
             else:
                 role = Role.TAKEOVER
+                self._add_launcher_sockets()
         self.role = role
         return role
 
@@ -537,13 +538,23 @@ class Upgrader:
 
     # ------------------------------------------------------- new side (client)
 
-    def _start_fresh(self) -> None:
-        inherited = listeners.systemd_sockets(self.options.env, self.pid)
-        for name, sock in inherited.items():
+    def _add_launcher_sockets(self) -> None:
+        """The sockets systemd (or a launcher like it) passed us
+        (``LISTEN_FDS``), as inherited listeners: on a fresh start, all of
+        them; after a takeover, those the predecessor did not hand over
+        under their name (closed: the predecessor's are the ones in use).
+        Unclaimed ones are closed by :meth:`ready`, like any inherited."""
+        for name, sock in listeners.systemd_sockets(self.options.env, self.pid).items():
+            if name in self._inherited:
+                sock.close()
+                continue
             try:
                 self._inherited[name] = _Listener(listeners.describe(name, sock), sock)
             except ListenerError:
                 sock.close()
+
+    def _start_fresh(self) -> None:
+        self._add_launcher_sockets()
         self._control_sock = self._bind_control()
         # STARTING until ready() (also after a takeover that came to
         # nothing): nothing listens yet, so the control socket says

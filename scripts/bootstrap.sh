@@ -32,6 +32,11 @@ if [ -n "$need" ]; then
     apt_install "python-prctl builds from source" $need || true
 fi
 
+# The tests read listen queues with ss (iproute2).
+if ! command -v ss >/dev/null 2>&1; then
+    apt_install "the tests read listen queues with ss" iproute2 || true
+fi
+
 if [ "${1:-}" = bench ]; then
     # make bench: wrk (throughput) and the reference peers nginx and HAProxy
     # from Debian, matplotlib from PyPI. The peers' own services must not

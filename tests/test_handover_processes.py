@@ -13,6 +13,7 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -399,3 +400,51 @@ def test_the_control_socket_names_the_process_that_serves_now(procs: Procs, name
         pid, out = asyncio.run(take_over_and_ask())
         assert pid == os.getpid(), out
         assert not stop(), "v1 was not taken over"
+
+
+LAUNCHED_SUCCESSOR = """
+import asyncio, fcntl, json, os, sys
+import hotswap
+# As systemd (or a launcher like it) starts a service: a socket at fd 3.
+passed = int(sys.argv[1])
+high = fcntl.fcntl(passed, fcntl.F_DUPFD, 100)
+os.close(passed)
+os.dup2(high, 3)
+os.close(high)
+extra_inode = os.fstat(3).st_ino
+env = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "1", "LISTEN_FDNAMES": "extra"}
+
+async def main():
+    upg = hotswap.Upgrader(sys.argv[2], version="v2", options=hotswap.Options(env=env))
+    role = await upg.start()
+    upg.listen("http", ("127.0.0.1", int(sys.argv[3])))
+    await upg.ready()
+    try:
+        still_there = os.fstat(3).st_ino == extra_inode
+    except OSError:
+        still_there = False
+    print(json.dumps({"role": role.value, "extra still open": still_there}))
+    await upg.close()
+
+asyncio.run(main())
+"""
+
+
+def test_a_successor_started_with_launcher_sockets_leaves_none_open(
+        procs: Procs, name: str) -> None:
+    """A successor that takes over while its launcher (systemd) passed it
+    sockets too: those it does not use are closed like any inherited socket
+    nobody claimed (they leaked: open, and inherited by its children)."""
+    v1 = procs.sidecar(name, "v1")
+    port = port_of(wait_for(serving(name, "v1"), 15, "v1 serving"))
+    extra = socket.socket()
+    extra.bind(("127.0.0.1", 0))
+    extra.listen()
+    child = subprocess.run(
+        [sys.executable, "-c", LAUNCHED_SUCCESSOR, str(extra.fileno()), name, str(port)],
+        pass_fds=(extra.fileno(),), env=child_env(), capture_output=True, text=True,
+        timeout=60)
+    extra.close()
+    assert child.returncode == 0, child.stderr
+    assert json.loads(child.stdout) == {"role": "takeover", "extra still open": False}
+    assert v1.wait(timeout=30) == 0  # taken over, drained

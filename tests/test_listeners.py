@@ -200,6 +200,39 @@ def test_filesystem_unix_socket_is_owner_only(tmp_path) -> None:  # type: ignore
     sock.close()
 
 
+def test_a_unix_path_left_over_is_bound_again_a_live_one_is_not(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A Unix socket's path outlives its socket: after the last version
+    stopped (or died), a fresh start must bind it again (it failed with
+    EADDRINUSE: a crash loop). A path someone listens on stays theirs, and
+    a file that is no socket is never removed."""
+    path = str(tmp_path / "svc.sock")
+    first = bind(path)
+    with pytest.raises(ListenerError, match="Address already in use"):
+        bind(path)  # live: theirs
+    first.close()
+    assert os.path.exists(path)  # left over
+    again = bind(path)
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.connect(path)  # it is ours now, and listening
+    client.close()
+    again.close()
+    plain = tmp_path / "not-a-socket"
+    plain.write_text("data")
+    with pytest.raises(ListenerError):
+        bind(str(plain))
+    assert plain.read_text() == "data"
+
+
+def test_odd_addresses_are_listener_errors_and_abstract_names_keep_their_bytes() -> None:
+    with pytest.raises(ListenerError, match="cannot bind"):
+        bind(("127.0.0.1", 70000))  # was a bare OverflowError
+    sock = bind("@\0odd-" + os.urandom(4).hex())  # an abstract name starting with NUL
+    try:
+        assert describe("x", sock).address.startswith("@\0odd-")
+    finally:
+        sock.close()
+
+
 def test_bind_conflict_is_a_clear_error() -> None:
     first = bind(("127.0.0.1", 0))
     with pytest.raises(ListenerError, match="cannot bind"):

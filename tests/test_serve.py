@@ -570,3 +570,31 @@ def test_the_drain_resumes_only_the_reading_it_paused(
             ours.close()
 
     run(main())
+
+
+def test_the_sites_listen_with_the_queue_hotswap_binds_with(
+        run: Callable[[Awaitable[None]], None]) -> None:
+    """aiohttp's sites call listen(128) again on the socket they are given:
+    the 1,024 that hotswap binds with became 128, in every version after
+    it. serve() passes its own, to the tracked and the plain sites. (Read
+    with ss: Send-Q is a listener's queue size.)"""
+    async def main() -> None:
+        upgrader = hotswap.Upgrader(f"s-{uuid.uuid4().hex[:10]}", version="v1",
+                                    options=hotswap.Options(env={}))
+        for migrate in (True, False):
+            task = asyncio.create_task(hotswap.aiohttp.serve(
+                app_of("v1"), upgrader, {"http": ("127.0.0.1", 0)}, drain_timeout=1,
+                handle_signals=False, yield_cpu_after_drain=False,
+                migrate_connections=migrate))
+            await until(serving(upgrader), "v1 serving")
+            port = port_of(upgrader.status())
+            ss = await asyncio.create_subprocess_exec(
+                "ss", "-ltnH", f"sport = :{port}", stdout=asyncio.subprocess.PIPE)
+            out = (await asyncio.wait_for(ss.communicate(), 10))[0].decode().split()
+            assert out[2] == str(hotswap.listeners.DEFAULT_BACKLOG), out  # Send-Q
+            upgrader.request_stop()
+            assert await asyncio.wait_for(task, 10) == 0
+            upgrader = hotswap.Upgrader(f"s-{uuid.uuid4().hex[:10]}", version="v1",
+                                        options=hotswap.Options(env={}))
+
+    run(main())
