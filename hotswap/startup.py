@@ -49,17 +49,23 @@ if TYPE_CHECKING:
 
 IDLE_ENV = "HOTSWAP_IDLE_START"
 DEFAULT_TIMEOUT = 60.0
+_YES = ("1", "true", "yes", "on")
+_NO = ("0", "false", "no", "off")
 
 
 def should_idle(env: Mapping[str, str] | None = None) -> bool:
-    """Whether a start-up should yield the CPU: ``HOTSWAP_IDLE_START=1`` or
-    ``0`` decides; otherwise yes exactly when Kruise says this slot takes over
-    from a serving predecessor (``SIDECARSET_VERSION > SIDECARSET_VERSION_ALT
-    > 0``). A fresh start has nobody to yield to and starts at full speed."""
+    """Whether a start-up should yield the CPU: ``HOTSWAP_IDLE_START`` decides
+    when set (``1``/``true``/``yes``/``on`` or ``0``/``false``/``no``/``off``;
+    anything else raises ValueError, rather than be taken for "not set");
+    otherwise yes exactly when Kruise says this slot takes over from a
+    serving predecessor (``SIDECARSET_VERSION > SIDECARSET_VERSION_ALT >
+    0``). A fresh start has nobody to yield to and starts at full speed."""
     env = os.environ if env is None else env
-    forced = env.get(IDLE_ENV, "").strip()
-    if forced in ("0", "1"):
-        return forced == "1"
+    forced = env.get(IDLE_ENV, "").strip().lower()
+    if forced in _YES or forced in _NO:
+        return forced in _YES
+    if forced:
+        raise ValueError(f"{IDLE_ENV}={env[IDLE_ENV]!r}: use 1 or 0")
     try:
         rank = _versions.parse(env, _versions.VERSION_ENV)
         alt = _versions.parse(env, _versions.ALT_ENV)
@@ -84,9 +90,15 @@ def preload(*modules: str, idle: bool | None = None,
 
     Errors: the first import error is raised in the caller, as the import
     itself would raise it. If the imports have not finished within
-    ``timeout`` seconds (a node whose CPUs never idle), raises
-    :class:`TimeoutError`; the helper is a daemon thread and does not keep the
-    process alive, so the caller can exit and the old version serves on.
+    ``timeout`` seconds (a finite number; a node whose CPUs never idle),
+    raises :class:`TimeoutError`; the helper is a daemon thread and does not
+    keep the process alive, so the caller can exit and the old version
+    serves on. Exit is the only safe reaction: the helper still holds the
+    import locks of what it was importing, so importing more in-process (a
+    retry at normal priority, say) waits for it, at idle priority. On a
+    saturated node the error itself can come seconds late (the waiting
+    thread needs the GIL back from the idle one). Threads and processes
+    started by the imports inherit ``SCHED_IDLE`` for good.
     """
     return _call(_import_all, (modules,), idle, timeout,
                  f"preloading {', '.join(modules)}")[0]
@@ -107,6 +119,8 @@ def idle_call(fn: Callable[..., T], /, *args: object, idle: bool | None = None,
 
 def _call(fn: Callable[..., T], args: tuple[object, ...], idle: bool | None,
           timeout: float, what: str) -> tuple[bool, T]:
+    if not 0 <= timeout < 1e9:  # nan, inf and time_t overflows too
+        raise ValueError(f"timeout must be a number of seconds, not {timeout!r}")
     if idle is None:
         idle = should_idle()
     policy = getattr(os, "SCHED_IDLE", None)

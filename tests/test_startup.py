@@ -81,6 +81,24 @@ def test_should_idle_follows_kruise_roles_and_the_override() -> None:
                             "SIDECARSET_VERSION_ALT": "1"})
     # A malformed version is not start-up's error to raise (the upgrader reports it).
     assert not should_idle({"SIDECARSET_VERSION": "two", "SIDECARSET_VERSION_ALT": "1"})
+    # The override's other spellings: "off" on a takeover used to mean "unset".
+    takeover = {"SIDECARSET_VERSION": "2", "SIDECARSET_VERSION_ALT": "1"}
+    for no in ("false", "off", "No"):
+        assert not should_idle({**takeover, "HOTSWAP_IDLE_START": no})
+    assert should_idle({"HOTSWAP_IDLE_START": "yes"})
+    with pytest.raises(ValueError, match="HOTSWAP_IDLE_START='later'"):
+        should_idle({**takeover, "HOTSWAP_IDLE_START": "later"})
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), -1.0, 1e12])
+def test_a_timeout_that_is_no_deadline_is_refused_before_anything_starts(
+        timeout: float) -> None:
+    """inf or 1e12 raised OverflowError after the helper had started (the
+    imports carried on in the background); nan a ValueError, just as late."""
+    before = threading.active_count()
+    with pytest.raises(ValueError, match="timeout must be a number of seconds"):
+        hotswap.startup.idle_call(len, (), idle=True, timeout=timeout)
+    assert threading.active_count() == before
 
 
 def test_imports_run_at_idle_priority_off_the_calling_thread(modules: Path) -> None:

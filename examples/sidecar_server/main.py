@@ -41,18 +41,20 @@ import hotswap.aiohttp  # noqa: E402
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     env = os.environ
+    # String defaults from the environment go through `type` too: a malformed
+    # one is a usage error (exit 2) like the same value given as a flag.
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--version", default=env.get("SIDECAR_VERSION", "v1"))
     parser.add_argument("--host", default=env.get("SIDECAR_HOST", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(env.get("SIDECAR_PORT", "9091")))
+    parser.add_argument("--port", type=int, default=env.get("SIDECAR_PORT", "9091"))
     parser.add_argument("--name", default=env.get("HOTSWAP_NAME", "sidecar"))
     parser.add_argument("--control-path", default=env.get("HOTSWAP_CONTROL_PATH"))
     parser.add_argument("--drain-timeout", type=float,
-                        default=float(env.get("HOTSWAP_DRAIN_TIMEOUT",
-                                              hotswap.aiohttp.DEFAULT_DRAIN_TIMEOUT)))
+                        default=env.get("HOTSWAP_DRAIN_TIMEOUT",
+                                        str(hotswap.aiohttp.DEFAULT_DRAIN_TIMEOUT)))
     parser.add_argument("--handover-timeout", type=float,
-                        default=float(env.get("HOTSWAP_HANDOVER_TIMEOUT", "30")))
-    parser.add_argument("--delay", type=float, default=float(env.get("SIDECAR_DELAY", "0")),
+                        default=env.get("HOTSWAP_HANDOVER_TIMEOUT", "30"))
+    parser.add_argument("--delay", type=float, default=env.get("SIDECAR_DELAY", "0"),
                         help="seconds each request takes (to show in-flight draining)")
     parser.add_argument("--no-migrate", action="store_true",
                         default=env.get("HOTSWAP_MIGRATE") == "0",
