@@ -287,13 +287,15 @@ one (aiohttp's own default is 128)."""
 def _stale_unix_socket(path: str) -> bool:
     """Whether ``path`` is a Unix socket file that nobody listens on (its
     process stopped or died: a path outlives its socket). A listener whose
-    queue is full, or anything that is not a socket, does not count."""
+    queue is full (EAGAIN: the probe never waits), a symbolic link, or
+    anything that is not a socket, does not count."""
     try:
-        if not stat.S_ISSOCK(os.stat(path).st_mode):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
             return False
     except OSError:
         return False
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
     try:
         probe.connect(path)
     except ConnectionRefusedError:
@@ -323,13 +325,16 @@ def bind(address: Address, *, kind: str = "stream", backlog: int = DEFAULT_BACKL
     """
     sock_type = _KINDS[kind]
     if isinstance(address, str):
-        sock = socket.socket(socket.AF_UNIX, sock_type)
         path = _unix_bind_name(address)
         if sock_type == socket.SOCK_STREAM and not path.startswith("\0") \
                 and _stale_unix_socket(path):
             log.info("removing stale Unix socket %s (nobody listens on it)", path)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+            try:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            except OSError as exc:  # EPERM in a sticky directory, EROFS, ...
+                raise ListenerError(f"cannot remove stale Unix socket {path}: {exc}") from exc
+        sock = socket.socket(socket.AF_UNIX, sock_type)
         target: str | tuple[str, int] = path
     else:
         family = _inet_family(address[0])

@@ -223,6 +223,39 @@ def test_a_unix_path_left_over_is_bound_again_a_live_one_is_not(tmp_path) -> Non
     assert plain.read_text() == "data"
 
 
+def test_the_stale_path_probe_never_waits_nor_follows_a_link(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A live listener whose queue is full (hung, stopped, draining) is
+    live: bind() fails at once (the probe's connect used to wait for it to
+    accept, for good). A symbolic link to a stale socket is the admin's:
+    left as it is."""
+    path = str(tmp_path / "full.sock")
+    live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    live.bind(path)
+    live.listen(0)
+    queued = []
+    for _ in range(100):
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.setblocking(False)
+        try:
+            client.connect(path)
+        except BlockingIOError:
+            client.close()
+            break
+        queued.append(client)
+    try:
+        with pytest.raises(ListenerError, match="Address already in use"):
+            bind(path)
+    finally:
+        for client in queued:
+            client.close()
+        live.close()
+    link = tmp_path / "link.sock"
+    link.symlink_to(path)  # path is stale now
+    with pytest.raises(ListenerError):
+        bind(str(link))
+    assert link.is_symlink()
+
+
 def test_odd_addresses_are_listener_errors_and_abstract_names_keep_their_bytes() -> None:
     with pytest.raises(ListenerError, match="cannot bind"):
         bind(("127.0.0.1", 70000))  # was a bare OverflowError
