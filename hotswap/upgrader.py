@@ -563,19 +563,8 @@ class Upgrader:
         self._serve_control()
 
     def _bind_control(self) -> socket.socket:
-        path = self.options.control_path
-        if path and os.path.exists(path):
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(path)
-            except OSError as exc:
-                if control.is_nobody_there(exc):
-                    log.info("%s: removing stale control socket %s", self.name, path)
-                    os.unlink(path)
-            else:
-                raise ListenerError(f"control socket {path} is in use by a live process")
-            finally:
-                probe.close()
+        # A filesystem path left over by a process that stopped or died is
+        # removed by listeners.bind(), as for any Unix listener.
         try:
             return listeners.bind(self.address, backlog=_CONTROL_BACKLOG, unix_mode=0o600)
         except ListenerError as exc:

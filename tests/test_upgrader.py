@@ -317,8 +317,26 @@ def test_filesystem_control_socket(run: Runner, tmp_path) -> None:  # type: igno
         st = await query_status(path)
         assert st.version == "v2"
         await new.close()
+        # Left over once nobody serves: a fresh start binds it again.
+        assert stat.S_ISSOCK(os.stat(path).st_mode)
+        fresh = await serving_upgrader(name, "v3", control_path=path)
+        assert (await query_status(path)).version == "v3"
+        await fresh.close()
 
     run(main())
+    # A control path that is no socket is never removed (it was: a connect
+    # to a plain file is refused, which read as "stale").
+    plain = tmp_path / "not-a-socket"
+    plain.write_text("data")
+
+    async def refused() -> None:
+        upg = hotswap.Upgrader(new_name(), options=opts(control_path=str(plain)))
+        with pytest.raises(hotswap.ListenerError):
+            await upg.start()
+        await upg.close()
+
+    run(refused())
+    assert plain.read_text() == "data"
 
 
 def markers(name: str) -> set[tuple[int, int]]:
