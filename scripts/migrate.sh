@@ -16,7 +16,8 @@
 # Settings (environment):
 #   HOTSWAP_NAME              sidecar name, control socket @hotswap/NAME (default: sidecar)
 #   HOTSWAP_CONTROL_PATH      filesystem control socket instead (optional)
-#   HOTSWAP_MIGRATE_TIMEOUT   seconds to wait (default: 60)
+#   HOTSWAP_MIGRATE_TIMEOUT   seconds to wait (default: 60): never fewer; on a
+#                             busy node up to about a second more
 #   HOTSWAP_MIGRATE_FAST      seconds of the wait spent watching the serving
 #                             marker without Python (default: 10; 0: never)
 #   HOTSWAP_MARKER_FRESH      seconds a marker stays valid (default: 3)
@@ -99,11 +100,20 @@ if number "$version" && whole "$timeout" && whole "$fast" &&
         log "migration to version $version done (version $version serves)"
         exit 0
     fi
-    spent=$((polls / 10))
-    if [ "$marker_now" -gt "$start" ] && [ $((marker_now - start)) -gt "$spent" ]; then
-        spent=$((marker_now - start))
+    # What the fast path took at least, in tenths of a second, so that the
+    # hook never gives up before its timeout: the polls' sleeps, or the
+    # clock's whole seconds less one (the first may have begun just before
+    # its end). The CLI gets the rest, at least a second.
+    spent=$polls
+    if [ $(((marker_now - start - 1) * 10)) -gt "$spent" ]; then
+        spent=$(((marker_now - start - 1) * 10))
     fi
-    timeout=$((timeout > spent + 1 ? timeout - spent : 1))
+    left=$((timeout * 10 - spent))
+    [ "$left" -ge 10 ] || left=10
+    case $((left % 10)) in
+        0) timeout=$((left / 10)) ;;
+        *) timeout=$((left / 10)).$((left % 10)) ;;
+    esac
 fi
 
 if [ -n "${HOTSWAP_CLI:-}" ]; then

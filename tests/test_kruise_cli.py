@@ -192,7 +192,8 @@ def test_status_wait_ready_and_probe_against_real_sidecars(procs: Procs, name: s
     # after HOTSWAP_MIGRATE_FAST seconds with the rest of the timeout.
     assert hook_fast("1") == (True, "")
     fast, cli_args = hook_fast("2", HOTSWAP_MIGRATE_TIMEOUT="30", HOTSWAP_MIGRATE_FAST="1")
-    assert not fast and re.fullmatch(rf"wait-ready --name {name} --timeout 2[89]", cli_args)
+    assert not fast and re.fullmatch(rf"wait-ready --name {name} --timeout (29(\.\d)?|30)",
+                                      cli_args), cli_args
     assert hook_fast("1", HOTSWAP_CONTROL_PATH=str(procs.tmp / "control.sock"))[0] is False
     assert hook_fast("1", HOTSWAP_MIGRATE_FAST="0")[0] is False
     v2 = procs.sidecar(name, "v2", SIDECARSET_VERSION="2", SIDECARSET_VERSION_ALT="1")
@@ -252,6 +253,29 @@ def test_status_wait_ready_and_probe_against_real_sidecars(procs: Procs, name: s
     assert not fast_path("2")
     assert probe_sh(procs, f"{PY} -m hotswap", SIDECARSET_VERSION="2",
                     HOTSWAP_NAME=name).returncode == 1
+
+
+@pytest.mark.parametrize("phase", [0.05, 0.95])
+def test_the_hook_never_gives_up_before_its_timeout(procs: Procs, name: str,
+                                                    phase: float) -> None:
+    """The fast path reads the clock in whole seconds: begun just before a
+    second ends, it must not count that second as spent (it gave the CLI a
+    second too few, and the hook failed after 2.1 s of a 3 s timeout).
+    Nobody serves NAME; a stand-in CLI reports the timeout it was given, and
+    the time before it plus that timeout is the hook's whole wait."""
+    no_cli = procs.tmp / "no-cli"
+    no_cli.write_text('#!/bin/sh\necho "cli ran: $*"\nexit 7\n')
+    no_cli.chmod(0o755)
+    time.sleep((phase - time.time() % 1) % 1)  # begin at this phase of a second
+    started = time.monotonic()
+    result = hook(procs, SIDECARSET_VERSION="2", SIDECARSET_VERSION_ALT="1",
+                  HOTSWAP_NAME=name, HOTSWAP_CLI=str(no_cli),
+                  HOTSWAP_MIGRATE_TIMEOUT="3", HOTSWAP_MIGRATE_FAST="2")
+    elapsed = time.monotonic() - started
+    assert result.returncode == 7, result
+    given = re.search(r"cli ran: wait-ready --name \S+ --timeout ([\d.]+)", result.stdout)
+    assert given is not None, result
+    assert 3.0 <= elapsed + float(given[1]) < 4.5, (elapsed, given[1])
 
 
 def test_failed_migration_makes_the_hook_fail(procs: Procs, name: str) -> None:
