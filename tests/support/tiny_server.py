@@ -45,8 +45,10 @@ async def main(args: argparse.Namespace) -> int:
         await upgrader.wait_exit()
         await upgrader.close()
         return 0
+    # asyncio listens again with its own queue (100) unless told hotswap's.
     server = await asyncio.start_server(handle, sock=upgrader.listen("http", ("127.0.0.1",
-                                                                              args.port)))
+                                                                              args.port)),
+                                        backlog=1024)
     with contextlib.suppress(hotswap.HandoverFailed):
         await upgrader.ready()
     reason = await upgrader.wait_exit()
