@@ -18,9 +18,11 @@
    (``drain_timeout``, default 25 s to fit Kubernetes' 30 s grace period).
 6. At the deadline, cut the idle connections that are left, and log each; a
    connection still busy with a request is told ``Connection: close`` on its
-   response instead, and gets the runner's shutdown grace (1 s) to send it.
-7. ``AppRunner.cleanup()`` (cuts whatever is left after that grace), tell the successor
-   (``Drained``), and return. In a Kruise slot (``SIDECARSET_VERSION`` set) the
+   response instead, and gets a grace (1 s in all) to send it, still reading
+   its request's body meanwhile. What is still busy after that (a stream, a
+   websocket) is cut, logged and counted.
+7. ``AppRunner.cleanup()`` (cuts those), tell the successor (``Drained``),
+   and return. In a Kruise slot (``SIDECARSET_VERSION`` set) the
    process then idles without sockets until SIGTERM, since exiting would make
    the kubelet restart the container.
 
@@ -70,6 +72,13 @@ default 30 s grace period, after which the kubelet kills."""
 GRACE = 1.0
 """Seconds a request still being handled when the drain ends gets to send
 its response (then its connection is cut)."""
+
+_CANCEL_WAIT = 0.05
+"""The runner's ``shutdown_timeout``, the end of :data:`GRACE`: aiohttp waits
+it for a busy handler, cancels its request and waits it again. The rest of
+the grace is :meth:`Drainer.grace`'s, which, unlike aiohttp's, still reads
+the request bodies (aiohttp stops reading a connection once it shuts down,
+so an upload still arriving could never be answered)."""
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -229,10 +238,37 @@ class Drainer:
                 pass
         return self._deadline(server, migrator)
 
+    async def grace(self, server: web.Server, seconds: float) -> int:
+        """After :meth:`drain`: let the connections still busy (each told
+        ``Connection: close`` by then) finish their response for up to
+        ``seconds``, reading what their client still sends; a second signal
+        ends the wait. Returns how many are still open, each logged: the
+        runner's clean-up cuts them (a stream, a websocket, a handler that
+        does not end)."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + seconds
+
+        def left() -> list[web.RequestHandler]:
+            return [handler for handler in server.connections
+                    if handler.transport is not None and not handler.transport.is_closing()]
+
+        while left() and loop.time() < until and not self._forced.is_set():
+            try:
+                async with asyncio.timeout(min(0.01, max(0.0, until - loop.time()))):
+                    await self._forced.wait()
+            except TimeoutError:
+                pass
+        busy = left()
+        for handler in busy:
+            assert handler.transport is not None
+            log.warning("drain grace over: cutting busy connection from %s",
+                        handler.transport.get_extra_info("peername"))
+        return len(busy)
+
     def _deadline(self, server: web.Server, migrator: Migrator | None) -> int:
         """What is left at the deadline: idle connections are cut; one busy
         with a request is told ``Connection: close`` on its response and gets
-        the runner's shutdown grace to send it (a forced drain cuts it too).
+        :meth:`grace` to send it (a forced drain cuts it too).
         Returns how many were cut; each is logged."""
         if migrator is not None:
             for conn in migrator.tracked:  # a paused one's next request is waiting
@@ -418,8 +454,8 @@ async def serve(app: web.Application, upgrader: Upgrader,
         drainer.install(app)
         hooks = _BoundedHooks(app, cleanup_timeout)
         # aiohttp (>= 3.10) waits shutdown_timeout for a busy handler, then
-        # cancels its request and waits as long again: GRACE in all.
-        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=GRACE / 2)
+        # cancels its request and waits as long again: the grace's end.
+        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=_CANCEL_WAIT)
         await runner.setup()
         try:
             for name, address in sockets.items():
@@ -446,6 +482,7 @@ async def serve(app: web.Application, upgrader: Upgrader,
             cut = await drainer.drain(runner.server, drain_timeout,
                                       migrator=migrator if migrating else None,
                                       upgrader=upgrader)
+            cut += await drainer.grace(runner.server, GRACE - 2 * _CANCEL_WAIT)
             if yield_cpu_after_drain and reason is ExitReason.TAKEN_OVER:
                 _yield_cpu()
             if migrator is not None and migrator.moved:

@@ -7,6 +7,7 @@ as the stop comes. Two versions here are two serve() calls on one loop
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import uuid
@@ -450,12 +451,15 @@ def test_a_version_stopped_while_waiting_to_take_over_exits_cleanly(run: Callabl
 
 
 def test_a_request_still_running_after_the_drain_gets_a_1s_grace(run: Callable[
-        [Awaitable[None]], None]) -> None:
+        [Awaitable[None]], None], caplog: pytest.LogCaptureFixture) -> None:
     """A handler that does not finish: after the drain (0.2 s) it gets the 1 s
     grace, then its connection is cut, about 1.2 s after the stop. aiohttp
     waits its shutdown_timeout twice (for the handler, then again after
     cancelling the request): a shutdown_timeout of 1 s was a 2 s grace, and
-    the defaults overran Kubernetes' 30 s."""
+    the defaults overran Kubernetes' 30 s. The cut is logged and counted (it
+    used to say "0 connection(s) cut")."""
+    caplog.set_level(logging.INFO, logger="hotswap")
+
     async def main() -> None:
         entered = asyncio.Event()
 
@@ -486,6 +490,52 @@ def test_a_request_still_running_after_the_drain_gets_a_1s_grace(run: Callable[
             writer.close()
         assert await asyncio.wait_for(task, 10) == 0
         assert 1.0 <= elapsed < 1.7, elapsed  # 0.2 s drain + 1 s grace
+        assert "drain grace over: cutting busy connection" in caplog.text, caplog.text
+        assert "drained, 1 connection(s) cut" in caplog.text, caplog.text
+
+    run(main())
+
+
+def test_a_body_still_arriving_at_the_deadline_is_read_in_the_grace(run: Callable[
+        [Awaitable[None]], None], caplog: pytest.LogCaptureFixture) -> None:
+    """An upload whose body is still arriving when the drain ends gets the
+    grace like any busy request: the rest of its body is read and it is
+    answered, told to close. (aiohttp stops reading a connection once its
+    runner shuts down: the handler waited for the body until it was
+    cancelled, and the client got EOF instead of its answer.)"""
+    caplog.set_level(logging.INFO, logger="hotswap")
+
+    async def main() -> None:
+        entered = asyncio.Event()
+
+        async def upload(request: web.Request) -> web.Response:
+            entered.set()
+            return web.Response(text=f"read {len(await request.read())}")
+
+        app = web.Application()
+        app.router.add_post("/upload", upload)
+        upgrader = hotswap.Upgrader(f"s-{uuid.uuid4().hex[:10]}", version="v1",
+                                    options=hotswap.Options(env={}))
+        task = asyncio.create_task(hotswap.aiohttp.serve(
+            app, upgrader, {"http": ("127.0.0.1", 0)}, drain_timeout=0.2,
+            handle_signals=False, yield_cpu_after_drain=False))
+        await until(serving(upgrader), "v1 serving")
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(upgrader.status()))
+        try:
+            writer.write(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 2000\r\n\r\n"
+                         + b"a" * 1000)
+            await asyncio.wait_for(entered.wait(), 10)
+            upgrader.request_stop()
+            await until(lambda: "is busy; its response says Connection: close" in caplog.text,
+                        "the drain deadline")
+            writer.write(b"a" * 1000)  # the rest, in the grace
+            answer = await read_response(reader)
+            assert answer.startswith(b"http/1.1 200") and b"connection: close" in answer, answer
+            assert answer.endswith(b"read 2000"), answer
+        finally:
+            writer.close()
+        assert await asyncio.wait_for(task, 10) == 0
+        assert "drained, 0 connection(s) cut" in caplog.text, caplog.text
 
     run(main())
 
