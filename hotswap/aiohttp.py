@@ -14,15 +14,19 @@
    a client that is sending on it at that moment (aiohttp's own ``cleanup()``
    does that first, and loses one request per keep-alive connection).
 4. Tell the successor (``Released``): it is now the only acceptor.
-5. Wait until every connection has closed, or the drain deadline
+5. Start the app's ``on_shutdown`` callbacks, where aiohttp's own clean-up
+   runs them (before it waits for busy handlers): close websockets and other
+   long-lived responses there (``WSCloseCode.GOING_AWAY``), so that their
+   clients reconnect to the successor now, not at the deadline.
+6. Wait until every connection has closed, or the drain deadline
    (``drain_timeout``, default 25 s to fit Kubernetes' 30 s grace period).
-6. At the deadline, cut the idle connections that are left, and log each; a
+7. At the deadline, cut the idle connections that are left, and log each; a
    connection still busy with a request is told ``Connection: close`` on its
    response instead, and gets a grace (1 s in all) to send it, still reading
    its request's body meanwhile. What is still busy after that (a stream, a
    websocket) is cut, logged and counted.
-7. ``AppRunner.cleanup()`` (cuts those), tell the successor (``Drained``),
-   and return. In a Kruise slot (``SIDECARSET_VERSION`` set) the
+8. ``AppRunner.cleanup()`` (cuts those; then ``on_cleanup``), tell the
+   successor (``Drained``), and return. In a Kruise slot (``SIDECARSET_VERSION`` set) the
    process then idles without sockets until SIGTERM, since exiting would make
    the kubelet restart the container.
 
@@ -64,10 +68,12 @@ DEFAULT_DRAIN_TIMEOUT = 25.0
 """Seconds to let connections finish after a handover or stop request."""
 
 DEFAULT_CLEANUP_TIMEOUT = 3.0
-"""Seconds the app's ``on_shutdown`` and ``on_cleanup`` callbacks get, all
-together, once the drain is over. With the defaults, drain (25 s), the last
-responses' grace (1 s) and these end a stop within 29 s: inside Kubernetes'
-default 30 s grace period, after which the kubelet kills."""
+"""Seconds the app's ``on_shutdown`` callbacks get, all together, from the
+drain's start (they run beside it), and as long again for its
+``on_cleanup`` callbacks once the drain is over. With the defaults, drain
+(25 s), the last responses' grace (1 s) and ``on_cleanup`` end a stop within
+29 s: inside Kubernetes' default 30 s grace period, after which the kubelet
+kills."""
 
 GRACE = 1.0
 """Seconds a request still being handled when the drain ends gets to send
@@ -294,31 +300,30 @@ class Drainer:
 
 class _BoundedHooks:
     """Wraps the app's ``on_shutdown`` and ``on_cleanup`` callbacks (before
-    the app is frozen) so that, together, they take at most ``timeout``
-    seconds from the first one's start, and one that raises or runs out of
-    time is logged and counted instead of ending the clean-up: aiohttp would
-    skip the rest of it, the 1 s grace of a connection still answering its
-    last request included, and a hook that never returns would keep the old
-    process (and its successor's next upgrade) waiting for good."""
+    the app is frozen) so that each signal's callbacks, together, take at
+    most ``timeout`` seconds from the first one's start, and one that raises
+    or runs out of time is logged and counted instead of ending the clean-up:
+    aiohttp would skip the rest of it (the busy connections' last wait, the
+    ``on_cleanup`` callbacks), and a hook that never returns would keep the
+    old process (and its successor's next upgrade) waiting for good."""
 
     def __init__(self, app: web.Application, timeout: float) -> None:
         self.timeout = timeout
         self.failed = 0
-        self._deadline: float | None = None
+        self._deadlines: dict[str, float] = {}
         if app.on_shutdown.frozen:  # set up elsewhere already: left as it is
             return
-        for hooks in (app.on_shutdown, app.on_cleanup):
+        for phase, hooks in (("shutdown", app.on_shutdown), ("cleanup", app.on_cleanup)):
             for i, callback in enumerate(hooks):
-                hooks[i] = self._bounded(callback)
+                hooks[i] = self._bounded(callback, phase)
 
-    def _bounded(self, callback: Callable[[web.Application], Awaitable[object]]
+    def _bounded(self, callback: Callable[[web.Application], Awaitable[object]], phase: str
                  ) -> Callable[[web.Application], Awaitable[None]]:
         async def bounded(app: web.Application) -> None:
             loop = asyncio.get_running_loop()
-            if self._deadline is None:
-                self._deadline = loop.time() + self.timeout
+            deadline = self._deadlines.setdefault(phase, loop.time() + self.timeout)
             task = asyncio.ensure_future(callback(app))
-            done, _ = await asyncio.wait({task}, timeout=max(0.0, self._deadline - loop.time()))
+            done, _ = await asyncio.wait({task}, timeout=max(0.0, deadline - loop.time()))
             if not done:
                 self.failed += 1
                 log.error("app clean-up %r still running after %.1fs: abandoned",
@@ -334,6 +339,29 @@ class _BoundedHooks:
                 self.failed += 1
                 log.error("app clean-up %r failed: %r", callback, exc, exc_info=exc)
         return bounded
+
+
+class _Runner(web.AppRunner):
+    """An ``AppRunner`` whose app's ``on_shutdown`` callbacks can start as
+    the drain starts, where aiohttp's own clean-up runs them: after the
+    sites stop and before it waits for busy handlers, the place to close
+    websockets and other long-lived responses (code 1001, going away). Run
+    after the drain instead, they would keep such connections on the old
+    version until its deadline, and then see them cut."""
+
+    _early: asyncio.Future[None] | None = None
+
+    def shutdown_early(self) -> None:
+        """Start the app's ``on_shutdown`` callbacks now, in a task;
+        :meth:`cleanup` waits for it instead of running them again."""
+        if self._early is None:
+            self._early = asyncio.ensure_future(super().shutdown())
+
+    async def shutdown(self) -> None:
+        if self._early is None:
+            await super().shutdown()
+        else:
+            await self._early
 
 
 def _yield_cpu() -> None:
@@ -382,10 +410,12 @@ async def serve(app: web.Application, upgrader: Upgrader,
     this process was a successor whose predecessor abandoned the handover (it
     still drained what it had accepted), or when one of the app's
     ``on_shutdown``/``on_cleanup`` callbacks raised or was still running
-    after ``cleanup_timeout`` seconds (for all of them together). Those are
-    logged and abandoned, never an exception out of here: the rest of the
-    clean-up still runs (the last responses' 1 s grace included), and the
-    successor is told the drain is over. ``idle_after_drain`` defaults to True
+    after ``cleanup_timeout`` seconds (for all of one signal's together).
+    Those are logged and abandoned, never an exception out of here: the rest
+    of the clean-up still runs, and the successor is told the drain is over.
+    ``on_shutdown`` callbacks start with the drain, as aiohttp runs them
+    before it waits for busy handlers (close websockets there);
+    ``on_cleanup`` callbacks run after it. ``idle_after_drain`` defaults to True
     in a Kruise slot (``SIDECARSET_VERSION`` set). ``migrate_connections``
     (on by default) hands idle keep-alive connections to the successor and
     adopts the predecessor's (:mod:`hotswap.migrate`); off, or where aiohttp
@@ -455,7 +485,7 @@ async def serve(app: web.Application, upgrader: Upgrader,
         hooks = _BoundedHooks(app, cleanup_timeout)
         # aiohttp (>= 3.10) waits shutdown_timeout for a busy handler, then
         # cancels its request and waits as long again: the grace's end.
-        runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=_CANCEL_WAIT)
+        runner = _Runner(app, handle_signals=False, shutdown_timeout=_CANCEL_WAIT)
         await runner.setup()
         try:
             for name, address in sockets.items():
@@ -479,6 +509,7 @@ async def serve(app: web.Application, upgrader: Upgrader,
             migrating = migrator is not None and reason is ExitReason.TAKEN_OVER
             drainer.start(runner.server, every_connection=not migrating)
             await upgrader.release()
+            runner.shutdown_early()  # on_shutdown: close websockets and streams
             cut = await drainer.drain(runner.server, drain_timeout,
                                       migrator=migrator if migrating else None,
                                       upgrader=upgrader)

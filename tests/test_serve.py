@@ -247,6 +247,56 @@ def test_a_websocket_is_read_throughout_the_drain(run: Callable[
     run(main())
 
 
+def test_websockets_closed_in_on_shutdown_leave_as_the_drain_starts(run: Callable[
+        [Awaitable[None]], None]) -> None:
+    """An app that closes its websockets in on_shutdown (aiohttp's way to end
+    long-lived connections: its own clean-up runs on_shutdown before it
+    waits for busy handlers) does so as soon as v2 takes over: the client is
+    told 1001 (going away) at once, and v1's drain ends then, not at its
+    deadline (20 s). on_shutdown used to run after the drain: the websocket
+    stayed on v1 until the deadline, then was cut without a close frame."""
+    async def main() -> None:
+        name = f"s-{uuid.uuid4().hex[:10]}"
+        sockets: dict[str, hotswap.Address] = {"http": ("127.0.0.1", 0)}
+        open_ws: set[web.WebSocketResponse] = set()
+
+        async def echo(request: web.Request) -> web.WebSocketResponse:
+            ws = web.WebSocketResponse()
+            await ws.prepare(request)
+            open_ws.add(ws)
+            try:
+                async for message in ws:
+                    await ws.send_str(f"v1 {message.data}")
+            finally:
+                open_ws.discard(ws)
+            return ws
+
+        async def close_websockets(app: web.Application) -> None:
+            for ws in set(open_ws):
+                await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"upgrade")
+
+        app = web.Application()
+        app.router.add_get("/ws", echo)
+        app.on_shutdown.append(close_websockets)
+        v1 = hotswap.Upgrader(name, version="v1", options=hotswap.Options(env={}))
+        v1_task = asyncio.create_task(hotswap.aiohttp.serve(
+            app, v1, sockets, drain_timeout=20, handle_signals=False,
+            yield_cpu_after_drain=False))
+        await until(serving(v1), "v1 serving")
+        url = f"http://{v1.status().listeners[0].address}/ws"
+        async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+            await ws.send_str("m0")
+            assert (await ws.receive(timeout=5)).data == "v1 m0"
+            v2, v2_task = start(name, "v2", sockets)
+            message = await ws.receive(timeout=5)
+            assert message.type is aiohttp.WSMsgType.CLOSE, message
+            assert message.data == aiohttp.WSCloseCode.GOING_AWAY, message
+        assert await asyncio.wait_for(v1_task, 5) == 0  # long before its deadline
+        await stop_serving(v2, v2_task)
+
+    run(main())
+
+
 async def read_response(reader: asyncio.StreamReader) -> bytes:
     """One response's head (lower case) and body, within 10 s."""
     async with asyncio.timeout(10):
@@ -311,14 +361,13 @@ def test_a_request_in_flight_that_cannot_move_is_told_to_close(run: Callable[
 @pytest.mark.parametrize("hook", ["raises", "hangs", "cancelled"])
 def test_a_failing_clean_up_hook_still_lets_the_last_response_out(run: Callable[
         [Awaitable[None]], None], hook: str) -> None:
-    """The app's on_shutdown callback raises (or ends cancelled), or never
-    returns, while a request is still being answered at the drain deadline.
-    The response
-    still gets its grace and arrives (told to close); the hook is logged and
+    """The app's on_shutdown callback (which starts with the drain) lets a
+    request in flight answer, then raises (or ends cancelled), or never
+    returns. The response arrives (told to close); the hook is logged and
     abandoned within cleanup_timeout; the on_cleanup callbacks still run;
     serve() returns 1 rather than raising or hanging. (A raise used to skip
-    aiohttp's grace, the response was lost and serve() raised; a hang kept
-    the old process, and its successor's next upgrade, waiting for good.)"""
+    the rest of aiohttp's clean-up, and serve() raised; a hang kept the old
+    process, and its successor's next upgrade, waiting for good.)"""
     async def main() -> None:
         gate, entered, cleaned = asyncio.Event(), asyncio.Event(), asyncio.Event()
         app = app_of("v1", gate, entered)
