@@ -25,10 +25,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import itertools
 import json
+import math
 import os
 import platform
+import random
 import re
 import shutil
 import signal
@@ -55,6 +58,13 @@ CRITICAL_RE = re.compile(r"hello at ([\d.]+), confirmed \+([\d.]+) ms, "
 # A switch window: from just before the switch (the handover critical section
 # is a few ms) to 1 s after it. What precedes it is the new process starting.
 WINDOW_BEFORE, WINDOW_AFTER = 0.05, 1.0
+# The switch itself, for latency: a 1 s window's percentiles are mostly the
+# ordinary traffic after the switch.
+SHORT_AFTER = 0.25
+HELLO_SENT_RE = re.compile(r"hello sent at ([\d.]+)")
+# Draws of steady-state stretches as long as the windows a longest gap is
+# compared with (a maximum grows with the time it is taken over).
+REFERENCE_DRAWS = 400
 
 
 def say(message: str) -> None:
@@ -288,7 +298,13 @@ def run_strategy(name: str, procs: Procs, args: argparse.Namespace) -> dict[str,
                 raise RuntimeError("old side logged no critical section")
             hello = float(match.group(1))
             switched = hello + float(match.group(2)) / 1e3
-            critical = float(match.group(3))
+            # From the successor's sending its hello (its log, once ready;
+            # the same clock) to the old side's last accept: the old side's
+            # own "hello at" is when its loop got to read it.
+            sent = HELLO_SENT_RE.search(new_log.read_text())
+            if sent is None:
+                raise RuntimeError("the successor logged no hello")
+            critical = (hello + float(match.group(3)) / 1e3 - float(sent.group(1))) * 1e3
             procs.stop(current)  # Kruise's reset of the old slot
         elif peer is not None:
             switched = launched
@@ -329,50 +345,138 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
+def _merge(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[tuple[float, float]] = []
+    for a, b in sorted(spans):
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+        else:
+            merged.append((a, b))
+    return merged
+
+
+def _version(answer: str) -> int:
+    return int(answer[1:]) if answer[:1] == "v" and answer[1:].isdigit() else -1
+
+
 def analyse(name: str, records: list[list[Any]], upgrades: list[dict[str, float]],
-            steady_from: float) -> dict[str, Any]:
+            steady_from: float, seed: int = 0) -> dict[str, Any]:
+    """Records ``[start, latency, client, answer]`` (answer: the version,
+    or ``!kind`` for a failure) against the upgrades' launch and switch
+    times."""
     # The switch window surrounds the switch itself; the start-up window is the
     # time the new process spends starting before it (every strategy pays for
     # a process start; the switch is what differs).
     switch = [(u["switched"] - WINDOW_BEFORE, u["switched"] + WINDOW_AFTER) for u in upgrades]
-    startup = [(u["launched"], u["switched"] - WINDOW_BEFORE) for u in upgrades]
+    short = [(u["switched"] - WINDOW_BEFORE, u["switched"] + SHORT_AFTER) for u in upgrades]
+    startup = [(u["launched"], u["switched"] - WINDOW_BEFORE) for u in upgrades
+               if u["switched"] - WINDOW_BEFORE > u["launched"]]
+    windows = _merge(switch + startup)
 
     def within(t: float, spans: list[tuple[float, float]]) -> bool:
         return any(a <= t <= b for a, b in spans)
 
-    def in_window(t: float) -> bool:
-        return within(t, switch) or within(t, startup)
+    def touches(a: float, b: float) -> bool:  # [a, b] overlaps a window
+        return any(a <= y and b >= x for x, y in windows)
 
     failures = Counter(r[3][1:] for r in records if r[3].startswith("!"))
     ok = [r for r in records if not r[3].startswith("!")]
-    steady = [r[1] * 1e3 for r in ok if r[0] >= steady_from and not in_window(r[0])]
+    # Steady state: requests that overlap no window (one in flight as a
+    # window begins is not steady).
+    steady = [r[1] * 1e3 for r in ok if r[0] >= steady_from and not touches(r[0], r[0] + r[1])]
     window = [r[1] * 1e3 for r in ok if within(r[0], switch)]
+    at_switch = [r[1] * 1e3 for r in ok if within(r[0], short)]
     starting = [r[1] * 1e3 for r in ok if within(r[0], startup) and not within(r[0], switch)]
+
+    # Gaps between successful responses (by their end), each placed at its
+    # start.
     done = sorted(r[0] + r[1] for r in ok)
     gaps = [(b - a, a) for a, b in itertools.pairwise(done)]
+    starts = [at for _, at in gaps]
+    sizes = [g for g, _ in gaps]
+
+    def longest_in(a: float, b: float) -> float:
+        i, j = bisect.bisect_left(starts, a), bisect.bisect_right(starts, b)
+        return max(sizes[i:j], default=0.0)
+
     longest = max(gaps, default=(0.0, 0.0))
-    steady_gaps = [g for g, at in gaps if at >= steady_from and not in_window(at)]
-    switch_gaps = [g for g, at in gaps if within(at, switch)]
-    startup_gaps = [g for g, at in gaps if within(at, startup) and not within(at, switch)]
-    switch_times: dict[str, list[float]] = {"keepalive_all": [], "keepalive_first": [],
-                                            "busybox": [], "new_connection": []}
+    end = max(done, default=steady_from)
+    steady_spans: list[tuple[float, float]] = []
+    cursor = steady_from
+    for a, b in windows:
+        if a > cursor:
+            steady_spans.append((cursor, min(a, end)))
+        cursor = max(cursor, b)
+    if end > cursor:
+        steady_spans.append((cursor, end))
+    steady_spans = [(a, b) for a, b in steady_spans if b > a]
+    rng = random.Random(seed)
+
+    def reference(lengths: list[float]) -> dict[str, float] | None:
+        """The longest gap over stretches of steady state as long as
+        ``lengths``, placed at random: median and 95th percentile over the
+        draws. What the windows' longest gap would be if they were
+        steady state."""
+        if not lengths:
+            return None
+        draws = []
+        for _ in range(REFERENCE_DRAWS):
+            worst = 0.0
+            for length in lengths:
+                fits = [(a, b) for a, b in steady_spans if b - a >= length]
+                if not fits:
+                    return None
+                a, b = rng.choices(fits, weights=[b - a - length + 1e-9 for a, b in fits])[0]
+                at = rng.uniform(a, b - length)
+                worst = max(worst, longest_in(at, at + length))
+            draws.append(worst * 1e3)
+        return {"median": statistics.median(draws), "p95": percentile(draws, 95)}
+
+    switch_gap = max((longest_in(a, b) for a, b in switch), default=0.0) * 1e3
+    startup_gap = (max(longest_in(a, b) for a, b in startup) * 1e3) if startup else None
+
+    ka_clients = sorted({r[2] for r in records if r[2].startswith("ka")})
+    new_clients = sorted({r[2] for r in records if r[2].startswith("new")})
+    switch_times: dict[str, list[float]] = {
+        "keepalive_all": [], "keepalive_first": [], "keepalive_all_from_first_new": [],
+        "busybox": [], "new_connection": [], "new_connection_all": []}
+    not_reached = 0
     for u in upgrades:
-        version = f"v{int(u['version'])}"
+        version = int(u["version"])
         t0 = u["switched"]
         first: dict[str, float] = {}
         for r in ok:
-            if r[3] == version and r[2] not in first:
-                first[r[2]] = r[0] + r[1] - t0
-        ka = [v for k, v in first.items() if k.startswith("ka")]
-        if ka:
-            switch_times["keepalive_all"].append(max(ka))
-            switch_times["keepalive_first"].append(min(ka))
+            if _version(r[3]) >= version:
+                client_first = first.get(r[2])
+                if client_first is None or r[0] + r[1] < client_first:
+                    first[r[2]] = r[0] + r[1]
+        if not first:
+            continue
+        first_new = min(first.values())
+        ka = [first.get(c) for c in ka_clients]
+        reached = [t for t in ka if t is not None]
+        if reached:
+            switch_times["keepalive_first"].append(min(reached) - t0)
+        if len(reached) < len(ka):
+            not_reached += 1  # some keep-alive client never saw the new version
+            switch_times["keepalive_all"].append(math.inf)
+            switch_times["keepalive_all_from_first_new"].append(math.inf)
+        elif reached:
+            switch_times["keepalive_all"].append(max(reached) - t0)
+            switch_times["keepalive_all_from_first_new"].append(max(reached) - first_new)
         bb = [v for k, v in first.items() if k.startswith("bb")]
         if bb:
-            switch_times["busybox"].append(bb[0])
-        new = [v for k, v in first.items() if k.startswith("new")]
-        if new:
-            switch_times["new_connection"].append(min(new))
+            switch_times["busybox"].append(min(bb) - t0)
+        new = [first.get(c) for c in new_clients]
+        new_reached = [t for t in new if t is not None]
+        if new_reached:
+            switch_times["new_connection"].append(min(new_reached) - t0)
+            switch_times["new_connection_all"].append(
+                max(new_reached) - t0 if len(new_reached) == len(new) else math.inf)
+
+    def finite(value: float | None) -> float | None:
+        return None if value is None or math.isinf(value) else value
+
     criticals = [u["critical_ms"] for u in upgrades if u["critical_ms"] == u["critical_ms"]]
     return {
         "strategy": name,
@@ -382,16 +486,27 @@ def analyse(name: str, records: list[list[Any]], upgrades: list[dict[str, float]
         "upgrades": len(upgrades),
         "failures_per_upgrade": sum(failures.values()) / max(1, len(upgrades)),
         "longest_gap_ms": longest[0] * 1e3,
-        "longest_gap_steady_ms": max(steady_gaps, default=0.0) * 1e3,
-        "longest_gap_switch_ms": max(switch_gaps, default=0.0) * 1e3,
-        "longest_gap_startup_ms": (max(startup_gaps) * 1e3 if startup_gaps else None),
-        "switch_s": {k: (statistics.median(v) if v else None) for k, v in switch_times.items()},
-        "switch_s_max": {k: (max(v) if v else None) for k, v in switch_times.items()},
+        "longest_gap_steady_ms": max((longest_in(a, b) for a, b in steady_spans),
+                                     default=0.0) * 1e3,
+        "longest_gap_switch_ms": switch_gap,
+        "longest_gap_startup_ms": startup_gap,
+        # The same for steady state as long as the switch windows (all of
+        # them together) and the start-up windows: a maximum over 5 s is not
+        # comparable with one over 20 s.
+        "longest_gap_steady_like_switch_ms": reference([b - a for a, b in switch]),
+        "longest_gap_steady_like_startup_ms": reference([b - a for a, b in startup]),
+        "keepalive_not_reached": not_reached,
+        "switch_s": {k: (finite(statistics.median(v)) if v else None)
+                     for k, v in switch_times.items()},
+        "switch_s_max": {k: (finite(max(v)) if v else None) for k, v in switch_times.items()},
         "latency_ms": {
             "steady": {f"p{q}": percentile(steady, q) for q in (50, 99, 99.9)},
             "window": {f"p{q}": percentile(window, q) for q in (50, 99, 99.9)},
+            "switch": {f"p{q}": percentile(at_switch, q) for q in (50, 99, 99.9)},
             "startup": {f"p{q}": percentile(starting, q) for q in (50, 99, 99.9)},
         },
+        "latency_samples": {"steady": len(steady), "window": len(window),
+                            "switch": len(at_switch), "startup": len(starting)},
         "critical_section_ms": ({"median": statistics.median(criticals),
                                  "max": max(criticals)} if criticals else None),
         "_records": records,
@@ -414,8 +529,9 @@ def _tp_server(procs: Procs, kind: str) -> tuple[subprocess.Popen[bytes], int]:
     return server, port
 
 
-def _wrk(wrk: str, port: int, seconds: int) -> subprocess.Popen[str]:
+def _wrk(wrk: str, port: int, seconds: int, close: bool = False) -> subprocess.Popen[str]:
     return subprocess.Popen([wrk, "-t1", "-c32", f"-d{seconds}s",
+                             *(["-H", "Connection: close"] if close else []),
                              f"http://127.0.0.1:{port}/serve"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -444,33 +560,51 @@ def throughput(procs: Procs, args: argparse.Namespace) -> dict[str, Any]:
     if wrk is None:
         return {"skipped": "wrk is not installed (apt-get install wrk)"}
     kinds = ("hotswap", "plain")
-    results: dict[str, list[float]] = {k: [] for k in kinds}
-    for round_ in range(args.rounds):
-        for kind in kinds if round_ % 2 == 0 else kinds[::-1]:
-            server, port = _tp_server(procs, kind)
-            results[kind].append(_rps(_wrk(wrk, port, args.wrk_seconds)))
-            procs.stop(server)
-    together: dict[str, list[float]] = {k: [] for k in kinds}
-    for round_ in range(args.rounds):
-        started = [(kind, *_tp_server(procs, kind))
-                   for kind in (kinds if round_ % 2 == 0 else kinds[::-1])]
-        runs = {kind: _wrk(wrk, port, args.wrk_seconds) for kind, _, port in started}
-        try:
-            for kind, run in runs.items():
-                together[kind].append(_rps(run))
-        finally:
-            for run in runs.values():  # wrk stops by itself; reap it on errors too
-                if run.poll() is None:
-                    run.kill()
-                    run.wait()
-            for _, server, _ in started:
+
+    def alone(rounds: int, close: bool) -> dict[str, list[float]]:
+        results: dict[str, list[float]] = {k: [] for k in kinds}
+        for round_ in range(rounds):
+            for kind in kinds if round_ % 2 == 0 else kinds[::-1]:
+                server, port = _tp_server(procs, kind)
+                results[kind].append(_rps(_wrk(wrk, port, args.wrk_seconds, close)))
                 procs.stop(server)
+        return results
+
+    def side_by_side(rounds: int, close: bool) -> dict[str, Any]:
+        together: dict[str, list[float]] = {k: [] for k in kinds}
+        for round_ in range(rounds):
+            started = [(kind, *_tp_server(procs, kind))
+                       for kind in (kinds if round_ % 2 == 0 else kinds[::-1])]
+            runs = {kind: _wrk(wrk, port, args.wrk_seconds, close)
+                    for kind, _, port in started}
+            try:
+                for kind, run in runs.items():
+                    together[kind].append(_rps(run))
+            finally:
+                for run in runs.values():  # wrk stops by itself; reap it on errors too
+                    if run.poll() is None:
+                        run.kill()
+                        run.wait()
+                for _, server, _ in started:
+                    procs.stop(server)
+        ratios = [h / p for h, p in zip(together["hotswap"], together["plain"], strict=True)]
+        return {"rounds": together, "ratios": ratios, "ratio": statistics.median(ratios),
+                "ratio_min": min(ratios), "ratio_max": max(ratios)}
+
+    results = alone(args.rounds, False)
     med = {k: statistics.median(v) for k, v in results.items()}
-    ratios = [h / p for h, p in zip(together["hotswap"], together["plain"], strict=True)]
+    together = side_by_side(args.rounds, False)
+    # A connection per request: what hotswap adds per connection (its
+    # tracking for the handover) shows only here; keep-alive wrk never
+    # opens one after its first 32.
+    fresh = alone(max(2, args.rounds // 2), True)
+    fresh_med = {k: statistics.median(v) for k, v in fresh.items()}
     return {"rounds": results, "median_rps": med, "ratio": med["hotswap"] / med["plain"],
-            "side_by_side": {"rounds": together, "ratios": ratios,
-                             "ratio": statistics.median(ratios),
-                             "ratio_min": min(ratios), "ratio_max": max(ratios)}}
+            "side_by_side": together,
+            "connection_close": {
+                "rounds": fresh, "median_rps": fresh_med,
+                "ratio": fresh_med["hotswap"] / fresh_med["plain"],
+                "side_by_side": side_by_side(max(2, args.rounds // 2), True)}}
 
 
 # ------------------------------------------------------- scaling with listeners
@@ -657,25 +791,44 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [f"Measured {report['when']} on {report['machine']}; command: `make bench`.",
              f"Load: {report['load']}.", ""]
     lines += ["| strategy | requests | failed | failures per upgrade | by kind "
-              "| longest gap: switch windows / start-up / steady (ms) "
-              "| keep-alive all on new (s) | new-conn on new (s) "
-              "| p50 / p99 / p99.9 steady (ms) | p50 / p99 / p99.9 switch windows (ms) "
+              "| longest gap, switch windows: measured / steady as long, median, p95 (ms) "
+              "| longest gap, start-up: measured / steady as long, median, p95 (ms) "
+              "| keep-alive all on new (s): from the switch / from the new version's first "
+              "answer | new-conn all on new (s) "
+              "| p50 / p99 / p99.9 steady (ms) "
+              f"| p50 / p99 / p99.9 at the switch (-{WINDOW_BEFORE} to +{SHORT_AFTER} s, ms) "
+              "| p50 / p99 / p99.9 switch windows (1 s, ms) "
               "| p50 / p99 / p99.9 while the new process starts (ms) "
               "| critical section (ms) |",
-              "|" + "---|" * 12]
+              "|" + "---|" * 14]
+
+    def gap(measured: float | None, like: dict[str, float] | None) -> str:
+        if measured is None:
+            return "-"
+        if like is None:
+            return f"{fmt(measured)} / -"
+        return f"{fmt(measured)} / {fmt(like['median'])}, {fmt(like['p95'])}"
+
+    def triple(values: dict[str, float]) -> str:
+        return " / ".join(fmt(values[k], 2) for k in ("p50", "p99", "p99.9"))
+
     for r in report["strategies"]:
         lat = r["latency_ms"]
         crit = r["critical_section_ms"]
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(r["failures"].items())) or "-"
+        times = r["switch_s"]
+        missed = r.get("keepalive_not_reached", 0)
+        keepalive = (f"not all, {missed} of {r['upgrades']} upgrades" if missed else
+                     f"{fmt(times['keepalive_all'], 3)} / "
+                     f"{fmt(times['keepalive_all_from_first_new'], 3)}")
         lines.append(
             f"| {r['strategy']} | {r['requests']} | {r['failed']} | "
-            f"{fmt(r['failures_per_upgrade'])} | {kinds} | {fmt(r['longest_gap_switch_ms'])} / "
-            f"{fmt(r['longest_gap_startup_ms'])} / {fmt(r['longest_gap_steady_ms'])} | "
-            f"{fmt(r['switch_s']['keepalive_all'], 3)} | "
-            f"{fmt(r['switch_s']['new_connection'], 3)} | "
-            + " / ".join(fmt(lat['steady'][k], 2) for k in ("p50", "p99", "p99.9")) + " | "
-            + " / ".join(fmt(lat['window'][k], 2) for k in ("p50", "p99", "p99.9")) + " | "
-            + " / ".join(fmt(lat['startup'][k], 2) for k in ("p50", "p99", "p99.9")) + " | "
+            f"{fmt(r['failures_per_upgrade'])} | {kinds} | "
+            f"{gap(r['longest_gap_switch_ms'], r['longest_gap_steady_like_switch_ms'])} | "
+            f"{gap(r['longest_gap_startup_ms'], r['longest_gap_steady_like_startup_ms'])} | "
+            f"{keepalive} | {fmt(times['new_connection_all'], 3)} | "
+            f"{triple(lat['steady'])} | {triple(lat['switch'])} | {triple(lat['window'])} | "
+            f"{triple(lat['startup'])} | "
             + (f"{fmt(crit['median'], 2)} (max {fmt(crit['max'], 2)})" if crit else "-")
             + " |")
     if report.get("skipped"):
@@ -693,6 +846,16 @@ def markdown(report: dict[str, Any]) -> str:
             f"Side by side ({len(side['ratios'])} rounds, both servers and both wrk at "
             f"the same time): ratio median {side['ratio']:.3f} (rounds "
             f"{side['ratio_min']:.3f} to {side['ratio_max']:.3f}).")
+        close = tp.get("connection_close")
+        if close:
+            cside = close["side_by_side"]
+            lines.append(
+                f"A new connection per request (wrk -H 'Connection: close', "
+                f"{len(close['rounds']['plain'])} alternating rounds): with hotswap "
+                f"{close['median_rps']['hotswap']:.0f} req/s, plain "
+                f"{close['median_rps']['plain']:.0f} req/s, ratio {close['ratio']:.3f}; side "
+                f"by side ({len(cside['ratios'])} rounds): ratio median {cside['ratio']:.3f} "
+                f"(rounds {cside['ratio_min']:.3f} to {cside['ratio_max']:.3f}).")
     lines += ["", "| listeners | handover median (ms) | min | max |", "|---|---|---|---|"]
     for n, v in report["listeners"].items():
         lines.append(f"| {n} | {v['median_ms']:.2f} | {v['min_ms']:.2f} | {v['max_ms']:.2f} |")
@@ -708,17 +871,26 @@ def markdown(report: dict[str, Any]) -> str:
               + "; ".join(f"connection handover {k}: {v['requests']} requests, {v['failed']} "
                           f"failed {v['failures'] or ''}, {v['connections']} connections opened"
                           for k, v in idle.items()) + "."]
-    lines += ["", "Definitions: the switch is the successor's confirmation (hotswap) or the "
-              "moment the old process is told to stop (the others). A switch window runs from "
-              f"{WINDOW_BEFORE} s before the switch to {WINDOW_AFTER} s after it; the start-up "
-              "window from the new process's launch to the switch window (hotswap: the new "
-              "sidecar and its PostStart hook starting; naive restart: none, it starts after "
-              "the switch, inside the switch window); steady state is everything else after "
-              "warm-up. Latencies are of successful requests, measured by the client "
-              "(connect included for new connections). \"keep-alive all on "
-              "new\": median over upgrades of the time from the switch until every keep-alive "
-              "client has been answered by the new version. Critical section: from the "
-              "successor's hello to the old side's last accept."]
+    lines += ["", "Definitions: the switch is the successor's confirmation (hotswap), the "
+              "reload signal (nginx, HAProxy: before their new workers exist) or the moment "
+              "the old process is told to stop (naive restart, SO_REUSEPORT overlap). A switch "
+              f"window runs from {WINDOW_BEFORE} s before the switch to {WINDOW_AFTER} s after "
+              "it; the start-up window from the new process's launch to the switch window "
+              "(hotswap: the new sidecar and its PostStart hook starting; naive restart: "
+              "none, it starts after the switch, inside the switch window); steady state is "
+              "every request after warm-up that overlaps no window. Latencies are of "
+              "successful requests, measured by the client (connect included for new "
+              "connections), placed by their start. A gap is the time between two successful "
+              "responses (by their end), of any clients; \"steady as long\": the longest gap "
+              f"over stretches of steady state placed at random ({REFERENCE_DRAWS} draws), as "
+              "long as the switch windows (each of them) or the start-up windows, its median "
+              "and 95th percentile (a longest gap grows with the time it is taken over). "
+              "\"keep-alive all on new\": median over upgrades of the time until every "
+              "keep-alive client has been answered by the new version, from the switch, and "
+              "from the first answer of the new version to any client (the same reference "
+              "for every strategy). \"new-conn all on new\": the same for the new-connection "
+              "clients, from the switch. Critical section: from the successor's sending its "
+              "hello to the old side's last accept."]
     return "\n".join(lines) + "\n"
 
 

@@ -204,6 +204,7 @@ class Upgrader:
         self._silent: dict[asyncio.Task[None], None] = {}
         self._predecessor = "none"  # none | accepting | draining | gone
         self._taken_from = ""  # what the handshake received, for the log
+        self._hello_sent_at = 0.0  # wall clock, for the benchmark's critical section
         self._predecessor_channel: Channel | None = None
         self._predecessor_task: asyncio.Task[None] | None = None
         self._successor: Channel | None = None
@@ -345,7 +346,8 @@ class Upgrader:
         listed = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if names[8:] else "")
         log.info("%s: %s ready (pid %d, generation %d%s)", self.name, self.version,
                  self.pid, self.generation,
-                 f"; took over {self._taken_from}: {listed}" if self._taken_from else "")
+                 f"; took over {self._taken_from}: {listed}; hello sent at "
+                 f"{self._hello_sent_at:.6f}" if self._taken_from else "")
 
     async def wait_exit(self) -> ExitReason:
         """Wait until this process should stop accepting: a successor took
@@ -625,6 +627,7 @@ class Upgrader:
         hello = Hello(pid=self.pid, version=self.version, rank=self.versions.rank,
                       token=opts.token,
                       capabilities=("connections", _ACK) if self._adopter else ())
+        self._hello_sent_at = time.time()  # logged by ready(), off the critical path
         try:
             reply = await channel.request(hello, timeout=opts.message_timeout)
         except HandoverTimeout as exc:

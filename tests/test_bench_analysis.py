@@ -8,7 +8,7 @@ import sys
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
-from run import analyse, percentile
+from run import analyse, markdown, percentile
 
 
 def test_percentile() -> None:
@@ -48,3 +48,52 @@ def test_analyse_counts_failures_gaps_and_switch_times() -> None:
     assert abs(result["longest_gap_ms"] - 70.0) < 0.5
     assert result["critical_section_ms"] == {"median": 2.0, "max": 2.0}
     assert abs(result["latency_ms"]["steady"]["p50"] - 1.0) < 1e-6
+
+
+def test_analyse_compares_gaps_with_steady_state_of_the_same_length() -> None:
+    """A 10 ms pause every 2 s in steady state, one per switch window: the
+    switch windows' longest gap (10 ms) is what steady state shows over the
+    same length of time. A start-up window of 0.1 s rarely holds such a
+    pause, so its steady reference is the 1 ms spacing, and a keep-alive
+    client that never reaches the new version is reported, not dropped."""
+    records = []
+    for i in range(60000):  # t = 100 .. 160, one response per ms
+        t = 100 + i * 0.001
+        if i % 2000 < 10 and i > 500:
+            continue  # the pause: 11 ms from one response to the next
+        records.append([t, 0.0001, "ka0", "v1" if t < 130.0 else "v2"])
+    records.append([140.0, 0.0001, "ka1", "v1"])  # never sees v2
+    # In flight as the start-up window begins: not steady state.
+    records.append([129.849, 0.5, "new0", "v1"])
+    upgrades = [{"launched": 129.85, "switched": 130.0, "critical_ms": float("nan"),
+                 "version": 2}]
+    result = analyse("synthetic", records, upgrades, steady_from=101.0)
+    like_switch = result["longest_gap_steady_like_switch_ms"]
+    like_startup = result["longest_gap_steady_like_startup_ms"]
+    pause = result["longest_gap_steady_ms"]
+    assert abs(pause - 11.0) < 0.01
+    assert abs(result["longest_gap_switch_ms"] - pause) < 0.01
+    assert like_switch is not None and abs(like_switch["median"] - pause) < 0.01
+    assert like_startup is not None and like_startup["median"] < 2.0
+    assert result["keepalive_not_reached"] == 1
+    assert result["switch_s"]["keepalive_all"] is None
+    assert result["latency_ms"]["steady"]["p99.9"] < 1.0  # the 500 ms one is left out
+    assert result["latency_samples"]["switch"] < result["latency_samples"]["window"]
+
+
+def test_the_table_renders_what_analyse_measured() -> None:
+    records = [[100 + i * 0.001, 0.0005, f"ka{i % 2}", "v1" if i < 5000 else "v2"]
+               for i in range(10000)]
+    upgrades = [{"launched": 104.5, "switched": 105.0, "critical_ms": 2.5, "version": 2}]
+    result = analyse("synthetic", records, upgrades, steady_from=100.5)
+    report = {"when": "now", "machine": "here", "load": "some", "skipped": [],
+              "strategies": [{k: v for k, v in result.items() if not k.startswith("_")}],
+              "throughput": {"skipped": "no wrk"}, "listeners": {}, "connections": {},
+              "idle_keepalive": {}}
+    row = next(line for line in markdown(report).splitlines() if line.startswith("| synthetic"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert len(cells) == 14, cells
+    header = next(line for line in markdown(report).splitlines() if line.startswith("|---"))
+    assert header.count("---") == len(cells)
+    assert cells[:3] == ["synthetic", "10000", "0"]
+    assert cells[-1] == "2.50 (max 2.50)"
