@@ -140,17 +140,22 @@ def _call(fn: Callable[..., T], args: tuple[object, ...], idle: bool | None,
             outcome["error"] = exc
 
     helper = threading.Thread(target=run, name="hotswap-preload", daemon=True)
-    helper.start()
-    helper.join(timeout)
+    try:
+        helper.start()
+    except RuntimeError as exc:  # no thread allowed (RLIMIT_NPROC, a cgroup's pids.max)
+        outcome["refused"] = exc
+    else:
+        helper.join(timeout)
     if helper.is_alive():
         raise TimeoutError(f"hotswap: {what} at idle priority took over {timeout:g}s "
                            "(no idle CPU on this node?)")
     refused = outcome.get("refused")
-    if isinstance(refused, OSError):
+    if isinstance(refused, OSError | RuntimeError):
         import logging  # not before: this module is imported first thing
 
         logging.getLogger(__name__).info(
-            "SCHED_IDLE refused (%s): running at normal priority", refused)
+            "%s refused (%s): running at normal priority",
+            "SCHED_IDLE" if isinstance(refused, OSError) else "a helper thread", refused)
         return False, fn(*args)
     error = outcome.get("error")
     if isinstance(error, BaseException):

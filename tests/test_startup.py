@@ -237,3 +237,18 @@ def test_successor_loads_gently_and_the_drained_old_one_yields_the_cpu(
     assert v1.wait(timeout=15) == 0
     v2.send_signal(signal.SIGTERM)
     assert v2.wait(timeout=15) == 0
+
+
+def test_no_thread_allowed_falls_back_to_the_calling_thread(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A successor whose uid may start no more threads (RLIMIT_NPROC, a
+    cgroup's pids.max) computes at normal priority in the calling thread, as
+    when SCHED_IDLE is refused: it used to exit with "can't start new
+    thread" (found under RLIMIT_NPROC as uid 65534). Mocked: root ignores
+    RLIMIT_NPROC, and this interpreter lives where another uid cannot run
+    it."""
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    assert idle_call(_where, idle=True) == (os.SCHED_OTHER, threading.current_thread().name)
