@@ -36,6 +36,7 @@ waits until it is sent.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import socket
@@ -195,6 +196,7 @@ class Migrator:
         # Connections about to reach a boundary (paused busy ones waiting for
         # their response, and ones between two requests): look again soon.
         self.pending = 0
+        self._short_logged = False
 
     def site(self, runner: web.BaseRunner, sock: socket.socket,
              listener: str) -> web.BaseSite:
@@ -282,40 +284,67 @@ class Migrator:
         moved = 0
         loop = asyncio.get_running_loop()
         until = None if time_left is None else loop.time() + time_left
+        short = False  # no descriptor left for more copies; the channel works
         for i in range(0, len(ready), MAX_FDS_PER_FRAME):
             batch = ready[i:i + MAX_FDS_PER_FRAME]
             left = None if until is None else max(0.0, until - loop.time())
-            sent = await self._send(upgrader, batch, close_after_next_response, left)
+            sent, short = await self._send(upgrader, batch, close_after_next_response, left)
             moved += sent
             if sent < len(batch):
                 for conn in ready[i + MAX_FDS_PER_FRAME:]:
                     conn.resume()
-                    close_after_next_response(conn.handler)
+                    if not (short and sent):
+                        close_after_next_response(conn.handler)
                 break
         self.moved += moved
         self.seconds += time.perf_counter() - started
         if moved:
             log.info("handed %d idle connection(s) to the successor", moved)
-        return moved == len(ready)
+        # Short of descriptors, the next rounds go on with what this one freed.
+        return moved == len(ready) or short
 
     async def _send(self, upgrader: Upgrader, batch: list[Tracked],
                     close_after_next_response: Callable[[web.RequestHandler], None],
-                    time_left: float | None) -> int:
+                    time_left: float | None) -> tuple[int, bool]:
+        """Hand ``batch`` over: copy each descriptor (ours closes only once
+        the successor has it), send, close. Returns how many moved, and
+        whether the rest may try again next round: with no descriptor
+        number left for more copies (EMFILE), the ones copied go and free
+        theirs; the others stay, paused no more (told to close after their
+        next response if none could be copied, which the next rounds may
+        still move). A failed send tells the rest to close after their next
+        response. The flag is False once the channel failed."""
         items: list[tuple[str, int, str]] = []
         sent = 0
+        short = False
         try:
             for conn in batch:
                 assert conn.transport is not None
                 raw = conn.transport.get_extra_info("socket")
                 peer = conn.transport.get_extra_info("peername")
-                items.append((conn.listener, os.dup(raw.fileno()), str(peer)))
-            sent = await upgrader.hand_over_connections(items, timeout=time_left)
-        except OSError as exc:  # EMFILE: no descriptor left for the copies
+                try:
+                    fd = os.dup(raw.fileno())
+                except OSError as exc:
+                    if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                        raise
+                    short = True
+                    if not self._short_logged:
+                        self._short_logged = True
+                        log.warning("no descriptor left to copy connections for the "
+                                    "handover (%s): moving %d now, the rest as copies "
+                                    "free up", exc, len(items))
+                    break
+                items.append((conn.listener, fd, str(peer)))
+            if items:
+                sent = await upgrader.hand_over_connections(items, timeout=time_left)
+        except OSError as exc:
             log.warning("cannot hand %d connection(s) over (%s); they drain here",
                         len(batch), exc)
+            short = False
         finally:
             for _, fd, _ in items:
                 os.close(fd)
+        short = short and sent == len(items) and upgrader.can_hand_over_connections
         for i, conn in enumerate(batch):
             assert conn.transport is not None
             if i < sent:
@@ -323,5 +352,6 @@ class Migrator:
                 conn.transport.close()  # our descriptor only; the socket lives on
             else:
                 conn.resume()
-                close_after_next_response(conn.handler)
-        return sent
+                if not (short and sent):
+                    close_after_next_response(conn.handler)
+        return sent, short
