@@ -43,12 +43,15 @@ class BrokenResourceError(HotswapError):
     """The channel was broken by the peer or the OS (EOF, reset, bad fd).
 
     ``eof`` is True when the peer closed its end cleanly; otherwise
-    ``__cause__`` is the ``OSError``, if there was one.
+    ``__cause__`` is the ``OSError``, if there was one. ``truncated`` is True
+    when descriptors sent to us did not fit (``MSG_CTRUNC``: this process
+    has no descriptor numbers left): the fault is ours, not the peer's.
     """
 
-    def __init__(self, message: str, *, eof: bool = False) -> None:
+    def __init__(self, message: str, *, eof: bool = False, truncated: bool = False) -> None:
         super().__init__(message)
         self.eof = eof
+        self.truncated = truncated
 
 
 class HandoverRefused(HotswapError):

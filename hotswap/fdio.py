@@ -86,8 +86,20 @@ def recv_some(sock: socket.socket, size: int = RECV_BUFSIZE,
         close_fds(fds)
         raise BrokenResourceError(
             f"control message truncated (MSG_CTRUNC): {len(fds)} descriptor(s) "
-            "arrived and were closed")
+            f"arrived and were closed ({descriptor_room()})", truncated=True)
     return data, fds
+
+
+def descriptor_room() -> str:
+    """This process's descriptors in use against its limit, for errors."""
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    try:
+        used = str(len(os.listdir("/proc/self/fd")) - 1)  # less the listing's own
+    except OSError:  # no descriptor left to list them with
+        used = "all"
+    return f"{used} of RLIMIT_NOFILE {soft} descriptors in use"
 
 
 def send_frame(sock: socket.socket, frame: bytes, fds: Sequence[int] = ()) -> int:

@@ -607,10 +607,17 @@ class Upgrader:
                     raise
                 log.info("%s: serving process busy (%s); retrying", self.name, exc.reason)
             except BrokenResourceError as exc:
+                channel.close()
+                if exc.truncated:
+                    # Our fault, not the predecessor's: it would be the same
+                    # every time. It held on to everything and serves on.
+                    raise HandoverFailed(
+                        f"no room for the predecessor's sockets: {exc}; nothing was "
+                        "taken and it serves on (raise this process's RLIMIT_NOFILE)"
+                    ) from exc
                 # The predecessor went away mid-handshake (crashed, killed):
                 # nothing was adopted. Look again: if nobody serves now, the
                 # port is free and we start fresh.
-                channel.close()
                 if loop.time() + delay > deadline:
                     raise
                 log.warning("%s: predecessor went away during the handover (%s); "
@@ -760,7 +767,12 @@ class Upgrader:
                              "adopted)", self.name, message.pid, message.cut, adopted)
                 break
         except HotswapError as exc:
-            log.info("%s: predecessor gone (%s)", self.name, exc)
+            if isinstance(exc, BrokenResourceError) and exc.truncated:
+                log.warning("%s: no room for the predecessor's connections (%s): it "
+                            "serves those on and tells them to close; raise this "
+                            "process's RLIMIT_NOFILE", self.name, exc)
+            else:
+                log.info("%s: predecessor gone (%s)", self.name, exc)
         finally:
             channel.close()
             self._predecessor_channel = None

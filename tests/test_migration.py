@@ -208,5 +208,33 @@ def test_a_successor_with_no_descriptor_left_loses_nothing(procs: Procs, name: s
     next_requests_answered_by_v1(socks)
     assert v1.wait(timeout=15) == 0
     assert "MSG_CTRUNC" in procs.logs()
+    assert "no room for the predecessor's connections" in procs.logs()
+    assert "RLIMIT_NOFILE" in procs.logs()
     v2.send_signal(signal.SIGTERM)
     assert v2.wait(timeout=15) == 0
+
+
+def test_a_successor_with_no_room_for_the_sockets_fails_at_once(procs: Procs,
+                                                                name: str) -> None:
+    """The successor cannot even receive the listeners (MSG_CTRUNC on the
+    sockets frame): its own limit, which a retry cannot cure. It fails at
+    once, saying so, and v1 serves on. It used to take this for a
+    predecessor gone, retried for connect_timeout (30 s; v1 went through
+    34 handovers) and ended with a BrokenResourceError."""
+    v1 = procs.sidecar(name, "v1")
+    port = port_of(wait_for(serving(name, "v1"), 15, "v1 serving"))
+    # A sidecar serving alone holds the listener, the control socket, its
+    # marker and the status query's connection: three fewer leave a
+    # successor room to connect, not to take the two sockets sent.
+    limit = fresh_start_fds(procs, f"{name}-probe") - 3
+    v2 = sidecar_with_fd_limit(procs, name, "v2", limit)
+    assert v2.wait(timeout=15) != 0
+    logs = procs.logs()
+    assert "no room for the predecessor's sockets" in logs and "RLIMIT_NOFILE" in logs, logs
+    assert "retrying" not in logs, logs
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    assert b"version(v1)" in http_get(sock)
+    sock.close()
+    assert wait_for(serving(name, "v1"), 15, "v1 serving on").pid == v1.pid
+    v1.send_signal(signal.SIGTERM)
+    assert v1.wait(timeout=15) == 0
