@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import errno
 import functools
 import hmac
 import json
@@ -50,6 +51,7 @@ from .errors import (
     ListenerError,
     ProtocolError,
 )
+from .fdio import descriptor_room
 from .kruise import Role
 from .protocol import (
     MAX_FDS_PER_FRAME,
@@ -205,6 +207,7 @@ class Upgrader:
         self._predecessor = "none"  # none | accepting | draining | gone
         self._taken_from = ""  # what the handshake received, for the log
         self._hello_sent_at = 0.0  # wall clock, for the benchmark's critical section
+        self._reserve: int | None = None  # see _accept_control
         self._predecessor_channel: Channel | None = None
         self._predecessor_task: asyncio.Task[None] | None = None
         self._successor: Channel | None = None
@@ -854,7 +857,20 @@ class Upgrader:
     def _serve_control(self) -> None:
         assert self._control_sock is not None
         self._control_sock.setblocking(False)
+        self._keep_reserve()
         self._control_task = asyncio.create_task(self._accept_control(self._control_sock))
+
+    def _keep_reserve(self) -> None:
+        """Hold the descriptor that :meth:`_accept_control` gives up at the
+        process's descriptor limit (see there), if not held already."""
+        if self._reserve is None and self._control_sock is not None:
+            with contextlib.suppress(OSError):  # still at the limit: next time
+                self._reserve = os.eventfd(0, os.EFD_CLOEXEC)
+
+    def _drop_reserve(self) -> None:
+        if self._reserve is not None:
+            os.close(self._reserve)
+            self._reserve = None
 
     async def _accept_control(self, sock: socket.socket) -> None:
         """Accept control connections, at most :data:`_CONTROL_CONNECTIONS`
@@ -863,9 +879,16 @@ class Upgrader:
         lets go of the oldest connection that has not sent its first message
         yet (every real client sends it at once: a probe, a hook, a
         successor), so such peers cannot keep those clients out either; if
-        none is silent, the next connection waits in the kernel's queue."""
+        none is silent, the next connection waits in the kernel's queue.
+
+        One descriptor is kept in reserve while this runs: at the process's
+        descriptor limit (its clients can take every one), an accept that
+        fails with EMFILE gives the reserve up and accepts into its number,
+        so a successor, the hook and the probe still get an answer there;
+        the reserve is taken back once a control connection ends."""
         loop = asyncio.get_running_loop()
         freed = asyncio.Event()
+        failed_at = -_EVICTION_LOG_EVERY
         # Connections let go of, logged at once, then at most one line per
         # _EVICTION_LOG_EVERY with the count since the last one.
         let_go = 0
@@ -885,6 +908,7 @@ class Upgrader:
             self._silent.pop(task, None)
             if task.cancelled():  # maybe before it ran: nobody closed it
                 conn.close()
+            self._keep_reserve()
             freed.set()
 
         async def make_room() -> None:
@@ -911,8 +935,15 @@ class Upgrader:
                 try:
                     conn, _ = await loop.sock_accept(sock)
                 except OSError as exc:
-                    log.warning("%s: control accept failed: %s", self.name, exc)
+                    if exc.errno in (errno.EMFILE, errno.ENFILE) and self._reserve is not None:
+                        self._drop_reserve()  # accept again, into its number
+                        continue
+                    if loop.time() - failed_at >= _EVICTION_LOG_EVERY:
+                        failed_at = loop.time()
+                        log.warning("%s: control accept failed: %s (%s)", self.name, exc,
+                                    descriptor_room())
                     await asyncio.sleep(0.1)
+                    self._keep_reserve()
                     continue
                 try:
                     await make_room()
@@ -1083,6 +1114,7 @@ class Upgrader:
         self._control_sock_close()
 
     def _control_sock_close(self) -> None:
+        self._drop_reserve()
         if self._control_sock is not None:
             # Only close(): never shutdown() a socket another process shares.
             self._control_sock.close()

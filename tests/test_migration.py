@@ -3,6 +3,7 @@ keeps its TCP connection across upgrades and never notices them."""
 
 from __future__ import annotations
 
+import os
 import re
 import resource
 import signal
@@ -238,3 +239,31 @@ def test_a_successor_with_no_room_for_the_sockets_fails_at_once(procs: Procs,
     assert wait_for(serving(name, "v1"), 15, "v1 serving on").pid == v1.pid
     v1.send_signal(signal.SIGTERM)
     assert v1.wait(timeout=15) == 0
+
+
+def test_an_old_side_at_its_descriptor_limit_still_hands_over(procs: Procs,
+                                                               name: str) -> None:
+    """v1's clients take every descriptor it may have. The successor's
+    control connection is still accepted, into the descriptor v1 keeps in
+    reserve for that, and the upgrade goes through: v2 serves, and every
+    client's next request is answered by v2 (the connections move as v1
+    frees descriptors). It used to fail: v1 logged "control accept failed"
+    ten times a second, and v2 gave up after 5 s ("did not answer our
+    hello")."""
+    v1 = procs.sidecar(name, "v1", args=("--drain-timeout", "20"))
+    socks = idle_clients(port_of(wait_for(serving(name, "v1"), 15, "v1 serving")), 40)
+    # Its limit lowered to what it holds now: not one more descriptor.
+    in_use = len(os.listdir(f"/proc/{v1.pid}/fd"))
+    hard = resource.prlimit(v1.pid, resource.RLIMIT_NOFILE)[1]
+    resource.prlimit(v1.pid, resource.RLIMIT_NOFILE, (in_use, hard))
+    v2 = procs.sidecar(name, "v2")
+    assert v1.wait(timeout=20) == 0
+    logs = procs.logs()
+    assert "no descriptor left to copy connections" in logs, logs  # it was at its limit
+    assert "control accept failed" not in logs, logs
+    for sock in socks:
+        reply = http_get(sock)
+        assert b"version(v2)" in reply and b"Connection: close" not in reply, reply
+        sock.close()
+    v2.send_signal(signal.SIGTERM)
+    assert v2.wait(timeout=15) == 0
