@@ -12,7 +12,9 @@ It uses only hotswap's public API: :class:`hotswap.Upgrader` and
 (``SIDECAR_VERSION``, ``SIDECAR_PORT``, ``SIDECAR_HOST``, ``HOTSWAP_NAME``,
 ``HOTSWAP_DRAIN_TIMEOUT``, ``HOTSWAP_CONTROL_PATH``), which is how the container
 images configure it; the upgrader itself reads ``HOTSWAP_ALLOW_UIDS`` (more
-uids allowed on the control socket) and the Kruise versions.
+uids allowed on the control socket) and the Kruise versions. The app itself
+is in ``app.py`` next to this file (imported from the script's directory, so
+copy both), free of hotswap: bench/plain_server.py serves the same one without.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import hotswap.startup
 # priority (first thing, even the standard library's) so that the version
 # still serving does not feel this start-up.
 IDLE_START = hotswap.startup.preload("argparse", "asyncio", "logging", "signal", "uvloop",
-                                     "aiohttp.web", "hotswap.aiohttp")
+                                     "aiohttp.web", "hotswap.aiohttp", "app")
 
 import argparse  # noqa: E402 -- loaded above
 import asyncio  # noqa: E402
@@ -34,6 +36,7 @@ import sys  # noqa: E402
 
 import uvloop  # noqa: E402
 from aiohttp import web  # noqa: E402
+from app import make_app  # noqa: E402 -- app.py, next to this file
 
 import hotswap  # noqa: E402
 import hotswap.aiohttp  # noqa: E402
@@ -66,23 +69,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "SIGKILL itself or hang until SIGTERM (to show a "
                              "failed migration)")
     return parser.parse_args(argv)
-
-
-def make_app(version: str, delay: float) -> web.Application:
-    body = f"This is version({version}) sidecar"
-
-    async def serve(request: web.Request) -> web.Response:
-        if delay:
-            await asyncio.sleep(delay)
-        return web.Response(text=body)
-
-    async def health(request: web.Request) -> web.Response:
-        return web.Response(text="ok")
-
-    app = web.Application()
-    app.router.add_get("/serve", serve)
-    app.router.add_get("/healthz", health)
-    return app
 
 
 async def run(args: argparse.Namespace, app: web.Application) -> int:

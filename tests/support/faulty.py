@@ -106,4 +106,7 @@ if WHERE == "app":
 
 main = Path(__file__).resolve().parents[2] / "examples" / "sidecar_server" / "main.py"
 sys.argv = [str(main), *sys.argv[1:]]
+# What `python main.py` does and run_path does not: its directory first on
+# the path, where it imports its app from (app.py).
+sys.path.insert(0, str(main.parent))
 runpy.run_path(str(main), run_name="__main__")
