@@ -15,10 +15,15 @@ Each request is recorded as ``[start (epoch s), latency (s), client, outcome]``
 where outcome is the version that answered (``v1``, ...) or ``!kind`` for a
 failure: ``!refused``, ``!reset``, ``!eof-reused`` (EOF on a connection that
 had already served a request: the keep-alive race), ``!eof``, ``!timeout``,
-``!status-NNN``, ``!other``. Written as JSON to ``--out``: ``summary``
+``!status-NNN``, ``!other`` (anything else: an unexpected exception, such as a
+malformed response; its type is logged on stderr). After any failure a client
+carries on with a new connection. Written as JSON to ``--out``: ``summary``
 (requests, failed, failures by kind, versions, each client's version order,
-the first errors, connections opened by each client) and, unless
-``--no-records``, ``records``. Prints ``loadgen: first response`` when the
+the first errors, connections opened by each client, ``clients`` started and
+``died``: each client that stopped on an exception before the end, with it,
+which should be empty: a run where it is not lost that client's load) and,
+unless ``--no-records``, ``records``. A client that dies is also logged on
+stderr at once. Prints ``loadgen: first response`` when the
 first request completes, so a caller can
 wait for the load to be running. The one load generator of the project: the
 tests, the soak and the benchmark all use it.
@@ -35,6 +40,7 @@ import re
 import signal
 import sys
 import time
+import traceback
 from collections import Counter
 
 import uvloop
@@ -139,9 +145,13 @@ async def client(name: str, port: int, persistent: bool, interval: float, timeou
             # e.g. while connecting: a listener closed with the connection
             # still in its accept queue resets it.
             outcome = "!reset"
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001 -- counted, and the client goes on
+            # An OSError of another kind, or what no kind covers (a malformed
+            # response: ValueError, IndexError, asyncio.LimitOverrunError...):
+            # a failure like the others, not the end of this client's load.
             outcome = "!other"
-            print(f"loadgen: {name}: {exc!r}", file=sys.stderr, flush=True)
+            print(f"loadgen: {name}: other failure: {type(exc).__name__}: {exc!r}",
+                  file=sys.stderr, flush=True)
         if outcome.startswith("!") and conn is not None:
             conn[1].close()
             conn = None
@@ -158,6 +168,20 @@ async def client(name: str, port: int, persistent: bool, interval: float, timeou
         conn[1].close()
 
 
+DIED: dict[str, str] = {}  # client -> the exception that ended it early
+
+
+def watch(task: asyncio.Task[None]) -> None:
+    """Done callback of each client: record (and log at once) one that ended
+    on an exception instead of finishing its load."""
+    if task.cancelled() or (exc := task.exception()) is None:
+        return
+    DIED[task.get_name()] = f"{type(exc).__name__}: {exc!r}"
+    print(f"loadgen: client {task.get_name()} died:", file=sys.stderr)
+    traceback.print_exception(exc, file=sys.stderr)
+    sys.stderr.flush()
+
+
 async def main(args: argparse.Namespace) -> list[list[object]]:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -169,8 +193,10 @@ async def main(args: argparse.Namespace) -> list[list[object]]:
                ("new", False, args.pace, args.fresh)]
     tasks = [asyncio.create_task(client(f"{kind}{i}", args.port, persistent, interval,
                                         args.timeout, stop, records,
-                                        offset=interval * i / count))
+                                        offset=interval * i / count), name=f"{kind}{i}")
              for kind, persistent, interval, count in clients for i in range(count)]
+    for task in tasks:
+        task.add_done_callback(watch)
     # Until SIGTERM, the duration, or every client done after a last round.
     stopped = asyncio.create_task(stop.wait())
     waiters = [stopped, *([asyncio.create_task(asyncio.wait(tasks))] if tasks else [])]
@@ -178,11 +204,15 @@ async def main(args: argparse.Namespace) -> list[list[object]]:
     for waiter in waiters:
         waiter.cancel()
     stop.set()
-    await asyncio.wait(tasks, timeout=args.timeout + 2)
+    _, pending = await asyncio.wait(tasks, timeout=args.timeout + 2)
+    for task in pending:  # stuck past its own timeout: no better than dead
+        DIED[task.get_name()] = "still running at the end (cancelled)"
+        print(f"loadgen: client {task.get_name()} still running at the end",
+              file=sys.stderr, flush=True)
     return records
 
 
-def summarize(records: list[list[object]]) -> dict[str, object]:
+def summarize(records: list[list[object]], clients: int) -> dict[str, object]:
     failures: Counter[str] = Counter()
     versions: Counter[str] = Counter()
     orders: dict[str, list[str]] = {}
@@ -200,7 +230,8 @@ def summarize(records: list[list[object]]) -> dict[str, object]:
             order.append(outcome)
     return {"requests": len(records), "failed": sum(failures.values()),
             "failures": dict(failures), "versions": dict(versions), "orders": orders,
-            "errors": errors, "connections": dict(OPENED)}
+            "errors": errors, "connections": dict(OPENED), "clients": clients,
+            "died": dict(DIED)}
 
 
 if __name__ == "__main__":
@@ -222,7 +253,8 @@ if __name__ == "__main__":
     # show up as a gap or a latency spike that belongs to no server.
     gc.disable()
     result = uvloop.run(main(arguments))
-    output: dict[str, object] = {"summary": summarize(result)}
+    output: dict[str, object] = {"summary": summarize(
+        result, arguments.keepalive + arguments.busybox + arguments.fresh)}
     if not arguments.no_records:
         output["records"] = result
     with open(arguments.out, "w") as fh:
