@@ -13,8 +13,9 @@ started after the signal:
 
 Each request is recorded as ``[start (epoch s), latency (s), client, outcome]``
 where outcome is the version that answered (``v1``, ...) or ``!kind`` for a
-failure: ``!refused``, ``!reset``, ``!eof-reused`` (EOF on a connection that
-had already served a request: the keep-alive race), ``!eof``, ``!timeout``,
+failure: ``!refused``, ``!reset``, ``!eof-reused`` and ``!reset-reused`` (EOF
+or a reset, before any of the response, on a connection that had already
+served a request: the keep-alive race), ``!eof``, ``!timeout``,
 ``!status-NNN``, ``!other`` (anything else: an unexpected exception, such as a
 malformed response; its type is logged on stderr). After any failure a client
 carries on with a new connection. Written as JSON to ``--out``: ``summary``
@@ -66,7 +67,7 @@ async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
     except asyncio.IncompleteReadError as exc:
         raise Failure("eof-reused" if reused and not exc.partial else "eof") from None
     except (ConnectionResetError, BrokenPipeError):
-        raise Failure("reset") from None
+        raise Failure("reset-reused" if reused else "reset") from None
     lines = head.split(b"\r\n")
     status = int(lines[0].split()[1])
     length = 0
