@@ -155,7 +155,7 @@ def test_predecessor_killed(procs: Procs, name: str, load: Any, fault: str,
     # queue of the listener still open, and is reset when that goes. Two
     # losses for such a client, no more.
     per_client = 2 if refusals else 1
-    assert set(lost) <= {"reset", "eof", "eof-reused"} \
+    assert set(lost) <= {"reset", "reset-reused", "eof", "eof-reused"} \
         and sum(lost.values()) <= per_client * clients, result
     if not refusals:
         assert "refused" not in result["failures"], result
@@ -185,7 +185,8 @@ def test_successor_killed_after_confirming(procs: Procs, name: str, load: Any) -
     assert status(name) is None
     last = next_upgrade_works(procs, name, port, fds, [v1])
     result = finish(procs, name, fds, traffic, last)
-    assert set(result["failures"]) <= {"refused", "reset", "eof", "eof-reused"}, result
+    assert set(result["failures"]) <= {"refused", "reset", "reset-reused", "eof",
+                                       "eof-reused"}, result
 
 
 def test_successor_sigtermed_while_it_cannot_run_aborts(procs: Procs, name: str,
