@@ -333,7 +333,11 @@ def run_strategy(name: str, procs: Procs, args: argparse.Namespace) -> dict[str,
         say(f"{name}: upgrade to v{n} done")
     load.wait(timeout=duration + 30)
     procs.stop(current)
-    records = json.loads(out.read_text())["records"]  # the raw records, not the summary
+    load_out = json.loads(out.read_text())
+    died = load_out["summary"].get("died")
+    if died:  # their load stopped: what they did not send would read as nothing lost
+        raise RuntimeError(f"{name}: load clients died: {died}")
+    records = load_out["records"]  # the raw records, not the summary
     return analyse(name, records, upgrades, began + args.warmup / 2)
 
 
@@ -739,6 +743,8 @@ def idle_keepalive(procs: Procs, clients: int = 32) -> dict[str, Any]:
         load.wait(timeout=60)
         procs.stop(current)
         summary = json.loads(out.read_text())["summary"]
+        if summary.get("died"):
+            raise RuntimeError(f"idle keep-alive clients died: {summary['died']}")
         key = "on" if migrate else "off"
         result[key] = {"requests": summary["requests"], "failed": summary["failed"],
                        "failures": summary["failures"],

@@ -296,6 +296,9 @@ def soak(args: argparse.Namespace, tmp: Path) -> bool:
         "samples": samples,
     }
     leak = len(set(fds)) != 1
+    if result.get("died"):
+        print(f"soak: load clients died (their load stopped): {result['died']}", flush=True)
+        ok = False
     if report["failed"] or leak or len(samples) < args.upgrades:
         ok = False
     (args.out / "soak.json").write_text(json.dumps(report, indent=1) + "\n")

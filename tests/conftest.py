@@ -232,6 +232,9 @@ class Load:
             self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(timeout=30)
         result: dict[str, Any] = json.loads(self.out.read_text())["summary"]
+        # A client that died stopped sending: its missing requests would
+        # read as nothing lost.
+        assert not result.get("died"), result["died"]
         return result
 
 
