@@ -105,7 +105,11 @@ def prepare() -> tuple[argparse.Namespace, web.Application, asyncio.AbstractEven
 
 def main() -> None:
     args, app, loop = hotswap.startup.idle_call(prepare, idle=IDLE_START)
-    code = asyncio.Runner(loop_factory=lambda: loop).run(run(args, app))
+    try:
+        code = asyncio.Runner(loop_factory=lambda: loop).run(run(args, app))
+    except hotswap.HotswapError as exc:  # says what and why; no traceback needed
+        logging.error("%s: %s", type(exc).__name__, exc)
+        code = 1
     # serve() has closed every socket: exit now. Not after the runner's
     # close(), which waits with no deadline for any task left (an app
     # clean-up callback that serve() abandoned and that ignores its

@@ -12,7 +12,10 @@ with the remaining arguments. ``HOTSWAP_TEST_FAULT`` is
   channel would (the process lives on);
 - ``stop-before``: SIGSTOP this process just before sending that message;
 - ``stop-after``: SIGSTOP this process just after receiving that message (the
-  test SIGCONTs or kills it).
+  test SIGCONTs or kills it);
+- ``fill-fds``: just before sending that message, take every descriptor
+  number this process may still open but one (as a process near its
+  RLIMIT_NOFILE would have none to spare).
 
 ``half-frame`` fires once; the others every time.
 
@@ -44,6 +47,25 @@ def stop(what: str) -> None:
     os.kill(os.getpid(), signal.SIGSTOP)
 
 
+def fill_fds() -> None:
+    import resource
+
+    # A lower soft limit first, so that filling takes a few hundred, not a
+    # million (the hard limit stays: nothing to undo).
+    in_use = len(os.listdir("/proc/self/fd"))
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (in_use + 64, hard))
+    held = []
+    try:
+        while True:
+            held.append(os.eventfd(0, os.EFD_CLOEXEC))
+    except OSError:
+        pass
+    os.close(held.pop())
+    sys.stderr.write(f"faulty: took {len(held)} more descriptors, one left\n")
+    sys.stderr.flush()
+
+
 def die() -> None:
     sys.stderr.write(f"faulty: SIGKILL at {WHERE} {TYPE} ({ACTION})\n")
     sys.stderr.flush()
@@ -57,6 +79,8 @@ async def send(self: transport.Channel, message: Any, *, timeout: float) -> None
             die()
         if ACTION == "stop-before":
             stop(f"before sending {TYPE}")
+        if ACTION == "fill-fds":
+            fill_fds()
         if ACTION == "half-frame" and not _fired:
             _fired = True
             frame = encode(message)
