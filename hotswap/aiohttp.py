@@ -14,12 +14,15 @@
    a client that is sending on it at that moment (aiohttp's own ``cleanup()``
    does that first, and loses one request per keep-alive connection).
 4. Tell the successor (``Released``): it is now the only acceptor.
-5. Start the app's ``on_shutdown`` callbacks, where aiohttp's own clean-up
-   runs them (before it waits for busy handlers): close websockets and other
-   long-lived responses there (``WSCloseCode.GOING_AWAY``), so that their
-   clients reconnect to the successor now, not at the deadline.
-6. Wait until every connection has closed, or the drain deadline
+5. Wait until every connection has closed, or the drain deadline
    (``drain_timeout``, default 25 s to fit Kubernetes' 30 s grace period).
+6. Meanwhile, once no connection can start another request (each one left
+   is a websocket, or busy with a request after which it closes), start the
+   app's ``on_shutdown`` callbacks: where aiohttp's own clean-up runs them,
+   after it has closed the idle connections and before it waits for busy
+   handlers. Close websockets and other long-lived responses there
+   (``WSCloseCode.GOING_AWAY``): their clients reconnect to the successor
+   then, not at the deadline. At the deadline at the latest.
 7. At the deadline, cut the idle connections that are left, and log each; a
    connection still busy with a request is told ``Connection: close`` on its
    response instead, and gets a grace (1 s in all) to send it, still reading
@@ -68,9 +71,10 @@ DEFAULT_DRAIN_TIMEOUT = 25.0
 """Seconds to let connections finish after a handover or stop request."""
 
 DEFAULT_CLEANUP_TIMEOUT = 3.0
-"""Seconds the app's ``on_shutdown`` callbacks get, all together, from the
-drain's start (they run beside it), and as long again for its
-``on_cleanup`` callbacks once the drain is over. With the defaults, drain
+"""Seconds the app's ``on_shutdown`` callbacks get, all together, from
+their start (during the drain, once no connection can start another
+request), and as long again for its ``on_cleanup`` callbacks once the drain
+is over. With the defaults, drain
 (25 s), the last responses' grace (1 s) and ``on_cleanup`` end a stop within
 29 s: inside Kubernetes' default 30 s grace period, after which the kubelet
 kills."""
@@ -134,10 +138,45 @@ class Drainer:
     10% of the sample sidecar's throughput, measured by ``make bench``).
     """
 
-    def __init__(self, *, zero_cost: bool | None = None) -> None:
+    def __init__(self, *, zero_cost: bool | None = None,
+                 on_quiet: Callable[[], None] | None = None) -> None:
         self.draining = False
         self.zero_cost = _can_swap_request_factory() if zero_cost is None else zero_cost
         self._forced = asyncio.Event()
+        # Called (once) when no connection can start another request.
+        self.on_quiet = on_quiet
+
+    def quiet(self, server: web.Server) -> bool:
+        """Whether no connection of ``server`` can start another request:
+        each one still open is upgraded (a websocket) or busy with a request
+        whose response, not yet begun, will close it. A response begun
+        before it could be told (a stream) may have said keep-alive: not
+        quiet. (aiohttp's own clean-up gets there by closing the idle
+        connections, which races their clients.)"""
+        for handler in server.connections:
+            transport = handler.transport
+            if transport is None or transport.is_closing():
+                continue
+            conn: Any = handler
+            if not getattr(conn, "_request_in_progress", False):
+                return False  # idle: its client may send a request now
+            if getattr(conn, "_payload_parser", None) is not None:
+                continue  # upgraded: no HTTP request comes after
+            if getattr(conn, "_close", False) or getattr(conn, "_force_close", False):
+                continue
+            request = getattr(conn, "_current_request", None)
+            writer = getattr(request, "_payload_writer", None)
+            if request is None or writer is None or getattr(writer, "_headers_written", True) \
+                    or getattr(writer, "_headers_buf", None) is not None:
+                return False  # its response began: keep-alive, perhaps
+            if not (request._message.should_close if self.zero_cost else self.draining):
+                return False
+        return True
+
+    def _maybe_quiet(self, server: web.Server) -> None:
+        if self.on_quiet is not None and self.quiet(server):
+            on_quiet, self.on_quiet = self.on_quiet, None
+            on_quiet()
 
     def install(self, app: web.Application) -> None:
         """Prepare ``app`` (before the runner is set up)."""
@@ -220,6 +259,7 @@ class Drainer:
         first = migrating
         while server.connections and (loop.time() < deadline or first) \
                 and not self._forced.is_set():
+            self._maybe_quiet(server)
             if migrating:
                 assert migrator is not None and upgrader is not None
                 time_left = deadline - loop.time()
@@ -248,15 +288,31 @@ class Drainer:
         """After :meth:`drain`: let the connections still busy (each told
         ``Connection: close`` by then) finish their response for up to
         ``seconds``, reading what their client still sends; a second signal
-        ends the wait. Returns how many are still open, each logged: the
-        runner's clean-up cuts them (a stream, a websocket, a handler that
-        does not end)."""
+        ends the wait. One that goes idle and stays open (its response, begun
+        before the drain, said keep-alive) is cut at once. Returns how many
+        were cut or are still busy, each logged: the runner's clean-up cuts
+        the busy ones (a stream, a websocket, a handler that does not end)."""
         loop = asyncio.get_running_loop()
         until = loop.time() + seconds
+        cut = 0
 
         def left() -> list[web.RequestHandler]:
-            return [handler for handler in server.connections
-                    if handler.transport is not None and not handler.transport.is_closing()]
+            nonlocal cut
+            busy = []
+            for handler in list(server.connections):
+                transport = handler.transport
+                if transport is None or transport.is_closing():
+                    continue
+                if getattr(handler, "_request_in_progress", False):
+                    busy.append(handler)
+                    continue
+                # Its last response said keep-alive (begun before it could be
+                # told): idle past the deadline, cut as at the deadline.
+                log.warning("drain deadline: cutting idle connection from %s",
+                            transport.get_extra_info("peername"))
+                handler.force_close()
+                cut += 1
+            return busy
 
         while left() and loop.time() < until and not self._forced.is_set():
             try:
@@ -269,7 +325,7 @@ class Drainer:
             assert handler.transport is not None
             log.warning("drain grace over: cutting busy connection from %s",
                         handler.transport.get_extra_info("peername"))
-        return len(busy)
+        return cut + len(busy)
 
     def _deadline(self, server: web.Server, migrator: Migrator | None) -> int:
         """What is left at the deadline: idle connections are cut; one busy
@@ -311,6 +367,10 @@ class _BoundedHooks:
         self.timeout = timeout
         self.failed = 0
         self._deadlines: dict[str, float] = {}
+        # Loop time by which on_cleanup must be over, once the drain is:
+        # an on_shutdown that started late (at the deadline) and ran its
+        # full time must not push the stop past drain, grace and timeout.
+        self.finish_by: float | None = None
         if app.on_shutdown.frozen:  # set up elsewhere already: left as it is
             return
         for phase, hooks in (("shutdown", app.on_shutdown), ("cleanup", app.on_cleanup)):
@@ -322,6 +382,8 @@ class _BoundedHooks:
         async def bounded(app: web.Application) -> None:
             loop = asyncio.get_running_loop()
             deadline = self._deadlines.setdefault(phase, loop.time() + self.timeout)
+            if phase == "cleanup" and self.finish_by is not None:
+                deadline = min(deadline, self.finish_by)
             task = asyncio.ensure_future(callback(app))
             done, _ = await asyncio.wait({task}, timeout=max(0.0, deadline - loop.time()))
             if not done:
@@ -342,12 +404,14 @@ class _BoundedHooks:
 
 
 class _Runner(web.AppRunner):
-    """An ``AppRunner`` whose app's ``on_shutdown`` callbacks can start as
-    the drain starts, where aiohttp's own clean-up runs them: after the
-    sites stop and before it waits for busy handlers, the place to close
-    websockets and other long-lived responses (code 1001, going away). Run
-    after the drain instead, they would keep such connections on the old
-    version until its deadline, and then see them cut."""
+    """An ``AppRunner`` whose app's ``on_shutdown`` callbacks can start
+    during the drain, once no connection can start another request (see
+    :meth:`Drainer.quiet`), where aiohttp's own clean-up runs them: after
+    it has closed the idle connections and before it waits for busy
+    handlers, the place to close websockets and other long-lived responses
+    (code 1001, going away). Run after the drain instead, they would keep
+    such connections on the old version until its deadline, and then see
+    them cut."""
 
     _early: asyncio.Future[None] | None = None
 
@@ -413,9 +477,11 @@ async def serve(app: web.Application, upgrader: Upgrader,
     after ``cleanup_timeout`` seconds (for all of one signal's together).
     Those are logged and abandoned, never an exception out of here: the rest
     of the clean-up still runs, and the successor is told the drain is over.
-    ``on_shutdown`` callbacks start with the drain, as aiohttp runs them
-    before it waits for busy handlers (close websockets there);
-    ``on_cleanup`` callbacks run after it. ``idle_after_drain`` defaults to True
+    ``on_shutdown`` callbacks start during the drain once no connection can
+    start another request (the rest are websockets, or busy with a request
+    after which they close), at the deadline at the latest, as aiohttp runs
+    them before it waits for busy handlers (close websockets there);
+    ``on_cleanup`` callbacks run after the drain. ``idle_after_drain`` defaults to True
     in a Kruise slot (``SIDECARSET_VERSION`` set). ``migrate_connections``
     (on by default) hands idle keep-alive connections to the successor and
     adopts the predecessor's (:mod:`hotswap.migrate`); off, or where aiohttp
@@ -509,10 +575,12 @@ async def serve(app: web.Application, upgrader: Upgrader,
             migrating = migrator is not None and reason is ExitReason.TAKEN_OVER
             drainer.start(runner.server, every_connection=not migrating)
             await upgrader.release()
-            runner.shutdown_early()  # on_shutdown: close websockets and streams
+            drainer.on_quiet = runner.shutdown_early  # on_shutdown: close websockets
             cut = await drainer.drain(runner.server, drain_timeout,
                                       migrator=migrator if migrating else None,
                                       upgrader=upgrader)
+            hooks.finish_by = loop.time() + GRACE + cleanup_timeout
+            runner.shutdown_early()  # at the deadline at the latest: quiet by then
             cut += await drainer.grace(runner.server, GRACE - 2 * _CANCEL_WAIT)
             if yield_cpu_after_drain and reason is ExitReason.TAKEN_OVER:
                 _yield_cpu()

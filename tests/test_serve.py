@@ -297,6 +297,103 @@ def test_websockets_closed_in_on_shutdown_leave_as_the_drain_starts(run: Callabl
     run(main())
 
 
+def test_on_shutdown_waits_while_an_idle_connection_may_still_send(run: Callable[
+        [Awaitable[None]], None]) -> None:
+    """A stop with an idle keep-alive connection open: its client may send
+    one more request during the drain, and the app must still be whole for
+    it (it is answered, told to close). So on_shutdown, which may release
+    what requests need, starts only once no connection can start another
+    request (here: after that one closed). Started with the drain, it had
+    already run: the request got a 500."""
+    async def main() -> None:
+        state = {"db": "open", "shut_while": ""}
+
+        async def query(request: web.Request) -> web.Response:
+            return web.Response(text=f"db {state['db']}",
+                                status=200 if state["db"] == "open" else 500)
+
+        async def close_db(app: web.Application) -> None:
+            state["db"] = "closed"
+
+        app = web.Application()
+        app.router.add_get("/q", query)
+        app.on_shutdown.append(close_db)
+        upgrader = hotswap.Upgrader(f"s-{uuid.uuid4().hex[:10]}", version="v1",
+                                    options=hotswap.Options(env={}))
+        task = asyncio.create_task(hotswap.aiohttp.serve(
+            app, upgrader, {"http": ("127.0.0.1", 0)}, drain_timeout=10,
+            handle_signals=False, yield_cpu_after_drain=False))
+        await until(serving(upgrader), "v1 serving")
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(upgrader.status()))
+        try:
+            writer.write(b"GET /q HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await read_response(reader)).endswith(b"db open")  # now idle
+            upgrader.request_stop()
+            await until(lambda: upgrader.state is hotswap.State.DRAINING, "v1 draining")
+            for _ in range(5):  # what the loop had to run after that, it ran
+                await asyncio.sleep(0)
+            writer.write(b"GET /q HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = await read_response(reader)
+            assert answer.startswith(b"http/1.1 200") and b"connection: close" in answer, answer
+            assert answer.endswith(b"db open"), answer
+        finally:
+            writer.close()
+        assert await asyncio.wait_for(task, 15) == 0
+        assert state["db"] == "closed"  # on_shutdown did run, after it
+
+    run(main())
+
+
+def test_a_response_begun_before_the_drain_ends_in_the_grace_then_is_cut_idle(run: Callable[
+        [Awaitable[None]], None], caplog: pytest.LogCaptureFixture) -> None:
+    """A response streamed (keep-alive) since before the stop ends in the
+    grace: the connection is then idle, and cut at once as idle (not waited
+    for until the grace is over and logged as a busy one cut)."""
+    caplog.set_level(logging.INFO, logger="hotswap")
+
+    async def main() -> None:
+        entered, finish = asyncio.Event(), asyncio.Event()
+
+        async def stream(request: web.Request) -> web.StreamResponse:
+            response = web.StreamResponse(headers={"Content-Length": "10"})
+            await response.prepare(request)  # keep-alive: before the drain
+            await response.write(b"01234")
+            entered.set()
+            await finish.wait()
+            await response.write(b"56789")
+            await response.write_eof()
+            return response
+
+        app = web.Application()
+        app.router.add_get("/s", stream)
+        upgrader = hotswap.Upgrader(f"s-{uuid.uuid4().hex[:10]}", version="v1",
+                                    options=hotswap.Options(env={}))
+        task = asyncio.create_task(hotswap.aiohttp.serve(
+            app, upgrader, {"http": ("127.0.0.1", 0)}, drain_timeout=0.2,
+            handle_signals=False, yield_cpu_after_drain=False))
+        await until(serving(upgrader), "v1 serving")
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(upgrader.status()))
+        try:
+            writer.write(b"GET /s HTTP/1.1\r\nHost: x\r\n\r\n")
+            await asyncio.wait_for(entered.wait(), 10)
+            upgrader.request_stop()
+            await until(lambda: "is busy; its response says Connection: close" in caplog.text,
+                        "the drain deadline")
+            finish.set()  # in the grace
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert b"close" not in head.lower(), head
+            assert await asyncio.wait_for(reader.readexactly(10), 10) == b"0123456789"
+            assert await asyncio.wait_for(reader.read(), 10) == b""  # then cut
+        finally:
+            writer.close()
+        assert await asyncio.wait_for(task, 10) == 0
+        assert "drain deadline: cutting idle connection" in caplog.text, caplog.text
+        assert "cutting busy connection" not in caplog.text, caplog.text
+        assert "drained, 1 connection(s) cut" in caplog.text, caplog.text
+
+    run(main())
+
+
 async def read_response(reader: asyncio.StreamReader) -> bytes:
     """One response's head (lower case) and body, within 10 s."""
     async with asyncio.timeout(10):
