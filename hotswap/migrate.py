@@ -61,6 +61,11 @@ def supported() -> bool:
     return {"_waiter", "_messages", "_current_request", "_request_factory"} <= slots
 
 
+_COPY_RETRY = 0.1
+"""Seconds before the connection handover tries again after a round in
+which no descriptor could be copied at all (EMFILE)."""
+
+
 class Tracked(asyncio.Protocol):
     """aiohttp's RequestHandler behind a forwarding protocol that remembers
     whether the last read ended a header block (one ``endswith`` per read: the
@@ -197,6 +202,9 @@ class Migrator:
         # their response, and ones between two requests): look again soon.
         self.pending = 0
         self._short_logged = False
+        # No descriptor for even one copy: wait a little before trying again
+        # (each try pauses and resumes every idle connection).
+        self._copy_retry_at = 0.0
 
     def site(self, runner: web.BaseRunner, sock: socket.socket,
              listener: str) -> web.BaseSite:
@@ -250,6 +258,10 @@ class Migrator:
         if not upgrader.can_hand_over_connections:
             return False
         started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._copy_retry_at:  # not one copy possible last time
+            self.pending = 0
+            return True
         ready: list[Tracked] = []
         pending = 0
         for conn in list(self.tracked):
@@ -282,7 +294,6 @@ class Migrator:
         # A frame's worth at a time: dup, send, close, so the old process
         # never holds two descriptors for more than 253 connections.
         moved = 0
-        loop = asyncio.get_running_loop()
         until = None if time_left is None else loop.time() + time_left
         short = False  # no descriptor left for more copies; the channel works
         for i in range(0, len(ready), MAX_FDS_PER_FRAME):
@@ -300,7 +311,10 @@ class Migrator:
         self.seconds += time.perf_counter() - started
         if moved:
             log.info("handed %d idle connection(s) to the successor", moved)
-        # Short of descriptors, the next rounds go on with what this one freed.
+        # Short of descriptors, the next rounds go on with what this one freed
+        # (after _COPY_RETRY if it freed none).
+        if short and not moved:
+            self._copy_retry_at = loop.time() + _COPY_RETRY
         return moved == len(ready) or short
 
     async def _send(self, upgrader: Upgrader, batch: list[Tracked],

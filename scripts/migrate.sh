@@ -17,7 +17,7 @@
 #   HOTSWAP_NAME              sidecar name, control socket @hotswap/NAME (default: sidecar)
 #   HOTSWAP_CONTROL_PATH      filesystem control socket instead (optional)
 #   HOTSWAP_MIGRATE_TIMEOUT   seconds to wait (default: 60): never fewer; on a
-#                             busy node up to about a second more
+#                             busy node up to a second or two more
 #   HOTSWAP_MIGRATE_FAST      seconds of the wait spent watching the serving
 #                             marker without Python (default: 10; 0: never)
 #   HOTSWAP_MARKER_FRESH      seconds a marker stays valid (default: 3)
@@ -105,6 +105,11 @@ if number "$version" && whole "$timeout" && whole "$fast" &&
     # clock's whole seconds less one (the first may have begun just before
     # its end). The CLI gets the rest, at least a second.
     spent=$polls
+    # More polls than the clock allows: the sleeps returned at once (a sleep
+    # that reads 0.1 as 0), so they count for nothing.
+    if [ "$spent" -gt $(((marker_now - start + 1) * 10)) ]; then
+        spent=0
+    fi
     if [ $(((marker_now - start - 1) * 10)) -gt "$spent" ]; then
         spent=$(((marker_now - start - 1) * 10))
     fi

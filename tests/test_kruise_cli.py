@@ -255,22 +255,31 @@ def test_status_wait_ready_and_probe_against_real_sidecars(procs: Procs, name: s
                     HOTSWAP_NAME=name).returncode == 1
 
 
-@pytest.mark.parametrize("phase", [0.05, 0.95])
+@pytest.mark.parametrize(("phase", "sleep"), [(0.05, "real"), (0.95, "real"),
+                                              (0.5, "truncating")])
 def test_the_hook_never_gives_up_before_its_timeout(procs: Procs, name: str,
-                                                    phase: float) -> None:
+                                                    phase: float, sleep: str) -> None:
     """The fast path reads the clock in whole seconds: begun just before a
     second ends, it must not count that second as spent (it gave the CLI a
-    second too few, and the hook failed after 2.1 s of a 3 s timeout).
-    Nobody serves NAME; a stand-in CLI reports the timeout it was given, and
-    the time before it plus that timeout is the hook's whole wait."""
+    second too few, and the hook failed after 2.1 s of a 3 s timeout). Nor
+    may it count polls whose sleep returned at once (a sleep that reads 0.1
+    as 0). Nobody serves NAME; a stand-in CLI reports the timeout it was
+    given, and the time before it plus that timeout is the hook's wait."""
     no_cli = procs.tmp / "no-cli"
     no_cli.write_text('#!/bin/sh\necho "cli ran: $*"\nexit 7\n')
     no_cli.chmod(0o755)
+    env = {}
+    if sleep == "truncating":
+        bin_dir = procs.tmp / "bin"
+        bin_dir.mkdir()
+        (bin_dir / "sleep").write_text('#!/bin/sh\nexec /bin/sleep "${1%%.*}"\n')
+        (bin_dir / "sleep").chmod(0o755)
+        env["PATH"] = f"{bin_dir}:{os.environ['PATH']}"
     time.sleep((phase - time.time() % 1) % 1)  # begin at this phase of a second
     started = time.monotonic()
     result = hook(procs, SIDECARSET_VERSION="2", SIDECARSET_VERSION_ALT="1",
                   HOTSWAP_NAME=name, HOTSWAP_CLI=str(no_cli),
-                  HOTSWAP_MIGRATE_TIMEOUT="3", HOTSWAP_MIGRATE_FAST="2")
+                  HOTSWAP_MIGRATE_TIMEOUT="3", HOTSWAP_MIGRATE_FAST="2", **env)
     elapsed = time.monotonic() - started
     assert result.returncode == 7, result
     given = re.search(r"cli ran: wait-ready --name \S+ --timeout ([\d.]+)", result.stdout)
