@@ -13,6 +13,7 @@ import socket
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -97,6 +98,19 @@ def start(name: str, version: str, sockets: dict[str, hotswap.Address],
 
 def serving(upgrader: hotswap.Upgrader) -> Callable[[], bool]:
     return lambda: upgrader.state is hotswap.State.SERVING
+
+
+async def serve_v1(app: web.Application, **kwargs: Any) -> tuple[hotswap.Upgrader,
+                                                                 asyncio.Task[int]]:
+    """``app`` served as v1 under a fresh name on 127.0.0.1 (a task, no
+    signal handlers, no nice 19 after the drain), once it serves."""
+    upgrader = hotswap.Upgrader(f"s-{uuid.uuid4().hex[:10]}", version="v1",
+                                options=hotswap.Options(env={}))
+    task = asyncio.create_task(hotswap.aiohttp.serve(
+        app, upgrader, {"http": ("127.0.0.1", 0)}, handle_signals=False,
+        yield_cpu_after_drain=False, **kwargs))
+    await until(serving(upgrader), "v1 serving")
+    return upgrader, task
 
 
 async def stop_serving(upgrader: hotswap.Upgrader, task: asyncio.Task[int]) -> None:
@@ -318,12 +332,7 @@ def test_on_shutdown_waits_while_an_idle_connection_may_still_send(run: Callable
         app = web.Application()
         app.router.add_get("/q", query)
         app.on_shutdown.append(close_db)
-        upgrader = hotswap.Upgrader(f"s-{uuid.uuid4().hex[:10]}", version="v1",
-                                    options=hotswap.Options(env={}))
-        task = asyncio.create_task(hotswap.aiohttp.serve(
-            app, upgrader, {"http": ("127.0.0.1", 0)}, drain_timeout=10,
-            handle_signals=False, yield_cpu_after_drain=False))
-        await until(serving(upgrader), "v1 serving")
+        upgrader, task = await serve_v1(app, drain_timeout=10)
         reader, writer = await asyncio.open_connection("127.0.0.1", port_of(upgrader.status()))
         try:
             writer.write(b"GET /q HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -366,12 +375,7 @@ def test_a_response_begun_before_the_drain_ends_in_the_grace_then_is_cut_idle(ru
 
         app = web.Application()
         app.router.add_get("/s", stream)
-        upgrader = hotswap.Upgrader(f"s-{uuid.uuid4().hex[:10]}", version="v1",
-                                    options=hotswap.Options(env={}))
-        task = asyncio.create_task(hotswap.aiohttp.serve(
-            app, upgrader, {"http": ("127.0.0.1", 0)}, drain_timeout=0.2,
-            handle_signals=False, yield_cpu_after_drain=False))
-        await until(serving(upgrader), "v1 serving")
+        upgrader, task = await serve_v1(app, drain_timeout=0.2)
         reader, writer = await asyncio.open_connection("127.0.0.1", port_of(upgrader.status()))
         try:
             writer.write(b"GET /s HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -616,12 +620,7 @@ def test_a_request_still_running_after_the_drain_gets_a_1s_grace(run: Callable[
 
         app = web.Application()
         app.router.add_get("/never", never)
-        upgrader = hotswap.Upgrader(f"s-{uuid.uuid4().hex[:10]}", version="v1",
-                                    options=hotswap.Options(env={}))
-        task = asyncio.create_task(hotswap.aiohttp.serve(
-            app, upgrader, {"http": ("127.0.0.1", 0)}, drain_timeout=0.2,
-            handle_signals=False, yield_cpu_after_drain=False))
-        await until(serving(upgrader), "v1 serving")
+        upgrader, task = await serve_v1(app, drain_timeout=0.2)
         port = port_of(upgrader.status())
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
@@ -660,12 +659,7 @@ def test_a_body_still_arriving_at_the_deadline_is_read_in_the_grace(run: Callabl
 
         app = web.Application()
         app.router.add_post("/upload", upload)
-        upgrader = hotswap.Upgrader(f"s-{uuid.uuid4().hex[:10]}", version="v1",
-                                    options=hotswap.Options(env={}))
-        task = asyncio.create_task(hotswap.aiohttp.serve(
-            app, upgrader, {"http": ("127.0.0.1", 0)}, drain_timeout=0.2,
-            handle_signals=False, yield_cpu_after_drain=False))
-        await until(serving(upgrader), "v1 serving")
+        upgrader, task = await serve_v1(app, drain_timeout=0.2)
         reader, writer = await asyncio.open_connection("127.0.0.1", port_of(upgrader.status()))
         try:
             writer.write(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 2000\r\n\r\n"
