@@ -14,20 +14,19 @@
    a client that is sending on it at that moment (aiohttp's own ``cleanup()``
    does that first, and loses one request per keep-alive connection).
 4. Tell the successor (``Released``): it is now the only acceptor.
-5. Wait until every connection has closed, or the drain deadline
+5. ``serve(on_drain=...)``, if given, is called: close websockets and other
+   long-lived responses there (``WSCloseCode.GOING_AWAY``), so that their
+   clients reconnect to the successor now, not at the deadline.
+6. Wait until every connection has closed, or the drain deadline
    (``drain_timeout``, default 25 s to fit Kubernetes' 30 s grace period).
-6. Meanwhile, once no connection can start another request (each one left
-   is a websocket, or busy with a request after which it closes), start the
-   app's ``on_shutdown`` callbacks: where aiohttp's own clean-up runs them,
-   after it has closed the idle connections and before it waits for busy
-   handlers. Close websockets and other long-lived responses there
-   (``WSCloseCode.GOING_AWAY``): their clients reconnect to the successor
-   then, not at the deadline. At the deadline at the latest.
 7. At the deadline, cut the idle connections that are left, and log each; a
    connection still busy with a request is told ``Connection: close`` on its
-   response instead, and gets a grace (1 s in all) to send it, still reading
-   its request's body meanwhile. What is still busy after that (a stream, a
-   websocket) is cut, logged and counted.
+   response instead. Then, in aiohttp's own order (idle connections closed,
+   ``on_shutdown``, the wait for busy handlers), the app's ``on_shutdown``
+   callbacks start, and the busy connections get a grace (1 s in all) to
+   send their response, still reading their request's body meanwhile. What
+   is still busy after that (a stream, a websocket) is cut, logged and
+   counted.
 8. ``AppRunner.cleanup()`` (cuts those; then ``on_cleanup``), tell the
    successor (``Drained``), and return. In a Kruise slot (``SIDECARSET_VERSION`` set) the
    process then idles without sockets until SIGTERM, since exiting would make
@@ -71,13 +70,12 @@ DEFAULT_DRAIN_TIMEOUT = 25.0
 """Seconds to let connections finish after a handover or stop request."""
 
 DEFAULT_CLEANUP_TIMEOUT = 3.0
-"""Seconds the app's ``on_shutdown`` callbacks get, all together, from
-their start (during the drain, once no connection can start another
-request), and as long again for its ``on_cleanup`` callbacks once the drain
-is over. With the defaults, drain
-(25 s), the last responses' grace (1 s) and ``on_cleanup`` end a stop within
-29 s: inside Kubernetes' default 30 s grace period, after which the kubelet
-kills."""
+"""Seconds the app's ``on_shutdown`` callbacks get, all together, from the
+drain's end (beside the busy connections' 1 s grace), and ``serve()``'s
+``on_drain`` from the drain's start; ``on_cleanup`` must be over by the
+drain's end + 1 s + this. With the defaults, drain (25 s), grace (1 s) and
+these end a stop within 29 s: inside Kubernetes' default 30 s grace period,
+after which the kubelet kills."""
 
 GRACE = 1.0
 """Seconds a request still being handled when the drain ends gets to send
@@ -138,45 +136,10 @@ class Drainer:
     10% of the sample sidecar's throughput, measured by ``make bench``).
     """
 
-    def __init__(self, *, zero_cost: bool | None = None,
-                 on_quiet: Callable[[], None] | None = None) -> None:
+    def __init__(self, *, zero_cost: bool | None = None) -> None:
         self.draining = False
         self.zero_cost = _can_swap_request_factory() if zero_cost is None else zero_cost
         self._forced = asyncio.Event()
-        # Called (once) when no connection can start another request.
-        self.on_quiet = on_quiet
-
-    def quiet(self, server: web.Server) -> bool:
-        """Whether no connection of ``server`` can start another request:
-        each one still open is upgraded (a websocket) or busy with a request
-        whose response, not yet begun, will close it. A response begun
-        before it could be told (a stream) may have said keep-alive: not
-        quiet. (aiohttp's own clean-up gets there by closing the idle
-        connections, which races their clients.)"""
-        for handler in server.connections:
-            transport = handler.transport
-            if transport is None or transport.is_closing():
-                continue
-            conn: Any = handler
-            if not getattr(conn, "_request_in_progress", False):
-                return False  # idle: its client may send a request now
-            if getattr(conn, "_payload_parser", None) is not None:
-                continue  # upgraded: no HTTP request comes after
-            if getattr(conn, "_close", False) or getattr(conn, "_force_close", False):
-                continue
-            request = getattr(conn, "_current_request", None)
-            writer = getattr(request, "_payload_writer", None)
-            if request is None or writer is None or getattr(writer, "_headers_written", True) \
-                    or getattr(writer, "_headers_buf", None) is not None:
-                return False  # its response began: keep-alive, perhaps
-            if not (request._message.should_close if self.zero_cost else self.draining):
-                return False
-        return True
-
-    def _maybe_quiet(self, server: web.Server) -> None:
-        if self.on_quiet is not None and self.quiet(server):
-            on_quiet, self.on_quiet = self.on_quiet, None
-            on_quiet()
 
     def install(self, app: web.Application) -> None:
         """Prepare ``app`` (before the runner is set up)."""
@@ -207,8 +170,10 @@ class Drainer:
         request = conn._current_request
         if request is not None and not request._message.should_close:
             # A request in progress: its response is not prepared yet (or it
-            # is too late anyway), so let it read as should_close too.
+            # is too late anyway), so let it read as should_close too, also
+            # if its keep_alive was read (and cached) before.
             request._message = request._message._replace(should_close=True)
+            request._cache.pop("keep_alive", None)
 
     @web.middleware
     async def middleware(self, request: web.Request,
@@ -259,7 +224,6 @@ class Drainer:
         first = migrating
         while server.connections and (loop.time() < deadline or first) \
                 and not self._forced.is_set():
-            self._maybe_quiet(server)
             if migrating:
                 assert migrator is not None and upgrader is not None
                 time_left = deadline - loop.time()
@@ -303,8 +267,9 @@ class Drainer:
                 transport = handler.transport
                 if transport is None or transport.is_closing():
                     continue
-                if getattr(handler, "_request_in_progress", False):
-                    busy.append(handler)
+                waiter = getattr(handler, "_waiter", None)
+                if waiter is None or waiter.done() or getattr(handler, "_messages", None):
+                    busy.append(handler)  # busy, or closing after its response
                     continue
                 # Its last response said keep-alive (begun before it could be
                 # told): idle past the deadline, cut as at the deadline.
@@ -375,9 +340,9 @@ class _BoundedHooks:
             return
         for phase, hooks in (("shutdown", app.on_shutdown), ("cleanup", app.on_cleanup)):
             for i, callback in enumerate(hooks):
-                hooks[i] = self._bounded(callback, phase)
+                hooks[i] = self.bounded(callback, phase)
 
-    def _bounded(self, callback: Callable[[web.Application], Awaitable[object]], phase: str
+    def bounded(self, callback: Callable[[web.Application], Awaitable[object]], phase: str
                  ) -> Callable[[web.Application], Awaitable[None]]:
         async def bounded(app: web.Application) -> None:
             loop = asyncio.get_running_loop()
@@ -405,13 +370,10 @@ class _BoundedHooks:
 
 class _Runner(web.AppRunner):
     """An ``AppRunner`` whose app's ``on_shutdown`` callbacks can start
-    during the drain, once no connection can start another request (see
-    :meth:`Drainer.quiet`), where aiohttp's own clean-up runs them: after
-    it has closed the idle connections and before it waits for busy
-    handlers, the place to close websockets and other long-lived responses
-    (code 1001, going away). Run after the drain instead, they would keep
-    such connections on the old version until its deadline, and then see
-    them cut."""
+    before its clean-up: as the drain ends, before the busy connections'
+    grace, which is where aiohttp's own clean-up runs them (after closing
+    the idle connections, before waiting for busy handlers). A websocket
+    closed there gets its 1001 within the grace instead of being cut."""
 
     _early: asyncio.Future[None] | None = None
 
@@ -467,7 +429,9 @@ async def serve(app: web.Application, upgrader: Upgrader,
                 handle_signals: bool = True,
                 migrate_connections: bool = True,
                 yield_cpu_after_drain: bool = True,
-                cleanup_timeout: float = DEFAULT_CLEANUP_TIMEOUT) -> int:
+                cleanup_timeout: float = DEFAULT_CLEANUP_TIMEOUT,
+                on_drain: Callable[[web.Application], Awaitable[object]] | None = None,
+                ) -> int:
     """Run ``app`` on the named ``sockets`` until replaced or stopped.
 
     Returns the process exit status: 0 after a clean handover or stop, 1 when
@@ -477,11 +441,16 @@ async def serve(app: web.Application, upgrader: Upgrader,
     after ``cleanup_timeout`` seconds (for all of one signal's together).
     Those are logged and abandoned, never an exception out of here: the rest
     of the clean-up still runs, and the successor is told the drain is over.
-    ``on_shutdown`` callbacks start during the drain once no connection can
-    start another request (the rest are websockets, or busy with a request
-    after which they close), at the deadline at the latest, as aiohttp runs
-    them before it waits for busy handlers (close websockets there);
-    ``on_cleanup`` callbacks run after the drain. ``idle_after_drain`` defaults to True
+    ``on_drain(app)``, if given, is called as the drain starts (this process
+    no longer accepts; requests may still come on its connections): close
+    websockets and other long-lived responses there, with code 1001, and
+    their clients reconnect to the successor at once instead of staying
+    until the deadline; it is bounded by ``cleanup_timeout`` like the
+    app's callbacks. The app's ``on_shutdown`` callbacks start when the
+    drain ends (all closed, or the deadline), before the busy connections'
+    grace, as aiohttp runs them before it waits for busy handlers: a
+    request still in flight may see what they release, as under aiohttp;
+    ``on_cleanup`` callbacks run after the grace. ``idle_after_drain`` defaults to True
     in a Kruise slot (``SIDECARSET_VERSION`` set). ``migrate_connections``
     (on by default) hands idle keep-alive connections to the successor and
     adopts the predecessor's (:mod:`hotswap.migrate`); off, or where aiohttp
@@ -549,6 +518,7 @@ async def serve(app: web.Application, upgrader: Upgrader,
             return 0
         drainer.install(app)
         hooks = _BoundedHooks(app, cleanup_timeout)
+        drain_hook: asyncio.Future[None] | None = None
         # aiohttp (>= 3.10) waits shutdown_timeout for a busy handler, then
         # cancels its request and waits as long again: the grace's end.
         runner = _Runner(app, handle_signals=False, shutdown_timeout=_CANCEL_WAIT)
@@ -575,19 +545,24 @@ async def serve(app: web.Application, upgrader: Upgrader,
             migrating = migrator is not None and reason is ExitReason.TAKEN_OVER
             drainer.start(runner.server, every_connection=not migrating)
             await upgrader.release()
-            drainer.on_quiet = runner.shutdown_early  # on_shutdown: close websockets
+            if on_drain is not None:
+                drain_hook = asyncio.ensure_future(hooks.bounded(on_drain, "drain")(app))
             cut = await drainer.drain(runner.server, drain_timeout,
                                       migrator=migrator if migrating else None,
                                       upgrader=upgrader)
             hooks.finish_by = loop.time() + GRACE + cleanup_timeout
-            runner.shutdown_early()  # at the deadline at the latest: quiet by then
+            runner.shutdown_early()  # on_shutdown, then the busy ones' grace
             cut += await drainer.grace(runner.server, GRACE - 2 * _CANCEL_WAIT)
+            if drain_hook is not None:
+                await drain_hook  # bounded; its failure is logged and counted
             if yield_cpu_after_drain and reason is ExitReason.TAKEN_OVER:
                 _yield_cpu()
             if migrator is not None and migrator.moved:
                 log.info("%s: handed %d connection(s) over in %.1f ms", upgrader.name,
                          migrator.moved, migrator.seconds * 1e3)
         finally:
+            if drain_hook is not None and not drain_hook.done():  # an error, a cancel
+                drain_hook.cancel()
             await runner.cleanup()
         await upgrader.close(cut=cut)
         log.info("%s: drained, %d connection(s) cut", upgrader.name, cut)

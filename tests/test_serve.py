@@ -261,14 +261,15 @@ def test_a_websocket_is_read_throughout_the_drain(run: Callable[
     run(main())
 
 
-def test_websockets_closed_in_on_shutdown_leave_as_the_drain_starts(run: Callable[
-        [Awaitable[None]], None]) -> None:
-    """An app that closes its websockets in on_shutdown (aiohttp's way to end
-    long-lived connections: its own clean-up runs on_shutdown before it
-    waits for busy handlers) does so as soon as v2 takes over: the client is
-    told 1001 (going away) at once, and v1's drain ends then, not at its
-    deadline (20 s). on_shutdown used to run after the drain: the websocket
-    stayed on v1 until the deadline, then was cut without a close frame."""
+@pytest.mark.parametrize("hook", ["on_drain", "on_shutdown"])
+def test_websockets_are_closed_with_1001(run: Callable[[Awaitable[None]], None],
+                                         hook: str) -> None:
+    """A websocket never reaches a next response: the app closes it with
+    1001 (going away). In serve()'s on_drain, as soon as v2 takes over: v1's
+    drain ends then, not at its deadline (20 s). In on_shutdown (aiohttp's
+    place for it), at the drain's deadline (1 s here), before the busy
+    connections' grace, as aiohttp orders them: a close frame, not a cut
+    (1006) at the grace's end."""
     async def main() -> None:
         name = f"s-{uuid.uuid4().hex[:10]}"
         sockets: dict[str, hotswap.Address] = {"http": ("127.0.0.1", 0)}
@@ -291,21 +292,31 @@ def test_websockets_closed_in_on_shutdown_leave_as_the_drain_starts(run: Callabl
 
         app = web.Application()
         app.router.add_get("/ws", echo)
-        app.on_shutdown.append(close_websockets)
+        if hook == "on_shutdown":
+            app.on_shutdown.append(close_websockets)
         v1 = hotswap.Upgrader(name, version="v1", options=hotswap.Options(env={}))
         v1_task = asyncio.create_task(hotswap.aiohttp.serve(
-            app, v1, sockets, drain_timeout=20, handle_signals=False,
-            yield_cpu_after_drain=False))
+            app, v1, sockets, drain_timeout=20 if hook == "on_drain" else 1,
+            handle_signals=False, yield_cpu_after_drain=False,
+            on_drain=close_websockets if hook == "on_drain" else None))
         await until(serving(v1), "v1 serving")
         url = f"http://{v1.status().listeners[0].address}/ws"
+        loop = asyncio.get_running_loop()
         async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
             await ws.send_str("m0")
             assert (await ws.receive(timeout=5)).data == "v1 m0"
             v2, v2_task = start(name, "v2", sockets)
+            await until(lambda: v1.state is hotswap.State.DRAINING, "v1 draining")
+            draining = loop.time()
             message = await ws.receive(timeout=5)
+            closed_after = loop.time() - draining
             assert message.type is aiohttp.WSMsgType.CLOSE, message
             assert message.data == aiohttp.WSCloseCode.GOING_AWAY, message
-        assert await asyncio.wait_for(v1_task, 5) == 0  # long before its deadline
+        if hook == "on_drain":
+            assert closed_after < 1.0, closed_after  # not waiting for any deadline
+        else:
+            assert 0.9 <= closed_after < 1.7, closed_after  # the 1 s deadline, no grace
+        assert await asyncio.wait_for(v1_task, 5) == 0
         await stop_serving(v2, v2_task)
 
     run(main())
@@ -316,9 +327,9 @@ def test_on_shutdown_waits_while_an_idle_connection_may_still_send(run: Callable
     """A stop with an idle keep-alive connection open: its client may send
     one more request during the drain, and the app must still be whole for
     it (it is answered, told to close). So on_shutdown, which may release
-    what requests need, starts only once no connection can start another
-    request (here: after that one closed). Started with the drain, it had
-    already run: the request got a 500."""
+    what requests need, starts only when the drain ends (here: once that
+    connection closed). Started with the drain, it had already run: the
+    request got a 500."""
     async def main() -> None:
         state = {"db": "open", "shut_while": ""}
 
@@ -398,6 +409,40 @@ def test_a_response_begun_before_the_drain_ends_in_the_grace_then_is_cut_idle(ru
     run(main())
 
 
+def test_a_request_that_read_keep_alive_before_the_stop_is_still_told_to_close(
+        run: Callable[[Awaitable[None]], None]) -> None:
+    """aiohttp caches request.keep_alive once read: a handler that read it
+    before the stop (logging it, say) answered keep-alive, and its client
+    sent its next request to the draining version. The drain's mark now
+    clears that cache."""
+    async def main() -> None:
+        entered, gate = asyncio.Event(), asyncio.Event()
+
+        async def slow(request: web.Request) -> web.Response:
+            assert request.keep_alive  # read, and cached, before the stop
+            entered.set()
+            await gate.wait()
+            return web.Response(text="done")
+
+        app = web.Application()
+        app.router.add_get("/slow", slow)
+        upgrader, task = await serve_v1(app, drain_timeout=10)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(upgrader.status()))
+        try:
+            writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+            await asyncio.wait_for(entered.wait(), 10)
+            upgrader.request_stop()
+            await until(lambda: upgrader.state is hotswap.State.DRAINING, "v1 draining")
+            gate.set()
+            answer = await read_response(reader)
+            assert b"connection: close" in answer, answer
+        finally:
+            writer.close()
+        assert await asyncio.wait_for(task, 15) == 0
+
+    run(main())
+
+
 async def read_response(reader: asyncio.StreamReader) -> bytes:
     """One response's head (lower case) and body, within 10 s."""
     async with asyncio.timeout(10):
@@ -462,9 +507,9 @@ def test_a_request_in_flight_that_cannot_move_is_told_to_close(run: Callable[
 @pytest.mark.parametrize("hook", ["raises", "hangs", "cancelled"])
 def test_a_failing_clean_up_hook_still_lets_the_last_response_out(run: Callable[
         [Awaitable[None]], None], hook: str) -> None:
-    """The app's on_shutdown callback (which starts with the drain) lets a
-    request in flight answer, then raises (or ends cancelled), or never
-    returns. The response arrives (told to close); the hook is logged and
+    """The app's on_shutdown callback (which starts as the drain ends) lets
+    a request in flight answer in its grace, then raises (or ends
+    cancelled), or never returns. The response arrives (told to close); the hook is logged and
     abandoned within cleanup_timeout; the on_cleanup callbacks still run;
     serve() returns 1 rather than raising or hanging. (A raise used to skip
     the rest of aiohttp's clean-up, and serve() raised; a hang kept the old
