@@ -106,8 +106,9 @@ if number "$version" && whole "$timeout" && whole "$fast" &&
     # its end). The CLI gets the rest, at least a second.
     spent=$polls
     # More polls than the clock allows: the sleeps returned at once (a sleep
-    # that reads 0.1 as 0), so they count for nothing.
-    if [ "$spent" -gt $(((marker_now - start + 1) * 10)) ]; then
+    # that reads 0.1 as 0), so they count for nothing. (Unless the clock
+    # stepped back: then it says nothing.)
+    if [ "$marker_now" -ge "$start" ] && [ "$spent" -gt $(((marker_now - start + 1) * 10)) ]; then
         spent=0
     fi
     if [ $(((marker_now - start - 1) * 10)) -gt "$spent" ]; then
