@@ -785,7 +785,7 @@ def test_the_drain_resumes_only_the_reading_it_paused(
         ours, theirs = socket.socketpair()
         try:
             migrator = Migrator()
-            tracked = Tracked(server(), "http", migrator)
+            tracked = Tracked(server, "http", migrator)
             transport, _ = await asyncio.get_running_loop().connect_accepted_socket(
                 lambda: tracked, ours)
             assert transport.is_reading()
