@@ -82,7 +82,18 @@ class Tracked(web.RequestHandler):
 
     def __init__(self, server: web.Server, listener: str, migrator: Migrator) -> None:
         made_by: Any = server
-        super().__init__(server, loop=made_by._loop, **made_by._kwargs)
+        try:
+            super().__init__(server, loop=made_by._loop, **made_by._kwargs)
+        except TypeError:
+            # As aiohttp's Server.__call__: the app's handler_args hold what
+            # a handler does not take; a basic handler, and a warning.
+            basic = {k: v for k, v in made_by._kwargs.items()
+                     if k in ("debug", "access_log_class")}
+            super().__init__(server, loop=made_by._loop, **basic)
+            self.logger.warning(
+                "Failed to create request handler with custom kwargs %r, falling back "
+                "to filtered kwargs. This may indicate a misconfiguration.",
+                made_by._kwargs)
         self.listener = listener
         self.migrator = migrator
         # Nothing received yet, or the last read ended a header block. A
@@ -229,8 +240,8 @@ class Migrator:
             try:
                 await loop.connect_accepted_socket(
                     lambda: Tracked(server, listener, self), sock)
-            except OSError as exc:
-                log.warning("adopting a connection failed: %s", exc)
+            except Exception as exc:  # noqa: BLE001 -- a connection lost, not the loop
+                log.warning("adopting a connection failed: %r", exc)
                 sock.close()
 
         task = asyncio.create_task(attach())
@@ -294,12 +305,14 @@ class Migrator:
         moved = 0
         until = None if time_left is None else loop.time() + time_left
         short = False  # no descriptor left for more copies; the channel works
+        done = 0  # moved, or closed meanwhile
         for i in range(0, len(ready), MAX_FDS_PER_FRAME):
             batch = ready[i:i + MAX_FDS_PER_FRAME]
             left = None if until is None else max(0.0, until - loop.time())
             sent, handled, short = await self._send(upgrader, batch,
                                                     close_after_next_response, left)
             moved += sent
+            done += handled
             if handled < len(batch):
                 for conn in ready[i + MAX_FDS_PER_FRAME:]:
                     conn.resume()
@@ -314,7 +327,7 @@ class Migrator:
         # (after _COPY_RETRY if it freed none).
         if short and not moved:
             self._copy_retry_at = loop.time() + _COPY_RETRY
-        return moved == len(ready) or short
+        return done == len(ready) or short
 
     async def _send(self, upgrader: Upgrader, batch: list[Tracked],
                     close_after_next_response: Callable[[web.RequestHandler], None],

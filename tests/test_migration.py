@@ -208,9 +208,10 @@ def test_a_successor_with_no_descriptor_left_loses_nothing(procs: Procs, name: s
              "v1 to keep the connections v2 could not take")
     next_requests_answered_by_v1(socks)
     assert v1.wait(timeout=15) == 0
-    assert "MSG_CTRUNC" in procs.logs()
-    assert "no room for the predecessor's connections" in procs.logs()
-    assert "RLIMIT_NOFILE" in procs.logs()
+    # Where v2 sees the truncation (adopting, or still confirming: then its
+    # "no release" warning) depends on timing; either says why.
+    wait_for(lambda: "MSG_CTRUNC" in (logs := procs.logs()) and "RLIMIT_NOFILE" in logs,
+             10, "v2 to say it had no room")
     v2.send_signal(signal.SIGTERM)
     assert v2.wait(timeout=15) == 0
 

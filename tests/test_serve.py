@@ -443,6 +443,31 @@ def test_a_request_that_read_keep_alive_before_the_stop_is_still_told_to_close(
     run(main())
 
 
+def test_handler_args_a_handler_does_not_take_still_serve(run: Callable[
+        [Awaitable[None]], None], caplog: pytest.LogCaptureFixture) -> None:
+    """An app whose handler_args hold a key aiohttp's RequestHandler does not
+    take is served as aiohttp serves it: a basic handler and a warning. The
+    tracked handler of connection handover used to raise TypeError on every
+    connection (no answer at all)."""
+    async def main() -> None:
+        async def hello(request: web.Request) -> web.Response:
+            return web.Response(text="hello")
+
+        app = web.Application(handler_args={"slow_request_timeout": 5})
+        app.router.add_get("/", hello)
+        upgrader, task = await serve_v1(app, drain_timeout=1)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(upgrader.status()))
+        try:
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await read_response(reader)).endswith(b"hello")
+        finally:
+            writer.close()
+        await stop_serving(upgrader, task)
+        assert "Failed to create request handler with custom kwargs" in caplog.text
+
+    run(main())
+
+
 async def read_response(reader: asyncio.StreamReader) -> bytes:
     """One response's head (lower case) and body, within 10 s."""
     async with asyncio.timeout(10):
