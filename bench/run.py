@@ -423,14 +423,18 @@ def analyse(name: str, records: list[list[Any]], upgrades: list[dict[str, float]
         steady state."""
         if not lengths:
             return None
+        # Where a stretch of each length fits, weighted by its room: once.
+        room = []
+        for length in lengths:
+            fits = [(a, b) for a, b in steady_spans if b - a >= length]
+            if not fits:
+                return None
+            room.append((length, fits, [b - a - length + 1e-9 for a, b in fits]))
         draws = []
         for _ in range(REFERENCE_DRAWS):
             worst = 0.0
-            for length in lengths:
-                fits = [(a, b) for a, b in steady_spans if b - a >= length]
-                if not fits:
-                    return None
-                a, b = rng.choices(fits, weights=[b - a - length + 1e-9 for a, b in fits])[0]
+            for length, fits, weights in room:
+                a, b = rng.choices(fits, weights=weights)[0]
                 at = rng.uniform(a, b - length)
                 worst = max(worst, longest_in(at, at + length))
             draws.append(worst * 1e3)

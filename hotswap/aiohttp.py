@@ -209,7 +209,7 @@ class Drainer:
             self.start(server)  # idempotent
         else:
             assert migrator is not None
-            movable = {conn.handler for conn in migrator.tracked}
+            movable: set[web.RequestHandler] = set(migrator.tracked)
             for handler in server.connections:
                 if handler not in movable:  # a Unix socket's: the safe way
                     self.close_after_next_response(handler)

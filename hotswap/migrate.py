@@ -103,11 +103,6 @@ class Tracked(web.RequestHandler):
         # is aiohttp's to undo).
         self.paused = False
 
-    @property
-    def handler(self) -> web.RequestHandler:
-        """The connection's aiohttp handler: itself."""
-        return self
-
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         web.RequestHandler.connection_made(self, transport)
         self.migrator.tracked.add(self)
@@ -134,16 +129,15 @@ class Tracked(web.RequestHandler):
             self.transport.resume_reading()
         self.paused = False
 
-    # -- state, read from aiohttp's handler (see supported()) --------------
+    # -- state, read from aiohttp's own (see supported()) ----------------
 
     def at_boundary(self) -> bool:
         return self.boundary
 
     def idle(self) -> bool:
-        handler: Any = self.handler
-        waiter = handler._waiter
-        return (waiter is not None and not waiter.done() and not handler._messages
-                and handler._current_request is None)
+        waiter = self._waiter
+        return (waiter is not None and not waiter.done() and not self._messages
+                and self._current_request is None)
 
     def flushed(self) -> bool:
         """Nothing of a response is left in our buffer: handed over now, the
@@ -155,9 +149,8 @@ class Tracked(web.RequestHandler):
         """Everything received is consumed and no request handler runs: the
         moments around one (taken from the queue, its response being
         finished, the loop back to waiting)."""
-        handler: Any = self.handler
-        return (self.boundary and handler._current_request is None
-                and not handler._messages)
+        return (self.boundary and self._current_request is None
+                and not self._messages)
 
     def busy_with_body_read(self) -> bool:
         """Busy, and every request received is complete: the one being
@@ -165,14 +158,13 @@ class Tracked(web.RequestHandler):
         often waits there for its handler to run). Pausing the reading then
         holds only what comes next, in the kernel; never true while a body is
         still arriving (pausing would stall that request)."""
-        handler: Any = self.handler
-        if getattr(handler, "_upgraded", False) or getattr(handler, "_payload_parser", None):
+        if getattr(self, "_upgraded", False) or getattr(self, "_payload_parser", None):
             # Upgraded (a websocket): it is read for as long as it lives.
             return False
-        request = handler._current_request
+        request = self._current_request
         if request is not None and not request.content.is_eof():
             return False
-        queued = handler._messages
+        queued = self._messages
         if request is None and not queued:
             return False
         return all(payload.is_eof() for _, payload in queued)
@@ -279,13 +271,13 @@ class Migrator:
                 continue
             if conn.idle():
                 if not conn.at_boundary():
-                    close_after_next_response(conn.handler)
+                    close_after_next_response(conn)
                 elif conn.flushed():
                     conn.pause()
                     ready.append(conn)
                 # else: its last response is still being sent; next round.
             elif last_call or not conn.at_boundary():
-                close_after_next_response(conn.handler)
+                close_after_next_response(conn)
                 conn.resume()  # if paused in an earlier round
             elif conn.busy_with_body_read():
                 # Keep its next request in the kernel: at the end of this
@@ -317,7 +309,7 @@ class Migrator:
                 for conn in ready[i + MAX_FDS_PER_FRAME:]:
                     conn.resume()
                     if not (short and sent):
-                        close_after_next_response(conn.handler)
+                        close_after_next_response(conn)
                 break
         self.moved += moved
         self.seconds += time.perf_counter() - started
@@ -386,5 +378,5 @@ class Migrator:
             else:
                 conn.resume()
                 if not (short and sent):
-                    close_after_next_response(conn.handler)
+                    close_after_next_response(conn)
         return sent, sent + gone, short

@@ -36,7 +36,7 @@ import sys  # noqa: E402
 
 import uvloop  # noqa: E402
 from aiohttp import web  # noqa: E402
-from app import make_app  # noqa: E402 -- app.py, next to this file
+from app import exit_now, make_app  # noqa: E402 -- app.py, next to this file
 
 import hotswap  # noqa: E402
 import hotswap.aiohttp  # noqa: E402
@@ -110,17 +110,7 @@ def main() -> None:
     except hotswap.HotswapError as exc:  # says what and why; no traceback needed
         logging.error("%s: %s", type(exc).__name__, exc)
         code = 1
-    # serve() has closed every socket: exit now. Not after the runner's
-    # close(), which waits with no deadline for any task left (an app
-    # clean-up callback that serve() abandoned and that ignores its
-    # cancellation), and not through the interpreter's teardown (a full
-    # garbage collection and module clean-up, ~60 ms here at nice 19): a
-    # replaced process exits right after its successor took over, when the
-    # CPU is needed most. Flush what is buffered first.
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_now(code)  # serve() has closed every socket
 
 
 if __name__ == "__main__":
