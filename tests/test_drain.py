@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Awaitable, Callable
 
 import pytest
+import uvloop
 from aiohttp import web
 from conftest import keepalive_get as get
 
@@ -141,3 +143,65 @@ def test_failed_connection_transfer_drains_the_safe_way(caplog: pytest.LogCaptur
         asyncio.run(main())
     assert "handing connections over failed after 0" in caplog.text
     assert "the rest drain the safe way" in caplog.text
+
+
+@pytest.mark.parametrize("run", [asyncio.run, uvloop.run], ids=["asyncio", "uvloop"])
+def test_a_response_sent_in_the_grace_is_not_counted_cut(
+        run: Callable[[Awaitable[None]], None], caplog: pytest.LogCaptureFixture) -> None:
+    """A request still in flight at the drain deadline is answered in the
+    grace (told to close). aiohttp marks the request done an iteration
+    before it closes the connection; the grace looking in between must see
+    a connection about to close, not an idle one to cut: it reports 0 cut
+    and logs no cut. (It read _request_in_progress alone, cut the connection
+    as idle and counted it: 17-35 of 300 connections after an upgrade under
+    load, none of them really cut.)"""
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        entered, gate = asyncio.Event(), asyncio.Event()
+        answered: asyncio.Future[web.RequestHandler] = loop.create_future()
+
+        async def held(request: web.Request) -> web.Response:
+            entered.set()
+            await gate.wait()
+            # The handler's last act: the test's task runs next, before
+            # aiohttp's connection loop resumes (it waits for this handler's
+            # task, which ends only after the response is written).
+            answered.set_result(request.protocol)
+            return web.Response(text="done")
+
+        app = web.Application()
+        app.router.add_get("/held", held)
+        drainer = Drainer()
+        drainer.install(app)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
+        try:
+            writer.write(b"GET /held HTTP/1.1\r\nHost: x\r\n\r\n")
+            await asyncio.wait_for(entered.wait(), 10)
+            await site.stop()
+            server = runner.server
+            assert server is not None
+            drainer.start(server)
+            assert await drainer.drain(server, timeout=0.1) == 0  # busy: told to close
+            gate.set()
+            async with asyncio.timeout(10):  # not wait_for: one more loop iteration
+                handler = await answered
+            # The moment the miscount needed: the request is over, aiohttp
+            # has not closed the connection yet.
+            assert not handler._request_in_progress
+            assert handler.transport is not None and not handler.transport.is_closing()
+            assert await drainer.grace(server, 1.0) == 0
+            answer = await eof(reader)
+            assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"done"), answer
+            assert b"Connection: close" in answer, answer
+        finally:
+            writer.close()
+            await runner.cleanup()
+
+    with caplog.at_level("INFO", logger="hotswap"):
+        run(main())
+    assert "is busy; its response says Connection: close" in caplog.text, caplog.text
+    assert "cutting" not in caplog.text, caplog.text
