@@ -631,6 +631,107 @@ def test_connections_handed_over_at_the_deadline_are_not_counted_cut(
     run(main())
 
 
+def test_a_connection_closed_between_two_frames_does_not_stop_the_handover(
+        run: Callable[[Awaitable[None]], None], caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """v1 hands its idle connections over a frame at a time; one of them is
+    closed by v1 (aiohttp's keep-alive timeout) while the successor takes
+    the first frame. That one is done with, not a failed move: the others
+    still move, and so does a connection busy meanwhile once it has
+    answered (keep-alive, not told to close); each next request on them is
+    answered by v2 on the same connection; nothing is cut. (Counted as not
+    moved, it stopped the handover: every connection left with v1 was told
+    to close, in a reviewer's run of 300 connections.)"""
+    import hotswap.migrate
+    # A frame carries up to 253 connections: one here, so that three idle
+    # connections take three frames (no other way short of 254 clients).
+    monkeypatch.setattr(hotswap.migrate, "MAX_FDS_PER_FRAME", 1)
+    caplog.set_level(logging.INFO, logger="hotswap")
+
+    async def main() -> None:
+        name, gate, entered = f"s-{uuid.uuid4().hex[:10]}", asyncio.Event(), asyncio.Event()
+        sockets: dict[str, hotswap.Address] = {"http": ("127.0.0.1", 0)}
+        v1_conns: dict[Any, web.RequestHandler] = {}  # by the client's address
+
+        @web.middleware
+        async def remember(request: web.Request, handler: Any) -> web.StreamResponse:
+            assert request.transport is not None
+            v1_conns[request.transport.get_extra_info("peername")] = request.protocol
+            return await handler(request)
+
+        app = app_of("v1", gate, entered)
+        app.middlewares.append(remember)
+        v1 = hotswap.Upgrader(name, version="v1", options=hotswap.Options(env={}))
+        v1_task = asyncio.create_task(hotswap.aiohttp.serve(
+            app, v1, sockets, drain_timeout=10, handle_signals=False,
+            yield_cpu_after_drain=False))
+        await until(serving(v1), "v1 serving")
+        port = port_of(v1.status())
+        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+        busy = await asyncio.open_connection("127.0.0.1", port)
+        clients = [*idle, busy]
+        addr = {w: w.get_extra_info("sockname") for _, w in clients}
+        adopted: list[Any] = []
+        closed: list[Any] = []
+
+        def on_adopt(peer: Any) -> None:
+            adopted.append(peer)
+            if len(adopted) == 1:
+                # The first frame is with v2, not yet acknowledged: v1 closes
+                # one of the idle connections still to send, as aiohttp's
+                # keep-alive timeout does (RequestHandler.force_close()),
+                # here at the moment a timer would hit only by chance.
+                later = next(addr[w] for _, w in idle if addr[w] != peer)
+                v1_conns[later].force_close()
+                closed.append(later)
+
+        class Watched(hotswap.Upgrader):
+            # serve() gives the upgrader its own adopter; this one also
+            # tells the test which connection came, before serving it.
+            def adopt_connections(self, adopter: Callable[[str, socket.socket], None]
+                                  ) -> None:
+                def watched(listener: str, sock: socket.socket) -> None:
+                    on_adopt(sock.getpeername())
+                    adopter(listener, sock)
+                super().adopt_connections(watched)
+
+        try:
+            for reader, writer in idle:
+                assert (await request(reader, writer)).endswith(b"version(v1)")
+            busy[1].write(b"GET /held HTTP/1.1\r\nHost: x\r\n\r\n")
+            await asyncio.wait_for(entered.wait(), 10)
+            v2 = Watched(name, version="v2", options=hotswap.Options(env={}))
+            v2_task = asyncio.create_task(hotswap.aiohttp.serve(
+                app_of("v2"), v2, sockets, handle_signals=False,
+                yield_cpu_after_drain=False))
+            # The round that met the closed connection is over.
+            await until(lambda: "handed 2 idle connection(s) to the successor" in caplog.text,
+                        "v1 to hand over the other two idle connections")
+            assert len(closed) == 1 and sorted(adopted) == sorted(
+                addr[w] for _, w in idle if addr[w] != closed[0])
+            gate.set()
+            answer = await read_response(busy[0])
+            assert answer.endswith(b"version(v1) read 0"), answer
+            assert b"connection: close" not in answer, answer  # the handover goes on
+            for reader, writer in clients:
+                if addr[writer] in closed:
+                    assert await asyncio.wait_for(reader.read(), 10) == b""
+                    continue
+                # The same connection, answered by v2, not told to close.
+                answer = await request(reader, writer)
+                assert answer.endswith(b"version(v2)"), answer
+                assert b"connection: close" not in answer, answer
+        finally:
+            for _, writer in clients:
+                writer.close()
+        assert await asyncio.wait_for(v1_task, 15) == 0
+        assert "drained, 0 connection(s) cut" in caplog.text, caplog.text
+        assert "connection handover stopped" not in caplog.text, caplog.text
+        await stop_serving(v2, v2_task)
+
+    run(main())
+
+
 def test_a_version_stopped_while_waiting_to_take_over_exits_cleanly(run: Callable[
         [Awaitable[None]], None], caplog: pytest.LogCaptureFixture) -> None:
     """v3 starts while v2 still follows v1's drain (v1 answers a held
