@@ -21,14 +21,15 @@ images: $(VENV)/.stamp
 	$(PY) scripts/demo_docker.py --build-only
 
 # Benchmarks (a few minutes, 127.0.0.1 only): hotswap against a naive restart
-# and an SO_REUSEPORT overlap under the same load; writes docs/bench/.
+# and an SO_REUSEPORT overlap under the same load; writes docs/bench/. Both
+# run in a network namespace of their own (scripts/own-netns.sh says why).
 bench: $(VENV)/.stamp
 	sh scripts/bootstrap.sh bench
-	$(PY) bench/run.py
+	sh scripts/own-netns.sh $(PY) bench/run.py
 
 # Hundreds of consecutive upgrades under load (a few minutes); writes docs/soak/.
 soak: $(VENV)/.stamp
-	$(PY) bench/soak.py
+	sh scripts/own-netns.sh $(PY) bench/soak.py
 
 test: $(VENV)/.stamp lint typecheck pytest
 

@@ -132,6 +132,10 @@ class Procs:
                 proc.wait()
 
 
+NETWORKS = {"own": "a network namespace of its own (loopback only)",
+            "host": "the machine's network namespace"}
+
+
 # ------------------------------------------------------------------ strategies
 
 # Reference peers from Debian (optional): the same answer as the sample
@@ -798,7 +802,8 @@ def fmt(value: float | None, digits: int = 1) -> str:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    lines = [f"Measured {report['when']} on {report['machine']}; command: `make bench`.",
+    lines = [f"Measured {report['when']} on {report['machine']}, in "
+             f"{report.get('network', NETWORKS['host'])}; command: `make bench`.",
              f"Load: {report['load']}.", ""]
     lines += ["| strategy | requests | failed | failures per upgrade | by kind "
               "| longest gap, switch windows: measured / steady as long, median, p95 (ms) "
@@ -978,6 +983,9 @@ def main() -> int:
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{os.cpu_count()} cores, {platform.machine()}, Linux "
                    f"{platform.release()}, Python {platform.python_version()}",
+        # scripts/own-netns.sh: in the machine's namespace, its connection
+        # tracking can drop connections under this load.
+        "network": NETWORKS.get(os.environ.get("HOTSWAP_NETNS", ""), NETWORKS["host"]),
         "load": (f"{args.keepalive} keep-alive clients back to back, 1 busybox client every "
                  f"100 ms, {args.fresh} new-connection clients back to back, no retries; "
                  f"{args.upgrades} upgrades {args.interval:g} s apart per strategy"

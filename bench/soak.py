@@ -287,6 +287,9 @@ def soak(args: argparse.Namespace, tmp: Path) -> bool:
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{os.cpu_count()} cores, {platform.machine()}, Python "
                    f"{platform.python_version()}",
+        "network": ("a network namespace of its own (loopback only)"  # own-netns.sh
+                    if os.environ.get("HOTSWAP_NETNS") == "own"
+                    else "the machine's network namespace"),
         "upgrades": len(samples), "requests": result["requests"],
         "failed": sum(failures.values()), "failures": failures,
         "upgrade_seconds": {"p50": statistics.median(times), "p90": percentile(times, 90),
@@ -303,7 +306,8 @@ def soak(args: argparse.Namespace, tmp: Path) -> bool:
         ok = False
     (args.out / "soak.json").write_text(json.dumps(report, indent=1) + "\n")
     step = max(1, len(samples) // 10)
-    lines = [f"Soak measured {report['when']} on {report['machine']}; command: "
+    lines = [f"Soak measured {report['when']} on {report['machine']}, in "
+             f"{report['network']}; command: "
              f"`make soak` ({args.upgrades} upgrades, {args.keepalive} keep-alive and "
              f"{args.fresh} new-connection clients, no retries).", "",
              f"- upgrades: {report['upgrades']}, requests: {report['requests']}, "
