@@ -210,6 +210,9 @@ class Upgrader:
         self._reserve: int | None = None  # see _accept_control
         self._predecessor_channel: Channel | None = None
         self._predecessor_task: asyncio.Task[None] | None = None
+        # ready()'s confirmation, once it has begun: it runs to its end even
+        # if ready() is cancelled, and close() waits for it (see ready()).
+        self._confirming: asyncio.Task[None] | None = None
         self._successor: Channel | None = None
         self._exit: asyncio.Future[ExitReason] | None = None
         self._stop_requested = False
@@ -324,6 +327,16 @@ class Upgrader:
         HANDOVER_FAILED). A stop requested before confirming aborts the
         handover instead (the predecessor keeps serving) and raises
         HandoverFailed too; :meth:`wait_exit` then returns STOP_REQUESTED.
+
+        Once it has begun confirming, the handover is this process's: the
+        predecessor commits as it reads the confirmation and then stops
+        accepting for good. Cancelling ready() (``asyncio.wait_for``, a
+        cancelled ``serve()``) does not take that back: the confirmation
+        runs on to its end (bounded by ``message_timeout``) and this process
+        is the serving one, as if ready() had returned; stop it like one
+        (:meth:`request_stop`, or :meth:`release` and :meth:`close`).
+        :meth:`close` waits for the confirmation (no ``Abort``: it would come
+        too late), then closes as the serving process.
         """
         for leftover in self._inherited.values():
             log.info("%s: closing unclaimed inherited %s", self.name, leftover.info.name)
@@ -340,7 +353,11 @@ class Upgrader:
         if self.state is State.TAKING_OVER and self._stop_requested:
             await self._abort("stop requested before confirming")
         if self.state is State.TAKING_OVER:
-            await self._confirm()
+            # Shielded: cancelled once Accepting may be on its way, we would
+            # stay neither confirmed nor aborted, and close() would then send
+            # an Abort the predecessor no longer heeds: nobody would accept.
+            self._confirming = asyncio.ensure_future(self._confirm())
+            await asyncio.shield(self._confirming)
         elif self.state is State.STARTING and self._control_sock is not None:
             self._set_state(State.SERVING)  # a fresh start: serving from now on
         elif self.state is not State.SERVING:
@@ -498,6 +515,12 @@ class Upgrader:
         call more than once and on any path."""
         if self.state is State.STOPPED:
             return
+        confirming = self._confirming
+        if confirming is not None and not confirming.done():
+            # ready() was cancelled while confirming: the predecessor has
+            # committed, or will as it reads our Accepting. Finish confirming
+            # (bounded), then close as the serving process we are.
+            await asyncio.wait({confirming})
         channel = self._predecessor_channel
         if self.state is State.TAKING_OVER and channel is not None:
             # Closed before confirming (its set-up failed, say): tell the old

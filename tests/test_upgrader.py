@@ -1124,3 +1124,62 @@ def test_peers_that_close_before_saying_anything_are_no_warning(
         await upg.close()
 
     run(main())
+
+
+@pytest.mark.parametrize("then", ["serve-on", "close"])
+def test_a_ready_cancelled_after_confirming_still_takes_over(
+        run: Runner, then: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The task awaiting ready() is cancelled after Accepting went out and
+    before Released came (``wait_for`` while the old side is slow, a
+    cancelled ``serve()``). The old side has committed and stops accepting
+    for good: the successor must not be left half-way, holding the only
+    listener with its control socket unserved, nor have close() send an
+    Abort the old side no longer heeds. The confirmation runs on: the
+    successor serves (its listener accepts, its control socket answers),
+    and a close() finishes the confirmation first, then stops as the
+    serving process."""
+    name = new_name()
+    caplog.set_level(logging.INFO, logger="hotswap")
+
+    async def main() -> None:
+        old = await serving_upgrader(name, "v1")
+        port = _port(old._listeners["http"].sock)
+        new = hotswap.Upgrader(name, version="v2", options=opts())
+        assert await new.start() is hotswap.Role.TAKEOVER
+        sock = new.listen("http", ("127.0.0.1", 0))
+        channel = new._predecessor_channel
+        assert channel is not None
+        sent: list[str] = []
+        original = channel.send
+
+        async def recording(message: hotswap.protocol.Message, *, timeout: float) -> None:
+            sent.append(message.TYPE)
+            await original(message, timeout=timeout)
+
+        channel.send = recording  # type: ignore[method-assign]
+        ready = asyncio.create_task(new.ready())
+        assert await old.wait_exit() is hotswap.ExitReason.TAKEN_OVER  # Accepting is in
+        ready.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await ready
+        await old.release()  # the old side stops accepting for good
+        await old.close(cut=0)
+        if then == "close":
+            await asyncio.wait_for(new.close(), 10)
+            assert sent == ["accepting"]  # no Abort
+            assert "no release from the predecessor" not in caplog.text, caplog.text
+            assert new.state is hotswap.State.STOPPED
+            return
+        await until(lambda: new.state is hotswap.State.SERVING, "v2 serving")
+        st = await query_status(control_address(name))
+        assert (st.pid, st.version, st.state) == (os.getpid(), "v2", "serving")
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+            sock.settimeout(5)
+            conn, peer = sock.accept()
+            assert peer == client.getsockname()
+            conn.close()
+        sock.close()
+        await new.close()
+        assert sent == ["accepting"]
+
+    run(main())
