@@ -237,6 +237,8 @@ class Upgrader:
         if self._exit is not None:
             raise HotswapError("start() called twice")
         self._exit = asyncio.get_running_loop().create_future()
+        if self._stop_requested:  # asked before there was a future to tell
+            self._finish(ExitReason.STOP_REQUESTED)
         role = self.versions.role
         if role in (Role.PASSIVE, Role.EMPTY):
             log.info("%s: role %s (version %s, other slot %s): not serving",
@@ -378,7 +380,10 @@ class Upgrader:
 
     def request_stop(self) -> None:
         """Ask for a stop (from a signal handler, say). During a handover the
-        stop waits for its outcome, so the sockets are never lost."""
+        stop waits for its outcome, so the sockets are never lost. Asked
+        before :meth:`start`, it is kept: no takeover is tried (start()
+        raises HandoverFailed, see :attr:`stop_requested`), and
+        a fresh start's :meth:`wait_exit` returns STOP_REQUESTED at once."""
         self._stop_requested = True
         if self.state in (State.SERVING, State.PASSIVE, State.STARTING,
                           State.TAKING_OVER):

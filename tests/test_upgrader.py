@@ -1183,3 +1183,24 @@ def test_a_ready_cancelled_after_confirming_still_takes_over(
         assert sent == ["accepting"]
 
     run(main())
+
+
+def test_a_stop_requested_before_start_is_kept(run: Runner) -> None:
+    """A SIGTERM handled before start() (the handler is installed first,
+    the program still loads its configuration): on a fresh start too,
+    wait_exit() returns STOP_REQUESTED once serving, instead of waiting for
+    a stop that was already asked for."""
+    env = {"SIDECARSET_VERSION": "1", "SIDECARSET_VERSION_ALT": "0"}
+
+    async def main() -> None:
+        upg = hotswap.Upgrader(new_name(), version="v1",
+                               options=hotswap.Options(env=env, message_timeout=2.0))
+        upg.request_stop()
+        assert await upg.start() is hotswap.Role.FRESH
+        upg.listen("http", ("127.0.0.1", 0))
+        await upg.ready()
+        reason = await asyncio.wait_for(upg.wait_exit(), 5)
+        assert reason is hotswap.ExitReason.STOP_REQUESTED
+        await upg.close()
+
+    run(main())
