@@ -216,6 +216,7 @@ class Upgrader:
         self._successor: Channel | None = None
         self._exit: asyncio.Future[ExitReason] | None = None
         self._stop_requested = False
+        self._released = False
         self._handover_times: tuple[float, float] | None = None
         self._adopter: Callable[[str, socket.socket], None] | None = None
         self._successor_caps: frozenset[str] = frozenset()
@@ -500,8 +501,14 @@ class Upgrader:
         Closes listener sockets still open (call this only after your servers
         stopped: a server owns the socket it accepts on) and the control
         socket, and tells the successor (if any) that it may now consider
-        itself the only acceptor.
+        itself the only acceptor. Only the first call does anything (a
+        second Released would break the protocol, and the successor would
+        take its predecessor for gone while it still drains): safe to call
+        again, from a ``finally`` say.
         """
+        if self._released or self.state is State.STOPPED:
+            return
+        self._released = True
         self._set_state(State.DRAINING)
         await self._stop_control()
         for entry in self._listeners.values():
@@ -533,8 +540,8 @@ class Upgrader:
             with contextlib.suppress(HotswapError):
                 await channel.send(Abort(reason="successor closed before confirming"),
                                    timeout=1.0)
-        if self.state is not State.DRAINING and self._listeners:
-            await self.release()
+        if not self._released and (self._listeners or self._successor is not None):
+            await self.release()  # also after a takeover the caller did not release
         await self._tell_successor(Drained(pid=self.pid, cut=cut))
         if self._successor is not None:
             self._successor.close()

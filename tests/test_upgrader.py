@@ -1204,3 +1204,31 @@ def test_a_stop_requested_before_start_is_kept(run: Runner) -> None:
         await upg.close()
 
     run(main())
+
+
+def test_a_second_release_changes_nothing(run: Runner) -> None:
+    """release() called again (in a ``finally``, say) sent Released again:
+    the protocol refused it and the channel to the successor was closed, so
+    no connection could be handed over any more and the successor took its
+    predecessor for gone while it still drained (a third version would have
+    been admitted). Only the first call counts."""
+    name = new_name()
+
+    async def main() -> None:
+        old = await serving_upgrader(name, "v1")
+        new = await taken_over(old, name, lambda listener, sock: sock.close())
+        assert old.can_hand_over_connections
+        await old.release()
+        assert old.can_hand_over_connections
+        third = hotswap.Upgrader(name, version="v3", options=opts(connect_timeout=0.3))
+        with pytest.raises(hotswap.HandoverRefused, match="still draining") as refused:
+            await third.start()
+        assert refused.value.code == "busy"
+        await third.close()
+        st = await query_status(control_address(name))
+        assert (st.version, st.predecessor) == ("v2", "draining")
+        await old.close(cut=0)
+        await until(lambda: new.status().predecessor == "gone", "v1 drained")
+        await new.close()
+
+    run(main())
