@@ -217,6 +217,10 @@ class Upgrader:
         self._exit: asyncio.Future[ExitReason] | None = None
         self._stop_requested = False
         self._released = False
+        self._closed = False  # close() was called (it may still be running)
+        self._closing: asyncio.Future[None] | None = None  # close() at work
+        self._starting: asyncio.Future[None] | None = None  # start() at work
+        self._wake = asyncio.Event()  # set by close(): start() stops retrying
         self._handover_times: tuple[float, float] | None = None
         self._adopter: Callable[[str, socket.socket], None] | None = None
         self._successor_caps: frozenset[str] = frozenset()
@@ -234,7 +238,13 @@ class Upgrader:
         ListenerError if someone else holds it). For TAKEOVER/AUTO the
         predecessor's sockets are received and validated; :meth:`listen` then
         returns them by name.
+
+        A :meth:`close` meanwhile stops it at its next step: it raises
+        HandoverFailed, and whatever it had taken is given back (the
+        predecessor serves on).
         """
+        if self._closed:
+            raise HotswapError("start() after close()")
         if self._exit is not None:
             raise HotswapError("start() called twice")
         self._exit = asyncio.get_running_loop().create_future()
@@ -249,14 +259,23 @@ class Upgrader:
             return role
         if role is Role.FRESH:
             self._start_fresh()
-        else:
+            self.role = role
+            return role
+        self._starting = asyncio.get_running_loop().create_future()
+        try:
             took_over = await self._take_over(required=role is Role.TAKEOVER)
-            if not took_over:
-                role = Role.FRESH
-                self._start_fresh()
-            else:
-                role = Role.TAKEOVER
-                self._add_launcher_sockets()
+            if self._closed:
+                # close() waits for this, then gives back what was taken
+                # (Abort: the predecessor serves on) and closes the rest.
+                raise HandoverFailed("closed while starting: nothing was taken over")
+        finally:
+            self._starting.set_result(None)
+        if not took_over:
+            role = Role.FRESH
+            self._start_fresh()
+        else:
+            role = Role.TAKEOVER
+            self._add_launcher_sockets()
         self.role = role
         return role
 
@@ -275,6 +294,8 @@ class Upgrader:
         Ownership passes to the caller (see the class docstring). Raises
         ListenerError if binding fails, HotswapError if ``name`` is taken.
         """
+        if self._closed:
+            raise HotswapError("listen() after close()")
         if name == control.CONTROL_NAME or name in self._listeners:
             raise HotswapError(f"listener name {name!r} already in use")
         if self.state not in (State.STARTING, State.TAKING_OVER, State.SERVING):
@@ -353,6 +374,8 @@ class Upgrader:
             # only after the old side stopped accepting.
             for _ in range(2):
                 await asyncio.sleep(0)
+        if self._closed:
+            raise HotswapError("ready() after close()")
         if self.state is State.TAKING_OVER and self._stop_requested:
             await self._abort("stop requested before confirming")
         if self.state is State.TAKING_OVER:
@@ -524,9 +547,32 @@ class Upgrader:
     async def close(self, *, cut: int = 0) -> None:
         """Finish: tell the successor the drain is over (``cut`` connections
         were closed at the deadline), close every remaining resource. Safe to
-        call more than once and on any path."""
+        call more than once and on any path: a call while another runs waits
+        for it; a :meth:`start` still at work (retrying while the serving
+        process is busy, say) is stopped first and gives back whatever it
+        took (the predecessor serves on)."""
+        if self._closing is not None:
+            await asyncio.shield(self._closing)
+            return
         if self.state is State.STOPPED:
             return
+        self._closed = True
+        self._wake.set()
+        closing = self._closing = asyncio.get_running_loop().create_future()
+        finished = False
+        try:
+            await self._close(cut)
+            finished = True
+        finally:
+            if not finished:  # interrupted (cancelled): a later call goes on
+                self._closing = None
+            closing.set_result(None)
+
+    async def _close(self, cut: int) -> None:
+        starting = self._starting
+        if starting is not None and not starting.done():
+            # It gives up at its next step (within message_timeout).
+            await asyncio.wait({starting})
         confirming = self._confirming
         if confirming is not None and not confirming.done():
             # ready() was cancelled while confirming: the predecessor has
@@ -622,6 +668,8 @@ class Upgrader:
         while True:
             if self._stop_requested:  # while waiting for a busy one, say
                 raise HandoverFailed("stop requested before taking over; nothing was taken")
+            if self._closed:
+                raise HandoverFailed("closed before taking over; nothing was taken")
             try:
                 sock = await control.connect(self.address, timeout=opts.message_timeout)
             except OSError as exc:
@@ -663,7 +711,9 @@ class Upgrader:
             except BaseException:
                 channel.close()
                 raise
-            await asyncio.sleep(delay)
+            with contextlib.suppress(TimeoutError):  # close() cuts the wait short
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
             delay = min(delay * 2, 1.0)
 
     async def _handshake(self, channel: Channel) -> None:

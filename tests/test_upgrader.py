@@ -1232,3 +1232,42 @@ def test_a_second_release_changes_nothing(run: Runner) -> None:
         await new.close()
 
     run(main())
+
+
+def test_close_stops_a_start_that_is_still_retrying(
+        run: Runner, caplog: pytest.LogCaptureFixture) -> None:
+    """close() while start() waits for a busy serving process (the caller
+    gave up on it): start() took over afterwards, from a closed upgrader
+    that then held the predecessor's descriptors, and the predecessor stayed
+    handing over until another close(). Now close() stops it first: start()
+    raises HandoverFailed, nothing is taken, nothing is left open, and the
+    old side serves on (the next successor takes over)."""
+    name = new_name()
+    caplog.set_level(logging.INFO, logger="hotswap")
+
+    async def main() -> None:
+        old = await serving_upgrader(name, "v1")
+        before = set(os.listdir("/proc/self/fd"))
+        blocker = hotswap.Upgrader(name, version="vb", options=opts())
+        assert await blocker.start() is hotswap.Role.TAKEOVER  # old: handing over
+        new = hotswap.Upgrader(name, version="v2", options=opts())
+        starting = asyncio.create_task(new.start())
+        await until(lambda: "serving process busy" in caplog.text, "v2 refused (busy)")
+        await asyncio.wait_for(new.close(), 10)
+        assert starting.done()  # close() waited for it to give up
+        with pytest.raises(hotswap.HandoverFailed, match="closed"):
+            await starting
+        assert new.state is hotswap.State.STOPPED
+        with pytest.raises(hotswap.HotswapError, match="after close"):
+            await new.start()
+        await blocker.close()  # the blocker gives up: old serves again
+        await until(lambda: old.state is hotswap.State.SERVING, "v1 serving again")
+        await until(lambda: set(os.listdir("/proc/self/fd")) == before,
+                    "no descriptor left but v1's")
+        st = await query_status(control_address(name))
+        assert (st.version, st.state) == ("v1", "serving")
+        later = await taken_over(old, name)
+        await old.close(cut=0)
+        await later.close()
+
+    run(main())
