@@ -33,6 +33,7 @@ import functools
 import hmac
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -153,6 +154,21 @@ class Options:
     message_timeout: float = DEFAULT_MESSAGE_TIMEOUT
     predecessor_drain_timeout: float = DEFAULT_PREDECESSOR_DRAIN_TIMEOUT
     env: Mapping[str, str] = field(default_factory=lambda: os.environ)
+
+    def __post_init__(self) -> None:
+        """Every timeout is a finite number of seconds, above 0 (at 0 or
+        below nothing could ever arrive in time; NaN compares as neither),
+        except ``connect_timeout``, which may be 0 (one attempt, no retry
+        while the serving process is busy). Raises ValueError naming the
+        field: a bad value would otherwise fail only at the first upgrade."""
+        for name, zero_ok in (("handover_timeout", False), ("connect_timeout", True),
+                              ("message_timeout", False),
+                              ("predecessor_drain_timeout", False)):
+            value = getattr(self, name)
+            if (isinstance(value, bool) or not isinstance(value, int | float)
+                    or not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok)):
+                raise ValueError(f"Options.{name}={value!r} is not a finite number of "
+                                 f"seconds {'>= 0' if zero_ok else '> 0'}")
 
 
 class Upgrader:

@@ -1271,3 +1271,38 @@ def test_close_stops_a_start_that_is_still_retrying(
         await later.close()
 
     run(main())
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("handover_timeout", float("nan")), ("handover_timeout", -1.0), ("handover_timeout", 0),
+    ("message_timeout", float("nan")), ("message_timeout", 0.0), ("message_timeout", "5"),
+    ("message_timeout", None), ("message_timeout", True),
+    ("connect_timeout", float("inf")), ("connect_timeout", -0.5),
+    ("predecessor_drain_timeout", float("inf")), ("predecessor_drain_timeout", 0),
+])
+def test_options_that_are_no_timeout_are_refused_up_front(field: str, value: object) -> None:
+    """A timeout that is NaN, infinite, negative, not a number (or 0 where
+    nothing could arrive in time) failed only at the first upgrade, each
+    its own way ("within nans", uvloop's ValueError out of start(), a
+    TypeError, no deadline at all): a ValueError naming the field now."""
+    with pytest.raises(ValueError, match=f"Options.{field}=.* is not a finite number"):
+        hotswap.Options(env={}, **{field: value})  # type: ignore[arg-type]
+
+
+def test_a_connect_timeout_of_zero_is_one_attempt(run: Runner) -> None:
+    """connect_timeout may be 0: no retry while the serving process is busy."""
+    name = new_name()
+
+    async def main() -> None:
+        old = await serving_upgrader(name, "v1")
+        first = hotswap.Upgrader(name, version="v2", options=opts())
+        await first.start()  # old: handing over
+        second = hotswap.Upgrader(name, version="v3", options=opts(connect_timeout=0))
+        with pytest.raises(hotswap.HandoverRefused) as busy:
+            await second.start()
+        assert busy.value.code == "busy"
+        await second.close()
+        await first.close()
+        await old.close()
+
+    run(main())
