@@ -1116,7 +1116,8 @@ class Upgrader:
             return Refused(code="protocol", reason=f"protocol {hello.protocol} "
                            f"not supported (this is {PROTOCOL_VERSION})")
         if self.options.token and not hmac.compare_digest(
-                hello.token.encode("utf-8", "surrogatepass"), self.options.token.encode()):
+                hello.token.encode("utf-8", "surrogatepass"),
+                self.options.token.encode("utf-8", "surrogatepass")):
             return Refused(code="forbidden", reason="bad or missing token")
         if self.state is not State.SERVING or self._stop_requested:
             return Refused(code="busy", reason=f"state is {self.state.value}")

@@ -1306,3 +1306,32 @@ def test_a_connect_timeout_of_zero_is_one_attempt(run: Runner) -> None:
         await old.close()
 
     run(main())
+
+
+def test_a_token_from_a_non_utf8_environment_works(run: Runner) -> None:
+    """A token read from an environment variable holding bytes that are no
+    UTF-8 (os.environ escapes them as lone surrogates): the same on both
+    sides, yet every upgrade was refused "internal error", as the two were
+    encoded with different error handlers. It is a token like any."""
+    name = new_name()
+    token = os.fsdecode(b"s3cr\xffet")
+    assert token == "s3cr\udcffet"
+
+    async def main() -> None:
+        old = await serving_upgrader(name, "v1", token=token)
+        new = hotswap.Upgrader(name, version="v2", options=opts(token=token))
+        assert await new.start() is hotswap.Role.TAKEOVER
+        new.listen("http", ("127.0.0.1", 0))
+        ready = asyncio.create_task(new.ready())
+        assert await old.wait_exit() is hotswap.ExitReason.TAKEN_OVER
+        await old.release()
+        await ready
+        thief = hotswap.Upgrader(name, version="v3", options=opts(token="s3cr\udcfeet"))
+        with pytest.raises(hotswap.HandoverRefused) as refused:
+            await thief.start()
+        assert refused.value.code == "forbidden"
+        await thief.close()
+        await old.close(cut=0)
+        await new.close()
+
+    run(main())
