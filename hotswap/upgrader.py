@@ -55,6 +55,7 @@ from .errors import (
 from .fdio import descriptor_room
 from .kruise import Role
 from .protocol import (
+    MAX_CLIENT_FRAME,
     MAX_FDS_PER_FRAME,
     PROTOCOL_VERSION,
     STATUS_LISTENERS_BYTES,
@@ -107,6 +108,25 @@ DEFAULT_MESSAGE_TIMEOUT = 5.0
 """Seconds either side waits for one expected message (hello, release, ...)."""
 DEFAULT_PREDECESSOR_DRAIN_TIMEOUT = 60.0
 """Seconds a new process refuses further upgrades while its predecessor drains."""
+MAX_VERSION_BYTES = 4096
+"""The longest version string, in bytes as sent (JSON: a non-ASCII character
+is 6, or 12 beyond the BMP): a successor's hello carries it, with the token,
+in one frame of at most :data:`~hotswap.protocol.MAX_CLIENT_FRAME` bytes."""
+MAX_TOKEN_BYTES = 4096
+"""The longest token, counted alike (see :data:`MAX_VERSION_BYTES`)."""
+
+
+def _check_text(what: str, value: object, limit: int) -> None:
+    """Raise ValueError unless ``value`` is a str that fits in ``limit``
+    bytes as the protocol sends it (a longer one got every upgrade refused:
+    the hello that carries it was too long a frame)."""
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a str, not {type(value).__name__}")
+    size = len(json.dumps(value)) - 2
+    if size > limit:
+        raise ValueError(f"{what} is too long: {len(value)} characters, {size} bytes as "
+                         f"sent; at most {limit} (a successor's hello carries it in "
+                         f"a frame of at most {MAX_CLIENT_FRAME} bytes)")
 
 
 class ExitReason(enum.Enum):
@@ -160,7 +180,9 @@ class Options:
         below nothing could ever arrive in time; NaN compares as neither),
         except ``connect_timeout``, which may be 0 (one attempt, no retry
         while the serving process is busy). Raises ValueError naming the
-        field: a bad value would otherwise fail only at the first upgrade."""
+        field: a bad value would otherwise fail only at the first upgrade.
+        ``token``: at most :data:`MAX_TOKEN_BYTES`, a ValueError too."""
+        _check_text("Options.token", self.token, MAX_TOKEN_BYTES)
         for name, zero_ok in (("handover_timeout", False), ("connect_timeout", True),
                               ("message_timeout", False),
                               ("predecessor_drain_timeout", False)):
@@ -190,6 +212,7 @@ class Upgrader:
 
     def __init__(self, name: str, *, version: str = "",
                  options: Options | None = None) -> None:
+        _check_text("version", version, MAX_VERSION_BYTES)
         self.name = name
         self.version = version
         self.options = options or Options()

@@ -1335,3 +1335,36 @@ def test_a_token_from_a_non_utf8_environment_works(run: Runner) -> None:
         await new.close()
 
     run(main())
+
+
+def test_a_version_or_token_too_long_for_the_hello_is_refused_up_front(run: Runner) -> None:
+    """The hello carries the version and the token in one frame of at most
+    16 KiB: longer ones got every takeover refused ("frame length ...
+    outside 1..16384"), found only at the first upgrade. A ValueError
+    naming the field now, at construction; the longest allowed take over."""
+    with pytest.raises(ValueError, match=r"^version is too long: 20000 characters"):
+        hotswap.Upgrader(new_name(), version="v" * 20000, options=opts())
+    with pytest.raises(ValueError, match=r"^version is too long: 1000 characters, 6000 bytes"):
+        hotswap.Upgrader(new_name(), version="\u00e9" * 1000, options=opts())
+    with pytest.raises(ValueError, match=r"^Options\.token is too long"):
+        opts(token="t" * 20000)
+    with pytest.raises(ValueError, match=r"^version must be a str"):
+        hotswap.Upgrader(new_name(), version=2, options=opts())  # type: ignore[arg-type]
+    name = new_name()
+    longest = {"token": "t" * hotswap.upgrader.MAX_TOKEN_BYTES}
+
+    async def main() -> None:
+        old = await serving_upgrader(name, "1" * hotswap.upgrader.MAX_VERSION_BYTES,
+                                     **longest)
+        new = hotswap.Upgrader(name, version="2" * hotswap.upgrader.MAX_VERSION_BYTES,
+                               options=opts(**longest))
+        assert await new.start() is hotswap.Role.TAKEOVER
+        new.listen("http", ("127.0.0.1", 0))
+        ready = asyncio.create_task(new.ready())
+        assert await old.wait_exit() is hotswap.ExitReason.TAKEN_OVER
+        await old.release()
+        await ready
+        await old.close(cut=0)
+        await new.close()
+
+    run(main())
