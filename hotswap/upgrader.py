@@ -36,6 +36,7 @@ import logging
 import math
 import os
 import socket
+import stat
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -693,10 +694,22 @@ class Upgrader:
         try:
             return listeners.bind(self.address, backlog=_CONTROL_BACKLOG, unix_mode=0o600)
         except ListenerError as exc:
-            raise ListenerError(
-                f"{exc}: another process already serves {self.name!r}; start it "
-                "without a Kruise FRESH role (or with VERSION > ALT) to take over"
-            ) from exc.__cause__
+            cause = exc.__cause__
+            in_use = isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE
+            if in_use and not self.address.startswith("@"):
+                with contextlib.suppress(OSError):
+                    if not stat.S_ISSOCK(os.lstat(self.address).st_mode):
+                        raise ListenerError(f"control socket of {self.name!r}: {exc}: "
+                                            "that path is no socket (left as it is)"
+                                            ) from cause
+            if in_use:
+                raise ListenerError(
+                    f"{exc}: another process already serves {self.name!r}; start it "
+                    "without a Kruise FRESH role (or with VERSION > ALT) to take over"
+                ) from cause
+            # Anything else (a name too long for a Unix address, a folder
+            # that does not exist, no permission): say just that.
+            raise ListenerError(f"control socket of {self.name!r}: {exc}") from cause
 
     async def _take_over(self, *, required: bool) -> bool:
         """Connect and adopt. Returns False if nobody serves (then bind fresh)."""

@@ -1368,3 +1368,41 @@ def test_a_version_or_token_too_long_for_the_hello_is_refused_up_front(run: Runn
         await new.close()
 
     run(main())
+
+
+def test_a_control_socket_that_cannot_be_bound_says_why(run: Runner, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Every failure to bind the control socket was reported as "another
+    process already serves" it: a name too long for a Unix address, a
+    control_path in a folder that does not exist, a path that is a plain
+    file. That hint now comes only when the address is in use; otherwise
+    the error says what failed. Nothing is left open."""
+    fresh = {"SIDECARSET_VERSION": "1", "SIDECARSET_VERSION_ALT": "0"}
+    plain = tmp_path / "not-a-socket"
+    plain.write_text("data")
+    taken = new_name()
+
+    async def failure(name: str, **kw: object) -> str:
+        upg = hotswap.Upgrader(name, version="v1", options=hotswap.Options(
+            env=fresh, message_timeout=2.0, **kw))  # type: ignore[arg-type]
+        with pytest.raises(hotswap.ListenerError) as info:
+            await upg.start()
+        await upg.close()
+        return str(info.value)
+
+    async def main() -> None:
+        before = len(os.listdir("/proc/self/fd"))
+        message = await failure("x" * 120)
+        assert "path too long" in message and "already serves" not in message, message
+        message = await failure("ok", control_path=str(tmp_path / "missing" / "ctl.sock"))
+        assert "No such file or directory" in message, message
+        assert "already serves" not in message, message
+        message = await failure("ok", control_path=str(plain))
+        assert "no socket" in message and "already serves" not in message, message
+        serving = await serving_upgrader(taken, "v1")
+        message = await failure(taken)
+        assert f"another process already serves {taken!r}" in message, message
+        await serving.close()
+        assert len(os.listdir("/proc/self/fd")) == before
+
+    run(main())
+    assert plain.read_text() == "data"
