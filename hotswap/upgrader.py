@@ -437,7 +437,9 @@ class Upgrader:
 
     async def wait_exit(self) -> ExitReason:
         """Wait until this process should stop accepting: a successor took
-        over, a stop was requested, or (as a successor) the handover failed."""
+        over, a stop was requested (:meth:`close` counts as one: a wait
+        still pending then returns STOP_REQUESTED), or (as a successor) the
+        handover failed."""
         if self._exit is None:
             raise HotswapError("start() first")
         return await asyncio.shield(self._exit)
@@ -641,6 +643,9 @@ class Upgrader:
             entry.sock.close()
         self._inherited.clear()
         self._set_state(State.STOPPED)
+        # Whoever still waits to learn when to stop (a serve loop closed
+        # from elsewhere, say) learns it now, rather than never.
+        self._finish(ExitReason.STOP_REQUESTED)
 
     # ---------------------------------------------------------------- status
 

@@ -1206,6 +1206,25 @@ def test_a_stop_requested_before_start_is_kept(run: Runner) -> None:
     run(main())
 
 
+def test_a_wait_for_the_exit_ends_with_close(run: Runner) -> None:
+    """A task waiting in wait_exit() (a serve loop) when the upgrader is
+    closed from elsewhere waited forever: close() never told it."""
+    env = {"SIDECARSET_VERSION": "1", "SIDECARSET_VERSION_ALT": "0"}
+
+    async def main() -> None:
+        upg = hotswap.Upgrader(new_name(), version="v1", options=hotswap.Options(env=env))
+        assert await upg.start() is hotswap.Role.FRESH
+        upg.listen("http", ("127.0.0.1", 0))
+        await upg.ready()
+        waiting = asyncio.ensure_future(upg.wait_exit())
+        await asyncio.sleep(0)  # it waits now
+        assert not waiting.done()
+        await upg.close()
+        assert await asyncio.wait_for(waiting, 5) is hotswap.ExitReason.STOP_REQUESTED
+
+    run(main())
+
+
 def test_a_second_release_changes_nothing(run: Runner) -> None:
     """release() called again (in a ``finally``, say) sent Released again:
     the protocol refused it and the channel to the successor was closed, so
