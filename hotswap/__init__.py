@@ -37,6 +37,7 @@ if TYPE_CHECKING:
         RemoteProtocolError,
     )
     from .kruise import Role
+    from .listeners import close_server
     from .upgrader import ExitReason, Options, State, Upgrader
 
 __version__ = "0.1.0"
@@ -46,6 +47,7 @@ _LAZY = {
                "HandoverRefused", "HandoverTimeout", "HotswapError", "ListenerError",
                "LocalProtocolError", "ProtocolError", "RemoteProtocolError"),
     "kruise": ("Role",),
+    "listeners": ("close_server",),
     "upgrader": ("ExitReason", "Options", "State", "Upgrader"),
 }
 _HOME = {name: module for module, names in _LAZY.items() for name in names}
@@ -86,4 +88,5 @@ __all__ = [
     "State",
     "Upgrader",
     "__version__",
+    "close_server",
 ]

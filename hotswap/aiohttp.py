@@ -59,7 +59,7 @@ from aiohttp import web
 
 from .errors import HandoverFailed
 from .kruise import Role
-from .listeners import DEFAULT_BACKLOG, Address
+from .listeners import DEFAULT_BACKLOG, Address, close_server
 from .migrate import Migrator
 from .migrate import supported as _migration_supported
 from .upgrader import ExitReason, Upgrader
@@ -401,25 +401,13 @@ def _yield_cpu() -> None:
 
 
 async def _stop_accepting(runner: web.BaseRunner) -> None:
-    """Stop accepting without dropping a connection already accepted.
-
-    asyncio's selector loop accepts in one callback and attaches each new
-    connection to its server in a task that runs an iteration later; a
-    server closed in between drops that connection unanswered (CPython 3.11:
-    an AssertionError in ``Server._attach``, logged only in debug mode; the
-    client sees a reset). So stop reading the listening sockets first and
-    let those tasks run; the sites are stopped after. uvloop attaches a
-    connection as it accepts it: nothing to do there.
-    """
-    loop = asyncio.get_running_loop()
-    if not isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop):
-        return
+    """Stop accepting on every site without dropping a connection already
+    accepted (see :func:`hotswap.close_server`); the sites are stopped
+    after, which then only unregisters them."""
     for site in runner.sites:
         server = getattr(site, "_server", None)
-        for sock in getattr(server, "sockets", None) or ():
-            loop.remove_reader(sock.fileno())
-    for _ in range(3):  # one iteration attaches them; the rest is margin
-        await asyncio.sleep(0)
+        if server is not None:
+            await close_server(server)
 
 
 async def serve(app: web.Application, upgrader: Upgrader,

@@ -8,6 +8,7 @@ close-on-exec and non-blocking.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import logging
@@ -282,6 +283,39 @@ def adopt_connection_fd(fd: int) -> socket.socket:
 DEFAULT_BACKLOG = 1024
 """The listen queue of a socket hotswap binds, and of the sites that serve
 one (aiohttp's own default is 128)."""
+
+
+async def close_server(server: asyncio.AbstractServer) -> None:
+    """Stop an asyncio server accepting, without dropping a connection it
+    has already accepted: use it instead of ``server.close()`` once
+    :meth:`~hotswap.Upgrader.wait_exit` returns, before
+    :meth:`~hotswap.Upgrader.release`.
+
+    The stock (selector) event loop accepts a connection in one callback and
+    attaches it to its server in a task that runs an iteration later; a
+    server closed in between drops that connection unanswered (CPython
+    3.11: an AssertionError in ``Server._attach``, logged only in debug
+    mode; the client sees a reset or EOF). Under new-connection load that
+    loses requests at every handover. So this stops reading the listening
+    sockets first, lets those tasks run, then closes the server. uvloop
+    attaches a connection as it accepts it: there it is ``server.close()``.
+
+    Ownership: the server closes its listening sockets (this process's
+    descriptors only; the successor's copies, and the kernel queue they
+    share, live on). Connections already accepted stay open: draining them
+    is the caller's. It does not wait for them (``wait_closed()`` does on
+    Python 3.12 and later): call that, if at all, after your drain.
+    Idempotent, and a server already closed is left as it is.
+    """
+    loop = asyncio.get_running_loop()
+    if isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop):
+        listening = list(getattr(server, "sockets", None) or ())
+        for sock in listening:
+            loop.remove_reader(sock.fileno())
+        if listening:
+            for _ in range(3):  # one iteration attaches them; the rest is margin
+                await asyncio.sleep(0)
+    server.close()
 
 
 def _stale_unix_socket(path: str) -> bool:

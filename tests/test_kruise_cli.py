@@ -309,7 +309,7 @@ def test_exports_are_locked() -> None:
         "BrokenResourceError", "ClosedResourceError", "ExitReason", "HandoverFailed",
         "HandoverRefused", "HandoverTimeout", "HotswapError", "ListenerError",
         "LocalProtocolError", "Options", "ProtocolError", "RemoteProtocolError", "Role",
-        "State", "Upgrader", "__version__"])
+        "State", "Upgrader", "__version__", "close_server"])
     for symbol in hotswap.__all__:
         assert hasattr(hotswap, symbol)
 

@@ -7,6 +7,8 @@ as the stop comes. Two versions here are two serve() calls on one loop
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import logging
 import os
 import socket
@@ -151,6 +153,69 @@ def test_a_connection_accepted_as_the_stop_comes_is_answered(run: Callable[
             client.close()
         assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"version(v1)"), answer
         assert await asyncio.wait_for(task, 15) == 0
+
+    run(main())
+
+
+@pytest.mark.parametrize("closing", ["close_server", "server.close"])
+def test_close_server_answers_a_connection_accepted_just_before(run: Callable[
+        [Awaitable[None]], None], closing: str) -> None:
+    """The low-level lifecycle (README, tests/support/tiny_server.py) on a
+    plain asyncio server: the stop comes after the loop has accepted a
+    connection and before it has attached it to its server (the stock loop
+    does that an iteration later). hotswap.close_server() answers it.
+    server.close(), which the README said, drops it on the stock loop (the
+    client sees EOF or a reset: a lost request at each handover under
+    new-connection load); uvloop attaches a connection as it accepts it."""
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(handle, sock=hotswap.listeners.bind(("127.0.0.1", 0)))
+        port = server.sockets[0].getsockname()[1]
+        client = socket.socket()
+        accepted = loop.create_future()
+
+        def connect() -> None:
+            client.connect(("127.0.0.1", port))  # the next iteration accepts it, ...
+            client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            # ... after running this: the test resumes an iteration later,
+            # before the task that attaches the connection.
+            loop.call_soon(accepted.set_result, None)
+
+        loop.call_soon(connect)
+        await accepted
+        if closing == "close_server":
+            await hotswap.close_server(server)
+        else:
+            server.close()
+        dropped = closing == "server.close" and not isinstance(loop, uvloop.Loop)
+        for _ in range(5):  # the attaching task has run (or failed) ...
+            await asyncio.sleep(0)
+        # ... and a connection it dropped is closed now, not left to the GC
+        # (which tells: "unclosed transport").
+        with pytest.warns(ResourceWarning, match="unclosed") if dropped \
+                else contextlib.nullcontext():
+            gc.collect()
+        client.setblocking(False)
+        try:
+            async with asyncio.timeout(10):
+                answer = await loop.sock_recv(client, 4096)
+        except ConnectionResetError:
+            answer = b"reset"
+        finally:
+            client.close()
+        if dropped:  # shows that the test reaches the window close_server() is for
+            assert answer in (b"", b"reset"), answer
+        else:
+            assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"ok"), answer
 
     run(main())
 

@@ -52,8 +52,9 @@ async def main(args: argparse.Namespace) -> int:
     with contextlib.suppress(hotswap.HandoverFailed):
         await upgrader.ready()
     reason = await upgrader.wait_exit()
-    server.close()
-    await server.wait_closed()
+    # Not server.close(): on the stock loop that drops a connection accepted
+    # but not yet handed to the server (the client sees a reset).
+    await hotswap.close_server(server)
     await upgrader.release()
     if active:
         await asyncio.wait(active, timeout=5)
