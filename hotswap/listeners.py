@@ -66,11 +66,46 @@ def _inet_family(host: str) -> int:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
+def _address_problem(address: object, kind: str) -> str | None:
+    """What makes ``address`` (and ``kind``) no :data:`Address` to listen
+    on, or None."""
+    if kind not in _KINDS:
+        return f"the socket kind must be one of {sorted(_KINDS)}, not {kind!r}"
+    if isinstance(address, str):
+        return None
+    if isinstance(address, bytes):
+        return "a Unix socket path must be a str, not bytes (os.fsdecode() it)"
+    if not isinstance(address, tuple) or len(address) != 2:
+        return "an address is a (host, port) tuple or a Unix socket path (str)"
+    host, port = address
+    if not isinstance(host, str):
+        return ('the host must be a str ("" or "0.0.0.0" for every IPv4 address, '
+                '"::" for every IPv6 one)')
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        return "the port must be an int from 0 to 65535 (0: any free port)"
+    return None
+
+
+def check_address(address: object, kind: str = "stream") -> None:
+    """Raise ListenerError, saying what is wrong, unless ``address`` is an
+    :data:`Address` and ``kind`` one hotswap binds: a ``(host, port)`` tuple
+    with a ``str`` host and an ``int`` port from 0 to 65535, or a ``str``
+    Unix socket path. Nothing is resolved, created or bound."""
+    why = _address_problem(address, kind)
+    if why is not None:
+        raise ListenerError(f"cannot listen on {address!r}: {why}")
+
+
 def wanted_info(name: str, address: Address, kind: str = "stream") -> SocketInfo:
     """A request as a SocketInfo: the family and kind :func:`bind` would use,
     the address as given (``"localhost:80"``, ``":80"``, ``"[::0001]:80"``,
     port 0 kept). Nothing is resolved here: :func:`matches` canonicalises
-    the address, and only when it has to."""
+    the address, and only when it has to. Raises ListenerError for an
+    address that is none (see :func:`check_address`)."""
+    try:
+        check_address(address, kind)
+    except ListenerError as exc:
+        raise ListenerError(f"{name}: {exc}") from None
     if isinstance(address, str):
         shown = "@" + address[1:] if address.startswith("\0") else address
         return SocketInfo(name=name, family="unix", kind=kind, address=shown)
@@ -355,8 +390,12 @@ def bind(address: Address, *, kind: str = "stream", backlog: int = DEFAULT_BACKL
     A host name is resolved by ``socket.bind`` (first getaddrinfo result in
     the socket's family, waiting on the system resolver as long as it takes;
     :func:`matches` resolves the same way). Raises ListenerError (chained) if
-    the address is taken or invalid.
+    the address is taken or invalid, before creating a socket if it is no
+    address at all (see :func:`check_address`).
     """
+    why = _address_problem(address, kind)
+    if why is not None:
+        raise ListenerError(f"cannot bind {address!r}: {why}")
     sock_type = _KINDS[kind]
     if isinstance(address, str):
         path = _unix_bind_name(address)

@@ -266,6 +266,25 @@ def test_odd_addresses_are_listener_errors_and_abstract_names_keep_their_bytes()
         sock.close()
 
 
+@pytest.mark.parametrize("address", [
+    b"/tmp/hotswap-test-bytes", (None, 0), ("127.0.0.1", "80"), ("127.0.0.1", True),
+    ["127.0.0.1", 0], ("127.0.0.1",), 8080], ids=repr)
+def test_what_is_no_address_is_a_listener_error_and_leaks_nothing(address: object) -> None:
+    """listen() and bind() given something that is no address say what is
+    wrong with it, as a ListenerError, before creating a socket (a bytes
+    path was a bare ValueError, "too many values to unpack", and a None
+    host a TypeError, "argument of type 'NoneType' is not iterable")."""
+    upgrader = hotswap.Upgrader(f"t-{uuid.uuid4().hex[:12]}", options=hotswap.Options(env={}))
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(ListenerError, match=r"^http: cannot listen on .+: (a|an|the) "):
+        upgrader.listen("http", address)  # type: ignore[arg-type]
+    with pytest.raises(ListenerError, match=r"^cannot bind .+: (a|an|the) "):
+        bind(address)  # type: ignore[arg-type]
+    assert len(os.listdir("/proc/self/fd")) == before
+    with upgrader.listen("http", ("127.0.0.1", 0)):  # the name is still free
+        pass
+
+
 def test_bind_conflict_is_a_clear_error() -> None:
     first = bind(("127.0.0.1", 0))
     with pytest.raises(ListenerError, match="cannot bind"):
