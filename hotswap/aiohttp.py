@@ -50,6 +50,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import numbers
 import os
 import signal
 from collections.abc import Awaitable, Callable, Mapping
@@ -57,9 +59,9 @@ from typing import Any
 
 from aiohttp import web
 
-from .errors import HandoverFailed
+from .errors import HandoverFailed, ListenerError
 from .kruise import Role
-from .listeners import DEFAULT_BACKLOG, Address, close_server
+from .listeners import DEFAULT_BACKLOG, Address, check_address, close_server
 from .migrate import Migrator
 from .migrate import supported as _migration_supported
 from .upgrader import ExitReason, Upgrader
@@ -390,6 +392,34 @@ class _Runner(web.AppRunner):
             await self._early
 
 
+def _seconds(name: str, value: object) -> float:
+    """``serve()``'s ``name`` as a number of seconds: a real number (not a
+    bool), finite, not negative. A wrong one fails here, as ``serve()``
+    starts, rather than at the first upgrade, in the drain."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"serve(): {name} must be a number of seconds, not {value!r}")
+    seconds = float(value)
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"serve(): {name} must be a finite number of seconds, 0 or more, "
+                         f"not {value!r}")
+    return seconds
+
+
+def _check_sockets(sockets: object) -> None:
+    """``serve()``'s ``sockets``: a mapping of names to addresses, checked
+    before anything is bound (ListenerError naming the socket)."""
+    if not isinstance(sockets, Mapping):
+        raise TypeError(f"serve(): sockets must be a mapping of names to addresses, "
+                        f"not {sockets!r}")
+    for name, address in sockets.items():
+        if not isinstance(name, str):
+            raise TypeError(f"serve(): socket names must be str, not {name!r}")
+        try:
+            check_address(address)
+        except ListenerError as exc:
+            raise ListenerError(f"serve(): {name}: {exc}") from None
+
+
 def _yield_cpu() -> None:
     """Lowest CPU priority for the rest of this (calling) thread's life: on
     Linux nice values are per thread and an unprivileged one never gets a
@@ -449,6 +479,13 @@ async def serve(app: web.Application, upgrader: Upgrader,
     competing with the successor for the CPU (which ranks it only within its
     CPU scheduling group: see :mod:`hotswap.startup`).
 
+    Arguments are checked before anything is bound or installed:
+    ``drain_timeout`` and ``cleanup_timeout`` must be finite numbers of
+    seconds, 0 or more (``TypeError`` for a string read from the
+    environment, ``ValueError`` for ``nan``, ``inf`` or a negative one),
+    ``on_drain`` callable, and ``sockets`` a mapping of names to addresses
+    (``ListenerError`` for one that is none).
+
     Resource handling: every socket is owned by the sites (closed when they
     stop); the upgrader's control sockets are closed before returning, on
     every path. A clean-up callback that was abandoned may still be running
@@ -456,6 +493,12 @@ async def serve(app: web.Application, upgrader: Upgrader,
     as the sample sidecar does, rather than let ``asyncio.run()`` wait for
     it with no deadline.
     """
+    drain_timeout = _seconds("drain_timeout", drain_timeout)
+    cleanup_timeout = _seconds("cleanup_timeout", cleanup_timeout)
+    if on_drain is not None and not callable(on_drain):
+        raise TypeError(f"serve(): on_drain must be a callable taking the app, "
+                        f"not {on_drain!r}")
+    _check_sockets(sockets)
     if idle_after_drain is None:
         idle_after_drain = upgrader.versions.rank is not None
     loop = asyncio.get_running_loop()

@@ -220,6 +220,44 @@ def test_close_server_answers_a_connection_accepted_just_before(run: Callable[
     run(main())
 
 
+@pytest.mark.parametrize(("given", "error"), [
+    ({"drain_timeout": "5"}, TypeError), ({"drain_timeout": float("nan")}, ValueError),
+    ({"drain_timeout": float("inf")}, ValueError), ({"drain_timeout": -1}, ValueError),
+    ({"cleanup_timeout": "3"}, TypeError), ({"cleanup_timeout": True}, TypeError),
+    ({"on_drain": "close websockets"}, TypeError),
+    ({"sockets": {"http": ("127.0.0.1", 0), "admin": b"/tmp/admin.sock"}},
+     hotswap.ListenerError),
+], ids=repr)
+def test_serve_refuses_what_it_cannot_use_before_anything_is_bound(run: Callable[
+        [Awaitable[None]], None], given: dict[str, Any], error: type[Exception]) -> None:
+    """drain_timeout="5" (read from the environment, say) used to serve as
+    if all was well; the first upgrade then failed in the drain with a
+    TypeError that cut the request in flight, exit status 1. serve() now
+    says what is wrong as it starts: nothing bound, no signal handler left
+    on the loop, the upgrader untouched (it serves afterwards)."""
+    import signal
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        upgrader = hotswap.Upgrader(f"s-{uuid.uuid4().hex[:10]}", version="v1",
+                                    options=hotswap.Options(env={}))
+        kwargs = dict(given)
+        sockets = kwargs.pop("sockets", {"http": ("127.0.0.1", 0)})
+        with pytest.raises(error, match=f"serve\\(\\): .*{next(iter(given))}"
+                           if "sockets" not in given else "serve\\(\\): admin: "):
+            await asyncio.wait_for(hotswap.aiohttp.serve(
+                app_of("v1"), upgrader, sockets, yield_cpu_after_drain=False, **kwargs), 5)
+        assert not loop.remove_signal_handler(signal.SIGTERM)
+        assert upgrader.state is hotswap.State.STARTING and upgrader.role is None
+        task = asyncio.create_task(hotswap.aiohttp.serve(
+            app_of("v1"), upgrader, {"http": ("127.0.0.1", 0)}, handle_signals=False,
+            yield_cpu_after_drain=False))
+        await until(serving(upgrader), "v1 serving")
+        await stop_serving(upgrader, task)
+
+    run(main())
+
+
 def test_unix_socket_connections_drain_the_safe_way(run: Callable[
         [Awaitable[None]], None], tmp_path: Path) -> None:
     """Idle keep-alive connections of a Unix-socket listener cannot move
