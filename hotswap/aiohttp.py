@@ -49,6 +49,7 @@ response are not answered (clients must retry them, RFC 9112 9.3.2).
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import math
 import numbers
@@ -344,14 +345,22 @@ class _BoundedHooks:
             for i, callback in enumerate(hooks):
                 hooks[i] = self.bounded(callback, phase)
 
-    def bounded(self, callback: Callable[[web.Application], Awaitable[object]], phase: str
+    def bounded(self, callback: Callable[[web.Application], object], phase: str
                  ) -> Callable[[web.Application], Awaitable[None]]:
+        async def call(app: web.Application) -> None:
+            # A plain function too (serve()'s on_drain may be one): what it
+            # returns is awaited if it is awaitable, and what it raises is
+            # this task's error like a coroutine's.
+            result = callback(app)
+            if inspect.isawaitable(result):
+                await result
+
         async def bounded(app: web.Application) -> None:
             loop = asyncio.get_running_loop()
             deadline = self._deadlines.setdefault(phase, loop.time() + self.timeout)
             if phase == "cleanup" and self.finish_by is not None:
                 deadline = min(deadline, self.finish_by)
-            task = asyncio.ensure_future(callback(app))
+            task = asyncio.ensure_future(call(app))
             done, _ = await asyncio.wait({task}, timeout=max(0.0, deadline - loop.time()))
             if not done:
                 self.failed += 1
@@ -448,7 +457,7 @@ async def serve(app: web.Application, upgrader: Upgrader,
                 migrate_connections: bool = True,
                 yield_cpu_after_drain: bool = True,
                 cleanup_timeout: float = DEFAULT_CLEANUP_TIMEOUT,
-                on_drain: Callable[[web.Application], Awaitable[object]] | None = None,
+                on_drain: Callable[[web.Application], object] | None = None,
                 ) -> int:
     """Run ``app`` on the named ``sockets`` until replaced or stopped.
 
@@ -463,8 +472,12 @@ async def serve(app: web.Application, upgrader: Upgrader,
     no longer accepts; requests may still come on its connections): close
     websockets and other long-lived responses there, with code 1001, and
     their clients reconnect to the successor at once instead of staying
-    until the deadline; it is bounded by ``cleanup_timeout`` like the
-    app's callbacks. The app's ``on_shutdown`` callbacks start when the
+    until the deadline; a coroutine function, or a plain function (what
+    it returns is awaited if it is awaitable: a ``functools.partial`` of
+    a coroutine function works too); it is bounded by ``cleanup_timeout``
+    like the app's callbacks (a plain function that blocks cannot be),
+    and if it raises that is logged and the exit status is 1, the drain
+    and clean-up going on as usual. The app's ``on_shutdown`` callbacks start when the
     drain ends (all closed, or the deadline), before the busy connections'
     grace, as aiohttp runs them before it waits for busy handlers: a
     request still in flight may see what they release, as under aiohttp;

@@ -632,6 +632,41 @@ def test_a_request_in_flight_that_cannot_move_is_told_to_close(run: Callable[
     run(main())
 
 
+@pytest.mark.parametrize("kind", ["plain", "plain-raises", "returns-a-coroutine"])
+def test_on_drain_may_be_a_plain_function(run: Callable[[Awaitable[None]], None],
+                                          kind: str, caplog: pytest.LogCaptureFixture) -> None:
+    """serve(on_drain=fn) with fn a plain function: it is called as the
+    drain starts, and what it returns is awaited if it is awaitable (a
+    lambda around a coroutine function). One that raises is logged and
+    gives exit status 1, as a coroutine that raises does. (A plain function
+    made serve() raise TypeError after the drain, "An asyncio.Future, a
+    coroutine or an awaitable is required", skipping upgrader.close(cut)
+    and the Kruise slot's idle.)"""
+    caplog.set_level(logging.INFO, logger="hotswap")
+
+    async def main() -> None:
+        called, awaited = asyncio.Event(), asyncio.Event()
+
+        async def later(app: web.Application) -> None:
+            awaited.set()
+
+        def on_drain(app: web.Application) -> object:
+            called.set()
+            if kind == "plain-raises":
+                raise RuntimeError("on_drain failed")
+            return later(app) if kind == "returns-a-coroutine" else None
+
+        upgrader, task = await serve_v1(app_of("v1"), drain_timeout=0.2, on_drain=on_drain)
+        upgrader.request_stop()
+        assert await asyncio.wait_for(task, 10) == (1 if kind == "plain-raises" else 0)
+        assert called.is_set() and upgrader.state is hotswap.State.STOPPED
+        assert awaited.is_set() is (kind == "returns-a-coroutine")
+        assert ("on_drain failed" in caplog.text) is (kind == "plain-raises"), caplog.text
+        assert "drained, 0 connection(s) cut" in caplog.text, caplog.text
+
+    run(main())
+
+
 @pytest.mark.parametrize("hook", ["raises", "hangs", "cancelled"])
 def test_a_failing_clean_up_hook_still_lets_the_last_response_out(run: Callable[
         [Awaitable[None]], None], hook: str) -> None:
