@@ -60,12 +60,12 @@ from typing import Any
 
 from aiohttp import web
 
-from .errors import HandoverFailed, ListenerError
+from .errors import HandoverFailed, HotswapError, ListenerError
 from .kruise import Role
 from .listeners import DEFAULT_BACKLOG, Address, check_address, close_server
 from .migrate import Migrator
 from .migrate import supported as _migration_supported
-from .upgrader import ExitReason, Upgrader
+from .upgrader import ExitReason, State, Upgrader
 
 log = logging.getLogger("hotswap")
 
@@ -512,6 +512,18 @@ async def serve(app: web.Application, upgrader: Upgrader,
         raise TypeError(f"serve(): on_drain must be a callable taking the app, "
                         f"not {on_drain!r}")
     _check_sockets(sockets)
+    started = f"role {upgrader.role.value}, " if upgrader.role is not None else ""
+    not_new = HotswapError(
+        f"serve() starts the upgrader itself, and this one was started already "
+        f"({started}state {upgrader.state.value}): give each serve() a new Upgrader")
+    if upgrader.state is not State.STARTING or upgrader.role is not None:
+        raise not_new
+    migrator = Migrator() if migrate_connections and _migration_supported() else None
+    if migrator is not None:
+        try:
+            upgrader.adopt_connections(migrator.adopt)
+        except HotswapError as exc:  # start() was called, and failed
+            raise not_new from exc
     if idle_after_drain is None:
         idle_after_drain = upgrader.versions.rank is not None
     loop = asyncio.get_running_loop()
@@ -540,14 +552,14 @@ async def serve(app: web.Application, upgrader: Upgrader,
     # SIGHUP ignored, nohup, would die of one after serve() returns).
     previous = {signum: signal.getsignal(signum) for signum in _SIGNALS} \
         if handle_signals else {}
-    if handle_signals:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, on_signal, signum)
-        loop.add_signal_handler(signal.SIGHUP, on_hangup)
-    migrator = Migrator() if migrate_connections and _migration_supported() else None
-    if migrator is not None:
-        upgrader.adopt_connections(migrator.adopt)
+    installed: list[signal.Signals] = []  # removed on every way out, as far as they got
     try:
+        for signum in previous:
+            if signum == signal.SIGHUP:
+                loop.add_signal_handler(signum, on_hangup)
+            else:
+                loop.add_signal_handler(signum, on_signal, signum)
+            installed.append(signum)
         try:
             role = await upgrader.start()
         except HandoverFailed as exc:
@@ -615,9 +627,11 @@ async def serve(app: web.Application, upgrader: Upgrader,
             await signalled.wait()
         return 1 if reason is ExitReason.HANDOVER_FAILED or hooks.failed else 0
     finally:
-        await upgrader.close()
-        for signum, action in previous.items():
-            loop.remove_signal_handler(signum)
-            if _restorable(action):
-                signal.signal(signum, action)
+        try:
+            await upgrader.close()
+        finally:
+            for signum in installed:
+                loop.remove_signal_handler(signum)
+                if _restorable(previous[signum]):
+                    signal.signal(signum, previous[signum])
 

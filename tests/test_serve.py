@@ -1031,6 +1031,56 @@ def test_serve_puts_the_signal_actions_back(run: Callable[[Awaitable[None]], Non
             signal.signal(signum, action)
 
 
+@pytest.mark.parametrize("case", ["started", "served-already", "start-failed"])
+def test_serve_refuses_an_upgrader_started_before_and_leaves_no_signal_handler(
+        run: Callable[[Awaitable[None]], None], case: str) -> None:
+    """serve() starts its upgrader itself. Given one the app had started,
+    or one a serve() before had used, or one whose start() had failed, it
+    says so, before installing anything: it used to raise
+    "adopt_connections() must come before start()", which the app never
+    called, and left its SIGTERM, SIGINT and SIGHUP handlers on the loop
+    (the next SIGTERMs were swallowed). The upgrader is left as it was."""
+    import signal
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        name = f"s-{uuid.uuid4().hex[:10]}"
+        upgrader = hotswap.Upgrader(name, version="v1", options=hotswap.Options(env={}))
+        holder = None
+        if case == "started":
+            await upgrader.start()
+        elif case == "served-already":
+            task = asyncio.create_task(hotswap.aiohttp.serve(
+                app_of("v1"), upgrader, {"http": ("127.0.0.1", 0)}, handle_signals=False,
+                yield_cpu_after_drain=False))
+            await until(serving(upgrader), "v1 serving")
+            await stop_serving(upgrader, task)
+        else:  # another process holds the control socket: start() fails
+            holder = hotswap.Upgrader(name, version="v0", options=hotswap.Options(env={}))
+            await holder.start()
+            upgrader = hotswap.Upgrader(name, version="v1", options=hotswap.Options(
+                env={"SIDECARSET_VERSION": "1"}))
+            with pytest.raises(hotswap.ListenerError):
+                await upgrader.start()
+        state = upgrader.state
+        before = signal.getsignal(signal.SIGTERM)
+        try:
+            with pytest.raises(hotswap.HotswapError, match=r"serve\(\) starts the upgrader "
+                               r"itself, and this one was started already"):
+                await asyncio.wait_for(hotswap.aiohttp.serve(
+                    app_of("v1"), upgrader, {"http": ("127.0.0.1", 0)},
+                    yield_cpu_after_drain=False), 10)
+            assert not loop.remove_signal_handler(signal.SIGTERM)
+            assert signal.getsignal(signal.SIGTERM) is before
+            assert upgrader.state is state
+        finally:
+            await upgrader.close()
+            if holder is not None:
+                await holder.close()
+
+    run(main())
+
+
 def test_the_drain_resumes_only_the_reading_it_paused(
         run: Callable[[Awaitable[None]], None]) -> None:
     """The drain pauses a busy connection's reading so that its next request
