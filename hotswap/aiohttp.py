@@ -482,7 +482,10 @@ async def serve(app: web.Application, upgrader: Upgrader,
     grace, as aiohttp runs them before it waits for busy handlers: a
     request still in flight may see what they release, as under aiohttp;
     ``on_cleanup`` callbacks run after the grace. ``idle_after_drain`` defaults to True
-    in a Kruise slot (``SIDECARSET_VERSION`` set). ``migrate_connections``
+    in a Kruise slot (``SIDECARSET_VERSION`` set): taken over, serve()
+    returns only once a stop is requested (SIGTERM; with
+    ``handle_signals=False``, the app's own handler calling
+    ``upgrader.request_stop()``). ``migrate_connections``
     (on by default) hands idle keep-alive connections to the successor and
     adopts the predecessor's (:mod:`hotswap.migrate`); off, or where aiohttp
     does not allow it, they drain the safe way. ``yield_cpu_after_drain``
@@ -528,13 +531,11 @@ async def serve(app: web.Application, upgrader: Upgrader,
         idle_after_drain = upgrader.versions.rank is not None
     loop = asyncio.get_running_loop()
     drainer = Drainer()
-    signalled = asyncio.Event()
     signals = 0
 
     def on_signal(signum: int) -> None:
         nonlocal signals
         signals += 1
-        signalled.set()
         if signals == 1:
             log.info("signal %d: stopping", signum)
             upgrader.request_stop()
@@ -624,7 +625,9 @@ async def serve(app: web.Application, upgrader: Upgrader,
         log.info("%s: drained, %d connection(s) cut", upgrader.name, cut)
         if idle_after_drain and reason is ExitReason.TAKEN_OVER:
             log.info("%s: idle without sockets until SIGTERM", upgrader.name)
-            await signalled.wait()
+            # Ours (the first SIGTERM/SIGINT) or the app's own handler
+            # (handle_signals=False): either asks the upgrader to stop.
+            await upgrader.wait_stop_requested()
         return 1 if reason is ExitReason.HANDOVER_FAILED or hooks.failed else 0
     finally:
         try:

@@ -261,6 +261,7 @@ class Upgrader:
         self._closing: asyncio.Future[None] | None = None  # close() at work
         self._starting: asyncio.Future[None] | None = None  # start() at work
         self._wake = asyncio.Event()  # set by close(): start() stops retrying
+        self._stop_event = asyncio.Event()  # see wait_stop_requested()
         self._handover_times: tuple[float, float] | None = None
         self._adopter: Callable[[str, socket.socket], None] | None = None
         self._successor_caps: frozenset[str] = frozenset()
@@ -451,10 +452,17 @@ class Upgrader:
         raises HandoverFailed, see :attr:`stop_requested`), and
         a fresh start's :meth:`wait_exit` returns STOP_REQUESTED at once."""
         self._stop_requested = True
+        self._stop_event.set()
         if self.state in (State.SERVING, State.PASSIVE, State.STARTING,
                           State.TAKING_OVER):
             # TAKING_OVER: ready() will abort rather than confirm.
             self._finish(ExitReason.STOP_REQUESTED)
+
+    async def wait_stop_requested(self) -> None:
+        """Wait until :meth:`request_stop` is called (at once if it was), in
+        any state: what a process that was taken over and has drained waits
+        for in a Kruise slot (it must not exit before SIGTERM)."""
+        await self._stop_event.wait()
 
     @property
     def stop_requested(self) -> bool:

@@ -870,6 +870,32 @@ def test_a_connection_closed_between_two_frames_does_not_stop_the_handover(
     run(main())
 
 
+def test_a_version_taken_over_idles_until_the_app_asks_it_to_stop(run: Callable[
+        [Awaitable[None]], None]) -> None:
+    """serve(handle_signals=False, idle_after_drain=True) (a Kruise slot
+    whose app handles SIGTERM itself): taken over, v1 drains and idles, and
+    returns 0 once the app's handler calls upgrader.request_stop(). (The
+    idle waited for an event only serve()'s own signal handler set: v1
+    never returned, and the kubelet killed it at the end of its grace.)"""
+    async def main() -> None:
+        name = f"s-{uuid.uuid4().hex[:10]}"
+        sockets: dict[str, hotswap.Address] = {"http": ("127.0.0.1", 0)}
+        v1 = hotswap.Upgrader(name, version="v1", options=hotswap.Options(env={}))
+        v1_task = asyncio.create_task(hotswap.aiohttp.serve(
+            app_of("v1"), v1, sockets, drain_timeout=1, idle_after_drain=True,
+            handle_signals=False, yield_cpu_after_drain=False))
+        await until(serving(v1), "v1 serving")
+        v2, v2_task = start(name, "v2", sockets)
+        await until(serving(v2), "v2 serving")
+        await until(lambda: v1.state is hotswap.State.STOPPED, "v1 drained")
+        assert not v1_task.done()  # idle, as a Kruise slot must be
+        v1.request_stop()  # what the app's SIGTERM handler does
+        assert await asyncio.wait_for(v1_task, 10) == 0
+        await stop_serving(v2, v2_task)
+
+    run(main())
+
+
 def test_a_version_stopped_while_waiting_to_take_over_exits_cleanly(run: Callable[
         [Awaitable[None]], None], caplog: pytest.LogCaptureFixture) -> None:
     """v3 starts while v2 still follows v1's drain (v1 answers a held
