@@ -180,16 +180,36 @@ def _probe(args: argparse.Namespace) -> int:
     return 1
 
 
+_MAX_SECONDS = 1e9
+"""The longest timeout (about 31 years): a socket timeout must fit the
+platform's time_t in nanoseconds (1e10 s raised OverflowError, a traceback
+instead of a usage error)."""
+
+_MAX_UID = 2**32 - 2
+"""The highest uid (``uid_t``; its -1 is no uid)."""
+
+
 def _seconds(text: str) -> float:
-    """A timeout: a finite number of seconds, not negative (``nan`` would
-    never time out, and ``inf`` is no deadline)."""
+    """A timeout: a finite number of seconds from 0 to :data:`_MAX_SECONDS`
+    (``nan`` would never time out, and ``inf`` is no deadline)."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"not a finite, non-negative number of "
-                                         f"seconds: {text!r}")
+    if not math.isfinite(value) or not 0 <= value <= _MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"not a finite number of seconds from 0 to "
+                                         f"{_MAX_SECONDS:.0f}: {text!r}")
+    return value
+
+
+def _uid(text: str) -> int:
+    """A uid: an integer from 0 to :data:`_MAX_UID`."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a uid: {text!r}") from None
+    if not 0 <= value <= _MAX_UID:
+        raise argparse.ArgumentTypeError(f"not a uid (0 to {_MAX_UID}): {text!r}")
     return value
 
 
@@ -203,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="sidecar name (control socket @hotswap/NAME)")
         p.add_argument("--control-path", default=os.environ.get("HOTSWAP_CONTROL_PATH"),
                        help="filesystem control socket instead of the abstract name")
-        p.add_argument("--allow-uid", type=int, action="append", default=[],
+        p.add_argument("--allow-uid", type=_uid, action="append", default=[],
                        metavar="UID", help="also trust a server running as UID "
                        "(repeatable; also HOTSWAP_ALLOW_UIDS=uid,uid; our own uid always)")
 

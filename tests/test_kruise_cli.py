@@ -116,12 +116,19 @@ def test_kruise_sized_versions_take_the_shell_paths(procs: Procs, name: str) -> 
 
 
 def test_cli_usage_errors_exit_2(procs: Procs, name: str) -> None:
-    """A timeout that is no deadline, a missing or malformed version: exit 2
-    with the reason, never a wait with no end."""
-    for value in ("nan", "inf", "-1", "soon"):
-        result = cli(procs, "wait-ready", "--name", name, "--timeout", value,
-                     SIDECARSET_VERSION="2")
-        assert result.returncode == 2 and "--timeout" in result.stderr, (value, result)
+    """A timeout that is no deadline or too long for a socket (1e10 was
+    accepted, then an OverflowError's traceback, exit 1), a uid that is
+    none, a missing or malformed version: exit 2 with the reason, never a
+    wait with no end."""
+    for command in ("wait-ready", "probe", "status"):
+        for value in ("nan", "inf", "-1", "soon", "1e10"):
+            result = cli(procs, command, "--name", name, "--timeout", value,
+                         SIDECARSET_VERSION="2")
+            assert result.returncode == 2 and "argument --timeout" in result.stderr \
+                and "Traceback" not in result.stderr, (command, value, result)
+    for value in ("-5", str(2**32), "root"):
+        result = cli(procs, "status", "--name", name, "--allow-uid", value)
+        assert result.returncode == 2 and "argument --allow-uid" in result.stderr, (value, result)
     result = cli(procs, "wait-ready", "--name", name)
     assert result.returncode == 2 and "set SIDECARSET_VERSION" in result.stderr, result
     result = cli(procs, "probe", "--name", name, SIDECARSET_VERSION="v2")
