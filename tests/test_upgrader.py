@@ -53,10 +53,12 @@ async def serving_upgrader(name: str, version: str, **kw: object) -> hotswap.Upg
 
 
 async def taken_over(old: hotswap.Upgrader, name: str, adopter: Callable[
-        [str, socket.socket], None] | None = None) -> hotswap.Upgrader:
-    """A successor v2 (adopting connections with ``adopter``, if given) takes
-    over from ``old``, which releases: v2 serves, ``old`` drains."""
-    new = hotswap.Upgrader(name, version="v2", options=opts())
+        [str, socket.socket], None] | None = None, version: str = "v2",
+                     **options: object) -> hotswap.Upgrader:
+    """A successor ``version`` (adopting connections with ``adopter``, if
+    given; its ``options`` as :func:`opts`'s) takes over from ``old``,
+    which releases: the successor serves, ``old`` drains."""
+    new = hotswap.Upgrader(name, version=version, options=opts(**options))
     if adopter is not None:
         new.adopt_connections(adopter)
     assert await new.start() is hotswap.Role.TAKEOVER
@@ -106,6 +108,16 @@ async def raw_exchange(name: str, data: bytes, fds: list[int] | None = None) -> 
     sock.close()
     return b"".join(chunks)
 
+
+
+def assert_accepts(sock: socket.socket, port: int) -> None:
+    """A client connecting to ``port`` is accepted on ``sock`` (blocking,
+    within 5 s)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+        sock.settimeout(5)
+        conn, peer = sock.accept()
+        assert peer == client.getsockname()
+        conn.close()
 
 def test_handover_in_process_and_control_socket_travels(run: Runner) -> None:
     name = new_name()
@@ -806,11 +818,7 @@ def test_a_moved_listener_binds_over_our_own_copy_of_the_old_address(run: Runner
         assert await old.wait_exit() is hotswap.ExitReason.TAKEN_OVER
         await old.release()
         await ready
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
-            sock.settimeout(5)
-            conn, peer = sock.accept()
-            assert peer == client.getsockname()
-            conn.close()
+        assert_accepts(sock, port)
         sock.close()
         await old.close(cut=0)
         await new.close()
@@ -1173,11 +1181,7 @@ def test_a_ready_cancelled_after_confirming_still_takes_over(
         await until(lambda: new.state is hotswap.State.SERVING, "v2 serving")
         st = await query_status(control_address(name))
         assert (st.pid, st.version, st.state) == (os.getpid(), "v2", "serving")
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
-            sock.settimeout(5)
-            conn, peer = sock.accept()
-            assert peer == client.getsockname()
-            conn.close()
+        assert_accepts(sock, port)
         sock.close()
         await new.close()
         assert sent == ["accepting"]
@@ -1338,13 +1342,7 @@ def test_a_token_from_a_non_utf8_environment_works(run: Runner) -> None:
 
     async def main() -> None:
         old = await serving_upgrader(name, "v1", token=token)
-        new = hotswap.Upgrader(name, version="v2", options=opts(token=token))
-        assert await new.start() is hotswap.Role.TAKEOVER
-        new.listen("http", ("127.0.0.1", 0))
-        ready = asyncio.create_task(new.ready())
-        assert await old.wait_exit() is hotswap.ExitReason.TAKEN_OVER
-        await old.release()
-        await ready
+        new = await taken_over(old, name, token=token)
         thief = hotswap.Upgrader(name, version="v3", options=opts(token="s3cr\udcfeet"))
         with pytest.raises(hotswap.HandoverRefused) as refused:
             await thief.start()
@@ -1375,14 +1373,8 @@ def test_a_version_or_token_too_long_for_the_hello_is_refused_up_front(run: Runn
     async def main() -> None:
         old = await serving_upgrader(name, "1" * hotswap.upgrader.MAX_VERSION_BYTES,
                                      **longest)
-        new = hotswap.Upgrader(name, version="2" * hotswap.upgrader.MAX_VERSION_BYTES,
-                               options=opts(**longest))
-        assert await new.start() is hotswap.Role.TAKEOVER
-        new.listen("http", ("127.0.0.1", 0))
-        ready = asyncio.create_task(new.ready())
-        assert await old.wait_exit() is hotswap.ExitReason.TAKEN_OVER
-        await old.release()
-        await ready
+        new = await taken_over(old, name, version="2" * hotswap.upgrader.MAX_VERSION_BYTES,
+                               **longest)
         await old.close(cut=0)
         await new.close()
 
