@@ -519,14 +519,11 @@ async def serve(app: web.Application, upgrader: Upgrader,
     not_new = HotswapError(
         f"serve() starts the upgrader itself, and this one was started already "
         f"({started}state {upgrader.state.value}): give each serve() a new Upgrader")
-    if upgrader.state is not State.STARTING or upgrader.role is not None:
+    if upgrader.started or upgrader.state is not State.STARTING:
         raise not_new
     migrator = Migrator() if migrate_connections and _migration_supported() else None
     if migrator is not None:
-        try:
-            upgrader.adopt_connections(migrator.adopt)
-        except HotswapError as exc:  # start() was called, and failed
-            raise not_new from exc
+        upgrader.adopt_connections(migrator.adopt)
     if idle_after_drain is None:
         idle_after_drain = upgrader.versions.rank is not None
     loop = asyncio.get_running_loop()

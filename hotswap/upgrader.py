@@ -253,6 +253,7 @@ class Upgrader:
         # ready()'s confirmation, once it has begun: it runs to its end even
         # if ready() is cancelled, and close() waits for it (see ready()).
         self._confirming: asyncio.Task[None] | None = None
+        self._accepting_sent = False  # the confirmation has sent Accepting
         self._successor: Channel | None = None
         self._exit: asyncio.Future[ExitReason] | None = None
         self._stop_requested = False
@@ -399,9 +400,12 @@ class Upgrader:
         cancelled ``serve()``) does not take that back: the confirmation
         runs on to its end (bounded by ``message_timeout``) and this process
         is the serving one, as if ready() had returned; stop it like one
-        (:meth:`request_stop`, or :meth:`release` and :meth:`close`).
-        :meth:`close` waits for the confirmation (no ``Abort``: it would come
-        too late), then closes as the serving process.
+        (:meth:`request_stop`, or :meth:`release` and :meth:`close`), or
+        call ready() again, which waits for that same confirmation.
+        :meth:`release` and :meth:`close` wait for it (no ``Abort``: it would
+        come too late), then stop as the serving process. Cancelled before
+        its confirmation sent anything, the handover is still this
+        process's to abort: :meth:`close` does (the predecessor serves on).
         """
         for leftover in self._inherited.values():
             log.info("%s: closing unclaimed inherited %s", self.name, leftover.info.name)
@@ -417,14 +421,22 @@ class Upgrader:
                 await asyncio.sleep(0)
         if self._closed:
             raise HotswapError("ready() after close()")
-        if self.state is State.TAKING_OVER and self._stop_requested:
-            await self._abort("stop requested before confirming")
-        if self.state is State.TAKING_OVER:
+        confirming = self._confirming
+        if confirming is not None and not confirming.cancelled():
+            # A ready() before this one was cancelled while confirming: that
+            # confirmation is the one (a second Accepting would break the
+            # protocol, and this process would step down beside a
+            # predecessor that committed: nobody would accept).
+            await asyncio.shield(confirming)
+        elif self.state is State.TAKING_OVER:
+            if self._stop_requested:
+                await self._abort("stop requested before confirming")
             # Shielded: cancelled once Accepting may be on its way, we would
             # stay neither confirmed nor aborted, and close() would then send
             # an Abort the predecessor no longer heeds: nobody would accept.
-            self._confirming = asyncio.ensure_future(self._confirm())
-            await asyncio.shield(self._confirming)
+            confirming = self._confirming = asyncio.ensure_future(self._confirm())
+            confirming.add_done_callback(self._confirmation_done)
+            await asyncio.shield(confirming)
         elif self.state is State.STARTING and self._control_sock is not None:
             self._set_state(State.SERVING)  # a fresh start: serving from now on
         elif self.state is not State.SERVING:
@@ -463,6 +475,12 @@ class Upgrader:
         any state: what a process that was taken over and has drained waits
         for in a Kruise slot (it must not exit before SIGTERM)."""
         await self._stop_event.wait()
+
+    @property
+    def started(self) -> bool:
+        """Whether :meth:`start` was called (whatever came of it): an
+        upgrader starts once."""
+        return self._exit is not None
 
     @property
     def stop_requested(self) -> bool:
@@ -579,7 +597,10 @@ class Upgrader:
         take its predecessor for gone while it still drains): safe to call
         again, from a ``finally`` say.
         """
-        if self._released or self.state is State.STOPPED:
+        if not self._released and self.state is not State.STOPPED:
+            # A confirmation still running would make us serve again after this.
+            await self._settle_confirmation()
+        if self._released or self.state is State.STOPPED:  # (a call meanwhile, too)
             return
         self._released = True
         self._set_state(State.DRAINING)
@@ -598,12 +619,18 @@ class Upgrader:
         """Finish: tell the successor the drain is over (``cut`` connections
         were closed at the deadline), close every remaining resource. Safe to
         call more than once and on any path: a call while another runs waits
-        for it; a :meth:`start` still at work (retrying while the serving
-        process is busy, say) is stopped first and gives back whatever it
-        took (the predecessor serves on)."""
-        if self._closing is not None:
-            await asyncio.shield(self._closing)
-            return
+        for it (and finishes the job if that one is cancelled); a
+        :meth:`start` still at work (retrying while the serving process is
+        busy, say) is stopped first and gives back whatever it took (the
+        predecessor serves on). It releases the listeners if :meth:`release`
+        was not called: call it only once your servers stopped accepting on
+        them (to stop a running :func:`hotswap.aiohttp.serve`, call
+        :meth:`request_stop`)."""
+        while (running := self._closing) is not None:
+            await asyncio.shield(running)
+            if self._closing is running:  # it finished
+                return
+            # It was interrupted (cancelled) half-way: carry on in its place.
         if self.state is State.STOPPED:
             return
         self._closed = True
@@ -623,12 +650,10 @@ class Upgrader:
         if starting is not None and not starting.done():
             # It gives up at its next step (within message_timeout).
             await asyncio.wait({starting})
-        confirming = self._confirming
-        if confirming is not None and not confirming.done():
-            # ready() was cancelled while confirming: the predecessor has
-            # committed, or will as it reads our Accepting. Finish confirming
-            # (bounded), then close as the serving process we are.
-            await asyncio.wait({confirming})
+        # ready() cancelled while confirming: once Accepting is out the
+        # predecessor has committed, or will as it reads it: finish
+        # confirming (bounded), then close as the serving process we are.
+        await self._settle_confirmation()
         channel = self._predecessor_channel
         if self.state is State.TAKING_OVER and channel is not None:
             # Closed before confirming (its set-up failed, say): tell the old
@@ -651,8 +676,8 @@ class Upgrader:
             entry.sock.close()
         self._inherited.clear()
         self._set_state(State.STOPPED)
-        # Whoever still waits to learn when to stop (a serve loop closed
-        # from elsewhere, say) learns it now, rather than never.
+        # Whoever still waits to learn when to stop (a PASSIVE slot's
+        # wait_exit(), say) learns it now, rather than never.
         self._finish(ExitReason.STOP_REQUESTED)
 
     # ---------------------------------------------------------------- status
@@ -847,10 +872,34 @@ class Upgrader:
         finally:
             close_fds(fds)
 
+    def _confirmation_done(self, task: asyncio.Task[None]) -> None:
+        """Whatever the confirmation raised, read (its ready() may have been
+        cancelled): a HotswapError has told :meth:`wait_exit` already;
+        anything else is logged."""
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None and not isinstance(exc, HotswapError):
+            log.error("%s: confirming the handover failed: %r", self.name, exc)
+
+    async def _settle_confirmation(self) -> None:
+        """Before a release or close: a confirmation whose ready() was
+        cancelled runs to its end (bounded by ``message_timeout``) once it
+        has sent Accepting, since the predecessor commits as it reads that;
+        one that has sent nothing yet is called off (the handover is still
+        ours to abort)."""
+        confirming = self._confirming
+        if confirming is None or confirming.done():
+            return
+        if not self._accepting_sent:
+            confirming.cancel()  # not begun: its body never runs
+        await asyncio.wait({confirming})
+
     async def _confirm(self) -> None:
         channel = self._predecessor_channel
         assert channel is not None
         opts = self.options
+        self._accepting_sent = True  # nothing awaited before the send: no step between
         try:
             # request(): if the predecessor already gave up (Failed, then
             # closed), our send breaks but its Failed is still queued for us.

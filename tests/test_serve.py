@@ -1057,15 +1057,18 @@ def test_serve_puts_the_signal_actions_back(run: Callable[[Awaitable[None]], Non
             signal.signal(signum, action)
 
 
+@pytest.mark.parametrize("migrate", [True, False], ids=["migrate", "no-migrate"])
 @pytest.mark.parametrize("case", ["started", "served-already", "start-failed"])
 def test_serve_refuses_an_upgrader_started_before_and_leaves_no_signal_handler(
-        run: Callable[[Awaitable[None]], None], case: str) -> None:
+        run: Callable[[Awaitable[None]], None], case: str, migrate: bool) -> None:
     """serve() starts its upgrader itself. Given one the app had started,
     or one a serve() before had used, or one whose start() had failed, it
     says so, before installing anything: it used to raise
     "adopt_connections() must come before start()", which the app never
     called, and left its SIGTERM, SIGINT and SIGHUP handlers on the loop
-    (the next SIGTERMs were swallowed). The upgrader is left as it was."""
+    (the next SIGTERMs were swallowed). The upgrader is left as it was.
+    Without connection handover too (a failed start() once slipped through
+    there: no adopt_connections() call to refuse it)."""
     import signal
 
     async def main() -> None:
@@ -1095,7 +1098,7 @@ def test_serve_refuses_an_upgrader_started_before_and_leaves_no_signal_handler(
                                r"itself, and this one was started already"):
                 await asyncio.wait_for(hotswap.aiohttp.serve(
                     app_of("v1"), upgrader, {"http": ("127.0.0.1", 0)},
-                    yield_cpu_after_drain=False), 10)
+                    migrate_connections=migrate, yield_cpu_after_drain=False), 10)
             assert not loop.remove_signal_handler(signal.SIGTERM)
             assert signal.getsignal(signal.SIGTERM) is before
             assert upgrader.state is state

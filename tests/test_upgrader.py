@@ -1155,16 +1155,7 @@ def test_a_ready_cancelled_after_confirming_still_takes_over(
         new = hotswap.Upgrader(name, version="v2", options=opts())
         assert await new.start() is hotswap.Role.TAKEOVER
         sock = new.listen("http", ("127.0.0.1", 0))
-        channel = new._predecessor_channel
-        assert channel is not None
-        sent: list[str] = []
-        original = channel.send
-
-        async def recording(message: hotswap.protocol.Message, *, timeout: float) -> None:
-            sent.append(message.TYPE)
-            await original(message, timeout=timeout)
-
-        channel.send = recording  # type: ignore[method-assign]
+        sent = recorded_sends(new)
         ready = asyncio.create_task(new.ready())
         assert await old.wait_exit() is hotswap.ExitReason.TAKEN_OVER  # Accepting is in
         ready.cancel()
@@ -1185,6 +1176,176 @@ def test_a_ready_cancelled_after_confirming_still_takes_over(
         sock.close()
         await new.close()
         assert sent == ["accepting"]
+
+    run(main())
+
+
+def recorded_sends(successor: hotswap.Upgrader) -> list[str]:
+    """The types of the messages ``successor`` sends its predecessor from
+    now on (its channel's send, wrapped)."""
+    channel = successor._predecessor_channel
+    assert channel is not None
+    sent: list[str] = []
+    original = channel.send
+
+    async def recording(message: hotswap.protocol.Message, *, timeout: float) -> None:
+        sent.append(message.TYPE)
+        await original(message, timeout=timeout)
+
+    channel.send = recording  # type: ignore[method-assign]
+    return sent
+
+
+def test_ready_again_after_a_cancelled_one_waits_for_the_same_confirmation(
+        run: Runner) -> None:
+    """ready() cancelled while confirming (``wait_for`` ran out: the old
+    side was slow to release), then called again, as a caller retrying
+    would: it started a second confirmation, whose Accepting our own
+    protocol state refused; the successor stepped down beside a
+    predecessor that had committed, and nobody accepted. The second call
+    waits for the first confirmation: one Accepting, and v2 serves."""
+    name = new_name()
+
+    async def main() -> None:
+        old = await serving_upgrader(name, "v1")
+        port = _port(old._listeners["http"].sock)
+        new = hotswap.Upgrader(name, version="v2", options=opts())
+        assert await new.start() is hotswap.Role.TAKEOVER
+        sock = new.listen("http", ("127.0.0.1", 0))
+        sent = recorded_sends(new)
+        first = asyncio.create_task(new.ready())
+        assert await old.wait_exit() is hotswap.ExitReason.TAKEN_OVER  # Accepting is in
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        again = asyncio.create_task(new.ready())
+        # Let it get past its two yields to where it confirms (or, as it
+        # did, sends a second Accepting) before the old side releases.
+        for _ in range(5):
+            await asyncio.sleep(0)
+        await old.release()
+        await asyncio.wait_for(again, 10)
+        assert new.state is hotswap.State.SERVING
+        assert sent == ["accepting"]
+        assert not new._exit.done()  # type: ignore[union-attr]  # not stepped down
+        assert_accepts(sock, port)
+        sock.close()
+        await old.close(cut=0)
+        await new.close()
+
+    run(main())
+
+
+def test_a_release_after_a_cancelled_ready_waits_for_its_confirmation(run: Runner) -> None:
+    """ready() cancelled while confirming, then the caller stops as the
+    serving process (request_stop(), wait_exit(), release()) before the
+    confirmation has its Released: the confirmation, ending after that
+    release, made the process serving again (its serving marker bound, its
+    control socket answering) although nobody accepted. release() now
+    waits for the confirmation; the process stays stopped."""
+    name = new_name()
+
+    async def main() -> None:
+        old = await serving_upgrader(name, "v1")
+        new = hotswap.Upgrader(name, version="v2", options=opts())
+        assert await new.start() is hotswap.Role.TAKEOVER
+        new.listen("http", ("127.0.0.1", 0))
+        ready = asyncio.create_task(new.ready())
+        assert await old.wait_exit() is hotswap.ExitReason.TAKEN_OVER
+        ready.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await ready
+        new.request_stop()
+        assert await new.wait_exit() is hotswap.ExitReason.STOP_REQUESTED
+        releasing = asyncio.create_task(new.release())
+        await old.release()  # the confirmation's Released
+        await asyncio.wait_for(releasing, 10)
+        confirming = new._confirming
+        assert confirming is not None and confirming.done()
+        assert new.state is hotswap.State.DRAINING
+        assert new._control_sock is None
+        await old.close(cut=0)
+        await new.close()
+
+    run(main())
+
+
+def test_a_ready_cancelled_before_its_confirmation_began_is_aborted_by_close(
+        run: Runner) -> None:
+    """close() called while ready() has created its confirmation task, but
+    before that took its first step: nothing was sent, so the handover is
+    still the successor's to abort, and close() does (Abort; the old side
+    serves on) instead of first letting the confirmation send the Accepting
+    that commits the old side."""
+    name = new_name()
+
+    async def main() -> None:
+        old = await serving_upgrader(name, "v1")
+        new = hotswap.Upgrader(name, version="v2", options=opts())
+        assert await new.start() is hotswap.Role.TAKEOVER
+        new.listen("http", ("127.0.0.1", 0))
+        sent = recorded_sends(new)
+        ready = asyncio.create_task(new.ready())
+        # ready() yields twice before it confirms (a pending signal handler
+        # may run first); the close() scheduled now takes its first step
+        # right after ready() has created its confirmation, before that runs.
+        for _ in range(2):
+            await asyncio.sleep(0)
+        closing = asyncio.create_task(new.close())
+        await asyncio.wait_for(closing, 10)
+        with pytest.raises(asyncio.CancelledError):  # its confirmation was called off
+            await ready
+        confirming = new._confirming
+        assert confirming is not None and confirming.cancelled()  # the window was hit
+        assert sent == ["abort"]
+        assert new.state is hotswap.State.STOPPED
+        await until(lambda: old.state is hotswap.State.SERVING, "v1 serving on")
+        await old.close()
+
+    run(main())
+
+
+def test_a_close_waiting_for_a_cancelled_close_finishes_the_job(run: Runner) -> None:
+    """Two close() calls while start() waits for a welcome that does not
+    come (a control socket that never answers); the first is cancelled.
+    The second used to return as soon as the first gave up, with nothing
+    closed and start() still at work: it now carries on itself."""
+    name = new_name()
+
+    async def main() -> None:
+        silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        silent.bind(sockaddr(control_address(name)))
+        silent.listen(8)
+        silent.setblocking(False)
+        new = hotswap.Upgrader(name, version="v2", options=opts(message_timeout=1.0))
+        starting = asyncio.create_task(new.start())
+        accepted: list[socket.socket] = []
+
+        def hello_sent() -> bool:
+            try:
+                accepted.append(silent.accept()[0])
+            except BlockingIOError:
+                return False
+            return True
+
+        try:
+            await until(hello_sent, "start() to connect")
+            first = asyncio.create_task(new.close())
+            await until(lambda: new._closing is not None, "the first close() to begin")
+            second = asyncio.create_task(new.close())
+            await asyncio.sleep(0)  # its first step: it waits for the first
+            first.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await first
+            await asyncio.wait_for(second, 10)
+            assert new.state is hotswap.State.STOPPED
+            assert starting.done()
+            with pytest.raises(hotswap.HandoverFailed):
+                await starting
+        finally:
+            silent.close()
+            for conn in accepted:
+                conn.close()
 
     run(main())
 
