@@ -163,9 +163,10 @@ class Procs:
                            "--port", str(port), *args],
                           self.env(HOTSWAP_TEST_FAULT=fault, **env))
 
-    def tiny(self, name: str, version: str, port: int = 0) -> subprocess.Popen[bytes]:
+    def tiny(self, name: str, version: str, port: int = 0, **env: str
+             ) -> subprocess.Popen[bytes]:
         return self.spawn(version, [PY, str(TINY), "--name", name, "--version", version,
-                                    "--port", str(port)])
+                                    "--port", str(port)], self.env(**env))
 
     def logs(self) -> str:
         return "\n".join(f"--- {label} pid {proc.pid} rc {proc.poll()}\n"

@@ -191,6 +191,22 @@ def test_allow_uids_on_both_sides(procs: Procs, name: str) -> None:
     assert v1.wait(timeout=15) == 0
 
 
+def test_the_low_level_program_taken_over_in_a_kruise_slot_waits_for_sigterm(
+        procs: Procs, name: str) -> None:
+    """The README's five-call program (tests/support/tiny_server.py) taken
+    over in a Kruise slot: its container must not exit before Kruise resets
+    the slot with SIGTERM (an exit would be a restart under the kubelet).
+    It exited as soon as it had drained; it now waits for the SIGTERM."""
+    v1 = procs.tiny(name, "v1", SIDECARSET_VERSION="1", SIDECARSET_VERSION_ALT="0")
+    wait_for(serving(name, "v1"), 15, "v1 serving")
+    procs.tiny(name, "v2", SIDECARSET_VERSION="2", SIDECARSET_VERSION_ALT="1")
+    wait_for(serving(name, "v2"), 15, "v2 serving, v1 drained")
+    with pytest.raises(subprocess.TimeoutExpired):  # it drained, and stays
+        v1.wait(timeout=1)
+    v1.send_signal(signal.SIGTERM)
+    assert v1.wait(timeout=15) == 0
+
+
 def test_descriptors_stable_over_100_handovers(procs: Procs, name: str) -> None:
     """Invariant 7: no descriptor leaks generation after generation, and no
     process left behind."""

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 
@@ -59,6 +60,8 @@ async def main(args: argparse.Namespace) -> int:
     if active:
         await asyncio.wait(active, timeout=5)
     await upgrader.close()
+    if reason is hotswap.ExitReason.TAKEN_OVER and "SIDECARSET_VERSION" in os.environ:
+        await upgrader.wait_stop_requested()  # a Kruise slot: no exit before SIGTERM
     return 1 if reason is hotswap.ExitReason.HANDOVER_FAILED else 0
 
 
