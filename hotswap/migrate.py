@@ -158,8 +158,11 @@ class Tracked(web.RequestHandler):
         often waits there for its handler to run). Pausing the reading then
         holds only what comes next, in the kernel; never true while a body is
         still arriving (pausing would stall that request)."""
-        if getattr(self, "_upgraded", False) or getattr(self, "_payload_parser", None):
+        if (getattr(self, "_upgraded", False) or getattr(self, "_upgrade", False)
+                or getattr(self, "_payload_parser", None)):
             # Upgraded (a websocket): it is read for as long as it lives.
+            # From its upgrade request on, before the handler prepares it:
+            # aiohttp 3.14 names that flag _upgraded, 3.10 to 3.13 _upgrade.
             return False
         request = self._current_request
         if request is not None and not request.content.is_eof():

@@ -364,6 +364,56 @@ def test_a_websocket_is_read_throughout_the_drain(run: Callable[
     run(main())
 
 
+def test_a_websocket_upgraded_during_the_drain_is_read(run: Callable[
+        [Awaitable[None]], None]) -> None:
+    """An upgrade request that arrived before the handover and is prepared
+    after it (the handler awaits something first: an auth check) is not
+    paused as a request whose body was read: aiohttp before 3.14 names its
+    upgrade flag ``_upgrade``, not ``_upgraded``, and the websocket's
+    messages waited until the drain's last second."""
+    async def main() -> None:
+        name = f"s-{uuid.uuid4().hex[:10]}"
+        sockets: dict[str, hotswap.Address] = {"http": ("127.0.0.1", 0)}
+        gate, entered = asyncio.Event(), asyncio.Event()
+
+        async def echo(request: web.Request) -> web.WebSocketResponse:
+            entered.set()
+            await gate.wait()
+            ws = web.WebSocketResponse()
+            await ws.prepare(request)
+            async for message in ws:
+                await ws.send_str(f"v1 {message.data}")
+            return ws
+
+        app = web.Application()
+        app.router.add_get("/ws", echo)
+        v1 = hotswap.Upgrader(name, version="v1", options=hotswap.Options(env={}))
+        v1_task = asyncio.create_task(hotswap.aiohttp.serve(
+            app, v1, sockets, drain_timeout=20, handle_signals=False,
+            yield_cpu_after_drain=False))
+        await until(serving(v1), "v1 serving")
+        url = f"http://{v1.status().listeners[0].address}/ws"
+        async with aiohttp.ClientSession() as session:
+            connecting = asyncio.ensure_future(session.ws_connect(url))
+            await asyncio.wait_for(entered.wait(), 5)
+            v2, v2_task = start(name, "v2", sockets)
+            await until(lambda: v1.state is hotswap.State.DRAINING, "v1 draining")
+            await asyncio.sleep(0.1)  # a few rounds of the connection handover
+            gate.set()
+            ws = await asyncio.wait_for(connecting, 5)
+            try:
+                for i in range(3):
+                    await ws.send_str(f"m{i}")
+                    # Well inside v1's 20 s drain deadline.
+                    assert (await ws.receive(timeout=5)).data == f"v1 m{i}"
+            finally:
+                await ws.close()
+        assert await asyncio.wait_for(v1_task, 15) == 0
+        await stop_serving(v2, v2_task)
+
+    run(main())
+
+
 @pytest.mark.parametrize("hook", ["on_drain", "on_shutdown"])
 def test_websockets_are_closed_with_1001(run: Callable[[Awaitable[None]], None],
                                          hook: str) -> None:
