@@ -309,7 +309,10 @@ class Drainer:
             if transport is None or transport.is_closing():
                 continue  # closing already: handed over, or told to close
             peer = transport.get_extra_info("peername")
-            busy = getattr(handler, "_request_in_progress", False)
+            busy = getattr(handler, "_request_in_progress", None)
+            if busy is None:  # aiohttp < 3.10.6: not waiting for a next request
+                waiter = getattr(handler, "_waiter", None)
+                busy = waiter is None or waiter.done() or bool(getattr(handler, "_messages", ()))
             if busy and not self._forced.is_set():
                 log.warning("drain deadline: connection from %s is busy; its response "
                             "says Connection: close", peer)

@@ -191,7 +191,7 @@ def test_a_response_sent_in_the_grace_is_not_counted_cut(
                 handler = await answered
             # The moment the miscount needed: the request is over, aiohttp
             # has not closed the connection yet.
-            assert not handler._request_in_progress
+            assert not getattr(handler, "_request_in_progress", False)  # 3.10.6+
             assert handler.transport is not None and not handler.transport.is_closing()
             assert await drainer.grace(server, 1.0) == 0
             answer = await eof(reader)
@@ -205,3 +205,48 @@ def test_a_response_sent_in_the_grace_is_not_counted_cut(
         run(main())
     assert "is busy; its response says Connection: close" in caplog.text, caplog.text
     assert "cutting" not in caplog.text, caplog.text
+
+
+@pytest.mark.parametrize("run", [asyncio.run, uvloop.run], ids=["asyncio", "uvloop"])
+def test_busy_at_the_deadline_without_request_in_progress(
+        run: Callable[[Awaitable[None]], None]) -> None:
+    """aiohttp before 3.10.6 has no ``_request_in_progress``: a request in
+    flight at the deadline is still told to close and answered (read from
+    the connection loop's waiter), not cut as idle (a lost request)."""
+    async def main() -> None:
+        entered, gate = asyncio.Event(), asyncio.Event()
+
+        async def held(request: web.Request) -> web.Response:
+            entered.set()
+            await gate.wait()
+            return web.Response(text="done")
+
+        app = web.Application()
+        app.router.add_get("/held", held)
+        drainer = Drainer()
+        drainer.install(app)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
+        try:
+            writer.write(b"GET /held HTTP/1.1\r\nHost: x\r\n\r\n")
+            await asyncio.wait_for(entered.wait(), 10)
+            await site.stop()
+            server = runner.server
+            assert server is not None
+            for handler in server.connections:  # as aiohttp 3.10.0-3.10.5
+                if hasattr(handler, "_request_in_progress"):
+                    del handler._request_in_progress
+            drainer.start(server)
+            assert await drainer.drain(server, timeout=0.1) == 0  # busy: told to close
+            gate.set()
+            answer = await asyncio.wait_for(eof(reader), 10)
+            assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"done"), answer
+            assert b"Connection: close" in answer, answer
+        finally:
+            writer.close()
+            await runner.cleanup()
+
+    run(main())
