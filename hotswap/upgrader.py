@@ -309,7 +309,10 @@ class Upgrader:
             if self._closed:
                 # close() waits for this, then gives back what was taken
                 # (Abort: the predecessor serves on) and closes the rest.
-                raise HandoverFailed("closed while starting: nothing was taken over")
+                raise HandoverFailed(
+                    "closed while starting: " + ("what was taken goes back, the "
+                                                 "predecessor serves on" if took_over
+                                                 else "nothing was taken over"))
         finally:
             self._starting.set_result(None)
         if not took_over:
