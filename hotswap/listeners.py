@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import stat
+import sys
 from collections.abc import Mapping
 
 from .errors import ListenerError
@@ -341,16 +342,93 @@ async def close_server(server: asyncio.AbstractServer) -> None:
     is the caller's. It does not wait for them (``wait_closed()`` does on
     Python 3.12 and later): call that, if at all, after your drain.
     Idempotent, and a server already closed is left as it is.
+
+    A Unix socket's path stays too: from Python 3.13 on, a server made by
+    ``asyncio.start_unix_server()``/``loop.create_unix_server()`` (stock
+    loop and uvloop) removes its socket's file as it closes
+    (``cleanup_socket=True``, the default), which would leave the successor
+    listening on a socket no client can reach (ENOENT).
     """
     loop = asyncio.get_running_loop()
+    listening = list(getattr(server, "sockets", None) or ())
     if isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop):
-        listening = list(getattr(server, "sockets", None) or ())
         for sock in listening:
             loop.remove_reader(sock.fileno())
         if listening:
             for _ in range(3):  # one iteration attaches them; the rest is margin
                 await asyncio.sleep(0)
-    server.close()
+    links = _keep_unix_paths(loop, listening)
+    try:
+        server.close()
+    finally:
+        for path, link in links:
+            _put_back(path, link)
+
+
+def _unix_path(sock: object) -> str | None:
+    """The filesystem path of a Unix listening socket (None for an abstract
+    name, an unnamed one, or another family)."""
+    try:
+        if getattr(sock, "family", None) != socket.AF_UNIX:
+            return None
+        name = sock.getsockname()  # type: ignore[attr-defined]
+    except OSError:
+        return None
+    if isinstance(name, bytes):
+        name = os.fsdecode(name)
+    return name if isinstance(name, str) and name and not name.startswith("\0") else None
+
+
+def _keep_unix_paths(loop: asyncio.AbstractEventLoop,
+                     listening: list[object]) -> list[tuple[str, str]]:
+    """Before ``server.close()``: stop it from removing its Unix sockets'
+    files (Python 3.13's ``cleanup_socket``). The stock loop keeps the
+    sockets to clean up in ``_unix_server_sockets``: theirs are taken out.
+    Where that is out of reach (uvloop), each path gets a second name, a
+    hard link to the same socket file, for :func:`_put_back`. Returns the
+    (path, link) pairs."""
+    paths = {}
+    for sock in listening:
+        path = _unix_path(sock)
+        if path is not None:
+            paths[sock.fileno()] = path  # type: ignore[attr-defined]
+    if not paths:
+        return []
+    registry = getattr(loop, "_unix_server_sockets", None)
+    if isinstance(registry, dict):
+        for key in list(registry):
+            with contextlib.suppress(OSError, AttributeError):
+                if key.fileno() in paths:
+                    del registry[key]
+        return []
+    if sys.version_info < (3, 13):  # nothing removes it before 3.13
+        return []
+    links = []
+    for path in paths.values():
+        link = f"{path}.hotswap-{os.getpid()}"
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(link)  # a leftover of a process with our pid
+            os.link(path, link)
+        except OSError as exc:
+            log.warning("cannot keep Unix socket path %s across the close (%s): "
+                        "the event loop may remove it", path, exc)
+            continue
+        links.append((path, link))
+    return links
+
+
+def _put_back(path: str, link: str) -> None:
+    """After ``server.close()``: the path again if the close removed it
+    (the link is the same socket file), else the link removed."""
+    try:
+        if os.path.lexists(path):
+            os.unlink(link)
+        else:
+            os.rename(link, path)
+            log.info("Unix socket path %s removed by the event loop's close: put back", path)
+    except OSError as exc:
+        log.error("Unix socket path %s: could not put it back (%s)", path, exc)
 
 
 def _stale_unix_socket(path: str) -> bool:

@@ -220,6 +220,43 @@ def test_close_server_answers_a_connection_accepted_just_before(run: Callable[
     run(main())
 
 
+def test_close_server_leaves_a_unix_socket_path_to_the_successor(
+        run: Callable[[Awaitable[None]], None], tmp_path: Path) -> None:
+    """The low-level lifecycle on a Unix listener served with
+    asyncio.start_unix_server(): from Python 3.13 on, closing such a
+    server removes its socket's file (cleanup_socket, stock loop and
+    uvloop), and the successor, which listens on the same socket, could no
+    longer be reached by its path. hotswap.close_server() leaves the path
+    (and no file of its own) behind."""
+    path = str(tmp_path / "uds.sock")
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.close()
+
+        sock = hotswap.listeners.bind(path)
+        successor = socket.socket(fileno=os.dup(sock.fileno()))  # its copy
+        try:
+            server = await asyncio.start_unix_server(handle, sock=sock)
+            await hotswap.close_server(server)
+            assert sorted(os.listdir(tmp_path)) == ["uds.sock"]
+            client = socket.socket(socket.AF_UNIX)
+            client.setblocking(False)
+            try:
+                async with asyncio.timeout(5):
+                    await loop.sock_connect(client, path)
+                    conn, _ = await loop.sock_accept(successor)
+                conn.close()
+            finally:
+                client.close()
+        finally:
+            successor.close()
+
+    run(main())
+
+
 @pytest.mark.parametrize(("given", "error"), [
     ({"drain_timeout": "5"}, TypeError), ({"drain_timeout": float("nan")}, ValueError),
     ({"drain_timeout": float("inf")}, ValueError), ({"drain_timeout": -1}, ValueError),
