@@ -5,8 +5,9 @@ drain starts, the next response on an idle keep-alive connection says
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 import uvloop
@@ -19,6 +20,46 @@ from hotswap.aiohttp import Drainer
 async def eof(reader: asyncio.StreamReader) -> bytes:
     async with asyncio.timeout(10):
         return await reader.read()
+
+
+@contextlib.asynccontextmanager
+async def a_held_request(answered: asyncio.Future[web.RequestHandler] | None = None
+                         ) -> AsyncIterator[tuple[Drainer, web.Server,
+                                                  asyncio.StreamReader, asyncio.Event]]:
+    """A real aiohttp server with a :class:`Drainer` and one connection whose
+    ``GET /held`` is in its handler, held until ``gate`` is set; its site
+    already stopped. Yields ``(drainer, server, reader, gate)``. The
+    handler's last act is to give ``answered`` its connection's handler:
+    the waiting task runs next, before aiohttp's connection loop resumes
+    (it waits for this handler's task, which ends only after the response
+    is written)."""
+    entered, gate = asyncio.Event(), asyncio.Event()
+
+    async def held(request: web.Request) -> web.Response:
+        entered.set()
+        await gate.wait()
+        if answered is not None:
+            answered.set_result(request.protocol)
+        return web.Response(text="done")
+
+    app = web.Application()
+    app.router.add_get("/held", held)
+    drainer = Drainer()
+    drainer.install(app)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    reader, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
+    try:
+        writer.write(b"GET /held HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.wait_for(entered.wait(), 10)
+        await site.stop()
+        assert runner.server is not None
+        yield drainer, runner.server, reader, gate
+    finally:
+        writer.close()
+        await runner.cleanup()
 
 
 @pytest.mark.parametrize("zero_cost", [True, False], ids=["factory", "middleware"])
@@ -156,34 +197,9 @@ def test_a_response_sent_in_the_grace_is_not_counted_cut(
     as idle and counted it: 17-35 of 300 connections after an upgrade under
     load, none of them really cut.)"""
     async def main() -> None:
-        loop = asyncio.get_running_loop()
-        entered, gate = asyncio.Event(), asyncio.Event()
-        answered: asyncio.Future[web.RequestHandler] = loop.create_future()
-
-        async def held(request: web.Request) -> web.Response:
-            entered.set()
-            await gate.wait()
-            # The handler's last act: the test's task runs next, before
-            # aiohttp's connection loop resumes (it waits for this handler's
-            # task, which ends only after the response is written).
-            answered.set_result(request.protocol)
-            return web.Response(text="done")
-
-        app = web.Application()
-        app.router.add_get("/held", held)
-        drainer = Drainer()
-        drainer.install(app)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        reader, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
-        try:
-            writer.write(b"GET /held HTTP/1.1\r\nHost: x\r\n\r\n")
-            await asyncio.wait_for(entered.wait(), 10)
-            await site.stop()
-            server = runner.server
-            assert server is not None
+        answered: asyncio.Future[web.RequestHandler] = (
+            asyncio.get_running_loop().create_future())
+        async with a_held_request(answered) as (drainer, server, reader, gate):
             drainer.start(server)
             assert await drainer.drain(server, timeout=0.1) == 0  # busy: told to close
             gate.set()
@@ -197,9 +213,6 @@ def test_a_response_sent_in_the_grace_is_not_counted_cut(
             answer = await eof(reader)
             assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"done"), answer
             assert b"Connection: close" in answer, answer
-        finally:
-            writer.close()
-            await runner.cleanup()
 
     with caplog.at_level("INFO", logger="hotswap"):
         run(main())
@@ -214,28 +227,7 @@ def test_busy_at_the_deadline_without_request_in_progress(
     flight at the deadline is still told to close and answered (read from
     the connection loop's waiter), not cut as idle (a lost request)."""
     async def main() -> None:
-        entered, gate = asyncio.Event(), asyncio.Event()
-
-        async def held(request: web.Request) -> web.Response:
-            entered.set()
-            await gate.wait()
-            return web.Response(text="done")
-
-        app = web.Application()
-        app.router.add_get("/held", held)
-        drainer = Drainer()
-        drainer.install(app)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        reader, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
-        try:
-            writer.write(b"GET /held HTTP/1.1\r\nHost: x\r\n\r\n")
-            await asyncio.wait_for(entered.wait(), 10)
-            await site.stop()
-            server = runner.server
-            assert server is not None
+        async with a_held_request() as (drainer, server, reader, gate):
             for handler in server.connections:  # as aiohttp 3.10.0-3.10.5
                 if hasattr(handler, "_request_in_progress"):
                     del handler._request_in_progress
@@ -245,8 +237,5 @@ def test_busy_at_the_deadline_without_request_in_progress(
             answer = await asyncio.wait_for(eof(reader), 10)
             assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"done"), answer
             assert b"Connection: close" in answer, answer
-        finally:
-            writer.close()
-            await runner.cleanup()
 
     run(main())

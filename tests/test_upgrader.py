@@ -1134,6 +1134,41 @@ def test_peers_that_close_before_saying_anything_are_no_warning(
     run(main())
 
 
+def recorded_sends(successor: hotswap.Upgrader) -> list[str]:
+    """The types of the messages ``successor`` sends its predecessor from
+    now on (its channel's send, wrapped)."""
+    channel = successor._predecessor_channel
+    assert channel is not None
+    sent: list[str] = []
+    original = channel.send
+
+    async def recording(message: hotswap.protocol.Message, *, timeout: float) -> None:
+        sent.append(message.TYPE)
+        await original(message, timeout=timeout)
+
+    channel.send = recording  # type: ignore[method-assign]
+    return sent
+
+
+async def a_cancelled_confirmation(name: str) -> tuple[
+        hotswap.Upgrader, hotswap.Upgrader, socket.socket, list[str]]:
+    """v1 serves ``name``; v2 takes over, and the task awaiting its ready()
+    is cancelled once v1 has read its Accepting, before v1 releases.
+    Returns v1, v2, v2's listener and what v2 sends v1 from its ready() on
+    (:func:`recorded_sends`)."""
+    old = await serving_upgrader(name, "v1")
+    new = hotswap.Upgrader(name, version="v2", options=opts())
+    assert await new.start() is hotswap.Role.TAKEOVER
+    sock = new.listen("http", ("127.0.0.1", 0))
+    sent = recorded_sends(new)
+    ready = asyncio.create_task(new.ready())
+    assert await old.wait_exit() is hotswap.ExitReason.TAKEN_OVER  # Accepting is in
+    ready.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await ready
+    return old, new, sock, sent
+
+
 @pytest.mark.parametrize("then", ["serve-on", "close"])
 def test_a_ready_cancelled_after_confirming_still_takes_over(
         run: Runner, then: str, caplog: pytest.LogCaptureFixture) -> None:
@@ -1150,17 +1185,8 @@ def test_a_ready_cancelled_after_confirming_still_takes_over(
     caplog.set_level(logging.INFO, logger="hotswap")
 
     async def main() -> None:
-        old = await serving_upgrader(name, "v1")
-        port = _port(old._listeners["http"].sock)
-        new = hotswap.Upgrader(name, version="v2", options=opts())
-        assert await new.start() is hotswap.Role.TAKEOVER
-        sock = new.listen("http", ("127.0.0.1", 0))
-        sent = recorded_sends(new)
-        ready = asyncio.create_task(new.ready())
-        assert await old.wait_exit() is hotswap.ExitReason.TAKEN_OVER  # Accepting is in
-        ready.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await ready
+        old, new, sock, sent = await a_cancelled_confirmation(name)
+        port = _port(sock)
         await old.release()  # the old side stops accepting for good
         await old.close(cut=0)
         if then == "close":
@@ -1180,22 +1206,6 @@ def test_a_ready_cancelled_after_confirming_still_takes_over(
     run(main())
 
 
-def recorded_sends(successor: hotswap.Upgrader) -> list[str]:
-    """The types of the messages ``successor`` sends its predecessor from
-    now on (its channel's send, wrapped)."""
-    channel = successor._predecessor_channel
-    assert channel is not None
-    sent: list[str] = []
-    original = channel.send
-
-    async def recording(message: hotswap.protocol.Message, *, timeout: float) -> None:
-        sent.append(message.TYPE)
-        await original(message, timeout=timeout)
-
-    channel.send = recording  # type: ignore[method-assign]
-    return sent
-
-
 def test_ready_again_after_a_cancelled_one_waits_for_the_same_confirmation(
         run: Runner) -> None:
     """ready() cancelled while confirming (``wait_for`` ran out: the old
@@ -1207,17 +1217,8 @@ def test_ready_again_after_a_cancelled_one_waits_for_the_same_confirmation(
     name = new_name()
 
     async def main() -> None:
-        old = await serving_upgrader(name, "v1")
-        port = _port(old._listeners["http"].sock)
-        new = hotswap.Upgrader(name, version="v2", options=opts())
-        assert await new.start() is hotswap.Role.TAKEOVER
-        sock = new.listen("http", ("127.0.0.1", 0))
-        sent = recorded_sends(new)
-        first = asyncio.create_task(new.ready())
-        assert await old.wait_exit() is hotswap.ExitReason.TAKEN_OVER  # Accepting is in
-        first.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await first
+        old, new, sock, sent = await a_cancelled_confirmation(name)
+        port = _port(sock)
         again = asyncio.create_task(new.ready())
         # Let it get past its two yields to where it confirms (or, as it
         # did, sends a second Accepting) before the old side releases.
@@ -1246,15 +1247,7 @@ def test_a_release_after_a_cancelled_ready_waits_for_its_confirmation(run: Runne
     name = new_name()
 
     async def main() -> None:
-        old = await serving_upgrader(name, "v1")
-        new = hotswap.Upgrader(name, version="v2", options=opts())
-        assert await new.start() is hotswap.Role.TAKEOVER
-        new.listen("http", ("127.0.0.1", 0))
-        ready = asyncio.create_task(new.ready())
-        assert await old.wait_exit() is hotswap.ExitReason.TAKEN_OVER
-        ready.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await ready
+        old, new, _, _ = await a_cancelled_confirmation(name)
         new.request_stop()
         assert await new.wait_exit() is hotswap.ExitReason.STOP_REQUESTED
         releasing = asyncio.create_task(new.release())
