@@ -51,7 +51,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import math
 import numbers
 import os
 import signal
@@ -65,7 +64,7 @@ from .kruise import Role
 from .listeners import DEFAULT_BACKLOG, Address, check_address, close_server
 from .migrate import Migrator
 from .migrate import supported as _migration_supported
-from .upgrader import ExitReason, State, Upgrader
+from .upgrader import ExitReason, State, Upgrader, is_seconds
 
 log = logging.getLogger("hotswap")
 
@@ -410,11 +409,10 @@ def _seconds(name: str, value: object) -> float:
     starts, rather than at the first upgrade, in the drain."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"serve(): {name} must be a number of seconds, not {value!r}")
-    seconds = float(value)
-    if not math.isfinite(seconds) or seconds < 0:
+    if not is_seconds(value):
         raise ValueError(f"serve(): {name} must be a finite number of seconds, 0 or more, "
                          f"not {value!r}")
-    return seconds
+    return float(value)
 
 
 def _check_sockets(sockets: object) -> None:

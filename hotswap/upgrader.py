@@ -34,6 +34,7 @@ import hmac
 import json
 import logging
 import math
+import numbers
 import os
 import socket
 import stat
@@ -117,6 +118,16 @@ MAX_TOKEN_BYTES = 4096
 """The longest token, counted alike (see :data:`MAX_VERSION_BYTES`)."""
 
 
+def is_seconds(value: object, *, zero_ok: bool = True) -> bool:
+    """Whether ``value`` is a timeout: a real number (not a bool), finite,
+    above 0 (or 0 too, with ``zero_ok``). ``Options`` and
+    :func:`hotswap.aiohttp.serve` check theirs with it up front."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return False
+    seconds = float(value)
+    return math.isfinite(seconds) and (seconds > 0 or (zero_ok and seconds == 0))
+
+
 def _check_text(what: str, value: object, limit: int) -> None:
     """Raise ValueError unless ``value`` is a str that fits in ``limit``
     bytes as the protocol sends it (a longer one got every upgrade refused:
@@ -188,8 +199,7 @@ class Options:
                               ("message_timeout", False),
                               ("predecessor_drain_timeout", False)):
             value = getattr(self, name)
-            if (isinstance(value, bool) or not isinstance(value, int | float)
-                    or not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok)):
+            if not is_seconds(value, zero_ok=zero_ok):
                 raise ValueError(f"Options.{name}={value!r} is not a finite number of "
                                  f"seconds {'>= 0' if zero_ok else '> 0'}")
 
