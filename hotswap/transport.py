@@ -31,6 +31,12 @@ __all__ = ["Channel", "close_fds", "peer_credentials", "recv_some", "send_frame"
 _T = TypeVar("_T")
 
 
+def wake(waiter: asyncio.Future[None]) -> None:
+    """A reader's or writer's callback: wake ``waiter`` (once)."""
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 class Channel:
     """A :class:`~hotswap.protocol.Connection` driven over a Unix socket.
 
@@ -264,15 +270,10 @@ class Channel:
             except (BlockingIOError, InterruptedError):
                 pass
             waiter: asyncio.Future[None] = loop.create_future()
-
-            def wake(w: asyncio.Future[None] = waiter) -> None:
-                if not w.done():
-                    w.set_result(None)
-
             if writable:
-                loop.add_writer(fd, wake)
+                loop.add_writer(fd, wake, waiter)
             else:
-                loop.add_reader(fd, wake)
+                loop.add_reader(fd, wake, waiter)
             self._waiting[writable] = (loop, waiter)
             try:
                 await waiter

@@ -81,7 +81,7 @@ from .protocol import (
     Welcome,
     split_sockets,
 )
-from .transport import Channel, close_fds
+from .transport import Channel, close_fds, wake
 
 log = logging.getLogger("hotswap")
 
@@ -116,6 +116,30 @@ is 6, or 12 beyond the BMP): a successor's hello carries it, with the token,
 in one frame of at most :data:`~hotswap.protocol.MAX_CLIENT_FRAME` bytes."""
 MAX_TOKEN_BYTES = 4096
 """The longest token, counted alike (see :data:`MAX_VERSION_BYTES`)."""
+
+
+async def _accept(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> socket.socket:
+    """Accept one connection on the non-blocking ``sock``; the caller owns
+    it. The accept runs in the awaiting task's own step, so a cancellation
+    comes either before it (the connection stays in the kernel's queue, for
+    whoever holds the socket next: our successor has a copy) or after it has
+    been returned. ``loop.sock_accept`` accepts in a loop callback instead,
+    and loses the connection if the task is cancelled before it resumes."""
+    fd = sock.fileno()
+    while True:
+        try:
+            conn, _ = sock.accept()
+        except (BlockingIOError, InterruptedError):
+            pass
+        else:
+            conn.setblocking(False)
+            return conn
+        readable: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(fd, wake, readable)
+        try:
+            await readable
+        finally:
+            loop.remove_reader(fd)
 
 
 def is_seconds(value: object, *, zero_ok: bool = True) -> bool:
@@ -1145,7 +1169,7 @@ class Upgrader:
                     freed.clear()  # nobody to let go: leave newcomers queued
                     await freed.wait()
                 try:
-                    conn, _ = await loop.sock_accept(sock)
+                    conn = await _accept(loop, sock)
                 except OSError as exc:
                     if exc.errno in (errno.EMFILE, errno.ENFILE) and self._reserve is not None:
                         self._drop_reserve()  # accept again, into its number

@@ -1571,3 +1571,40 @@ def test_a_control_socket_that_cannot_be_bound_says_why(run: Runner, tmp_path) -
 
     run(main())
     assert plain.read_text() == "data"
+
+
+def test_a_control_connection_queued_as_the_accept_loop_stops_stays_queued() -> None:
+    """When the old side stops accepting control connections (at its
+    commit, or close()), a peer that connected at that instant (a probe,
+    the hook) must not be accepted and dropped: it stays in the kernel's
+    queue, for the successor that holds the same socket, or is refused when
+    the last copy closes.
+
+    The interleaving is reached on the stock loop only, which runs a poll's
+    I/O callbacks before the timers due: the accept loop's reader sees the
+    probe, then the timer cancels the loop (what the commit's
+    ``_stop_control`` does) before its task resumes. ``loop.sock_accept``
+    accepts in that callback, so its connection was lost with the
+    cancellation."""
+    name = new_name()
+
+    async def main() -> None:
+        old = await serving_upgrader(name, "v1")
+        task = old._control_task
+        assert task is not None
+        await asyncio.sleep(0)  # the accept loop finds its queue empty and polls
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.connect(sockaddr(control_address(name)))  # queued: the loop polls next
+        asyncio.get_running_loop().call_later(0, task.cancel)
+        await asyncio.gather(task, return_exceptions=True)
+        assert task.cancelled()
+        control = old._control_sock
+        assert control is not None
+        control.setblocking(True)
+        control.settimeout(1.0)
+        conn, _ = control.accept()  # the probe, still queued
+        conn.close()
+        probe.close()
+        await old.close()
+
+    asyncio.run(main())
