@@ -185,10 +185,6 @@ _MAX_SECONDS = 1e9
 platform's time_t in nanoseconds (1e10 s raised OverflowError, a traceback
 instead of a usage error)."""
 
-_MAX_UID = 2**32 - 2
-"""The highest uid (``uid_t``; its -1 is no uid)."""
-
-
 def _seconds(text: str) -> float:
     """A timeout: a finite number of seconds from 0 to :data:`_MAX_SECONDS`
     (``nan`` would never time out, and ``inf`` is no deadline)."""
@@ -203,13 +199,13 @@ def _seconds(text: str) -> float:
 
 
 def _uid(text: str) -> int:
-    """A uid: an integer from 0 to :data:`_MAX_UID`."""
+    """A uid: an integer from 0 to :data:`control.MAX_UID`."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a uid: {text!r}") from None
-    if not 0 <= value <= _MAX_UID:
-        raise argparse.ArgumentTypeError(f"not a uid (0 to {_MAX_UID}): {text!r}")
+    if not 0 <= value <= control.MAX_UID:
+        raise argparse.ArgumentTypeError(f"not a uid (0 to {control.MAX_UID}): {text!r}")
     return value
 
 

@@ -109,6 +109,9 @@ def _queue_full(address: str, timeout: float) -> HandoverTimeout:
                            "or hung, or flooded)")
 
 
+MAX_UID = 2**32 - 2
+"""The highest uid (``uid_t``; its -1 is no uid)."""
+
 ALLOW_UIDS_ENV = "HOTSWAP_ALLOW_UIDS"
 """More uids the pod's hotswap processes trust (``uid,uid``): as a server,
 whose requests it answers and to whom it hands over; as a client (the CLI),
@@ -118,14 +121,15 @@ whose answers it believes. Our own uid always."""
 def allowed_uids(env: Mapping[str, str], extra: Collection[int] = ()) -> frozenset[int]:
     """Our uid, ``extra`` and the uids listed in ``env[ALLOW_UIDS_ENV]``
     (comma or blank separated). Raises ValueError naming the variable if it
-    holds anything else."""
+    holds anything else, a uid out of range (0 to :data:`MAX_UID`) included."""
     raw = env.get(ALLOW_UIDS_ENV, "")
     try:
         listed = [int(uid) for uid in raw.replace(",", " ").split()]
     except ValueError:
         raise ValueError(f"{ALLOW_UIDS_ENV}={raw!r} is not a list of uids") from None
-    if any(uid < 0 for uid in listed):
-        raise ValueError(f"{ALLOW_UIDS_ENV}={raw!r} is not a list of uids")
+    if any(not 0 <= uid <= MAX_UID for uid in listed):
+        raise ValueError(f"{ALLOW_UIDS_ENV}={raw!r} is not a list of uids "
+                         f"(0 to {MAX_UID})")
     return frozenset({os.getuid(), *extra, *listed})
 
 

@@ -949,10 +949,12 @@ def test_a_squatter_that_never_answers_is_named(run: Runner) -> None:
         squatter.close()
 
 
-def test_a_malformed_allow_uids_is_a_clear_error() -> None:
-    with pytest.raises(hotswap.HotswapError, match="HOTSWAP_ALLOW_UIDS='0,root' is not"):
+@pytest.mark.parametrize("uids", ["0,root", "-1", "4294967295", "99999999999"])
+def test_a_malformed_allow_uids_is_a_clear_error(uids: str) -> None:
+    # 4294967295 is uid_t's -1 (no uid); a bigger number is no uid_t at all.
+    with pytest.raises(hotswap.HotswapError, match=f"HOTSWAP_ALLOW_UIDS='{uids}' is not"):
         hotswap.Upgrader(new_name(), options=hotswap.Options(
-            env={"HOTSWAP_ALLOW_UIDS": "0,root"}))
+            env={"HOTSWAP_ALLOW_UIDS": uids}))
     upg = hotswap.Upgrader(new_name(), options=hotswap.Options(
         env={"HOTSWAP_ALLOW_UIDS": "65534, 10001"}))
     assert upg._allowed_uids == {os.getuid(), 65534, 10001}
