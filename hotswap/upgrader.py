@@ -124,22 +124,25 @@ async def _accept(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> socke
     comes either before it (the connection stays in the kernel's queue, for
     whoever holds the socket next: our successor has a copy) or after it has
     been returned. ``loop.sock_accept`` accepts in a loop callback instead,
-    and loses the connection if the task is cancelled before it resumes."""
+    and loses the connection if the task is cancelled before it resumes.
+
+    It accepts only once the socket is readable: at the descriptor limit,
+    Linux fails an accept with EMFILE before it looks at the queue, so an
+    accept tried on an empty queue would report a limit nobody needs yet."""
     fd = sock.fileno()
     while True:
-        try:
-            conn, _ = sock.accept()
-        except (BlockingIOError, InterruptedError):
-            pass
-        else:
-            conn.setblocking(False)
-            return conn
         readable: asyncio.Future[None] = loop.create_future()
         loop.add_reader(fd, wake, readable)
         try:
             await readable
         finally:
             loop.remove_reader(fd)
+        try:
+            conn, _ = sock.accept()
+        except (BlockingIOError, InterruptedError):
+            continue  # another holder of the socket (our successor) took it
+        conn.setblocking(False)
+        return conn
 
 
 def is_seconds(value: object, *, zero_ok: bool = True) -> bool:
