@@ -9,6 +9,7 @@ import resource
 import signal
 import socket
 import subprocess
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -148,14 +149,29 @@ def sidecar_with_fd_limit(procs: Procs, name: str, version: str, limit: int,
                                  "--port", "0", *args], preexec_fn=low_limit)
 
 
-def idle_clients(port: int, count: int) -> list[socket.socket]:
-    """``count`` keep-alive connections, each answered once by v1, now idle."""
-    socks = []
-    for _ in range(count):
-        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        assert b"version(v1)" in http_get(sock)
-        socks.append(sock)
-    return socks
+IdleClients = Callable[[int, int], list[socket.socket]]
+
+
+@pytest.fixture
+def idle_clients() -> Iterator[IdleClients]:
+    """``idle_clients(port, count)``: ``count`` keep-alive connections, each
+    answered once by v1, now idle. Each is closed at teardown whatever the
+    test's outcome: left to a failed test's traceback, they would be
+    collected (ResourceWarning) in a later test."""
+    made: list[socket.socket] = []
+
+    def connect(port: int, count: int) -> list[socket.socket]:
+        socks = []
+        for _ in range(count):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            made.append(sock)
+            assert b"version(v1)" in http_get(sock)
+            socks.append(sock)
+        return socks
+
+    yield connect
+    for sock in made:
+        sock.close()
 
 
 def next_requests_answered_by_v1(socks: list[socket.socket]) -> None:
@@ -165,7 +181,8 @@ def next_requests_answered_by_v1(socks: list[socket.socket]) -> None:
         sock.close()
 
 
-def test_few_descriptors_left_for_the_copies(procs: Procs, name: str) -> None:
+def test_few_descriptors_left_for_the_copies(procs: Procs, name: str,
+        idle_clients: IdleClients) -> None:
     """Handing a connection over needs a copy of its descriptor for a moment;
     v1 near its descriptor limit (EMFILE) can copy only a few at a time.
     It hands over those, which frees theirs, and the rest in the next rounds:
@@ -192,7 +209,8 @@ def test_few_descriptors_left_for_the_copies(procs: Procs, name: str) -> None:
     assert v2.wait(timeout=15) == 0
 
 
-def test_a_successor_with_no_descriptor_left_loses_nothing(procs: Procs, name: str) -> None:
+def test_a_successor_with_no_descriptor_left_loses_nothing(procs: Procs, name: str,
+        idle_clients: IdleClients) -> None:
     """The successor at its descriptor limit when the connections come: the
     kernel drops the descriptors that do not fit (MSG_CTRUNC), so it never
     acknowledges that frame, and v1, which kept its copies until then, serves
@@ -239,8 +257,8 @@ def test_a_successor_with_no_room_for_the_sockets_fails_at_once(procs: Procs,
     assert v1.wait(timeout=15) == 0
 
 
-def test_an_old_side_at_its_descriptor_limit_still_hands_over(procs: Procs,
-                                                               name: str) -> None:
+def test_an_old_side_at_its_descriptor_limit_still_hands_over(
+        procs: Procs, name: str, idle_clients: IdleClients) -> None:
     """v1's clients take every descriptor it may have. The successor's
     control connection is still accepted, into the descriptor v1 keeps in
     reserve for that, and the upgrade goes through: v2 serves, and every
