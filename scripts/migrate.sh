@@ -74,20 +74,37 @@ esac
 # word.
 fast=${HOTSWAP_MIGRATE_FAST:-10}
 case $0 in */*) here=${0%/*} ;; *) here=. ;; esac
+# Hundredths of a second since boot, from /proc/uptime, into $boot_cs: the
+# fast path's clock. Unlike the wall clock (date), it never steps: an NTP
+# step forward during the wait must not count as time spent (it left the
+# CLI one second of a 60 s timeout). Returns 1 if it cannot be read.
+uptime_cs() {
+    read -r boot_cs _ 2>/dev/null </proc/uptime || return 1
+    case $boot_cs in
+        *.[0-9][0-9]) ;;
+        *) return 1 ;;
+    esac
+    _up_whole=${boot_cs%.*}
+    _up_frac=${boot_cs#*.}
+    case $_up_whole in ""|*[!0-9]*|0?*|????????????*) return 1 ;; esac
+    # 1NN - 100: a fraction like 08 is no octal number to the shell.
+    boot_cs=$((_up_whole * 100 + 1$_up_frac - 100))
+}
 if number "$version" && whole "$timeout" && whole "$fast" &&
    [ "$timeout" -gt 1 ] && [ "$fast" -gt 0 ] && [ -z "${HOTSWAP_CONTROL_PATH:-}" ] &&
-   [ -r /proc/net/unix ] && [ -r "$here/hotswap-marker.sh" ]; then
+   [ -r /proc/net/unix ] && [ -r "$here/hotswap-marker.sh" ] && uptime_cs; then
     # shellcheck source=scripts/hotswap-marker.sh
     . "$here/hotswap-marker.sh"
     if [ "$fast" -ge "$timeout" ]; then
         fast=$((timeout - 1))
     fi
-    # Bounded by the clock and by the number of polls (the clock may step).
-    hotswap_markers "$name" "$version" "${HOTSWAP_MARKER_FRESH:-3}"
-    start=$marker_now
+    # Bounded by the time since boot and by the number of polls.
+    start=$boot_cs
     polls=0
+    hotswap_markers "$name" "$version" "${HOTSWAP_MARKER_FRESH:-3}"
     while [ "$marker_ours" = 0 ] && [ "$marker_newer" = 0 ] && [ "$marker_now" -gt 0 ] &&
-          [ $((marker_now - start)) -lt "$fast" ] && [ "$polls" -lt $((fast * 10)) ]; do
+          uptime_cs && [ $((boot_cs - start)) -lt $((fast * 100)) ] &&
+          [ "$polls" -lt $((fast * 10)) ]; do
         if sleep 0.1 2>/dev/null; then  # POSIX sleep need not take fractions
             polls=$((polls + 1))
         else
@@ -100,20 +117,13 @@ if number "$version" && whole "$timeout" && whole "$fast" &&
         log "migration to version $version done (version $version serves)"
         exit 0
     fi
-    # What the fast path took at least, in tenths of a second, so that the
-    # hook never gives up before its timeout: the polls' sleeps, or the
-    # clock's whole seconds less one (the first may have begun just before
-    # its end). The CLI gets the rest, at least a second.
-    spent=$polls
-    # More polls than the clock allows: the sleeps returned at once (a sleep
-    # that reads 0.1 as 0), so they count for nothing. (Unless the clock
-    # stepped back: then it says nothing.)
-    if [ "$marker_now" -ge "$start" ] && [ "$spent" -gt $(((marker_now - start + 1) * 10)) ]; then
-        spent=0
-    fi
-    if [ $(((marker_now - start - 1) * 10)) -gt "$spent" ]; then
-        spent=$(((marker_now - start - 1) * 10))
-    fi
+    # What the fast path took, in whole tenths of a second and never more
+    # than it did (the readings are 0.01 s apart at most), so that the hook
+    # never gives up before its timeout. The CLI gets the rest, at least a
+    # second.
+    uptime_cs || boot_cs=$start
+    spent=$(((boot_cs - start - 1) / 10))
+    [ "$spent" -ge 0 ] || spent=0
     left=$((timeout * 10 - spent))
     [ "$left" -ge 10 ] || left=10
     case $((left % 10)) in

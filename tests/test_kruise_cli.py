@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -292,6 +293,38 @@ def test_the_hook_never_gives_up_before_its_timeout(procs: Procs, name: str,
     given = re.search(r"cli ran: wait-ready --name \S+ --timeout ([\d.]+)", result.stdout)
     assert given is not None, result
     assert 3.0 <= elapsed + float(given[1]) < 4.5, (elapsed, given[1])
+
+
+def test_a_clock_step_does_not_shorten_the_hook(procs: Procs, name: str) -> None:
+    """The wall clock may step forward while the hook waits (NTP, on a node
+    that has just booted): that is no time spent. The fast path counted it,
+    and with the clock 1,000 s ahead it left the CLI one second of a 60 s
+    timeout (the hook gave up after 1.5 s). Nobody serves NAME; a stand-in
+    CLI reports the timeout it was given."""
+    no_cli = procs.tmp / "no-cli"
+    no_cli.write_text('#!/bin/sh\necho "cli ran: $*"\nexit 7\n')
+    no_cli.chmod(0o755)
+    bin_dir = procs.tmp / "bin"
+    bin_dir.mkdir()
+    real_date = shutil.which("date")
+    assert real_date is not None
+    calls = procs.tmp / "date-calls"
+    # date(1) whose clock steps 1,000 s forward from its third call on.
+    (bin_dir / "date").write_text(
+        f'#!/bin/sh\necho . >> {calls}\n'
+        f'if [ "$1" = +%s ] && [ "$(wc -l < {calls})" -gt 2 ]; then\n'
+        f'    echo $(($({real_date} +%s) + 1000))\nelse\n    exec {real_date} "$@"\nfi\n')
+    (bin_dir / "date").chmod(0o755)
+    started = time.monotonic()
+    result = hook(procs, SIDECARSET_VERSION="2", SIDECARSET_VERSION_ALT="1",
+                  HOTSWAP_NAME=name, HOTSWAP_CLI=str(no_cli), HOTSWAP_MIGRATE_TIMEOUT="5",
+                  HOTSWAP_MIGRATE_FAST="2", PATH=f"{bin_dir}:{os.environ['PATH']}")
+    elapsed = time.monotonic() - started
+    assert result.returncode == 7, result
+    assert len(calls.read_text().split()) > 2, "the clock never stepped"
+    given = re.search(r"cli ran: wait-ready --name \S+ --timeout ([\d.]+)", result.stdout)
+    assert given is not None, result
+    assert 5.0 <= elapsed + float(given[1]) < 6.5, (elapsed, given[1])
 
 
 def test_failed_migration_makes_the_hook_fail(procs: Procs, name: str) -> None:
