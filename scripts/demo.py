@@ -14,7 +14,10 @@ processes on 127.0.0.1, each new side started the Kruise way.
 5. the client stops; its log and summary are printed. Exit status 0 only if
    every hook succeeded, every old slot exited cleanly and no request failed.
 
-Every process is started here and ended by its own pid, with deadlines. The
+Every process is started here and ended by its own pid, with deadlines, also
+when the demo is interrupted (Ctrl-C, SIGTERM, SIGHUP: it kills what it
+started, keeps the logs and exits non-zero). Each process logs to a file (the
+client too: a pipe read only at the end would fill up and stall it). The
 working directory (every process's log) is removed after a passing run and
 kept, with its path printed, after a failing one or with ``--keep``.
 """
@@ -31,6 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import FrameType
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -104,6 +108,13 @@ class Demo:
                     say(f"pid {proc.pid} did not die within 10 s of SIGKILL")
 
 
+def interrupted(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM or SIGHUP: end like Ctrl-C, through the clean-up below (the
+    default action would kill this process alone and leave the sidecars
+    serving, the port and the control socket taken)."""
+    raise SystemExit(128 + signum)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="local hot-upgrade demo")
     parser.add_argument("--port", type=int, default=int(os.environ.get("DEMO_PORT", "9091")))
@@ -115,22 +126,25 @@ def main() -> int:
                              "of removing it after a passing run")
     args = parser.parse_args()
 
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, interrupted)
     workdir = Path(tempfile.mkdtemp(prefix="hotswap-demo-"))
     demo = Demo(args, workdir)
-    client: subprocess.Popen[str] | None = None
     passed = False
     try:
         v1 = demo.start_sidecar(1, "v1", 1, 0)
         if not demo.hook(1, 1, 0):
             return 1
         summary_path = workdir / "summary.json"
+        client_log = workdir / "busybox.log"
         say("busybox: calling the sidecar every 100 ms")
-        client = subprocess.Popen(
-            [PY, str(ROOT / "examples/busybox_client/main.py"),
-             "--url", f"http://127.0.0.1:{args.port}/serve", "--interval", "0.1",
-             "--summary-json", str(summary_path)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        demo.procs.append(client)  # type: ignore[arg-type]
+        with open(client_log, "wb") as out:
+            client = subprocess.Popen(
+                [PY, str(ROOT / "examples/busybox_client/main.py"),
+                 "--url", f"http://127.0.0.1:{args.port}/serve", "--interval", "0.1",
+                 "--summary-json", str(summary_path)],
+                stdout=out, stderr=subprocess.STDOUT)
+        demo.procs.append(client)
         time.sleep(args.dwell)
 
         say("=== upgrade 1: v1 -> v2 (sidecar-2 leaves the empty image) ===")
@@ -147,9 +161,9 @@ def main() -> int:
 
         say("busybox: stopping")
         client.send_signal(signal.SIGTERM)
-        out, _ = client.communicate(timeout=30)
+        client.wait(timeout=30)
         print("----- busybox log -----")
-        print(out, end="")
+        print(client_log.read_text(), end="")
         print("-----------------------")
         summary = json.loads(summary_path.read_text())
         demo.reset(1, v3)
@@ -168,6 +182,8 @@ def main() -> int:
         passed = demo.ok
         return 0 if demo.ok else 1
     finally:
+        for signum in (signal.SIGTERM, signal.SIGHUP):  # let the clean-up finish
+            signal.signal(signum, signal.SIG_IGN)
         demo.stop_all()
         if passed and not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -1,0 +1,56 @@
+"""The local demo (scripts/demo.py, `make demo`) ends what it started, also
+when it is itself told to stop."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import PY, ROOT, child_env, free_port
+
+DEMO = ROOT / "scripts/demo.py"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["term", "hup"])
+def test_a_stopped_demo_leaves_no_process_and_no_listener(
+        signum: signal.Signals, name: str, tmp_path: Path) -> None:
+    port = free_port()
+    out = tmp_path / "demo.out"
+    with open(out, "wb") as fh:
+        demo = subprocess.Popen([PY, str(DEMO), "--port", str(port), "--name", name,
+                                 "--dwell", "60"],
+                                env=child_env(), stdout=fh, stderr=subprocess.STDOUT)
+    started: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 60
+        while "busybox: calling" not in out.read_text():
+            assert demo.poll() is None, out.read_text()
+            assert time.monotonic() < deadline, out.read_text()
+            time.sleep(0.05)
+        time.sleep(0.5)  # the client is under way
+        started = psutil.Process(demo.pid).children(recursive=True)
+        assert len(started) >= 2, started  # the sidecar v1 and the client
+        demo.send_signal(signum)
+        assert demo.wait(timeout=30) != 0
+        _, alive = psutil.wait_procs(started, timeout=10)
+        assert not alive, f"left running: {alive}"
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        assert "logs kept in" in out.read_text()
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+        demo.wait(timeout=10)
+        for proc in started:  # what a failing demo left behind: by its pid
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()  # psutil checks that the pid is still this process
+        for kept in re.findall(r"logs kept in (\S+)", out.read_text()):
+            shutil.rmtree(kept, ignore_errors=True)
