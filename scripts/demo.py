@@ -25,6 +25,7 @@ kept, with its path printed, after a failing one or with ``--keep``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -49,6 +50,7 @@ class Demo:
         self.args = args
         self.workdir = workdir
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.logs: dict[int, Path] = {}  # a sidecar's pid: its log
         self.ok = True
 
     def env(self, version: int, alt: int) -> dict[str, str]:
@@ -64,25 +66,64 @@ class Demo:
                       ) -> subprocess.Popen[bytes]:
         say(f"sidecar-{slot}: start {label} (SIDECARSET_VERSION={version}, "
             f"SIDECARSET_VERSION_ALT={alt})")
-        with open(self.workdir / f"sidecar-{slot}-{label}.log", "wb") as log:
+        path = self.workdir / f"sidecar-{slot}-{label}.log"
+        with open(path, "wb") as log:
             proc = subprocess.Popen(
                 [PY, str(ROOT / "examples/sidecar_server/main.py"), "--version", label,
                  "--port", str(self.args.port), "--name", self.args.name],
                 env=self.env(version, alt), stdout=log, stderr=subprocess.STDOUT)
         self.procs.append(proc)
+        self.logs[proc.pid] = path
         return proc
 
-    def hook(self, slot: int, version: int, alt: int) -> bool:
+    def hook(self, slot: int, version: int, alt: int,
+             sidecar: subprocess.Popen[bytes]) -> bool:
+        """Run the PostStart hook as Kruise does, bounded (60 s), and ended
+        with its container: a sidecar that exits (a port already taken, say)
+        fails its hook at once rather than after the hook's whole timeout.
+        On failure, the sidecar's log says why."""
         say(f"sidecar-{slot}: PostStart hook scripts/migrate.sh")
-        result = subprocess.run(["sh", str(ROOT / "scripts/migrate.sh")],
-                                env=self.env(version, alt), capture_output=True,
-                                text=True, timeout=60)
-        for line in (result.stdout + result.stderr).splitlines():
+        # A session of its own: ending it ends the CLI the shell waits on too.
+        hook = subprocess.Popen(["sh", str(ROOT / "scripts/migrate.sh")],
+                                env=self.env(version, alt), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        deadline = time.monotonic() + 60
+        stopped = ""
+        try:
+            while True:
+                try:
+                    out, _ = hook.communicate(timeout=0.1)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+                if sidecar.poll() is not None:
+                    stopped = f"its sidecar exited {sidecar.returncode}"
+                elif time.monotonic() > deadline:
+                    stopped = "it did not exit within 60 s"
+                else:
+                    continue
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(hook.pid, signal.SIGKILL)
+                out, _ = hook.communicate()
+                break
+        except BaseException:  # interrupted: end the hook too
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(hook.pid, signal.SIGKILL)
+            hook.wait()
+            raise
+        for line in out.splitlines():
             print(f"    | {line}", flush=True)
-        say(f"sidecar-{slot}: hook exited {result.returncode}")
-        if result.returncode != 0:
+        if stopped:
+            say(f"sidecar-{slot}: hook stopped: {stopped}")
+        else:
+            say(f"sidecar-{slot}: hook exited {hook.returncode}")
+        if stopped or hook.returncode != 0:
             self.ok = False
-        return result.returncode == 0
+            log = self.logs[sidecar.pid]
+            print(f"----- {log.name} -----")
+            print(log.read_text(), end="", flush=True)
+            return False
+        return True
 
     def reset(self, slot: int, proc: subprocess.Popen[bytes]) -> None:
         say(f"sidecar-{slot}: reset to the empty image (SIGTERM pid {proc.pid})")
@@ -133,7 +174,7 @@ def main() -> int:
     passed = False
     try:
         v1 = demo.start_sidecar(1, "v1", 1, 0)
-        if not demo.hook(1, 1, 0):
+        if not demo.hook(1, 1, 0, v1):
             return 1
         summary_path = workdir / "summary.json"
         client_log = workdir / "busybox.log"
@@ -149,13 +190,13 @@ def main() -> int:
 
         say("=== upgrade 1: v1 -> v2 (sidecar-2 leaves the empty image) ===")
         v2 = demo.start_sidecar(2, "v2", 2, 1)
-        if demo.hook(2, 2, 1):
+        if demo.hook(2, 2, 1, v2):
             demo.reset(1, v1)
         time.sleep(args.dwell)
 
         say("=== upgrade 2: v2 -> v3 (sidecar-1 leaves the empty image) ===")
         v3 = demo.start_sidecar(1, "v3", 3, 2)
-        if demo.hook(1, 3, 2):
+        if demo.hook(1, 3, 2, v3):
             demo.reset(2, v2)
         time.sleep(args.dwell)
 

@@ -54,3 +54,22 @@ def test_a_stopped_demo_leaves_no_process_and_no_listener(
                 proc.kill()  # psutil checks that the pid is still this process
         for kept in re.findall(r"logs kept in (\S+)", out.read_text()):
             shutil.rmtree(kept, ignore_errors=True)
+
+
+def test_a_sidecar_that_cannot_start_fails_the_demo_at_once_saying_why(
+        name: str, tmp_path: Path) -> None:
+    """The port is taken: v1 exits at once, and so must the demo (not after
+    the hook's whole 30 s), showing the sidecar's own error."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        began = time.monotonic()
+        result = subprocess.run([PY, str(DEMO), "--port", str(port), "--name", name],
+                                env=child_env(), capture_output=True, text=True, timeout=90)
+        took = time.monotonic() - began
+    for kept in re.findall(r"logs kept in (\S+)", result.stdout):
+        shutil.rmtree(kept, ignore_errors=True)
+    assert result.returncode == 1, result.stdout
+    assert "Address already in use" in result.stdout, result.stdout
+    assert took < 15, result.stdout
