@@ -10,9 +10,11 @@ which stops accepting, drains and steps aside; no request fails.
 It uses only hotswap's public API: :class:`hotswap.Upgrader` and
 :func:`hotswap.aiohttp.serve`. Every flag has an environment fallback
 (``SIDECAR_VERSION``, ``SIDECAR_PORT``, ``SIDECAR_HOST``, ``HOTSWAP_NAME``,
-``HOTSWAP_DRAIN_TIMEOUT``, ``HOTSWAP_CONTROL_PATH``), which is how the container
-images configure it; the upgrader itself reads ``HOTSWAP_ALLOW_UIDS`` (more
-uids allowed on the control socket) and the Kruise versions. The app itself
+``HOTSWAP_CONTROL_PATH``, ``HOTSWAP_DRAIN_TIMEOUT``, ``HOTSWAP_HANDOVER_TIMEOUT``,
+``SIDECAR_DELAY``, ``HOTSWAP_MIGRATE=0`` for ``--no-migrate``,
+``SIDECAR_FAIL_START``), which is how the container images configure it; the
+upgrader itself reads ``HOTSWAP_ALLOW_UIDS`` (more uids allowed on the control
+socket) and the Kruise versions. The app itself
 is in ``app.py`` next to this file (imported from the script's directory, so
 copy both), free of hotswap: bench/plain_server.py serves the same one without.
 """
