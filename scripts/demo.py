@@ -119,9 +119,17 @@ class Demo:
             say(f"sidecar-{slot}: hook exited {hook.returncode}")
         if stopped or hook.returncode != 0:
             self.ok = False
+            with contextlib.suppress(subprocess.TimeoutExpired):  # exiting: let it log why
+                sidecar.wait(timeout=2)
             log = self.logs[sidecar.pid]
             print(f"----- {log.name} -----")
             print(log.read_text(), end="", flush=True)
+            if sidecar.poll() is not None:  # who holds the name, if anyone (a leftover?)
+                status = subprocess.run([PY, "-m", "hotswap", "status", "--name",
+                                         self.args.name], env=self.env(version, alt),
+                                        capture_output=True, text=True, timeout=30)
+                say(f"hotswap status --name {self.args.name}: "
+                    f"{(status.stdout + status.stderr).strip()}")
             return False
         return True
 
