@@ -10,8 +10,12 @@ well-behaved client does. Each request is logged::
     request sidecar server success, and response(body=This is version(v1) sidecar)
     request sidecar server failed, and error(...)
 
-At the end (``--duration`` elapsed, or SIGTERM/SIGINT) it prints a summary with
-totals, failures and the versions seen, and exits 1 if any request failed.
+A request fails on any of: an error or timeout connecting, sending or reading;
+a status other than 200; a body other than ``This is version(<v>) sidecar``;
+an answer from a version that was already superseded (one seen before, then
+another: the version went backwards). At the end (``--duration`` elapsed, or
+SIGTERM/SIGINT) it prints a summary with totals, failures and the versions
+seen, and exits 1 if any request failed or none was made (nothing proven).
 """
 
 from __future__ import annotations
@@ -27,7 +31,15 @@ import time
 import urllib.parse
 from types import FrameType
 
-VERSION_RE = re.compile(r"version\(([^)]*)\)")
+BODY_RE = re.compile(r"This is version\(([^)]*)\) sidecar")
+
+
+class WrongBody(Exception):
+    """A 200 whose body is not the sidecar's answer."""
+
+
+class VersionWentBack(Exception):
+    """An answer from a version that a newer one had already replaced."""
 
 
 class Client:
@@ -43,6 +55,7 @@ class Client:
         self.connections = 0
 
     def request(self) -> str:
+        """One GET; the version that answered. Raises on any failure."""
         if self.conn is None:
             self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
             self.connections += 1
@@ -60,7 +73,10 @@ class Client:
             self.conn = None
         if response.status != 200:
             raise RuntimeError(f"HTTP {response.status}: {body[:200]}")
-        return body
+        match = BODY_RE.fullmatch(body)
+        if match is None:
+            raise WrongBody(f"HTTP 200 with an unexpected body: {body[:200]!r}")
+        return match.group(1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,19 +108,22 @@ def main(argv: list[str] | None = None) -> int:
     while not stop and (not args.duration or time.monotonic() - start < args.duration):
         total += 1
         try:
-            body = client.request()
+            version = client.request()
+            went_back = version in versions and order[-1] != version
+            versions[version] += 1
+            if not order or order[-1] != version:
+                order.append(version)
+            if went_back:
+                raise VersionWentBack(f"version {version} answered after "
+                                      f"{' -> '.join(order[:-1])}")
         except Exception as exc:  # noqa: BLE001 - every failure is counted and shown
             failed += 1
             errors[type(exc).__name__] += 1
             print(f"request sidecar server failed, and error({type(exc).__name__}: {exc})",
                   flush=True)
         else:
-            match = VERSION_RE.search(body)
-            version = match.group(1) if match else "?"
-            versions[version] += 1
-            if not order or order[-1] != version:
-                order.append(version)
-            print(f"request sidecar server success, and response(body={body})", flush=True)
+            print(f"request sidecar server success, and response(body="
+                  f"This is version({version}) sidecar)", flush=True)
         next_at += args.interval
         time.sleep(max(0.0, next_at - time.monotonic()))
 
@@ -118,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.summary_json:
         with open(args.summary_json, "w") as fh:
             json.dump(summary, fh)
-    return 1 if failed else 0
+    return 1 if failed or not total else 0
 
 
 if __name__ == "__main__":
