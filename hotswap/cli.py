@@ -116,6 +116,16 @@ def _verdict(status: Status, rank: int | None, version: str | None) -> tuple[boo
     return False, False, f"not ours yet: {_describe(status)}"
 
 
+def _marked(args: argparse.Namespace, rank: int | None) -> bool:
+    """Whether Kruise version ``rank`` holds its serving marker: it accepts,
+    and it holds it from the moment it begins confirming, before the
+    predecessor has read the confirmation and released it. Once it has
+    begun, the handover is its own: a hook that failed then would get the
+    kubelet to stop the one process that will accept."""
+    return (rank is not None and not args.control_path
+            and rank in control.marked_ranks(args.name))
+
+
 def _wait_ready(args: argparse.Namespace) -> int:
     idle = _nothing_to_wait_for(args)
     if idle is not None:
@@ -127,6 +137,10 @@ def _wait_ready(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.timeout
     last = "no answer yet"
     while True:
+        if _marked(args, rank):
+            print(f"hotswap: ready: {want} holds its serving marker (it accepts, "
+                  "and its predecessor stops as it reads the confirmation)")
+            return 0
         remaining = max(0.1, deadline - time.monotonic())
         try:
             status = control.status_blocking(address, timeout=min(remaining, 2.0),
@@ -144,7 +158,7 @@ def _wait_ready(args: argparse.Namespace) -> int:
             if hopeless:
                 print(f"hotswap: {want} will not serve: {last}", file=sys.stderr)
                 return 1
-        if time.monotonic() >= deadline:
+        if time.monotonic() >= deadline and not _marked(args, rank):
             print(f"hotswap: {want} timed out after {args.timeout:g}s; last: {last}",
                   file=sys.stderr)
             return 1

@@ -49,8 +49,9 @@ MARKER_REFRESH = 1.0
 def serving_marker(name: str, rank: int, stamp: int) -> str:
     """``@hotswap/<name>/serving/<rank>/<stamp>``: an abstract name that the
     process serving ``name`` as Kruise version ``rank`` keeps bound (never
-    listening) exactly while it accepts connections (state ``serving``, or
-    ``handing-over`` until the successor confirms), renewed by its event
+    listening) exactly while it accepts connections and means to go on
+    (state ``serving``; ``handing-over`` until the successor confirms; as a
+    successor, from the moment it begins confirming), renewed by its event
     loop every :data:`MARKER_REFRESH` seconds under the current Unix time
     ``stamp``. It shows in ``/proc/net/unix`` to every container of the pod
     and vanishes with the process, so the readiness probe
@@ -61,6 +62,40 @@ def serving_marker(name: str, rank: int, stamp: int) -> str:
     with a filesystem control socket."""
     control_address(name)  # the same validation
     return f"@hotswap/{name}/serving/{rank}/{stamp}"
+
+
+MARKER_FRESH = 3.0
+"""Seconds a serving marker's stamp counts as fresh (``scripts/probe.sh``
+and ``migrate.sh`` default to the same, ``HOTSWAP_MARKER_FRESH``)."""
+
+
+def marked_ranks(name: str, *, fresh: float = MARKER_FRESH,
+                 now: float | None = None) -> frozenset[int]:
+    """The Kruise versions whose serving marker (:func:`serving_marker`)
+    for ``name`` is bound in this network namespace with a stamp within
+    ``fresh`` seconds of ``now`` (default: the current Unix time); what
+    ``scripts/hotswap-marker.sh`` reads, read the same way. Empty if
+    ``/proc/net/unix`` cannot be read. Never raises for what it finds
+    there: a name that does not parse is skipped."""
+    prefix = serving_marker(name, 0, 0).rsplit("/", 2)[0] + "/"
+    now = time.time() if now is None else now
+    try:
+        with open("/proc/net/unix", encoding="ascii", errors="replace") as table:
+            lines = table.read().splitlines()
+    except OSError:
+        return frozenset()
+    ranks = set()
+    for line in lines:
+        path = line.rsplit(None, 1)[-1] if line.strip() else ""
+        if not path.startswith(prefix):
+            continue
+        rank, _, stamp = path[len(prefix):].partition("/")
+        if not all(n.isascii() and n.isdigit() and (n == "0" or n[0] != "0")
+                   for n in (rank, stamp)):
+            continue  # as the shell: decimal, no leading zero
+        if abs(now - int(stamp)) <= fresh:
+            ranks.add(int(rank))
+    return frozenset(ranks)
 
 
 def sockaddr(address: str) -> str:

@@ -940,6 +940,12 @@ class Upgrader:
         assert channel is not None
         opts = self.options
         self._accepting_sent = True  # nothing awaited before the send: no step between
+        # From here on the handover is ours (we serve on unless the
+        # predecessor says it gave up first): say so to the PostStart hook
+        # now, not once the predecessor has released, which may take up to
+        # message_timeout. A hook that timed out meanwhile would fail, and
+        # the kubelet would stop the one process about to accept.
+        self._mark_serving(True)
         try:
             # request(): if the predecessor already gave up (Failed, then
             # closed), our send breaks but its Failed is still queued for us.
@@ -1374,8 +1380,9 @@ class Upgrader:
     def _mark_serving(self, serving: bool) -> None:
         """Keep the serving marker (:func:`control.serving_marker`) bound
         exactly while serving (handing over included: we accept until the
-        successor confirms), renewed by the event loop, for the readiness
-        probe. Best effort: if the marker cannot be bound (no descriptor
+        successor confirms; as a successor, from the moment we begin
+        confirming), renewed by the event loop, for the readiness probe and
+        the PostStart hook. Best effort: if the marker cannot be bound (no descriptor
         left, or the name is taken), that is logged and we serve on without
         one; the probe then asks the control socket. We own the marker
         socket: closed here on leaving ``serving`` or on renewal, and by the

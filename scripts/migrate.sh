@@ -9,7 +9,8 @@
 # An old slot the kubelet restarts mid-upgrade has the new version as its ALT:
 # the passive case below.
 # and holds the container (and the rollout) until it exits:
-#   exit 0      the new version serves and the old one has stopped accepting
+#   exit 0      the new version serves and has confirmed: the old one stops
+#               accepting as it reads that (the handover is the new one's)
 #   exit != 0   the migration failed; the kubelet restarts this container while
 #               the old one keeps serving
 #
@@ -64,9 +65,9 @@ case "$alt" in
 esac
 
 # Fast path, no Python: our version serving NAME binds its serving marker
-# (hotswap-marker.sh, installed beside this script) exactly when it serves
-# and its predecessor has stopped accepting, which is what `hotswap
-# wait-ready` waits for. Watch for it every 0.1 s for up to
+# (hotswap-marker.sh, installed beside this script) from the moment it sends
+# its predecessor the confirmation (the handover is its own from then on),
+# which `hotswap wait-ready` looks for too. Watch for it every 0.1 s for up to
 # HOTSWAP_MIGRATE_FAST seconds, but leave the CLI at least one second of the
 # timeout: if the marker does not show up (slow start, failed migration, a
 # newer version serving, a filesystem control socket, a timeout that is not

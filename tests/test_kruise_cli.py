@@ -14,8 +14,9 @@ import time
 
 import psutil
 import pytest
-from conftest import PY, ROOT, Procs, serving, status, wait_for
+from conftest import PY, ROOT, Procs, http_get, port_of, serving, status, wait_for
 
+import hotswap.control
 from hotswap.errors import HotswapError
 from hotswap.kruise import Role, detect
 
@@ -415,3 +416,60 @@ def test_the_shell_paths_survive_odd_markers_and_an_integer_sleep(procs: Procs,
     assert result.returncode == 0, result
     assert "migration to version 1 done (version 1 serves)" in result.stdout, result
     assert asked.read_text().split()[:2] == ["0.1", "1"]  # it did have to wait
+
+
+def test_the_hook_succeeds_once_the_successor_has_confirmed(procs: Procs, name: str) -> None:
+    """Once the successor has sent its confirmation, the handover is its own:
+    the old version stops accepting as it reads it. Its release may then be
+    slow (a predecessor starved of CPU; here SIGSTOPped just before it sends
+    Released), and the hook must not time out meanwhile: it would fail, the
+    kubelet would stop the one process about to accept, and connections
+    would be refused. The successor binds its serving marker as it
+    confirms; the hook's shell fast path and `hotswap wait-ready` both read
+    it."""
+    v1 = procs.faulty(name, "v1", "send:released:stop-before",
+                      SIDECARSET_VERSION="1", SIDECARSET_VERSION_ALT="0")
+    wait_for(serving(name, "v1"), 15, "v1 serving")
+    v2 = procs.sidecar(name, "v2", SIDECARSET_VERSION="2", SIDECARSET_VERSION_ALT="1")
+    wait_for(lambda: "faulty: SIGSTOP" in procs.logs(), 15, "v1 stopped before its release")
+    kruise = {"SIDECARSET_VERSION": "2", "SIDECARSET_VERSION_ALT": "1"}
+    result = cli(procs, "wait-ready", "--name", name, "--timeout", "1", **kruise)
+    assert result.returncode == 0 and "serving marker" in result.stdout, result
+    result = hook(procs, HOTSWAP_NAME=name, HOTSWAP_MIGRATE_TIMEOUT="2",
+                  HOTSWAP_MIGRATE_FAST="1", HOTSWAP_CLI="false", **kruise)
+    assert result.returncode == 0, result
+    # Both while v2 still waited for the release (it serves on without one
+    # after message_timeout, 5 s, and would then answer the CLI itself).
+    assert "no release from the predecessor" not in procs.logs(), procs.logs()
+    os.kill(v1.pid, signal.SIGCONT)
+    st = wait_for(serving(name, "v2"), 15, "v2 serving, v1 released")
+    with socket.create_connection(("127.0.0.1", port_of(st)), timeout=10) as sock:
+        assert b"version(v2)" in http_get(sock)
+    for proc in (v1, v2):
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+
+
+def test_marked_ranks_reads_the_markers_as_the_shell_does(name: str) -> None:
+    """What `wait-ready` reads: fresh markers of this name only, decimal
+    without a leading zero (as scripts/hotswap-marker.sh: the shell would
+    take one for octal)."""
+    now = int(time.time())
+    names = [f"{name}/serving/7/{now}", f"{name}/serving/8/{now - 1}",
+             f"{name}/serving/9/{now - 10}",  # stale
+             f"{name}/serving/010/{now}", f"{name}/serving/11/0{now}",  # leading zeros
+             f"{name}/serving/12/x", f"{name}/serving/13", f"{name}x/serving/14/{now}",
+             f"{name}/serving/\u0661\u0665/{now}"]  # digits, but not ASCII ones
+    socks = []
+    try:
+        for marker in names:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            socks.append(sock)
+            sock.bind(f"\0hotswap/{marker}")
+        assert hotswap.control.marked_ranks(name, now=now) == {7, 8}
+        assert hotswap.control.marked_ranks(name, now=now + 2.5) == {7}
+        assert hotswap.control.marked_ranks(name, fresh=20, now=now) == {7, 8, 9}
+    finally:
+        for sock in socks:
+            sock.close()
+    assert hotswap.control.marked_ranks(name) == frozenset()

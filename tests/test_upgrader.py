@@ -368,7 +368,8 @@ def ranks(name: str) -> set[int]:
 
 def test_serving_marker_follows_the_state(run: Runner, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """probe.sh's marker: bound exactly while a process with a Kruise version
-    accepts (serving, or handing over until the successor confirms), closed
+    accepts (serving, or handing over until the successor confirms; a
+    successor from its confirmation on), closed
     as it stops accepting and on close(); never without a version, nor with
     a filesystem control socket."""
     name = new_name()
@@ -395,7 +396,8 @@ def test_serving_marker_follows_the_state(run: Runner, tmp_path) -> None:  # typ
         new.listen("http", ("127.0.0.1", 0))
         ready = asyncio.create_task(new.ready())
         await old.wait_exit()
-        assert ranks(name) == set(), "the old side stopped serving, the new not yet"
+        assert ranks(name) == {2}, "the old side stopped; the new one marks itself " \
+            "as it confirms, before the release (the PostStart hook reads it)"
         await old.release()
         await ready
         assert ranks(name) == {2}
