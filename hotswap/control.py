@@ -33,13 +33,27 @@ DEFAULT_TIMEOUT = 5.0
 NOBODY_THERE = frozenset({errno.ECONNREFUSED, errno.ENOENT})
 
 
+_SUN_PATH = 108
+"""Bytes in a Unix socket address (``sun_path``), an abstract name's
+leading NUL included."""
+
+
 def control_address(name: str, path: str | None = None) -> str:
-    """The control socket address: ``path`` if given, else ``@hotswap/<name>``."""
+    """The control socket address: ``path`` if given, else ``@hotswap/<name>``.
+    Raises ValueError if ``name`` has a ``/`` or a NUL, or if the address is
+    too long for a Unix socket (it could never be bound or reached)."""
     if path:
-        return path
-    if not name or "/" in name or "\0" in name:
+        address = path
+    elif not name or "/" in name or "\0" in name:
         raise ValueError(f"invalid sidecar name {name!r}")
-    return f"@hotswap/{name}"
+    else:
+        address = f"@hotswap/{name}"
+    size = len(os.fsencode(sockaddr(address)))
+    if size > _SUN_PATH:
+        shown = address if len(address) <= 60 else address[:50] + "..."
+        raise ValueError(f"control socket address {shown!r} is {size} bytes: too long "
+                         f"for a Unix socket (at most {_SUN_PATH})")
+    return address
 
 
 MARKER_REFRESH = 1.0

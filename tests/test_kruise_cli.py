@@ -133,6 +133,11 @@ def test_cli_usage_errors_exit_2(procs: Procs, name: str) -> None:
         assert result.returncode == 2 and "argument --allow-uid" in result.stderr, (value, result)
     result = cli(procs, "wait-ready", "--name", name)
     assert result.returncode == 2 and "set SIDECARSET_VERSION" in result.stderr, result
+    # An address no Unix socket can have (it used to be polled for the whole
+    # timeout, then "AF_UNIX path too long", exit 1).
+    for where in (("--name", "x" * 100), ("--name", name, "--control-path", "/" + "x" * 108)):
+        result = cli(procs, "wait-ready", *where, "--timeout", "60", SIDECARSET_VERSION="2")
+        assert result.returncode == 2 and "too long for a Unix socket" in result.stderr, result
     result = cli(procs, "probe", "--name", name, SIDECARSET_VERSION="v2")
     assert result.returncode == 2 and "is not an integer" in result.stderr, result
     result = hook(procs, HOTSWAP_NAME=name)
