@@ -39,3 +39,11 @@ def usage() -> tuple[int, int]:
         return proc.num_fds(), proc.memory_info().rss
     except (psutil.Error, OSError):
         return -1, -1
+
+
+def started_at() -> float:
+    """When this process started (Unix time; 0.0 if unknown)."""
+    try:
+        return float(psutil.Process().create_time())
+    except (psutil.Error, OSError):
+        return 0.0

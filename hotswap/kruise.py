@@ -21,13 +21,24 @@ variables                        role                    what the process does
 from __future__ import annotations
 
 import enum
+import os
+import time
 from collections.abc import Mapping
 
 from . import _versions
 from ._versions import ALT_ENV, VERSION_ENV
 from .errors import HotswapError
 
-__all__ = ["ALT_ENV", "VERSION_ENV", "Role", "Versions", "detect"]
+__all__ = ["ALT_ENV", "HOOK_DIR_ENV", "VERSION_ENV", "Role", "Versions", "detect",
+           "hook_deadline_path", "hook_gave_up"]
+
+HOOK_DIR_ENV = "HOTSWAP_HOOK_DIR"
+"""Where ``scripts/migrate.sh`` leaves its deadline for the sidecar of its
+container (default ``/dev/shm``: a tmpfs, writable under a read-only root
+filesystem); the hook and the sidecar must see the same value."""
+HOOK_MARGIN = 0.5
+"""Seconds before the hook's deadline from which a successor no longer
+confirms (the hook's last look for the marker comes at its deadline)."""
 
 
 class Role(enum.Enum):
@@ -67,3 +78,40 @@ def detect(env: Mapping[str, str]) -> Versions:
     except ValueError as exc:
         raise HotswapError(str(exc)) from None
     return Versions(rank, alt, Role(_versions.role(rank, alt)))
+
+
+def hook_deadline_path(env: Mapping[str, str], name: str, rank: int) -> str:
+    """The file in which the PostStart hook of sidecar ``name`` at Kruise
+    version ``rank`` leaves its deadline (:data:`HOOK_DIR_ENV`)."""
+    return os.path.join(env.get(HOOK_DIR_ENV) or "/dev/shm", f"hotswap-hook-{name}-{rank}")
+
+
+def hook_gave_up(env: Mapping[str, str], name: str, rank: int, *,
+                 since: float) -> str | None:
+    """Why this slot's PostStart hook has given up (or will have, within
+    :data:`HOOK_MARGIN`), or None if it has not or left no deadline.
+
+    ``scripts/migrate.sh`` writes its deadline as it starts, in hundredths
+    of a second since boot (``/proc/uptime``, ``CLOCK_BOOTTIME``: no clock
+    step moves it), to :func:`hook_deadline_path`. A hook that gives up
+    exits 1, and the kubelet then stops the container: a successor that
+    confirmed meanwhile would be stopped as the one process accepting, so
+    it must not confirm any more. A file last written before ``since``
+    (this process's start, Unix time) is a previous run's and counts for
+    nothing; one that cannot be read or parsed, too (no deadline: the hook
+    could not write it, or another hook runs)."""
+    path = hook_deadline_path(env, name, rank)
+    try:
+        with open(path, encoding="ascii") as fh:
+            if os.fstat(fh.fileno()).st_mtime < since - 1.0:
+                return None
+            text = fh.read(32).strip()
+    except (OSError, ValueError):
+        return None
+    if not text.isdigit() or not text.isascii():
+        return None
+    left = int(text) / 100 - time.clock_gettime(time.CLOCK_BOOTTIME)
+    if left > HOOK_MARGIN:
+        return None
+    return (f"the PostStart hook's deadline ({path}) is {-left:.2f}s past"
+            if left <= 0 else f"the PostStart hook gives up in {left:.2f}s ({path})")

@@ -241,7 +241,10 @@ class Upgrader:
     closes any still open in :meth:`release`. Inherited sockets nobody claimed
     are closed in :meth:`ready`. The control sockets are the Upgrader's own.
 
-    Error handling: :meth:`start` raises :class:`~hotswap.errors.HandoverRefused`
+    Error handling: the constructor raises ValueError for a name or
+    ``control_path`` that is no control socket address (a ``/`` in the name,
+    too long for a Unix socket) and for a version too long for the hello.
+    :meth:`start` raises :class:`~hotswap.errors.HandoverRefused`
     or :class:`~hotswap.errors.HandoverFailed` when taking over fails; nothing
     is half-adopted (every received descriptor is closed first). Errors caused
     by a successor never reach the caller: they are logged and the process
@@ -257,6 +260,8 @@ class Upgrader:
         self.address = control.control_address(name, self.options.control_path)
         env = self.options.env
         self.versions = kruise.detect(env)
+        # What counts as this run's PostStart hook (kruise.hook_gave_up).
+        self._started_at = _proc.started_at() if self.versions.rank is not None else 0.0
         self.role: Role | None = None
         self.state = State.STARTING
         self.generation = 0
@@ -471,6 +476,13 @@ class Upgrader:
         elif self.state is State.TAKING_OVER:
             if self._stop_requested:
                 await self._abort("stop requested before confirming")
+            rank = self.versions.rank
+            late = None if rank is None else kruise.hook_gave_up(
+                self.options.env, self.name, rank, since=self._started_at)
+            if late is not None:
+                # The kubelet stops this container once the hook fails: as
+                # the one process accepting, if we confirmed now.
+                await self._abort(f"{late}; the predecessor serves on")
             # Shielded: cancelled once Accepting may be on its way, we would
             # stay neither confirmed nor aborted, and close() would then send
             # an Abort the predecessor no longer heeds: nobody would accept.

@@ -58,6 +58,9 @@ class Demo:
         env.update(SIDECARSET_VERSION=str(version), SIDECARSET_VERSION_ALT=str(alt),
                    IS_INJECTED="true", HOTSWAP_NAME=self.args.name,
                    HOTSWAP_MIGRATE_TIMEOUT="30",
+                   # The hooks' deadlines (hotswap.kruise.hook_gave_up) with
+                   # the logs, not in the machine's /dev/shm.
+                   HOTSWAP_HOOK_DIR=str(self.workdir),
                    HOTSWAP_CLI=f"{PY} -m hotswap",
                    PATH=f"{Path(PY).parent}:{env.get('PATH', '')}")
         return env

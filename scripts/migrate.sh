@@ -22,6 +22,8 @@
 #   HOTSWAP_MIGRATE_FAST      seconds of the wait spent watching the serving
 #                             marker without Python (default: 10; 0: never)
 #   HOTSWAP_MARKER_FRESH      seconds a marker stays valid (default: 3)
+#   HOTSWAP_HOOK_DIR          where the hook leaves its deadline for the sidecar
+#                             (default: /dev/shm; the sidecar must see the same)
 #   HOTSWAP_CLI               the hotswap command (default: hotswap, else python3 -m hotswap)
 #   HOTSWAP_ALLOW_UIDS        more uids the CLI trusts as the server's (default:
 #                             only its own; for a server that runs as another
@@ -91,6 +93,33 @@ uptime_cs() {
     # 1NN - 100: a fraction like 08 is no octal number to the shell.
     boot_cs=$((_up_whole * 100 + 1$_up_frac - 100))
 }
+# The hook's deadline, for the sidecar in this container: a successor that
+# has not confirmed by then no longer does (hotswap.kruise.hook_gave_up).
+# Once this hook has failed, the kubelet stops the container, and a
+# successor that confirmed meanwhile would be stopped as the one process
+# accepting. In hundredths of a second since boot; best effort (nothing
+# written, no such check). Left in place when the hook fails.
+deadline_file=
+if number "$version" && whole "$timeout" && uptime_cs; then
+    case $name in
+        */*|.*) ;;
+        *)
+            deadline_file=${HOTSWAP_HOOK_DIR:-/dev/shm}/hotswap-hook-$name-$version
+            if ! { printf '%s\n' $((boot_cs + timeout * 100)) >"$deadline_file.$$" &&
+                   mv -f "$deadline_file.$$" "$deadline_file"; } 2>/dev/null; then
+                rm -f "$deadline_file.$$" 2>/dev/null || :
+                log "cannot leave the deadline in ${HOTSWAP_HOOK_DIR:-/dev/shm}:" \
+                    "a successor that confirms after it is stopped as the serving one"
+                deadline_file=
+            fi
+            ;;
+    esac
+fi
+succeeded() {
+    log "$1"
+    [ -z "$deadline_file" ] || rm -f "$deadline_file"
+    exit 0
+}
 if number "$version" && whole "$timeout" && whole "$fast" &&
    [ "$timeout" -gt 1 ] && [ "$fast" -gt 0 ] && [ -z "${HOTSWAP_CONTROL_PATH:-}" ] &&
    [ -r /proc/net/unix ] && [ -r "$here/hotswap-marker.sh" ] && uptime_cs; then
@@ -115,8 +144,7 @@ if number "$version" && whole "$timeout" && whole "$fast" &&
         hotswap_markers "$name" "$version" "${HOTSWAP_MARKER_FRESH:-3}"
     done
     if [ "$marker_ours" = 1 ]; then
-        log "migration to version $version done (version $version serves)"
-        exit 0
+        succeeded "migration to version $version done (version $version serves)"
     fi
     # What the fast path took, in whole tenths of a second and never more
     # than it did (the readings are 0.01 s apart at most), so that the hook
@@ -150,8 +178,7 @@ fi
 
 # shellcheck disable=SC2086  # $cli may be "python3 -m hotswap"
 if $cli wait-ready --name "$name" --timeout "$timeout"; then
-    log "migration to version $version done"
-    exit 0
+    succeeded "migration to version $version done"
 else
     status=$?
     log "migration to version $version FAILED (exit $status)"

@@ -4,12 +4,15 @@ conditions waited on with deadlines, unique sidecar names per test."""
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -28,6 +31,12 @@ TINY = ROOT / "tests/support/tiny_server.py"
 LOADGEN = ROOT / "bench/loadgen.py"
 FAULTY = ROOT / "tests/support/faulty.py"
 
+# Where the PostStart hooks the tests run leave their deadline, and the
+# sidecars look for it (hotswap.kruise.hook_gave_up): not the machine's
+# /dev/shm. Removed when the session ends.
+HOOK_DIR = tempfile.mkdtemp(prefix="hotswap-test-hooks-")
+atexit.register(shutil.rmtree, HOOK_DIR, True)
+
 KRUISE_VARS = ("SIDECARSET_VERSION", "SIDECARSET_VERSION_ALT", "IS_INJECTED",
                "LISTEN_PID", "LISTEN_FDS")
 
@@ -42,11 +51,12 @@ def child_env(**extra: str) -> dict[str, str]:
     its CPU scheduling group wants; with that group's cores busy (a CPU hog
     in the same session), a Kruise successor's imports would wait minutes.
     The tests of the idle start ask for it (``HOTSWAP_IDLE_START=""``: the
-    Kruise role decides)."""
+    Kruise role decides). Hooks' deadlines go to :data:`HOOK_DIR`."""
     env = {k: v for k, v in os.environ.items()
            if k not in KRUISE_VARS and not k.startswith("HOTSWAP_")}
     env["PYTHONUNBUFFERED"] = "1"
     env["HOTSWAP_IDLE_START"] = "0"
+    env["HOTSWAP_HOOK_DIR"] = HOOK_DIR
     env.update(extra)
     return env
 

@@ -11,10 +11,11 @@ import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import psutil
 import pytest
-from conftest import PY, ROOT, Procs, http_get, port_of, serving, status, wait_for
+from conftest import HOOK_DIR, PY, ROOT, Procs, http_get, port_of, serving, status, wait_for
 
 import hotswap.control
 from hotswap.errors import HotswapError
@@ -443,6 +444,7 @@ def test_the_hook_succeeds_once_the_successor_has_confirmed(procs: Procs, name: 
     result = hook(procs, HOTSWAP_NAME=name, HOTSWAP_MIGRATE_TIMEOUT="2",
                   HOTSWAP_MIGRATE_FAST="1", HOTSWAP_CLI="false", **kruise)
     assert result.returncode == 0, result
+    assert not Path(HOOK_DIR, f"hotswap-hook-{name}-2").exists(), "a done hook leaves no deadline"
     # Both while v2 still waited for the release (it serves on without one
     # after message_timeout, 5 s, and would then answer the CLI itself).
     assert "no release from the predecessor" not in procs.logs(), procs.logs()
@@ -478,3 +480,56 @@ def test_marked_ranks_reads_the_markers_as_the_shell_does(name: str) -> None:
         for sock in socks:
             sock.close()
     assert hotswap.control.marked_ranks(name) == frozenset()
+
+
+def test_a_successor_whose_hook_gave_up_does_not_confirm(procs: Procs, name: str) -> None:
+    """A successor that becomes ready after its PostStart hook gave up (a
+    starved start-up; here SIGSTOPped with the sockets, until the hook has
+    failed) must not confirm: the kubelet stops its container once the hook
+    has failed, and had it confirmed, nobody would accept. The hook leaves
+    its deadline for it (kruise.hook_gave_up); it aborts, and the old
+    version serves on."""
+    v1 = procs.sidecar(name, "v1", args=("--handover-timeout", "60"),
+                       SIDECARSET_VERSION="1", SIDECARSET_VERSION_ALT="0")
+    wait_for(serving(name, "v1"), 15, "v1 serving")
+    kruise = {"SIDECARSET_VERSION": "2", "SIDECARSET_VERSION_ALT": "1"}
+    v2 = procs.faulty(name, "v2", "receive:sockets:stop-after", **kruise)
+    result = hook(procs, HOTSWAP_NAME=name, HOTSWAP_MIGRATE_TIMEOUT="2",
+                  HOTSWAP_MIGRATE_FAST="1", **kruise)
+    assert result.returncode == 1 and "FAILED" in result.stdout, result
+    assert "faulty: SIGSTOP" in procs.logs(), "v2 was stopped while the hook ran"
+    deadline = Path(HOOK_DIR, f"hotswap-hook-{name}-2")
+    assert int(deadline.read_text()) <= time.clock_gettime(time.CLOCK_BOOTTIME) * 100
+    os.kill(v2.pid, signal.SIGCONT)
+    wait_for(lambda: "PostStart hook's deadline" in procs.logs(), 15, "v2 aborting")
+    assert v2.wait(timeout=15) is not None
+    st = wait_for(serving(name, "v1"), 15, "v1 serving on")
+    assert st.pid == v1.pid
+    with socket.create_connection(("127.0.0.1", port_of(st)), timeout=10) as sock:
+        assert b"version(v1)" in http_get(sock)
+    v1.send_signal(signal.SIGTERM)
+    assert v1.wait(timeout=15) == 0
+
+
+def test_a_hooks_deadline_counts_only_from_this_run(tmp_path: Path) -> None:
+    """What a successor reads before it confirms: this run's hook deadline
+    (hundredths of a second since boot), past or within the margin; not a
+    file older than the process (a previous run's), nor one it cannot
+    parse, nor none at all."""
+    from hotswap.kruise import hook_deadline_path, hook_gave_up
+    env = {"HOTSWAP_HOOK_DIR": str(tmp_path)}
+    path = Path(hook_deadline_path(env, "sc", 2))
+    assert path.parent == tmp_path
+    since = time.time() - 10
+    now = int(time.clock_gettime(time.CLOCK_BOOTTIME) * 100)
+    assert hook_gave_up(env, "sc", 2, since=since) is None  # no hook, no deadline
+    for deadline, verdict in ((now + 1000, None), (now + 20, "gives up in"),
+                              (now - 100, "past"), ("soon", None), ("", None)):
+        path.write_text(f"{deadline}\n")
+        why = hook_gave_up(env, "sc", 2, since=since)
+        assert (why is None) if verdict is None else (why is not None and verdict in why), \
+            (deadline, why)
+    path.write_text(f"{now - 100}\n")
+    assert hook_gave_up(env, "sc", 3, since=since) is None, "another version's hook"
+    os.utime(path, (since - 5, since - 5))
+    assert hook_gave_up(env, "sc", 2, since=since) is None, "a previous run's"
