@@ -53,6 +53,7 @@ from .upgrader import Upgrader
 log = logging.getLogger("hotswap")
 
 BOUNDARY = b"\r\n\r\n"
+_BOUNDARY_TAIL = BOUNDARY[-3:]  # the last three bytes of a stream at a boundary
 
 
 def supported() -> bool:
@@ -70,15 +71,17 @@ which no descriptor could be copied at all (EMFILE)."""
 
 
 class Tracked(web.RequestHandler):
-    """aiohttp's RequestHandler that also remembers whether the last read
-    ended a header block (one ``endswith`` per read: the only per-request
-    cost) and is known to its :class:`Migrator` while connected. A subclass,
+    """aiohttp's RequestHandler that also remembers whether the bytes
+    received last end a header block (one ``endswith`` per read: the only
+    per-request cost; a read that ends none also keeps its last three bytes,
+    so that a block's end split across reads counts) and is known to its
+    :class:`Migrator` while connected. A subclass,
     not a protocol in front of aiohttp's: that forwarding cost 3% of the
     requests per second with a new connection per request (``make bench``).
     Made the way aiohttp's ``Server`` makes its handlers (see
     :func:`supported`)."""
 
-    __slots__ = ("boundary", "listener", "migrator", "paused")
+    __slots__ = ("boundary", "listener", "migrator", "paused", "tail")
 
     def __init__(self, server: web.Server, listener: str, migrator: Migrator) -> None:
         made_by: Any = server
@@ -96,9 +99,12 @@ class Tracked(web.RequestHandler):
                 made_by._kwargs)
         self.listener = listener
         self.migrator = migrator
-        # Nothing received yet, or the last read ended a header block. A
-        # block's end split across two reads reads as False: conservative.
+        # Nothing received yet, or the bytes received last end a header
+        # block; ``tail``: the last three bytes received (a block's end may
+        # come split across reads: a client that writes its final CRLF on
+        # its own, or byte by byte; a TCP segment's end).
         self.boundary = True
+        self.tail = b""
         # Reading paused by the drain (not by aiohttp's flow control, which
         # is aiohttp's to undo).
         self.paused = False
@@ -109,7 +115,16 @@ class Tracked(web.RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         if data:  # aiohttp calls it with b"" itself, to parse what it holds
-            self.boundary = data.endswith(BOUNDARY)
+            if data.endswith(BOUNDARY):
+                self.boundary = True
+                self.tail = _BOUNDARY_TAIL
+            elif len(data) >= len(BOUNDARY):
+                self.boundary = False
+                self.tail = data[-3:]
+            else:  # a few bytes: with the ones before, they may end a block
+                end = self.tail + data
+                self.boundary = end.endswith(BOUNDARY)
+                self.tail = end[-3:]
         web.RequestHandler.data_received(self, data)
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -252,8 +267,8 @@ class Migrator:
         hand every connection at a request boundary to the successor, and
         send the rest the safe way, within ``time_left`` seconds (the
         drain's) when given. A busy connection that cannot move after its
-        response (what it read last ended no header block: a body, a split
-        terminator) is told to close with it: idle, it would be cut at the
+        response (what it read last ended no header block: a body) is told
+        to close with it: idle, it would be cut at the
         deadline. ``last_call`` (the drain's end is near): so is every busy
         one, and none is paused any more; a response sent keep-alive now
         could not count on a move before the cut. Returns False once

@@ -731,6 +731,49 @@ def test_a_request_in_flight_that_cannot_move_is_told_to_close(run: Callable[
     run(main())
 
 
+def test_a_header_block_whose_end_came_in_reads_of_its_own_moves(run: Callable[
+        [Awaitable[None]], None]) -> None:
+    """Clients whose request's header block ends in reads of its own (the
+    final CRLF written alone, a CR and an LF apart, byte by byte; on a real
+    network a segment may end there) are at a request boundary all the same
+    once answered: idle across the upgrade, their connections move, v1's
+    drain ends at once, and the next requests are answered by v2 without
+    Connection: close. (The boundary was read from the last read alone: they
+    stayed with v1, idle, and were cut at its deadline; the next request on
+    each failed.)"""
+    async def main() -> None:
+        name = f"s-{uuid.uuid4().hex[:10]}"
+        sockets: dict[str, hotswap.Address] = {"http": ("127.0.0.1", 0)}
+        v1, v1_task = start(name, "v1", sockets, drain_timeout=3.0)
+        await until(serving(v1), "v1 serving")
+        port = port_of(v1.status())
+        head = b"GET / HTTP/1.1\r\nHost: x\r\n"
+        writes = ([head, b"\r\n"], [head + b"\r", b"\n"],
+                  [bytes([byte]) for byte in head + b"\r\n"])
+        conns = [await asyncio.open_connection("127.0.0.1", port) for _ in writes]
+        try:
+            for (reader, writer), pieces in zip(conns, writes, strict=True):
+                for piece in pieces:
+                    writer.write(piece)
+                    await writer.drain()
+                    await asyncio.sleep(0.005)  # v1 reads each piece on its own
+                assert (await read_response(reader)).endswith(b"version(v1)")
+            v2, v2_task = start(name, "v2", sockets)
+            await until(serving(v2), "v2 serving")
+            # Nothing left with v1: its drain ends well before its deadline.
+            assert await asyncio.wait_for(v1_task, 2) == 0
+            for reader, writer in conns:
+                reply = await request(reader, writer)
+                assert reply.endswith(b"version(v2)"), reply
+                assert b"connection: close" not in reply, reply
+        finally:
+            for _, writer in conns:
+                writer.close()
+        await stop_serving(v2, v2_task)
+
+    run(main())
+
+
 @pytest.mark.parametrize("kind", ["plain", "plain-raises", "returns-a-coroutine"])
 def test_on_drain_may_be_a_plain_function(run: Callable[[Awaitable[None]], None],
                                           kind: str, caplog: pytest.LogCaptureFixture) -> None:
