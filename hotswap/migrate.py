@@ -69,6 +69,13 @@ _COPY_RETRY = 0.1
 """Seconds before the connection handover tries again after a round in
 which no descriptor could be copied at all (EMFILE)."""
 
+_SOON = 0.05
+"""Seconds a connection about to reach a boundary (see
+:attr:`Migrator.pending`) keeps the drain looking every millisecond; one
+still on its way after that (a long poll, a download) is looked at with the
+others, at the drain's usual pace, so that long requests in flight do not
+keep the draining process busy (1,000 long polls: half a core)."""
+
 
 class Tracked(web.RequestHandler):
     """aiohttp's RequestHandler that also remembers whether the bytes
@@ -81,7 +88,7 @@ class Tracked(web.RequestHandler):
     Made the way aiohttp's ``Server`` makes its handlers (see
     :func:`supported`)."""
 
-    __slots__ = ("boundary", "listener", "migrator", "paused", "tail")
+    __slots__ = ("boundary", "listener", "migrator", "paused", "soon_since", "tail")
 
     def __init__(self, server: web.Server, listener: str, migrator: Migrator) -> None:
         made_by: Any = server
@@ -108,6 +115,9 @@ class Tracked(web.RequestHandler):
         # Reading paused by the drain (not by aiohttp's flow control, which
         # is aiohttp's to undo).
         self.paused = False
+        # Loop time since which the drain has found it about to reach a
+        # boundary, round after round (None: not found so last round).
+        self.soon_since: float | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         web.RequestHandler.connection_made(self, transport)
@@ -130,6 +140,14 @@ class Tracked(web.RequestHandler):
     def connection_lost(self, exc: BaseException | None) -> None:
         self.migrator.tracked.discard(self)
         web.RequestHandler.connection_lost(self, exc)
+
+    def soon(self, now: float) -> bool:
+        """Found about to reach a boundary this round: whether the drain
+        should look again in a millisecond (for its first :data:`_SOON`
+        seconds in a row)."""
+        if self.soon_since is None:
+            self.soon_since = now
+        return now - self.soon_since < _SOON
 
     def pause(self) -> None:
         """Leave what the client sends next in the kernel (the drain's)."""
@@ -219,6 +237,7 @@ class Migrator:
         self.seconds = 0.0
         # Connections about to reach a boundary (paused busy ones waiting for
         # their response, and ones between two requests): look again soon.
+        # Each counts for its first _SOON seconds only (see Tracked.soon).
         self.pending = 0
         self._short_logged = False
         # No descriptor for even one copy: wait a little before trying again
@@ -283,10 +302,12 @@ class Migrator:
             return True
         ready: list[Tracked] = []
         pending = 0
+        now = loop.time()
         for conn in list(self.tracked):
             transport = conn.transport
             if transport is None or transport.is_closing():
                 continue
+            soon, conn.soon_since = conn.soon_since, None
             if conn.idle():
                 if not conn.at_boundary():
                     close_after_next_response(conn)
@@ -301,12 +322,14 @@ class Migrator:
                 # Keep its next request in the kernel: at the end of this
                 # response it is at a boundary, and moves next round.
                 conn.pause()
-                pending += 1
+                conn.soon_since = soon
+                pending += conn.soon(now)
             elif conn.between_requests():
                 # Not provably safe to pause (the request just taken may
                 # still have a body to read), but a boundary is a loop
                 # iteration or two away: no 10 ms wait for it.
-                pending += 1
+                conn.soon_since = soon
+                pending += conn.soon(now)
         self.pending = pending
         if not ready:
             return True
