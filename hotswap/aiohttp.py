@@ -62,7 +62,7 @@ from aiohttp import web
 from .errors import HandoverFailed, HotswapError, ListenerError
 from .kruise import Role
 from .listeners import DEFAULT_BACKLOG, Address, check_address, close_server
-from .migrate import Migrator
+from .migrate import Migrator, Tracked
 from .migrate import supported as _migration_supported
 from .upgrader import ExitReason, State, Upgrader, is_seconds
 
@@ -248,19 +248,34 @@ class Drainer:
                     await self._forced.wait()
             except TimeoutError:
                 pass
-        return self._deadline(server, migrator)
+        return self._deadline(server, migrator, moving=migrating)
 
-    async def grace(self, server: web.Server, seconds: float) -> int:
+    def _sending_to_move(self, handler: web.RequestHandler, migrator: Migrator) -> bool:
+        """Idle at a request boundary, its last response (keep-alive, begun
+        while it was to move) still in our send buffer: it can move once
+        that is sent. Not after a forced drain."""
+        return (handler in migrator.tracked and not self._forced.is_set()
+                and isinstance(handler, Tracked) and handler.idle()
+                and handler.at_boundary() and not handler.flushed())
+
+    async def grace(self, server: web.Server, seconds: float, *,
+                    migrator: Migrator | None = None,
+                    upgrader: Upgrader | None = None) -> int:
         """After :meth:`drain`: let the connections still busy (each told
         ``Connection: close`` by then) finish their response for up to
         ``seconds``, reading what their client still sends; a second signal
         ends the wait. One that goes idle and stays open (its response, begun
-        before the drain, said keep-alive) is cut at once. Returns how many
-        were cut or are still busy, each logged: the runner's clean-up cuts
-        the busy ones (a stream, a websocket, a handler that does not end)."""
+        before the drain, said keep-alive) is cut at once; with a
+        ``migrator`` and an ``upgrader`` whose successor still adopts, one
+        whose response was begun keep-alive to move is handed over once it
+        is sent, and waited for until then. Returns how many were cut or are
+        still busy, each logged: the runner's clean-up cuts the busy ones (a
+        stream, a websocket, a handler that does not end)."""
         loop = asyncio.get_running_loop()
         until = loop.time() + seconds
         cut = 0
+        moving = (migrator is not None and upgrader is not None
+                  and upgrader.can_hand_over_connections)
 
         def left() -> list[web.RequestHandler]:
             nonlocal cut
@@ -273,6 +288,10 @@ class Drainer:
                 if waiter is None or waiter.done() or getattr(handler, "_messages", None):
                     busy.append(handler)  # busy, or closing after its response
                     continue
+                if moving and migrator is not None and self._sending_to_move(handler,
+                                                                             migrator):
+                    busy.append(handler)  # moves once sent
+                    continue
                 # Its last response said keep-alive (begun before it could be
                 # told): idle past the deadline, cut as at the deadline.
                 log.warning("drain deadline: cutting idle connection from %s",
@@ -281,7 +300,15 @@ class Drainer:
                 cut += 1
             return busy
 
-        while left() and loop.time() < until and not self._forced.is_set():
+        while True:
+            if moving and not self._forced.is_set():
+                assert migrator is not None and upgrader is not None
+                # Hands over what is sent and idle at a boundary; tells the
+                # rest to close, as the drain's last rounds do.
+                moving = await migrator.step(upgrader, self.close_after_next_response,
+                                             max(0.0, until - loop.time()), last_call=True)
+            if not (left() and loop.time() < until and not self._forced.is_set()):
+                break
             try:
                 async with asyncio.timeout(min(0.01, max(0.0, until - loop.time()))):
                     await self._forced.wait()
@@ -294,11 +321,15 @@ class Drainer:
                         handler.transport.get_extra_info("peername"))
         return cut + len(busy)
 
-    def _deadline(self, server: web.Server, migrator: Migrator | None) -> int:
+    def _deadline(self, server: web.Server, migrator: Migrator | None, *,
+                  moving: bool = False) -> int:
         """What is left at the deadline: idle connections are cut; one busy
         with a request is told ``Connection: close`` on its response and gets
-        :meth:`grace` to send it (a forced drain cuts it too).
-        Returns how many were cut; each is logged."""
+        :meth:`grace` to send it (a forced drain cuts it too). While
+        connections are still ``moving`` to the successor, an idle one whose
+        last response (keep-alive: it was to move) is still being sent gets
+        :meth:`grace` to finish it and move. Returns how many were cut; each
+        is logged."""
         if migrator is not None:
             for conn in migrator.tracked:  # a paused one's next request is waiting
                 conn.resume()
@@ -307,6 +338,11 @@ class Drainer:
             transport = handler.transport
             if transport is None or transport.is_closing():
                 continue  # closing already: handed over, or told to close
+            if moving and migrator is not None and self._sending_to_move(handler, migrator):
+                log.warning("drain deadline: connection from %s is still sending a "
+                            "response; it moves once that is sent",
+                            transport.get_extra_info("peername"))
+                continue
             peer = transport.get_extra_info("peername")
             busy = getattr(handler, "_request_in_progress", None)
             if busy is None:  # aiohttp < 3.10.6: not waiting for a next request
@@ -607,7 +643,9 @@ async def serve(app: web.Application, upgrader: Upgrader,
                                       upgrader=upgrader)
             hooks.finish_by = loop.time() + GRACE + cleanup_timeout
             runner.shutdown_early()  # on_shutdown, then the busy ones' grace
-            cut += await drainer.grace(runner.server, GRACE - 2 * _CANCEL_WAIT)
+            cut += await drainer.grace(runner.server, GRACE - 2 * _CANCEL_WAIT,
+                                       migrator=migrator if migrating else None,
+                                       upgrader=upgrader)
             if drain_hook is not None:
                 await drain_hook  # bounded; its failure is logged and counted
             if yield_cpu_after_drain and reason is ExitReason.TAKEN_OVER:

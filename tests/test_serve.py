@@ -389,6 +389,48 @@ def test_a_response_still_being_sent_keeps_its_connection_with_v1(run: Callable[
     run(main())
 
 
+def test_a_response_still_being_sent_at_the_deadline_moves_once_sent(run: Callable[
+        [Awaitable[None]], None], caplog: pytest.LogCaptureFixture) -> None:
+    """As above, but the big response is still in v1's send buffer at its
+    drain deadline. It said keep-alive (the connection was to move), so it
+    may not be cut when it has been sent: it gets the grace to finish, then
+    moves, and the next request is answered by v2. (It was cut as idle at
+    the deadline: the client read the whole body, then its next request on
+    the connection found it closed.)"""
+    caplog.set_level(logging.INFO, logger="hotswap")
+
+    async def main() -> None:
+        name = f"s-{uuid.uuid4().hex[:10]}"
+        sockets: dict[str, hotswap.Address] = {"http": ("127.0.0.1", 0)}
+        v1, v1_task = start(name, "v1", sockets, drain_timeout=0.3)
+        await until(serving(v1), "v1 serving")
+        sock = socket.socket()  # a small receive buffer, as above
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+        sock.connect(("127.0.0.1", port_of(v1.status())))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        try:
+            writer.write(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+            async with asyncio.timeout(10):
+                head = (await reader.readuntil(b"\r\n\r\n")).lower()
+            assert b"connection: close" not in head
+            v2, v2_task = start(name, "v2", sockets)  # we read no more meanwhile
+            await until(serving(v2), "v2 serving")
+            await until(lambda: "is still sending a response" in caplog.text,
+                        "v1's deadline with the response unsent")
+            async with asyncio.timeout(10):
+                body = await reader.readexactly(BIG)
+            assert body == b"v1".ljust(BIG, b"."), "the big response arrived whole"
+            assert await asyncio.wait_for(v1_task, 15) == 0
+            assert "drained, 0 connection(s) cut" in caplog.text, caplog.text
+            reply = await request(reader, writer)
+            assert reply.endswith(b"version(v2)") and b"connection: close" not in reply, reply
+        finally:
+            writer.close()
+        await stop_serving(v2, v2_task)
+
+    run(main())
+
+
 def test_a_websocket_is_read_throughout_the_drain(run: Callable[
         [Awaitable[None]], None]) -> None:
     """A websocket that said nothing since its upgrade request (which reads
