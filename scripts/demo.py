@@ -224,9 +224,15 @@ def main() -> int:
             print(log.read_text(), end="")
         order = summary["version_order"]
         print(f"RESULT: {summary['requests']} requests, {summary['failed']} failed, "
-              f"versions in order: {' -> '.join(order)}")
+              f"versions in order: {' -> '.join(order)}, "
+              f"{summary['connections']} connection(s) opened")
         if order != ["v1", "v2", "v3"]:
             say("expected the client to see v1, then v2, then v3")
+            demo.ok = False
+        if summary["connections"] != 1:
+            # Its keep-alive connection moves from version to version.
+            say(f"expected the client to keep one connection throughout; it opened "
+                f"{summary['connections']}")
             demo.ok = False
         if summary["failed"] or client.returncode != 0:
             demo.ok = False

@@ -73,3 +73,23 @@ def test_a_sidecar_that_cannot_start_fails_the_demo_at_once_saying_why(
     assert result.returncode == 1, result.stdout
     assert "Address already in use" in result.stdout, result.stdout
     assert took < 15, result.stdout
+
+
+def test_the_demo_passes(name: str) -> None:
+    """`make demo`, the README's first command, end to end: v1 -> v2 -> v3
+    under the busybox client, no request failed, and its one keep-alive
+    connection handed from version to version."""
+    demo = subprocess.Popen([PY, str(DEMO), "--port", str(free_port()), "--name", name],
+                            env=child_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = demo.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        demo.send_signal(signal.SIGTERM)  # it ends what it started
+        out, _ = demo.communicate(timeout=60)
+    for kept in re.findall(r"logs kept in (\S+)", out):
+        shutil.rmtree(kept, ignore_errors=True)
+    assert demo.returncode == 0, out[-4000:]
+    assert re.search(r"RESULT: \d+ requests, 0 failed, versions in order: v1 -> v2 -> v3, "
+                     r"1 connection\(s\) opened", out), out[-4000:]
+    assert out.rstrip().endswith("PASS"), out[-4000:]
