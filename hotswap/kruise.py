@@ -21,8 +21,8 @@ variables                        role                    what the process does
 from __future__ import annotations
 
 import enum
+import math
 import os
-import time
 from collections.abc import Mapping
 
 from . import _versions
@@ -39,6 +39,12 @@ filesystem); the hook and the sidecar must see the same value."""
 HOOK_MARGIN = 0.5
 """Seconds before the hook's deadline from which a successor no longer
 confirms (the hook's last look for the marker comes at its deadline)."""
+_UPTIME = "/proc/uptime"
+"""The hook's clock, read here too: ``scripts/migrate.sh`` writes its
+deadline in the time since boot that this file shows. Not
+``CLOCK_BOOTTIME``: LXCFS (common on Kruise clusters) mounts a
+container's own uptime over this file, and the deadline of a hook that
+had just started would read as hours past."""
 
 
 class Role(enum.Enum):
@@ -92,14 +98,16 @@ def hook_gave_up(env: Mapping[str, str], name: str, rank: int, *,
     :data:`HOOK_MARGIN`), or None if it has not or left no deadline.
 
     ``scripts/migrate.sh`` writes its deadline as it starts, in hundredths
-    of a second since boot (``/proc/uptime``, ``CLOCK_BOOTTIME``: no clock
-    step moves it), to :func:`hook_deadline_path`. A hook that gives up
+    of a second since boot as ``/proc/uptime`` shows it (no clock step
+    moves it; read here from the same file, see :data:`_UPTIME`), to
+    :func:`hook_deadline_path`. A hook that gives up
     exits 1, and the kubelet then stops the container: a successor that
     confirmed meanwhile would be stopped as the one process accepting, so
     it must not confirm any more. A file last written before ``since``
     (this process's start, Unix time) is a previous run's and counts for
     nothing; one that cannot be read or parsed, too (no deadline: the hook
-    could not write it, or another hook runs)."""
+    could not write it, or another hook runs), and so does any deadline
+    when ``/proc/uptime`` cannot be read."""
     path = hook_deadline_path(env, name, rank)
     try:
         with open(path, encoding="ascii") as fh:
@@ -110,8 +118,22 @@ def hook_gave_up(env: Mapping[str, str], name: str, rank: int, *,
         return None
     if not text.isdigit() or not text.isascii():
         return None
-    left = int(text) / 100 - time.clock_gettime(time.CLOCK_BOOTTIME)
+    now = _uptime()
+    if now is None:
+        return None
+    left = int(text) / 100 - now
     if left > HOOK_MARGIN:
         return None
     return (f"the PostStart hook's deadline ({path}) is {-left:.2f}s past"
             if left <= 0 else f"the PostStart hook gives up in {left:.2f}s ({path})")
+
+
+def _uptime() -> float | None:
+    """Seconds since boot as :data:`_UPTIME` shows them (None if it cannot
+    be read)."""
+    try:
+        with open(_UPTIME, encoding="ascii") as fh:
+            value = float(fh.read(64).split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return value if math.isfinite(value) else None

@@ -98,7 +98,9 @@ uptime_cs() {
 # Once this hook has failed, the kubelet stops the container, and a
 # successor that confirmed meanwhile would be stopped as the one process
 # accepting. In hundredths of a second since boot; best effort (nothing
-# written, no such check). Left in place when the hook fails.
+# written, no such check). When the hook fails, whenever that is (a CLI
+# that failed at once as well as a timeout), it is set to that moment and
+# left in place: the kubelet stops the container now.
 deadline_file=
 if number "$version" && whole "$timeout" && uptime_cs; then
     case $name in
@@ -119,6 +121,16 @@ succeeded() {
     log "$1"
     [ -z "$deadline_file" ] || rm -f "$deadline_file"
     exit 0
+}
+failed() {
+    log "$2"
+    if [ -n "$deadline_file" ] && uptime_cs; then
+        if ! { printf '%s\n' "$boot_cs" >"$deadline_file.$$" &&
+               mv -f "$deadline_file.$$" "$deadline_file"; } 2>/dev/null; then
+            rm -f "$deadline_file.$$" 2>/dev/null || :
+        fi
+    fi
+    exit "$1"
 }
 if number "$version" && whole "$timeout" && whole "$fast" &&
    [ "$timeout" -gt 1 ] && [ "$fast" -gt 0 ] && [ -z "${HOTSWAP_CONTROL_PATH:-}" ] &&
@@ -181,6 +193,5 @@ if $cli wait-ready --name "$name" --timeout "$timeout"; then
     succeeded "migration to version $version done"
 else
     status=$?
-    log "migration to version $version FAILED (exit $status)"
-    exit "$status"
+    failed "$status" "migration to version $version FAILED (exit $status)"
 fi

@@ -533,3 +533,44 @@ def test_a_hooks_deadline_counts_only_from_this_run(tmp_path: Path) -> None:
     assert hook_gave_up(env, "sc", 3, since=since) is None, "another version's hook"
     os.utime(path, (since - 5, since - 5))
     assert hook_gave_up(env, "sc", 2, since=since) is None, "a previous run's"
+
+
+def test_a_hooks_deadline_is_read_on_the_hooks_own_clock(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hook writes its deadline in the time since boot that
+    /proc/uptime shows, and the successor must read it on that clock: under
+    LXCFS (common on Kruise clusters) /proc/uptime is the container's own
+    uptime, far behind CLOCK_BOOTTIME, and a hook that had just started
+    with 60 s to go read as hours past (every takeover aborted). Here a
+    stand-in /proc/uptime says the container has been up for 120 s."""
+    import hotswap.kruise
+    from hotswap.kruise import hook_deadline_path, hook_gave_up
+    uptime = tmp_path / "uptime"
+    uptime.write_text("120.00 230.00\n")
+    monkeypatch.setattr(hotswap.kruise, "_UPTIME", str(uptime), raising=False)
+    env = {"HOTSWAP_HOOK_DIR": str(tmp_path)}
+    path = Path(hook_deadline_path(env, "sc", 2))
+    since = time.time() - 10
+    path.write_text(f"{12000 + 6000}\n")  # the hook began just now, 60 s to go
+    assert hook_gave_up(env, "sc", 2, since=since) is None
+    path.write_text(f"{12000 - 100}\n")  # gave up a second ago
+    why = hook_gave_up(env, "sc", 2, since=since)
+    assert why is not None and "past" in why, why
+    uptime.write_text("no uptime here\n")  # unreadable: no check, as with no file
+    assert hook_gave_up(env, "sc", 2, since=since) is None
+
+
+def test_a_hook_that_fails_early_leaves_a_deadline_already_past(procs: Procs,
+                                                                 name: str) -> None:
+    """A hook that fails before its deadline (the CLI failed at once: a
+    newer version serves, a refused uid, a CLI that cannot start) gets its
+    container stopped by the kubelet all the same: from then on a successor
+    must not confirm, or it would be stopped as the one process accepting.
+    The deadline it leaves is the moment it failed, not its timeout's end."""
+    from hotswap.kruise import hook_gave_up
+    kruise = {"SIDECARSET_VERSION": "2", "SIDECARSET_VERSION_ALT": "1"}
+    result = hook(procs, HOTSWAP_NAME=name, HOTSWAP_MIGRATE_TIMEOUT="60",
+                  HOTSWAP_MIGRATE_FAST="0", HOTSWAP_CLI="false", **kruise)
+    assert result.returncode == 1 and "FAILED" in result.stdout, result
+    why = hook_gave_up({"HOTSWAP_HOOK_DIR": HOOK_DIR}, name, 2, since=time.time() - 60)
+    assert why is not None, "a successor would still confirm for the next minute"
