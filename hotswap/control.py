@@ -49,10 +49,13 @@ def control_address(name: str, path: str | None = None) -> str:
     else:
         address = f"@hotswap/{name}"
     size = len(os.fsencode(sockaddr(address)))
-    if size > _SUN_PATH:
+    # A path needs its terminating NUL in sun_path too (Python refuses 108
+    # bytes with "AF_UNIX path too long"); an abstract name does not.
+    most = _SUN_PATH if address.startswith("@") else _SUN_PATH - 1
+    if size > most:
         shown = address if len(address) <= 60 else address[:50] + "..."
         raise ValueError(f"control socket address {shown!r} is {size} bytes: too long "
-                         f"for a Unix socket (at most {_SUN_PATH})")
+                         f"for a Unix socket (at most {most})")
     return address
 
 

@@ -574,3 +574,23 @@ def test_a_hook_that_fails_early_leaves_a_deadline_already_past(procs: Procs,
     assert result.returncode == 1 and "FAILED" in result.stdout, result
     why = hook_gave_up({"HOTSWAP_HOOK_DIR": HOOK_DIR}, name, 2, since=time.time() - 60)
     assert why is not None, "a successor would still confirm for the next minute"
+
+
+def test_the_longest_control_addresses_are_the_ones_that_bind(tmp_path: Path) -> None:
+    """control_address() accepts exactly the addresses a Unix socket can
+    take: an abstract name of up to 108 bytes (its leading NUL included),
+    a path of up to 107 (sun_path holds its terminating NUL too). A path of
+    108 bytes passed and then failed to bind ("AF_UNIX path too long")."""
+    from hotswap.control import control_address, sockaddr
+    base = str(tmp_path / "c")
+    name = f"{os.getpid()}-" + "n" * (98 - len(str(os.getpid())))
+    assert len(sockaddr(control_address(name)).encode()) == 108
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.bind(sockaddr(control_address(name)))
+    with pytest.raises(ValueError, match="too long for a Unix socket"):
+        control_address(name + "n")
+    path = base + "x" * (107 - len(base.encode()))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.bind(sockaddr(control_address("n", path)))
+    with pytest.raises(ValueError, match="too long for a Unix socket"):
+        control_address("n", path + "x")
