@@ -98,6 +98,21 @@ class Channel:
         except OSError:  # nothing to read yet (EAGAIN), or anything else: no
             return False
 
+    def peer_spoke(self) -> bool:
+        """Whether the other end has sent something not yet received, or
+        closed: a non-blocking peek that consumes nothing."""
+        if self._closed:
+            return False
+        if len(self._ahead) > self._ahead_at:
+            return True
+        try:
+            self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        except OSError:  # nothing to read yet (EAGAIN), or anything else: no
+            return False
+        return True  # a byte, or EOF
+
     def peer_credentials(self) -> tuple[int, int, int]:
         return peer_credentials(self.sock)
 

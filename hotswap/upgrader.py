@@ -956,8 +956,13 @@ class Upgrader:
         # predecessor says it gave up first): say so to the PostStart hook
         # now, not once the predecessor has released, which may take up to
         # message_timeout. A hook that timed out meanwhile would fail, and
-        # the kubelet would stop the one process about to accept.
-        self._mark_serving(True)
+        # the kubelet would stop the one process about to accept. Not if
+        # the predecessor has spoken first: after the sockets it says
+        # nothing until our confirmation but Failed (its handover_timeout
+        # ran out), and a hook that saw the marker then would succeed
+        # for a handover that failed; the reply (read at once) decides.
+        if not channel.peer_spoke():
+            self._mark_serving(True)
         try:
             # request(): if the predecessor already gave up (Failed, then
             # closed), our send breaks but its Failed is still queued for us.

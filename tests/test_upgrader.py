@@ -1613,3 +1613,44 @@ def test_a_control_connection_queued_as_the_accept_loop_stops_stays_queued() -> 
         await old.close()
 
     asyncio.run(main())
+
+
+def test_no_marker_for_a_confirmation_the_predecessor_gave_up_on(run: Runner) -> None:
+    """A successor slower than its predecessor's handover_timeout: the
+    predecessor has answered Failed (and closed) before the confirmation is
+    sent. The successor steps down on reading it, and must not bind its
+    serving marker meanwhile: the PostStart hook (migrate.sh, wait-ready)
+    reads the marker as "the handover is the new version's" and would
+    succeed for a handover that failed."""
+    name = new_name()
+    seen: list[set[int]] = []
+
+    def kruise(version: int, alt: int, **kw: object) -> hotswap.Options:
+        env = {"SIDECARSET_VERSION": str(version), "SIDECARSET_VERSION_ALT": str(alt)}
+        return hotswap.Options(env=env, message_timeout=2.0, **kw)  # type: ignore[arg-type]
+
+    async def main() -> None:
+        old = hotswap.Upgrader(name, version="v1", options=kruise(1, 0, handover_timeout=0.2))
+        await old.start()
+        old.listen("http", ("127.0.0.1", 0))
+        await old.ready()
+        new = hotswap.Upgrader(name, version="v2", options=kruise(2, 1))
+        mark = new._mark_serving
+
+        def spy(serving: bool) -> None:
+            mark(serving)
+            seen.append(ranks(name))
+
+        new._mark_serving = spy  # type: ignore[method-assign]
+        assert await new.start() is hotswap.Role.TAKEOVER
+        new.listen("http", ("127.0.0.1", 0))
+        await until(lambda: old.state is hotswap.State.SERVING, "v1 gave up on v2")
+        with pytest.raises(hotswap.HandoverFailed, match="abandoned"):
+            await new.ready()
+        assert await new.wait_exit() is hotswap.ExitReason.HANDOVER_FAILED
+        assert seen and all(2 not in ranks_then for ranks_then in seen), seen
+        assert ranks(name) == {1}
+        await new.close()
+        await old.close()
+
+    run(main())
