@@ -474,15 +474,6 @@ class Upgrader:
             # predecessor that committed: nobody would accept).
             await asyncio.shield(confirming)
         elif self.state is State.TAKING_OVER:
-            if self._stop_requested:
-                await self._abort("stop requested before confirming")
-            rank = self.versions.rank
-            late = None if rank is None else kruise.hook_gave_up(
-                self.options.env, self.name, rank, since=self._started_at)
-            if late is not None:
-                # The kubelet stops this container once the hook fails: as
-                # the one process accepting, if we confirmed now.
-                await self._abort(f"{late}; the predecessor serves on")
             # Shielded: cancelled once Accepting may be on its way, we would
             # stay neither confirmed nor aborted, and close() would then send
             # an Abort the predecessor no longer heeds: nobody would accept.
@@ -951,6 +942,18 @@ class Upgrader:
         channel = self._predecessor_channel
         assert channel is not None
         opts = self.options
+        # Checked here, in the step that sends Accepting, not in ready(): a
+        # task's first step comes an iteration later, and a stop signal, or
+        # a stalled loop that let the hook's deadline pass, may come between.
+        if self._stop_requested:
+            await self._abort("stop requested before confirming")
+        rank = self.versions.rank
+        late = None if rank is None else kruise.hook_gave_up(
+            self.options.env, self.name, rank, since=self._started_at)
+        if late is not None:
+            # The kubelet stops this container once the hook fails: as the
+            # one process accepting, if we confirmed now.
+            await self._abort(f"{late}; the predecessor serves on")
         self._accepting_sent = True  # nothing awaited before the send: no step between
         # From here on the handover is ours (we serve on unless the
         # predecessor says it gave up first): say so to the PostStart hook

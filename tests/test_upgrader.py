@@ -452,9 +452,15 @@ def test_hello_with_unknown_protocol_version(run: Runner) -> None:
     run(main())
 
 
-def test_stop_before_confirming_aborts_and_the_old_side_keeps_serving(run: Runner) -> None:
+@pytest.mark.parametrize("when", ["before-ready", "as-the-confirmation-begins"])
+def test_stop_before_confirming_aborts_and_the_old_side_keeps_serving(
+        run: Runner, when: str) -> None:
     """Invariant 3: SIGTERM on a successor that has the sockets but has not
-    confirmed gives them back (Abort) instead of taking over and stopping."""
+    confirmed gives them back (Abort) instead of taking over and stopping;
+    also one that lands after ready() was called, in the iteration before
+    the confirmation's first step (emulated: the stop is asked for there).
+    ready() alone used to check: that one confirmed, then stopped, and
+    nobody accepted."""
     name = new_name()
 
     async def main() -> None:
@@ -462,7 +468,16 @@ def test_stop_before_confirming_aborts_and_the_old_side_keeps_serving(run: Runne
         new = hotswap.Upgrader(name, version="v2", options=opts())
         await new.start()
         new.listen("http", ("127.0.0.1", 0))
-        new.request_stop()
+        if when == "before-ready":
+            new.request_stop()
+        else:
+            confirm = new._confirm
+
+            async def stopped_first() -> None:
+                new.request_stop()
+                await confirm()
+
+            new._confirm = stopped_first  # type: ignore[method-assign]
         with pytest.raises(hotswap.HandoverFailed, match="aborted"):
             await new.ready()
         assert await new.wait_exit() is hotswap.ExitReason.STOP_REQUESTED
