@@ -83,6 +83,10 @@ GRACE = 1.0
 """Seconds a request still being handled when the drain ends gets to send
 its response (then its connection is cut)."""
 
+_ACK_FLOOR = 0.1
+"""Seconds a connection handover in the grace gets at least, for the
+successor's acknowledgement of a frame, however little of the grace is
+left (:meth:`Drainer.grace` gets ``GRACE - 2 * _CANCEL_WAIT``)."""
 _CANCEL_WAIT = 0.05
 """The runner's ``shutdown_timeout``, the end of :data:`GRACE`: aiohttp waits
 it for a busy handler, cancels its request and waits it again. The rest of
@@ -305,8 +309,12 @@ class Drainer:
                 assert migrator is not None and upgrader is not None
                 # Hands over what is sent and idle at a boundary; tells the
                 # rest to close, as the drain's last rounds do.
+                # At least _ACK_FLOOR for a frame's acknowledgement (one
+                # timed out is let go of with the channel): the grace may run
+                # over by that much, within GRACE.
                 moving = await migrator.step(upgrader, self.close_after_next_response,
-                                             max(0.0, until - loop.time()), last_call=True)
+                                             max(_ACK_FLOOR, until - loop.time()),
+                                             last_call=True)
             if not (left() and loop.time() < until and not self._forced.is_set()):
                 break
             try:
