@@ -91,27 +91,25 @@ class Channel:
         left for us to read: a non-blocking peek that consumes nothing."""
         if self._closed or len(self._ahead) > self._ahead_at:
             return False
-        try:
-            return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-        except (ConnectionResetError, BrokenPipeError):
-            return True
-        except OSError:  # nothing to read yet (EAGAIN), or anything else: no
-            return False
+        return self._peek() == b""
 
     def peer_spoke(self) -> bool:
         """Whether the other end has sent something not yet received, or
         closed: a non-blocking peek that consumes nothing."""
         if self._closed:
             return False
-        if len(self._ahead) > self._ahead_at:
-            return True
+        return len(self._ahead) > self._ahead_at or self._peek() is not None
+
+    def _peek(self) -> bytes | None:
+        """The next byte in the socket (not consumed), ``b""`` if the other
+        end closed (EOF or reset), None if nothing is there yet (or the peek
+        failed otherwise)."""
         try:
-            self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except (ConnectionResetError, BrokenPipeError):
-            return True
-        except OSError:  # nothing to read yet (EAGAIN), or anything else: no
-            return False
-        return True  # a byte, or EOF
+            return b""
+        except OSError:  # nothing to read yet (EAGAIN), or anything else
+            return None
 
     def peer_credentials(self) -> tuple[int, int, int]:
         return peer_credentials(self.sock)
