@@ -438,6 +438,9 @@ class Upgrader:
         HANDOVER_FAILED). A stop requested before confirming aborts the
         handover instead (the predecessor keeps serving) and raises
         HandoverFailed too; :meth:`wait_exit` then returns STOP_REQUESTED.
+        So does this slot's PostStart hook having given up, in a Kruise
+        takeover (:func:`hotswap.kruise.hook_gave_up`): the kubelet stops
+        this container next, and it must not be the one accepting then.
 
         Once it has begun confirming, the handover is this process's: the
         predecessor commits as it reads the confirmation and then stops
