@@ -32,7 +32,7 @@ async def ask(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str
     length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
     body = await reader.readexactly(length)
     match = VERSION_RE.search(body)
-    return match.group(1).decode() if match else "?"
+    return match.group(1).decode() if match else "!bad-body"
 
 
 async def main(args: argparse.Namespace) -> dict[str, object]:

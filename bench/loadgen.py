@@ -16,7 +16,8 @@ where outcome is the version that answered (``v1``, ...) or ``!kind`` for a
 failure: ``!refused``, ``!reset``, ``!eof-reused`` and ``!reset-reused`` (EOF
 or a reset, before any of the response, on a connection that had already
 served a request: the keep-alive race), ``!eof``, ``!timeout``,
-``!status-NNN``, ``!other`` (anything else: an unexpected exception, such as a
+``!status-NNN``, ``!bad-body`` (a 200 whose body names no version),
+``!other`` (anything else: an unexpected exception, such as a
 malformed response; its type is logged on stderr). After any failure a client
 carries on with a new connection. Written as JSON to ``--out``: ``summary``
 (requests, failed, failures by kind, versions, each client's version order,
@@ -88,7 +89,9 @@ async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
     if status != 200:
         raise Failure(f"status-{status}")
     match = VERSION_RE.search(body)
-    return (match.group(1).decode() if match else "?"), close
+    if match is None:  # a 200 that is not the server's answer: no success
+        raise Failure("bad-body")
+    return match.group(1).decode(), close
 
 
 OPENED: Counter[str] = Counter()  # connections opened, by client

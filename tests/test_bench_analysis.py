@@ -1,11 +1,15 @@
-"""The benchmark's arithmetic on synthetic records whose answers are known
-(the benchmark itself runs with make bench, not here)."""
+"""The benchmark's arithmetic on synthetic records whose answers are known,
+and the load generator's verdict on a server that answers wrongly (the
+benchmark itself runs with make bench, not here)."""
 
 from __future__ import annotations
 
 import sys
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from conftest import ROOT
+from conftest import ROOT, Load
 
 sys.path.insert(0, str(ROOT / "bench"))
 from run import analyse, markdown, percentile
@@ -97,3 +101,35 @@ def test_the_table_renders_what_analyse_measured() -> None:
     assert header.count("---") == len(cells)
     assert cells[:3] == ["synthetic", "10000", "0"]
     assert cells[-1] == "2.50 (max 2.50)"
+
+
+def test_the_load_generator_counts_a_body_without_a_version_as_failed(
+        load: Callable[..., Load]) -> None:
+    """A 200 whose body names no version is no answer of the server under
+    test (it used to count as a success of version "?")."""
+    class Hello(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            body = b"hello" if self.path == "/serve" else b""
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hello)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        result = load(server.server_address[1], keepalive=1, fresh=1, busybox=0,
+                      interval=0.01, duration=1.0).finish()
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+    assert result["requests"] > 0 and result["failed"] == result["requests"], result
+    assert set(result["failures"]) == {"bad-body"}, result
