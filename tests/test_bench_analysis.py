@@ -110,7 +110,7 @@ def test_the_load_generator_counts_a_body_without_a_version_as_failed(
     class Hello(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        def do_GET(self) -> None:  # http.server's name for it
             body = b"hello" if self.path == "/serve" else b""
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
