@@ -98,3 +98,47 @@ def test_no_request_at_all_proves_nothing(stub: tuple[int, list[str]],
     code, summary, out = run_client(port, tmp_path, duration=-1)
     assert code == 1, out
     assert summary["requests"] == 0
+
+
+def test_a_slow_answer_is_no_burst_and_shows_as_the_longest_gap(tmp_path: Path) -> None:
+    """Every 100 ms, never in a burst: after an answer that took 0.5 s the
+    client does not make up the five missed requests back to back (a
+    client that did would load the sidecar it watches most right after a
+    stall); its summary shows that wait as the longest gap."""
+    served = itertools.count()
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            if next(served) == 1:
+                stalled.wait(0.5)  # the second answer comes 0.5 s late
+            data = body("v1").encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    stalled = threading.Event()  # never set: a wait with a deadline
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    summary_path = tmp_path / "summary.json"
+    try:
+        result = subprocess.run(
+            [PY, str(CLIENT), "--url", f"http://127.0.0.1:{server.server_address[1]}/serve",
+             "--interval", "0.1", "--duration", "1.0", "--summary-json", str(summary_path)],
+            env=child_env(), capture_output=True, text=True, timeout=30)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    summary = json.loads(summary_path.read_text())
+    assert result.returncode == 0 and summary["failed"] == 0, result.stdout
+    # At 0, 0.1 (answered at 0.6), 0.6, 0.7, 0.8, 0.9 s: 6 (a late tick
+    # only lowers it); making up the missed ticks gave 10.
+    assert summary["requests"] <= 7, summary
+    assert summary["longest_gap_s"] >= 0.45, summary

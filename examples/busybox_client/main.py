@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     errors: collections.Counter[str] = collections.Counter()
     start = time.monotonic()
     next_at = start
+    answered_at = start  # the last success (or the start)
+    longest_gap = 0.0
     while not stop and (not args.duration or time.monotonic() - start < args.duration):
         total += 1
         try:
@@ -122,18 +124,24 @@ def main(argv: list[str] | None = None) -> int:
             print(f"request sidecar server failed, and error({type(exc).__name__}: {exc})",
                   flush=True)
         else:
+            now = time.monotonic()
+            longest_gap, answered_at = max(longest_gap, now - answered_at), now
             print(f"request sidecar server success, and response(body="
                   f"This is version({version}) sidecar)", flush=True)
-        next_at += args.interval
+        # Every interval, never in a burst: ticks missed while a request
+        # took longer are skipped, not made up for back to back.
+        next_at = max(next_at + args.interval, time.monotonic())
         time.sleep(max(0.0, next_at - time.monotonic()))
 
     summary = {"requests": total, "failed": failed, "succeeded": total - failed,
                "versions": dict(versions), "version_order": order,
                "errors": dict(errors), "connections": client.connections,
+               "longest_gap_s": round(longest_gap, 3),
                "seconds": round(time.monotonic() - start, 3)}
     print(f"summary: {total} requests, {failed} failed, versions seen in order: "
           f"{' -> '.join(order) or '-'} {dict(versions)}, "
-          f"{client.connections} connection(s) opened", flush=True)
+          f"{client.connections} connection(s) opened, longest gap between answers "
+          f"{longest_gap:.3f}s", flush=True)
     if args.summary_json:
         with open(args.summary_json, "w") as fh:
             json.dump(summary, fh)
