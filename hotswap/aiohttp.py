@@ -146,6 +146,9 @@ class Drainer:
         self.draining = False
         self.zero_cost = _can_swap_request_factory() if zero_cost is None else zero_cost
         self._forced = asyncio.Event()
+        # Whether a connection that joins the server during the drain is told
+        # to close (every one), or only one that cannot move (not Tracked).
+        self._tell_all = False
 
     def install(self, app: web.Application) -> None:
         """Prepare ``app`` (before the runner is set up)."""
@@ -157,12 +160,34 @@ class Drainer:
         connection, or (``every_connection=False``, while migrating) only on
         those later passed to :meth:`close_after_next_response`."""
         self.draining = True
+        self._tell_all = self._tell_all or every_connection
+        self._watch(server)
         if not self.zero_cost or not every_connection:
             return
         if not getattr(server.request_factory, "_hotswap_closing", False):
             server.request_factory = _closing(server.request_factory)
         for handler in server.connections:
             self.close_after_next_response(handler)
+
+    def _watch(self, server: web.Server) -> None:
+        """Tell connections that join ``server`` from now on, too. A TLS
+        connection accepted before the drain joins once its handshake is
+        over, which may be after the drain started: it took the request
+        factory as it was when accepted, and no round of the drain has seen
+        it. Idempotent."""
+        if getattr(server, "_hotswap_watched", False):
+            return
+        made = server.connection_made
+
+        def connection_made(handler: web.RequestHandler, *args: Any) -> None:
+            made(handler, *args)
+            # A Tracked one is the connection handover's (Migrator.step)
+            # while it runs; when it stops, start() sets _tell_all.
+            if self._tell_all or not isinstance(handler, Tracked):
+                self.close_after_next_response(handler)
+
+        server.connection_made = connection_made  # type: ignore[method-assign,assignment]
+        server._hotswap_watched = True  # type: ignore[attr-defined]
 
     def close_after_next_response(self, handler: web.RequestHandler) -> None:
         """Make ``handler``'s next response (and the one in progress, if not
