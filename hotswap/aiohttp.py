@@ -54,6 +54,7 @@ import logging
 import numbers
 import os
 import signal
+import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -499,6 +500,37 @@ def _check_sockets(sockets: object) -> None:
             raise ListenerError(f"serve(): {name}: {exc}") from None
 
 
+def _tls_contexts(ssl_context: object, sockets: Mapping[str, Address]
+                  ) -> dict[str, ssl.SSLContext]:
+    """``serve()``'s ``ssl_context`` as a context per TLS listener's name,
+    checked before anything is bound: one context (every listener), a
+    mapping of some of the ``sockets``' names to contexts, or None."""
+    if ssl_context is None:
+        return {}
+    if isinstance(ssl_context, ssl.SSLContext):
+        contexts: Mapping[object, object] = dict.fromkeys(sockets, ssl_context)
+    elif isinstance(ssl_context, Mapping):
+        contexts = ssl_context
+    else:
+        raise TypeError(f"serve(): ssl_context must be an ssl.SSLContext or a mapping of "
+                        f"socket names to them, not {ssl_context!r}")
+    checked = {}
+    for name, context in contexts.items():
+        if name not in sockets:
+            raise ValueError(f"serve(): ssl_context names {name!r}, which is not one of the "
+                             f"sockets ({', '.join(map(repr, sockets))})")
+        if not isinstance(context, ssl.SSLContext):
+            raise TypeError(f"serve(): ssl_context for {name!r} must be an ssl.SSLContext, "
+                            f"not {context!r}")
+        if context.protocol is ssl.PROTOCOL_TLS_CLIENT:
+            raise ValueError(f"serve(): ssl_context for {name!r} is a client context "
+                             f"(PROTOCOL_TLS_CLIENT); a server needs "
+                             f"ssl.create_default_context(ssl.Purpose.CLIENT_AUTH) or "
+                             f"PROTOCOL_TLS_SERVER")
+        checked[str(name)] = context
+    return checked
+
+
 def _yield_cpu() -> None:
     """Lowest CPU priority for the rest of this (calling) thread's life: on
     Linux nice values are per thread and an unprivileged one never gets a
@@ -528,6 +560,7 @@ async def serve(app: web.Application, upgrader: Upgrader,
                 yield_cpu_after_drain: bool = True,
                 cleanup_timeout: float = DEFAULT_CLEANUP_TIMEOUT,
                 on_drain: Callable[[web.Application], object] | None = None,
+                ssl_context: ssl.SSLContext | Mapping[str, ssl.SSLContext] | None = None,
                 ) -> int:
     """Run ``app`` on the named ``sockets`` until replaced or stopped.
 
@@ -565,12 +598,33 @@ async def serve(app: web.Application, upgrader: Upgrader,
     competing with the successor for the CPU (which ranks it only within its
     CPU scheduling group: see :mod:`hotswap.startup`).
 
+    ``ssl_context`` serves HTTPS: one :class:`ssl.SSLContext` for every
+    listener, or a mapping of some of the ``sockets``' names to contexts
+    (the others serve plain HTTP). A TLS listener is served by a plain
+    ``web.SockSite`` with that context, never a tracked one: its
+    connections are not handed over (their session state cannot move), so
+    in the drain each is told ``Connection: close`` on its next response,
+    one whose handshake ends only after the drain began included, and is
+    cut only if still idle at the deadline. The listening socket itself is
+    handed over like any other; the context is not (it lives in this
+    process): the successor passes its own, and may change certificate and
+    settings, or turn TLS on or off for a listener. A plain connection the
+    predecessor hands over under a name that is TLS here is served on as
+    plain HTTP, as its client speaks it (only new connections get TLS).
+    The contexts stay the caller's: ``serve()`` does not change them, and
+    they may be shared with other servers. Load the certificate chain
+    before calling (there is no way to check for it here); a handshake that
+    fails ends that connection only (asyncio logs it), nothing else.
+
     Arguments are checked before anything is bound or installed:
     ``drain_timeout`` and ``cleanup_timeout`` must be finite numbers of
     seconds, 0 or more (``TypeError`` for a string read from the
     environment, ``ValueError`` for ``nan``, ``inf`` or a negative one),
-    ``on_drain`` callable, and ``sockets`` a mapping of names to addresses
-    (``ListenerError`` for one that is none).
+    ``on_drain`` callable, ``sockets`` a mapping of names to addresses
+    (``ListenerError`` for one that is none), and ``ssl_context`` None, an
+    ``SSLContext`` or a mapping of socket names to them (``TypeError`` for
+    anything else, ``ValueError`` for a name that is not one of the
+    ``sockets`` and for a client context, ``PROTOCOL_TLS_CLIENT``).
 
     Resource handling: every socket is owned by the sites (closed when they
     stop); the upgrader's control sockets are closed before returning, on
@@ -585,6 +639,7 @@ async def serve(app: web.Application, upgrader: Upgrader,
         raise TypeError(f"serve(): on_drain must be a callable taking the app, "
                         f"not {on_drain!r}")
     _check_sockets(sockets)
+    tls = _tls_contexts(ssl_context, sockets)
     started = f"role {upgrader.role.value}, " if upgrader.role is not None else ""
     not_new = HotswapError(
         f"serve() starts the upgrader itself, and this one was started already "
@@ -647,12 +702,19 @@ async def serve(app: web.Application, upgrader: Upgrader,
         # cancels its request and waits as long again: the grace's end.
         runner = _Runner(app, handle_signals=False, shutdown_timeout=_CANCEL_WAIT)
         await runner.setup()
+        if migrator is not None:
+            migrator.runner = runner  # adopts into it, whatever our sites are
         try:
             for name, address in sockets.items():
                 sock = upgrader.listen(name, address)
-                site: web.BaseSite = (migrator.site(runner, sock, name)
-                                      if migrator is not None
-                                      else web.SockSite(runner, sock, backlog=DEFAULT_BACKLOG))
+                site: web.BaseSite
+                if name in tls:  # TLS connections never move: a plain site
+                    site = web.SockSite(runner, sock, ssl_context=tls[name],
+                                        backlog=DEFAULT_BACKLOG)
+                elif migrator is not None:
+                    site = migrator.site(runner, sock, name)
+                else:
+                    site = web.SockSite(runner, sock, backlog=DEFAULT_BACKLOG)
                 await site.start()
             try:
                 await upgrader.ready()
