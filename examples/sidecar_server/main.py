@@ -12,9 +12,10 @@ It uses only hotswap's public API: :class:`hotswap.Upgrader` and
 (``SIDECAR_VERSION``, ``SIDECAR_PORT``, ``SIDECAR_HOST``, ``HOTSWAP_NAME``,
 ``HOTSWAP_CONTROL_PATH``, ``HOTSWAP_DRAIN_TIMEOUT``, ``HOTSWAP_HANDOVER_TIMEOUT``,
 ``SIDECAR_DELAY``, ``HOTSWAP_MIGRATE=0`` for ``--no-migrate``,
-``SIDECAR_FAIL_START``), which is how the container images configure it; the
-upgrader itself reads ``HOTSWAP_ALLOW_UIDS`` (more uids allowed on the control
-socket) and the Kruise versions. The app itself
+``SIDECAR_FAIL_START``, ``SIDECAR_TLS_CERT`` and ``SIDECAR_TLS_KEY``), which is
+how the container images configure it; the upgrader itself reads
+``HOTSWAP_ALLOW_UIDS`` (more uids allowed on the control socket) and the
+Kruise versions. The app itself
 is in ``app.py`` next to this file (imported from the script's directory, so
 copy both), free of hotswap: bench/plain_server.py serves the same one without.
 """
@@ -70,7 +71,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="after taking the sockets and before confirming, "
                              "SIGKILL itself or hang until SIGTERM (to show a "
                              "failed migration)")
-    return parser.parse_args(argv)
+    parser.add_argument("--tls-cert", default=env.get("SIDECAR_TLS_CERT"),
+                        help="serve HTTPS with this certificate chain (PEM); TLS "
+                             "connections drain the safe way instead of moving")
+    parser.add_argument("--tls-key", default=env.get("SIDECAR_TLS_KEY"),
+                        help="its private key (PEM; default: in the --tls-cert file)")
+    args = parser.parse_args(argv)
+    if args.tls_key and not args.tls_cert:
+        parser.error("--tls-key needs --tls-cert")
+    return args
 
 
 async def run(args: argparse.Namespace, app: web.Application) -> int:
@@ -87,12 +96,13 @@ async def run(args: argparse.Namespace, app: web.Application) -> int:
             await upgrader.wait_exit()
     return await hotswap.aiohttp.serve(app, upgrader, {"http": (args.host, args.port)},
                                        drain_timeout=args.drain_timeout,
-                                       migrate_connections=not args.no_migrate)
+                                       migrate_connections=not args.no_migrate,
+                                       ssl_context=args.tls)
 
 
 def prepare() -> tuple[argparse.Namespace, web.Application, asyncio.AbstractEventLoop]:
     """The set-up that needs no running event loop: ~2 ms of CPU (argparse's
-    first regular expressions, logging, the app, the loop) that would
+    first regular expressions, logging, the TLS context if any, the app, the loop) that would
     otherwise run at normal priority right before the handover, on cores the
     old version is serving from."""
     args = parse_args()
@@ -102,6 +112,11 @@ def prepare() -> tuple[argparse.Namespace, web.Application, asyncio.AbstractEven
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     if IDLE_START:
         logging.info("taking over: start-up modules were loaded at idle CPU priority")
+    args.tls = None
+    if args.tls_cert:  # a bad file fails here, before anything is taken over
+        import ssl  # aiohttp has imported it already
+        args.tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        args.tls.load_cert_chain(args.tls_cert, args.tls_key)
     return args, make_app(args.version, args.delay), uvloop.new_event_loop()
 
 
