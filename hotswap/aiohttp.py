@@ -54,6 +54,7 @@ import logging
 import numbers
 import os
 import signal
+import socket
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -63,7 +64,7 @@ from aiohttp import web
 from .errors import HandoverFailed, HotswapError, ListenerError
 from .kruise import Role
 from .listeners import DEFAULT_BACKLOG, Address, check_address, close_server
-from .migrate import Migrator, Tracked
+from .migrate import Migrator, Tracked, init_like_server
 from .migrate import supported as _migration_supported
 from .upgrader import ExitReason, State, Upgrader, is_seconds
 
@@ -129,6 +130,89 @@ _FIRST_ROUND = 1.0
 drain: the time to acknowledge one frame."""
 
 
+_HANDSHAKE_TIMEOUT = 10.0
+"""Seconds a TLS client gets to complete its handshake (asyncio's default:
+60): how long one that never does holds a descriptor."""
+_HANDSHAKE_WAIT = 2.0
+"""Seconds after its accept, or after the drain began if later, that a TLS
+handshake still in progress keeps a drain waiting for it (a handshake takes
+milliseconds; one older than this has most likely failed, which nothing
+reports)."""
+
+
+class _Handshakes:
+    """TLS connections accepted whose handshake is not over. aiohttp's
+    server knows a connection only once its handshake has ended: a drain
+    that looked only there could end, and its process exit, under a client
+    still shaking hands (its first request then fails). A handshake that
+    fails is never reported, so each counts for :data:`_HANDSHAKE_WAIT`
+    seconds at most."""
+
+    def __init__(self) -> None:
+        self._begun: dict[web.RequestHandler, float] = {}
+
+    def begun(self, handler: web.RequestHandler, now: float) -> None:
+        self._prune(now)  # each accept drops the ones that failed long ago
+        self._begun[handler] = now
+
+    def ended(self, handler: web.RequestHandler) -> None:
+        self._begun.pop(handler, None)
+
+    def renew(self, now: float) -> None:
+        """The drain begins: each handshake in progress gets
+        :data:`_HANDSHAKE_WAIT` from now (a client may have connected just
+        before, or long before: nothing tells which is still shaking
+        hands)."""
+        for handler in self._begun:
+            self._begun[handler] = now
+
+    def pending(self, now: float) -> int:
+        self._prune(now)
+        return len(self._begun)
+
+    def _prune(self, now: float) -> None:
+        for handler, begun in list(self._begun.items()):
+            if now - begun > _HANDSHAKE_WAIT:
+                del self._begun[handler]
+
+
+class _TLSHandler(web.RequestHandler):
+    """aiohttp's RequestHandler for a TLS listener, known to its
+    :class:`_Handshakes` from its accept to its handshake's end (its
+    ``connection_made``). Made as aiohttp's server makes handlers."""
+
+    __slots__ = ("_handshakes",)
+
+    def __init__(self, server: web.Server, handshakes: _Handshakes) -> None:
+        init_like_server(self, server)
+        self._handshakes = handshakes
+        handshakes.begun(self, asyncio.get_running_loop().time())
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._handshakes.ended(self)
+        web.RequestHandler.connection_made(self, transport)
+
+
+class _TLSSite(web.SockSite):
+    """A ``SockSite`` serving TLS whose connections are :class:`_TLSHandler`
+    (never handed over: their session state cannot move), with a handshake
+    timeout of :data:`_HANDSHAKE_TIMEOUT`."""
+
+    def __init__(self, runner: web.BaseRunner, sock: socket.socket,
+                 ssl_context: ssl.SSLContext, handshakes: _Handshakes) -> None:
+        super().__init__(runner, sock, ssl_context=ssl_context, backlog=DEFAULT_BACKLOG)
+        self._handshakes = handshakes
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registers the site with the runner
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: _TLSHandler(server, self._handshakes), sock=self._sock,
+            ssl=self._ssl_context, backlog=self._backlog,
+            ssl_handshake_timeout=_HANDSHAKE_TIMEOUT)
+
+
 class Drainer:
     """Tells keep-alive clients to go once draining, and tracks the drain.
 
@@ -147,6 +231,9 @@ class Drainer:
         self.draining = False
         self.zero_cost = _can_swap_request_factory() if zero_cost is None else zero_cost
         self._forced = asyncio.Event()
+        # TLS handshakes in progress (serve() sets it when it serves TLS):
+        # a drain waits for them as for connections.
+        self.handshakes: _Handshakes | None = None
         # Whether a connection that joins the server during the drain is told
         # to close (every one), or only one that cannot move (not Tracked).
         self._tell_all = False
@@ -160,6 +247,8 @@ class Drainer:
         """From now on responses say ``Connection: close``: on every
         connection, or (``every_connection=False``, while migrating) only on
         those later passed to :meth:`close_after_next_response`."""
+        if not self.draining and self.handshakes is not None:
+            self.handshakes.renew(asyncio.get_running_loop().time())
         self.draining = True
         self._tell_all = self._tell_all or every_connection
         self._watch(server)
@@ -254,8 +343,8 @@ class Drainer:
         # cutting them races their clients: the first round runs even with
         # no time left (drain_timeout=0), with up to _FIRST_ROUND to do it.
         first = migrating
-        while server.connections and (loop.time() < deadline or first) \
-                and not self._forced.is_set():
+        while (server.connections or self._handshaking()) \
+                and (loop.time() < deadline or first) and not self._forced.is_set():
             if migrating:
                 assert migrator is not None and upgrader is not None
                 time_left = deadline - loop.time()
@@ -279,6 +368,12 @@ class Drainer:
             except TimeoutError:
                 pass
         return self._deadline(server, migrator, moving=migrating)
+
+    def _handshaking(self) -> bool:
+        """A TLS handshake is still in progress (see :class:`_Handshakes`):
+        once over, its connection joins the server and is told to close."""
+        return self.handshakes is not None and bool(
+            self.handshakes.pending(asyncio.get_running_loop().time()))
 
     def _sending_to_move(self, handler: web.RequestHandler, migrator: Migrator) -> bool:
         """Idle at a request boundary, its last response (keep-alive, begun
@@ -341,7 +436,9 @@ class Drainer:
                 moving = await migrator.step(upgrader, self.close_after_next_response,
                                              max(_ACK_FLOOR, until - loop.time()),
                                              last_call=True)
-            if not (left() and loop.time() < until and not self._forced.is_set()):
+            busy = left()  # (not a bool first: it cuts what it finds idle)
+            if not ((busy or self._handshaking()) and loop.time() < until
+                    and not self._forced.is_set()):
                 break
             try:
                 async with asyncio.timeout(min(0.01, max(0.0, until - loop.time()))):
@@ -709,8 +806,9 @@ async def serve(app: web.Application, upgrader: Upgrader,
                 sock = upgrader.listen(name, address)
                 site: web.BaseSite
                 if name in tls:  # TLS connections never move: a plain site
-                    site = web.SockSite(runner, sock, ssl_context=tls[name],
-                                        backlog=DEFAULT_BACKLOG)
+                    if drainer.handshakes is None:
+                        drainer.handshakes = _Handshakes()
+                    site = _TLSSite(runner, sock, tls[name], drainer.handshakes)
                 elif migrator is not None:
                     site = migrator.site(runner, sock, name)
                 else:

@@ -77,6 +77,24 @@ others, at the drain's usual pace, so that long requests in flight do not
 keep the draining process busy (1,000 long polls: half a core)."""
 
 
+def init_like_server(handler: web.RequestHandler, server: web.Server) -> None:
+    """Initialise ``handler`` (a RequestHandler subclass's instance) the way
+    aiohttp's ``Server.__call__`` makes one: with the server's handler
+    arguments, or, if the app's ``handler_args`` hold what a handler does
+    not take, a basic handler and a warning."""
+    made_by: Any = server
+    try:
+        web.RequestHandler.__init__(handler, server, loop=made_by._loop, **made_by._kwargs)
+    except TypeError:
+        basic = {k: v for k, v in made_by._kwargs.items()
+                 if k in ("debug", "access_log_class")}
+        web.RequestHandler.__init__(handler, server, loop=made_by._loop, **basic)
+        handler.logger.warning(
+            "Failed to create request handler with custom kwargs %r, falling back "
+            "to filtered kwargs. This may indicate a misconfiguration.",
+            made_by._kwargs)
+
+
 class Tracked(web.RequestHandler):
     """aiohttp's RequestHandler that also remembers whether the bytes
     received last end a header block (one ``endswith`` per read: the only
@@ -91,19 +109,7 @@ class Tracked(web.RequestHandler):
     __slots__ = ("boundary", "listener", "migrator", "paused", "soon_since", "tail")
 
     def __init__(self, server: web.Server, listener: str, migrator: Migrator) -> None:
-        made_by: Any = server
-        try:
-            super().__init__(server, loop=made_by._loop, **made_by._kwargs)
-        except TypeError:
-            # As aiohttp's Server.__call__: the app's handler_args hold what
-            # a handler does not take; a basic handler, and a warning.
-            basic = {k: v for k, v in made_by._kwargs.items()
-                     if k in ("debug", "access_log_class")}
-            super().__init__(server, loop=made_by._loop, **basic)
-            self.logger.warning(
-                "Failed to create request handler with custom kwargs %r, falling back "
-                "to filtered kwargs. This may indicate a misconfiguration.",
-                made_by._kwargs)
+        init_like_server(self, server)
         self.listener = listener
         self.migrator = migrator
         # Nothing received yet, or the bytes received last end a header
