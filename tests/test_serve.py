@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psutil
 import pytest
 import uvloop
 from aiohttp import web
@@ -1475,6 +1476,13 @@ def tls_contexts(certificate: tuple[Path, Path]) -> tuple[ssl.SSLContext, ssl.SS
     return server, client
 
 
+def accepted(pid: int, client: socket.socket) -> bool:
+    """Process ``pid`` holds the server side of ``client``'s connection: it
+    has accepted it (one still in the listen queue is no process's)."""
+    return any(c.raddr and tuple(c.raddr) == client.getsockname()
+               for c in psutil.Process(pid).net_connections(kind="tcp"))
+
+
 def port_named(upgrader: hotswap.Upgrader, name: str) -> int:
     return int(next(i.address for i in upgrader.status().listeners
                     if i.name == name).rsplit(":", 1)[1])
@@ -1564,10 +1572,8 @@ def test_a_tls_handshake_that_ends_in_the_drain_is_told_to_close(
         raw.setblocking(False)
         try:
             assert (await request(*idle)).endswith(b"version(v1)")
-            fds = len(os.listdir("/proc/self/fd"))
             await loop.sock_connect(raw, ("127.0.0.1", port))
-            await until(lambda: len(os.listdir("/proc/self/fd")) > fds,
-                        "v1 accepting it (no handshake yet)")
+            await until(lambda: accepted(os.getpid(), raw), "v1 accepting it (no handshake yet)")
             v2, v2_task = start(name, "v2", sockets, ssl_context=server_ctx)
             await until(serving(v2), "v2 serving")
             await until(lambda: v1.state is hotswap.State.DRAINING, "v1 draining")
@@ -1645,10 +1651,9 @@ def test_a_tls_handshake_in_progress_keeps_the_old_process_draining(
     tls = ("--tls-cert", str(cert), "--tls-key", str(key))
     v1 = procs.sidecar(name, "v1", args=(*tls, "--drain-timeout", "10"))
     port = port_of(wait_for(serving_process(name, "v1"), 15, "v1 serving"))
-    fds = len(os.listdir(f"/proc/{v1.pid}/fd"))
     raw = socket.create_connection(("127.0.0.1", port), timeout=10)
     try:
-        wait_for(lambda: len(os.listdir(f"/proc/{v1.pid}/fd")) > fds, 10,
+        wait_for(lambda: accepted(v1.pid, raw), 10,
                  "v1 accepting the connection (its handshake not begun)")
         v2 = procs.sidecar(name, "v2", args=tls)
         wait_for(serving_process(name, "v2", settled=False), 15, "v2 serving")
