@@ -3,12 +3,13 @@ no request failed: every kind of failure must count, and make it exit 1."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import itertools
 import json
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,18 +23,17 @@ def body(version: str) -> str:
     return f"This is version({version}) sidecar"
 
 
-@pytest.fixture
-def stub() -> Iterator[tuple[int, list[str]]]:
-    """An HTTP/1.1 keep-alive server on 127.0.0.1 answering 200 with the
-    bodies the test puts in the list, in turn (the last one repeats)."""
-    bodies: list[str] = []
+@contextlib.contextmanager
+def http_stub(answer: Callable[[int], str]) -> Iterator[int]:
+    """An HTTP/1.1 keep-alive server on 127.0.0.1 (its port) answering its
+    n-th request (from 0) with 200 and ``answer(n)``."""
     counter = itertools.count()
 
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
         def do_GET(self) -> None:
-            data = bodies[min(next(counter), len(bodies) - 1)].encode()
+            data = answer(next(counter)).encode()
             self.send_response(200)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
@@ -46,11 +46,20 @@ def stub() -> Iterator[tuple[int, list[str]]]:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield server.server_address[1], bodies
+        yield server.server_address[1]
     finally:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+@pytest.fixture
+def stub() -> Iterator[tuple[int, list[str]]]:
+    """An :func:`http_stub` answering with the bodies the test puts in the
+    list, in turn (the last one repeats)."""
+    bodies: list[str] = []
+    with http_stub(lambda n: bodies[min(n, len(bodies) - 1)]) as port:
+        yield port, bodies
 
 
 def run_client(port: int, tmp_path: Path, duration: float = 0.5
@@ -105,37 +114,19 @@ def test_a_slow_answer_is_no_burst_and_shows_as_the_longest_gap(tmp_path: Path) 
     client does not make up the five missed requests back to back (a
     client that did would load the sidecar it watches most right after a
     stall); its summary shows that wait as the longest gap."""
-    served = itertools.count()
-
-    class Slow(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_GET(self) -> None:
-            if next(served) == 1:
-                stalled.wait(0.5)  # the second answer comes 0.5 s late
-            data = body("v1").encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
     stalled = threading.Event()  # never set: a wait with a deadline
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+
+    def answer(n: int) -> str:
+        if n == 1:
+            stalled.wait(0.5)  # the second answer comes 0.5 s late
+        return body("v1")
+
     summary_path = tmp_path / "summary.json"
-    try:
+    with http_stub(answer) as port:
         result = subprocess.run(
-            [PY, str(CLIENT), "--url", f"http://127.0.0.1:{server.server_address[1]}/serve",
+            [PY, str(CLIENT), "--url", f"http://127.0.0.1:{port}/serve",
              "--interval", "0.1", "--duration", "1.0", "--summary-json", str(summary_path)],
             env=child_env(), capture_output=True, text=True, timeout=30)
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
     summary = json.loads(summary_path.read_text())
     assert result.returncode == 0 and summary["failed"] == 0, result.stdout
     # At 0, 0.1 (answered at 0.6), 0.6, 0.7, 0.8, 0.9 s: 6 (a late tick
