@@ -49,6 +49,7 @@ response are not answered (clients must retry them, RFC 9112 9.3.2).
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import logging
 import numbers
@@ -149,7 +150,12 @@ class _Handshakes:
     seconds at most."""
 
     def __init__(self) -> None:
-        self._begun: dict[web.RequestHandler, float] = {}
+        # Oldest first: begun() appends with the loop's (monotonic) time and
+        # renew() gives them all the same, so pruning stops at the first one
+        # still young (an OrderedDict: a dict's front, emptied one by one,
+        # is scanned again at each look).
+        self._begun: collections.OrderedDict[web.RequestHandler, float] = \
+            collections.OrderedDict()
 
     def begun(self, handler: web.RequestHandler, now: float) -> None:
         self._prune(now)  # each accept drops the ones that failed long ago
@@ -171,9 +177,16 @@ class _Handshakes:
         return len(self._begun)
 
     def _prune(self, now: float) -> None:
-        for handler, begun in list(self._begun.items()):
-            if now - begun > _HANDSHAKE_WAIT:
-                del self._begun[handler]
+        # Only the expired ones, from the front: under a port scan (every
+        # handshake fails, none is ever reported) thousands are in progress,
+        # and a pass over all of them at each accept cost the loop more
+        # than the accepts themselves.
+        begun = self._begun
+        while begun:
+            handler = next(iter(begun))
+            if now - begun[handler] <= _HANDSHAKE_WAIT:
+                return
+            del begun[handler]
 
 
 class _TLSHandler(web.RequestHandler):
@@ -711,7 +724,8 @@ async def serve(app: web.Application, upgrader: Upgrader,
     The contexts stay the caller's: ``serve()`` does not change them, and
     they may be shared with other servers. Load the certificate chain
     before calling (there is no way to check for it here); a handshake that
-    fails ends that connection only (asyncio logs it), nothing else.
+    fails ends that connection only, nothing else (asyncio and uvloop log it
+    only in the loop's debug mode).
 
     Arguments are checked before anything is bound or installed:
     ``drain_timeout`` and ``cleanup_timeout`` must be finite numbers of
