@@ -260,8 +260,9 @@ class Upgrader:
         self.address = control.control_address(name, self.options.control_path)
         env = self.options.env
         self.versions = kruise.detect(env)
-        # What counts as this run's PostStart hook (kruise.hook_gave_up).
-        self._started_at = _proc.started_at() if self.versions.rank is not None else 0.0
+        # What counts as this run's PostStart hook (kruise.hook_gave_up):
+        # read by start() for a Kruise takeover only, before its hello.
+        self._started_at = 0.0
         self.role: Role | None = None
         self.state = State.STARTING
         self.generation = 0
@@ -346,6 +347,8 @@ class Upgrader:
             self.role = role
             return role
         self._starting = asyncio.get_running_loop().create_future()
+        if self.versions.rank is not None:
+            self._started_at = _proc.started_at()
         try:
             took_over = await self._take_over(required=role is Role.TAKEOVER)
             if self._closed:

@@ -35,9 +35,10 @@ def test_a_stopped_demo_leaves_no_process_and_no_listener(
             assert demo.poll() is None, out.read_text()
             assert time.monotonic() < deadline, out.read_text()
             time.sleep(0.05)
-        time.sleep(0.5)  # the client is under way
-        started = psutil.Process(demo.pid).children(recursive=True)
-        assert len(started) >= 2, started  # the sidecar v1 and the client
+        # The sidecar v1 and the client under way (not a sleep: their pids).
+        while len(started := psutil.Process(demo.pid).children(recursive=True)) < 2:
+            assert time.monotonic() < deadline, started
+            time.sleep(0.05)
         demo.send_signal(signum)
         assert demo.wait(timeout=30) != 0
         _, alive = psutil.wait_procs(started, timeout=10)
