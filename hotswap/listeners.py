@@ -458,8 +458,12 @@ def bind(address: Address, *, kind: str = "stream", backlog: int = DEFAULT_BACKL
          unix_mode: int | None = None) -> socket.socket:
     """Create, bind and (for stream) listen a new socket.
 
-    TCP sockets get SO_REUSEADDR (never SO_REUSEPORT: two unrelated binds on
-    one port is exactly what hotswap exists to avoid). ``unix_mode`` is applied
+    TCP sockets get SO_REUSEADDR, so that a port whose last connections are
+    still in TIME_WAIT binds again. UDP sockets do not: on Linux it lets
+    UDP sockets share a port, and a second, unrelated bind would take the
+    serving one's datagrams instead of failing with EADDRINUSE. Never
+    SO_REUSEPORT: two unrelated binds on one port is exactly what hotswap
+    exists to avoid. ``unix_mode`` is applied
     to a filesystem Unix socket before ``listen()``, so nobody can connect
     while it is wider than asked. A filesystem Unix stream socket whose path
     is left over from a process that stopped or died (nobody listens there)
@@ -490,7 +494,8 @@ def bind(address: Address, *, kind: str = "stream", backlog: int = DEFAULT_BACKL
     else:
         family = _inet_family(address[0])
         sock = socket.socket(family, sock_type)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if sock_type == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         target = address
     try:
         sock.bind(target)

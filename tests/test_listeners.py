@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from conftest import child_env
+from conftest import PY, ROOT, Procs, child_env, wait_for
 
 import hotswap
 from hotswap.errors import ListenerError
@@ -285,10 +286,13 @@ def test_what_is_no_address_is_a_listener_error_and_leaks_nothing(address: objec
         pass
 
 
-def test_bind_conflict_is_a_clear_error() -> None:
-    first = bind(("127.0.0.1", 0))
-    with pytest.raises(ListenerError, match="cannot bind"):
-        bind(first.getsockname())
+@pytest.mark.parametrize("kind", ["stream", "dgram"])
+def test_bind_conflict_is_a_clear_error(kind: str) -> None:
+    first = bind(("127.0.0.1", 0), kind=kind)
+    port = first.getsockname()[1]
+    for host in ("127.0.0.1", "0.0.0.0"):  # UDP ports were shared (SO_REUSEADDR)
+        with pytest.raises(ListenerError, match=r"cannot bind .*Address already in use"):
+            bind((host, port), kind=kind)
     first.close()
 
 
@@ -448,3 +452,120 @@ def test_successor_inherits_a_listener_asked_for_by_host_name() -> None:
             await new.close()
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+UDP_SERVER = ROOT / "tests/support/udp_server.py"
+
+
+def udp_server(procs: Procs, name: str, version: str, port: int = 0
+               ) -> tuple[subprocess.Popen[bytes], Path]:
+    proc = procs.spawn(version, [PY, str(UDP_SERVER), "--name", name, "--version", version,
+                                 "--port", str(port)])
+    return proc, procs.procs[-1][2]
+
+
+def udp_ready(proc: subprocess.Popen[bytes], log: Path) -> int:
+    """The port of a UDP server once it says READY (fails if it exits first)."""
+    def ready() -> int | None:
+        for line in log.read_text(errors="replace").splitlines():
+            if line.startswith("READY "):
+                return int(line.split()[1])
+        assert proc.poll() is None, f"exited with {proc.returncode}"
+        return None
+    port: int = wait_for(ready, 30, "the UDP server's READY")
+    return port
+
+
+class UdpClient:
+    """Numbered datagrams with at most ``window`` unanswered at once (so that
+    no socket buffer overflows however slowly the servers run), each answer
+    counted by who gave it."""
+
+    def __init__(self, port: int, window: int = 32) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.connect(("127.0.0.1", port))
+        self.window = window
+        self.sent = 0
+        self.answers: dict[int, list[bytes]] = {}
+
+    def _read(self, timeout: float) -> bool:
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(100)
+        except TimeoutError:
+            return False
+        version, _, number = data.partition(b":")
+        self.answers.setdefault(int(number), []).append(version)
+        return True
+
+    def unanswered(self) -> int:
+        return self.sent - len(self.answers)
+
+    def exchange(self, until: subprocess.Popen[bytes] | None = None,
+                 count: int = 0) -> None:
+        """Send while ``until`` runs (or ``count`` more), then collect every
+        answer; fails if none came for 10 s while some were missing."""
+        goal = self.sent + count
+        while (until is not None and until.poll() is None) or self.sent < goal:
+            if self.unanswered() < self.window:
+                self.sock.send(str(self.sent).encode())
+                self.sent += 1
+            else:
+                assert self._read(10), f"no answer for 10 s, {self.unanswered()} missing"
+        while self.unanswered():
+            assert self._read(10), f"no answer for 10 s, {self.unanswered()} missing"
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_udp_datagrams_are_each_answered_once_across_a_handover(procs: Procs,
+                                                                  name: str) -> None:
+    """A UDP listener changes hands like a TCP one: both versions read the
+    one kernel socket until the old one stops, so every datagram, those
+    queued when it stops included, is answered once, by one of them."""
+    v1, v1_log = udp_server(procs, name, "v1")
+    port = udp_ready(v1, v1_log)
+    client = UdpClient(port)
+    try:
+        client.exchange(count=200)
+        v2, v2_log = udp_server(procs, name, "v2")
+        client.exchange(until=v1)  # until v1 has handed over and stopped
+        assert v1.wait(timeout=10) == 0, procs.logs()
+        client.exchange(count=200)
+    finally:
+        client.close()
+    by = client.answers
+    assert sorted(by) == list(range(client.sent))  # none lost
+    assert not {n: versions for n, versions in by.items() if len(versions) > 1}
+    assert all(by[n] == [b"v1"] for n in range(200))
+    assert all(by[n] == [b"v2"] for n in range(client.sent - 200, client.sent))
+    assert udp_ready(v2, v2_log) == port
+
+
+def test_a_udp_port_in_use_is_refused_not_shared(procs: Procs, name: str) -> None:
+    """A second, unrelated start on the UDP port a serving version holds
+    (another name: nothing to take over) fails with EADDRINUSE, as it does
+    for TCP. It used to bind beside it (SO_REUSEADDR lets UDP sockets share
+    a port on Linux) and take every datagram from the serving version, whose
+    queue it would lose when either stopped."""
+    v1, v1_log = udp_server(procs, name, "v1")
+    port = udp_ready(v1, v1_log)
+    other, other_log = udp_server(procs, name + "-other", "other", port)
+
+    def settled() -> bool:
+        return other.poll() is not None or "READY" in other_log.read_text(errors="replace")
+    wait_for(settled, 30, "the second start to bind or fail")
+    assert "READY" not in other_log.read_text(errors="replace"), \
+        "a second server bound the serving UDP port"
+    assert other.wait(timeout=10) != 0
+    assert "Address already in use" in other_log.read_text(errors="replace")
+    client = UdpClient(port)
+    try:
+        client.exchange(count=100)
+    finally:
+        client.close()
+    assert all(versions == [b"v1"] for versions in client.answers.values())
+    v1.send_signal(signal.SIGTERM)
+    assert v1.wait(timeout=10) == 0
