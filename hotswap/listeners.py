@@ -515,8 +515,19 @@ def systemd_sockets(env: Mapping[str, str], pid: int) -> dict[str, socket.socket
     """Sockets passed by systemd (``LISTEN_FDS``/``LISTEN_FDNAMES``), by name.
 
     Only honoured when ``LISTEN_PID`` is ``pid``. Unnamed ones are called
-    ``fd3``, ``fd4``, ... The returned sockets are owned by the caller;
-    descriptors that are not sockets are closed and skipped.
+    ``fd3``, ``fd4``, ... The returned sockets are owned by the caller (and
+    made close-on-exec); descriptors that are not sockets are closed and
+    skipped.
+
+    Only descriptors that came across ``exec`` count: a launcher passes them
+    without close-on-exec (systemd clears it), while everything this process
+    opens itself is close-on-exec (Python's default), and so is each one
+    taken here. A number past what the launcher passed (``LISTEN_FDS`` too
+    high, a passed descriptor closed and its number reused, the environment
+    read again by a second upgrader or after an ``exec`` of ourselves) is
+    one of ours, the event loop's say: left alone, with a warning. Taking
+    those closed the loop's epoll descriptor ("no socket") and its wake-up
+    socket (an unclaimed listener).
     """
     if env.get("LISTEN_PID") != str(pid):
         return {}
@@ -531,11 +542,23 @@ def systemd_sockets(env: Mapping[str, str], pid: int) -> dict[str, socket.socket
         fd = 3 + i
         name = names[i] if i < len(names) and names[i] else f"fd{fd}"
         try:
-            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            passed = os.get_inheritable(fd)
+            if passed and not stat.S_ISSOCK(os.fstat(fd).st_mode):
                 os.close(fd)
                 continue
+        except OSError:  # closed
+            log.warning("LISTEN_FDS=%s: fd %d is not open; skipped", count, fd)
+            continue
+        if not passed:
+            log.warning("LISTEN_FDS=%s: fd %d is close-on-exec, so this process "
+                        "opened it (or took it already), not its launcher: left alone",
+                        count, fd)
+            continue
+        try:
             sock = socket.socket(fileno=fd)
-        except OSError:
+        except OSError:  # a socket Python cannot wrap: passed to us, closed
+            with contextlib.suppress(OSError):
+                os.close(fd)
             continue
         sock.set_inheritable(False)
         sock.setblocking(False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import select
 import signal
 import socket
 import stat
@@ -395,6 +396,96 @@ def test_systemd_sockets_are_adopted_by_name(tmp_path: Path) -> None:
             child.communicate()
     assert child.returncode == 0, err
     assert json.loads(out) == {"http": 3, "admin": 5}, err
+
+
+SYSTEMD_MISCOUNT_CHILD = """
+import asyncio, fcntl, os, socket, sys, threading
+import hotswap
+# The launcher passed one socket, at fd 3, but says LISTEN_FDS=3: fds 4 and
+# 5 are whatever this process opened since (the event loop's epoll and
+# wake-up socket).
+high = fcntl.fcntl(int(sys.argv[1]), fcntl.F_DUPFD, 100)
+os.close(int(sys.argv[1]))
+os.dup2(high, 3)
+os.close(high)
+env = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "3"}
+
+async def serve_once(upg, address):
+    await upg.start()
+    sock = upg.listen("http", address)
+    server = await asyncio.start_server(
+        lambda r, w: (w.write(b"answered"), w.close()), sock=sock)
+    await upg.ready()
+    # The loop still wakes up from another thread (its wake-up socket), and
+    # its poller still works (the accept below).
+    woken = asyncio.get_running_loop().create_future()
+    loop = asyncio.get_running_loop()
+    threading.Thread(target=loop.call_soon_threadsafe,
+                     args=(woken.set_result, None)).start()
+    await asyncio.wait_for(woken, 10)
+    print("SERVING", sock.getsockname()[1], flush=True)
+    await asyncio.wait_for(sys_stdin_line(), 30)
+    await hotswap.close_server(server)
+    await upg.release()
+    await upg.close()
+
+async def sys_stdin_line():
+    return await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+
+async def main():
+    await serve_once(hotswap.Upgrader(sys.argv[2], options=hotswap.Options(env=env)),
+                     ("127.0.0.1", int(sys.argv[3])))
+    # Started again in the same process (a retry): fd 3 is another socket of
+    # ours by now, not the launcher's.
+    mine = socket.socket()
+    await serve_once(hotswap.Upgrader(sys.argv[2] + "-again", options=hotswap.Options(env=env)),
+                     ("127.0.0.1", 0))
+    os.fstat(mine.fileno())  # still open
+    mine.close()
+
+asyncio.run(main())
+"""
+
+
+def test_systemd_descriptors_this_process_opened_itself_are_left_alone() -> None:
+    """LISTEN_FDS counts more descriptors than the launcher passed (or the
+    process starts an upgrader a second time): the numbers past the
+    launcher's are descriptors this process opened itself, close-on-exec as
+    everything Python opens, and are left alone. They were taken as systemd
+    sockets or closed as "no socket": the event loop's epoll descriptor
+    closed (its next poll failed with EINVAL), its wake-up socket closed as
+    an unclaimed listener, and on a second start a socket of the app's."""
+    tcp = bind(("127.0.0.1", 0))
+    port = tcp.getsockname()[1]
+    tcp.set_inheritable(True)  # passed across exec, as a launcher does
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    child = subprocess.Popen([sys.executable, "-c", SYSTEMD_MISCOUNT_CHILD, str(tcp.fileno()),
+                              name, str(port)], pass_fds=(tcp.fileno(),), env=child_env(),
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        tcp.close()
+        for round_ in range(2):
+            # One line, then the child waits for ours: nothing more is buffered.
+            readable, _, _ = select.select([child.stdout], [], [], 30)
+            assert readable, "the child did not serve within 30 s"
+            line = child.stdout.readline()
+            assert line.startswith("SERVING "), f"{line!r}: {child.communicate(timeout=30)}"
+            served = line.split()[1]
+            if round_ == 0:
+                assert int(served) == port  # the launcher's socket, inherited
+            with socket.create_connection(("127.0.0.1", int(served)), timeout=10) as conn:
+                assert conn.recv(100) == b"answered"
+            child.stdin.write("next\n")
+            child.stdin.flush()
+        _, err = child.communicate(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+    assert child.returncode == 0, err
+    assert "LISTEN_FDS" in err  # what was left alone is said
 
 
 def test_systemd_sockets_only_for_our_pid() -> None:
