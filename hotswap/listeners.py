@@ -431,17 +431,19 @@ def _put_back(path: str, link: str) -> None:
         log.error("Unix socket path %s: could not put it back (%s)", path, exc)
 
 
-def _stale_unix_socket(path: str) -> bool:
+def _stale_unix_socket(path: str, sock_type: int = socket.SOCK_STREAM) -> bool:
     """Whether ``path`` is a Unix socket file that nobody listens on (its
-    process stopped or died: a path outlives its socket). A listener whose
-    queue is full (EAGAIN: the probe never waits), a symbolic link, or
-    anything that is not a socket, does not count."""
+    process stopped or died: a path outlives its socket), probed with a
+    socket of ``sock_type``, the type about to be bound there. A listener whose
+    queue is full (EAGAIN: the probe never waits), a live socket of the
+    other type (EPROTOTYPE), a symbolic link, or anything that is not a
+    socket, does not count."""
     try:
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             return False
     except OSError:
         return False
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe = socket.socket(socket.AF_UNIX, sock_type)
     probe.setblocking(False)
     try:
         probe.connect(path)
@@ -463,12 +465,12 @@ def bind(address: Address, *, kind: str = "stream", backlog: int = DEFAULT_BACKL
     UDP sockets share a port, and a second, unrelated bind would take the
     serving one's datagrams instead of failing with EADDRINUSE. Never
     SO_REUSEPORT: two unrelated binds on one port is exactly what hotswap
-    exists to avoid. ``unix_mode`` is applied
-    to a filesystem Unix socket before ``listen()``, so nobody can connect
-    while it is wider than asked. A filesystem Unix stream socket whose path
-    is left over from a process that stopped or died (nobody listens there)
-    is removed first, as a fresh start must be able to bind it. The caller
-    owns the returned socket.
+    exists to avoid. ``unix_mode`` is applied to a filesystem Unix socket
+    before ``listen()``, so nobody can connect while it is wider than asked.
+    A filesystem Unix socket (stream or datagram) whose path is left over
+    from a process that stopped or died (nobody listens there) is removed
+    first, as a fresh start must be able to bind it. The caller owns the
+    returned socket.
     A host name is resolved by ``socket.bind`` (first getaddrinfo result in
     the socket's family, waiting on the system resolver as long as it takes;
     :func:`matches` resolves the same way). Raises ListenerError (chained) if
@@ -481,8 +483,7 @@ def bind(address: Address, *, kind: str = "stream", backlog: int = DEFAULT_BACKL
     sock_type = _KINDS[kind]
     if isinstance(address, str):
         path = _unix_bind_name(address)
-        if sock_type == socket.SOCK_STREAM and not path.startswith("\0") \
-                and _stale_unix_socket(path):
+        if not path.startswith("\0") and _stale_unix_socket(path, sock_type):
             log.info("removing stale Unix socket %s (nobody listens on it)", path)
             try:
                 with contextlib.suppress(FileNotFoundError):

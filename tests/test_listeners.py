@@ -202,26 +202,40 @@ def test_filesystem_unix_socket_is_owner_only(tmp_path) -> None:  # type: ignore
     sock.close()
 
 
-def test_a_unix_path_left_over_is_bound_again_a_live_one_is_not(tmp_path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("kind", ["stream", "dgram"])
+def test_a_unix_path_left_over_is_bound_again_a_live_one_is_not(  # type: ignore[no-untyped-def]
+        tmp_path, kind: str) -> None:
     """A Unix socket's path outlives its socket: after the last version
     stopped (or died), a fresh start must bind it again (it failed with
-    EADDRINUSE: a crash loop). A path someone listens on stays theirs, and
-    a file that is no socket is never removed."""
+    EADDRINUSE: a crash loop; for a datagram socket until this was probed
+    as one too). A path someone listens on stays theirs, and a file that is
+    no socket is never removed."""
     path = str(tmp_path / "svc.sock")
-    first = bind(path)
+    first = bind(path, kind=kind)
     with pytest.raises(ListenerError, match="Address already in use"):
-        bind(path)  # live: theirs
+        bind(path, kind=kind)  # live: theirs
     first.close()
     assert os.path.exists(path)  # left over
-    again = bind(path)
-    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    client.connect(path)  # it is ours now, and listening
+    again = bind(path, kind=kind)
+    client = socket.socket(socket.AF_UNIX, again.type)
+    client.connect(path)  # it is ours now, and listening (or reading)
+    if kind == "dgram":
+        client.send(b"to the new one")
+        assert again.recv(100) == b"to the new one"
     client.close()
     again.close()
+    other = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM if kind == "stream"
+                          else socket.SOCK_STREAM)
+    other.bind(str(tmp_path / "other.sock"))
+    if kind == "dgram":
+        other.listen()
+    with pytest.raises(ListenerError, match="Address already in use"):
+        bind(str(tmp_path / "other.sock"), kind=kind)  # live, of the other type
+    other.close()
     plain = tmp_path / "not-a-socket"
     plain.write_text("data")
     with pytest.raises(ListenerError):
-        bind(str(plain))
+        bind(str(plain), kind=kind)
     assert plain.read_text() == "data"
 
 
