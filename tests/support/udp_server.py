@@ -23,11 +23,16 @@ class Echo(asyncio.DatagramProtocol):
         self.prefix = version.encode() + b":"
         self.answered = 0
         self.transport: asyncio.DatagramTransport | None = None
+        self.closed = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # The stock loop's datagram transport is no DatagramTransport subclass
         # before Python 3.12 (it has its methods).
         self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
 
     def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
         assert self.transport is not None
@@ -48,8 +53,10 @@ async def main(args: argparse.Namespace) -> int:
     print("READY", sock.getsockname()[1], flush=True)
     reason = await upgrader.wait_exit()
     # Stop reading: what is still queued stays in the shared socket, for the
-    # successor. The transport closes our descriptor (only ours).
+    # successor. The transport closes our descriptor (only ours) once the
+    # answers it still buffers are out: release() closes it otherwise.
     transport.close()
+    await asyncio.wait_for(echo.closed, 5)
     await upgrader.release()
     await upgrader.close()
     print("EXIT", reason.value, echo.answered, flush=True)
