@@ -539,6 +539,8 @@ def systemd_sockets(env: Mapping[str, str], pid: int) -> dict[str, socket.socket
         return {}
     names = env.get("LISTEN_FDNAMES", "").split(":") if env.get("LISTEN_FDNAMES") else []
     found: dict[str, socket.socket] = {}
+    missing: list[int] = []  # said once each, not a line per descriptor
+    ours: list[int] = []
     for i in range(count):
         fd = 3 + i
         name = names[i] if i < len(names) and names[i] else f"fd{fd}"
@@ -548,12 +550,10 @@ def systemd_sockets(env: Mapping[str, str], pid: int) -> dict[str, socket.socket
                 os.close(fd)
                 continue
         except OSError:  # closed
-            log.warning("LISTEN_FDS=%s: fd %d is not open; skipped", count, fd)
+            missing.append(fd)
             continue
         if not passed:
-            log.warning("LISTEN_FDS=%s: fd %d is close-on-exec, so this process "
-                        "opened it (or took it already), not its launcher: left alone",
-                        count, fd)
+            ours.append(fd)
             continue
         try:
             sock = socket.socket(fileno=fd)
@@ -568,4 +568,11 @@ def systemd_sockets(env: Mapping[str, str], pid: int) -> dict[str, socket.socket
             sock.close()
             continue
         found[name] = sock
+    if ours:
+        log.warning("LISTEN_FDS=%d: %d descriptor(s) from fd %d on are close-on-exec, "
+                    "so this process opened them (or took them already), not its "
+                    "launcher: left alone", count, len(ours), ours[0])
+    if missing:
+        log.warning("LISTEN_FDS=%d: %d descriptor(s) from fd %d on are not open: "
+                    "skipped", count, len(missing), missing[0])
     return found
