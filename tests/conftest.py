@@ -218,13 +218,15 @@ class Load:
     100 ms busybox client and new-connection clients; nothing retries."""
 
     def __init__(self, procs: Procs, port: int, *, keepalive: int, fresh: int,
-                 interval: float, duration: float, busybox: int = 1) -> None:
+                 interval: float, duration: float, busybox: int = 1,
+                 timeout: float = 2.0) -> None:
         self.out = procs.tmp / f"load-{uuid.uuid4().hex[:6]}.json"
         self.proc = procs.spawn("load", [PY, str(LOADGEN), "--port", str(port),
                                          "--keepalive", str(keepalive),
                                          "--fresh", str(fresh), "--busybox", str(busybox),
                                          "--pace", str(interval),
                                          "--duration", str(duration), "--no-records",
+                                         "--timeout", str(timeout),
                                          "--out", str(self.out)])
         self.duration = duration
         self.log = procs.procs[-1][2]
@@ -252,9 +254,10 @@ class Load:
 @pytest.fixture
 def load(procs: Procs) -> Callable[..., Load]:
     def start(port: int, *, keepalive: int = 4, fresh: int = 2, interval: float = 0.002,
-              duration: float = 60.0, busybox: int = 1) -> Load:
+              duration: float = 60.0, busybox: int = 1, timeout: float = 2.0) -> Load:
+        """``timeout``: each request's, in seconds (a failure after it)."""
         return Load(procs, port, keepalive=keepalive, fresh=fresh, interval=interval,
-                    duration=duration, busybox=busybox)
+                    duration=duration, busybox=busybox, timeout=timeout)
     return start
 
 

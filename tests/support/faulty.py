@@ -11,13 +11,21 @@ with the remaining arguments. ``HOTSWAP_TEST_FAULT`` is
   descriptors, if any), close the connection, and fail the send as a broken
   channel would (the process lives on);
 - ``stop-before``: SIGSTOP this process just before sending that message;
-- ``stop-after``: SIGSTOP this process just after receiving that message (the
-  test SIGCONTs or kills it);
+- ``stop-after``: SIGSTOP this process just after sending or receiving that
+  message (the test SIGCONTs or kills it);
 - ``fill-fds``: just before sending that message, take every descriptor
   number this process may still open but one (as a process near its
   RLIMIT_NOFILE would have none to spare).
 
-``half-frame`` fires once; the others every time.
+``half-frame``, ``stop-before`` and ``stop-after`` fire once (a process
+resumed serves on, and may be upgraded again without stopping there); the
+others every time. ``HOTSWAP_TEST_FAULT`` may be unset (or ``none``): no
+fault, only what follows.
+
+``HOTSWAP_TEST_OPTIONS`` (``field=seconds,...``) sets :class:`hotswap.Options`
+timeouts the sample sidecar has no flag for (``message_timeout``,
+``predecessor_drain_timeout``, ``handover_timeout``), so that a test may
+freeze a process past them in a second rather than in a minute.
 
 ``app:on_shutdown:ignore-cancel`` is no channel fault: it gives the app an
 ``on_shutdown`` callback that never returns and ignores its cancellation.
@@ -32,16 +40,37 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import hotswap.upgrader
 from hotswap import transport
 from hotswap.errors import BrokenResourceError
 from hotswap.protocol import encode
 
-WHERE, TYPE, ACTION = os.environ["HOTSWAP_TEST_FAULT"].split(":")
+FAULT = os.environ.get("HOTSWAP_TEST_FAULT") or "none:none:none"
+WHERE, TYPE, ACTION = FAULT.split(":")
 _send, _receive = transport.Channel.send, transport.Channel.receive
 _fired = False
+_stopped = False
+
+OPTIONS = {key: float(value) for key, _, value in (
+    item.partition("=") for item in os.environ.get("HOTSWAP_TEST_OPTIONS", "").split(",")
+    if item)}
+_post_init = hotswap.upgrader.Options.__post_init__
+
+
+def post_init(self: hotswap.upgrader.Options) -> None:
+    for key, value in OPTIONS.items():
+        setattr(self, key, value)
+    _post_init(self)
+
+
+hotswap.upgrader.Options.__post_init__ = post_init  # type: ignore[method-assign]
 
 
 def stop(what: str) -> None:
+    global _stopped
+    if _stopped:
+        return
+    _stopped = True
     sys.stderr.write(f"faulty: SIGSTOP {what}\n")
     sys.stderr.flush()
     os.kill(os.getpid(), signal.SIGSTOP)
@@ -91,8 +120,11 @@ async def send(self: transport.Channel, message: Any, *, timeout: float) -> None
             self.close()
             raise BrokenResourceError("test fault: connection closed mid-frame")
     await _send(self, message, timeout=timeout)
-    if WHERE == "send" and message.TYPE == TYPE and ACTION == "kill-after":
-        die()
+    if WHERE == "send" and message.TYPE == TYPE:
+        if ACTION == "kill-after":
+            die()
+        if ACTION == "stop-after":
+            stop(f"after sending {TYPE}")
 
 
 async def receive(self: transport.Channel, *, timeout: float) -> Any:
