@@ -53,6 +53,7 @@ from .errors import (
     HotswapError,
     ListenerError,
     ProtocolError,
+    RemoteProtocolError,
 )
 from .fdio import descriptor_room
 from .kruise import Role
@@ -828,9 +829,14 @@ class Upgrader:
                 return True
             except HandoverRefused as exc:
                 channel.close()
-                if exc.code != "busy" or loop.time() + delay > deadline:
+                # "timeout": it gave up on our connection before our hello
+                # came (this process was stopped or starved in between):
+                # nothing was taken, and a new try may well succeed.
+                if exc.code not in ("busy", "timeout") or loop.time() + delay > deadline:
                     raise
-                log.info("%s: serving process busy (%s); retrying", self.name, exc.reason)
+                log.info("%s: serving process %s (%s); retrying", self.name,
+                         "busy" if exc.code == "busy" else "gave up waiting for our hello",
+                         exc.reason)
             except BrokenResourceError as exc:
                 channel.close()
                 if exc.truncated:
@@ -871,6 +877,13 @@ class Upgrader:
                 f"the process serving {self.address} (pid {pid}) did not answer our "
                 f"hello ({exc}): it is stopped, hung or flooded, or it is not a "
                 f"hotswap process; nothing was taken") from None
+        except RemoteProtocolError as exc:
+            self._set_state(State.STARTING)
+            pid = channel.peer_credentials()[0]
+            raise HandoverFailed(
+                f"the process serving {self.address} (pid {pid}) answered our hello "
+                f"with no hotswap reply ({exc}): it is not a hotswap process of "
+                f"protocol {PROTOCOL_VERSION}; nothing was taken") from exc
         if isinstance(reply, Refused):
             self._set_state(State.STARTING)
             raise HandoverRefused(reply.code, reply.reason)
@@ -879,7 +892,15 @@ class Upgrader:
         try:
             remaining = reply.count
             while remaining:
-                chunk = await channel.receive(timeout=opts.message_timeout)
+                try:
+                    chunk = await channel.receive(timeout=opts.message_timeout)
+                except HandoverTimeout as exc:
+                    raise HandoverTimeout(
+                        f"the process serving {self.address} (pid {reply.pid}, "
+                        f"{reply.version or 'no version'}) sent "
+                        f"{reply.count - remaining} of its {reply.count} socket(s), then "
+                        f"nothing ({exc}): it is stopped, hung or starved; nothing was "
+                        f"taken, it serves on") from None
                 if isinstance(chunk, Failed):
                     raise HandoverFailed(f"predecessor gave up: {chunk.reason}")
                 assert isinstance(chunk, Sockets)
@@ -1266,7 +1287,14 @@ class Upgrader:
                                        reason=f"uid {uid} is not allowed"),
                                timeout=timeout)
             return False
-        first = await channel.receive(timeout=timeout)
+        try:
+            first = await channel.receive(timeout=timeout)
+        except HandoverTimeout:
+            # Said to the peer too (Refused "timeout"): a successor that
+            # was stopped or starved before its hello learns why, and tries
+            # again.
+            raise HandoverTimeout(f"nothing received within {timeout:.1f}s of "
+                                  f"connecting: gave up on this connection") from None
         if (me := asyncio.current_task()) is not None:
             self._silent.pop(me, None)
         if isinstance(first, StatusRequest):
