@@ -578,7 +578,9 @@ class Upgrader:
         ends the channel unacknowledged and counts as not sent. A frame whose
         acknowledgement does not come in time counts as sent (the successor
         adopts a complete frame it could not acknowledge: never two servers
-        for one connection, nor none). Each send and each wait for an
+        for one connection, nor none); what arrived by then counts first (a
+        loop stalled past the wait wakes to its timer before its socket),
+        so a refusal already there keeps the frame here. Each send and each wait for an
         acknowledgement takes at most ``message_timeout``, and all of them
         together at most ``timeout`` seconds when given (what is left of the
         drain).
@@ -606,7 +608,7 @@ class Upgrader:
                     # The successor adopts only what it acknowledged; the
                     # channel ending first means it has none of this frame.
                     try:
-                        reply = await channel.receive(timeout=wait())
+                        reply = await self._acknowledgement(channel, wait())
                     except HandoverTimeout as exc:
                         # Closing the channel without an answer tells it to
                         # adopt them, if the frame reached it: they count as
@@ -635,6 +637,22 @@ class Upgrader:
                 return sent
             sent += len(chunk)
         return sent
+
+    @staticmethod
+    async def _acknowledgement(channel: Channel, timeout: float) -> Message:
+        """The successor's answer to a frame of connections, within
+        ``timeout``. A loop that was stalled (starved, stopped) past it wakes
+        to its timer before its socket: what already arrived still counts.
+        A refusal there (the channel closed unacknowledged) means the
+        successor closed its copies: letting go then would leave the
+        connections with nobody."""
+        try:
+            return await channel.receive(timeout=timeout)
+        except HandoverTimeout as exc:
+            try:
+                return await channel.receive(timeout=0)  # no wait: only what is there
+            except HandoverTimeout:
+                raise exc from None
 
     async def release(self) -> None:
         """Say that this process has stopped accepting.

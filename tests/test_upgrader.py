@@ -70,16 +70,17 @@ async def taken_over(old: hotswap.Upgrader, name: str, adopter: Callable[
     return new
 
 
-async def raw_successor(name: str, version: str) -> Channel:
-    """A successor by hand: hello, the welcome, the two sockets (the
-    listener and the control socket; closed here). Returns its channel,
-    before Accepting."""
+async def raw_successor(name: str, version: str,
+                        capabilities: tuple[str, ...] = ()) -> Channel:
+    """A successor by hand: hello (offering ``capabilities``), the welcome,
+    the two sockets (the listener and the control socket; closed here).
+    Returns its channel, before Accepting."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.setblocking(False)
     await asyncio.get_running_loop().sock_connect(sock, sockaddr(control_address(name)))
     channel = Channel(sock, Sender.CLIENT)
     hello = hotswap.protocol.Hello(pid=os.getpid(), version=version, rank=None,
-                                   token="", capabilities=())
+                                   token="", capabilities=capabilities)
     assert isinstance(await channel.request(hello, timeout=5), hotswap.protocol.Welcome)
     chunk = await channel.receive(timeout=5)
     assert isinstance(chunk, hotswap.protocol.Sockets) and chunk.nfds == 2
@@ -701,6 +702,56 @@ def test_a_frame_with_a_connection_the_successor_cannot_serve_stays(run: Runner)
             sock.close()
         await old.close(cut=0)
         await new.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("answer", ["refused", "adopted"])
+def test_an_answer_that_came_while_the_old_side_stalled_counts(run: Runner, answer: str) -> None:
+    """The old side is stalled (here: its event loop blocked) past its wait
+    for the acknowledgement of a frame of connections while the successor's
+    answer arrives. It wakes to its timer before its socket; letting go
+    then, after a refusal (the channel closed unacknowledged: a successor
+    that is stopping, say), would leave the connection with nobody: the
+    successor closed its copies, and the old side closes its own. What
+    already arrived counts: a refusal keeps the connections (0 sent, served
+    on), an acknowledgement lets go of them."""
+    name = new_name()
+
+    async def main() -> None:
+        old = await serving_upgrader(name, "v1", message_timeout=0.3)
+        client = socket.create_connection(("127.0.0.1", port_of(old.status())))
+        server_side, _ = old._listeners["http"].sock.accept()
+        channel = await raw_successor(name, "v2", ("connections", "connections-ack"))
+        await channel.send(hotswap.protocol.Accepting(), timeout=5)
+        assert await old.wait_exit() is hotswap.ExitReason.TAKEN_OVER
+        await old.release()
+        assert isinstance(await channel.receive(timeout=5), hotswap.protocol.Released)
+        handing = asyncio.create_task(
+            old.hand_over_connections([("http", server_side.fileno(), "peer")]))
+        frame = await channel.receive(timeout=5)
+        assert isinstance(frame, hotswap.protocol.Connections) and len(frame.fds) == 1
+        if answer == "refused":
+            os.close(frame.fds[0])
+            channel.close()
+        else:
+            await channel.send(hotswap.protocol.Adopted(count=1), timeout=5)
+        time.sleep(0.6)  # noqa: ASYNC251 - the stall itself: the old side cannot run
+        client.settimeout(5)
+        if answer == "refused":
+            assert await handing == 0  # kept
+            assert old.can_hand_over_connections is False
+            server_side.sendall(b"the old side")
+            assert client.recv(100) == b"the old side"
+        else:
+            assert await handing == 1  # the successor's
+            with socket.socket(fileno=frame.fds[0]) as adopted:
+                adopted.sendall(b"the successor")
+                assert client.recv(100) == b"the successor"
+            channel.close()
+        for sock in (server_side, client):
+            sock.close()
+        await old.close(cut=0)
 
     run(main())
 
