@@ -79,8 +79,10 @@ DEFAULT_CLEANUP_TIMEOUT = 3.0
 drain's end (beside the busy connections' 1 s grace), and ``serve()``'s
 ``on_drain`` from the drain's start; ``on_cleanup`` must be over by the
 drain's end + 1 s + this. With the defaults, drain (25 s), grace (1 s) and
-these end a stop within 29 s: inside Kubernetes' default 30 s grace period,
-after which the kubelet kills."""
+these end a stop within 29 s (0.1 s more when the successor's
+acknowledgement of a frame of connections timed out at the drain's end:
+the old side's wait for its last word): inside Kubernetes' default 30 s
+grace period, after which the kubelet kills."""
 
 GRACE = 1.0
 """Seconds a request still being handled when the drain ends gets to send

@@ -76,6 +76,7 @@ class Channel:
         self._receive_broken = ""  # why receiving cannot go on (MSG_CTRUNC)
         self._send_lock = asyncio.Lock()
         self._torn = False  # a frame went out in part only
+        self._shut = False  # shutdown_sending(): nothing more goes out
         # The loop and waiter of a send (True) / receive (False) waiting for
         # the socket, so that close() can unregister them before the
         # descriptor goes.
@@ -131,9 +132,11 @@ class Channel:
             async with asyncio.timeout(timeout):
                 async with self._send_lock:
                     self._check_open()
-                    if self._torn:
+                    if self._torn or self._shut:
                         raise BrokenResourceError(
-                            f"cannot send {message.TYPE!r}: an earlier frame was cut short")
+                            f"cannot send {message.TYPE!r}: " + (
+                                "an earlier frame was cut short" if self._torn
+                                else "our side of the channel is shut"))
                     frame = self.conn.send(message)
                     # The descriptors go with the frame's first byte, in a
                     # sendmsg of this frame only; the rest follows before
@@ -250,7 +253,7 @@ class Channel:
         """Best effort: write one frame now, bypassing the state machine (to
         explain an error on a conversation that is already dead). Never
         raises; a peer that does not read it loses nothing of ours."""
-        if self._closed or self._torn or self._send_lock.locked():
+        if self._closed or self._torn or self._shut or self._send_lock.locked():
             return  # the peer is mid-frame: our bytes would land inside it
         frame = encode(message)
         with contextlib.suppress(OSError):
@@ -307,6 +310,18 @@ class Channel:
     def _check_open(self) -> None:
         if self._closed:
             raise ClosedResourceError("control channel is closed")
+
+    def shutdown_sending(self) -> None:
+        """Send no more (``shutdown(SHUT_WR)``): the peer reads EOF after
+        what we sent, and we may still receive. The channel's socket is
+        ours and the peer's alone (never a shared listener). Every later
+        :meth:`send` raises BrokenResourceError."""
+        self._check_open()
+        self._shut = True
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            raise BrokenResourceError(f"ending our side: {exc}") from exc
 
     def close(self) -> None:
         """Close the socket and any descriptors not yet handed out. Idempotent.

@@ -87,6 +87,10 @@ from .transport import Channel, close_fds, wake
 log = logging.getLogger("hotswap")
 
 _ACK = "connections-ack"  # capability: Adopted after each Connections frame
+_LAST_WORD = 0.1
+"""Seconds the old side waits, after a frame's acknowledgement did not come
+in time and it has said so, for the successor's last word on the frame (a
+refusal decided before the successor saw ours keeps the frame)."""
 _CONTROL_BACKLOG = 64
 _CONTROL_CONNECTIONS = 16
 """Control connections handled at once (a probe, a hook, a successor: a few)."""
@@ -580,7 +584,9 @@ class Upgrader:
         adopts a complete frame it could not acknowledge: never two servers
         for one connection, nor none); what arrived by then counts first (a
         loop stalled past the wait wakes to its timer before its socket),
-        so a refusal already there keeps the frame here. Each send and each wait for an
+        and so does what the successor decided before it saw that we let
+        go (its last word: up to 0.1 s more, once); a refusal keeps the
+        frame here. Each send and each wait for an
         acknowledgement takes at most ``message_timeout``, and all of them
         together at most ``timeout`` seconds when given (what is left of the
         drain).
@@ -610,11 +616,14 @@ class Upgrader:
                     try:
                         reply = await self._acknowledgement(channel, wait())
                     except HandoverTimeout as exc:
-                        # Closing the channel without an answer tells it to
-                        # adopt them, if the frame reached it: they count as
-                        # sent.
-                        log.warning("%s: no acknowledgement for %d connection(s) (%s); "
-                                    "letting go of them", self.name, len(chunk), exc)
+                        # No answer in time: let go of them, which the
+                        # successor, reading the frame after our end closed,
+                        # takes for "adopt them" (they count as sent), unless
+                        # its last word says it refused them.
+                        late = await self._last_word(channel)
+                        log.warning("%s: %s for %d connection(s) (%s); letting go of "
+                                    "them", self.name, "late acknowledgement" if late
+                                    else "no acknowledgement", len(chunk), exc)
                         channel.close()
                         self._successor = None
                         return sent + len(chunk)
@@ -653,6 +662,27 @@ class Upgrader:
                 return await channel.receive(timeout=0)  # no wait: only what is there
             except HandoverTimeout:
                 raise exc from None
+
+    @staticmethod
+    async def _last_word(channel: Channel) -> bool:
+        """After a frame's acknowledgement did not come in time: end our
+        side of the channel (``shutdown(SHUT_WR)``: a successor that reads
+        the frame after this finds us closed and adopts it), then give the
+        successor :data:`_LAST_WORD` seconds for what it decided before it
+        saw that. True if it acknowledged the frame, False if nothing came
+        (the frame is the successor's). Raises the channel's error if the
+        successor refused it (closed unacknowledged): it closed its copies,
+        so the connections are ours to serve on; closing ours too would
+        leave them with nobody."""
+        with contextlib.suppress(HotswapError):  # (its close may be there already)
+            channel.shutdown_sending()
+        try:
+            reply = await Upgrader._acknowledgement(channel, _LAST_WORD)
+        except HotswapError as exc:
+            if _peer_closed(exc):
+                raise
+            return False  # nothing more came, or nothing that says anything
+        return isinstance(reply, Adopted)
 
     async def release(self) -> None:
         """Say that this process has stopped accepting.

@@ -756,6 +756,56 @@ def test_an_answer_that_came_while_the_old_side_stalled_counts(run: Runner, answ
     run(main())
 
 
+@pytest.mark.parametrize("answer", ["refused", "adopted"])
+def test_what_the_successor_decided_before_the_old_side_let_go_counts(
+        run: Runner, answer: str) -> None:
+    """The successor reads a frame of connections and decides while the old
+    side still waits (it has not closed), but acts on that only after the
+    old side's wait ran out (here: it waits for that; in life, a successor
+    descheduled between the two). Letting go at once, the old side would
+    close its copies as a refusing successor closes its own: nobody would
+    serve them. The old side ends its side of the channel and gives the
+    successor a last word: a refusal keeps the frame (served on), an
+    acknowledgement lets go of it."""
+    name = new_name()
+
+    async def main() -> None:
+        old = await serving_upgrader(name, "v1", message_timeout=0.3)
+        client = socket.create_connection(("127.0.0.1", port_of(old.status())))
+        server_side, _ = old._listeners["http"].sock.accept()
+        channel = await raw_successor(name, "v2", ("connections", "connections-ack"))
+        await channel.send(hotswap.protocol.Accepting(), timeout=5)
+        assert await old.wait_exit() is hotswap.ExitReason.TAKEN_OVER
+        await old.release()
+        assert isinstance(await channel.receive(timeout=5), hotswap.protocol.Released)
+        handing = asyncio.create_task(
+            old.hand_over_connections([("http", server_side.fileno(), "peer")]))
+        frame = await channel.receive(timeout=5)
+        assert isinstance(frame, hotswap.protocol.Connections) and len(frame.fds) == 1
+        assert not channel.peer_closed()  # decided now: the old side still waits
+        await until(channel.peer_closed, "the old side to stop waiting")
+        client.settimeout(5)
+        if answer == "refused":
+            os.close(frame.fds[0])
+            channel.close()
+            assert await handing == 0  # kept
+            server_side.sendall(b"the old side")
+            assert client.recv(100) == b"the old side"
+        else:
+            await channel.send(hotswap.protocol.Adopted(count=1), timeout=5)
+            assert await handing == 1  # the successor's
+            with socket.socket(fileno=frame.fds[0]) as adopted:
+                adopted.sendall(b"the successor")
+                assert client.recv(100) == b"the successor"
+            channel.close()
+        assert not old.can_hand_over_connections
+        for sock in (server_side, client):
+            sock.close()
+        await old.close(cut=0)
+
+    run(main())
+
+
 def test_both_sides_of_an_acknowledgement_read_a_failure_alike() -> None:
     """The old side serves a frame on only if the successor closed the
     channel before acknowledging it, and the successor adopts a frame it
