@@ -215,6 +215,12 @@ class Options:
     """Shared secret a successor must present (empty: not required)."""
     handover_timeout: float = DEFAULT_HANDOVER_TIMEOUT
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    """Seconds a successor retries while the serving process refuses it as
+    busy or goes away mid-handshake. A hello not answered within
+    ``message_timeout`` is not retried (:class:`~hotswap.errors.HandoverTimeout`
+    out of :meth:`Upgrader.start`, nothing taken): the control server runs
+    beside the traffic, so that process's loop did not run for that long
+    (stopped, hung) or it is no hotswap process; a restart tries again."""
     message_timeout: float = DEFAULT_MESSAGE_TIMEOUT
     predecessor_drain_timeout: float = DEFAULT_PREDECESSOR_DRAIN_TIMEOUT
     env: Mapping[str, str] = field(default_factory=lambda: os.environ)
@@ -250,7 +256,8 @@ class Upgrader:
     ``control_path`` that is no control socket address (a ``/`` in the name,
     too long for a Unix socket) and for a version too long for the hello.
     :meth:`start` raises :class:`~hotswap.errors.HandoverRefused`
-    or :class:`~hotswap.errors.HandoverFailed` when taking over fails; nothing
+    or :class:`~hotswap.errors.HandoverFailed` (a hello not answered in time:
+    :class:`~hotswap.errors.HandoverTimeout`) when taking over fails; nothing
     is half-adopted (every received descriptor is closed first). Errors caused
     by a successor never reach the caller: they are logged and the process
     goes on serving.
