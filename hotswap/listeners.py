@@ -469,8 +469,13 @@ def bind(address: Address, *, kind: str = "stream", backlog: int = DEFAULT_BACKL
     before ``listen()``, so nobody can connect while it is wider than asked.
     A filesystem Unix socket (stream or datagram) whose path is left over
     from a process that stopped or died (nobody listens there) is removed
-    first, as a fresh start must be able to bind it. The caller owns the
-    returned socket.
+    first, as a fresh start must be able to bind it. That is not atomic: a
+    socket another process has bound and not yet listens on looks dead too,
+    and two processes that both found a path stale both remove it; so two
+    processes binding one path at the same moment may both succeed, the
+    first unreachable. Hotswap never binds a path its predecessor still
+    listens on (the probe sees a listener); two fresh starts on one path are
+    the caller's to avoid. The caller owns the returned socket.
     A host name is resolved by ``socket.bind`` (first getaddrinfo result in
     the socket's family, waiting on the system resolver as long as it takes;
     :func:`matches` resolves the same way). Raises ListenerError (chained) if
