@@ -560,8 +560,15 @@ class Upgrader:
         ``"connections"`` capability. While the predecessor drains,
         ``adopter(listener_name, sock)`` is called for each connection handed
         over: a connected, non-blocking TCP socket whose next request has not
-        been read by anyone. Ownership of ``sock`` passes to the adopter; if
-        it raises, the socket is closed. Once this process is stopping
+        been read by anyone. ``listener_name`` is the name this process
+        inherited that connection's listener under, else the predecessor's
+        name for it: a listener this version binds anew under that name, or
+        one it dropped (then it has no listener of that name, and the
+        connection is still to be served: its client knows nothing of the
+        upgrade; :func:`hotswap.aiohttp.serve` serves every connection with
+        its one app). Ownership of ``sock`` passes to the adopter; if
+        it raises, the socket is closed (under its client: the predecessor
+        has let go of it). Once this process is stopping
         (:meth:`request_stop`, :meth:`release`), a predecessor that waits for
         acknowledgements is refused instead and keeps its connections.
         """
