@@ -14,7 +14,7 @@ import errno
 import os
 import socket
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 
 from .errors import BrokenResourceError, HandoverRefused, HandoverTimeout, RemoteProtocolError
 from .fdio import peer_credentials, recv_some
@@ -131,34 +131,44 @@ async def connect(address: str, *, timeout: float) -> socket.socket:
     A Unix socket's connect() never goes "in progress": it succeeds, fails,
     or says EAGAIN when the listener's queue is full. The event loops take
     EAGAIN for "in progress", wait for writability and hand back a socket
-    that is not connected, so this retries connect() itself.
+    that is not connected, so this retries connect() itself
+    (:func:`_connecting`).
     """
     import asyncio
 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.setblocking(False)
-    delay = 0.005
     try:
-        async with asyncio.timeout(timeout):
-            while True:
-                try:
-                    sock.connect(sockaddr(address))
-                    return sock
-                except BlockingIOError:  # EAGAIN: the queue is full for now
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 0.1)
-    except TimeoutError:
-        sock.close()
-        raise _queue_full(address, timeout) from None
+        for pause in _connecting(sock, address, timeout):
+            await asyncio.sleep(pause)
     except BaseException:
         sock.close()
         raise
+    return sock
 
 
-def _queue_full(address: str, timeout: float) -> HandoverTimeout:
-    return HandoverTimeout(f"{address} accepted no connection within {timeout:.1f}s "
-                           "(its queue is full: the process serving it is stopped "
-                           "or hung, or flooded)")
+def _connecting(sock: socket.socket, address: str, timeout: float) -> Iterator[float]:
+    """Connect ``sock`` to ``address``, retrying while the listener's queue
+    is full (connect() says EAGAIN): yields how long to wait before the next
+    try (the caller sleeps its own way: :func:`connect` on the event loop,
+    :func:`status_blocking` without one), and raises HandoverTimeout once
+    ``timeout`` seconds have passed with the queue still full. Any other
+    failure of connect() propagates; ``sock`` stays the caller's."""
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while True:
+        try:
+            sock.connect(sockaddr(address))
+            return
+        except BlockingIOError:  # EAGAIN: the queue is full for now
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise HandoverTimeout(
+                    f"{address} accepted no connection within {timeout:.1f}s (its queue "
+                    "is full: the process serving it is stopped or hung, or flooded)"
+                ) from None
+            yield min(delay, remaining)
+            delay = min(delay * 2, 0.1)
 
 
 MAX_UID = 2**32 - 2
@@ -235,17 +245,8 @@ def status_blocking(address: str, *, timeout: float = DEFAULT_TIMEOUT,
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(timeout)
-        delay = 0.005
-        while True:
-            try:
-                sock.connect(sockaddr(address))
-                break
-            except BlockingIOError:  # EAGAIN: the queue is full for now (see connect())
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise _queue_full(address, timeout) from None
-                time.sleep(min(delay, remaining))
-                delay = min(delay * 2, 0.1)
+        for pause in _connecting(sock, address, timeout):
+            time.sleep(pause)
         check_server(sock, address, allowed_uids)
         # A refused peer may find the answer waiting even if its send broke.
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
