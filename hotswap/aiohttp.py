@@ -759,6 +759,7 @@ async def serve(app: web.Application, upgrader: Upgrader,
         f"({started}state {upgrader.state.value}): give each serve() a new Upgrader")
     if upgrader.started or upgrader.state is not State.STARTING:
         raise not_new
+    upgrader._run_by = asyncio.current_task()  # its close() from elsewhere: a stop
     migrator = Migrator() if migrate_connections and _migration_supported() else None
     if migrator is not None:
         upgrader.adopt_connections(migrator.adopt)

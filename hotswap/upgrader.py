@@ -41,7 +41,7 @@ import stat
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from . import _proc, control, kruise, listeners
 from ._record import replace
@@ -315,6 +315,8 @@ class Upgrader:
         self._released = False
         self._closed = False  # close() was called (it may still be running)
         self._closing: asyncio.Future[None] | None = None  # close() at work
+        # The task of hotswap.aiohttp.serve() running on us (see close()).
+        self._run_by: asyncio.Task[Any] | None = None
         self._starting: asyncio.Future[None] | None = None  # start() at work
         self._wake = asyncio.Event()  # set by close(): start() stops retrying
         self._stop_event = asyncio.Event()  # see wait_stop_requested()
@@ -736,8 +738,20 @@ class Upgrader:
         busy, say) is stopped first and gives back whatever it took (the
         predecessor serves on). It releases the listeners if :meth:`release`
         was not called: call it only once your servers stopped accepting on
-        them (to stop a running :func:`hotswap.aiohttp.serve`, call
-        :meth:`request_stop`)."""
+        them. While :func:`hotswap.aiohttp.serve` runs on this upgrader, its
+        servers own the listeners: a call from elsewhere (the app's task, a
+        handler) then only asks it to stop, as :meth:`request_stop` does
+        (nothing more once it drains), and returns at once; ``serve()``
+        drains and closes the upgrader itself."""
+        owner = self._run_by
+        if owner is not None and not owner.done() and owner is not asyncio.current_task():
+            # Closing the listeners under serve()'s servers broke them (its
+            # drain raised, the requests in flight were lost).
+            if self.state not in (State.DRAINING, State.STOPPED):
+                log.warning("%s: close() while serve() runs: stopping it instead",
+                            self.name)
+                self.request_stop()
+            return
         while (running := self._closing) is not None:
             await asyncio.shield(running)
             if self._closing is running:  # it finished

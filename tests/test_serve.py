@@ -1248,6 +1248,37 @@ def test_a_request_still_running_after_the_drain_gets_a_1s_grace(run: Callable[
     run(main())
 
 
+def test_close_while_serve_runs_is_a_stop(run: Callable[[Awaitable[None]], None],
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    """upgrader.close() from the app (another task) while serve() runs on it
+    closed the listeners under serve()'s servers: serve() then raised in its
+    drain (a ValueError from the event loop, for a socket closed under it)
+    and the request in flight was lost. It now asks serve() to stop, as
+    request_stop() does: the request is answered, serve() drains, closes
+    the upgrader and returns 0."""
+    async def main() -> None:
+        gate, entered = asyncio.Event(), asyncio.Event()
+        upgrader, task = await serve_v1(app_of("v1", gate, entered), drain_timeout=5)
+        reader, writer = await asyncio.open_connection("127.0.0.1",
+                                                       port_of(upgrader.status()))
+        try:
+            writer.write(b"GET /held HTTP/1.1\r\nHost: x\r\n\r\n")
+            await asyncio.wait_for(entered.wait(), 10)
+            await asyncio.wait_for(upgrader.close(), 5)  # returns at once
+            assert "close() while serve() runs: stopping it instead" in caplog.text
+            await until(lambda: upgrader.state is hotswap.State.DRAINING, "the drain")
+            gate.set()
+            answer = await asyncio.wait_for(reader.read(), 10)  # then closed
+            assert answer.startswith(b"HTTP/1.1 200") and b"version(v1) read 0" in answer
+            assert b"Connection: close" in answer
+        finally:
+            writer.close()
+        assert await asyncio.wait_for(task, 10) == 0
+        assert upgrader.state is hotswap.State.STOPPED
+
+    run(main())
+
+
 def test_a_body_still_arriving_at_the_deadline_is_read_in_the_grace(run: Callable[
         [Awaitable[None]], None], caplog: pytest.LogCaptureFixture) -> None:
     """An upload whose body is still arriving when the drain ends gets the
