@@ -107,7 +107,18 @@ def hook_gave_up(env: Mapping[str, str], name: str, rank: int, *,
     (this process's start, Unix time) is a previous run's and counts for
     nothing; one that cannot be read or parsed, too (no deadline: the hook
     could not write it, or another hook runs), and so does any deadline
-    when ``/proc/uptime`` cannot be read."""
+    when ``/proc/uptime`` cannot be read.
+
+    That one test is on the wall clock (a file's mtime against ``since``):
+    a step of it between the hook's write and this process's start could
+    make this run's file look stale (forward, over 1 s: a hook that then
+    gives up goes unseen, as when it leaves no file) or a previous run's
+    look fresh (backward: read only until this run's hook, which starts
+    with the container, replaces it; an old deadline there aborts this
+    takeover, the predecessor serving on, and the restart tries again).
+    Both need the step within the seconds of a container's start, which
+    clocks make at boot, not during an upgrade; the deadline itself is on
+    ``/proc/uptime`` and no step moves it."""
     path = hook_deadline_path(env, name, rank)
     try:
         with open(path, encoding="ascii") as fh:
