@@ -321,6 +321,41 @@ DEFAULT_BACKLOG = 1024
 one (aiohttp's own default is 128)."""
 
 
+def start_serving(server: asyncio.AbstractServer) -> None:
+    """Make ``server``, made with ``start_serving=False``, accept from now
+    on, before returning: its listening sockets are read from the event
+    loop's next poll on, and nothing runs in between (no await). What
+    :meth:`~hotswap.Upgrader.ready` does as it confirms a handover.
+
+    ``await server.start_serving()`` would not do: on the stock loop it
+    waits an iteration after adding its readers, time in which this process
+    accepts while it may still back out of the handover. asyncio's
+    ``Server`` starts with its own ``_start_serving()``; any other (uvloop's,
+    whose ``start_serving()`` awaits nothing) by running its
+    ``start_serving()`` coroutine to its end in one step. A server already
+    serving is left as it is.
+
+    Errors: ``sock.listen()``'s ``OSError`` (asyncio's; uvloop logs a
+    failure to listen and closes that listener); a ``start_serving()``
+    that would have to wait is a :class:`TypeError` (its coroutine is closed
+    first). The sockets stay the server's either way.
+    """
+    if server.is_serving():
+        return
+    start = getattr(server, "_start_serving", None)  # asyncio.base_events.Server
+    if isinstance(server, asyncio.base_events.Server) and callable(start):
+        start()
+        return
+    coro = server.start_serving()
+    try:
+        coro.send(None)
+    except StopIteration:
+        return
+    coro.close()
+    raise TypeError(f"{server!r}: start_serving() waits for something; "
+                    "hotswap needs a server it can start at once (asyncio's, uvloop's)")
+
+
 async def close_server(server: asyncio.AbstractServer) -> None:
     """Stop an asyncio server accepting, without dropping a connection it
     has already accepted: use it instead of ``server.close()`` once

@@ -7,8 +7,8 @@ Usage (see :mod:`hotswap.aiohttp` for an integration that does all of this)::
     if role in (Role.PASSIVE, Role.EMPTY):
         await upg.wait_exit(); return     # never serve, never take sockets back
     sock = upg.listen("http", ("127.0.0.1", 9091))   # inherited, else bound
-    ... start accepting on sock ...
-    await upg.ready()                     # predecessor stops accepting
+    server = ... a server on sock, made with start_serving=False ...
+    await upg.ready(start_serving=[server])   # it accepts; predecessor stops
     reason = await upg.wait_exit()        # a successor took over, or stop asked
     ... stop accepting ...
     await upg.release()                   # tell the successor
@@ -39,7 +39,7 @@ import os
 import socket
 import stat
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -309,6 +309,8 @@ class Upgrader:
         # if ready() is cancelled, and close() waits for it (see ready()).
         self._confirming: asyncio.Task[None] | None = None
         self._accepting_sent = False  # the confirmation has sent Accepting
+        # Servers ready() starts once this process commits (see ready()).
+        self._to_serve: list[asyncio.AbstractServer] = []
         self._successor: Channel | None = None
         self._exit: asyncio.Future[ExitReason] | None = None
         self._stop_requested = False
@@ -444,8 +446,24 @@ class Upgrader:
         return next((e for e in self._inherited.values()
                      if listeners.matches(e.info, want)), None)
 
-    async def ready(self) -> None:
-        """Declare that every listener is accepting.
+    async def ready(self, *,
+                    start_serving: Iterable[asyncio.AbstractServer] = ()) -> None:
+        """Declare that every listener is accepting, or is about to: the
+        servers in ``start_serving`` (made with ``start_serving=False``:
+        ``asyncio.start_server(..., start_serving=False)``, asyncio's or
+        uvloop's loop) start accepting here. As a successor, they start in
+        the very step that sends the confirmation, after the last check
+        that could call the handover off and before the predecessor can
+        stop accepting: never a moment with nobody accepting, and nothing
+        accepted by a process that may still back out (one killed, stopped
+        or aborting before that leaves every queued connection to the
+        predecessor). On a fresh start they start at once. A server started
+        before (the way before this argument) works too, as it always did,
+        but accepts from its start: what it accepted before an abort, it
+        must drain. If ready() raises HandoverFailed before confirming,
+        the servers were not started; close them as usual
+        (:func:`~hotswap.close_server`). A ``TypeError`` for anything that
+        is no server, before anything else.
 
         Closes inherited sockets nobody claimed. As a successor, confirms to
         the predecessor and waits (bounded) until it has stopped accepting;
@@ -472,6 +490,11 @@ class Upgrader:
         its confirmation sent anything, the handover is still this
         process's to abort: :meth:`close` does (the predecessor serves on).
         """
+        servers = list(start_serving)
+        for server in servers:
+            if not callable(getattr(server, "start_serving", None)):
+                raise TypeError(f"ready(start_serving=...) takes servers (asyncio's, "
+                                f"uvloop's), not {server!r}")
         for leftover in self._inherited.values():
             log.info("%s: closing unclaimed inherited %s", self.name, leftover.info.name)
             leftover.sock.close()
@@ -486,6 +509,7 @@ class Upgrader:
                 await asyncio.sleep(0)
         if self._closed:
             raise HotswapError("ready() after close()")
+        self._to_serve.extend(servers)
         confirming = self._confirming
         if confirming is not None and not confirming.cancelled():
             # A ready() before this one was cancelled while confirming: that
@@ -501,9 +525,12 @@ class Upgrader:
             confirming.add_done_callback(self._confirmation_done)
             await asyncio.shield(confirming)
         elif self.state is State.STARTING and self._control_sock is not None:
-            self._set_state(State.SERVING)  # a fresh start: serving from now on
+            self._serve_now()  # a fresh start: nobody to lose a connection to
+            self._set_state(State.SERVING)  # serving from now on
         elif self.state is not State.SERVING:
+            self._to_serve.clear()
             raise HotswapError(f"ready() in state {self.state.value}")
+        self._serve_now()  # any given to a ready() after the confirmation
         names = list(self._listeners)
         listed = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if names[8:] else "")
         log.info("%s: %s ready (pid %d, generation %d%s)", self.name, self.version,
@@ -780,6 +807,7 @@ class Upgrader:
         # predecessor has committed, or will as it reads it: finish
         # confirming (bounded), then close as the serving process we are.
         await self._settle_confirmation()
+        self._to_serve.clear()  # a confirmation called off never started them
         channel = self._predecessor_channel
         if self.state is State.TAKING_OVER and channel is not None:
             # Closed before confirming (its set-up failed, say): tell the old
@@ -1057,6 +1085,17 @@ class Upgrader:
             # The kubelet stops this container once the hook fails: as the
             # one process accepting, if we confirmed now.
             await self._abort(f"{late}; the predecessor serves on")
+        # Our servers accept from here on, with the send in this same step:
+        # nothing was accepted by us while we could still back out, and the
+        # predecessor stops only once it reads Accepting. Not if it has
+        # spoken already: that can only be its Failed, and the reply decides
+        # (below), so that a handover it abandoned takes nothing from it.
+        if not channel.peer_spoke():
+            try:
+                self._serve_now()
+            except (OSError, TypeError) as exc:
+                await self._abort(f"starting our servers failed: {exc!r}; the "
+                                  "predecessor serves on")
         self._accepting_sent = True  # nothing awaited before the send: no step between
         # From here on the handover is ours (we serve on unless the
         # predecessor says it gave up first): say so to the PostStart hook
@@ -1090,6 +1129,10 @@ class Upgrader:
             assert isinstance(reply, Released)
             self._predecessor = "draining"
             self._predecessor_task = asyncio.create_task(self._watch_predecessor(channel))
+        try:
+            self._serve_now()  # if the predecessor had spoken first, and we serve anyway
+        except (OSError, TypeError) as exc:  # too late to call it off: the others serve
+            log.error("%s: starting a server failed: %r", self.name, exc)
         self._set_state(State.SERVING)
         assert self._control_sock is not None
         # A client's SO_PEERCRED names whoever last called listen() on the
@@ -1100,7 +1143,21 @@ class Upgrader:
         if self._stop_requested:
             self._finish(ExitReason.STOP_REQUESTED)
 
+    def _serve_now(self) -> None:
+        """Start the servers ready() was given (see there), at once: each
+        one, then the first error (OSError, TypeError) if any."""
+        servers, self._to_serve = self._to_serve, []
+        error: BaseException | None = None
+        for server in servers:
+            try:
+                listeners.start_serving(server)
+            except (OSError, TypeError) as exc:
+                error = error or exc
+        if error is not None:
+            raise error
+
     async def _abort(self, reason: str) -> NoReturn:
+        self._to_serve.clear()  # never started: the caller closes them
         channel = self._predecessor_channel
         assert channel is not None
         with contextlib.suppress(HotswapError):
@@ -1114,6 +1171,9 @@ class Upgrader:
         raise HandoverFailed(f"handover aborted: {reason}")
 
     def _step_down(self, channel: Channel, reason: str) -> NoReturn:
+        # Not started if its Failed came before our check; else they accept
+        # already, and what they took is the caller's to drain.
+        self._to_serve.clear()
         channel.close()
         self._predecessor_channel = None
         self._control_sock_close()

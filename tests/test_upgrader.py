@@ -1770,3 +1770,161 @@ def test_no_marker_for_a_confirmation_the_predecessor_gave_up_on(run: Runner) ->
         await old.close()
 
     run(main())
+
+
+async def a_server(sock: socket.socket, answered: list[str]) -> asyncio.AbstractServer:
+    """A server on ``sock`` made not accepting yet (``start_serving=False``)
+    that notes each connection it gets in ``answered`` and closes it."""
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        answered.append("v2")
+        writer.close()
+
+    return await asyncio.start_server(handle, sock=sock, backlog=1024, start_serving=False)
+
+
+def test_ready_starts_the_servers_as_the_successor_confirms(run: Runner) -> None:
+    """``ready(start_serving=[server])``: a server made with
+    ``start_serving=False`` accepts nothing until the successor confirms,
+    and accepts by the time the predecessor has read the confirmation; a
+    connection queued meanwhile is not lost (the shared queue keeps it)."""
+    name = new_name()
+
+    async def main() -> None:
+        old = await serving_upgrader(name, "v1")
+        new = hotswap.Upgrader(name, version="v2", options=opts())
+        assert await new.start() is hotswap.Role.TAKEOVER
+        sock = new.listen("http", ("127.0.0.1", 0))
+        answered: list[str] = []
+        server = await a_server(sock, answered)
+        client = socket.create_connection(sock.getsockname(), timeout=5)
+        try:
+            for _ in range(3):
+                await asyncio.sleep(0)  # a server accepting would have it by now
+            assert not server.is_serving() and answered == []
+            ready = asyncio.create_task(new.ready(start_serving=[server]))
+            assert await old.wait_exit() is hotswap.ExitReason.TAKEN_OVER
+            assert server.is_serving()  # before the predecessor stops accepting
+            await old.release()
+            await ready
+            await until(lambda: answered == ["v2"], "the queued connection accepted")
+        finally:
+            client.close()
+            await hotswap.close_server(server)
+            await new.close()
+            await old.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("when", ["before-ready", "as-the-confirmation-begins",
+                                  "after-the-predecessor-gave-up"])
+def test_a_successor_that_backs_out_never_starts_its_servers(run: Runner,
+                                                             when: str) -> None:
+    """The servers given to ready() stay not accepting when the successor
+    aborts (a stop requested before it confirms, also in the iteration
+    before the confirmation's first step), or steps down because the
+    predecessor gave up on it first (its handover_timeout: Failed before
+    our confirmation). A connection queued meanwhile stays in the shared
+    queue, for the predecessor, which serves on: nothing accepted by a
+    process that backs out (it would have to drain it, and be stopped)."""
+    name = new_name()
+
+    async def main() -> None:
+        old = await serving_upgrader(name, "v1", handover_timeout=0.3)
+        old_sock = old._listeners["http"].sock
+        new = hotswap.Upgrader(name, version="v2", options=opts())
+        await new.start()
+        sock = new.listen("http", ("127.0.0.1", 0))
+        answered: list[str] = []
+        server = await a_server(sock, answered)
+        client = socket.create_connection(sock.getsockname(), timeout=5)
+        try:
+            if when == "before-ready":
+                new.request_stop()
+            elif when == "as-the-confirmation-begins":
+                confirm = new._confirm
+
+                async def stopped_first() -> None:
+                    new.request_stop()
+                    await confirm()
+
+                new._confirm = stopped_first  # type: ignore[method-assign]
+            else:
+                await until(lambda: old.state is hotswap.State.SERVING, "v1 gave up on v2")
+            with pytest.raises(hotswap.HandoverFailed,
+                               match="abandoned" if when.startswith("after") else "aborted"):
+                await new.ready(start_serving=[server])
+            assert not server.is_serving()
+            await hotswap.close_server(server)
+            await new.close()
+            await until(lambda: old.state is hotswap.State.SERVING, "v1 serving again")
+            old_sock.setblocking(False)
+            async with asyncio.timeout(5):  # the queued one
+                conn, peer = await asyncio.get_running_loop().sock_accept(old_sock)
+            assert peer == client.getsockname()
+            conn.close()
+            assert answered == []
+        finally:
+            client.close()
+            await hotswap.close_server(server)
+            await new.close()
+            await old.close()
+
+    run(main())
+
+
+def test_a_fresh_start_serves_at_once_and_ready_checks_its_servers(run: Runner) -> None:
+    """With no predecessor, ready() starts the servers at once (nobody to
+    lose a connection to). Anything that is no server is a TypeError, before
+    ready() does anything: it may then be called as it should be."""
+    name = new_name()
+
+    async def main() -> None:
+        upg = hotswap.Upgrader(name, version="v1", options=opts())
+        assert await upg.start() is hotswap.Role.FRESH
+        sock = upg.listen("http", ("127.0.0.1", 0))
+        answered: list[str] = []
+        server = await a_server(sock, answered)
+        try:
+            with pytest.raises(TypeError, match="takes servers"):
+                await upg.ready(start_serving=[sock])  # type: ignore[list-item]
+            assert upg.state is hotswap.State.STARTING and not server.is_serving()
+            await upg.ready(start_serving=[server])
+            assert server.is_serving() and upg.state is hotswap.State.SERVING
+            with socket.create_connection(sock.getsockname(), timeout=5):
+                await until(lambda: answered == ["v2"], "the connection accepted")
+        finally:
+            await hotswap.close_server(server)
+            await upg.close()
+
+    run(main())
+
+
+def test_a_server_started_before_ready_still_works(run: Runner) -> None:
+    """Backward compatibility: a server that accepts from its start (no
+    ``start_serving=False``), then ready() without servers, takes over as
+    before (it accepts from its start, before confirming)."""
+    name = new_name()
+
+    async def main() -> None:
+        old = await serving_upgrader(name, "v1")
+        new = hotswap.Upgrader(name, version="v2", options=opts())
+        assert await new.start() is hotswap.Role.TAKEOVER
+        sock = new.listen("http", ("127.0.0.1", 0))
+        answered: list[str] = []
+        server = await a_server(sock, answered)
+        await server.start_serving()
+        try:
+            ready = asyncio.create_task(new.ready())
+            assert await old.wait_exit() is hotswap.ExitReason.TAKEN_OVER
+            await old.release()
+            await ready
+            assert new.state is hotswap.State.SERVING
+            with socket.create_connection(sock.getsockname(), timeout=5):
+                await until(lambda: answered == ["v2"], "the connection accepted")
+        finally:
+            await hotswap.close_server(server)
+            await new.close()
+            await old.close()
+
+    run(main())
