@@ -1,6 +1,9 @@
 """Serve an aiohttp application with lossless hot upgrades.
 
-:func:`serve` runs the whole lifecycle. The drain, in order:
+:func:`serve` runs the whole lifecycle. Its sites' servers are made not
+accepting yet; :meth:`~hotswap.Upgrader.ready` starts them as it confirms a
+handover (at once on a fresh start), so that a successor that dies or
+backs out before confirming has accepted nothing. The drain, in order:
 
 1. The successor confirmed it is accepting on every socket
    (:attr:`~hotswap.ExitReason.TAKEN_OVER`), or a stop was requested.
@@ -64,8 +67,8 @@ from aiohttp import web
 
 from .errors import HandoverFailed, HotswapError, ListenerError
 from .kruise import Role
-from .listeners import DEFAULT_BACKLOG, Address, check_address, close_server
-from .migrate import Migrator, Tracked, init_like_server
+from .listeners import DEFAULT_BACKLOG, Address, check_address, close_server, is_tcp
+from .migrate import Migrator, Tracked, TrackedSite, init_like_server
 from .migrate import supported as _migration_supported
 from .upgrader import ExitReason, State, Upgrader, is_seconds
 
@@ -208,10 +211,24 @@ class _TLSHandler(web.RequestHandler):
         web.RequestHandler.connection_made(self, transport)
 
 
+class _Site(web.SockSite):
+    """aiohttp's ``SockSite``, whose server does not accept once started:
+    :meth:`~hotswap.Upgrader.ready` starts it (``start_serving``)."""
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registers the site with the runner
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            server, sock=self._sock, ssl=self._ssl_context, backlog=self._backlog,
+            start_serving=False)
+
+
 class _TLSSite(web.SockSite):
     """A ``SockSite`` serving TLS whose connections are :class:`_TLSHandler`
     (never handed over: their session state cannot move), with a handshake
-    timeout of :data:`_HANDSHAKE_TIMEOUT`."""
+    timeout of :data:`_HANDSHAKE_TIMEOUT`. Not accepting once started, like
+    :class:`_Site`."""
 
     def __init__(self, runner: web.BaseRunner, sock: socket.socket,
                  ssl_context: ssl.SSLContext, handshakes: _Handshakes) -> None:
@@ -225,7 +242,7 @@ class _TLSSite(web.SockSite):
         self._server = await asyncio.get_running_loop().create_server(
             lambda: _TLSHandler(server, self._handshakes), sock=self._sock,
             ssl=self._ssl_context, backlog=self._backlog,
-            ssl_handshake_timeout=_HANDSHAKE_TIMEOUT)
+            ssl_handshake_timeout=_HANDSHAKE_TIMEOUT, start_serving=False)
 
 
 class Drainer:
@@ -826,13 +843,18 @@ async def serve(app: web.Application, upgrader: Upgrader,
                     if drainer.handshakes is None:
                         drainer.handshakes = _Handshakes()
                     site = _TLSSite(runner, sock, tls[name], drainer.handshakes)
-                elif migrator is not None:
-                    site = migrator.site(runner, sock, name)
-                else:
-                    site = web.SockSite(runner, sock, backlog=DEFAULT_BACKLOG)
+                elif migrator is not None and is_tcp(sock):
+                    site = TrackedSite(runner, sock, name, migrator, start_serving=False)
+                else:  # a Unix socket's connections drain the safe way
+                    site = _Site(runner, sock, backlog=DEFAULT_BACKLOG)
                 await site.start()
+            # Not accepting yet: ready() starts them as it confirms (at once
+            # on a fresh start), so that nothing is accepted while this
+            # process may still back out.
+            servers = [site._server for site in runner.sites
+                       if isinstance(site, web.SockSite) and site._server is not None]
             try:
-                await upgrader.ready()
+                await upgrader.ready(start_serving=servers)
             except HandoverFailed as exc:
                 # wait_exit() now says why: step down, or stop as asked.
                 log.error("%s", exc)

@@ -213,13 +213,16 @@ class Tracked(web.RequestHandler):
 
 
 class TrackedSite(web.SockSite):
-    """A ``SockSite`` whose connections are :class:`Tracked`."""
+    """A ``SockSite`` whose connections are :class:`Tracked`. With
+    ``start_serving=False`` its server, once started, does not accept yet
+    (:meth:`hotswap.Upgrader.ready` starts it: see ``start_serving`` there)."""
 
     def __init__(self, runner: web.BaseRunner, sock: socket.socket, listener: str,
-                 migrator: Migrator) -> None:
+                 migrator: Migrator, *, start_serving: bool = True) -> None:
         super().__init__(runner, sock, backlog=DEFAULT_BACKLOG)
         self._listener = listener
         self._migrator = migrator
+        self._start_serving = start_serving
 
     async def start(self) -> None:
         await web.BaseSite.start(self)  # registers the site with the runner
@@ -228,7 +231,7 @@ class TrackedSite(web.SockSite):
         assert server is not None
         self._server = await loop.create_server(
             lambda: Tracked(server, self._listener, self._migrator),
-            sock=self._sock, backlog=self._backlog)
+            sock=self._sock, backlog=self._backlog, start_serving=self._start_serving)
 
 
 class Migrator:

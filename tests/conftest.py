@@ -129,6 +129,25 @@ def http_get(sock: socket.socket) -> bytes:
     return read_response(sock)
 
 
+def queued_connections(port: int, *, requests: int, idle: int) -> list[socket.socket]:
+    """Connections to 127.0.0.1:``port`` that the kernel completes and
+    queues on the listener whether or not anyone accepts (its holders may
+    all be frozen): ``requests`` of them with a GET /serve sent, waiting to
+    be read, then ``idle`` that send nothing (keep-alive clients that
+    opened a connection ahead of their first request)."""
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=10)
+             for _ in range(requests + idle)]
+    for sock in socks[:requests]:
+        sock.sendall(b"GET /serve HTTP/1.1\r\nHost: x\r\n\r\n")
+    return socks
+
+
+def frozen(pid: int) -> bool:
+    """Whether the process is stopped (SIGSTOP) by now."""
+    with open(f"/proc/{pid}/stat") as fh:
+        return fh.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+
+
 def free_port() -> int:
     """A port that is free now (for tests where a fresh bind must find the
     same port again)."""

@@ -155,11 +155,10 @@ CELLS = {
     "new-frozen-after-drained": Cell(
         "new", "receive:drained:stop-after", "new", 0, None, idle="v2", resume="exit"),
     # ------------------------------------------------ the new side killed
-    # Known limit (README): the successor accepts from the moment its
-    # servers start, before it confirms; what it accepted dies with it.
+    # The successor starts accepting only as it sends Accepting: killed
+    # before, it had accepted nothing, and nothing is lost.
     "new-killed-before-accepting": Cell(
-        "new", "send:accepting:kill-before", "old", None, KILLED, losses="killed",
-        idle="v1"),
+        "new", "send:accepting:kill-before", "old", None, KILLED, idle="v1"),
     "new-killed-after-released": Cell(
         "new", "receive:released:kill-after", "none", 0, KILLED, losses="outage",
         idle="v1"),

@@ -11,12 +11,25 @@ each case checks is named in its id (see hotswap/__init__.py).
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import Load, Procs, free_port, port_of, serving, status, wait_for
+from conftest import (
+    Load,
+    Procs,
+    free_port,
+    frozen,
+    http_get,
+    port_of,
+    queued_connections,
+    read_response,
+    serving,
+    status,
+    wait_for,
+)
 
 KEEPALIVE, FRESH = 3, 2
 
@@ -205,3 +218,47 @@ def test_successor_sigtermed_while_it_cannot_run_aborts(procs: Procs, name: str,
     assert stopped.wait(timeout=15) == 0
     assert "stop requested before confirming" in procs.logs()
     v1_serves_on(procs, name, v1, port, fds, traffic)
+
+
+def v1_answers_what_was_queued(queued: list[socket.socket], requests: int) -> None:
+    """Each queued connection (``requests`` of them with a request already
+    sent, the rest idle) is v1's: answered by v1, kept alive (an aborting
+    successor that had accepted it would have answered with ``Connection:
+    close``, and cut an idle one at its drain's deadline), and answered by
+    v1 again."""
+    for i, sock in enumerate(queued):
+        with sock:
+            reply = read_response(sock) if i < requests else http_get(sock)
+            assert b"version(v1)" in reply and b"Connection: close" not in reply, \
+                (i, reply)
+            assert b"version(v1)" in http_get(sock)
+
+
+def test_a_successor_that_aborts_has_accepted_nothing(procs: Procs, name: str) -> None:
+    """Invariant 3, for what the kernel queues: a successor that aborts
+    instead of confirming (a stop requested while it could not run, as
+    above) must not have accepted a connection meanwhile: it would drain
+    it, and the client would be told to close, or cut if it idled past
+    the drain's deadline. It starts accepting only as it confirms. With
+    v1 frozen, connections wait in the shared accept queue while v2
+    resumes, starts its servers and aborts; v1, resumed, finds them all
+    there (it had them cut, or told to close, before this fix)."""
+    port = free_port()
+    v1 = procs.sidecar(name, "v1", port=port)
+    wait_for(serving(name, "v1"), 15, "v1 serving")
+    v2 = procs.faulty(name, "v2", "receive:sockets:stop-after", port=port,
+                      args=("--drain-timeout", "1"))
+    wait_for(lambda: "faulty: SIGSTOP" in procs.logs(), 15, "v2 stopped with the descriptors")
+    v1.send_signal(signal.SIGSTOP)
+    wait_for(lambda: frozen(v1.pid), 5, "v1 frozen")
+    queued = queued_connections(port, requests=2, idle=2)
+    v2.send_signal(signal.SIGTERM)  # pending until it runs again
+    v2.send_signal(signal.SIGCONT)
+    assert v2.wait(timeout=15) == 0
+    assert "stop requested before confirming" in procs.logs()
+    v1.send_signal(signal.SIGCONT)
+    v1_answers_what_was_queued(queued, 2)
+    st = status(name)
+    assert st is not None and st.pid == v1.pid and st.state == "serving"
+    v1.send_signal(signal.SIGTERM)
+    assert v1.wait(timeout=15) == 0

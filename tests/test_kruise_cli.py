@@ -15,7 +15,20 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import HOOK_DIR, PY, ROOT, Procs, http_get, port_of, serving, status, wait_for
+from conftest import (
+    HOOK_DIR,
+    PY,
+    ROOT,
+    Procs,
+    frozen,
+    http_get,
+    port_of,
+    queued_connections,
+    read_response,
+    serving,
+    status,
+    wait_for,
+)
 
 import hotswap.control
 from hotswap.errors import HotswapError
@@ -507,6 +520,43 @@ def test_a_successor_whose_hook_gave_up_does_not_confirm(procs: Procs, name: str
     assert st.pid == v1.pid
     with socket.create_connection(("127.0.0.1", port_of(st)), timeout=10) as sock:
         assert b"version(v1)" in http_get(sock)
+    v1.send_signal(signal.SIGTERM)
+    assert v1.wait(timeout=15) == 0
+
+
+def test_a_successor_whose_hook_gave_up_has_accepted_nothing(procs: Procs,
+                                                             name: str) -> None:
+    """As above, with connections waiting in the shared accept queue (v1
+    frozen meanwhile) as v2 resumes, starts its servers and aborts: it
+    accepted none of them (its servers accept only as it confirms), so
+    v1, resumed, answers each one's request and keeps it open. Before,
+    v2 answered them (without ``Connection: close``) and cut them all
+    at its drain's deadline, idle ones included."""
+    v1 = procs.sidecar(name, "v1", args=("--handover-timeout", "60"),
+                       SIDECARSET_VERSION="1", SIDECARSET_VERSION_ALT="0")
+    port = port_of(wait_for(serving(name, "v1"), 15, "v1 serving"))
+    kruise = {"SIDECARSET_VERSION": "2", "SIDECARSET_VERSION_ALT": "1"}
+    v2 = procs.faulty(name, "v2", "receive:sockets:stop-after", args=("--drain-timeout", "1"),
+                      **kruise)
+    result = hook(procs, HOTSWAP_NAME=name, HOTSWAP_MIGRATE_TIMEOUT="2",
+                  HOTSWAP_MIGRATE_FAST="1", **kruise)
+    assert result.returncode == 1 and "FAILED" in result.stdout, result
+    assert "faulty: SIGSTOP" in procs.logs(), "v2 was stopped while the hook ran"
+    v1.send_signal(signal.SIGSTOP)
+    wait_for(lambda: frozen(v1.pid), 5, "v1 frozen")
+    queued = queued_connections(port, requests=2, idle=2)
+    os.kill(v2.pid, signal.SIGCONT)
+    assert v2.wait(timeout=15) == 0  # a stop, its drain (1 s) included
+    assert "PostStart hook's deadline" in procs.logs()
+    v1.send_signal(signal.SIGCONT)
+    for i, sock in enumerate(queued):
+        with sock:
+            reply = read_response(sock) if i < 2 else http_get(sock)
+            assert b"version(v1)" in reply and b"Connection: close" not in reply, \
+                (i, reply)
+            assert b"version(v1)" in http_get(sock)
+    st = wait_for(serving(name, "v1"), 15, "v1 serving on")
+    assert st.pid == v1.pid
     v1.send_signal(signal.SIGTERM)
     assert v1.wait(timeout=15) == 0
 
