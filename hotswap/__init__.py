@@ -6,7 +6,9 @@ Invariants (each is tested; see the README's guarantees table):
    the successor confirmed that it adopted every socket and accepts.
 2. Never ``shutdown()`` a shared listener; only ``close()`` our descriptor.
 3. Failure before confirmation changes nothing: a successor that crashes,
-   hangs past the deadline or misbehaves leaves the old process serving.
+   hangs past the deadline or misbehaves leaves the old process serving. Its
+   servers accept only from the step that confirms on (``ready()``'s
+   ``start_serving``), so it has taken no connection from the old one.
 4. At most two generations, one handover at a time; none while a predecessor
    still drains; a lower Kruise version never takes over from a higher one.
 5. Bounded drain: stop accepting, finish in-flight requests, tell keep-alive

@@ -47,11 +47,13 @@ async def main(args: argparse.Namespace) -> int:
         await upgrader.close()
         return 0
     # asyncio listens again with its own queue (100) unless told hotswap's.
+    # Not accepting yet: ready() starts it as it confirms the handover, so
+    # that this process accepts nothing while it may still back out.
     server = await asyncio.start_server(handle, sock=upgrader.listen("http", ("127.0.0.1",
                                                                               args.port)),
-                                        backlog=1024)
+                                        backlog=1024, start_serving=False)
     with contextlib.suppress(hotswap.HandoverFailed):
-        await upgrader.ready()
+        await upgrader.ready(start_serving=[server])
     reason = await upgrader.wait_exit()
     # Not server.close(): on the stock loop that drops a connection accepted
     # but not yet handed to the server (the client sees a reset).
