@@ -1198,6 +1198,12 @@ class Upgrader:
                              "adopted)", self.name, message.pid, message.cut, adopted)
                 break
         except HotswapError as exc:
+            # Closed first, before the log line (a write that may block): a
+            # predecessor waiting for our word on a frame reads this as our
+            # refusal only while it still waits (its wait, then its 0.1 s
+            # for our last word); after that it has let go of the frame,
+            # whose copies we have just closed.
+            channel.close()
             if isinstance(exc, BrokenResourceError) and exc.truncated:
                 log.warning("%s: no room for the predecessor's connections (%s): it "
                             "serves those on and tells them to close; raise this "

@@ -13,6 +13,7 @@ import stat
 import struct
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -804,6 +805,89 @@ def test_what_the_successor_decided_before_the_old_side_let_go_counts(
         await old.close(cut=0)
 
     run(main())
+
+
+def test_a_successor_says_its_refusal_before_it_logs_it(run: Runner) -> None:
+    """A successor that refuses a frame of connections (here: one that is
+    not all TCP) closed the channel, which is its refusal, only after it had
+    logged why. A log line can take long (a stderr pipe nobody reads for a
+    while; here the successor's log handler waits for the old side): the old
+    side's wait for the acknowledgement and its last word ran out meanwhile,
+    it let go of the frame, and the successor had closed its copies: nobody
+    served those connections. The refusal is said first now. The successor
+    runs in a thread of its own, with its own event loop: one process
+    (hotswap's peer uid check) but two sides that run at the same time."""
+    name = new_name()
+    handed = threading.Event()  # the old side is done with the frame
+    ready, finish = threading.Event(), threading.Event()
+    failures: list[BaseException] = []
+
+    class SlowLog(logging.Handler):
+        """The successor's log line is written late; the old side's are not
+        held up (in life, another process's pipe): no handler lock."""
+
+        def handle(self, record: logging.LogRecord) -> bool:
+            if record.threadName == "successor" and "predecessor gone" in record.getMessage():
+                handed.wait(10)
+            return True
+
+        def emit(self, record: logging.LogRecord) -> None:
+            pass
+
+    def successor() -> None:
+        async def main() -> None:
+            new = hotswap.Upgrader(name, version="v2", options=opts())
+            new.adopt_connections(lambda listener, sock: sock.close())
+            assert await new.start() is hotswap.Role.TAKEOVER
+            new.listen("http", ("127.0.0.1", 0))
+            await new.ready()
+            ready.set()
+            await asyncio.get_running_loop().run_in_executor(None, finish.wait, 20)
+            await new.close()
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # noqa: BLE001 - reported by the test's thread
+            failures.append(exc)
+
+    async def main() -> None:
+        old = await serving_upgrader(name, "v1", message_timeout=0.3)
+        client = socket.create_connection(("127.0.0.1", port_of(old.status())))
+        tcp, _ = old._listeners["http"].sock.accept()
+        unix, unix_peer = socket.socketpair()
+        thread = threading.Thread(target=successor, name="successor")
+        thread.start()
+        try:
+            assert await old.wait_exit() is hotswap.ExitReason.TAKEN_OVER
+            await old.release()
+            await until(ready.is_set, "the successor ready")
+            try:
+                sent = await old.hand_over_connections(
+                    [("http", tcp.fileno(), "tcp"), ("http", unix.fileno(), "unix")])
+            finally:
+                handed.set()
+            assert sent == 0  # refused: kept, served on here
+            for ours, theirs in ((tcp, client), (unix, unix_peer)):
+                ours.sendall(b"still the old side")
+                theirs.settimeout(5)
+                assert theirs.recv(100) == b"still the old side"
+        finally:
+            handed.set()
+            finish.set()
+            await asyncio.get_running_loop().run_in_executor(None, thread.join, 30)
+        assert not thread.is_alive() and not failures, failures
+        for sock in (tcp, client, unix, unix_peer):
+            sock.close()
+        await old.close(cut=0)
+
+    logger = logging.getLogger("hotswap")
+    handler, level = SlowLog(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        run(main())
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def test_both_sides_of_an_acknowledgement_read_a_failure_alike() -> None:
