@@ -708,7 +708,8 @@ def test_a_frame_with_a_connection_the_successor_cannot_serve_stays(run: Runner)
 
 
 @pytest.mark.parametrize("answer", ["refused", "adopted"])
-def test_an_answer_that_came_while_the_old_side_stalled_counts(run: Runner, answer: str) -> None:
+def test_an_answer_that_came_while_the_old_side_stalled_counts(
+        run: Runner, answer: str, caplog: pytest.LogCaptureFixture) -> None:
     """The old side is stalled (here: its event loop blocked) past its wait
     for the acknowledgement of a frame of connections while the successor's
     answer arrives. It wakes to its timer before its socket; letting go
@@ -716,7 +717,8 @@ def test_an_answer_that_came_while_the_old_side_stalled_counts(run: Runner, answ
     that is stopping, say), would leave the connection with nobody: the
     successor closed its copies, and the old side closes its own. What
     already arrived counts: a refusal keeps the connections (0 sent, served
-    on), an acknowledgement lets go of them."""
+    on), an acknowledgement lets go of them, and the channel stays open for
+    the next frame (not ended as after an acknowledgement that came late)."""
     name = new_name()
 
     async def main() -> None:
@@ -746,6 +748,10 @@ def test_an_answer_that_came_while_the_old_side_stalled_counts(run: Runner, answ
             assert client.recv(100) == b"the old side"
         else:
             assert await handing == 1  # the successor's
+            # Acknowledged, not let go of: the channel stays open for the
+            # next frame and for Drained (a late acknowledgement would end it).
+            assert old.can_hand_over_connections
+            assert "letting go of them" not in caplog.text
             with socket.socket(fileno=frame.fds[0]) as adopted:
                 adopted.sendall(b"the successor")
                 assert client.recv(100) == b"the successor"
