@@ -568,7 +568,11 @@ def systemd_sockets(env: Mapping[str, str], pid: int) -> dict[str, socket.socket
     read again by a second upgrader or after an ``exec`` of ourselves) is
     one of ours, the event loop's say: left alone, with a warning. Taking
     those closed the loop's epoll descriptor ("no socket") and its wake-up
-    socket (an unclaimed listener).
+    socket (an unclaimed listener). So are the launcher's own once a library
+    in this process has taken them: libsystemd's ``sd_listen_fds()`` (and
+    python-systemd's ``listen_fds()``, which calls it) marks every one it
+    returns close-on-exec; its owner is then whoever called it, and a
+    listener of that address binds anew (``EADDRINUSE`` while theirs is open).
     """
     if env.get("LISTEN_PID") != str(pid):
         return {}
@@ -610,8 +614,9 @@ def systemd_sockets(env: Mapping[str, str], pid: int) -> dict[str, socket.socket
         found[name] = sock
     if ours:
         log.warning("LISTEN_FDS=%d: %d descriptor(s) from fd %d on are close-on-exec, "
-                    "so this process opened them (or took them already), not its "
-                    "launcher: left alone", count, len(ours), ours[0])
+                    "so this process opened them (or took them already: "
+                    "sd_listen_fds() marks the ones it returns so), not its launcher: "
+                    "left alone", count, len(ours), ours[0])
     if missing:
         log.warning("LISTEN_FDS=%d: %d descriptor(s) from fd %d on are not open: "
                     "skipped", count, len(missing), missing[0])

@@ -502,6 +502,44 @@ def test_systemd_descriptors_this_process_opened_itself_are_left_alone() -> None
     assert "LISTEN_FDS" in err  # what was left alone is said
 
 
+SYSTEMD_TAKEN_CHILD = """
+import fcntl, json, logging, os, socket, sys
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+from hotswap.listeners import systemd_sockets
+high = fcntl.fcntl(int(sys.argv[1]), fcntl.F_DUPFD, 100)
+os.close(int(sys.argv[1]))
+os.dup2(high, 3)
+os.close(high)
+# What sd_listen_fds() does to each descriptor it returns (python-systemd's
+# listen_fds() calls it): close-on-exec, LISTEN_FDS left set when asked to.
+os.set_inheritable(3, False)
+env = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "1"}
+taken = systemd_sockets(env, os.getpid())
+mine = socket.socket(fileno=3)  # still the library's caller's, and open
+print(json.dumps({"taken": sorted(taken), "listening": mine.getsockopt(
+    socket.SOL_SOCKET, socket.SO_ACCEPTCONN), "port": mine.getsockname()[1]}))
+"""
+
+
+def test_systemd_sockets_a_library_took_already_are_left_to_it() -> None:
+    """A launcher's socket that a library of the process has taken already
+    (``sd_listen_fds()`` marks it close-on-exec and may leave LISTEN_FDS
+    set) is not taken again: it stays open for its owner, and the warning
+    says what may have marked it, since nothing else tells the two apart."""
+    tcp = bind(("127.0.0.1", 0))
+    tcp.set_inheritable(True)
+    try:
+        out = subprocess.run([sys.executable, "-c", SYSTEMD_TAKEN_CHILD, str(tcp.fileno())],
+                             pass_fds=(tcp.fileno(),), env=child_env(), capture_output=True,
+                             text=True, timeout=30, check=True)
+        assert json.loads(out.stdout) == {"taken": [], "listening": 1,
+                                          "port": tcp.getsockname()[1]}, out.stderr
+    finally:
+        tcp.close()
+    assert "LISTEN_FDS=1: 1 descriptor(s) from fd 3 on are close-on-exec" in out.stderr
+    assert "sd_listen_fds()" in out.stderr, out.stderr
+
+
 def test_systemd_sockets_only_for_our_pid() -> None:
     assert systemd_sockets({"LISTEN_PID": "1", "LISTEN_FDS": "1"}, os.getpid()) == {}
     assert systemd_sockets({"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "x"},
