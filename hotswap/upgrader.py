@@ -110,7 +110,8 @@ def _peer_closed(exc: BaseException) -> bool:
 DEFAULT_HANDOVER_TIMEOUT = 30.0
 """Seconds the old process waits for a successor to confirm."""
 DEFAULT_CONNECT_TIMEOUT = 30.0
-"""Seconds a successor keeps trying while the serving process is busy."""
+"""Seconds a successor keeps trying while the serving process is busy (see
+:attr:`Options.connect_timeout`)."""
 DEFAULT_MESSAGE_TIMEOUT = 5.0
 """Seconds either side waits for one expected message (hello, release, ...)."""
 DEFAULT_PREDECESSOR_DRAIN_TIMEOUT = 60.0
@@ -216,7 +217,10 @@ class Options:
     handover_timeout: float = DEFAULT_HANDOVER_TIMEOUT
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     """Seconds a successor retries while the serving process refuses it as
-    busy or goes away mid-handshake. A hello not answered within
+    busy, goes away mid-handshake, or gave up on its connection before the
+    hello came (refused ``timeout``: the successor was stopped or starved
+    after connecting; nothing was taken). A try begun within it runs to its
+    end (each step within ``message_timeout``). A hello not answered within
     ``message_timeout`` is not retried (:class:`~hotswap.errors.HandoverTimeout`
     out of :meth:`Upgrader.start`, nothing taken): the control server runs
     beside the traffic, so that process's loop did not run for that long
