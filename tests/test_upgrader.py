@@ -614,7 +614,10 @@ def test_a_frame_acknowledged_too_late_is_still_adopted(run: Runner, case: str) 
         async def late(*, timeout: float) -> hotswap.protocol.Message:
             if slow[0]:
                 slow[0] = False
-                await asyncio.sleep(1.0)  # past the old side's 0.3 s
+                # Past the old side's 0.3 s and its last word: it let go (not
+                # a time: a test stalled before the handover began would
+                # have the successor read the frame in time, and refuse it).
+                await until(lambda: old._successor is None, "the old side to let go", 10)
             return await original(timeout=timeout)
 
         channel.receive = late  # type: ignore[method-assign]
