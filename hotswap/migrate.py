@@ -11,17 +11,24 @@ The client notices nothing.
 
 *At a request boundary* means: no request in progress, none parsed and
 queued, and nothing of a next request read into user space. aiohttp's parser
-keeps partial requests where we cannot see them, so every connection is
-watched from its first byte by aiohttp's own protocol, subclassed
-(:class:`Tracked`), which remembers the last four bytes received: a
-connection is at a boundary only if nothing was received yet, or the last
-bytes received end a header block (``\\r\\n\\r\\n``) and the request they
-belong to has been answered. A connection whose request has a body, or whose
-client pipelines, may never look like that: it drains the safe way (its next
-response says ``Connection: close``). A connection busy with a request whose
-body has arrived is paused at once (its next request waits in the kernel, not
-in our buffer), so it reaches the boundary when its response is sent and
-is handed over then.
+keeps partial requests where we cannot see them, and does not say where a
+request ended, so every connection is watched from its first byte by
+aiohttp's own protocol, subclassed (:class:`Tracked`), which feeds each read
+to a request framer (:mod:`hotswap._framing`): header block, a body of
+exactly its ``Content-Length`` bytes, next header block. A connection is at
+a boundary when the framer says that everything received is whole requests
+(or nothing was received), and aiohttp has answered them all and sent the
+answers. A connection busy with requests that have been received whole,
+bodies included, is paused at once (its next request waits in the kernel,
+not in our buffer), so it reaches the boundary when its response is sent
+and is handed over then; one whose request or body is still arriving is
+left to read it, and moves once it has been answered. Whatever the framer
+cannot follow exactly (a ``Transfer-Encoding`` such as chunked, an upgrade,
+``CONNECT``, HTTP/1.0, a ``Content-Length`` repeated or not plain digits, a
+header block over 64 KiB: see that module) it gives up on for good, and
+that connection drains the safe way: its next response says ``Connection:
+close``. So does every connection not idle at a boundary in the drain's
+last tenth.
 
 Ownership: after a frame is sent the old side closes its copy of each
 descriptor (``close()``, never ``shutdown()``: the socket lives on in the
@@ -44,16 +51,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
+from aiohttp.streams import EMPTY_PAYLOAD
 
+from ._framing import RequestFramer
 from .listeners import DEFAULT_BACKLOG, is_tcp
 from .protocol import MAX_FDS_PER_FRAME
 from .upgrader import Upgrader
 
 log = logging.getLogger("hotswap")
-
-BOUNDARY = b"\r\n\r\n"
-_BOUNDARY_TAIL = BOUNDARY[-3:]  # the last three bytes of a stream at a boundary
 
 
 def supported() -> bool:
@@ -96,28 +102,21 @@ def init_like_server(handler: web.RequestHandler, server: web.Server) -> None:
 
 
 class Tracked(web.RequestHandler):
-    """aiohttp's RequestHandler that also remembers whether the bytes
-    received last end a header block (one ``endswith`` per read: the only
-    per-request cost; a read that ends none also keeps its last three bytes,
-    so that a block's end split across reads counts) and is known to its
-    :class:`Migrator` while connected. A subclass,
-    not a protocol in front of aiohttp's: that forwarding cost 3% of the
-    requests per second with a new connection per request (``make bench``).
-    Made the way aiohttp's ``Server`` makes its handlers (see
-    :func:`supported`)."""
+    """aiohttp's RequestHandler that also follows where its client's
+    requests end (a :class:`~hotswap._framing.RequestFramer` fed every
+    read: the only per-request cost, see its module) and is known to its
+    :class:`Migrator` while connected. A subclass, not a protocol in front
+    of aiohttp's: that forwarding cost 3% of the requests per second with a
+    new connection per request (``make bench``). Made the way aiohttp's
+    ``Server`` makes its handlers (see :func:`supported`)."""
 
-    __slots__ = ("boundary", "listener", "migrator", "paused", "soon_since", "tail")
+    __slots__ = ("framer", "listener", "migrator", "paused", "soon_since")
 
     def __init__(self, server: web.Server, listener: str, migrator: Migrator) -> None:
         init_like_server(self, server)
         self.listener = listener
         self.migrator = migrator
-        # Nothing received yet, or the bytes received last end a header
-        # block; ``tail``: the last three bytes received (a block's end may
-        # come split across reads: a client that writes its final CRLF on
-        # its own, or byte by byte; a TCP segment's end).
-        self.boundary = True
-        self.tail = b""
+        self.framer = RequestFramer()
         # Reading paused by the drain (not by aiohttp's flow control, which
         # is aiohttp's to undo).
         self.paused = False
@@ -130,18 +129,28 @@ class Tracked(web.RequestHandler):
         self.migrator.tracked.add(self)
 
     def data_received(self, data: bytes) -> None:
-        if data:  # aiohttp calls it with b"" itself, to parse what it holds
-            if data.endswith(BOUNDARY):
-                self.boundary = True
-                self.tail = _BOUNDARY_TAIL
-            elif len(data) >= len(BOUNDARY):
-                self.boundary = False
-                self.tail = data[-3:]
-            else:  # a few bytes: with the ones before, they may end a block
-                end = self.tail + data
-                self.boundary = end.endswith(BOUNDARY)
-                self.tail = end[-3:]
+        messages = self._messages
+        queued = len(messages)
         web.RequestHandler.data_received(self, data)
+        if not data:  # aiohttp calls it with b"" itself, to parse what it holds
+            return
+        # The framer's fast path (RequestFramer.feed's "parsed"): aiohttp's
+        # parser made of this read one HTTP/1.1 request with no body (its
+        # payload is aiohttp's empty one) and no upgrade. Only when nothing
+        # was queued before and this one is all that was: then it is this
+        # read's own. (Bytes the parser still held from earlier reads, if
+        # it had stopped inside a body whose reader was full, are the rest
+        # of that body and, by the framer's count, whole requests, each
+        # queued ahead of this read's; it stops early only inside a body
+        # or at an upgrade.) An error it answers is a message without a
+        # version; the version is the C parser's own constant (with the
+        # pure-Python parser the framer reads every header block itself).
+        parsed = False
+        if not queued and len(messages) == 1:
+            message, payload = messages[0]
+            parsed = (payload is EMPTY_PAYLOAD and not getattr(message, "upgrade", True)
+                      and getattr(message, "version", None) is HttpVersion11)
+        self.framer.feed(data, parsed)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.migrator.tracked.discard(self)
@@ -168,10 +177,18 @@ class Tracked(web.RequestHandler):
             self.transport.resume_reading()
         self.paused = False
 
-    # -- state, read from aiohttp's own (see supported()) ----------------
+    # -- state: the framer's, and aiohttp's own (see supported()) --------
 
     def at_boundary(self) -> bool:
-        return self.boundary
+        """Everything received is whole requests, bodies included (or
+        nothing was received): nothing of a next request is in user space."""
+        return self.framer.boundary
+
+    def trackable(self) -> bool:
+        """The framer still follows this connection's requests; once it
+        has given up (see :mod:`hotswap._framing`), the connection can
+        never move."""
+        return not self.framer.lost
 
     def idle(self) -> bool:
         waiter = self._waiter
@@ -184,32 +201,20 @@ class Tracked(web.RequestHandler):
         assert self.transport is not None
         return self.transport.get_write_buffer_size() == 0
 
-    def between_requests(self) -> bool:
-        """Everything received is consumed and no request handler runs: the
-        moments around one (taken from the queue, its response being
-        finished, the loop back to waiting)."""
-        return (self.boundary and self._current_request is None
-                and not self._messages)
-
-    def busy_with_body_read(self) -> bool:
-        """Busy, and every request received is complete: the one being
-        handled and any parsed and queued behind it (under load a request
-        often waits there for its handler to run). Pausing the reading then
-        holds only what comes next, in the kernel; never true while a body is
-        still arriving (pausing would stall that request)."""
+    def busy_at_boundary(self) -> bool:
+        """Busy (a request being handled or queued, or the moments around
+        one: taken from the queue, its response being finished, the loop
+        back to waiting), and everything received is whole requests, bodies
+        included. Pausing the reading then holds only what comes next, in
+        the kernel, and stalls no request: its body has been read. Never
+        an upgraded connection (a websocket: it is read for as long as it
+        lives), which the framer gives up on anyway."""
         if (getattr(self, "_upgraded", False) or getattr(self, "_upgrade", False)
                 or getattr(self, "_payload_parser", None)):
-            # Upgraded (a websocket): it is read for as long as it lives.
             # From its upgrade request on, before the handler prepares it:
             # aiohttp 3.14 names that flag _upgraded, 3.10 to 3.13 _upgrade.
             return False
-        request = self._current_request
-        if request is not None and not request.content.is_eof():
-            return False
-        queued = self._messages
-        if request is None and not queued:
-            return False
-        return all(payload.is_eof() for _, payload in queued)
+        return self.framer.boundary and not self.idle()
 
 
 class TrackedSite(web.SockSite):
@@ -291,14 +296,16 @@ class Migrator:
     async def step(self, upgrader: Upgrader,
                    close_after_next_response: Callable[[web.RequestHandler], None],
                    time_left: float | None = None, *, last_call: bool = False) -> bool:
-        """One round: pause busy connections whose request has been read,
-        hand every connection at a request boundary to the successor, and
-        send the rest the safe way, within ``time_left`` seconds (the
-        drain's) when given. A busy connection that cannot move after its
-        response (what it read last ended no header block: a body) is told
-        to close with it: idle, it would be cut at the
-        deadline. ``last_call`` (the drain's end is near): so is every busy
-        one, and none is paused any more; a response sent keep-alive now
+        """One round: pause busy connections whose requests have been read
+        whole, hand every idle connection at a request boundary to the
+        successor, and send the rest the safe way, within ``time_left``
+        seconds (the drain's) when given. A connection that can never move
+        (its framer gave up: a chunked body, an upgrade, HTTP/1.0, ...) is
+        told to close with its next response: idle, it would be cut at the
+        deadline. One whose request or body is still arriving is left to
+        read it, neither paused nor told. ``last_call`` (the drain's end is
+        near): every connection that is not idle at a boundary is told to
+        close, and none is paused any more; a response sent keep-alive now
         could not count on a move before the cut. Returns False once
         migration is not possible (no successor that adopts, or the channel
         broke)."""
@@ -317,28 +324,22 @@ class Migrator:
             if transport is None or transport.is_closing():
                 continue
             soon, conn.soon_since = conn.soon_since, None
-            if conn.idle():
-                if not conn.at_boundary():
-                    close_after_next_response(conn)
-                elif conn.flushed():
+            if conn.idle() and conn.at_boundary():
+                if conn.flushed():
                     conn.pause()
                     ready.append(conn)
                 # else: its last response is still being sent; next round.
-            elif last_call or not conn.at_boundary():
+            elif last_call or not conn.trackable():
                 close_after_next_response(conn)
                 conn.resume()  # if paused in an earlier round
-            elif conn.busy_with_body_read():
+            elif conn.busy_at_boundary():
                 # Keep its next request in the kernel: at the end of this
-                # response it is at a boundary, and moves next round.
+                # response it is idle at a boundary, and moves next round.
                 conn.pause()
                 conn.soon_since = soon
                 pending += conn.soon(now)
-            elif conn.between_requests():
-                # Not provably safe to pause (the request just taken may
-                # still have a body to read), but a boundary is a loop
-                # iteration or two away: no 10 ms wait for it.
-                conn.soon_since = soon
-                pending += conn.soon(now)
+            # else: a request, or its body, still arriving: read on (paused,
+            # it would stall); once whole it is at a boundary.
         self.pending = pending
         if not ready:
             return True

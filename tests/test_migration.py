@@ -9,6 +9,7 @@ import resource
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -104,7 +105,8 @@ def test_a_body_still_arriving_is_never_paused(procs: Procs, name: str) -> None:
     side migrates is watched closely but not paused: aiohttp must go on
     reading that body (here: discarding it after a 405), so the next request
     on the connection is answered at once, not at the drain deadline (60 s
-    here; the socket gives up after 10)."""
+    here; the socket gives up after 10). Once that request is answered the
+    connection moves: the one after is answered by v2."""
     v1 = procs.sidecar(name, "v1", args=("--drain-timeout", "60"))
     port = port_of(wait_for(serving(name, "v1"), 15, "v1 serving"))
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -117,18 +119,54 @@ def test_a_body_still_arriving_is_never_paused(procs: Procs, name: str) -> None:
     sock.sendall(b"hello" + b"GET /serve HTTP/1.1\r\nHost: x\r\n\r\n")
     reply = read_response(sock)
     assert b" 200 " in reply.split(b"\r\n", 1)[0] and b"version(v1)" in reply, reply
-    assert v1.wait(timeout=15) == 0, "v1 drained: the connection moved or closed"
-    if b"Connection: close" in reply:
-        # The body and the request arrived as two reads: the last one ended a
-        # header block only by luck of the split, so it took the safe path.
-        assert sock.recv(1) == b""
-    else:
-        # One read ending a header block, answered: a boundary; it moved.
-        assert b"version(v2)" in http_get(sock)
+    assert b"Connection: close" not in reply, reply
+    assert v1.wait(timeout=15) == 0, "v1 drained: the connection moved"
+    assert b"version(v2)" in http_get(sock)
     assert "drain deadline" not in procs.logs()
     sock.close()
     v2.send_signal(signal.SIGTERM)
     assert v2.wait(timeout=15) == 0
+
+
+def test_a_client_that_sent_bodies_keeps_its_connection_across_upgrades(
+        procs: Procs, name: str) -> None:
+    """A raw keep-alive client (it never reconnects) sends requests with
+    Content-Length bodies to the sample sidecar, which answers 405 and
+    reads each body to discard it: one in a single write, one split
+    across writes, then idles across two upgrades. Its connection moves
+    each time, v1's and v2's drains end at once (their deadline is 20 s),
+    and the next request on it, from the same local port, is answered by
+    the new version without Connection: close. (What the old side read
+    last was a body: the connection stayed, was told to close, idled, and
+    was cut at the deadline; the next request on it failed.)"""
+    args = ("--drain-timeout", "20")
+    v1 = procs.sidecar(name, "v1", args=args)
+    port = port_of(wait_for(serving(name, "v1"), 15, "v1 serving"))
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    local = sock.getsockname()
+    previous = v1
+    for version, writes in (
+            ("v2", [b"POST /serve HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\nhello world"]),
+            ("v3", [b"PUT /serve HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\nhel",
+                    b"lo \r\n\r\n", b"d"])):
+        for piece in writes:
+            sock.sendall(piece)
+            time.sleep(0.01)  # the scenario: the server reads each piece on its own
+        answer = read_response(sock)
+        assert b" 405 " in answer.split(b"\r\n", 1)[0], answer
+        assert b"Connection: close" not in answer, answer
+        new = procs.sidecar(name, version, args=args)
+        wait_for(serving(name, version), 15, f"{version} serving, its predecessor drained")
+        assert previous.wait(timeout=5) == 0
+        reply = http_get(sock)
+        assert f"version({version})".encode() in reply, reply
+        assert b"Connection: close" not in reply, reply
+        assert sock.getsockname() == local
+        previous = new
+    assert procs.logs().count("handed 1 idle connection(s) to the successor") == 2
+    sock.close()
+    previous.send_signal(signal.SIGTERM)
+    assert previous.wait(timeout=15) == 0
 
 
 def fresh_start_fds(procs: Procs, name: str) -> int:

@@ -73,6 +73,10 @@ def app_of(version: str, gate: asyncio.Event | None = None,
         await gate.wait()
         return web.Response(text=f"version({version}) read {len(body)}")
 
+    async def read(request: web.Request) -> web.Response:
+        body = await request.read()
+        return web.Response(text=f"version({version}) read {len(body)}")
+
     async def echo(request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse()
         await ws.prepare(request)
@@ -92,6 +96,7 @@ def app_of(version: str, gate: asyncio.Event | None = None,
     app.router.add_get("/ws", echo)
     app.router.add_get("/big", big)
     app.router.add_route("*", "/held", held)
+    app.router.add_route("*", "/read", read)
     return app
 
 
@@ -762,18 +767,18 @@ async def read_response(reader: asyncio.StreamReader) -> bytes:
         return head + await reader.readexactly(length)
 
 
-@pytest.mark.parametrize("when", ["body-read-last", "near-the-deadline"])
+@pytest.mark.parametrize("when", ["chunked-body", "near-the-deadline"])
 def test_a_request_in_flight_that_cannot_move_is_told_to_close(run: Callable[
         [Awaitable[None]], None], when: str) -> None:
     """A request is in flight on v1 when v2 takes over, and its client then
     idles past v1's drain deadline before its next request. Its connection
-    cannot move after this response if what v1 read last was a body (no
-    header block's end: "body-read-last"), and a connection whose response
-    ends in the drain's last tenth cannot count on moving before the cut
-    ("near-the-deadline"). Either way that response must say Connection:
-    close: sent keep-alive, the connection was cut idle at the deadline and
-    the client's next request on it failed. A client that reconnects as
-    told gets v2."""
+    cannot move after this response if its request's body came chunked
+    (the framer gives up on Transfer-Encoding: "chunked-body"), and a
+    connection whose response ends in the drain's last tenth cannot count
+    on moving before the cut ("near-the-deadline"). Either way that
+    response must say Connection: close: sent keep-alive, the connection
+    was cut idle at the deadline and the client's next request on it
+    failed. A client that reconnects as told gets v2."""
     async def main() -> None:
         name, gate = f"s-{uuid.uuid4().hex[:10]}", asyncio.Event()
         sockets: dict[str, hotswap.Address] = {"http": ("127.0.0.1", 0)}
@@ -783,9 +788,9 @@ def test_a_request_in_flight_that_cannot_move_is_told_to_close(run: Callable[
         port = port_of(v1.status())
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
-            if when == "body-read-last":
-                writer.write(b"POST /held HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
-                             b"\r\nhello")
+            if when == "chunked-body":
+                writer.write(b"POST /held HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked"
+                             b"\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
             else:
                 writer.write(b"GET /held HTTP/1.1\r\nHost: x\r\n\r\n")
             v2, v2_task = start(name, "v2", sockets)
@@ -797,7 +802,7 @@ def test_a_request_in_flight_that_cannot_move_is_told_to_close(run: Callable[
                 await asyncio.sleep(drain - 0.1)
             gate.set()
             first = await read_response(reader)
-            read = b"5" if when == "body-read-last" else b"0"
+            read = b"5" if when == "chunked-body" else b"0"
             assert first.startswith(b"http/1.1 200"), first
             assert first.endswith(b"version(v1) read " + read), first
             assert b"connection: close" in first, first
@@ -858,15 +863,9 @@ def test_a_header_block_whose_end_came_in_reads_of_its_own_moves(run: Callable[
     run(main())
 
 
-def test_a_long_request_does_not_keep_the_drain_looking_every_millisecond(run: Callable[
-        [Awaitable[None]], None], monkeypatch: pytest.MonkeyPatch) -> None:
-    """A request still handled when v2 takes over (a long poll) is paused, to
-    move once answered. The drain looks again after 1 ms while a connection
-    is that close to a boundary, but this one stays busy: v1 looked at every
-    connection each millisecond for as long as it lasted (with 1,000 long
-    polls in flight, half a core for the whole drain). It is looked at that
-    often only for its first moments, then at the drain's usual pace; once
-    answered it still moves, and its next request is answered by v2."""
+def drain_rounds(monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
+    """Count the rounds of every draining version's connection handover
+    (``Migrator.step``): the returned callable says how many so far."""
     rounds = 0
     step = hotswap.migrate.Migrator.step
 
@@ -876,6 +875,242 @@ def test_a_long_request_does_not_keep_the_drain_looking_every_millisecond(run: C
         return await step(self, *args, **kwargs)
 
     monkeypatch.setattr(hotswap.migrate.Migrator, "step", counting)
+    return lambda: rounds
+
+
+async def v1_draining_for(v1: hotswap.Upgrader, rounds: Callable[[], int],
+                          count: int = 3) -> None:
+    """Once v1 drains, wait for ``count`` more rounds of its handover."""
+    await until(lambda: v1.state is hotswap.State.DRAINING, "v1 draining")
+    seen = rounds()
+    await until(lambda: rounds() >= seen + count, f"{count} rounds of v1's handover")
+
+
+async def write_apart(writer: asyncio.StreamWriter, pieces: list[bytes]) -> None:
+    """Each piece on its own, a moment apart: the server reads them one by one."""
+    for piece in pieces:
+        writer.write(piece)
+        await writer.drain()
+        await asyncio.sleep(0.005)  # the scenario: v1 reads each piece on its own
+
+
+# A body that holds a header block's end, and what reads as a whole request.
+TRICKY = b"{\r\n\r\nGET /not-a-request HTTP/1.1\r\nHost: x\r\n\r\n}"
+
+
+def with_body(method: bytes, body: bytes) -> bytes:
+    return (method + b" /read HTTP/1.1\r\nHost: x\r\nContent-Length: "
+            + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
+@pytest.mark.parametrize("how", ["one-write", "split-writes", "crlfcrlf-in-body"])
+def test_an_idle_connection_whose_last_request_had_a_body_moves(run: Callable[
+        [Awaitable[None]], None], how: str) -> None:
+    """A keep-alive client sends a request with a Content-Length body (in
+    one write; across writes that v1 reads one by one, the header block's
+    end among them; a body that holds \\r\\n\\r\\n and what reads as a
+    whole request), is answered by v1, and idles across the upgrade. Its
+    connection moves: v1's drain ends at once, and its next request, on the
+    same connection (a raw stream: it cannot reconnect), is answered by v2
+    without Connection: close. (What v1 had read last was a body, which
+    ends no header block: the connection stayed with v1, was told to close,
+    idled, and was cut at v1's deadline; the next request on it failed.)"""
+    body = TRICKY if how == "crlfcrlf-in-body" else b"hello world"
+    message = with_body(b"PUT" if how == "split-writes" else b"POST", body)
+    cut = message.index(b"\r\n\r\n") + 2
+    pieces = ([message[:cut], message[cut:cut + 5], message[cut + 5:-3], message[-3:]]
+              if how == "split-writes" else [message])
+
+    async def main() -> None:
+        name = f"s-{uuid.uuid4().hex[:10]}"
+        sockets: dict[str, hotswap.Address] = {"http": ("127.0.0.1", 0)}
+        v1, v1_task = start(name, "v1", sockets, drain_timeout=3.0)
+        await until(serving(v1), "v1 serving")
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(v1.status()))
+        try:
+            await write_apart(writer, pieces)
+            first = await read_response(reader)
+            assert first.endswith(b"version(v1) read %d" % len(body)), first
+            assert b"connection: close" not in first, first
+            local = writer.get_extra_info("sockname")
+            v2, v2_task = start(name, "v2", sockets)
+            await until(serving(v2), "v2 serving")
+            # Nothing left with v1: its drain ends well before its deadline.
+            assert await asyncio.wait_for(v1_task, 2) == 0
+            reply = await request(reader, writer)
+            assert reply.endswith(b"version(v2)") and b"connection: close" not in reply, reply
+            assert writer.get_extra_info("sockname") == local
+        finally:
+            writer.close()
+        await stop_serving(v2, v2_task)
+
+    run(main())
+
+
+@pytest.mark.parametrize("when", ["body-arriving", "handler-busy"])
+def test_a_request_with_a_body_in_flight_at_the_handover_moves_after_it(run: Callable[
+        [Awaitable[None]], None], monkeypatch: pytest.MonkeyPatch, when: str) -> None:
+    """A request with a Content-Length body is in flight as v1 starts to
+    drain: its body still arriving (half of it sent, the rest only after
+    a few rounds of v1's handover), or all read and its handler still busy.
+    The connection is not moved before that request is whole and answered
+    (the rest of a body read by v2 would be taken for a request): v1 reads
+    the whole body and answers, keep-alive, then hands the connection over,
+    and the client's next request on it is answered by v2. Nothing is lost.
+    (It used to be told to close: what v1 had read last was a body.)"""
+    rounds = drain_rounds(monkeypatch)
+    body = b"x" * 3000 + TRICKY
+    message = with_body(b"POST", body)
+    if when == "handler-busy":
+        message = message.replace(b"/read", b"/held", 1)
+    half = len(message) - len(body) // 2
+
+    async def main() -> None:
+        name, gate = f"s-{uuid.uuid4().hex[:10]}", asyncio.Event()
+        sockets: dict[str, hotswap.Address] = {"http": ("127.0.0.1", 0)}
+        v1, v1_task = start(name, "v1", sockets, drain_timeout=3.0, gate=gate)
+        await until(serving(v1), "v1 serving")
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(v1.status()))
+        try:
+            writer.write(message[:half] if when == "body-arriving" else message)
+            v2, v2_task = start(name, "v2", sockets)
+            await until(serving(v2), "v2 serving")
+            await v1_draining_for(v1, rounds)
+            assert not v1_task.done()  # the connection is still v1's
+            if when == "body-arriving":
+                writer.write(message[half:])
+            gate.set()
+            first = await read_response(reader)
+            assert first.endswith(b"version(v1) read %d" % len(body)), first
+            assert b"connection: close" not in first, first
+            assert await asyncio.wait_for(v1_task, 2) == 0  # then it moved
+            reply = await request(reader, writer)
+            assert reply.endswith(b"version(v2)") and b"connection: close" not in reply, reply
+        finally:
+            writer.close()
+        await stop_serving(v2, v2_task)
+
+    run(main())
+
+
+@pytest.mark.parametrize(("kind", "when"), [("chunked", "answered-before"),
+                                           ("chunked", "body-arriving"),
+                                           ("http/1.0", "answered-before")])
+def test_connections_the_framer_gives_up_on_drain_the_safe_way(
+        run: Callable[[Awaitable[None]], None], monkeypatch: pytest.MonkeyPatch,
+        kind: str, when: str) -> None:
+    """A request whose body comes chunked (Transfer-Encoding) cannot be
+    framed by counting bytes, and HTTP/1.0 is not followed either: such a
+    connection never moves, whether that request was answered before the
+    upgrade or its body is still arriving as v1 drains (a chunk ending in
+    \\r\\n\\r\\n read last). Its next response (that request's own, if in
+    flight) says Connection: close (HTTP/1.0: no keep-alive) and v1 closes
+    the connection after it; nothing is lost: the body is read whole, and
+    the client, reconnecting as told, gets v2. (A chunked body's end, a
+    chunk's and an HTTP/1.0 request's end in \\r\\n\\r\\n: such a
+    connection counted as at a request boundary, and was moved.)"""
+    rounds = drain_rounds(monkeypatch)
+    if kind == "chunked":
+        first = [b"POST /read HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 b"2\r\n\r\n\r\n", b"5\r\nhello\r\n0\r\n\r\n"]  # 7 bytes in all
+        read, then = b"7", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+    else:
+        first = [b"GET /read HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"]
+        read, then = b"0", b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+
+    def closes(response: bytes) -> bool:
+        """It says the connection ends with it (HTTP/1.0: by not keeping it)."""
+        if kind == "http/1.0":
+            return b"connection: keep-alive" not in response
+        return b"connection: close" in response
+
+    async def main() -> None:
+        name = f"s-{uuid.uuid4().hex[:10]}"
+        sockets: dict[str, hotswap.Address] = {"http": ("127.0.0.1", 0)}
+        v1, v1_task = start(name, "v1", sockets, drain_timeout=3.0)
+        await until(serving(v1), "v1 serving")
+        port = port_of(v1.status())
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        again: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        try:
+            if when == "answered-before":
+                await write_apart(writer, first)
+                answer = await read_response(reader)
+                assert answer.endswith(b"version(v1) read " + read), answer
+                assert not closes(answer), answer
+            else:
+                await write_apart(writer, first[:1])
+            v2, v2_task = start(name, "v2", sockets)
+            await until(serving(v2), "v2 serving")
+            await v1_draining_for(v1, rounds)
+            writer.write(then if when == "answered-before" else first[1])
+            told = await read_response(reader)
+            assert told.endswith(b"version(v1)" if when == "answered-before"
+                                 else b"version(v1) read " + read), told
+            assert closes(told), told
+            async with asyncio.timeout(5):
+                assert await reader.read() == b""  # v1 closed it after that response
+            assert await asyncio.wait_for(v1_task, 5) == 0
+            again = await asyncio.open_connection("127.0.0.1", port)
+            assert (await request(*again)).endswith(b"version(v2)")
+        finally:
+            await close_all(writer, *([again[1]] if again else []))
+        await stop_serving(v2, v2_task)
+
+    run(main())
+
+
+def test_a_request_begun_after_a_body_is_not_moved_until_whole(run: Callable[
+        [Awaitable[None]], None], monkeypatch: pytest.MonkeyPatch) -> None:
+    """What kept connections with bodies from moving: a body that holds
+    \\r\\n\\r\\n and what reads as a whole request, then, in the same
+    write, the first part of the next request (its header block not yet
+    ended). v1 answers the first; the connection is idle with part of a
+    request in v1's buffer, and must not move: v1 keeps it through rounds
+    of its handover, answers that request once its client ends it, and only
+    then hands the connection over; the next request is answered by v2 on
+    the same connection. Nothing is lost, nothing read twice. (It was told
+    to close: what v1 had read last ended no header block.)"""
+    rounds = drain_rounds(monkeypatch)
+
+    async def main() -> None:
+        name = f"s-{uuid.uuid4().hex[:10]}"
+        sockets: dict[str, hotswap.Address] = {"http": ("127.0.0.1", 0)}
+        v1, v1_task = start(name, "v1", sockets, drain_timeout=3.0)
+        await until(serving(v1), "v1 serving")
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(v1.status()))
+        try:
+            writer.write(with_body(b"POST", TRICKY) + b"GET / HTTP/1.1\r\nHost: x\r\n")
+            first = await read_response(reader)
+            assert first.endswith(b"version(v1) read %d" % len(TRICKY)), first
+            v2, v2_task = start(name, "v2", sockets)
+            await until(serving(v2), "v2 serving")
+            await v1_draining_for(v1, rounds)
+            assert not v1_task.done()  # the connection is still v1's
+            writer.write(b"\r\n")  # the GET's header block ends
+            second = await read_response(reader)
+            assert second.endswith(b"version(v1)") and b"connection: close" not in second, \
+                second
+            assert await asyncio.wait_for(v1_task, 2) == 0  # then it moved
+            reply = await request(reader, writer)
+            assert reply.endswith(b"version(v2)") and b"connection: close" not in reply, reply
+        finally:
+            writer.close()
+        await stop_serving(v2, v2_task)
+
+    run(main())
+
+
+def test_a_long_request_does_not_keep_the_drain_looking_every_millisecond(run: Callable[
+        [Awaitable[None]], None], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request still handled when v2 takes over (a long poll) is paused, to
+    move once answered. The drain looks again after 1 ms while a connection
+    is that close to a boundary, but this one stays busy: v1 looked at every
+    connection each millisecond for as long as it lasted (with 1,000 long
+    polls in flight, half a core for the whole drain). It is looked at that
+    often only for its first moments, then at the drain's usual pace; once
+    answered it still moves, and its next request is answered by v2."""
+    rounds = drain_rounds(monkeypatch)
 
     async def main() -> None:
         name, gate = f"s-{uuid.uuid4().hex[:10]}", asyncio.Event()
@@ -888,10 +1123,10 @@ def test_a_long_request_does_not_keep_the_drain_looking_every_millisecond(run: C
             v2, v2_task = start(name, "v2", sockets)
             await until(serving(v2), "v2 serving")
             await until(lambda: v1.state is hotswap.State.DRAINING, "v1 draining")
-            before = rounds
+            before = rounds()
             await asyncio.sleep(1.0)
             # 10 ms apart, less the loop's own time: about 100 (it was ~1,000).
-            assert rounds - before < 250, rounds - before
+            assert rounds() - before < 250, rounds() - before
             gate.set()
             reply = await read_response(reader)
             assert reply.endswith(b"version(v1) read 0") and b"close" not in reply, reply
