@@ -109,10 +109,10 @@ class RequestFramer:
         ``parsed``: the caller's HTTP parser, which was fed the same bytes
         from the same boundary, took them for exactly one HTTP/1.1 request
         without a body and without an upgrade. If they are one whole header
-        block (the framer checks), the framer takes the parser's word for
-        the rest instead of reading the headers itself: the parser's own
-        answer is what the framer has to agree with, and this is the
-        common read. Ignored for any other read."""
+        block, no larger than :data:`MAX_HEAD` (the framer checks), it takes
+        the parser's word for the rest instead of reading the headers
+        itself: the parser's own answer is what the framer has to agree
+        with, and this is the common read. Ignored for any other read."""
         need = self.need
         if need > 0 and len(data) <= need:  # inside a body
             self.need = need - len(data)
@@ -122,8 +122,8 @@ class RequestFramer:
                 # reads. Without the parser's word, what body_length()
                 # answers first, inline (a call less per request).
                 not need and not self.head and len(data) - 4 == data.find(END) >= 0
-                and (parsed or (
-                    len(data) <= MAX_HEAD and _named(data) is None
+                and len(data) <= MAX_HEAD and (parsed or (
+                    _named(data) is None
                     and data.startswith(_VERSION, data.find(b"\r\n") - 9)
                     and (data[0] != 67 or not data.startswith(b"CONNECT "))))):  # 67: "C"
             return

@@ -145,16 +145,20 @@ def test_a_header_block_trickling_in_is_not_copied_read_after_read() -> None:
 def test_the_parsers_word_counts_for_one_whole_header_block_at_a_boundary() -> None:
     """feed(parsed=True): the caller's parser took the read for one request
     without a body. The framer takes that word for a read that is one
-    whole header block at a boundary (without it, it reads the headers
-    itself: here it would give up on the Upgrade), and for no other read:
-    body bytes that look like a request, a block and the start of the
-    next, the end of a block begun before, or a framer that gave up."""
+    whole header block at a boundary, up to MAX_HEAD (without it, it reads
+    the headers itself: here it would give up on the Upgrade), and for no
+    other read: body bytes that look like a request, a block and the start
+    of the next, the end of a block begun before, or a framer that gave
+    up."""
     framer = RequestFramer()
     framer.feed(request(b"Upgrade: h2c", line=b"GET / HTTP/1.1"), parsed=True)
     assert state(framer) == WHOLE
     framer.feed(request(b"Upgrade: h2c", line=b"GET / HTTP/1.1"))
     assert state(framer) == LOST
     framer.feed(GET, parsed=True)
+    assert state(framer) == LOST
+    framer = RequestFramer()  # over MAX_HEAD: given up on, whatever the parser says
+    framer.feed(HUGE_HEAD[:-4] + b"c\r\n\r\n", parsed=True)
     assert state(framer) == LOST
     headers = request(length(TRICKY))  # the one read the parser's word is not given for
     for reads, expected in (
