@@ -901,6 +901,7 @@ async def serve(app: web.Application, upgrader: Upgrader,
         try:
             await upgrader.close()
         finally:
+            upgrader._run_by = None  # its close() is a close again
             for signum in installed:
                 loop.remove_signal_handler(signum)
                 if _restorable(previous[signum]):
