@@ -392,7 +392,16 @@ async def close_server(server: asyncio.AbstractServer) -> None:
         if listening:
             for _ in range(3):  # one iteration attaches them; the rest is margin
                 await asyncio.sleep(0)
-    links = _keep_unix_paths(loop, listening)
+    close_at_once(server)
+
+
+def close_at_once(server: asyncio.AbstractServer) -> None:
+    """``server.close()``, keeping its Unix sockets' paths (see
+    :func:`close_server`), in one step: for a server that has accepted
+    nothing yet (started in this same step, before the loop polled), or
+    once :func:`close_server` has let what it accepted attach."""
+    loop = asyncio.get_running_loop()
+    links = _keep_unix_paths(loop, list(getattr(server, "sockets", None) or ()))
     try:
         server.close()
     finally:

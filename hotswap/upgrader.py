@@ -465,7 +465,9 @@ class Upgrader:
         before (the way before this argument) works too, as it always did,
         but accepts from its start: what it accepted before an abort, it
         must drain. If ready() raises HandoverFailed before confirming,
-        the servers were not started; close them as usual
+        the servers were not started (or, when one of them could not start,
+        which calls the handover off, were closed again in the step that
+        started them, before accepting anything); close them as usual
         (:func:`~hotswap.close_server`). A ``TypeError`` for anything that
         is no server, before anything else.
 
@@ -1096,7 +1098,7 @@ class Upgrader:
         # (below), so that a handover it abandoned takes nothing from it.
         if not channel.peer_spoke():
             try:
-                self._serve_now()
+                self._serve_now(all_or_none=True)
             except (OSError, TypeError) as exc:
                 await self._abort(f"starting our servers failed: {exc!r}; the "
                                   "predecessor serves on")
@@ -1147,17 +1149,30 @@ class Upgrader:
         if self._stop_requested:
             self._finish(ExitReason.STOP_REQUESTED)
 
-    def _serve_now(self) -> None:
+    def _serve_now(self, *, all_or_none: bool = False) -> None:
         """Start the servers ready() was given (see there), at once: each
-        one, then the first error (OSError, TypeError) if any."""
+        one, then the first error (OSError, TypeError) if any.
+
+        ``all_or_none`` (before the confirmation, which an error calls off):
+        on an error, the servers this call started are closed again, in the
+        same step (nothing accepted: the loop polls only after it), so that
+        none accepts for a process that backs out; the caller closes them
+        as usual all the same (closing twice is nothing). Without it (too
+        late to call anything off), the others serve on."""
         servers, self._to_serve = self._to_serve, []
         error: BaseException | None = None
+        started: list[asyncio.AbstractServer] = []
         for server in servers:
             try:
-                listeners.start_serving(server)
+                if not server.is_serving():
+                    listeners.start_serving(server)
+                    started.append(server)
             except (OSError, TypeError) as exc:
                 error = error or exc
         if error is not None:
+            if all_or_none:
+                for server in started:
+                    listeners.close_at_once(server)  # not read from since: accepted nothing
             raise error
 
     async def _abort(self, reason: str) -> NoReturn:

@@ -1966,6 +1966,61 @@ def test_a_successor_that_backs_out_never_starts_its_servers(run: Runner,
     run(main())
 
 
+class _WaitingServer(asyncio.AbstractServer):
+    """A server (of some other library) whose ``start_serving()`` waits for
+    something: hotswap cannot start it in one step (a TypeError)."""
+
+    def is_serving(self) -> bool:
+        return False
+
+    async def start_serving(self) -> None:
+        await asyncio.sleep(0)
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_server_that_cannot_start_leaves_the_others_not_accepting(run: Runner) -> None:
+    """Of the servers given to ready(), one that cannot start aborts the
+    handover (the predecessor serves on), and those started before it in
+    that same step stop again before the loop runs: a connection queued
+    meanwhile is the predecessor's, not accepted by a process that backs
+    out (ready()'s word: servers of a HandoverFailed were not started)."""
+    name = new_name()
+
+    async def main() -> None:
+        old = await serving_upgrader(name, "v1")
+        old_sock = old._listeners["http"].sock
+        new = hotswap.Upgrader(name, version="v2", options=opts())
+        assert await new.start() is hotswap.Role.TAKEOVER
+        sock = new.listen("http", ("127.0.0.1", 0))
+        answered: list[str] = []
+        server = await a_server(sock, answered)
+        client = socket.create_connection(sock.getsockname(), timeout=5)
+        try:
+            with pytest.raises(hotswap.HandoverFailed, match="starting our servers failed"):
+                await new.ready(start_serving=[server, _WaitingServer()])
+            assert not server.is_serving()
+            for _ in range(3):
+                await asyncio.sleep(0)  # a server accepting would have it by now
+            await hotswap.close_server(server)
+            await new.close()
+            await until(lambda: old.state is hotswap.State.SERVING, "v1 serving again")
+            old_sock.setblocking(False)
+            async with asyncio.timeout(5):  # the queued one
+                conn, peer = await asyncio.get_running_loop().sock_accept(old_sock)
+            assert peer == client.getsockname()
+            conn.close()
+            assert answered == []
+        finally:
+            client.close()
+            await hotswap.close_server(server)
+            await new.close()
+            await old.close()
+
+    run(main())
+
+
 def test_a_fresh_start_serves_at_once_and_ready_checks_its_servers(run: Runner) -> None:
     """With no predecessor, ready() starts the servers at once (nobody to
     lose a connection to). Anything that is no server is a TypeError, before
