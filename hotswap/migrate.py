@@ -52,6 +52,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp import HttpVersion11, web
+from aiohttp.hdrs import CONTENT_LENGTH
 from aiohttp.streams import EMPTY_PAYLOAD
 
 from ._framing import RequestFramer
@@ -145,11 +146,17 @@ class Tracked(web.RequestHandler):
         # or at an upgrade.) An error it answers is a message without a
         # version; the version is the C parser's own constant (with the
         # pure-Python parser the framer reads every header block itself).
+        # Not with a Content-Length: the C parser gives one of 2**64 - 1
+        # (llhttp's "none") the empty payload while llhttp reads all that
+        # follows as its body (moved, the successor would read that body
+        # as requests); the framer reads such a block itself (0 is framed,
+        # 20 digits given up on), for a dictionary lookup per GET.
         parsed = False
         if not queued and len(messages) == 1:
             message, payload = messages[0]
             parsed = (payload is EMPTY_PAYLOAD and not getattr(message, "upgrade", True)
-                      and getattr(message, "version", None) is HttpVersion11)
+                      and getattr(message, "version", None) is HttpVersion11
+                      and CONTENT_LENGTH not in getattr(message, "headers", ()))
         self.framer.feed(data, parsed)
 
     def connection_lost(self, exc: BaseException | None) -> None:
