@@ -1909,6 +1909,24 @@ def test_ready_starts_the_servers_as_the_successor_confirms(run: Runner) -> None
     run(main())
 
 
+async def the_queued_one_is_the_predecessors(
+        old: hotswap.Upgrader, new: hotswap.Upgrader, server: asyncio.AbstractServer,
+        client: socket.socket, answered: list[str]) -> None:
+    """After ``new`` backed out: once it is closed, ``old`` serves again and
+    accepts the connection ``client`` queued meanwhile, which ``new``'s
+    server never answered."""
+    old_sock = old._listeners["http"].sock
+    await hotswap.close_server(server)
+    await new.close()
+    await until(lambda: old.state is hotswap.State.SERVING, "v1 serving again")
+    old_sock.setblocking(False)
+    async with asyncio.timeout(5):  # the queued one
+        conn, peer = await asyncio.get_running_loop().sock_accept(old_sock)
+    assert peer == client.getsockname()
+    conn.close()
+    assert answered == []
+
+
 @pytest.mark.parametrize("when", ["before-ready", "as-the-confirmation-begins",
                                   "after-the-predecessor-gave-up"])
 def test_a_successor_that_backs_out_never_starts_its_servers(run: Runner,
@@ -1924,7 +1942,6 @@ def test_a_successor_that_backs_out_never_starts_its_servers(run: Runner,
 
     async def main() -> None:
         old = await serving_upgrader(name, "v1", handover_timeout=0.3)
-        old_sock = old._listeners["http"].sock
         new = hotswap.Upgrader(name, version="v2", options=opts())
         await new.start()
         sock = new.listen("http", ("127.0.0.1", 0))
@@ -1948,15 +1965,7 @@ def test_a_successor_that_backs_out_never_starts_its_servers(run: Runner,
                                match="abandoned" if when.startswith("after") else "aborted"):
                 await new.ready(start_serving=[server])
             assert not server.is_serving()
-            await hotswap.close_server(server)
-            await new.close()
-            await until(lambda: old.state is hotswap.State.SERVING, "v1 serving again")
-            old_sock.setblocking(False)
-            async with asyncio.timeout(5):  # the queued one
-                conn, peer = await asyncio.get_running_loop().sock_accept(old_sock)
-            assert peer == client.getsockname()
-            conn.close()
-            assert answered == []
+            await the_queued_one_is_the_predecessors(old, new, server, client, answered)
         finally:
             client.close()
             await hotswap.close_server(server)
@@ -1990,7 +1999,6 @@ def test_a_server_that_cannot_start_leaves_the_others_not_accepting(run: Runner)
 
     async def main() -> None:
         old = await serving_upgrader(name, "v1")
-        old_sock = old._listeners["http"].sock
         new = hotswap.Upgrader(name, version="v2", options=opts())
         assert await new.start() is hotswap.Role.TAKEOVER
         sock = new.listen("http", ("127.0.0.1", 0))
@@ -2003,15 +2011,7 @@ def test_a_server_that_cannot_start_leaves_the_others_not_accepting(run: Runner)
             assert not server.is_serving()
             for _ in range(3):
                 await asyncio.sleep(0)  # a server accepting would have it by now
-            await hotswap.close_server(server)
-            await new.close()
-            await until(lambda: old.state is hotswap.State.SERVING, "v1 serving again")
-            old_sock.setblocking(False)
-            async with asyncio.timeout(5):  # the queued one
-                conn, peer = await asyncio.get_running_loop().sock_accept(old_sock)
-            assert peer == client.getsockname()
-            conn.close()
-            assert answered == []
+            await the_queued_one_is_the_predecessors(old, new, server, client, answered)
         finally:
             client.close()
             await hotswap.close_server(server)
