@@ -695,7 +695,8 @@ async def serve(app: web.Application, upgrader: Upgrader,
 
     Returns the process exit status: 0 after a clean handover or stop, 1 when
     this process was a successor whose predecessor abandoned the handover (it
-    still drained what it had accepted), or when one of the app's
+    still drained what it had accepted: nothing, unless that came as it
+    confirmed, since its sites accept only from its confirmation on), or when one of the app's
     ``on_shutdown``/``on_cleanup`` callbacks raised or was still running
     after ``cleanup_timeout`` seconds (for all of one signal's together).
     Those are logged and abandoned, never an exception out of here: the rest

@@ -180,10 +180,17 @@ class ExitReason(enum.Enum):
     TAKEN_OVER = "taken-over"
     """A successor confirmed it is accepting: stop accepting and drain."""
     STOP_REQUESTED = "stop-requested"
-    """:meth:`Upgrader.request_stop` was called (SIGTERM, usually)."""
+    """:meth:`Upgrader.request_stop` was called (SIGTERM, usually), or
+    :meth:`Upgrader.close`; also a successor's :meth:`Upgrader.ready` that
+    called the handover off instead (its PostStart hook gave up, a server
+    could not start): the predecessor serves on."""
     HANDOVER_FAILED = "handover-failed"
-    """We were the successor and the predecessor abandoned the handover after
-    we had started accepting: step down (stop accepting, drain, exit non-zero)."""
+    """We were the successor and the predecessor abandoned the handover as
+    we confirmed (its ``Failed``, or a reply that broke the protocol): step
+    down (stop accepting, drain what our servers took, exit non-zero).
+    Servers given to ``ready(start_serving=...)`` accept only if that
+    ``Failed`` crossed our confirmation; one that came before it starts
+    none."""
 
 
 class State(enum.Enum):
@@ -474,9 +481,11 @@ class Upgrader:
         Closes inherited sockets nobody claimed. As a successor, confirms to
         the predecessor and waits (bounded) until it has stopped accepting;
         then starts answering the control socket. Raises HandoverFailed if the
-        predecessor abandoned the handover: the caller has started accepting
-        and must now stop and drain (:meth:`wait_exit` returns
-        HANDOVER_FAILED). A stop requested before confirming aborts the
+        predecessor abandoned the handover: the caller must now stop
+        accepting and drain (:meth:`wait_exit` returns HANDOVER_FAILED); the
+        ``start_serving`` servers accept only if its ``Failed`` crossed our
+        confirmation (one that came before it starts none), a server started
+        before ready() has accepted from its start. A stop requested before confirming aborts the
         handover instead (the predecessor keeps serving) and raises
         HandoverFailed too; :meth:`wait_exit` then returns STOP_REQUESTED.
         So does this slot's PostStart hook having given up, in a Kruise
