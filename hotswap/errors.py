@@ -11,7 +11,8 @@
 - :class:`BrokenResourceError` -- the world broke the channel (EOF, reset);
   ``__cause__`` is the original :class:`OSError` when there is one.
 - :class:`HandoverRefused` -- the serving process said no (busy, older version,
-  not allowed); ``code`` says which.
+  not allowed, a protocol it does not speak, or it gave up waiting for the
+  hello); ``code`` says which.
 - :class:`HandoverFailed` -- a handover was started but did not complete.
 - :class:`HandoverTimeout` -- a deadline passed while waiting for the peer.
 """

@@ -1,8 +1,8 @@
 """Describe, validate, bind and adopt listening sockets.
 
 Addresses are given as ``(host, port)`` for TCP/UDP (IPv6 when ``host``
-contains ``:``), or a ``str`` path for a Unix stream socket (``"@name"`` or a
-leading NUL for an abstract one). Every socket made or adopted here is
+contains ``:``), or a ``str`` path for a Unix socket, stream or datagram
+(``"@name"`` or a leading NUL for an abstract one). Every socket made or adopted here is
 close-on-exec and non-blocking.
 """
 

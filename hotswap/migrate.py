@@ -30,7 +30,10 @@ that connection drains the safe way: its next response says ``Connection:
 close``. So does every connection not idle at a boundary in the drain's
 last tenth.
 
-Ownership: after a frame is sent the old side closes its copy of each
+Ownership: once a frame is acknowledged (``Adopted``; with a successor
+that does not acknowledge, once it is sent; see
+:meth:`~hotswap.Upgrader.hand_over_connections` for one whose
+acknowledgement does not come in time) the old side closes its copy of each
 descriptor (``close()``, never ``shutdown()``: the socket lives on in the
 successor); a connection whose transfer fails is resumed and drains the safe
 way. The successor owns what it receives and closes anything it cannot adopt.
