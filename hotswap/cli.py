@@ -2,8 +2,10 @@
 
 - ``hotswap status --name N [--json]``: who serves N now.
 - ``hotswap wait-ready --name N --timeout S``: wait until the process whose
-  ``SIDECARSET_VERSION`` is ours (or ``--version``) serves N and its
-  predecessor stopped accepting; the PostStart hook's check. In the empty
+  ``SIDECARSET_VERSION`` is ours (or ``--version``) serves N: it holds its
+  serving marker (it has begun confirming: the handover is its own), or the
+  control socket says it serves and its predecessor stopped accepting; the
+  PostStart hook's check. In the empty
   slot (``SIDECARSET_VERSION=0``) or an old slot restarted mid-upgrade
   (passive: ``SIDECARSET_VERSION <= SIDECARSET_VERSION_ALT``) there is
   nothing to wait for: exit 0 at once.
@@ -240,16 +242,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="show the process serving NAME")
     common(p)
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--timeout", type=_seconds, default=control.DEFAULT_TIMEOUT)
+    p.add_argument("--timeout", type=_seconds, default=control.DEFAULT_TIMEOUT,
+                   help=f"seconds to wait for an answer (default {control.DEFAULT_TIMEOUT:g})")
     for cmd, help_ in (("wait-ready", "wait until our version serves NAME"),
                        ("probe", "readiness of this slot: exit 0 if it is empty, "
-                                 "serving, or superseded by a newer version")):
+                                 "passive, serving, or superseded by a newer version")):
         p = sub.add_parser(cmd, help=help_)
         common(p)
         p.add_argument("--version", help="app version to look for "
                        "(default: SIDECARSET_VERSION)")
-        p.add_argument("--timeout", type=_seconds,
-                       default=60.0 if cmd == "wait-ready" else 2.0)
+        default, what = ((60.0, "seconds to wait in all") if cmd == "wait-ready"
+                         else (2.0, "seconds to wait for an answer"))
+        p.add_argument("--timeout", type=_seconds, default=default,
+                       help=f"{what} (default {default:g})")
     return parser
 
 
