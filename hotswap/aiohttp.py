@@ -6,7 +6,8 @@ handover (at once on a fresh start), so that a successor that dies or
 backs out before confirming has accepted nothing. The drain, in order:
 
 1. The successor confirmed it is accepting on every socket
-   (:attr:`~hotswap.ExitReason.TAKEN_OVER`), or a stop was requested.
+   (:attr:`~hotswap.ExitReason.TAKEN_OVER`), or a stop was requested (the
+   app's own ``upgrader.close()`` while this runs counts as one).
 2. Stop accepting: each ``SockSite`` is stopped, which closes *our* descriptor
    of the listener; the kernel socket and its queue live on in the successor.
    Never ``shutdown()``.

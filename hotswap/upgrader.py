@@ -406,7 +406,10 @@ class Upgrader:
         another name is at that very address (a renamed or swapped listener:
         binding it anew would fail, the predecessor still holds it; not for
         port 0), else newly bound. An inherited listener that no call claims
-        is closed by :meth:`ready`.
+        is closed by :meth:`ready`. ``kind``: ``"stream"`` (TCP, a Unix
+        stream socket) or ``"dgram"`` (UDP, a Unix datagram socket; a UDP
+        one is bound without ``SO_REUSEADDR``, see
+        :func:`hotswap.listeners.bind`).
 
         Ownership passes to the caller (see the class docstring). Raises
         ListenerError if binding fails, HotswapError if ``name`` is taken.
