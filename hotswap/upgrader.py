@@ -488,12 +488,14 @@ class Upgrader:
         accepting and drain (:meth:`wait_exit` returns HANDOVER_FAILED); the
         ``start_serving`` servers accept only if its ``Failed`` crossed our
         confirmation (one that came before it starts none), a server started
-        before ready() has accepted from its start. A stop requested before confirming aborts the
-        handover instead (the predecessor keeps serving) and raises
-        HandoverFailed too; :meth:`wait_exit` then returns STOP_REQUESTED.
-        So does this slot's PostStart hook having given up, in a Kruise
-        takeover (:func:`hotswap.kruise.hook_gave_up`): the kubelet stops
-        this container next, and it must not be the one accepting then.
+        before ready() has accepted from its start. A stop requested before
+        confirming aborts the handover instead (the predecessor keeps
+        serving) and raises HandoverFailed too; :meth:`wait_exit` then
+        returns STOP_REQUESTED. So does this slot's PostStart hook having
+        given up, in a Kruise takeover (:func:`hotswap.kruise.hook_gave_up`):
+        the kubelet stops this container next, and it must not be the one
+        accepting then; and one of the ``start_serving`` servers that cannot
+        start (the others are closed again before accepting anything).
 
         Once it has begun confirming, the handover is this process's: the
         predecessor commits as it reads the confirmation and then stops
