@@ -1,10 +1,14 @@
 """The request framer (hotswap._framing) on its own, no sockets: whether all
 bytes a connection received are whole requests, counted exactly (a header
-block, then a body of exactly its Content-Length bytes), and what it gives
-up on for good. Every stream must give the same answer fed in one read,
-byte by byte, or cut anywhere."""
+block, then a body of exactly its Content-Length bytes, or chunked: size
+lines, chunks, trailers), and what it gives up on for good. Every stream
+must give the same answer fed in one read, byte by byte, or cut anywhere;
+and the framer agrees with aiohttp's own parsers on what they take."""
 
 from __future__ import annotations
+
+import asyncio
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -28,14 +32,23 @@ def length(body: bytes) -> bytes:
     return b"Content-Length: " + str(len(body)).encode()
 
 
+def chunked(body: bytes, *headers: bytes, line: bytes = b"POST /up HTTP/1.1") -> bytes:
+    return request(b"Transfer-Encoding: chunked", *headers, body=body, line=line)
+
+
 def state(framer: RequestFramer) -> object:
     """WHOLE, LOST, or what is still open: ("body", bytes still to come),
-    ("head", the header block begun)."""
+    ("head", the header block begun), in a chunked body ("chunked", bytes
+    of the chunk still to come, "-" then what came after its data, or "="
+then the trailer section begun)."""
     if framer.lost:
-        assert not framer.head, "a lost framer keeps no buffer"
+        assert not framer.head and not framer.chunked, "a lost framer keeps no buffer"
         return LOST
     if framer.boundary:
+        assert not framer.chunked
         return WHOLE
+    if framer.chunked:
+        return ("chunked", framer.need, bytes(framer.head))
     return ("body", framer.need) if framer.need else ("head", bytes(framer.head))
 
 
@@ -52,6 +65,7 @@ def framed(stream: bytes, cuts: list[int]) -> object:
 HUGE_HEAD = request(b"X-Big: " + b"a" * (MAX_HEAD - 40), line=b"GET / HTTP/1.1")
 HUGE_HEAD = HUGE_HEAD[:-4] + b"b" * (MAX_HEAD - len(HUGE_HEAD)) + b"\r\n\r\n"
 assert len(HUGE_HEAD) == MAX_HEAD
+TRAILERS = b"X: y\r\n" * (MAX_HEAD // 6 + 1)  # over MAX_HEAD
 
 STREAMS: dict[str, tuple[bytes, object]] = {
     # Framed: whole requests, or what is still to come of one.
@@ -79,10 +93,72 @@ STREAMS: dict[str, tuple[bytes, object]] = {
                                     b"X-Note: transfer-encoding, upgrade: no",
                                     b"Upgrade-Insecure-Requests: 1",
                                     line=b"GET /content-length/upgrade: HTTP/1.1"), WHOLE),
+    # Chunked bodies.
+    "chunked": (chunked(b"5\r\nhello\r\n0\r\n\r\n"), WHOLE),
+    "chunked, then a GET": (chunked(b"0\r\n\r\n") + GET, WHOLE),
+    "chunked, nothing yet": (chunked(b""), ("chunked", 0, b"-\r\n")),
+    "a chunk-size line begun": (chunked(b"1f"), ("chunked", 0, b"-\r\n1f")),
+    "a chunk begun": (chunked(b"a\r\nhel"), ("chunked", 7, b"-")),
+    "a chunk's data whole": (chunked(b"5\r\nhello"), ("chunked", 0, b"-")),
+    "its CRLF begun": (chunked(b"5\r\nhello\r"), ("chunked", 0, b"-\r")),
+    "the last chunk, its trailers to come": (
+        chunked(b"5\r\nhello\r\n0\r\nX: y\r\n"), ("chunked", 0, b"=X: y\r\n")),
+    "chunks holding CRLFCRLF and requests, pipelined requests after": (
+        chunked(b"%x\r\n%s\r\n" % (len(TRICKY), TRICKY) + b"3\r\n\r\n\r\r\n0\r\n\r\n")
+        + chunked(b"0\r\n\r\n") + request(length(TRICKY), body=TRICKY) + GET, WHOLE),
+    "then a request begun": (chunked(b"1\r\na\r\n0\r\n\r\n") + PARTIAL, ("head", PARTIAL)),
+    "extensions, trailers, upper-case hex, leading zeros": (
+        chunked(b"00A;a;b=c;d=\"e f;g\";h=i\r\n0123456789\r\n000;x=y\r\n"
+                b"Checksum: abc\r\nX-Other:\r\n\r\n", b"X: y") + GET, WHOLE),
+    "a chunk of 15 hex digits begun": (chunked(b"f" * 15 + b"\r\nab"),
+                                       ("chunked", 16 ** 15 - 3, b"-")),
+    "TRANSFER-ENCODING: CHUNKED, blanks around it": (
+        request(b"TRANSFER-ENCODING: \t CHUNKED  ", body=b"1\r\na\r\n0\r\n\r\n") + GET, WHOLE),
+    "a GET with a chunked body": (request(b"Transfer-Encoding: chunked", line=b"GET / HTTP/1.1",
+                                          body=b"0\r\n\r\n"), WHOLE),
     # Given up on for good.
-    "chunked": (request(b"Transfer-Encoding: chunked", body=b"5\r\nhello\r\n0\r\n\r\n"), LOST),
-    "chunked, then a GET": (
-        request(b"Transfer-Encoding: chunked", body=b"0\r\n\r\n") + GET, LOST),
+    "16 hex digits of chunk size": (chunked(b"0" * 16 + b"1\r\na\r\n0\r\n\r\n"), LOST),
+    "no chunk size": (chunked(b"\r\n0\r\n\r\n"), LOST),
+    "a signed chunk size": (chunked(b"+1\r\na\r\n0\r\n\r\n"), LOST),
+    "0x in the chunk size": (chunked(b"0x1\r\na\r\n0\r\n\r\n"), LOST),
+    "a blank after the chunk size": (chunked(b"1 \r\na\r\n0\r\n\r\n"), LOST),
+    "a blank before an extension": (chunked(b"1 ;a=b\r\na\r\n0\r\n\r\n"), LOST),
+    "a blank in an extension": (chunked(b"1;a = b\r\na\r\n0\r\n\r\n"), LOST),
+    "an empty extension": (chunked(b"1;\r\na\r\n0\r\n\r\n"), LOST),
+    "an extension with no value": (chunked(b"1;a=\r\na\r\n0\r\n\r\n"), LOST),
+    "an escape in a quoted extension": (chunked(b'1;a="\\""\r\na\r\n0\r\n\r\n'), LOST),
+    "a bare LF after the chunk size": (chunked(b"1\na\r\n0\r\n\r\n"), LOST),
+    "a bare CR in the chunk-size line": (chunked(b"1\r;a\r\na\r\n0\r\n\r\n"), LOST),
+    "a bare LF in an extension": (chunked(b"1;a\nb\r\na\r\n0\r\n\r\n"), LOST),
+    "a chunk longer than its size": (chunked(b"1\r\nab\r\n0\r\n\r\n"), LOST),
+    "a bare LF after a chunk's data": (chunked(b"1\r\na\n0\r\n\r\n"), LOST),
+    "a bare LF ending the trailers": (chunked(b"0\r\nX: y\r\n\n") + GET, LOST),
+    "a bare LF in a trailer": (chunked(b"0\r\nX: y\nZ: w\r\n\r\n"), LOST),
+    "a folded trailer": (chunked(b"0\r\nX: y\r\n w\r\n\r\n"), LOST),
+    "a trailer with no colon": (chunked(b"0\r\nX\r\n\r\n"), LOST),
+    "a blank before a trailer's colon": (chunked(b"0\r\nX : y\r\n\r\n"), LOST),
+    "a chunk-size line over MAX_HEAD": (
+        chunked(b"1" + b";a" * (MAX_HEAD // 2) + b"\r\na\r\n0\r\n\r\n"), LOST),
+    "a chunk-size line begun, over MAX_HEAD already": (
+        chunked(b"1" + b";a" * (MAX_HEAD // 2)), LOST),
+    "trailers over MAX_HEAD, whole": (chunked(b"0\r\n" + TRAILERS + b"\r\n"), LOST),
+    "trailers over MAX_HEAD, begun": (chunked(b"0\r\n" + TRAILERS), LOST),
+    "chunked twice": (chunked(b"0\r\n\r\n", b"Transfer-Encoding: chunked"), LOST),
+    "chunked, then chunked": (request(b"Transfer-Encoding: chunked, chunked",
+                                      body=b"0\r\n\r\n"), LOST),
+    "another coding, then chunked": (request(b"Transfer-Encoding: gzip, chunked",
+                                             body=b"0\r\n\r\n"), LOST),
+    "chunked, then another coding": (request(b"Transfer-Encoding: chunked, gzip"), LOST),
+    "a Transfer-Encoding value folded": (request(b"Transfer-Encoding: chunked", b" gzip",
+                                                 body=b"0\r\n\r\n"), LOST),
+    "chunked and an Upgrade": (chunked(b"0\r\n\r\n", b"Upgrade: h2c"), LOST),
+    "chunked and a Content-Length": (chunked(b"0\r\n\r\n", b"Content-Length: 5"), LOST),
+    "a tab after chunked (llhttp rejects it)": (
+        request(b"Transfer-Encoding: chunked\t", body=b"0\r\n\r\n"), LOST),
+    "a blank before Transfer-Encoding's colon": (
+        request(b"Transfer-Encoding : chunked", body=b"0\r\n\r\n"), LOST),
+    "chunked in HTTP/1.0": (request(b"Transfer-Encoding: chunked", line=b"POST / HTTP/1.0",
+                                    body=b"0\r\n\r\n"), LOST),
     "another transfer coding": (request(b"Transfer-Encoding: gzip", b"Content-Length: 3"), LOST),
     "Content-Length and Transfer-Encoding": (
         request(b"Content-Length: 3", b"transfer-encoding: chunked", body=b"abc"), LOST),
@@ -175,12 +251,14 @@ def test_the_parsers_word_counts_for_one_whole_header_block_at_a_boundary() -> N
 
 PIECES = [GET, PARTIAL, b"\r\n", TRICKY, b"0\r\n\r\n", b"Content-Length: 7\r\n",
           request(length(TRICKY), body=TRICKY), request(b"Content-Length: 7"),
-          request(b"Transfer-Encoding: chunked"), request(line=b"GET / HTTP/1.0"),
+          request(b"Transfer-Encoding: chunked"), b"5\r\n", b"hello\r\n", b"0\r\n",
+          b"1;a=\"b\"\r\n", b"X: y\r\n", b"\r\n0\r\n", b"\n",
+          chunked(b"3\r\nabc\r\n0\r\n\r\n"), request(line=b"GET / HTTP/1.0"),
           request(b"content-length: 2", b"content-length: 2")]
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.lists(st.sampled_from(PIECES), max_size=6), st.data())
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from(PIECES), max_size=8), st.data())
 def test_any_stream_frames_the_same_however_it_is_cut(pieces: list[bytes],
                                                       data: st.DataObject) -> None:
     """Streams made of whole, partial and unframable requests and stray
@@ -188,3 +266,132 @@ def test_any_stream_frames_the_same_however_it_is_cut(pieces: list[bytes],
     stream = b"".join(pieces)
     cuts = sorted(data.draw(st.sets(st.integers(1, max(1, len(stream) - 1)), max_size=8)))
     assert framed(stream, cuts) == framed(stream, [])
+
+
+def test_a_chunk_size_line_trickling_in_is_not_copied_read_after_read() -> None:
+    """A chunk-size line (its extensions) and a trailer section byte by byte:
+    each read appends to what was kept, as for a header block."""
+    framer = RequestFramer()
+    framer.feed(chunked(b"1"))
+    for _ in range(1000):
+        begun = framer.head
+        framer.feed(b";")
+        framer.feed(b"a")
+        assert framer.head is begun
+    framer.feed(b"\r\nx\r\n0\r\nX: 1")
+    begun = framer.head
+    for _ in range(1000):
+        framer.feed(b"2")
+        assert framer.head is begun
+    framer.feed(b"\r\n\r\n")
+    assert state(framer) == WHOLE
+
+
+# -- against aiohttp's own parsers, over sockets ----------------------------
+
+PROBE = b"GET /probe HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+TE = b"Transfer-Encoding: chunked"
+
+# Streams that aiohttp's parsers (both) take whole, and what it answers: the
+# path and body length of each request.
+ACCEPTED: dict[str, tuple[bytes, list[bytes]]] = {
+    "a chunk": (chunked(b"5\r\nhello\r\n0\r\n\r\n"), [b"/up 5"]),
+    "no chunk": (chunked(b"0\r\n\r\n") + GET, [b"/up 0", b"/serve 0"]),
+    "chunks with CRLFCRLF and a request in them, then requests": (
+        chunked(b"%x\r\n%s\r\n3\r\n\r\n\r\r\n0\r\n\r\n" % (len(TRICKY), TRICKY))
+        + request(length(TRICKY), body=TRICKY) + GET,
+        [b"/up %d" % (len(TRICKY) + 3), b"/up %d" % len(TRICKY), b"/serve 0"]),
+    "extensions, upper-case hex, leading zeros": (
+        chunked(b"00A;a;b=c;d=\"e f;g\";h=i\r\n0123456789\r\n1;x\r\nz\r\n000;x=y\r\n\r\n"),
+        [b"/up 11"]),
+    "trailers": (chunked(b"3\r\nabc\r\n0\r\nChecksum: abc\r\nX-Other: 1\r\n\r\n") + GET,
+                 [b"/up 3", b"/serve 0"]),
+    "chunked bodies back to back": (
+        chunked(b"1\r\na\r\n0\r\n\r\n") * 3
+        + chunked(b"2\r\nab\r\n0\r\n\r\n", line=b"GET /g HTTP/1.1"),
+        [b"/up 1"] * 3 + [b"/g 2"]),
+    "TRANSFER-ENCODING: CHUNKED": (
+        request(b"TRANSFER-ENCODING: \t CHUNKED  ", body=b"1\r\na\r\n0\r\n\r\n"), [b"/up 1"]),
+}
+# Streams the framer does not give up on, though aiohttp may reject them:
+# it must then answer 400 and close; if it takes them, the framer agrees.
+TOLERATED = {name: STREAMS[name][0] for name in STREAMS if STREAMS[name][1] == WHOLE}
+
+
+async def exchange(stream: bytes, parser: str, monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """What aiohttp's server (its C parser or its pure-Python one) answers to
+    ``stream`` then PROBE, over a socket on 127.0.0.1: each response's
+    status code and body, up to the connection's close."""
+    import aiohttp.http_parser
+    import aiohttp.web_protocol
+    from aiohttp import web
+
+    monkeypatch.setattr(aiohttp.web_protocol, "HttpRequestParser",
+                        aiohttp.http_parser.HttpRequestParserC if parser == "c"
+                        else aiohttp.http_parser.HttpRequestParserPy)
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(text=f"{request.path} {len(await request.read())}")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(stream + PROBE)
+            async with asyncio.timeout(10):
+                received = await reader.read()  # up to its close
+        finally:
+            writer.close()
+    finally:
+        await runner.cleanup()
+    answers = []
+    while received:
+        head, _, rest = received.partition(b"\r\n\r\n")
+        size = int(re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)[1])  # type: ignore[index]
+        answers.append(head.split(b" ", 2)[1] + b" " + rest[:size])
+        received = rest[size:]
+    return answers
+
+
+@pytest.fixture(params=["c", "py"])
+def parser(request: pytest.FixtureRequest) -> str:
+    import aiohttp.http_parser
+    if request.param == "c" and aiohttp.http_parser.HttpRequestParserC is \
+            aiohttp.http_parser.HttpRequestParserPy:
+        pytest.skip("aiohttp without its C parser")
+    return str(request.param)
+
+
+@pytest.mark.parametrize("name", list(ACCEPTED))
+def test_aiohttp_takes_these_chunked_streams_and_the_framer_agrees(
+        name: str, parser: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunked streams that aiohttp's parsers take: it answers each
+    request, then the probe that follows; the framer frames them whole,
+    in one read and byte by byte."""
+    stream, answers = ACCEPTED[name]
+    assert framed(stream, []) == framed(stream, list(range(1, len(stream)))) == WHOLE
+    expected = [b"200 " + answer for answer in answers] + [b"200 /probe 0"]
+    assert asyncio.run(exchange(stream, parser, monkeypatch)) == expected
+
+
+@pytest.mark.parametrize("name", list(TOLERATED))
+def test_what_the_framer_frames_aiohttp_rejects_or_frames_alike(
+        name: str, parser: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every stream the framer calls whole requests: aiohttp either
+    answers it 400 and closes the connection (the probe unanswered), or
+    answers every request and then the probe (had it held a byte of the
+    stream, or taken a body's bytes for a request, the probe would not be
+    answered last, alone)."""
+    answers = asyncio.run(exchange(TOLERATED[name], parser, monkeypatch))
+    assert answers, name
+    if answers[-1].startswith(b"400 "):
+        assert not any(answer.startswith(b"400 ") for answer in answers[:-1])
+    else:
+        assert answers[-1] == b"200 /probe 0", answers
+        assert all(answer.startswith(b"200 ") for answer in answers), answers
