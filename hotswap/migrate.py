@@ -15,7 +15,8 @@ keeps partial requests where we cannot see them, and does not say where a
 request ended, so every connection is watched from its first byte by
 aiohttp's own protocol, subclassed (:class:`Tracked`), which feeds each read
 to a request framer (:mod:`hotswap._framing`): header block, a body of
-exactly its ``Content-Length`` bytes, next header block. A connection is at
+exactly its ``Content-Length`` bytes or sent chunked (chunk by chunk), next
+header block. A connection is at
 a boundary when the framer says that everything received is whole requests
 (or nothing was received), and aiohttp has answered them all and sent the
 answers. A connection busy with requests that have been received whole,
@@ -23,9 +24,10 @@ bodies included, is paused at once (its next request waits in the kernel,
 not in our buffer), so it reaches the boundary when its response is sent
 and is handed over then; one whose request or body is still arriving is
 left to read it, and moves once it has been answered. Whatever the framer
-cannot follow exactly (a ``Transfer-Encoding`` such as chunked, an upgrade,
-``CONNECT``, HTTP/1.0, a ``Content-Length`` repeated or not plain digits, a
-header block over 64 KiB: see that module) it gives up on for good, and
+cannot follow exactly (a ``Transfer-Encoding`` other than ``chunked``
+alone, chunk syntax written loosely, an upgrade, ``CONNECT``, HTTP/1.0, a
+``Content-Length`` repeated or not plain digits, a header block over 64
+KiB: see that module) it gives up on for good, and
 that connection drains the safe way: its next response says ``Connection:
 close``. So does every connection not idle at a boundary in the drain's
 last tenth.
@@ -310,7 +312,7 @@ class Migrator:
         whole, hand every idle connection at a request boundary to the
         successor, and send the rest the safe way, within ``time_left``
         seconds (the drain's) when given. A connection that can never move
-        (its framer gave up: a chunked body, an upgrade, HTTP/1.0, ...) is
+        (its framer gave up: a gzip-coded body, an upgrade, HTTP/1.0, ...) is
         told to close with its next response: idle, it would be cut at the
         deadline. One whose request or body is still arriving is left to
         read it, neither paused nor told. ``last_call`` (the drain's end is
