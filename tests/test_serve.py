@@ -1011,12 +1011,13 @@ def test_an_idle_connection_whose_last_request_was_chunked_moves(run: Callable[
     run(main())
 
 
-@pytest.mark.parametrize("when", ["body-arriving", "handler-busy"])
+@pytest.mark.parametrize("when", ["body-arriving", "handler-busy", "chunks-arriving"])
 def test_a_request_with_a_body_in_flight_at_the_handover_moves_after_it(run: Callable[
         [Awaitable[None]], None], monkeypatch: pytest.MonkeyPatch, when: str) -> None:
     """A request with a Content-Length body is in flight as v1 starts to
     drain: its body still arriving (half of it sent, the rest only after
-    a few rounds of v1's handover), or all read and its handler still busy.
+    a few rounds of v1's handover), or all read and its handler still busy;
+    or one whose body comes chunked, half of its chunks sent.
     The connection is not moved before that request is whole and answered
     (the rest of a body read by v2 would be taken for a request): v1 reads
     the whole body and answers, keep-alive, then hands the connection over,
@@ -1025,6 +1026,9 @@ def test_a_request_with_a_body_in_flight_at_the_handover_moves_after_it(run: Cal
     rounds = drain_rounds(monkeypatch)
     body = b"x" * 3000 + TRICKY
     message = with_body(b"POST", body)
+    if when == "chunks-arriving":
+        message = (b"POST /read HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                   + chunks(body[:3000], body[3000:]))
     if when == "handler-busy":
         message = message.replace(b"/read", b"/held", 1)
     half = len(message) - len(body) // 2
@@ -1036,12 +1040,12 @@ def test_a_request_with_a_body_in_flight_at_the_handover_moves_after_it(run: Cal
         await until(serving(v1), "v1 serving")
         reader, writer = await asyncio.open_connection("127.0.0.1", port_of(v1.status()))
         try:
-            writer.write(message[:half] if when == "body-arriving" else message)
+            writer.write(message if when == "handler-busy" else message[:half])
             v2, v2_task = start(name, "v2", sockets)
             await until(serving(v2), "v2 serving")
             await v1_draining_for(v1, rounds)
             assert not v1_task.done()  # the connection is still v1's
-            if when == "body-arriving":
+            if when != "handler-busy":
                 writer.write(message[half:])
             gate.set()
             first = await read_response(reader)
