@@ -927,29 +927,34 @@ def test_an_idle_connection_whose_last_request_had_a_body_moves(run: Callable[
     pieces = ([message[:cut], message[cut:cut + 5], message[cut + 5:-3], message[-3:]]
               if how == "split-writes" else [message])
 
-    async def main() -> None:
-        name = f"s-{uuid.uuid4().hex[:10]}"
-        sockets: dict[str, hotswap.Address] = {"http": ("127.0.0.1", 0)}
-        v1, v1_task = start(name, "v1", sockets, drain_timeout=3.0)
-        await until(serving(v1), "v1 serving")
-        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(v1.status()))
-        try:
-            await write_apart(writer, pieces)
-            first = await read_response(reader)
-            assert first.endswith(b"version(v1) read %d" % len(body)), first
-            assert b"connection: close" not in first, first
-            local = writer.get_extra_info("sockname")
-            v2, v2_task = start(name, "v2", sockets)
-            await until(serving(v2), "v2 serving")
-            # Nothing left with v1: its drain ends well before its deadline.
-            assert await asyncio.wait_for(v1_task, 2) == 0
-            await answered_by_v2(reader, writer)
-            assert writer.get_extra_info("sockname") == local
-        finally:
-            writer.close()
-        await stop_serving(v2, v2_task)
+    run(moves_after_it(pieces, len(body)))
 
-    run(main())
+
+async def moves_after_it(writes: list[bytes], size: int) -> None:
+    """A keep-alive client writes ``writes`` (one request whose body has
+    ``size`` bytes) to v1, apart, and is answered keep-alive; then v2 takes
+    over. Its connection moves: v1's drain ends at once, and its next
+    request, on the same connection, is answered by v2."""
+    name = f"s-{uuid.uuid4().hex[:10]}"
+    sockets: dict[str, hotswap.Address] = {"http": ("127.0.0.1", 0)}
+    v1, v1_task = start(name, "v1", sockets, drain_timeout=3.0)
+    await until(serving(v1), "v1 serving")
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(v1.status()))
+    try:
+        await write_apart(writer, writes)
+        first = await read_response(reader)
+        assert first.endswith(b"version(v1) read %d" % size), first
+        assert b"connection: close" not in first, first
+        local = writer.get_extra_info("sockname")
+        v2, v2_task = start(name, "v2", sockets)
+        await until(serving(v2), "v2 serving")
+        # Nothing left with v1: its drain ends well before its deadline.
+        assert await asyncio.wait_for(v1_task, 2) == 0
+        await answered_by_v2(reader, writer)
+        assert writer.get_extra_info("sockname") == local
+    finally:
+        writer.close()
+    await stop_serving(v2, v2_task)
 
 
 def chunks(*pieces: bytes) -> bytes:
@@ -986,29 +991,7 @@ def test_an_idle_connection_whose_last_request_was_chunked_moves(run: Callable[
     else:
         writes = [message]
 
-    async def main() -> None:
-        name = f"s-{uuid.uuid4().hex[:10]}"
-        sockets: dict[str, hotswap.Address] = {"http": ("127.0.0.1", 0)}
-        v1, v1_task = start(name, "v1", sockets, drain_timeout=3.0)
-        await until(serving(v1), "v1 serving")
-        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(v1.status()))
-        try:
-            await write_apart(writer, writes)
-            first = await read_response(reader)
-            assert first.endswith(b"version(v1) read %d" % size), first
-            assert b"connection: close" not in first, first
-            local = writer.get_extra_info("sockname")
-            v2, v2_task = start(name, "v2", sockets)
-            await until(serving(v2), "v2 serving")
-            # Nothing left with v1: its drain ends well before its deadline.
-            assert await asyncio.wait_for(v1_task, 2) == 0
-            await answered_by_v2(reader, writer)
-            assert writer.get_extra_info("sockname") == local
-        finally:
-            writer.close()
-        await stop_serving(v2, v2_task)
-
-    run(main())
+    run(moves_after_it(writes, size))
 
 
 @pytest.mark.parametrize("when", ["body-arriving", "handler-busy", "chunks-arriving"])
