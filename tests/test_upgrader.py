@@ -710,6 +710,30 @@ def test_a_frame_with_a_connection_the_successor_cannot_serve_stays(run: Runner)
     run(main())
 
 
+async def a_frame_on_its_way(name: str) -> tuple[
+        hotswap.Upgrader, socket.socket, socket.socket, Channel, asyncio.Task[int],
+        hotswap.protocol.Connections]:
+    """A serving v1 (message_timeout 0.3 s) taken over by a successor by
+    hand that acknowledges frames, one client connection to it, and that
+    connection on its way: v1's hand_over_connections() task, waiting for
+    the answer to the frame the successor has just read. Returns (v1, the
+    client's socket, v1's side of it, the successor's channel, the task,
+    the frame); the caller owns them all."""
+    old = await serving_upgrader(name, "v1", message_timeout=0.3)
+    client = socket.create_connection(("127.0.0.1", port_of(old.status())))
+    server_side, _ = old._listeners["http"].sock.accept()
+    channel = await raw_successor(name, "v2", ("connections", "connections-ack"))
+    await channel.send(hotswap.protocol.Accepting(), timeout=5)
+    assert await old.wait_exit() is hotswap.ExitReason.TAKEN_OVER
+    await old.release()
+    assert isinstance(await channel.receive(timeout=5), hotswap.protocol.Released)
+    handing = asyncio.create_task(
+        old.hand_over_connections([("http", server_side.fileno(), "peer")]))
+    frame = await channel.receive(timeout=5)
+    assert isinstance(frame, hotswap.protocol.Connections) and len(frame.fds) == 1
+    return old, client, server_side, channel, handing, frame
+
+
 @pytest.mark.parametrize("answer", ["refused", "adopted"])
 def test_an_answer_that_came_while_the_old_side_stalled_counts(
         run: Runner, answer: str, caplog: pytest.LogCaptureFixture) -> None:
@@ -725,18 +749,7 @@ def test_an_answer_that_came_while_the_old_side_stalled_counts(
     name = new_name()
 
     async def main() -> None:
-        old = await serving_upgrader(name, "v1", message_timeout=0.3)
-        client = socket.create_connection(("127.0.0.1", port_of(old.status())))
-        server_side, _ = old._listeners["http"].sock.accept()
-        channel = await raw_successor(name, "v2", ("connections", "connections-ack"))
-        await channel.send(hotswap.protocol.Accepting(), timeout=5)
-        assert await old.wait_exit() is hotswap.ExitReason.TAKEN_OVER
-        await old.release()
-        assert isinstance(await channel.receive(timeout=5), hotswap.protocol.Released)
-        handing = asyncio.create_task(
-            old.hand_over_connections([("http", server_side.fileno(), "peer")]))
-        frame = await channel.receive(timeout=5)
-        assert isinstance(frame, hotswap.protocol.Connections) and len(frame.fds) == 1
+        old, client, server_side, channel, handing, frame = await a_frame_on_its_way(name)
         if answer == "refused":
             os.close(frame.fds[0])
             channel.close()
@@ -780,18 +793,7 @@ def test_what_the_successor_decided_before_the_old_side_let_go_counts(
     name = new_name()
 
     async def main() -> None:
-        old = await serving_upgrader(name, "v1", message_timeout=0.3)
-        client = socket.create_connection(("127.0.0.1", port_of(old.status())))
-        server_side, _ = old._listeners["http"].sock.accept()
-        channel = await raw_successor(name, "v2", ("connections", "connections-ack"))
-        await channel.send(hotswap.protocol.Accepting(), timeout=5)
-        assert await old.wait_exit() is hotswap.ExitReason.TAKEN_OVER
-        await old.release()
-        assert isinstance(await channel.receive(timeout=5), hotswap.protocol.Released)
-        handing = asyncio.create_task(
-            old.hand_over_connections([("http", server_side.fileno(), "peer")]))
-        frame = await channel.receive(timeout=5)
-        assert isinstance(frame, hotswap.protocol.Connections) and len(frame.fds) == 1
+        old, client, server_side, channel, handing, frame = await a_frame_on_its_way(name)
         assert not channel.peer_closed()  # decided now: the old side still waits
         await until(channel.peer_closed, "the old side to stop waiting")
         client.settimeout(5)
