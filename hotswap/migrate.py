@@ -61,7 +61,7 @@ from aiohttp.hdrs import CONTENT_LENGTH
 from aiohttp.streams import EMPTY_PAYLOAD
 
 from ._framing import RequestFramer
-from .listeners import DEFAULT_BACKLOG, is_tcp
+from .listeners import DEFAULT_BACKLOG
 from .protocol import MAX_FDS_PER_FRAME
 from .upgrader import Upgrader
 
@@ -269,16 +269,6 @@ class Migrator:
         # No descriptor for even one copy: wait a little before trying again
         # (each try pauses and resumes every idle connection).
         self._copy_retry_at = 0.0
-
-    def site(self, runner: web.BaseRunner, sock: socket.socket,
-             listener: str) -> web.BaseSite:
-        """The site to serve ``sock`` with: tracked if its connections can
-        move (TCP); a plain one otherwise (a Unix socket's connections drain
-        the safe way: the successor adopts TCP connections only)."""
-        self.runner = runner
-        if not is_tcp(sock):
-            return web.SockSite(runner, sock, backlog=DEFAULT_BACKLOG)
-        return TrackedSite(runner, sock, listener, self)
 
     # ------------------------------------------------------------ new side
 

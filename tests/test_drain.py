@@ -132,7 +132,7 @@ def test_failed_connection_transfer_drains_the_safe_way(caplog: pytest.LogCaptur
     import uuid
 
     import hotswap
-    from hotswap.migrate import Migrator
+    from hotswap.migrate import Migrator, TrackedSite
 
     name = f"d-{uuid.uuid4().hex[:10]}"
 
@@ -148,7 +148,8 @@ def test_failed_connection_transfer_drains_the_safe_way(caplog: pytest.LogCaptur
         migrator = Migrator()
         runner = web.AppRunner(app)
         await runner.setup()
-        site = migrator.site(runner, sock, "http")
+        migrator.runner = runner
+        site = TrackedSite(runner, sock, "http", migrator)
         await site.start()
         await old.ready()
         reader, writer = await asyncio.open_connection(*sock.getsockname())
