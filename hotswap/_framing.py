@@ -39,18 +39,22 @@ ends at its first empty line), and a request without ``Content-Length`` or
 and the pure-Python one) are checked against it over sockets
 (``tests/test_framing.py``).
 
-It sees every read of every connection, so the common reads are cheap
-(:meth:`RequestFramer.feed`): one whole header block that the caller's HTTP
-parser took for a request without a body (one search: the parser's word is
-taken for the rest), or that it finds so itself (a search for the body
-headers, a look at its first line), and a read inside a body or a chunk's
-data (a subtraction). A read with a chunk's syntax in it costs more (a
-regular expression per chunk-size line); a line or trailer section
-trickling in is appended to in place and searched once. Its own answer
-never depends on how the stream was cut into reads; the parser's word can
-only make it less cautious about a header block that the parser itself
-took for a request without a body (an ``Upgrade`` that the parser did not
-act on).
+It sees every read its caller does not skip, so the common reads are cheap
+(:meth:`RequestFramer.feed`): one whole header block with no body (a search
+for the body headers, a look at its first line), and a read inside a body
+or a chunk's data (a subtraction). A read with a chunk's syntax in it costs
+more (a regular expression per chunk-size line); a line or trailer section
+trickling in is appended to in place and searched once. Its answer never
+depends on how the stream was cut into reads.
+
+A caller whose own HTTP parser already read a request may skip feeding
+that read, and the framer stays at a boundary, when both were at one
+before it and the parser took the read for exactly one whole request
+without a body and consumed all of it. ``hotswap.migrate.Tracked`` does,
+for the common GET read (see its ``data_received``): that is less
+cautious than the framer only about what the parser itself took for a
+request without a body (an ``Upgrade`` it did not act on, blank lines
+around the request).
 """
 
 from __future__ import annotations
@@ -155,29 +159,20 @@ class RequestFramer:
         """Given up on: the stream will never be framed again."""
         return self.need < 0
 
-    def feed(self, data: bytes, parsed: bool = False) -> None:
-        """The next bytes received, cut anywhere (a byte, many requests).
-
-        ``parsed``: the caller's HTTP parser, which was fed the same bytes
-        from the same boundary, took them for exactly one HTTP/1.1 request
-        without a body and without an upgrade. If they are one whole header
-        block, no larger than :data:`MAX_HEAD` (the framer checks), it takes
-        the parser's word for the rest instead of reading the headers
-        itself: the parser's own answer is what the framer has to agree
-        with, and this is the common read. Ignored for any other read."""
+    def feed(self, data: bytes) -> None:
+        """The next bytes received, cut anywhere (a byte, many requests)."""
         need = self.need
         if need > 0 and len(data) <= need:  # inside a body (or a chunk's data)
             self.need = need - len(data)
             return
         if need < 0 or (
                 # At a boundary, one whole header block with no body: most
-                # reads. Without the parser's word, what body_length()
-                # answers first, inline (a call less per request).
+                # reads. What body_length() answers first, inline (a call
+                # less per request).
                 not need and not self.head and len(data) - 4 == data.find(END) >= 0
-                and len(data) <= MAX_HEAD and (parsed or (
-                    _named(data) is None
-                    and data.startswith(_VERSION, data.find(b"\r\n") - 9)
-                    and (data[0] != 67 or not data.startswith(b"CONNECT "))))):  # 67: "C"
+                and len(data) <= MAX_HEAD and _named(data) is None
+                and data.startswith(_VERSION, data.find(b"\r\n") - 9)
+                and (data[0] != 67 or not data.startswith(b"CONNECT "))):  # 67: "C"
             return
         self._feed(data)
 

@@ -218,35 +218,91 @@ def test_a_header_block_trickling_in_is_not_copied_read_after_read() -> None:
     assert state(framer) == WHOLE
 
 
-def test_the_parsers_word_counts_for_one_whole_header_block_at_a_boundary() -> None:
-    """feed(parsed=True): the caller's parser took the read for one request
-    without a body. The framer takes that word for a read that is one
-    whole header block at a boundary, up to MAX_HEAD (without it, it reads
-    the headers itself: here it would give up on the Upgrade), and for no
-    other read: body bytes that look like a request, a block and the start
-    of the next, the end of a block begun before, or a framer that gave
-    up."""
-    framer = RequestFramer()
-    framer.feed(request(b"Upgrade: h2c", line=b"GET / HTTP/1.1"), parsed=True)
-    assert state(framer) == WHOLE
-    framer.feed(request(b"Upgrade: h2c", line=b"GET / HTTP/1.1"))
-    assert state(framer) == LOST
-    framer.feed(GET, parsed=True)
-    assert state(framer) == LOST
-    framer = RequestFramer()  # over MAX_HEAD: given up on, whatever the parser says
-    framer.feed(HUGE_HEAD[:-4] + b"c\r\n\r\n", parsed=True)
-    assert state(framer) == LOST
-    headers = request(length(TRICKY))  # the one read the parser's word is not given for
-    for reads, expected in (
-            ([headers, TRICKY[:-1], TRICKY[-1:] + GET], WHOLE),
-            ([headers, GET], ("body", len(TRICKY) - len(GET))),
-            ([GET + PARTIAL], ("head", PARTIAL)),
-            ([PARTIAL, b"\r\n"], WHOLE),
-            ([GET[:-1], request(b"Upgrade: h2c")[1:]], LOST)):
+def tracked(reads: list[bytes], parser: str, monkeypatch: pytest.MonkeyPatch) -> object:
+    """The framer's state after ``reads``, each handed to a connection's
+    :class:`~hotswap.migrate.Tracked` handler as one read, the way its
+    transport does: aiohttp's handler (its C parser or its pure-Python one)
+    on a real transport over a socket pair, whose peer sends nothing."""
+    import socket
+
+    import aiohttp.http_parser
+    import aiohttp.web_protocol
+    from aiohttp import web
+
+    from hotswap.migrate import Migrator, Tracked
+
+    monkeypatch.setattr(aiohttp.web_protocol, "HttpRequestParser",
+                        aiohttp.http_parser.HttpRequestParserC if parser == "c"
+                        else aiohttp.http_parser.HttpRequestParserPy)
+
+    async def main() -> object:
+        async def handler(request: web.BaseRequest) -> web.Response:
+            return web.Response(text="ok")
+
+        server = web.Server(handler)
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            connection = Tracked(server, "http", Migrator())
+            transport, _ = await asyncio.get_running_loop().connect_accepted_socket(
+                lambda: connection, ours)
+            try:
+                for read in reads:
+                    connection.data_received(read)
+                return state(connection.framer)
+            finally:
+                transport.close()
+                await server.shutdown(1)
+
+    return asyncio.run(main())
+
+
+UPGRADE_H2C = request(b"Upgrade: h2c", line=b"GET / HTTP/1.1")  # no "Connection: upgrade"
+# One header block over MAX_HEAD that aiohttp takes (no line over its 8190).
+BIG_GET = request(*(b"X-%d: %s" % (i, b"a" * 8000) for i in range(9)), line=b"GET / HTTP/1.1")
+TRICKY_HEAD = request(length(TRICKY))
+# Reads handed to a Tracked connection one by one; the framer's state after
+# them with aiohttp's C parser, whose word Tracked takes for the common read.
+ON_ITS_WORD: dict[str, tuple[list[bytes], object]] = {
+    # Taken: one whole request without a body, at a boundary.
+    "a GET": ([GET], WHOLE),
+    "one after another": ([GET, GET, GET], WHOLE),
+    "an Upgrade the parser does not act on": ([UPGRADE_H2C], WHOLE),
+    "blank lines around it, which the parser skips": ([b"\r\n" + GET + b"\r\n"], WHOLE),
+    # Not taken: the framer reads it.
+    "a request and the next one begun": ([GET + PARTIAL], ("head", PARTIAL)),
+    "the end of a header block begun": ([PARTIAL, b"\r\n"], WHOLE),
+    "a header block's end alone": ([PARTIAL[:-2], b"\r\n\r\n"], WHOLE),
+    "no request but one still queued": ([GET, b"\r\n\r\n"], LOST),
+    "a request, then one with a body": ([GET + request(b"Content-Length: 5")], ("body", 5)),
+    "a chunked body to come": ([chunked(b"")], ("chunked", 0, b"-\r\n")),
+    "body bytes that read as a request": ([TRICKY_HEAD, GET], ("body", len(TRICKY) - len(GET))),
+    "the rest of that body, a request": ([TRICKY_HEAD, TRICKY[:-1], TRICKY[-1:] + GET], WHOLE),
+    "HTTP/1.0": ([request(line=b"GET / HTTP/1.0")], LOST),
+    "an upgrade the parser acts on": (
+        [request(b"Connection: Upgrade", b"Upgrade: websocket", line=b"GET / HTTP/1.1")], LOST),
+    "a header block over MAX_HEAD": ([BIG_GET], LOST),
+    "its end, after a request begun": ([GET[:-1], UPGRADE_H2C[1:]], LOST),
+}
+
+
+@pytest.mark.parametrize("name", list(ON_ITS_WORD))
+def test_a_connection_takes_its_parsers_word_for_one_whole_request_without_a_body(
+        name: str, parser: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tracked skips the framer for a read that aiohttp's C parser took, at a
+    boundary, for exactly one whole HTTP/1.1 request without a body and no
+    upgrade (the common GET: the framer would read its headers itself). It
+    is less cautious than the framer only about what that parser took for
+    such a request (an Upgrade it did not act on, blank lines around it);
+    any other read the framer reads. With the pure-Python parser it reads
+    every read: what the framer answers alone."""
+    reads, expected = ON_ITS_WORD[name]
+    assert len(BIG_GET) > MAX_HEAD
+    if parser == "py":
         framer = RequestFramer()
         for read in reads:
-            framer.feed(read, parsed=read is not headers)
-        assert state(framer) == expected, reads
+            framer.feed(read)
+        expected = state(framer)
+    assert tracked(reads, parser, monkeypatch) == expected
 
 
 PIECES = [GET, PARTIAL, b"\r\n", TRICKY, b"0\r\n\r\n", b"Content-Length: 7\r\n",
