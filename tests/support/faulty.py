@@ -25,7 +25,13 @@ fault, only what follows.
 ``HOTSWAP_TEST_OPTIONS`` (``field=seconds,...``) sets :class:`hotswap.Options`
 timeouts the sample sidecar has no flag for (``message_timeout``,
 ``predecessor_drain_timeout``, ``handover_timeout``), so that a test may
-freeze a process past them in a second rather than in a minute.
+freeze a process past them in a second rather than in a minute; and
+``token=TEXT``, the shared secret (a string, not seconds).
+
+``HOTSWAP_TEST_TASKS=1``: on SIGUSR2, write ``faulty: tasks N objects M``
+(the event loop's unfinished asyncio tasks, the objects the garbage
+collector tracks) to stderr, so that a test can see tasks or objects left
+behind.
 
 ``app:on_shutdown:ignore-cancel`` is no channel fault: it gives the app an
 ``on_shutdown`` callback that never returns and ignores its cancellation.
@@ -51,7 +57,7 @@ _send, _receive = transport.Channel.send, transport.Channel.receive
 _fired = False
 _stopped = False
 
-OPTIONS = {key: float(value) for key, _, value in (
+OPTIONS = {key: value if key == "token" else float(value) for key, _, value in (
     item.partition("=") for item in os.environ.get("HOTSWAP_TEST_OPTIONS", "").split(",")
     if item)}
 _post_init = hotswap.upgrader.Options.__post_init__
@@ -136,6 +142,20 @@ async def receive(self: transport.Channel, *, timeout: float) -> Any:
             stop(f"after receiving {TYPE}")
     return message
 
+
+if os.environ.get("HOTSWAP_TEST_TASKS") == "1":
+    import asyncio
+    import gc
+
+    def count_tasks(signum: int, frame: Any) -> None:
+        try:  # the handler runs between two of the loop's steps, in its thread
+            count = str(len(asyncio.all_tasks()))
+        except RuntimeError:  # not while the loop runs
+            count = "none"
+        sys.stderr.write(f"faulty: tasks {count} objects {len(gc.get_objects())}\n")
+        sys.stderr.flush()
+
+    signal.signal(signal.SIGUSR2, count_tasks)
 
 transport.Channel.send = send  # type: ignore[method-assign]
 transport.Channel.receive = receive  # type: ignore[method-assign]
