@@ -190,8 +190,12 @@ async def main(args: argparse.Namespace) -> list[list[object]]:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGUSR1,
-                            lambda: LAST_ROUND or LAST_ROUND.append(time.time()))
+
+    def last_round() -> None:
+        if not LAST_ROUND:
+            LAST_ROUND.append(time.time())
+
+    loop.add_signal_handler(signal.SIGUSR1, last_round)
     records: list[list[object]] = []
     clients = [("ka", True, args.pace, args.keepalive), ("bb", True, 0.1, args.busybox),
                ("new", False, args.pace, args.fresh)]

@@ -170,8 +170,9 @@ def soak(args: argparse.Namespace, tmp: Path) -> bool:
     ``--max-seconds``; every process started is ended by its pid and reaped."""
     name = f"soak-{uuid.uuid4().hex[:8]}"
     procs: list[subprocess.Popen[bytes]] = []
-    deadline = time.monotonic() + args.max_seconds
-    grace = min(STOP_GRACE, args.max_seconds / 4)
+    max_seconds: float = args.max_seconds
+    deadline = time.monotonic() + max_seconds
+    grace = min(STOP_GRACE, max_seconds / 4)
 
     def left(reserve: float = 0.0) -> float:
         """Seconds left of --max-seconds, less ``reserve``."""
@@ -240,10 +241,10 @@ def soak(args: argparse.Namespace, tmp: Path) -> bool:
                     print(f"soak: v{n - 1} exited {code}", flush=True)
                     ok = False
                 current = new
-                proc = psutil.Process(current.pid)
+                ps = psutil.Process(current.pid)
                 samples.append({"upgrade": n, "seconds": round(elapsed, 4),
                                 "fds": fds_without_connections(current.pid),
-                                "rss_mb": round(proc.memory_info().rss / 1e6, 2)})
+                                "rss_mb": round(ps.memory_info().rss / 1e6, 2)})
                 if n % 25 == 0:
                     print(f"soak: {n} upgrades, last {elapsed:.3f}s, fds "
                           f"{samples[-1]['fds']}, rss {samples[-1]['rss_mb']} MB", flush=True)
