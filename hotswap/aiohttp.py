@@ -413,8 +413,8 @@ class Drainer:
         while it was to move) still in our send buffer: it can move once
         that is sent. Not after a forced drain."""
         return (handler in migrator.tracked and not self._forced.is_set()
-                and isinstance(handler, Tracked) and handler.idle()
-                and handler.at_boundary() and not handler.flushed())
+                and isinstance(handler, Tracked) and handler.idle_at_boundary()
+                and not handler.flushed())
 
     async def grace(self, server: web.Server, seconds: float, *,
                     migrator: Migrator | None = None,

@@ -211,6 +211,21 @@ class Tracked(web.RequestHandler):
         return (waiter is not None and not waiter.done() and not self._messages
                 and self._current_request is None)
 
+    def idle_at_boundary(self) -> bool:
+        """Idle, everything received is whole requests, and aiohttp holds
+        none of them unparsed: the connection may move. aiohttp 3.14's
+        parser stops between requests while it counts 32 in flight, and
+        keeps the rest until its queue drains; it can count one too many
+        for good (a request whose body came in a later read than its
+        headers), and then holds whole pipelined requests on a connection
+        that looks idle until the client sends more. Asked to parse what it
+        holds (what aiohttp itself does when its queue drains), it brings
+        them out: the connection is busy, and they are answered."""
+        if not (self.idle() and self.framer.boundary):
+            return False
+        web.RequestHandler.data_received(self, b"")
+        return self.idle()
+
     def flushed(self) -> bool:
         """Nothing of a response is left in our buffer: handed over now, the
         tail of one could be lost, or mixed with the successor's next."""
@@ -330,7 +345,7 @@ class Migrator:
             if transport is None or transport.is_closing():
                 continue
             soon, conn.soon_since = conn.soon_since, None
-            if conn.idle() and conn.at_boundary():
+            if conn.idle_at_boundary():
                 if conn.flushed():
                     conn.pause()
                     ready.append(conn)
