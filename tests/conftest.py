@@ -15,9 +15,9 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import pytest
 
@@ -36,6 +36,15 @@ FAULTY = ROOT / "tests/support/faulty.py"
 # /dev/shm. Removed when the session ends.
 HOOK_DIR = tempfile.mkdtemp(prefix="hotswap-test-hooks-")
 atexit.register(shutil.rmtree, HOOK_DIR, True)
+
+_T = TypeVar("_T")
+
+
+class Runner(Protocol):
+    """What runs a test's coroutine to its end and returns its result:
+    asyncio.run or uvloop.run."""
+
+    def __call__(self, main: Coroutine[Any, Any, _T], /) -> _T: ...
 
 KRUISE_VARS = ("SIDECARSET_VERSION", "SIDECARSET_VERSION_ALT", "IS_INJECTED",
                "LISTEN_PID", "LISTEN_FDS")

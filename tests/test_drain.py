@@ -7,11 +7,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 import uvloop
 from aiohttp import web
+from conftest import Runner
 from conftest import keepalive_get as get
 
 from hotswap.aiohttp import Drainer
@@ -189,7 +190,7 @@ def test_failed_connection_transfer_drains_the_safe_way(caplog: pytest.LogCaptur
 
 @pytest.mark.parametrize("run", [asyncio.run, uvloop.run], ids=["asyncio", "uvloop"])
 def test_a_response_sent_in_the_grace_is_not_counted_cut(
-        run: Callable[[Awaitable[None]], None], caplog: pytest.LogCaptureFixture) -> None:
+        run: Runner, caplog: pytest.LogCaptureFixture) -> None:
     """A request still in flight at the drain deadline is answered in the
     grace (told to close). aiohttp marks the request done an iteration
     before it closes the connection; the grace looking in between must see
@@ -223,7 +224,7 @@ def test_a_response_sent_in_the_grace_is_not_counted_cut(
 
 @pytest.mark.parametrize("run", [asyncio.run, uvloop.run], ids=["asyncio", "uvloop"])
 def test_busy_at_the_deadline_without_request_in_progress(
-        run: Callable[[Awaitable[None]], None]) -> None:
+        run: Runner) -> None:
     """aiohttp before 3.10.6 has no ``_request_in_progress``: a request in
     flight at the deadline is still told to close and answered (read from
     the connection loop's waiter), not cut as idle (a lost request)."""

@@ -195,7 +195,7 @@ def test_only_host_names_are_resolved_and_any_of_their_addresses_matches(
     for bad in ("bad\udcff", "x..y", "a" * 300):
         assert not matches(have, wanted_info("h", (bad, 8080))), bad
 
-def test_filesystem_unix_socket_is_owner_only(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_filesystem_unix_socket_is_owner_only(tmp_path: Path) -> None:
     path = str(tmp_path / "ctl.sock")
     sock = bind(path, unix_mode=0o600)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
@@ -203,8 +203,8 @@ def test_filesystem_unix_socket_is_owner_only(tmp_path) -> None:  # type: ignore
 
 
 @pytest.mark.parametrize("kind", ["stream", "dgram"])
-def test_a_unix_path_left_over_is_bound_again_a_live_one_is_not(  # type: ignore[no-untyped-def]
-        tmp_path, kind: str) -> None:
+def test_a_unix_path_left_over_is_bound_again_a_live_one_is_not(
+        tmp_path: Path, kind: str) -> None:
     """A Unix socket's path outlives its socket: after the last version
     stopped (or died), a fresh start must bind it again (it failed with
     EADDRINUSE: a crash loop; for a datagram socket until this was probed
@@ -239,7 +239,7 @@ def test_a_unix_path_left_over_is_bound_again_a_live_one_is_not(  # type: ignore
     assert plain.read_text() == "data"
 
 
-def test_the_stale_path_probe_never_waits_nor_follows_a_link(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_the_stale_path_probe_never_waits_nor_follows_a_link(tmp_path: Path) -> None:
     """A live listener whose queue is full (hung, stopped, draining) is
     live: bind() fails at once (the probe's connect used to wait for it to
     accept, for good). A symbolic link to a stale socket is the admin's:

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,22 +28,23 @@ import psutil
 import pytest
 import uvloop
 from aiohttp import web
-from conftest import Procs, port_of, until, wait_for
+from aiohttp.typedefs import Handler
+from conftest import Procs, Runner, port_of, until, wait_for
 from conftest import keepalive_get as request
 from conftest import serving as serving_process
 
 import hotswap
 import hotswap.aiohttp
 import hotswap.migrate
+from hotswap.listeners import Address
 
 BIG = 16 << 20  # more than the kernel buffers of a loopback connection hold
 
-LOOPS: dict[str, Callable[[Awaitable[None]], None]] = {
-    "asyncio": asyncio.run, "uvloop": uvloop.run}  # type: ignore[dict-item]
+LOOPS: dict[str, Runner] = {"asyncio": asyncio.run, "uvloop": uvloop.run}
 
 
 @pytest.fixture(params=sorted(LOOPS))
-def run(request: pytest.FixtureRequest) -> Iterator[Callable[[Awaitable[None]], None]]:
+def run(request: pytest.FixtureRequest) -> Iterator[Runner]:
     """The loop to run a test under; no descriptor may be left after it."""
     runner = LOOPS[request.param]
 
@@ -100,7 +101,7 @@ def app_of(version: str, gate: asyncio.Event | None = None,
     return app
 
 
-def start(name: str, version: str, sockets: dict[str, hotswap.Address],
+def start(name: str, version: str, sockets: dict[str, Address],
           drain_timeout: float = 10.0, gate: asyncio.Event | None = None,
           **kwargs: Any) -> tuple[hotswap.Upgrader, asyncio.Task[int]]:
     """One version serving (a task): no signal handlers, no nice 19 for this
@@ -136,8 +137,7 @@ async def stop_serving(upgrader: hotswap.Upgrader, task: asyncio.Task[int]) -> N
     assert await asyncio.wait_for(task, 15) == 0
 
 
-def test_a_connection_accepted_as_the_stop_comes_is_answered(run: Callable[
-        [Awaitable[None]], None]) -> None:
+def test_a_connection_accepted_as_the_stop_comes_is_answered(run: Runner) -> None:
     """A connection arrives right after the stop is asked for: the loop
     accepts it in the iteration in which the stop reaches serve()'s task,
     and it is answered (the stock loop attaches a connection to its server
@@ -173,8 +173,7 @@ def test_a_connection_accepted_as_the_stop_comes_is_answered(run: Callable[
 
 
 @pytest.mark.parametrize("closing", ["close_server", "server.close"])
-def test_close_server_answers_a_connection_accepted_just_before(run: Callable[
-        [Awaitable[None]], None], closing: str) -> None:
+def test_close_server_answers_a_connection_accepted_just_before(run: Runner, closing: str) -> None:
     """The low-level lifecycle (README, tests/support/tiny_server.py) on a
     plain asyncio server: the stop comes after the loop has accepted a
     connection and before it has attached it to its server (the stock loop
@@ -247,7 +246,7 @@ def test_close_server_answers_a_connection_accepted_just_before(run: Callable[
 
 
 def test_close_server_leaves_a_unix_socket_path_to_the_successor(
-        run: Callable[[Awaitable[None]], None], tmp_path: Path) -> None:
+        run: Runner, tmp_path: Path) -> None:
     """The low-level lifecycle on a Unix listener served with
     asyncio.start_unix_server(): from Python 3.13 on, closing such a
     server removes its socket's file (cleanup_socket, stock loop and
@@ -291,8 +290,8 @@ def test_close_server_leaves_a_unix_socket_path_to_the_successor(
     ({"sockets": {"http": ("127.0.0.1", 0), "admin": b"/tmp/admin.sock"}},
      hotswap.ListenerError),
 ], ids=repr)
-def test_serve_refuses_what_it_cannot_use_before_anything_is_bound(run: Callable[
-        [Awaitable[None]], None], given: dict[str, Any], error: type[Exception]) -> None:
+def test_serve_refuses_what_it_cannot_use_before_anything_is_bound(
+        run: Runner, given: dict[str, Any], error: type[Exception]) -> None:
     """drain_timeout="5" (read from the environment, say) used to serve as
     if all was well; the first upgrade then failed in the drain with a
     TypeError that cut the request in flight, exit status 1. serve() now
@@ -315,7 +314,7 @@ _SERVER_TLS = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)  # no certificate: never s
 ], ids=["a-path", "a-name-not-served", "a-path-for-a-name", "a-client-context-for-a-name",
         "a-client-context"])
 def test_serve_refuses_an_ssl_context_it_cannot_use_before_anything_is_bound(
-        run: Callable[[Awaitable[None]], None], ssl_context: object,
+        run: Runner, ssl_context: object,
         error: type[Exception], match: str) -> None:
     """ssl_context is checked with the other arguments: a certificate's
     path where a context belongs, a listener name that is not served (a
@@ -326,7 +325,7 @@ def test_serve_refuses_an_ssl_context_it_cannot_use_before_anything_is_bound(
                                      f"serve\\(\\): ssl_context .*{match}")
 
 
-def refused_before_anything_is_bound(run: Callable[[Awaitable[None]], None],
+def refused_before_anything_is_bound(run: Runner,
                                      given: dict[str, Any], error: type[Exception],
                                      match: str) -> None:
     """serve(**given) raises ``error`` (``match``) on 127.0.0.1 port 0 as
@@ -354,15 +353,14 @@ def refused_before_anything_is_bound(run: Callable[[Awaitable[None]], None],
     run(main())
 
 
-def test_unix_socket_connections_drain_the_safe_way(run: Callable[
-        [Awaitable[None]], None], tmp_path: Path) -> None:
+def test_unix_socket_connections_drain_the_safe_way(run: Runner, tmp_path: Path) -> None:
     """Idle keep-alive connections of a Unix-socket listener cannot move
     (the successor adopts TCP connections only): they stay with v1, whose
     next response on each says Connection: close; none is closed under its
     client. TCP connections of the same server still move."""
     async def main() -> None:
         name, path = f"s-{uuid.uuid4().hex[:10]}", str(tmp_path / "http.sock")
-        sockets: dict[str, hotswap.Address] = {"unix": path, "tcp": ("127.0.0.1", 0)}
+        sockets: dict[str, Address] = {"unix": path, "tcp": ("127.0.0.1", 0)}
         v1, v1_task = start(name, "v1", sockets)
         await until(serving(v1), "v1 serving")
         port = int(next(i.address for i in v1.status().listeners
@@ -389,15 +387,14 @@ def test_unix_socket_connections_drain_the_safe_way(run: Callable[
     run(main())
 
 
-def test_a_response_still_being_sent_keeps_its_connection_with_v1(run: Callable[
-        [Awaitable[None]], None]) -> None:
+def test_a_response_still_being_sent_keeps_its_connection_with_v1(run: Runner) -> None:
     """A connection whose last response is still in v1's send buffer does
     not move: v2 writing on it meanwhile could cut into that response. The
     next request on it is answered by v1; once everything is sent, the
     connection moves, and the one after is answered by v2."""
     async def main() -> None:
         name = f"s-{uuid.uuid4().hex[:10]}"
-        sockets: dict[str, hotswap.Address] = {"http": ("127.0.0.1", 0)}
+        sockets: dict[str, Address] = {"http": ("127.0.0.1", 0)}
         v1, v1_task = start(name, "v1", sockets)
         await until(serving(v1), "v1 serving")
         port = port_of(v1.status())
@@ -435,8 +432,8 @@ def test_a_response_still_being_sent_keeps_its_connection_with_v1(run: Callable[
     run(main())
 
 
-def test_a_response_still_being_sent_at_the_deadline_moves_once_sent(run: Callable[
-        [Awaitable[None]], None], caplog: pytest.LogCaptureFixture) -> None:
+def test_a_response_still_being_sent_at_the_deadline_moves_once_sent(
+        run: Runner, caplog: pytest.LogCaptureFixture) -> None:
     """As above, but the big response is still in v1's send buffer at its
     drain deadline. It said keep-alive (the connection was to move), so it
     may not be cut when it has been sent: it gets the grace to finish, then
@@ -447,7 +444,7 @@ def test_a_response_still_being_sent_at_the_deadline_moves_once_sent(run: Callab
 
     async def main() -> None:
         name = f"s-{uuid.uuid4().hex[:10]}"
-        sockets: dict[str, hotswap.Address] = {"http": ("127.0.0.1", 0)}
+        sockets: dict[str, Address] = {"http": ("127.0.0.1", 0)}
         v1, v1_task = start(name, "v1", sockets, drain_timeout=0.3)
         await until(serving(v1), "v1 serving")
         sock = socket.socket()  # a small receive buffer, as above
@@ -476,14 +473,13 @@ def test_a_response_still_being_sent_at_the_deadline_moves_once_sent(run: Callab
     run(main())
 
 
-def test_a_websocket_is_read_throughout_the_drain(run: Callable[
-        [Awaitable[None]], None]) -> None:
+def test_a_websocket_is_read_throughout_the_drain(run: Runner) -> None:
     """A websocket that said nothing since its upgrade request (which reads
     like a request boundary) is not paused when v2 takes over: its messages
     are answered by v1 during the whole drain, not after its deadline."""
     async def main() -> None:
         name = f"s-{uuid.uuid4().hex[:10]}"
-        sockets: dict[str, hotswap.Address] = {"http": ("127.0.0.1", 0)}
+        sockets: dict[str, Address] = {"http": ("127.0.0.1", 0)}
         v1, v1_task = start(name, "v1", sockets, drain_timeout=20)
         await until(serving(v1), "v1 serving")
         url = f"http://{v1.status().listeners[0].address}/ws"
@@ -501,8 +497,7 @@ def test_a_websocket_is_read_throughout_the_drain(run: Callable[
     run(main())
 
 
-def test_a_websocket_upgraded_during_the_drain_is_read(run: Callable[
-        [Awaitable[None]], None]) -> None:
+def test_a_websocket_upgraded_during_the_drain_is_read(run: Runner) -> None:
     """An upgrade request that arrived before the handover and is prepared
     after it (the handler awaits something first: an auth check) is not
     paused as a request whose body was read: aiohttp before 3.14 names its
@@ -510,7 +505,7 @@ def test_a_websocket_upgraded_during_the_drain_is_read(run: Callable[
     messages waited until the drain's last second."""
     async def main() -> None:
         name = f"s-{uuid.uuid4().hex[:10]}"
-        sockets: dict[str, hotswap.Address] = {"http": ("127.0.0.1", 0)}
+        sockets: dict[str, Address] = {"http": ("127.0.0.1", 0)}
         gate, entered = asyncio.Event(), asyncio.Event()
 
         async def echo(request: web.Request) -> web.WebSocketResponse:
@@ -552,7 +547,7 @@ def test_a_websocket_upgraded_during_the_drain_is_read(run: Callable[
 
 
 @pytest.mark.parametrize("hook", ["on_drain", "on_shutdown"])
-def test_websockets_are_closed_with_1001(run: Callable[[Awaitable[None]], None],
+def test_websockets_are_closed_with_1001(run: Runner,
                                          hook: str) -> None:
     """A websocket never reaches a next response: the app closes it with
     1001 (going away). In serve()'s on_drain, as soon as v2 takes over: v1's
@@ -562,7 +557,7 @@ def test_websockets_are_closed_with_1001(run: Callable[[Awaitable[None]], None],
     (1006) at the grace's end."""
     async def main() -> None:
         name = f"s-{uuid.uuid4().hex[:10]}"
-        sockets: dict[str, hotswap.Address] = {"http": ("127.0.0.1", 0)}
+        sockets: dict[str, Address] = {"http": ("127.0.0.1", 0)}
         open_ws: set[web.WebSocketResponse] = set()
 
         async def echo(request: web.Request) -> web.WebSocketResponse:
@@ -612,8 +607,7 @@ def test_websockets_are_closed_with_1001(run: Callable[[Awaitable[None]], None],
     run(main())
 
 
-def test_on_shutdown_waits_while_an_idle_connection_may_still_send(run: Callable[
-        [Awaitable[None]], None]) -> None:
+def test_on_shutdown_waits_while_an_idle_connection_may_still_send(run: Runner) -> None:
     """A stop with an idle keep-alive connection open: its client may send
     one more request during the drain, and the app must still be whole for
     it (it is answered, told to close). So on_shutdown, which may release
@@ -654,8 +648,8 @@ def test_on_shutdown_waits_while_an_idle_connection_may_still_send(run: Callable
     run(main())
 
 
-def test_a_response_begun_before_the_drain_ends_in_the_grace_then_is_cut_idle(run: Callable[
-        [Awaitable[None]], None], caplog: pytest.LogCaptureFixture) -> None:
+def test_a_response_begun_before_the_drain_ends_in_the_grace_then_is_cut_idle(
+        run: Runner, caplog: pytest.LogCaptureFixture) -> None:
     """A response streamed (keep-alive) since before the stop ends in the
     grace: the connection is then idle, and cut at once as idle (not waited
     for until the grace is over and logged as a busy one cut)."""
@@ -700,7 +694,7 @@ def test_a_response_begun_before_the_drain_ends_in_the_grace_then_is_cut_idle(ru
 
 
 def test_a_request_that_read_keep_alive_before_the_stop_is_still_told_to_close(
-        run: Callable[[Awaitable[None]], None]) -> None:
+        run: Runner) -> None:
     """aiohttp caches request.keep_alive once read: a handler that read it
     before the stop (logging it, say) answered keep-alive, and its client
     sent its next request to the draining version. The drain's mark now
@@ -733,8 +727,8 @@ def test_a_request_that_read_keep_alive_before_the_stop_is_still_told_to_close(
     run(main())
 
 
-def test_handler_args_a_handler_does_not_take_still_serve(run: Callable[
-        [Awaitable[None]], None], caplog: pytest.LogCaptureFixture) -> None:
+def test_handler_args_a_handler_does_not_take_still_serve(
+        run: Runner, caplog: pytest.LogCaptureFixture) -> None:
     """An app whose handler_args hold a key aiohttp's RequestHandler does not
     take is served as aiohttp serves it: a basic handler and a warning. The
     tracked handler of connection handover used to raise TypeError on every
@@ -773,8 +767,7 @@ async def answered_by_v2(reader: asyncio.StreamReader, writer: asyncio.StreamWri
 
 
 @pytest.mark.parametrize("when", ["coded-body", "near-the-deadline"])
-def test_a_request_in_flight_that_cannot_move_is_told_to_close(run: Callable[
-        [Awaitable[None]], None], when: str) -> None:
+def test_a_request_in_flight_that_cannot_move_is_told_to_close(run: Runner, when: str) -> None:
     """A request is in flight on v1 when v2 takes over, and its client then
     idles past v1's drain deadline before its next request. Its connection
     cannot move after this response if its request's body came with a
@@ -787,7 +780,7 @@ def test_a_request_in_flight_that_cannot_move_is_told_to_close(run: Callable[
     failed. A client that reconnects as told gets v2."""
     async def main() -> None:
         name, gate = f"s-{uuid.uuid4().hex[:10]}", asyncio.Event()
-        sockets: dict[str, hotswap.Address] = {"http": ("127.0.0.1", 0)}
+        sockets: dict[str, Address] = {"http": ("127.0.0.1", 0)}
         drain = 3.0
         v1, v1_task = start(name, "v1", sockets, drain_timeout=drain, gate=gate)
         await until(serving(v1), "v1 serving")
@@ -826,8 +819,7 @@ def test_a_request_in_flight_that_cannot_move_is_told_to_close(run: Callable[
     run(main())
 
 
-def test_a_header_block_whose_end_came_in_reads_of_its_own_moves(run: Callable[
-        [Awaitable[None]], None]) -> None:
+def test_a_header_block_whose_end_came_in_reads_of_its_own_moves(run: Runner) -> None:
     """Clients whose request's header block ends in reads of its own (the
     final CRLF written alone, a CR and an LF apart, byte by byte; on a real
     network a segment may end there) are at a request boundary all the same
@@ -838,7 +830,7 @@ def test_a_header_block_whose_end_came_in_reads_of_its_own_moves(run: Callable[
     each failed.)"""
     async def main() -> None:
         name = f"s-{uuid.uuid4().hex[:10]}"
-        sockets: dict[str, hotswap.Address] = {"http": ("127.0.0.1", 0)}
+        sockets: dict[str, Address] = {"http": ("127.0.0.1", 0)}
         v1, v1_task = start(name, "v1", sockets, drain_timeout=3.0)
         await until(serving(v1), "v1 serving")
         port = port_of(v1.status())
@@ -910,8 +902,7 @@ def with_body(method: bytes, body: bytes) -> bytes:
 
 
 @pytest.mark.parametrize("how", ["one-write", "split-writes", "crlfcrlf-in-body"])
-def test_an_idle_connection_whose_last_request_had_a_body_moves(run: Callable[
-        [Awaitable[None]], None], how: str) -> None:
+def test_an_idle_connection_whose_last_request_had_a_body_moves(run: Runner, how: str) -> None:
     """A keep-alive client sends a request with a Content-Length body (in
     one write; across writes that v1 reads one by one, the header block's
     end among them; a body that holds \\r\\n\\r\\n and what reads as a
@@ -936,7 +927,7 @@ async def moves_after_it(writes: list[bytes], size: int) -> None:
     over. Its connection moves: v1's drain ends at once, and its next
     request, on the same connection, is answered by v2."""
     name = f"s-{uuid.uuid4().hex[:10]}"
-    sockets: dict[str, hotswap.Address] = {"http": ("127.0.0.1", 0)}
+    sockets: dict[str, Address] = {"http": ("127.0.0.1", 0)}
     v1, v1_task = start(name, "v1", sockets, drain_timeout=3.0)
     await until(serving(v1), "v1 serving")
     reader, writer = await asyncio.open_connection("127.0.0.1", port_of(v1.status()))
@@ -966,8 +957,7 @@ def chunks(*pieces: bytes) -> bytes:
 
 
 @pytest.mark.parametrize("how", ["one-write", "split-writes", "crlfcrlf-in-chunks"])
-def test_an_idle_connection_whose_last_request_was_chunked_moves(run: Callable[
-        [Awaitable[None]], None], how: str) -> None:
+def test_an_idle_connection_whose_last_request_was_chunked_moves(run: Runner, how: str) -> None:
     """A keep-alive client sends a request whose body comes chunked
     (Transfer-Encoding: chunked, chunk extensions, a trailer field), in
     one write; across writes that v1 reads one by one, cut inside a
@@ -995,8 +985,8 @@ def test_an_idle_connection_whose_last_request_was_chunked_moves(run: Callable[
 
 
 @pytest.mark.parametrize("when", ["body-arriving", "handler-busy", "chunks-arriving"])
-def test_a_request_with_a_body_in_flight_at_the_handover_moves_after_it(run: Callable[
-        [Awaitable[None]], None], monkeypatch: pytest.MonkeyPatch, when: str) -> None:
+def test_a_request_with_a_body_in_flight_at_the_handover_moves_after_it(
+        run: Runner, monkeypatch: pytest.MonkeyPatch, when: str) -> None:
     """A request with a Content-Length body is in flight as v1 starts to
     drain: its body still arriving (half of it sent, the rest only after
     a few rounds of v1's handover), or all read and its handler still busy;
@@ -1018,7 +1008,7 @@ def test_a_request_with_a_body_in_flight_at_the_handover_moves_after_it(run: Cal
 
     async def main() -> None:
         name, gate = f"s-{uuid.uuid4().hex[:10]}", asyncio.Event()
-        sockets: dict[str, hotswap.Address] = {"http": ("127.0.0.1", 0)}
+        sockets: dict[str, Address] = {"http": ("127.0.0.1", 0)}
         v1, v1_task = start(name, "v1", sockets, drain_timeout=3.0, gate=gate)
         await until(serving(v1), "v1 serving")
         reader, writer = await asyncio.open_connection("127.0.0.1", port_of(v1.status()))
@@ -1047,7 +1037,7 @@ def test_a_request_with_a_body_in_flight_at_the_handover_moves_after_it(run: Cal
                                            ("coded", "body-arriving"),
                                            ("http/1.0", "answered-before")])
 def test_connections_the_framer_gives_up_on_drain_the_safe_way(
-        run: Callable[[Awaitable[None]], None], monkeypatch: pytest.MonkeyPatch,
+        run: Runner, monkeypatch: pytest.MonkeyPatch,
         kind: str, when: str) -> None:
     """A request whose body comes with a transfer coding the framer does
     not follow (gzip, then chunked: aiohttp reads it chunked, the framer
@@ -1079,7 +1069,7 @@ def test_connections_the_framer_gives_up_on_drain_the_safe_way(
 
     async def main() -> None:
         name = f"s-{uuid.uuid4().hex[:10]}"
-        sockets: dict[str, hotswap.Address] = {"http": ("127.0.0.1", 0)}
+        sockets: dict[str, Address] = {"http": ("127.0.0.1", 0)}
         v1, v1_task = start(name, "v1", sockets, drain_timeout=3.0)
         await until(serving(v1), "v1 serving")
         port = port_of(v1.status())
@@ -1113,8 +1103,8 @@ def test_connections_the_framer_gives_up_on_drain_the_safe_way(
     run(main())
 
 
-def test_a_request_begun_after_a_body_is_not_moved_until_whole(run: Callable[
-        [Awaitable[None]], None], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_request_begun_after_a_body_is_not_moved_until_whole(
+        run: Runner, monkeypatch: pytest.MonkeyPatch) -> None:
     """What kept connections with bodies from moving: a body that holds
     \\r\\n\\r\\n and what reads as a whole request, then, in the same
     write, the first part of the next request (its header block not yet
@@ -1128,7 +1118,7 @@ def test_a_request_begun_after_a_body_is_not_moved_until_whole(run: Callable[
 
     async def main() -> None:
         name = f"s-{uuid.uuid4().hex[:10]}"
-        sockets: dict[str, hotswap.Address] = {"http": ("127.0.0.1", 0)}
+        sockets: dict[str, Address] = {"http": ("127.0.0.1", 0)}
         v1, v1_task = start(name, "v1", sockets, drain_timeout=3.0)
         await until(serving(v1), "v1 serving")
         reader, writer = await asyncio.open_connection("127.0.0.1", port_of(v1.status()))
@@ -1153,8 +1143,8 @@ def test_a_request_begun_after_a_body_is_not_moved_until_whole(run: Callable[
     run(main())
 
 
-def test_a_long_request_does_not_keep_the_drain_looking_every_millisecond(run: Callable[
-        [Awaitable[None]], None], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_long_request_does_not_keep_the_drain_looking_every_millisecond(
+        run: Runner, monkeypatch: pytest.MonkeyPatch) -> None:
     """A request still handled when v2 takes over (a long poll) is paused, to
     move once answered. The drain looks again after 1 ms while a connection
     is that close to a boundary, but this one stays busy: v1 looked at every
@@ -1166,7 +1156,7 @@ def test_a_long_request_does_not_keep_the_drain_looking_every_millisecond(run: C
 
     async def main() -> None:
         name, gate = f"s-{uuid.uuid4().hex[:10]}", asyncio.Event()
-        sockets: dict[str, hotswap.Address] = {"http": ("127.0.0.1", 0)}
+        sockets: dict[str, Address] = {"http": ("127.0.0.1", 0)}
         v1, v1_task = start(name, "v1", sockets, gate=gate)
         await until(serving(v1), "v1 serving")
         reader, writer = await asyncio.open_connection("127.0.0.1", port_of(v1.status()))
@@ -1192,7 +1182,7 @@ def test_a_long_request_does_not_keep_the_drain_looking_every_millisecond(run: C
 
 
 @pytest.mark.parametrize("kind", ["plain", "plain-raises", "returns-a-coroutine"])
-def test_on_drain_may_be_a_plain_function(run: Callable[[Awaitable[None]], None],
+def test_on_drain_may_be_a_plain_function(run: Runner,
                                           kind: str, caplog: pytest.LogCaptureFixture) -> None:
     """serve(on_drain=fn) with fn a plain function: it is called as the
     drain starts, and what it returns is awaited if it is awaitable (a
@@ -1227,8 +1217,7 @@ def test_on_drain_may_be_a_plain_function(run: Callable[[Awaitable[None]], None]
 
 
 @pytest.mark.parametrize("hook", ["raises", "hangs", "cancelled"])
-def test_a_failing_clean_up_hook_still_lets_the_last_response_out(run: Callable[
-        [Awaitable[None]], None], hook: str) -> None:
+def test_a_failing_clean_up_hook_still_lets_the_last_response_out(run: Runner, hook: str) -> None:
     """The app's on_shutdown callback (which starts as the drain ends) lets
     a request in flight answer in its grace, then raises (or ends
     cancelled), or never returns. The response arrives (told to close); the hook is logged and
@@ -1277,7 +1266,7 @@ def test_a_failing_clean_up_hook_still_lets_the_last_response_out(run: Callable[
 
 
 def test_connections_handed_over_at_the_deadline_are_not_counted_cut(
-        run: Callable[[Awaitable[None]], None], caplog: pytest.LogCaptureFixture) -> None:
+        run: Runner, caplog: pytest.LogCaptureFixture) -> None:
     """v1's drain deadline comes while it waits for the successor to
     acknowledge a frame of idle connections: it lets go of them (the
     successor adopts a complete frame anyway). Those connections are the
@@ -1329,7 +1318,7 @@ def test_connections_handed_over_at_the_deadline_are_not_counted_cut(
 
 
 def test_a_connection_closed_between_two_frames_does_not_stop_the_handover(
-        run: Callable[[Awaitable[None]], None], caplog: pytest.LogCaptureFixture,
+        run: Runner, caplog: pytest.LogCaptureFixture,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """v1 hands its idle connections over a frame at a time; one of them is
     closed by v1 (aiohttp's keep-alive timeout) while the successor takes
@@ -1347,11 +1336,11 @@ def test_a_connection_closed_between_two_frames_does_not_stop_the_handover(
 
     async def main() -> None:
         name, gate, entered = f"s-{uuid.uuid4().hex[:10]}", asyncio.Event(), asyncio.Event()
-        sockets: dict[str, hotswap.Address] = {"http": ("127.0.0.1", 0)}
+        sockets: dict[str, Address] = {"http": ("127.0.0.1", 0)}
         v1_conns: dict[Any, web.RequestHandler] = {}  # by the client's address
 
         @web.middleware
-        async def remember(request: web.Request, handler: Any) -> web.StreamResponse:
+        async def remember(request: web.Request, handler: Handler) -> web.StreamResponse:
             assert request.transport is not None
             v1_conns[request.transport.get_extra_info("peername")] = request.protocol
             return await handler(request)
@@ -1429,8 +1418,7 @@ def test_a_connection_closed_between_two_frames_does_not_stop_the_handover(
     run(main())
 
 
-def test_a_version_taken_over_idles_until_the_app_asks_it_to_stop(run: Callable[
-        [Awaitable[None]], None]) -> None:
+def test_a_version_taken_over_idles_until_the_app_asks_it_to_stop(run: Runner) -> None:
     """serve(handle_signals=False, idle_after_drain=True) (a Kruise slot
     whose app handles SIGTERM itself): taken over, v1 drains and idles, and
     returns 0 once the app's handler calls upgrader.request_stop(). (The
@@ -1438,7 +1426,7 @@ def test_a_version_taken_over_idles_until_the_app_asks_it_to_stop(run: Callable[
     never returned, and the kubelet killed it at the end of its grace.)"""
     async def main() -> None:
         name = f"s-{uuid.uuid4().hex[:10]}"
-        sockets: dict[str, hotswap.Address] = {"http": ("127.0.0.1", 0)}
+        sockets: dict[str, Address] = {"http": ("127.0.0.1", 0)}
         v1 = hotswap.Upgrader(name, version="v1", options=hotswap.Options(env={}))
         v1_task = asyncio.create_task(hotswap.aiohttp.serve(
             app_of("v1"), v1, sockets, drain_timeout=1, idle_after_drain=True,
@@ -1455,8 +1443,8 @@ def test_a_version_taken_over_idles_until_the_app_asks_it_to_stop(run: Callable[
     run(main())
 
 
-def test_a_version_stopped_while_waiting_to_take_over_exits_cleanly(run: Callable[
-        [Awaitable[None]], None], caplog: pytest.LogCaptureFixture) -> None:
+def test_a_version_stopped_while_waiting_to_take_over_exits_cleanly(
+        run: Runner, caplog: pytest.LogCaptureFixture) -> None:
     """v3 starts while v2 still follows v1's drain (v1 answers a held
     request), so it is refused as busy and waits. Stopped meanwhile (the
     pod goes), serve() returns 0 at once, having taken nothing: a stop, not
@@ -1466,7 +1454,7 @@ def test_a_version_stopped_while_waiting_to_take_over_exits_cleanly(run: Callabl
 
     async def main() -> None:
         name, gate, entered = f"s-{uuid.uuid4().hex[:10]}", asyncio.Event(), asyncio.Event()
-        sockets: dict[str, hotswap.Address] = {"http": ("127.0.0.1", 0)}
+        sockets: dict[str, Address] = {"http": ("127.0.0.1", 0)}
         upgrader = hotswap.Upgrader(name, version="v1", options=hotswap.Options(env={}))
         v1_task = asyncio.create_task(hotswap.aiohttp.serve(
             app_of("v1", gate, entered), upgrader, sockets, drain_timeout=20,
@@ -1494,8 +1482,8 @@ def test_a_version_stopped_while_waiting_to_take_over_exits_cleanly(run: Callabl
     run(main())
 
 
-def test_a_request_still_running_after_the_drain_gets_a_1s_grace(run: Callable[
-        [Awaitable[None]], None], caplog: pytest.LogCaptureFixture) -> None:
+def test_a_request_still_running_after_the_drain_gets_a_1s_grace(
+        run: Runner, caplog: pytest.LogCaptureFixture) -> None:
     """A handler that does not finish: after the drain (0.2 s) it gets the 1 s
     grace, then its connection is cut, about 1.2 s after the stop. aiohttp
     waits its shutdown_timeout twice (for the handler, then again after
@@ -1535,7 +1523,7 @@ def test_a_request_still_running_after_the_drain_gets_a_1s_grace(run: Callable[
     run(main())
 
 
-def test_close_while_serve_runs_is_a_stop(run: Callable[[Awaitable[None]], None],
+def test_close_while_serve_runs_is_a_stop(run: Runner,
                                           caplog: pytest.LogCaptureFixture) -> None:
     """upgrader.close() from the app (another task) while serve() runs on it
     closed the listeners under serve()'s servers: serve() then raised in its
@@ -1566,8 +1554,8 @@ def test_close_while_serve_runs_is_a_stop(run: Callable[[Awaitable[None]], None]
     run(main())
 
 
-def test_a_body_still_arriving_at_the_deadline_is_read_in_the_grace(run: Callable[
-        [Awaitable[None]], None], caplog: pytest.LogCaptureFixture) -> None:
+def test_a_body_still_arriving_at_the_deadline_is_read_in_the_grace(
+        run: Runner, caplog: pytest.LogCaptureFixture) -> None:
     """An upload whose body is still arriving when the drain ends gets the
     grace like any busy request: the rest of its body is read and it is
     answered, told to close. (aiohttp stops reading a connection once its
@@ -1605,7 +1593,7 @@ def test_a_body_still_arriving_at_the_deadline_is_read_in_the_grace(run: Callabl
     run(main())
 
 
-def test_serve_puts_the_signal_actions_back(run: Callable[[Awaitable[None]], None]) -> None:
+def test_serve_puts_the_signal_actions_back(run: Runner) -> None:
     """serve() handles SIGTERM, SIGINT and SIGHUP while it runs, and leaves
     them as it found them: asyncio's remove_signal_handler() alone would
     leave SIG_DFL, so a process started with SIGHUP ignored (nohup) would
@@ -1650,7 +1638,7 @@ def test_serve_puts_the_signal_actions_back(run: Callable[[Awaitable[None]], Non
 @pytest.mark.parametrize("migrate", [True, False], ids=["migrate", "no-migrate"])
 @pytest.mark.parametrize("case", ["started", "served-already", "start-failed"])
 def test_serve_refuses_an_upgrader_started_before_and_leaves_no_signal_handler(
-        run: Callable[[Awaitable[None]], None], case: str, migrate: bool) -> None:
+        run: Runner, case: str, migrate: bool) -> None:
     """serve() starts its upgrader itself. Given one the app had started,
     or one a serve() before had used, or one whose start() had failed, it
     says so, before installing anything: it used to raise
@@ -1701,7 +1689,7 @@ def test_serve_refuses_an_upgrader_started_before_and_leaves_no_signal_handler(
 
 
 def test_the_drain_resumes_only_the_reading_it_paused(
-        run: Callable[[Awaitable[None]], None]) -> None:
+        run: Runner) -> None:
     """The drain pauses a busy connection's reading so that its next request
     stays in the kernel until it moves, and resumes it if it does not move.
     A pause of aiohttp's own (flow control: the handler has not read the
@@ -1742,7 +1730,7 @@ def test_the_drain_resumes_only_the_reading_it_paused(
 
 @pytest.mark.parametrize("length", [b"18446744073709551615", b"018446744073709551615"])
 def test_a_content_length_the_parser_takes_for_none_is_not_framed_on_its_word(
-        run: Callable[[Awaitable[None]], None], length: bytes) -> None:
+        run: Runner, length: bytes) -> None:
     """aiohttp's C parser gives a request whose Content-Length is 2**64 - 1
     (llhttp's value for "none") its empty payload and answers it, while
     llhttp reads everything the client sends after it as that body (a next
@@ -1874,7 +1862,7 @@ def test_requests_aiohttp_held_unparsed_at_the_handover_are_answered(
 
 
 def test_the_sites_listen_with_the_queue_hotswap_binds_with(
-        run: Callable[[Awaitable[None]], None]) -> None:
+        run: Runner) -> None:
     """aiohttp's sites call listen(128) again on the socket they are given:
     the 1,024 that hotswap binds with became 128, in every version after
     it. serve() passes its own, to the tracked and the plain sites. (Read
@@ -1950,7 +1938,7 @@ def port_named(upgrader: hotswap.Upgrader, name: str) -> int:
 
 
 def test_tls_connections_drain_the_safe_way_while_plain_ones_move(
-        run: Callable[[Awaitable[None]], None], certificate: tuple[Path, Path],
+        run: Runner, certificate: tuple[Path, Path],
         caplog: pytest.LogCaptureFixture) -> None:
     """v1 serves HTTP and HTTPS (serve(ssl_context={"https": ...})); a
     plain and a TLS keep-alive client each send a request, v2 takes over.
@@ -1964,7 +1952,7 @@ def test_tls_connections_drain_the_safe_way_while_plain_ones_move(
     name = f"s-{uuid.uuid4().hex[:10]}"
 
     async def main() -> None:
-        sockets: dict[str, hotswap.Address] = {"http": ("127.0.0.1", 0),
+        sockets: dict[str, Address] = {"http": ("127.0.0.1", 0),
                                                "https": ("127.0.0.1", 0)}
         tls = {"https": server_ctx}
         v1, v1_task = start(name, "v1", sockets, ssl_context=tls)
@@ -2008,7 +1996,7 @@ def test_tls_connections_drain_the_safe_way_while_plain_ones_move(
 
 
 def test_a_tls_handshake_that_ends_in_the_drain_is_told_to_close(
-        run: Callable[[Awaitable[None]], None], certificate: tuple[Path, Path]) -> None:
+        run: Runner, certificate: tuple[Path, Path]) -> None:
     """A TLS connection that v1 accepted before the takeover but whose
     handshake ends only in the drain joins v1's server then, with the
     request factory it had when accepted, and no round of the drain has
@@ -2021,7 +2009,7 @@ def test_a_tls_handshake_that_ends_in_the_drain_is_told_to_close(
     async def main() -> None:
         loop = asyncio.get_running_loop()
         name = f"s-{uuid.uuid4().hex[:10]}"
-        sockets: dict[str, hotswap.Address] = {"https": ("127.0.0.1", 0)}
+        sockets: dict[str, Address] = {"https": ("127.0.0.1", 0)}
         v1, v1_task = start(name, "v1", sockets, ssl_context=server_ctx)
         await until(serving(v1), "v1 serving")
         port = port_named(v1, "https")
@@ -2057,7 +2045,7 @@ def test_a_tls_handshake_that_ends_in_the_drain_is_told_to_close(
 
 
 def test_a_plain_connection_handed_to_a_tls_listener_stays_plain(
-        run: Callable[[Awaitable[None]], None], certificate: tuple[Path, Path]) -> None:
+        run: Runner, certificate: tuple[Path, Path]) -> None:
     """v2 turns TLS on for the listener v1 served plain: the socket is
     handed over as always, and v1's idle plain keep-alive connection moves
     too. v2 serves it on in plain HTTP, as its client speaks it (the
@@ -2067,7 +2055,7 @@ def test_a_plain_connection_handed_to_a_tls_listener_stays_plain(
 
     async def main() -> None:
         name = f"s-{uuid.uuid4().hex[:10]}"
-        sockets: dict[str, hotswap.Address] = {"web": ("127.0.0.1", 0)}
+        sockets: dict[str, Address] = {"web": ("127.0.0.1", 0)}
         v1, v1_task = start(name, "v1", sockets)
         await until(serving(v1), "v1 serving")
         port = port_named(v1, "web")
@@ -2145,7 +2133,8 @@ def test_handshakes_that_never_end_cost_an_accept_little() -> None:
     handshakes.ended(fresh[-1])
     assert handshakes.pending(wait + 0.0001) == len(fresh) - 2  # the stale ones, fresh[0]
     handshakes.renew(100.0)  # the drain begins: each gets _HANDSHAKE_WAIT from now
-    handshakes.begun(object(), 100.5)
+    late: Any = object()
+    handshakes.begun(late, 100.5)
     assert handshakes.pending(100.0 + wait) == len(fresh) - 1
     assert handshakes.pending(100.0 + wait + 0.001) == 1
     assert handshakes.pending(100.5 + wait + 0.001) == 0

@@ -7,10 +7,11 @@ import asyncio
 import fcntl
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import pytest
+from conftest import Runner
 
 from hotswap.errors import (
     BrokenResourceError,
@@ -44,7 +45,7 @@ def open_fds() -> set[int]:
 
 
 @pytest.fixture(params=["asyncio", "uvloop"])
-def run(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+def run(request: pytest.FixtureRequest) -> Runner:
     """Run a coroutine under the stock loop and under uvloop."""
     runner = asyncio.run
     if request.param == "uvloop":
@@ -60,7 +61,7 @@ def run(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
     return runner
 
 
-def test_more_than_253_descriptors_in_chunks(run) -> None:  # type: ignore[no-untyped-def]
+def test_more_than_253_descriptors_in_chunks(run: Runner) -> None:
     """600 named descriptors cross in 3 frames, arrive in order, close-on-exec,
     and refer to the same open files; nothing leaks on either side."""
     before = open_fds()
@@ -128,7 +129,7 @@ def test_truncated_control_message_leaks_nothing() -> None:
 
 
 @pytest.mark.parametrize("role", [Sender.CLIENT, Sender.SERVER])
-def test_garbage_closes_descriptors_that_came_with_it(run, role: Sender) -> None:  # type: ignore[no-untyped-def]
+def test_garbage_closes_descriptors_that_came_with_it(run: Runner, role: Sender) -> None:
     """Garbage with descriptors: a client closes them with the garbage; a
     server takes no descriptors at all (no client message has any): the
     kernel closes them, and that is a protocol error."""
@@ -153,7 +154,7 @@ def test_garbage_closes_descriptors_that_came_with_it(run, role: Sender) -> None
     os.close(w)
 
 
-def test_receive_deadline_and_eof(run) -> None:  # type: ignore[no-untyped-def]
+def test_receive_deadline_and_eof(run: Runner) -> None:
     async def main() -> None:
         a, b = socket.socketpair()
         server = Channel(a, Sender.SERVER)
@@ -234,7 +235,7 @@ def check_attribution(got: list[Message], names: list[str], sent: list[socket.so
     order: list[str] = []
     for event, idents in zip([e for e in got if e.nfds], received, strict=True):
         assert isinstance(event, Sockets | Connections)
-        event_names = [getattr(e, "name", None) or getattr(e, "peer", "")
+        event_names = [e.name if isinstance(e, SocketInfo) else e.peer
                        for e in event.entries]
         order.extend(event_names)
         assert len(idents) == len(event_names)
@@ -260,8 +261,8 @@ def record_descriptors(client: Channel, kind: type[Sockets | Connections],
     client.receive = receive  # type: ignore[method-assign]
 
 
-def run_600_and_check(run: Callable[[Awaitable[list[Message]]], list[Message]],
-                      conversation: Awaitable[list[Message]], first: type[Message],
+def run_600_and_check(run: Runner,
+                      conversation: Coroutine[Any, Any, list[Message]], first: type[Message],
                       names: list[str], sent: list[socket.socket],
                       received: list[list[tuple[int, int]]], *,
                       owned: list[socket.socket], before: set[int]) -> None:
@@ -280,7 +281,7 @@ def run_600_and_check(run: Callable[[Awaitable[list[Message]]], list[Message]],
 
 
 @pytest.mark.parametrize("name_len", [100, 200], ids=["frames>skb", "frames>64KiB"])
-def test_big_sockets_frames_keep_their_own_descriptors(run, name_len: int) -> None:  # type: ignore[no-untyped-def]
+def test_big_sockets_frames_keep_their_own_descriptors(run: Runner, name_len: int) -> None:
     """600 sockets with long names: frames of 253 larger than an skb (and,
     with 200-character names, larger than one 64 KiB read), all queued before
     the successor reads. Each descriptor arrives named by its own entry."""
@@ -310,7 +311,7 @@ def test_big_sockets_frames_keep_their_own_descriptors(run, name_len: int) -> No
                       owned=sent, before=before)
 
 
-def test_big_connections_frames_keep_their_own_descriptors(run) -> None:  # type: ignore[no-untyped-def]
+def test_big_connections_frames_keep_their_own_descriptors(run: Runner) -> None:
     """The same for connections handed over during the drain: 600 in frames
     of 253 with long listener names, queued before the successor reads."""
     before = open_fds()
@@ -355,7 +356,7 @@ def test_big_connections_frames_keep_their_own_descriptors(run) -> None:  # type
                       owned=control + conns, before=before)
 
 
-def test_descriptors_never_go_to_an_earlier_frame(run) -> None:  # type: ignore[no-untyped-def]
+def test_descriptors_never_go_to_an_earlier_frame(run: Runner) -> None:
     """A Sockets frame that came without its descriptors is an error even when
     the next frame's descriptors are already queued: they are not its own."""
     before = open_fds()
@@ -397,7 +398,7 @@ class CountingSocket(socket.socket):
         return super().recvmsg(*args)
 
 
-def test_small_frames_cost_one_recvmsg(run) -> None:  # type: ignore[no-untyped-def]
+def test_small_frames_cost_one_recvmsg(run: Runner) -> None:
     """Small frames that are already queued are read together: a Welcome and
     a Sockets chunk behind it take one recvmsg, not one per frame or two per
     frame (header, then body)."""
@@ -459,7 +460,7 @@ async def receive_descriptors(client: Channel, total: int, senders: list[asyncio
     return got
 
 
-def test_concurrent_sends_never_interleave_frames(run) -> None:  # type: ignore[no-untyped-def]
+def test_concurrent_sends_never_interleave_frames(run: Runner) -> None:
     """Frames sent from several tasks at once arrive whole and in order, each
     with its own descriptors, even when a sendmsg goes out in part (a small
     socket buffer): the rest of a frame goes before any other frame."""
@@ -495,7 +496,7 @@ def test_concurrent_sends_never_interleave_frames(run) -> None:  # type: ignore[
     assert open_fds() == before
 
 
-def test_nothing_is_sent_after_a_frame_cut_short(run) -> None:  # type: ignore[no-untyped-def]
+def test_nothing_is_sent_after_a_frame_cut_short(run: Runner) -> None:
     """A send that times out with part of its frame out leaves the peer in
     the middle of that frame: later sends refuse instead of writing bytes the
     peer would read as the rest of it."""
@@ -547,7 +548,7 @@ def test_nothing_is_sent_after_a_frame_cut_short(run) -> None:  # type: ignore[n
 
 @pytest.mark.parametrize("seed", range(6))
 def test_random_frames_splits_and_timing_keep_descriptors_with_their_frame(
-        run, seed: int) -> None:  # type: ignore[no-untyped-def]
+        run: Runner, seed: int) -> None:
     """Sockets frames of random sizes (1-253 entries, names of 1-200
     characters), a socket buffer that is sometimes small (sendmsg goes out in
     parts), a reader that is sometimes slower than the sender: every
@@ -656,7 +657,7 @@ def test_descriptors_that_do_not_fit_break_receiving_and_leak_nothing() -> None:
     assert open_fds() == before
 
 
-def test_close_while_a_receive_waits(run) -> None:  # type: ignore[no-untyped-def]
+def test_close_while_a_receive_waits(run: Runner) -> None:
     """close() from elsewhere while a receive waits on the socket: the receive
     raises ClosedResourceError, and the loop no longer watches that
     descriptor number (uvloop aborted the whole process when the waiter

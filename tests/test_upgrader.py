@@ -16,25 +16,30 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
-from conftest import child_env, port_of, until
+from conftest import Runner, child_env, port_of, until
 
 import hotswap
 from hotswap.control import control_address, query_status, sockaddr
 from hotswap.protocol import Hello, Sender, encode
 from hotswap.transport import Channel
 
-Runner = Callable[[Awaitable[None]], None]
-
 
 @pytest.fixture(params=["asyncio", "uvloop"])
 def run(request: pytest.FixtureRequest) -> Runner:
     if request.param == "uvloop":
         import uvloop
-        return uvloop.run  # type: ignore[no-any-return]
+        return uvloop.run
     return asyncio.run
+
+
+def state_now(upg: hotswap.Upgrader) -> hotswap.State:
+    """``upg.state`` as it is now: mypy keeps what an earlier ``assert
+    upg.state is ...`` narrowed it to across the awaits that change it."""
+    return upg.state
 
 
 def new_name() -> str:
@@ -312,7 +317,7 @@ def test_wrong_token_and_second_successor_are_refused(run: Runner) -> None:
     run(main())
 
 
-def test_filesystem_control_socket(run: Runner, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_filesystem_control_socket(run: Runner, tmp_path: Path) -> None:
     path = str(tmp_path / "control.sock")
     name = new_name()
 
@@ -368,7 +373,7 @@ def ranks(name: str) -> set[int]:
     return {rank for rank, _ in markers(name)}
 
 
-def test_serving_marker_follows_the_state(run: Runner, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_serving_marker_follows_the_state(run: Runner, tmp_path: Path) -> None:
     """probe.sh's marker: bound exactly while a process with a Kruise version
     accepts (serving, or handing over until the successor confirms; a
     successor from its confirmation on), closed
@@ -1737,20 +1742,20 @@ def test_a_version_or_token_too_long_for_the_hello_is_refused_up_front(run: Runn
     with pytest.raises(ValueError, match=r"^version must be a str"):
         hotswap.Upgrader(new_name(), version=2, options=opts())  # type: ignore[arg-type]
     name = new_name()
-    longest = {"token": "t" * hotswap.upgrader.MAX_TOKEN_BYTES}
+    longest = "t" * hotswap.upgrader.MAX_TOKEN_BYTES
 
     async def main() -> None:
         old = await serving_upgrader(name, "1" * hotswap.upgrader.MAX_VERSION_BYTES,
-                                     **longest)
+                                     token=longest)
         new = await taken_over(old, name, version="2" * hotswap.upgrader.MAX_VERSION_BYTES,
-                               **longest)
+                               token=longest)
         await old.close(cut=0)
         await new.close()
 
     run(main())
 
 
-def test_a_control_socket_that_cannot_be_bound_says_why(run: Runner, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_a_control_socket_that_cannot_be_bound_says_why(run: Runner, tmp_path: Path) -> None:
     """Every failure to bind the control socket was reported as "another
     process already serves" it: a name too long for a Unix address (now a
     ValueError when the Upgrader is made), a control_path in a folder that
@@ -1990,6 +1995,16 @@ class _WaitingServer(asyncio.AbstractServer):
     def close(self) -> None:
         pass
 
+    # As asyncio.AbstractServer's own (typeshed declares them abstract).
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        raise NotImplementedError
+
+    async def serve_forever(self) -> None:
+        raise NotImplementedError
+
+    async def wait_closed(self) -> None:
+        raise NotImplementedError
+
 
 def test_a_server_that_cannot_start_leaves_the_others_not_accepting(run: Runner) -> None:
     """Of the servers given to ready(), one that cannot start aborts the
@@ -2040,7 +2055,7 @@ def test_a_fresh_start_serves_at_once_and_ready_checks_its_servers(run: Runner) 
                 await upg.ready(start_serving=[sock])  # type: ignore[list-item]
             assert upg.state is hotswap.State.STARTING and not server.is_serving()
             await upg.ready(start_serving=[server])
-            assert server.is_serving() and upg.state is hotswap.State.SERVING
+            assert server.is_serving() and state_now(upg) is hotswap.State.SERVING
             with socket.create_connection(sock.getsockname(), timeout=5):
                 await until(lambda: answered == ["v2"], "the connection accepted")
         finally:
