@@ -8,6 +8,7 @@ import sys
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from conftest import ROOT, Load
 
@@ -23,7 +24,7 @@ def test_percentile() -> None:
 
 
 def test_analyse_counts_failures_gaps_and_switch_times() -> None:
-    records = []
+    records: list[list[Any]] = []
     # Two keep-alive clients and one new-connection client, one request per
     # 10 ms each, 1 ms latency, from t=100 to t=110; the switch to v2 at 105.
     for i in range(1000):

@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import jsonschema
+import jsonschema  # type: ignore[import-untyped]  # no stubs (types-jsonschema not a dep)
 import pytest
 import yaml
 from conftest import ROOT

@@ -17,17 +17,19 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any
 
 import pytest
-from conftest import Procs, child_env, port_of, serving, status, wait_for
+from conftest import Load, Procs, child_env, port_of, serving, status, wait_for
 
 import hotswap
 import hotswap.control
 import hotswap.upgrader
 
 
-def test_v1_v2_v3_under_load_loses_nothing(procs: Procs, name: str, load) -> None:
+def test_v1_v2_v3_under_load_loses_nothing(
+        procs: Procs, name: str, load: Callable[..., Load]) -> None:
     """Invariants 1, 5, 8: v1 -> v2 -> v3 under keep-alive and new-connection
     load; the control socket inherited by v2 is handed on to v3."""
     v1 = procs.sidecar(name, "v1")
@@ -61,7 +63,8 @@ def test_v1_v2_v3_under_load_loses_nothing(procs: Procs, name: str, load) -> Non
     assert v3.wait(timeout=15) == 0
 
 
-def test_successor_killed_before_confirming(procs: Procs, name: str, load) -> None:
+def test_successor_killed_before_confirming(
+        procs: Procs, name: str, load: Callable[..., Load]) -> None:
     """Invariant 3: a successor SIGKILLed after receiving the descriptors and
     before confirming changes nothing; the next upgrade still works."""
     v1 = procs.sidecar(name, "v1")
@@ -105,7 +108,7 @@ def test_older_version_never_takes_the_sockets_back(procs: Procs, name: str) -> 
         assert proc.wait(timeout=15) == 0
 
 
-def _as_uid(uid: int, probe: Callable[[], Awaitable[str]]) -> str:
+def _as_uid(uid: int, probe: Callable[[], Coroutine[Any, Any, str]]) -> str:
     """Run ``probe`` in a forked child that has dropped to ``uid`` (a real peer
     with other credentials; forking avoids exec'ing an interpreter that uid
     may not be allowed to read). Returns what the probe returned."""
@@ -244,7 +247,8 @@ def test_descriptors_stable_over_100_handovers(procs: Procs, name: str) -> None:
     assert previous.wait(timeout=15) == 0
 
 
-def test_successor_hung_past_the_deadline(procs: Procs, name: str, load) -> None:
+def test_successor_hung_past_the_deadline(
+        procs: Procs, name: str, load: Callable[..., Load]) -> None:
     """Invariant 3: a successor that takes the descriptors and never confirms
     is given up on at handover_timeout; the old one serves on, and the hung
     one aborts cleanly on SIGTERM."""

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import TypedDict
 
 import psutil
 import pytest
@@ -52,6 +53,14 @@ def test_roles(version: str | None, alt: str | None, role: Role) -> None:
 def test_malformed_version_is_a_clear_error() -> None:
     with pytest.raises(HotswapError, match="SIDECARSET_VERSION='v2' is not an integer"):
         detect({"SIDECARSET_VERSION": "v2"})
+
+
+class KruiseVersions(TypedDict):
+    """Kruise's two version variables, as keyword arguments (``**``) to
+    Procs.faulty and hook(): typed, so that they cannot be taken for
+    ``port`` or ``args``."""
+    SIDECARSET_VERSION: str
+    SIDECARSET_VERSION_ALT: str
 
 
 def cli(procs: Procs, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -461,7 +470,7 @@ def test_the_hook_succeeds_once_the_successor_has_confirmed(procs: Procs, name: 
     wait_for(serving(name, "v1"), 15, "v1 serving")
     v2 = procs.sidecar(name, "v2", SIDECARSET_VERSION="2", SIDECARSET_VERSION_ALT="1")
     wait_for(lambda: "faulty: SIGSTOP" in procs.logs(), 15, "v1 stopped before its release")
-    kruise = {"SIDECARSET_VERSION": "2", "SIDECARSET_VERSION_ALT": "1"}
+    kruise: KruiseVersions = {"SIDECARSET_VERSION": "2", "SIDECARSET_VERSION_ALT": "1"}
     result = cli(procs, "wait-ready", "--name", name, "--timeout", "1", **kruise)
     assert result.returncode == 0 and "serving marker" in result.stdout, result
     result = hook(procs, HOTSWAP_NAME=name, HOTSWAP_MIGRATE_TIMEOUT="2",
@@ -515,7 +524,7 @@ def test_a_successor_whose_hook_gave_up_does_not_confirm(procs: Procs, name: str
     v1 = procs.sidecar(name, "v1", args=("--handover-timeout", "60"),
                        SIDECARSET_VERSION="1", SIDECARSET_VERSION_ALT="0")
     wait_for(serving(name, "v1"), 15, "v1 serving")
-    kruise = {"SIDECARSET_VERSION": "2", "SIDECARSET_VERSION_ALT": "1"}
+    kruise: KruiseVersions = {"SIDECARSET_VERSION": "2", "SIDECARSET_VERSION_ALT": "1"}
     v2 = procs.faulty(name, "v2", "receive:sockets:stop-after", **kruise)
     result = hook(procs, HOTSWAP_NAME=name, HOTSWAP_MIGRATE_TIMEOUT="2",
                   HOTSWAP_MIGRATE_FAST="1", **kruise)
@@ -545,7 +554,7 @@ def test_a_successor_whose_hook_gave_up_has_accepted_nothing(procs: Procs,
     v1 = procs.sidecar(name, "v1", args=("--handover-timeout", "60"),
                        SIDECARSET_VERSION="1", SIDECARSET_VERSION_ALT="0")
     port = port_of(wait_for(serving(name, "v1"), 15, "v1 serving"))
-    kruise = {"SIDECARSET_VERSION": "2", "SIDECARSET_VERSION_ALT": "1"}
+    kruise: KruiseVersions = {"SIDECARSET_VERSION": "2", "SIDECARSET_VERSION_ALT": "1"}
     v2 = procs.faulty(name, "v2", "receive:sockets:stop-after", args=("--drain-timeout", "1"),
                       **kruise)
     result = hook(procs, HOTSWAP_NAME=name, HOTSWAP_MIGRATE_TIMEOUT="2",
@@ -628,7 +637,7 @@ def test_a_hook_that_fails_early_leaves_a_deadline_already_past(procs: Procs,
     must not confirm, or it would be stopped as the one process accepting.
     The deadline it leaves is the moment it failed, not its timeout's end."""
     from hotswap.kruise import hook_gave_up
-    kruise = {"SIDECARSET_VERSION": "2", "SIDECARSET_VERSION_ALT": "1"}
+    kruise: KruiseVersions = {"SIDECARSET_VERSION": "2", "SIDECARSET_VERSION_ALT": "1"}
     result = hook(procs, HOTSWAP_NAME=name, HOTSWAP_MIGRATE_TIMEOUT="60",
                   HOTSWAP_MIGRATE_FAST="0", HOTSWAP_CLI="false", **kruise)
     assert result.returncode == 1 and "FAILED" in result.stdout, result

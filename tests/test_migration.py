@@ -172,7 +172,7 @@ def test_a_client_that_sent_bodies_keeps_its_connection_across_upgrades(
 def fresh_start_fds(procs: Procs, name: str) -> int:
     """Descriptors of a sample sidecar serving alone (its status says)."""
     probe = procs.sidecar(name, "v0")
-    base = wait_for(serving(name, "v0"), 15, "v0 serving").num_fds
+    base: int = wait_for(serving(name, "v0"), 15, "v0 serving").num_fds
     probe.send_signal(signal.SIGTERM)
     assert probe.wait(timeout=15) == 0
     return base

@@ -16,7 +16,7 @@ from hotswap.protocol import SocketInfo, Sockets, Status
 
 def _pair() -> list[type]:
     """The same class, once as a dataclass and once as a record."""
-    made = []
+    made: list[type] = []
     for make, field in ((dataclasses.dataclass, dataclasses.field),
                         (_record.dataclass, _record.field)):
         @make(frozen=True, kw_only=True)

@@ -151,7 +151,7 @@ def test_a_refused_sched_idle_falls_back_to_a_plain_import(
     def refuse(*_: object) -> None:
         raise PermissionError(1, "Operation not permitted")
 
-    monkeypatch.setattr(hotswap.startup.os, "sched_setscheduler", refuse)
+    monkeypatch.setattr("hotswap.startup.os.sched_setscheduler", refuse)
     name = _module(modules, "import threading\nTHREAD = threading.current_thread().name\n")
     assert preload(name, idle=True) is False
     assert threading.current_thread().name == sys.modules[name].THREAD

@@ -178,7 +178,7 @@ if WHERE == "app":
         app.on_shutdown.append(stubborn)
         return await _serve(app, *args, **kwargs)
 
-    hotswap.aiohttp.serve = serve_with_fault  # type: ignore[assignment]
+    hotswap.aiohttp.serve = serve_with_fault
 
 main = Path(__file__).resolve().parents[2] / "examples" / "sidecar_server" / "main.py"
 sys.argv = [str(main), *sys.argv[1:]]
