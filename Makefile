@@ -37,13 +37,16 @@ lint: $(VENV)/.stamp
 	$(VENV)/bin/ruff check hotswap tests examples scripts bench
 
 # The library, and (strict too) what users copy or run: the examples, the
-# scripts and the benchmarks. Each program directory on its own: two of
-# them have a main.py, and app.py is imported from the sample's directory.
+# scripts and the benchmarks; and the tests. Each program directory on its
+# own: two of them have a main.py, and app.py is imported from the sample's
+# directory. The tests import conftest (pytest puts tests/ on the path) and
+# the benchmark's run.py (test_bench_analysis puts bench/ there).
 typecheck: $(VENV)/.stamp
 	$(VENV)/bin/mypy
 	MYPYPATH=examples/sidecar_server $(VENV)/bin/mypy examples/sidecar_server
 	$(VENV)/bin/mypy examples/busybox_client scripts
 	MYPYPATH=bench:examples/sidecar_server $(VENV)/bin/mypy bench
+	MYPYPATH=tests:bench $(VENV)/bin/mypy tests
 
 pytest: $(VENV)/.stamp
 	sh scripts/test.sh
