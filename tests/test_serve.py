@@ -1769,7 +1769,7 @@ def test_a_content_length_the_parser_takes_for_none_is_not_framed_on_its_word(
 
 
 def test_pipelined_requests_aiohttp_holds_unparsed_keep_a_connection_from_moving(
-        run: Callable[[Awaitable[None]], None]) -> None:
+        run: Runner) -> None:
     """aiohttp 3.14's parser stops between requests while it counts 32 in
     flight and keeps the rest. A request whose body came in a later read
     than its headers leaves that count one too high for good, so a later
@@ -1819,7 +1819,7 @@ def test_pipelined_requests_aiohttp_holds_unparsed_keep_a_connection_from_moving
 
 
 def test_requests_aiohttp_held_unparsed_at_the_handover_are_answered(
-        run: Callable[[Awaitable[None]], None]) -> None:
+        run: Runner) -> None:
     """The test above through a real handover: v1 holds 9 pipelined
     requests unparsed (aiohttp's count of requests in flight one too high
     after a body read apart from its request) when v2 takes over. The
