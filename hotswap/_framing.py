@@ -53,8 +53,8 @@ before it and the parser took the read for exactly one whole request
 without a body and consumed all of it. ``hotswap.migrate.Tracked`` does,
 for the common GET read (see its ``data_received``): that is less
 cautious than the framer only about what the parser itself took for a
-request without a body (an ``Upgrade`` it did not act on, blank lines
-around the request).
+request without a body (an ``Upgrade`` it did not act on, an empty
+``Transfer-Encoding``, blank lines around the request).
 """
 
 from __future__ import annotations

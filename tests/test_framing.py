@@ -268,6 +268,8 @@ ON_ITS_WORD: dict[str, tuple[list[bytes], object]] = {
     "one after another": ([GET, GET, GET], WHOLE),
     "an Upgrade the parser does not act on": ([UPGRADE_H2C], WHOLE),
     "blank lines around it, which the parser skips": ([b"\r\n" + GET + b"\r\n"], WHOLE),
+    "an empty Transfer-Encoding": (
+        [request(b"Transfer-Encoding: ", line=b"GET / HTTP/1.1")], WHOLE),
     # Not taken: the framer reads it.
     "a request and the next one begun": ([GET + PARTIAL], ("head", PARTIAL)),
     "the end of a header block begun": ([PARTIAL, b"\r\n"], WHOLE),
@@ -292,9 +294,10 @@ def test_a_connection_takes_its_parsers_word_for_one_whole_request_without_a_bod
     boundary, for exactly one whole HTTP/1.1 request without a body and no
     upgrade (the common GET: the framer would read its headers itself). It
     is less cautious than the framer only about what that parser took for
-    such a request (an Upgrade it did not act on, blank lines around it);
-    any other read the framer reads. With the pure-Python parser it reads
-    every read: what the framer answers alone."""
+    such a request (an Upgrade it did not act on, an empty
+    Transfer-Encoding, blank lines around it); any other read the framer
+    reads. With the pure-Python parser it reads every read: what the
+    framer answers alone."""
     reads, expected = ON_ITS_WORD[name]
     assert len(BIG_GET) > MAX_HEAD
     if parser == "py":
