@@ -381,8 +381,9 @@ async def close_server(server: asyncio.AbstractServer) -> None:
     A Unix socket's path stays too: from Python 3.13 on, a server made by
     ``asyncio.start_unix_server()``/``loop.create_unix_server()`` (stock
     loop and uvloop) removes its socket's file as it closes
-    (``cleanup_socket=True``, the default), which would leave the successor
-    listening on a socket no client can reach (ENOENT).
+    (``cleanup_socket=True``, the default; uvloop's on any Python when it
+    is asked for), which would leave the successor listening on a socket no
+    client can reach (ENOENT).
     """
     loop = asyncio.get_running_loop()
     listening = list(getattr(server, "sockets", None) or ())
@@ -428,9 +429,10 @@ def _keep_unix_paths(loop: asyncio.AbstractEventLoop,
     """Before ``server.close()``: stop it from removing its Unix sockets'
     files (Python 3.13's ``cleanup_socket``). The stock loop keeps the
     sockets to clean up in ``_unix_server_sockets``: theirs are taken out.
-    Where that is out of reach (uvloop), each path gets a second name, a
-    hard link to the same socket file, for :func:`_put_back`. Returns the
-    (path, link) pairs."""
+    Where that is out of reach (uvloop, which takes ``cleanup_socket=True``
+    on every Python, its default from 3.13 on), each path gets a second
+    name, a hard link to the same socket file, for :func:`_put_back`.
+    Returns the (path, link) pairs."""
     paths = {}
     for sock in listening:
         path = _unix_path(sock)
@@ -445,8 +447,8 @@ def _keep_unix_paths(loop: asyncio.AbstractEventLoop,
                 if key.fileno() in paths:
                     del registry[key]
         return []
-    if sys.version_info < (3, 13):  # nothing removes it before 3.13
-        return []
+    if sys.version_info < (3, 13) and isinstance(loop, asyncio.BaseEventLoop):
+        return []  # the stock loop removes nothing before 3.13; uvloop may, on any
     links = []
     for path in paths.values():
         link = f"{path}.hotswap-{os.getpid()}"

@@ -282,6 +282,24 @@ def test_close_server_leaves_a_unix_socket_path_to_the_successor(
     run(main())
 
 
+def test_close_server_leaves_a_unix_socket_path_uvloop_was_told_to_clean_up(
+        tmp_path: Path) -> None:
+    """uvloop takes ``cleanup_socket=True`` on every Python (its default
+    only from 3.13 on). Before 3.13, close_server() let such a server remove
+    its socket's file: it kept paths on 3.13 alone."""
+    path = str(tmp_path / "uds.sock")
+
+    async def main() -> None:
+        sock = hotswap.listeners.bind(path)
+        cleanup: dict[str, Any] = {"cleanup_socket": True}  # in no stub before 3.13's
+        server = await asyncio.get_running_loop().create_unix_server(
+            asyncio.Protocol, sock=sock, **cleanup)
+        await hotswap.close_server(server)
+        assert sorted(os.listdir(tmp_path)) == ["uds.sock"]
+
+    uvloop.run(main())
+
+
 @pytest.mark.parametrize(("given", "error"), [
     ({"drain_timeout": "5"}, TypeError), ({"drain_timeout": float("nan")}, ValueError),
     ({"drain_timeout": float("inf")}, ValueError), ({"drain_timeout": -1}, ValueError),
