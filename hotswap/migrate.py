@@ -124,8 +124,8 @@ class Tracked(web.RequestHandler):
         self.listener = listener
         self.migrator = migrator
         self.framer = RequestFramer()
-        # Reading paused by the drain (not by aiohttp's flow control, which
-        # is aiohttp's to undo).
+        # Reading held by the drain (beside aiohttp's flow control, whose
+        # pauses are aiohttp's to undo; see pause()).
         self.paused = False
         # Loop time since which the drain has found it about to reach a
         # boundary, round after round (None: not found so last round).
@@ -189,15 +189,35 @@ class Tracked(web.RequestHandler):
         return now - self.soon_since < _SOON
 
     def pause(self) -> None:
-        """Leave what the client sends next in the kernel (the drain's)."""
+        """Leave what the client sends next in the kernel (the drain's),
+        until :meth:`resume`: also when aiohttp's flow control holds the
+        reading already (aiohttp 3.14 pauses it while 32 requests are
+        queued, and resumes it once half are answered; see
+        :meth:`_resume_transport_reading`). Skipped then, the drain's
+        pause was undone by aiohttp's resume: a client that kept more
+        than 32 requests pipelined was read through the whole drain, its
+        connection never idle, and told to close at the drain's end, the
+        requests behind that response lost."""
         assert self.transport is not None
         if self.transport.is_reading():
             self.transport.pause_reading()
-            self.paused = True
+        self.paused = True
+
+    def _resume_transport_reading(self) -> None:
+        # aiohttp's (3.14) resume, once its queue or a body's buffer has
+        # room: not while the drain holds the reading. It still parses what
+        # it holds (it calls data_received(b"") first), which is all a
+        # request needs: the drain pauses only once every byte received is
+        # whole requests.
+        if not self.paused:
+            web.RequestHandler._resume_transport_reading(self)
 
     def resume(self) -> None:
-        """Undo :meth:`pause`; a pause of aiohttp's own stays."""
-        if self.paused and self.transport is not None and not self.transport.is_closing():
+        """Undo :meth:`pause`; a pause of aiohttp's own stays (resumed by
+        aiohttp, as its queue drains or a body is read)."""
+        if (self.paused and self.transport is not None and not self.transport.is_closing()
+                and not getattr(self, "_buffer_paused", False)
+                and not getattr(self, "_reading_paused", False)):
             self.transport.resume_reading()
         self.paused = False
 

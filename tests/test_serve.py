@@ -1711,37 +1711,105 @@ def test_the_drain_resumes_only_the_reading_it_paused(
     """The drain pauses a busy connection's reading so that its next request
     stays in the kernel until it moves, and resumes it if it does not move.
     A pause of aiohttp's own (flow control: the handler has not read the
-    body it was sent) is aiohttp's to undo: the drain must leave it, or a
-    client could push an unbounded body into memory. Real transports on a
-    socket pair, both loops."""
+    body it was sent, more than aiohttp buffers) is aiohttp's to undo: the
+    drain must leave it, or a client could push an unbounded body into
+    memory. Real transports on a socket pair, both loops."""
     from hotswap.migrate import Migrator, Tracked
 
     async def main() -> None:
+        gate = asyncio.Event()
+
         async def handler(request: web.BaseRequest) -> web.Response:
-            return web.Response(text="ok")
+            await gate.wait()
+            return web.Response(text=f"read {len(await request.read())}")
 
         server = web.Server(handler)
         ours, theirs = socket.socketpair()
+        migrator = Migrator()
+        tracked = Tracked(server, "http", migrator)
+        transport, _ = await asyncio.get_running_loop().connect_accepted_socket(
+            lambda: tracked, ours)
+        reader, writer = await asyncio.open_connection(sock=theirs)
         try:
-            migrator = Migrator()
-            tracked = Tracked(server, "http", migrator)
-            transport, _ = await asyncio.get_running_loop().connect_accepted_socket(
-                lambda: tracked, ours)
             assert transport.is_reading()
             tracked.pause()  # the drain's own pause ...
             assert not transport.is_reading()
             tracked.resume()  # ... is undone
             assert transport.is_reading()
-            transport.pause_reading()  # aiohttp's flow control
+            size = 1 << 20  # far more than aiohttp buffers of a body unread
+            writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size
+                         + b"x" * size)
+            await until(lambda: not transport.is_reading(), "aiohttp's flow control")
             tracked.pause()
             tracked.resume()
             assert not transport.is_reading()  # still aiohttp's to undo
-            transport.resume_reading()
+            gate.set()  # the handler reads the body: aiohttp resumes
+            assert (await read_response(reader)).endswith(b"read %d" % size)
+        finally:
+            writer.close()
             transport.close()
             await until(lambda: tracked not in migrator.tracked, "the connection's end")
+            await server.shutdown(1)
+
+    run(main())
+
+
+def test_the_drain_holds_the_reading_while_aiohttp_drains_its_full_queue(
+        run: Runner) -> None:
+    """aiohttp 3.14 pauses a connection's reading while 32 requests are
+    queued, and resumes it once half of them are answered. The drain's
+    pause of that connection (busy, every byte received whole requests:
+    its next request is to wait in the kernel until the connection has
+    moved) is no pause of aiohttp's: it must hold through that resume, and
+    only the drain's resume ends it. (It used to be skipped, the reading
+    being paused already, and aiohttp's resume read on: a client that kept
+    more than 32 requests pipelined was read through the whole drain.)
+    The drain's resume still leaves a pause of aiohttp's own in place.
+    Real transports on a socket pair, both loops."""
+    from aiohttp.base_protocol import BaseProtocol
+
+    from hotswap.migrate import Migrator, Tracked
+    if not hasattr(BaseProtocol, "_pause_reading_for_buffer"):
+        pytest.skip("this aiohttp does not pause for a full queue (3.14 does)")
+
+    async def main() -> None:
+        gate = asyncio.Event()
+
+        async def handler(request: web.BaseRequest) -> web.Response:
+            if request.path == "/held":
+                await gate.wait()
+            return web.Response(text=request.path)
+
+        server = web.Server(handler)
+        ours, theirs = socket.socketpair()
+        migrator = Migrator()
+        tracked = Tracked(server, "http", migrator)
+        transport, _ = await asyncio.get_running_loop().connect_accepted_socket(
+            lambda: tracked, ours)
+        reader, writer = await asyncio.open_connection(sock=theirs)
+        try:
+            writer.write(b"GET /held HTTP/1.1\r\nHost: x\r\n\r\n"
+                         + b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 40)  # one read
+            await until(lambda: not transport.is_reading(), "aiohttp's queue full")
+            assert tracked.busy_at_boundary()
+            tracked.pause()
+            tracked.resume()
+            assert not transport.is_reading()  # aiohttp's pause stays
+            tracked.pause()  # the drain's round
+            gate.set()
+            assert (await read_response(reader)).endswith(b"/held")
+            for _ in range(40):
+                assert (await read_response(reader)).endswith(b"/")
+            await until(tracked.idle_at_boundary, "idle at a boundary")
+            assert not transport.is_reading()  # the drain's pause held
+            writer.write(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")  # in the kernel
+            tracked.resume()
+            assert (await read_response(reader)).endswith(b"/next")
         finally:
-            theirs.close()
-            ours.close()
+            writer.close()
+            transport.close()
+            await until(lambda: tracked not in migrator.tracked, "the connection's end")
+            await server.shutdown(1)
 
     run(main())
 
@@ -1871,6 +1939,48 @@ def test_requests_aiohttp_held_unparsed_at_the_handover_are_answered(
             for _ in range(9):
                 assert (await read_response(reader)).endswith(b"version(v1)")
             assert await asyncio.wait_for(v1_task, 10) == 0
+            await answered_by_v2(reader, writer)
+        finally:
+            writer.close()
+        await stop_serving(v2, v2_task)
+
+    run(main())
+
+
+def test_requests_sent_behind_a_full_queue_in_the_drain_wait_for_v2(
+        run: Runner, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client has 41 requests pipelined on v1 when v2 takes over, the
+    first one's answer held: aiohttp 3.14 has paused the reading (32
+    queued). v1's drain pauses the connection too, and the client sends 40
+    more. v1 answers its 41, and the connection moves with the 40 still in
+    the kernel: v2 answers them, all keep-alive. (aiohttp resumed the
+    reading once half its queue was answered, and v1 read the 40 too: a
+    client that kept more than 32 requests in flight was read through the
+    whole drain, never moved, and was told to close at its end, the
+    requests behind that response lost.)"""
+    rounds = drain_rounds(monkeypatch)
+
+    async def main() -> None:
+        name, gate = f"s-{uuid.uuid4().hex[:10]}", asyncio.Event()
+        sockets: dict[str, Address] = {"http": ("127.0.0.1", 0)}
+        v1, v1_task = start(name, "v1", sockets, drain_timeout=5.0, gate=gate)
+        await until(serving(v1), "v1 serving")
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(v1.status()))
+        get = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+        try:
+            writer.write(b"GET /held HTTP/1.1\r\nHost: x\r\n\r\n" + get * 40)
+            v2, v2_task = start(name, "v2", sockets)
+            await until(serving(v2), "v2 serving")
+            await v1_draining_for(v1, rounds)
+            writer.write(get * 40)
+            await writer.drain()
+            gate.set()
+            answers = [await read_response(reader) for _ in range(81)]
+            assert all(b"connection: close" not in answer for answer in answers)
+            assert answers[0].endswith(b"version(v1) read 0"), answers[0]
+            assert [answer.rsplit(b"\r\n\r\n", 1)[1] for answer in answers[1:]] \
+                == [b"version(v1)"] * 40 + [b"version(v2)"] * 40
+            assert await asyncio.wait_for(v1_task, 5) == 0
             await answered_by_v2(reader, writer)
         finally:
             writer.close()
