@@ -508,10 +508,14 @@ class Drainer:
                             transport.get_extra_info("peername"))
                 continue
             peer = transport.get_extra_info("peername")
+            # Busy: a request in progress, or one parsed and queued that its
+            # handler has not taken yet (the loop has not run it since):
+            # cut, it was lost.
             busy = getattr(handler, "_request_in_progress", None)
             if busy is None:  # aiohttp < 3.10.6: not waiting for a next request
                 waiter = getattr(handler, "_waiter", None)
-                busy = waiter is None or waiter.done() or bool(getattr(handler, "_messages", ()))
+                busy = waiter is None or waiter.done()
+            busy = busy or bool(getattr(handler, "_messages", ()))
             if busy and not self._forced.is_set():
                 log.warning("drain deadline: connection from %s is busy; its response "
                             "says Connection: close", peer)

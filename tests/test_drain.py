@@ -241,3 +241,39 @@ def test_busy_at_the_deadline_without_request_in_progress(
             assert b"Connection: close" in answer, answer
 
     run(main())
+
+
+@pytest.mark.parametrize("run", [asyncio.run, uvloop.run], ids=["asyncio", "uvloop"])
+def test_a_request_queued_but_not_yet_taken_at_the_deadline_is_answered(
+        run: Runner) -> None:
+    """A request aiohttp has parsed and queued, which its handler has not
+    taken yet (the loop has not run it since the read), is busy at the
+    deadline: told to close and answered, not cut as idle (aiohttp's
+    ``_request_in_progress`` is set only once the handler takes it). Real
+    transports on a socket pair; the read and the deadline in one step, as
+    when a request comes in the loop iteration of the deadline."""
+    async def main() -> None:
+        async def hello(request: web.BaseRequest) -> web.Response:
+            return web.Response(text="done")
+
+        server = web.Server(hello)
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            handler = server()
+            transport, _ = await asyncio.get_running_loop().connect_accepted_socket(
+                lambda: handler, ours)
+            reader, writer = await asyncio.open_connection(sock=theirs)
+            try:
+                handler.data_received(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                drainer = Drainer()
+                drainer.start(server)
+                assert drainer._deadline(server, None) == 0  # queued: busy, not cut
+                answer = await asyncio.wait_for(eof(reader), 10)
+                assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"done"), answer
+                assert b"Connection: close" in answer, answer
+            finally:
+                writer.close()
+                transport.close()
+                await server.shutdown(1)
+
+    run(main())
