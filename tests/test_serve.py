@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -1706,6 +1706,30 @@ def test_serve_refuses_an_upgrader_started_before_and_leaves_no_signal_handler(
     run(main())
 
 
+@contextlib.asynccontextmanager
+async def tracked_connection(handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+                             ) -> AsyncIterator[tuple[hotswap.migrate.Tracked, asyncio.Transport,
+                                                      asyncio.StreamReader, asyncio.StreamWriter]]:
+    """One connection of a ``web.Server(handler)`` handled by a
+    :class:`~hotswap.migrate.Tracked`, on a socket pair (real transports):
+    the connection, its transport, and the client's end as streams. Closed
+    at the end, once the connection is gone and the server shut down."""
+    server = web.Server(handler)
+    ours, theirs = socket.socketpair()
+    migrator = hotswap.migrate.Migrator()
+    tracked = hotswap.migrate.Tracked(server, "http", migrator)
+    transport, _ = await asyncio.get_running_loop().connect_accepted_socket(
+        lambda: tracked, ours)
+    reader, writer = await asyncio.open_connection(sock=theirs)
+    try:
+        yield tracked, transport, reader, writer
+    finally:
+        writer.close()
+        transport.close()
+        await until(lambda: tracked not in migrator.tracked, "the connection's end")
+        await server.shutdown(1)
+
+
 def test_the_drain_resumes_only_the_reading_it_paused(
         run: Runner) -> None:
     """The drain pauses a busy connection's reading so that its next request
@@ -1714,8 +1738,6 @@ def test_the_drain_resumes_only_the_reading_it_paused(
     body it was sent, more than aiohttp buffers) is aiohttp's to undo: the
     drain must leave it, or a client could push an unbounded body into
     memory. Real transports on a socket pair, both loops."""
-    from hotswap.migrate import Migrator, Tracked
-
     async def main() -> None:
         gate = asyncio.Event()
 
@@ -1723,14 +1745,7 @@ def test_the_drain_resumes_only_the_reading_it_paused(
             await gate.wait()
             return web.Response(text=f"read {len(await request.read())}")
 
-        server = web.Server(handler)
-        ours, theirs = socket.socketpair()
-        migrator = Migrator()
-        tracked = Tracked(server, "http", migrator)
-        transport, _ = await asyncio.get_running_loop().connect_accepted_socket(
-            lambda: tracked, ours)
-        reader, writer = await asyncio.open_connection(sock=theirs)
-        try:
+        async with tracked_connection(handler) as (tracked, transport, reader, writer):
             assert transport.is_reading()
             tracked.pause()  # the drain's own pause ...
             assert not transport.is_reading()
@@ -1745,11 +1760,6 @@ def test_the_drain_resumes_only_the_reading_it_paused(
             assert not transport.is_reading()  # still aiohttp's to undo
             gate.set()  # the handler reads the body: aiohttp resumes
             assert (await read_response(reader)).endswith(b"read %d" % size)
-        finally:
-            writer.close()
-            transport.close()
-            await until(lambda: tracked not in migrator.tracked, "the connection's end")
-            await server.shutdown(1)
 
     run(main())
 
@@ -1768,7 +1778,6 @@ def test_the_drain_holds_the_reading_while_aiohttp_drains_its_full_queue(
     Real transports on a socket pair, both loops."""
     from aiohttp.base_protocol import BaseProtocol
 
-    from hotswap.migrate import Migrator, Tracked
     if not hasattr(BaseProtocol, "_pause_reading_for_buffer"):
         pytest.skip("this aiohttp does not pause for a full queue (3.14 does)")
 
@@ -1780,14 +1789,7 @@ def test_the_drain_holds_the_reading_while_aiohttp_drains_its_full_queue(
                 await gate.wait()
             return web.Response(text=request.path)
 
-        server = web.Server(handler)
-        ours, theirs = socket.socketpair()
-        migrator = Migrator()
-        tracked = Tracked(server, "http", migrator)
-        transport, _ = await asyncio.get_running_loop().connect_accepted_socket(
-            lambda: tracked, ours)
-        reader, writer = await asyncio.open_connection(sock=theirs)
-        try:
+        async with tracked_connection(handler) as (tracked, transport, reader, writer):
             writer.write(b"GET /held HTTP/1.1\r\nHost: x\r\n\r\n"
                          + b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 40)  # one read
             await until(lambda: not transport.is_reading(), "aiohttp's queue full")
@@ -1805,11 +1807,6 @@ def test_the_drain_holds_the_reading_while_aiohttp_drains_its_full_queue(
             writer.write(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")  # in the kernel
             tracked.resume()
             assert (await read_response(reader)).endswith(b"/next")
-        finally:
-            writer.close()
-            transport.close()
-            await until(lambda: tracked not in migrator.tracked, "the connection's end")
-            await server.shutdown(1)
 
     run(main())
 
@@ -1824,20 +1821,11 @@ def test_a_content_length_the_parser_takes_for_none_is_not_framed_on_its_word(
     body" for it: such a connection moved, and the successor read the
     body's bytes as requests. It gives up on it (20 digits), as it does
     when it reads the headers itself. Real transports on a socket pair."""
-    from hotswap.migrate import Migrator, Tracked
-
     async def main() -> None:
         async def handler(request: web.BaseRequest) -> web.Response:
             return web.Response(text=f"read {len(await request.read())}")
 
-        server = web.Server(handler)
-        ours, theirs = socket.socketpair()
-        migrator = Migrator()
-        tracked = Tracked(server, "http", migrator)
-        transport, _ = await asyncio.get_running_loop().connect_accepted_socket(
-            lambda: tracked, ours)
-        reader, writer = await asyncio.open_connection(sock=theirs)
-        try:
+        async with tracked_connection(handler) as (tracked, _, reader, writer):
             writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: " + length
                          + b"\r\n\r\n")  # one read: what the parser's word is taken for
             async with asyncio.timeout(5):
@@ -1845,11 +1833,6 @@ def test_a_content_length_the_parser_takes_for_none_is_not_framed_on_its_word(
             assert answer.endswith(b"read 0"), answer
             await until(tracked.idle, "the request answered")
             assert not tracked.at_boundary() and not tracked.trackable()
-        finally:
-            writer.close()
-            transport.close()
-            await until(lambda: tracked not in migrator.tracked, "the connection's end")
-            await server.shutdown(1)
 
     run(main())
 
@@ -1866,20 +1849,11 @@ def test_pipelined_requests_aiohttp_holds_unparsed_keep_a_connection_from_moving
     holds before it takes a connection for idle (as aiohttp does itself
     when its queue drains): the connection is busy, and all 41 requests are
     answered. Real transports on a socket pair."""
-    from hotswap.migrate import Migrator, Tracked
-
     async def main() -> None:
         async def handler(request: web.BaseRequest) -> web.Response:
             return web.Response(text=f"read {len(await request.read())}")
 
-        server = web.Server(handler)
-        ours, theirs = socket.socketpair()
-        migrator = Migrator()
-        tracked = Tracked(server, "http", migrator)
-        transport, _ = await asyncio.get_running_loop().connect_accepted_socket(
-            lambda: tracked, ours)
-        reader, writer = await asyncio.open_connection(sock=theirs)
-        try:
+        async with tracked_connection(handler) as (tracked, _, reader, writer):
             writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n")
             # Its handler has taken it and waits for the body: a later read.
             await until(lambda: tracked._current_request is not None, "the request taken")
@@ -1895,11 +1869,6 @@ def test_pipelined_requests_aiohttp_holds_unparsed_keep_a_connection_from_moving
             await until(tracked.idle_at_boundary, "idle at a boundary")
             for _ in range(9):
                 assert (await read_response(reader)).endswith(b"read 0")
-        finally:
-            writer.close()
-            transport.close()
-            await until(lambda: tracked not in migrator.tracked, "the connection's end")
-            await server.shutdown(1)
 
     run(main())
 
