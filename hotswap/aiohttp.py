@@ -127,6 +127,17 @@ def _closing(factory: Any) -> Any:
     return make
 
 
+def _held_requests(handler: web.RequestHandler) -> bool:
+    """Whether ``handler``, which looks idle, has whole requests queued once
+    aiohttp's parser is asked for what it holds (what aiohttp does itself
+    when its queue drains). aiohttp 3.14's parser can hold pipelined
+    requests unparsed on a connection that looks idle until its client
+    sends more (see :meth:`hotswap.migrate.Tracked.idle_at_boundary`): cut
+    as idle, they were lost."""
+    web.RequestHandler.data_received(handler, b"")
+    return bool(getattr(handler, "_messages", ()))
+
+
 def _can_swap_request_factory() -> bool:
     """Can a connection's request factory be swapped (aiohttp 3.x)?"""
     return "_request_factory" in getattr(web.RequestHandler, "__slots__", ())
@@ -450,6 +461,12 @@ class Drainer:
                                                                              migrator):
                     busy.append(handler)  # moves once sent
                     continue
+                if not self._forced.is_set() and _held_requests(handler):
+                    # Requests aiohttp's parser held, queued now (here, or
+                    # by _sending_to_move just above): busy, told to close.
+                    self.close_after_next_response(handler)
+                    busy.append(handler)
+                    continue
                 # Its last response said keep-alive (begun before it could be
                 # told): idle past the deadline, cut as at the deadline.
                 log.warning("drain deadline: cutting idle connection from %s",
@@ -516,6 +533,10 @@ class Drainer:
                 waiter = getattr(handler, "_waiter", None)
                 busy = waiter is None or waiter.done()
             busy = busy or bool(getattr(handler, "_messages", ()))
+            if not busy and not self._forced.is_set():
+                # Requests aiohttp's parser held (_sending_to_move above asks
+                # for them only while moving): busy, not cut with them.
+                busy = _held_requests(handler)
             if busy and not self._forced.is_set():
                 log.warning("drain deadline: connection from %s is busy; its response "
                             "says Connection: close", peer)
