@@ -526,8 +526,8 @@ class Drainer:
                 continue
             peer = transport.get_extra_info("peername")
             # Busy: a request in progress, or one parsed and queued that its
-            # handler has not taken yet (the loop has not run it since):
-            # cut, it was lost.
+            # handler has not taken yet (the loop has not run it since;
+            # counted idle, it was cut with that request unanswered).
             busy = getattr(handler, "_request_in_progress", None)
             if busy is None:  # aiohttp < 3.10.6: not waiting for a next request
                 waiter = getattr(handler, "_waiter", None)
