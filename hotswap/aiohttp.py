@@ -66,6 +66,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ._framing import RequestFramer
 from .errors import HandoverFailed, HotswapError, ListenerError
 from .kruise import Role
 from .listeners import DEFAULT_BACKLOG, Address, check_address, close_server, is_tcp
@@ -136,6 +137,18 @@ def _held_requests(handler: web.RequestHandler) -> bool:
     as idle, they were lost."""
     web.RequestHandler.data_received(handler, b"")
     return bool(getattr(handler, "_messages", ()))
+
+
+def _request_arriving(handler: web.RequestHandler) -> bool:
+    """Whether ``handler``, which looks idle to aiohttp, has received part
+    of a request and not the rest (its head, or a body aiohttp reads no
+    more): its client is sending it. Known only where a
+    :class:`~hotswap._framing.RequestFramer` follows the connection (a
+    :class:`~hotswap.migrate.Tracked` or a TLS one) and has not given up.
+    Cut as idle at the deadline, that request was lost (its client got
+    EOF as it sent the rest)."""
+    framer = getattr(handler, "framer", None)
+    return isinstance(framer, RequestFramer) and not framer.boundary and not framer.lost
 
 
 def _can_swap_request_factory() -> bool:
@@ -211,16 +224,25 @@ class _TLSHandler(web.RequestHandler):
     :class:`_Handshakes` from its accept to its handshake's end (its
     ``connection_made``). Made as aiohttp's server makes handlers."""
 
-    __slots__ = ("_handshakes",)
+    __slots__ = ("_handshakes", "framer")
 
     def __init__(self, server: web.Server, handshakes: _Handshakes) -> None:
         init_like_server(self, server)
         self._handshakes = handshakes
         handshakes.begun(self, asyncio.get_running_loop().time())
+        # Where its requests end, so that the drain's deadline can tell a
+        # request still arriving from an idle connection (never to move a
+        # TLS connection): see _request_arriving().
+        self.framer = RequestFramer()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._handshakes.ended(self)
         web.RequestHandler.connection_made(self, transport)
+
+    def data_received(self, data: bytes) -> None:
+        web.RequestHandler.data_received(self, data)
+        if data:  # aiohttp calls it with b"" itself, to parse what it holds
+            self.framer.feed(data)
 
 
 class _Site(web.SockSite):
@@ -461,9 +483,11 @@ class Drainer:
                                                                              migrator):
                     busy.append(handler)  # moves once sent
                     continue
-                if not self._forced.is_set() and _held_requests(handler):
+                if not self._forced.is_set() and (_held_requests(handler)
+                                                  or _request_arriving(handler)):
                     # Requests aiohttp's parser held, queued now (here, or
-                    # by _sending_to_move just above): busy, told to close.
+                    # by _sending_to_move just above), or one still
+                    # arriving: busy, told to close.
                     self.close_after_next_response(handler)
                     busy.append(handler)
                     continue
@@ -535,8 +559,9 @@ class Drainer:
             busy = busy or bool(getattr(handler, "_messages", ()))
             if not busy and not self._forced.is_set():
                 # Requests aiohttp's parser held (_sending_to_move above asks
-                # for them only while moving): busy, not cut with them.
-                busy = _held_requests(handler)
+                # for them only while moving), or one whose head or body is
+                # still arriving: busy, not cut with them.
+                busy = _held_requests(handler) or _request_arriving(handler)
             if busy and not self._forced.is_set():
                 log.warning("drain deadline: connection from %s is busy; its response "
                             "says Connection: close", peer)

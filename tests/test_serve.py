@@ -2141,6 +2141,48 @@ def test_a_tls_handshake_that_ends_in_the_drain_is_told_to_close(
     run(main())
 
 
+@pytest.mark.parametrize("kind", ["tls", "plain"])
+def test_a_request_still_arriving_at_the_deadline_is_answered_not_cut(
+        run: Runner, certificate: tuple[Path, Path], kind: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A keep-alive client sends the start of its next request's head just
+    before v2 takes over, and the rest only after v1's drain deadline. The
+    connection cannot move (a TLS one never does; a plain one is not at a
+    request boundary), and at the deadline aiohttp shows it idle (no request
+    parsed): v1 cut it as idle, and the client got EOF for the request it
+    was sending. It is busy now: told to close, it gets the grace, the rest
+    of its head is read and the request is answered."""
+    server_ctx, client_ctx = tls_contexts(certificate)
+    caplog.set_level(logging.INFO, logger="hotswap")
+    tls: dict[str, Any] = {"ssl_context": server_ctx} if kind == "tls" else {}
+
+    async def main() -> None:
+        name = f"s-{uuid.uuid4().hex[:10]}"
+        sockets: dict[str, Address] = {"web": ("127.0.0.1", 0)}
+        v1, v1_task = start(name, "v1", sockets, drain_timeout=0.5, **tls)
+        await until(serving(v1), "v1 serving")
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port_named(v1, "web"), ssl=client_ctx if tls else None)
+        try:
+            assert (await request(reader, writer)).endswith(b"version(v1)")
+            writer.write(b"GET / HTTP/1.1\r\nHo")
+            await writer.drain()
+            v2, v2_task = start(name, "v2", sockets, **tls)
+            await until(serving(v2), "v2 serving")
+            await until(lambda: "drain deadline:" in caplog.text, "v1's drain deadline")
+            writer.write(b"st: x\r\n\r\n")  # the rest, in the grace
+            answer = await read_response(reader)
+            assert b"connection: close" in answer and answer.endswith(b"version(v1)"), answer
+        finally:
+            await close_all(writer)
+        assert await asyncio.wait_for(v1_task, 15) == 0
+        await stop_serving(v2, v2_task)
+
+    run(main())
+    drained = [m for m in caplog.messages if "drained," in m]
+    assert drained[0].endswith("drained, 0 connection(s) cut"), drained  # v1
+
+
 def test_a_plain_connection_handed_to_a_tls_listener_stays_plain(
         run: Runner, certificate: tuple[Path, Path]) -> None:
     """v2 turns TLS on for the listener v1 served plain: the socket is
