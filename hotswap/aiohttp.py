@@ -303,6 +303,9 @@ class Drainer:
         # Whether a connection that joins the server during the drain is told
         # to close (every one), or only one that cannot move (not Tracked).
         self._tell_all = False
+        # Connections that joined the server in the drain (a TLS handshake
+        # that ended then): see _first_request_due().
+        self._joined: set[web.RequestHandler] = set()
 
     def install(self, app: web.Application) -> None:
         """Prepare ``app`` (before the runner is set up)."""
@@ -337,6 +340,7 @@ class Drainer:
 
         def connection_made(handler: web.RequestHandler, *args: Any) -> None:
             made(handler, *args)
+            self._joined.add(handler)
             # A Tracked one is the connection handover's (Migrator.step)
             # while it runs; when it stops, start() sets _tell_all.
             if self._tell_all or not isinstance(handler, Tracked):
@@ -441,6 +445,14 @@ class Drainer:
         return self.handshakes is not None and bool(
             self.handshakes.pending(asyncio.get_running_loop().time()))
 
+    def _first_request_due(self, handler: web.RequestHandler) -> bool:
+        """``handler`` joined the server in the drain (its TLS handshake
+        ended then) and has received nothing of a request yet: its client
+        is about to send its first one. Cut as idle at the deadline, or in
+        the grace, that request failed, on a connection just opened."""
+        return (handler in self._joined and getattr(handler, "_request_count", 1) == 0
+                and not self._forced.is_set())
+
     def _sending_to_move(self, handler: web.RequestHandler, migrator: Migrator) -> bool:
         """Idle at a request boundary, its last response (keep-alive, begun
         while it was to move) still in our send buffer: it can move once
@@ -484,10 +496,12 @@ class Drainer:
                     busy.append(handler)  # moves once sent
                     continue
                 if not self._forced.is_set() and (_held_requests(handler)
-                                                  or _request_arriving(handler)):
+                                                  or _request_arriving(handler)
+                                                  or self._first_request_due(handler)):
                     # Requests aiohttp's parser held, queued now (here, or
-                    # by _sending_to_move just above), or one still
-                    # arriving: busy, told to close.
+                    # by _sending_to_move just above), one still arriving,
+                    # or the first of a connection that joined in the
+                    # drain: busy, told to close.
                     self.close_after_next_response(handler)
                     busy.append(handler)
                     continue
@@ -559,9 +573,11 @@ class Drainer:
             busy = busy or bool(getattr(handler, "_messages", ()))
             if not busy and not self._forced.is_set():
                 # Requests aiohttp's parser held (_sending_to_move above asks
-                # for them only while moving), or one whose head or body is
-                # still arriving: busy, not cut with them.
-                busy = _held_requests(handler) or _request_arriving(handler)
+                # for them only while moving), one whose head or body is
+                # still arriving, or the first of a connection that joined
+                # in the drain: busy, not cut with them.
+                busy = (_held_requests(handler) or _request_arriving(handler)
+                        or self._first_request_due(handler))
             if busy and not self._forced.is_set():
                 log.warning("drain deadline: connection from %s is busy; its response "
                             "says Connection: close", peer)

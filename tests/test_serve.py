@@ -2141,6 +2141,52 @@ def test_a_tls_handshake_that_ends_in_the_drain_is_told_to_close(
     run(main())
 
 
+def test_a_tls_connection_that_joins_in_the_drain_gets_the_grace_for_its_first_request(
+        run: Runner, certificate: tuple[Path, Path],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A TLS connection that v1 accepted before the takeover ends its
+    handshake in the drain, and its client sends its first request only
+    after v1's (short) drain deadline. Nothing of a request had arrived, so
+    it looked idle there and was cut: the first request on a connection
+    just opened failed. One that joined in the drain and has had no
+    request yet is busy now: it gets the grace, and its request is
+    answered (told to close)."""
+    server_ctx, client_ctx = tls_contexts(certificate)
+    caplog.set_level(logging.INFO, logger="hotswap")
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        name = f"s-{uuid.uuid4().hex[:10]}"
+        sockets: dict[str, Address] = {"https": ("127.0.0.1", 0)}
+        v1, v1_task = start(name, "v1", sockets, drain_timeout=1.0, ssl_context=server_ctx)
+        await until(serving(v1), "v1 serving")
+        raw = socket.socket()
+        raw.setblocking(False)
+        try:
+            await loop.sock_connect(raw, ("127.0.0.1", port_named(v1, "https")))
+            await until(lambda: accepted(os.getpid(), raw), "v1 accepting it (no handshake yet)")
+            v2, v2_task = start(name, "v2", sockets, ssl_context=server_ctx)
+            await until(serving(v2), "v2 serving")
+            await until(lambda: v1.state is hotswap.State.DRAINING, "v1 draining")
+            reader, writer = await asyncio.open_connection(
+                sock=raw, ssl=client_ctx, server_hostname="127.0.0.1")
+        except BaseException:
+            raw.close()
+            raise
+        try:
+            await until(lambda: "drain deadline:" in caplog.text, "v1's drain deadline")
+            answer = await request(reader, writer)
+            assert b"connection: close" in answer and answer.endswith(b"version(v1)"), answer
+        finally:
+            await close_all(writer)
+        assert await asyncio.wait_for(v1_task, 15) == 0
+        await stop_serving(v2, v2_task)
+
+    run(main())
+    drained = [m for m in caplog.messages if "drained," in m]
+    assert drained[0].endswith("drained, 0 connection(s) cut"), drained  # v1
+
+
 @pytest.mark.parametrize("kind", ["tls", "plain"])
 def test_a_request_still_arriving_at_the_deadline_is_answered_not_cut(
         run: Runner, certificate: tuple[Path, Path], kind: str,
