@@ -1751,7 +1751,10 @@ def test_the_drain_resumes_only_the_reading_it_paused(
             assert not transport.is_reading()
             tracked.resume()  # ... is undone
             assert transport.is_reading()
-            size = 1 << 20  # far more than aiohttp buffers of a body unread
+            # Far more than aiohttp buffers of a body unread, and under the
+            # default client_max_size of 1 MiB, which aiohttp up to 3.13
+            # refuses a body of exactly that size with (413; 3.14 takes it).
+            size = (1 << 20) - 1
             writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size
                          + b"x" * size)
             await until(lambda: not transport.is_reading(), "aiohttp's flow control")
