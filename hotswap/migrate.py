@@ -212,6 +212,19 @@ class Tracked(web.RequestHandler):
         if not self.paused:
             web.RequestHandler._resume_transport_reading(self)
 
+    if not hasattr(web.RequestHandler, "_resume_transport_reading"):  # aiohttp < 3.14
+        def resume_reading(self, resume_parser: bool = True) -> None:
+            # aiohttp 3.10 to 3.13 resume the transport here themselves, at
+            # the end of a pause of theirs (a body's buffer): not while the
+            # drain holds the reading, as above. Only 3.10 gets here with
+            # the drain's pause on: it keeps its pause for a body received
+            # whole (3.11 ends it then), and a handler reading that body
+            # read on the client's next request in the drain.
+            if self.paused:
+                self._reading_paused = False  # aiohttp's pause is over
+            else:
+                web.RequestHandler.resume_reading(self)
+
     def resume(self) -> None:
         """Undo :meth:`pause`; a pause of aiohttp's own stays (resumed by
         aiohttp, as its queue drains or a body is read)."""

@@ -1767,6 +1767,45 @@ def test_the_drain_resumes_only_the_reading_it_paused(
     run(main())
 
 
+def test_the_drain_holds_the_reading_while_its_handler_reads_a_buffered_body(
+        run: Runner) -> None:
+    """A body received whole in the read that took aiohttp over its buffer's
+    high-water mark: aiohttp 3.10 keeps its pause of the reading after the
+    body's end (3.11 on end it there). The connection is busy, every byte
+    received whole requests: the drain pauses it. Then the handler reads
+    the body, and aiohttp ends its pause by resuming the transport: on
+    3.10 that undid the drain's pause, and the client's next request was
+    read in the drain. The drain's pause must hold until its own resume
+    (on 3.14, see the full-queue test below). Real transports on a socket
+    pair, both loops."""
+    async def main() -> None:
+        gate = asyncio.Event()
+
+        async def handler(request: web.BaseRequest) -> web.Response:
+            await gate.wait()
+            return web.Response(text=f"{request.path} read {len(await request.read())}")
+
+        async with tracked_connection(handler) as (tracked, transport, reader, writer):
+            size = 200_000  # over aiohttp's high-water mark, in one read
+            writer.write(b"POST /big HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+                         % size + b"x" * size)
+            await until(lambda: tracked.busy_at_boundary() and tracked._current_request
+                        is not None, "the body received whole")
+            tracked.pause()  # the drain's round
+            assert not transport.is_reading()
+            gate.set()  # the handler reads the body
+            assert (await read_response(reader)).endswith(b"/big read %d" % size)
+            await until(tracked.idle_at_boundary, "idle at a boundary")
+            assert not transport.is_reading()  # the drain's pause held
+            writer.write(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")  # in the kernel
+            await asyncio.sleep(0.05)
+            assert tracked.idle_at_boundary()  # not read while the drain holds it
+            tracked.resume()
+            assert (await read_response(reader)).endswith(b"/next read 0")
+
+    run(main())
+
+
 def test_the_drain_holds_the_reading_while_aiohttp_drains_its_full_queue(
         run: Runner) -> None:
     """aiohttp 3.14 pauses a connection's reading while 32 requests are
