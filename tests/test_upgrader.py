@@ -5,6 +5,7 @@ real listeners on 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -16,7 +17,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -1890,14 +1891,8 @@ def test_ready_starts_the_servers_as_the_successor_confirms(run: Runner) -> None
     name = new_name()
 
     async def main() -> None:
-        old = await serving_upgrader(name, "v1")
-        new = hotswap.Upgrader(name, version="v2", options=opts())
-        assert await new.start() is hotswap.Role.TAKEOVER
-        sock = new.listen("http", ("127.0.0.1", 0))
-        answered: list[str] = []
-        server = await a_server(sock, answered)
-        client = socket.create_connection(sock.getsockname(), timeout=5)
-        try:
+        async with a_successor_with_a_queued_connection(name) as (
+                old, new, server, _, answered):
             for _ in range(3):
                 await asyncio.sleep(0)  # a server accepting would have it by now
             assert not server.is_serving() and answered == []
@@ -1907,13 +1902,33 @@ def test_ready_starts_the_servers_as_the_successor_confirms(run: Runner) -> None
             await old.release()
             await ready
             await until(lambda: answered == ["v2"], "the queued connection accepted")
-        finally:
-            client.close()
-            await hotswap.close_server(server)
-            await new.close()
-            await old.close()
 
     run(main())
+
+
+@contextlib.asynccontextmanager
+async def a_successor_with_a_queued_connection(
+        name: str, **old_options: object
+) -> AsyncIterator[tuple[hotswap.Upgrader, hotswap.Upgrader, asyncio.AbstractServer,
+                         socket.socket, list[str]]]:
+    """A serving v1 and a v2 taking over from it, whose server on the
+    inherited listener is made not accepting (:func:`a_server`), and a
+    client connection queued on that listener: (v1, v2, the server, the
+    client, what the server answered). All closed at the end."""
+    old = await serving_upgrader(name, "v1", **old_options)
+    new = hotswap.Upgrader(name, version="v2", options=opts())
+    assert await new.start() is hotswap.Role.TAKEOVER
+    sock = new.listen("http", ("127.0.0.1", 0))
+    answered: list[str] = []
+    server = await a_server(sock, answered)
+    client = socket.create_connection(sock.getsockname(), timeout=5)
+    try:
+        yield old, new, server, client, answered
+    finally:
+        client.close()
+        await hotswap.close_server(server)
+        await new.close()
+        await old.close()
 
 
 async def the_queued_one_is_the_predecessors(
@@ -1948,14 +1963,8 @@ def test_a_successor_that_backs_out_never_starts_its_servers(run: Runner,
     name = new_name()
 
     async def main() -> None:
-        old = await serving_upgrader(name, "v1", handover_timeout=0.3)
-        new = hotswap.Upgrader(name, version="v2", options=opts())
-        await new.start()
-        sock = new.listen("http", ("127.0.0.1", 0))
-        answered: list[str] = []
-        server = await a_server(sock, answered)
-        client = socket.create_connection(sock.getsockname(), timeout=5)
-        try:
+        async with a_successor_with_a_queued_connection(name, handover_timeout=0.3) as (
+                old, new, server, client, answered):
             if when == "before-ready":
                 new.request_stop()
             elif when == "as-the-confirmation-begins":
@@ -1973,11 +1982,6 @@ def test_a_successor_that_backs_out_never_starts_its_servers(run: Runner,
                 await new.ready(start_serving=[server])
             assert not server.is_serving()
             await the_queued_one_is_the_predecessors(old, new, server, client, answered)
-        finally:
-            client.close()
-            await hotswap.close_server(server)
-            await new.close()
-            await old.close()
 
     run(main())
 
@@ -2015,25 +2019,14 @@ def test_a_server_that_cannot_start_leaves_the_others_not_accepting(run: Runner)
     name = new_name()
 
     async def main() -> None:
-        old = await serving_upgrader(name, "v1")
-        new = hotswap.Upgrader(name, version="v2", options=opts())
-        assert await new.start() is hotswap.Role.TAKEOVER
-        sock = new.listen("http", ("127.0.0.1", 0))
-        answered: list[str] = []
-        server = await a_server(sock, answered)
-        client = socket.create_connection(sock.getsockname(), timeout=5)
-        try:
+        async with a_successor_with_a_queued_connection(name) as (
+                old, new, server, client, answered):
             with pytest.raises(hotswap.HandoverFailed, match="starting our servers failed"):
                 await new.ready(start_serving=[server, _WaitingServer()])
             assert not server.is_serving()
             for _ in range(3):
                 await asyncio.sleep(0)  # a server accepting would have it by now
             await the_queued_one_is_the_predecessors(old, new, server, client, answered)
-        finally:
-            client.close()
-            await hotswap.close_server(server)
-            await new.close()
-            await old.close()
 
     run(main())
 
