@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import gc
 import logging
 import os
@@ -15,8 +16,10 @@ import shutil
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
+import termios
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -902,12 +905,40 @@ async def v1_draining_for(v1: hotswap.Upgrader, rounds: Callable[[], int],
     await until(lambda: rounds() >= seen + count, f"{count} rounds of v1's handover")
 
 
+def server_side(writer: asyncio.StreamWriter) -> int | None:
+    """The descriptor of this process's own server end of ``writer``'s
+    connection (the server runs in this process), once it has accepted it."""
+    local, peer = writer.get_extra_info("sockname")[:2], writer.get_extra_info("peername")[:2]
+    for conn in psutil.Process().net_connections(kind="tcp"):
+        if tuple(conn.laddr) == peer and tuple(conn.raddr) == local and conn.fd != -1:
+            return conn.fd
+    return None
+
+
+def queued(fd: int, which: int) -> int:
+    """Bytes in ``fd``'s receive queue not yet read (``termios.FIONREAD``),
+    or in its send queue not yet acknowledged by the peer (``TIOCOUTQ``)."""
+    count: int = struct.unpack("i", fcntl.ioctl(fd, which, b"\0" * 4))[0]
+    return count
+
+
 async def write_apart(writer: asyncio.StreamWriter, pieces: list[bytes]) -> None:
-    """Each piece on its own, a moment apart: the server reads them one by one."""
+    """Each piece on its own: the server (in this process) has read one, and
+    so handled it (asyncio and uvloop pass what they read on in the same
+    callback), before the next is written. Read means: the server's kernel
+    acknowledged every byte, and none waits in its receive queue."""
+    await until(lambda: server_side(writer) is not None, "the server accepting")
+    server, client = server_side(writer), writer.get_extra_info("socket").fileno()
+    assert server is not None
+
+    def read_by_the_server() -> bool:
+        assert server is not None
+        return queued(client, termios.TIOCOUTQ) == 0 and queued(server, termios.FIONREAD) == 0
+
     for piece in pieces:
         writer.write(piece)
         await writer.drain()
-        await asyncio.sleep(0.005)  # the scenario: v1 reads each piece on its own
+        await until(read_by_the_server, "the server reading the piece")
 
 
 # A body that holds a header block's end, and what reads as a whole request.
