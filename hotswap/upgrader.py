@@ -265,7 +265,10 @@ class Upgrader:
 
     Error handling: the constructor raises ValueError for a name or
     ``control_path`` that is no control socket address (a ``/`` in the name,
-    too long for a Unix socket) and for a version too long for the hello.
+    too long for a Unix socket) and for a version too long for the hello, and
+    :class:`~hotswap.errors.HotswapError` for a malformed
+    ``SIDECARSET_VERSION``/``SIDECARSET_VERSION_ALT`` or
+    ``HOTSWAP_ALLOW_UIDS`` in the environment it reads (``Options.env``).
     :meth:`start` raises :class:`~hotswap.errors.HandoverRefused`
     or :class:`~hotswap.errors.HandoverFailed` (a hello not answered in time:
     :class:`~hotswap.errors.HandoverTimeout`) when taking over fails; nothing
