@@ -489,6 +489,31 @@ def test_the_hook_succeeds_once_the_successor_has_confirmed(procs: Procs, name: 
         assert proc.wait(timeout=15) == 0
 
 
+@pytest.mark.parametrize("shape", ["long", "blank"])
+def test_the_hook_does_not_watch_for_a_marker_that_cannot_exist(procs: Procs, name: str,
+                                                                shape: str) -> None:
+    """A serving marker is an abstract Unix name of at most 108 bytes that
+    /proc/net/unix shows as the last field of its line: with a NAME that
+    leaves no room for it (70 bytes beside a Kruise-sized version; the
+    control socket takes up to 99) or one with a blank, no marker can be
+    bound or read (the sidecar logs it once). The hook used to watch for it
+    for its whole fast path (10 s, every upgrade) before asking the CLI; it
+    now asks the CLI at once, with the whole timeout."""
+    version = "1097936677"
+    sidecar = name + "n" * (70 - len(name)) if shape == "long" else f"{name} x"
+    v1 = procs.sidecar(sidecar, "v1", SIDECARSET_VERSION=version, SIDECARSET_VERSION_ALT="0")
+    wait_for(serving(sidecar, "v1"), 15, "v1 serving")
+    traced = procs.tmp / "traced-cli"
+    traced.write_text(f'#!/bin/sh\necho "cli ran: $*"\nexec {PY} -m hotswap "$@"\n')
+    traced.chmod(0o755)
+    result = hook(procs, SIDECARSET_VERSION=version, SIDECARSET_VERSION_ALT="0",
+                  HOTSWAP_NAME=sidecar, HOTSWAP_MIGRATE_TIMEOUT="30", HOTSWAP_CLI=str(traced))
+    assert result.returncode == 0, result
+    assert f"cli ran: wait-ready --name {sidecar} --timeout 30\n" in result.stdout, result
+    v1.send_signal(signal.SIGTERM)
+    assert v1.wait(timeout=15) == 0
+
+
 def test_marked_ranks_reads_the_markers_as_the_shell_does(name: str) -> None:
     """What `wait-ready` reads: fresh markers of this name only, decimal
     without a leading zero (as scripts/hotswap-marker.sh: the shell would
