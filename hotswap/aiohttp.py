@@ -62,7 +62,7 @@ import signal
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, TypeGuard
 
 from aiohttp import web
 
@@ -453,13 +453,18 @@ class Drainer:
         return (handler in self._joined and getattr(handler, "_request_count", 1) == 0
                 and not self._forced.is_set())
 
+    def _to_move(self, handler: web.RequestHandler, migrator: Migrator) -> TypeGuard[Tracked]:
+        """Idle at a request boundary and the connection handover's: it can
+        move (once its last response is sent, if it is still being sent).
+        Not after a forced drain."""
+        return (handler in migrator.tracked and not self._forced.is_set()
+                and isinstance(handler, Tracked) and handler.idle_at_boundary())
+
     def _sending_to_move(self, handler: web.RequestHandler, migrator: Migrator) -> bool:
         """Idle at a request boundary, its last response (keep-alive, begun
         while it was to move) still in our send buffer: it can move once
         that is sent. Not after a forced drain."""
-        return (handler in migrator.tracked and not self._forced.is_set()
-                and isinstance(handler, Tracked) and handler.idle_at_boundary()
-                and not handler.flushed())
+        return self._to_move(handler, migrator) and not handler.flushed()
 
     async def grace(self, server: web.Server, seconds: float, *,
                     migrator: Migrator | None = None,
@@ -491,9 +496,11 @@ class Drainer:
                 if waiter is None or waiter.done() or getattr(handler, "_messages", None):
                     busy.append(handler)  # busy, or closing after its response
                     continue
-                if moving and migrator is not None and self._sending_to_move(handler,
-                                                                             migrator):
-                    busy.append(handler)  # moves once sent
+                if moving and migrator is not None and self._to_move(handler, migrator):
+                    # Moves in the next round (once sent, if still being
+                    # sent): it may have gone idle while this one waited for
+                    # the successor's acknowledgement.
+                    busy.append(handler)
                     continue
                 if not self._forced.is_set() and (_held_requests(handler)
                                                   or _request_arriving(handler)
@@ -545,10 +552,14 @@ class Drainer:
         """What is left at the deadline: idle connections are cut; one busy
         with a request is told ``Connection: close`` on its response and gets
         :meth:`grace` to send it (a forced drain cuts it too). While
-        connections are still ``moving`` to the successor, an idle one whose
-        last response (keep-alive: it was to move) is still being sent gets
-        :meth:`grace` to finish it and move. Returns how many were cut; each
-        is logged."""
+        connections are still ``moving`` to the successor, an idle one at a
+        request boundary is left to :meth:`grace`, whose first round hands
+        it over (one whose last response, keep-alive: it was to move, is
+        still being sent, once that is sent): it went idle after the last
+        round (a response sent keep-alive before it was told, which ended
+        while that round waited for the successor's acknowledgement, or
+        since), and cut, the next request its client sent on it failed.
+        Returns how many were cut; each is logged."""
         if migrator is not None:
             for conn in migrator.tracked:  # a paused one's next request is waiting
                 conn.resume()
@@ -557,23 +568,29 @@ class Drainer:
             transport = handler.transport
             if transport is None or transport.is_closing():
                 continue  # closing already: handed over, or told to close
-            if moving and migrator is not None and self._sending_to_move(handler, migrator):
-                log.warning("drain deadline: connection from %s is still sending a "
-                            "response; it moves once that is sent",
-                            transport.get_extra_info("peername"))
-                continue
+            if moving and migrator is not None and self._to_move(handler, migrator):
+                if not handler.flushed():
+                    log.warning("drain deadline: connection from %s is still sending a "
+                                "response; it moves once that is sent",
+                                transport.get_extra_info("peername"))
+                continue  # the grace's first round hands it over
             peer = transport.get_extra_info("peername")
-            # Busy: a request in progress, or one parsed and queued that its
+            # Busy: a request in progress, one parsed and queued that its
             # handler has not taken yet (the loop has not run it since;
-            # counted idle, it was cut with that request unanswered).
-            busy = getattr(handler, "_request_in_progress", None)
-            if busy is None:  # aiohttp < 3.10.6: not waiting for a next request
-                waiter = getattr(handler, "_waiter", None)
-                busy = waiter is None or waiter.done()
-            busy = busy or bool(getattr(handler, "_messages", ()))
+            # counted idle, it was cut with that request unanswered), or a
+            # response just sent, aiohttp's loop not yet back to waiting for
+            # the next request (aiohttp >= 3.10.6 no longer counts it in
+            # progress): one sent keep-alive, begun before the connection
+            # was told to close, goes idle in a moment. Cut now, the next
+            # request its client sent on it failed; while moving, the
+            # grace hands it over.
+            waiter = getattr(handler, "_waiter", None)
+            busy = (bool(getattr(handler, "_request_in_progress", False))
+                    or waiter is None or waiter.done()
+                    or bool(getattr(handler, "_messages", ())))
             if not busy and not self._forced.is_set():
-                # Requests aiohttp's parser held (_sending_to_move above asks
-                # for them only while moving), one whose head or body is
+                # Requests aiohttp's parser held (_to_move above asks for
+                # them only while moving), one whose head or body is
                 # still arriving, or the first of a connection that joined
                 # in the drain: busy, not cut with them.
                 busy = (_held_requests(handler) or _request_arriving(handler)

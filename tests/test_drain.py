@@ -281,6 +281,61 @@ def test_a_request_queued_but_not_yet_taken_at_the_deadline_is_answered(
     run(main())
 
 
+@pytest.mark.parametrize("run", [asyncio.run, uvloop.run], ids=["asyncio", "uvloop"])
+def test_a_response_just_sent_keep_alive_at_the_deadline_is_not_cut(
+        run: Runner) -> None:
+    """A response sent keep-alive (begun before its connection was told to
+    close) just before the deadline: aiohttp no longer counts its request
+    in progress, and its connection loop has not gone back to waiting for
+    the next one. The connection is about to be idle at a request boundary,
+    which a handover's grace moves: it is busy at the deadline, not cut,
+    and its client's next request on it is answered (told to close here,
+    with no successor). (It was cut as idle, its answer having said
+    keep-alive, and the next request failed: found with serial clients
+    under drain_timeout=0, one request in 3,000.) Real transports on a
+    socket pair; the deadline in the moment between."""
+    async def main() -> None:
+        answered = asyncio.get_running_loop().create_future()
+
+        async def handler(request: web.BaseRequest) -> web.Response:
+            if not answered.done():
+                answered.set_result(None)  # the task then writes the response
+            return web.Response(text="done")
+
+        server = web.Server(handler)
+        ours, theirs = socket.socketpair()
+        migrator = Migrator()
+        tracked = Tracked(server, "http", migrator)
+        transport, _ = await asyncio.get_running_loop().connect_accepted_socket(
+            lambda: tracked, ours)
+        reader, writer = await asyncio.open_connection(sock=theirs)
+        try:
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            async with asyncio.timeout(10):  # not wait_for: one more loop iteration
+                await answered
+            # The moment: the response is written, keep-alive; aiohttp's
+            # connection loop is not back to waiting for a request.
+            assert tracked._waiter is None
+            assert not getattr(tracked, "_request_in_progress", False)  # 3.10.6+
+            drainer = Drainer()
+            drainer.start(server, every_connection=False)  # a handover's drain
+            assert drainer._deadline(server, migrator, moving=True) == 0
+            assert not transport.is_closing()
+            first = await response(reader)
+            assert first.endswith(b"done") and b"Connection: close" not in first, first
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            second = await response(reader)
+            assert second.endswith(b"done") and b"Connection: close" in second, second
+            assert await eof(reader) == b""
+        finally:
+            writer.close()
+            transport.close()
+            await until(lambda: tracked not in migrator.tracked, "the connection's end")
+            await server.shutdown(1)
+
+    run(main())
+
+
 async def response(reader: asyncio.StreamReader) -> bytes:
     """One response (head and body, by its Content-Length), within 10 s."""
     async with asyncio.timeout(10):

@@ -494,6 +494,75 @@ def test_a_response_still_being_sent_at_the_deadline_moves_once_sent(
     run(main())
 
 
+def test_responses_that_end_while_a_round_hands_over_move(
+        run: Runner, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """v1 drains with no time left (drain_timeout=0): its one round hands
+    an idle connection over, and while it waits for the successor's
+    acknowledgement a response streamed keep-alive since before the drain
+    ends on a second connection; another such response ends on a third
+    while the grace's first round hands the second one over. Each is idle
+    at a request boundary just after the round that could have moved it,
+    at the deadline and in the grace: it moves in the next round, and its
+    client's next request on it is answered by v2. (Each was cut as idle,
+    its answer having said keep-alive: the next request on it failed. A
+    drain's last round before its deadline leaves the same window.)"""
+    caplog.set_level(logging.INFO, logger="hotswap")
+
+    async def main() -> None:
+        entered = {path: asyncio.Event() for path in ("/s1", "/s2")}
+        finish = {path: asyncio.Event() for path in ("/s1", "/s2")}
+
+        async def stream(request: web.Request) -> web.StreamResponse:
+            response = web.StreamResponse(headers={"Content-Length": "10"})
+            await response.prepare(request)  # keep-alive: before the drain
+            await response.write(b"01234")
+            entered[request.path].set()
+            await finish[request.path].wait()
+            await response.write(b"56789")
+            return response
+
+        app = app_of("v1")
+        app.router.add_get("/s1", stream)
+        app.router.add_get("/s2", stream)
+        v1, v1_task = await serve_v1(app, drain_timeout=0)
+        port = port_of(v1.status())
+        idle = await asyncio.open_connection("127.0.0.1", port)
+        streams = {path: await asyncio.open_connection("127.0.0.1", port) for path in finish}
+        hand_over = hotswap.Upgrader.hand_over_connections
+        rounds = iter(finish)
+
+        async def a_stream_ends(self: hotswap.Upgrader, *args: Any, **kwargs: Any) -> int:
+            # The scenario: a stream ends, and its handler is done, while
+            # the round hands a connection over (the first round's, then
+            # the grace's first).
+            path = next(rounds, None)
+            if path is not None:
+                finish[path].set()
+                assert (await read_response(streams[path][0])).endswith(b"0123456789")
+                await asyncio.sleep(0.05)
+            return await hand_over(self, *args, **kwargs)
+
+        monkeypatch.setattr(hotswap.Upgrader, "hand_over_connections", a_stream_ends)
+        try:
+            assert (await request(*idle)).endswith(b"version(v1)")
+            for path, (_, writer) in streams.items():
+                writer.write(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode())
+                await asyncio.wait_for(entered[path].wait(), 10)
+            v2, v2_task = start(v1.name, "v2", {"http": ("127.0.0.1", 0)})
+            await until(serving(v2), "v2 serving")
+            assert await asyncio.wait_for(v1_task, 10) == 0
+            assert all(event.is_set() for event in finish.values())
+            assert "drained, 0 connection(s) cut" in caplog.text, caplog.text
+            for connection in (idle, *streams.values()):
+                await answered_by_v2(*connection)
+        finally:
+            for _, writer in (idle, *streams.values()):
+                writer.close()
+        await stop_serving(v2, v2_task)
+
+    run(main())
+
+
 def test_a_websocket_is_read_throughout_the_drain(run: Runner) -> None:
     """A websocket that said nothing since its upgrade request (which reads
     like a request boundary) is not paused when v2 takes over: its messages
