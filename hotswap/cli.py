@@ -89,12 +89,13 @@ def _target(args: argparse.Namespace) -> tuple[int | None, str | None]:
 
 
 def _nothing_to_wait_for(args: argparse.Namespace) -> str | None:
-    """Why this Kruise slot will never serve and that is fine, or None: the
-    empty image (``VERSION=0``), or an old slot the kubelet restarted
-    mid-upgrade (:attr:`Role.PASSIVE`: ``VERSION <= ALT``). Its hook
-    succeeds (failing it would only get the container killed and
-    restarted) and its probe says ready (the other slot's probe speaks for
-    the pod)."""
+    """Why this Kruise slot has nothing to wait for and that is fine, or
+    None: the empty image (``VERSION=0``), or an old slot the kubelet
+    restarted mid-upgrade (:attr:`Role.PASSIVE`: ``VERSION <= ALT``; it
+    serves only while it stands in for a newer version that is down, see
+    :meth:`hotswap.Upgrader.start`). Its hook succeeds (failing it would
+    only get the container killed and restarted) and its probe says ready
+    (the other slot's probe speaks for the pod, or it serves itself)."""
     if args.version:
         return None
     versions = kruise.detect(os.environ)
@@ -174,7 +175,7 @@ def _probe(args: argparse.Namespace) -> int:
     nobody answers or an older version still serves (our migration is pending
     or failed: Kruise then retries this slot)."""
     idle = _nothing_to_wait_for(args)
-    if idle is not None:  # it never serves: the other slot's probe speaks for the pod
+    if idle is not None:  # the other slot's probe speaks for the pod (or it stands in)
         print(f"hotswap: ready: {idle}")
         return 0
     rank, version = _target(args)

@@ -14,7 +14,9 @@ variables                        role                    what the process does
 ``VERSION > ALT``                :attr:`Role.TAKEOVER`   take the sockets over
 ``VERSION <= ALT``               :attr:`Role.PASSIVE`    an old slot restarted
                                                          mid-upgrade: never take
-                                                         sockets back
+                                                         sockets back (with
+                                                         nobody serving, bind:
+                                                         see ``Upgrader.start``)
 ===============================  ======================  =======================
 """
 

@@ -209,6 +209,11 @@ class _Listener:
     sock: socket.socket
 
 
+class _ControlInUse(ListenerError):
+    """Another process holds the control socket's address (it serves, or is
+    starting to)."""
+
+
 @dataclass
 class Options:
     """Upgrader settings; every one has a default that fits a Kruise pod."""
@@ -349,10 +354,15 @@ class Upgrader:
         """Decide this process's role and, when taking over, adopt the sockets.
 
         Returns the role. For PASSIVE and EMPTY nothing is bound or taken;
-        call :meth:`wait_exit`. For FRESH the control socket is bound (a
-        ListenerError if someone else holds it). For TAKEOVER/AUTO the
-        predecessor's sockets are received and validated; :meth:`listen` then
-        returns them by name.
+        call :meth:`wait_exit`. A Kruise PASSIVE slot (``VERSION <= ALT``)
+        that finds nobody serving (nobody holds the control socket) binds
+        instead, and returns FRESH: an old slot restarted while the newer
+        version is down serves until that one takes over. For FRESH the
+        control socket is bound (a ListenerError if someone else holds it).
+        For TAKEOVER/AUTO the predecessor's sockets are received and
+        validated; :meth:`listen` then returns them by name; with nobody
+        serving they bind fresh (taking over after all from one that binds
+        the control socket in between, within ``connect_timeout``).
 
         A :meth:`close` meanwhile stops it at its next step: it raises
         HandoverFailed, and whatever it had taken is given back (the
@@ -366,6 +376,8 @@ class Upgrader:
         if self._stop_requested:  # asked before there was a future to tell
             self._finish(ExitReason.STOP_REQUESTED)
         role = self.versions.role
+        if role is Role.PASSIVE and not self._stop_requested and self._stand_in():
+            role = Role.FRESH
         if role in (Role.PASSIVE, Role.EMPTY):
             log.info("%s: role %s (version %s, other slot %s): not serving",
                      self.name, role.value, self.versions.rank, self.versions.alt)
@@ -373,14 +385,15 @@ class Upgrader:
             self.role = role
             return role
         if role is Role.FRESH:
-            self._start_fresh()
+            if self._control_sock is None:  # else bound by _stand_in()
+                self._start_fresh()
             self.role = role
             return role
         self._starting = asyncio.get_running_loop().create_future()
         if self.versions.rank is not None:
             self._started_at = _proc.started_at()
         try:
-            took_over = await self._take_over(required=role is Role.TAKEOVER)
+            took_over = await self._take_over_or_bind(required=role is Role.TAKEOVER)
             if self._closed:
                 # close() waits for this, then gives back what was taken
                 # (Abort: the predecessor serves on) and closes the rest.
@@ -392,12 +405,56 @@ class Upgrader:
             self._starting.set_result(None)
         if not took_over:
             role = Role.FRESH
-            self._start_fresh()
         else:
             role = Role.TAKEOVER
             self._add_launcher_sockets()
         self.role = role
         return role
+
+    def _stand_in(self) -> bool:
+        """A passive slot (``VERSION <= ALT``) that finds nobody serving binds
+        the control socket, as a fresh start: rather than leave the pod with
+        no acceptor until the newer version (crashed before confirming, or
+        not started yet: its image still being pulled, say) starts, and
+        takes over from it as from any older version. True if it bound it.
+        Whoever holds the control socket serves (or is starting to): then it
+        stays passive, and never takes sockets back from a newer version. So
+        it does on any other error binding it (logged)."""
+        try:
+            self._start_fresh()
+        except _ControlInUse:
+            return False
+        except ListenerError as exc:
+            log.warning("%s: passive, and cannot bind %s to stand in: %s", self.name,
+                        self.address, exc)
+            return False
+        log.warning("%s: role passive (version %s, other slot %s), but nobody serves "
+                    "%s: serving until a newer version takes over", self.name,
+                    self.versions.rank, self.versions.alt, self.address)
+        return True
+
+    async def _take_over_or_bind(self, *, required: bool) -> bool:
+        """Take over (True), else bind fresh (False). A process that binds
+        the control socket between our finding nobody there and our binding
+        it (a fresh start beside ours: a passive slot standing in, or a
+        launcher starting two) is taken over from, within
+        ``connect_timeout``; after that its ListenerError is raised."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.options.connect_timeout
+        while True:
+            if await self._take_over(required=required):
+                return True
+            try:
+                self._start_fresh()
+                return False
+            except _ControlInUse:
+                if loop.time() > deadline or self._closed or self._stop_requested:
+                    raise
+                log.info("%s: another process bound %s first: taking over from it",
+                         self.name, self.address)
+            with contextlib.suppress(TimeoutError):  # close() cuts the wait short
+                async with asyncio.timeout(0.05):
+                    await self._wake.wait()
 
     def listen(self, name: str, address: listeners.Address, *, kind: str = "stream",
                backlog: int = 1024) -> socket.socket:
@@ -895,8 +952,10 @@ class Upgrader:
                 sock.close()
 
     def _start_fresh(self) -> None:
-        self._add_launcher_sockets()
+        # The control socket first: if someone else holds it, nothing of
+        # the launcher's was taken (a takeover may follow).
         self._control_sock = self._bind_control()
+        self._add_launcher_sockets()
         # STARTING until ready() (also after a takeover that came to
         # nothing): nothing listens yet, so the control socket says
         # "starting" and refuses successors as busy (they retry).
@@ -918,7 +977,7 @@ class Upgrader:
                                             "that path is no socket (left as it is)"
                                             ) from cause
             if in_use:
-                raise ListenerError(
+                raise _ControlInUse(
                     f"{exc}: another process already serves {self.name!r}; start it "
                     "without a Kruise FRESH role (or with VERSION > ALT) to take over"
                 ) from cause

@@ -55,7 +55,8 @@ if [ -z "$version" ]; then
 fi
 if number "$version" && number "$alt" && [ "$alt" != 0 ] && [ "$version" -le "$alt" ]; then
     # The role hotswap calls passive: the process never takes the sockets
-    # back, and a failed hook would only get the container killed.
+    # back (it binds only if nobody serves, standing in for a newer version
+    # that is down), and a failed hook would only get the container killed.
     log "version $version, other slot $alt: an old slot restarted mid-upgrade;" \
         "passive, nothing to migrate"
     exit 0

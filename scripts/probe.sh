@@ -2,8 +2,9 @@
 # Readiness probe of a hot-upgrade sidecar slot (OpenKruise runs the same probe
 # in both slots, the empty image included):
 #   SIDECARSET_VERSION=0 (empty image)   ready
-#   VERSION <= ALT (passive: an old slot  ready: it never serves, and the other
-#   restarted mid-upgrade)                slot's probe speaks for the pod
+#   VERSION <= ALT (passive: an old slot  ready: the other slot's probe speaks
+#   restarted mid-upgrade)                for the pod (or it stands in for a
+#                                         newer version that is down: serving)
 #   this slot's version serves            ready
 #   a newer version has superseded it     ready (until Kruise resets the slot)
 #   nobody serves / an older one serves   not ready (migration pending or failed)

@@ -108,6 +108,38 @@ def test_older_version_never_takes_the_sockets_back(procs: Procs, name: str) -> 
         assert proc.wait(timeout=15) == 0
 
 
+def test_a_restarted_old_slot_stands_in_while_nobody_serves(
+        procs: Procs, name: str, load: Callable[..., Load]) -> None:
+    """Invariants 1 and 4, the way a pod gets there: v2 is SIGKILLed before
+    confirming (a bad image), then v1's slot crashes too and the kubelet
+    restarts it with Kruise's env, ``VERSION=1 ALT=2``. Nobody serves, so it
+    binds and serves (it stayed passive: the pod had no acceptor until v2
+    came back), and v2, restarted, takes over from it under load with 0
+    failed requests; it then idles until its SIGTERM, as a Kruise slot."""
+    v1 = procs.sidecar(name, "v1", SIDECARSET_VERSION="1", SIDECARSET_VERSION_ALT="0")
+    wait_for(serving(name, "v1"), 15, "v1 serving")
+    bad = procs.sidecar(name, "v2", args=("--fail-start", "kill"),
+                        SIDECARSET_VERSION="2", SIDECARSET_VERSION_ALT="1")
+    assert bad.wait(timeout=15) == -signal.SIGKILL
+    v1.kill()
+    assert v1.wait(timeout=10) == -signal.SIGKILL
+    again = procs.sidecar(name, "v1", SIDECARSET_VERSION="1", SIDECARSET_VERSION_ALT="2")
+    st = wait_for(serving(name, "v1"), 15, "the restarted old slot standing in")
+    assert st.pid == again.pid
+    traffic = load(port_of(st), keepalive=3, fresh=2)
+    v2 = procs.sidecar(name, "v2", SIDECARSET_VERSION="2", SIDECARSET_VERSION_ALT="1")
+    wait_for(serving(name, "v2"), 15, "v2 serving, taken over from the stand-in")
+    result = traffic.finish()
+    assert result["failed"] == 0, result
+    assert set(result["versions"]) == {"v1", "v2"}, result
+    assert "nobody serves" in procs.logs()
+    wait_for(lambda: "idle without sockets" in procs.logs(), 15, "the stand-in drained")
+    assert again.poll() is None, "a Kruise slot idles until SIGTERM"
+    for proc in (again, v2):
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+
+
 def _as_uid(uid: int, probe: Callable[[], Coroutine[Any, Any, str]]) -> str:
     """Run ``probe`` in a forked child that has dropped to ``uid`` (a real peer
     with other credentials; forking avoids exec'ing an interpreter that uid

@@ -448,6 +448,99 @@ def test_older_rank_is_refused_in_process(run: Runner, rank: str) -> None:
     run(main())
 
 
+def test_a_passive_slot_stands_in_only_while_nobody_serves(run: Runner) -> None:
+    """Invariant 4 and 1: an old slot restarted mid-upgrade (``VERSION <=
+    ALT``) never takes sockets back from a newer version; it stays passive
+    while one serves (or is starting: it holds the control socket). With
+    nobody serving (the newer one crashed before confirming, or has not
+    started), it binds as a fresh start would, rather than leave the pod
+    with no acceptor, and the newer version takes over from it as usual.
+    (It stayed passive, and nothing served until the newer one started.)"""
+    name = new_name()
+    passive_env = {"SIDECARSET_VERSION": "1", "SIDECARSET_VERSION_ALT": "3"}
+
+    async def main() -> None:
+        alone = hotswap.Upgrader(name, version="v1", options=opts(env=passive_env))
+        assert await alone.start() is hotswap.Role.FRESH
+        sock = alone.listen("http", ("127.0.0.1", 0))
+        await alone.ready()
+        assert alone.state is hotswap.State.SERVING
+        port = sock.getsockname()[1]
+        # The newer version takes over from the stand-in.
+        newer = hotswap.Upgrader(name, version="v3", options=opts(
+            env={"SIDECARSET_VERSION": "3", "SIDECARSET_VERSION_ALT": "1"}))
+        assert await newer.start() is hotswap.Role.TAKEOVER
+        assert newer.listen("http", ("127.0.0.1", 0)).getsockname()[1] == port
+        await newer.ready()
+        assert await asyncio.wait_for(alone.wait_exit(), 5) is hotswap.ExitReason.TAKEN_OVER
+        await alone.release()
+        await alone.close()
+        # The old slot restarted again, beside the newer one: passive.
+        again = hotswap.Upgrader(name, version="v1", options=opts(env=passive_env))
+        assert await again.start() is hotswap.Role.PASSIVE
+        assert again.state is hotswap.State.PASSIVE
+        st = await query_status(control_address(name))
+        assert (st.version, st.state) == ("v3", "serving")
+        await again.close()
+        await newer.close()
+
+    run(main())
+
+
+def test_a_fresh_start_that_loses_the_control_socket_takes_over(
+        run: Runner, caplog: pytest.LogCaptureFixture) -> None:
+    """A successor that finds nobody serving binds the control socket; when
+    another process binds it in between (a passive slot standing in, say),
+    it takes over from that one instead of failing: bound but not yet
+    listening, a control socket refuses connections (nobody there) and
+    cannot be bound (in use). Held like that past ``connect_timeout``, the
+    bind's error is raised. (The successor failed at once: "another
+    process already serves".)"""
+    caplog.set_level(logging.INFO, logger="hotswap")
+    name = new_name()
+    kruise = {"SIDECARSET_VERSION": "2", "SIDECARSET_VERSION_ALT": "1"}
+
+    async def main() -> None:
+        holder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        holder.bind(sockaddr(control_address(name)))  # bound, not listening
+        try:
+            new = hotswap.Upgrader(name, version="v2", options=opts(env=kruise))
+            starting = asyncio.create_task(new.start())
+            await until(lambda: caplog.text.count("another process bound") >= 2,
+                        "the successor trying again")
+            assert not starting.done()
+            # The other process: the holder's place taken at once (no
+            # await in between), as a fresh start binds in start()'s first step.
+            holder.close()
+            old = hotswap.Upgrader(name, version="v1", options=opts(
+                env={"SIDECARSET_VERSION": "1", "SIDECARSET_VERSION_ALT": "0"}))
+            assert await old.start() is hotswap.Role.FRESH
+        finally:
+            holder.close()
+        old.listen("http", ("127.0.0.1", 0))
+        await old.ready()
+        assert await asyncio.wait_for(starting, 10) is hotswap.Role.TAKEOVER
+        new.listen("http", ("127.0.0.1", 0))
+        await new.ready()
+        assert await asyncio.wait_for(old.wait_exit(), 5) is hotswap.ExitReason.TAKEN_OVER
+        await old.release()
+        await old.close()
+        await new.close()
+        # Held throughout: bounded by connect_timeout, then the bind's error.
+        holder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        holder.bind(sockaddr(control_address(name)))
+        try:
+            late = hotswap.Upgrader(name, version="v2", options=opts(
+                env=kruise, connect_timeout=0.3))
+            with pytest.raises(hotswap.ListenerError, match="already serves"):
+                await asyncio.wait_for(late.start(), 10)
+            await late.close()
+        finally:
+            holder.close()
+
+    run(main())
+
+
 def test_hello_with_unknown_protocol_version(run: Runner) -> None:
     name = new_name()
 
