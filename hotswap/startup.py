@@ -22,9 +22,11 @@ container does, competing at its slot's weight (the benchmark's
 1.05x). Making the slot's cgroup idle (cgroup v2 ``cpu.idle``) is the node's
 business, not the process's; preloading neither helps nor hurts there.
 
-Call it first thing, before importing the heavy modules::
+Call it first thing, before importing the heavy modules (and, in a program
+that runs as a container's PID 1, :func:`exit_on_sigterm` before it)::
 
     import hotswap.startup
+    hotswap.startup.exit_on_sigterm()
     hotswap.startup.preload("aiohttp.web", "uvloop", "hotswap.aiohttp")
 
     from aiohttp import web  # already imported: instant
@@ -72,6 +74,57 @@ def should_idle(env: Mapping[str, str] | None = None) -> bool:
     except ValueError:  # a malformed version is the upgrader's to report
         return False
     return _versions.role(rank, alt) == "takeover"
+
+
+def exit_on_sigterm() -> bool:
+    """Let a SIGTERM end the process while nobody handles it, as PID 1 too.
+
+    A container's PID 1 gets only the signals it has a handler for: with
+    SIGTERM at its default action, one that comes before
+    :func:`hotswap.aiohttp.serve` installs its handlers (the imports and the
+    set-up, which :func:`preload` and :func:`idle_call` make slower on a busy
+    node) is dropped, and the kubelet, whose SIGTERM that was (a PostStart
+    hook that failed, a pod deleted), waits out the grace period (30 s) for
+    its SIGKILL. Call this first thing, in the main thread: it installs a
+    handler that writes one line on stderr and ends the process as the
+    default action would, by the signal itself (PID 1, which the kernel
+    does not let die of its own signal: exit status 143). Nothing is taken
+    over or bound before ``serve()`` runs (its upgrader starts inside it,
+    after its own handlers), so there is nothing to give back or drain.
+
+    ``serve()`` replaces the handler while it runs and puts it back when it
+    returns (a SIGTERM after that ends the process at once too). Where the
+    action is not the default (ignored, or a handler of the program's own),
+    nothing changes. Returns whether the handler was installed. Raises
+    ValueError outside the main thread, as :func:`signal.signal` does.
+
+    Limit: Python runs the handler in the main thread. While it waits for
+    the helper thread of :func:`preload` or :func:`idle_call`, the kernel
+    hands the signal to it (it prefers the thread a ``kill()`` names, and
+    the main thread is sleeping), except for one that was pending while
+    the process was stopped (SIGSTOP), which the helper may take: that one
+    ends the process once the helper is done.
+    """
+    # signal.py imports enum (~4 ms of CPU at normal priority): the C module
+    # it wraps, where there is one.
+    try:
+        sig = __import__("_signal")
+    except ImportError:
+        sig = __import__("signal")
+    if sig.getsignal(sig.SIGTERM) != sig.SIG_DFL:
+        return False
+
+    def end(signum: int, frame: object) -> None:
+        try:  # noqa: SIM105 -- contextlib: more imports at normal priority
+            os.write(2, b"hotswap: SIGTERM outside serve(): exiting\n")
+        except OSError:
+            pass
+        sig.signal(signum, sig.SIG_DFL)
+        os.kill(os.getpid(), signum)  # dies of it, unless PID 1
+        os._exit(128 + signum)
+
+    sig.signal(sig.SIGTERM, end)
+    return True
 
 
 def preload(*modules: str, idle: bool | None = None,

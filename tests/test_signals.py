@@ -3,6 +3,8 @@ a second SIGTERM forces the exit, SIGTERM during a handover loses nothing."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -10,7 +12,18 @@ import time
 from typing import Any
 
 import psutil
-from conftest import Procs, http_get, port_of, read_response, serving, wait_for
+import pytest
+from conftest import (
+    PY,
+    SIDECAR,
+    Procs,
+    frozen,
+    http_get,
+    port_of,
+    read_response,
+    serving,
+    wait_for,
+)
 
 
 def keepalive_request(port: int) -> tuple[socket.socket, bytes]:
@@ -159,3 +172,50 @@ def test_a_clean_up_callback_that_ignores_cancellation_does_not_keep_the_process
     # drain 0.5 s + cleanup_timeout 3 s, and no more than a little slack.
     assert time.monotonic() - started < 6
     assert "on_shutdown cancelled, going on" in procs.logs()
+
+
+def _caught(pid: int) -> set[int]:
+    """The signals ``pid`` has a handler for (``SigCgt`` in its status)."""
+    with open(f"/proc/{pid}/status") as fh:
+        mask = int(next(line for line in fh if line.startswith("SigCgt:")).split()[1], 16)
+    return {signum for signum in range(1, 65) if mask >> (signum - 1) & 1}
+
+
+def test_a_sigterm_while_pid_1_starts_up_ends_it(procs: Procs, name: str) -> None:
+    """In its container the sample is PID 1, which gets only the signals it
+    has a handler for: before serve() installed its handlers (the imports
+    and the app's set-up, which a successor runs at idle CPU priority and
+    which can take seconds on a busy node), a SIGTERM was dropped, and the
+    kubelet waited out its grace period (30 s) before its SIGKILL. Nothing
+    is taken or bound then: the SIGTERM must end the process.
+
+    The sample runs as PID 1 of a new PID namespace. Each look stops it
+    (SIGSTOP from this, the parent, namespace reaches a PID 1), waits until
+    it is stopped and reads which signals it catches; the first time that
+    includes SIGTERM, it gets one (while still stopped, so it cannot have
+    gone on meanwhile), and resumes. Dropped, the process went on to serve
+    and its first caught SIGTERM was serve()'s: a normal stop."""
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.skip("needs unshare(1) and root for a PID namespace")
+    unshare = procs.spawn("v1", ["unshare", "-p", "-f", "--kill-child", PY, str(SIDECAR),
+                                 "--name", name, "--version", "v1", "--port", "0"])
+    pid = wait_for(lambda: psutil.Process(unshare.pid).children(), 10,
+                   "unshare's child, PID 1 of its namespace")[0].pid
+    caught: set[int] = set()
+    deadline = time.monotonic() + 30
+    while signal.SIGTERM not in caught:
+        assert unshare.poll() is None and time.monotonic() < deadline, \
+            f"the sample never caught SIGTERM: {procs.logs()}"
+        os.kill(pid, signal.SIGSTOP)
+        wait_for(lambda: frozen(pid), 5, "the sample stopped")
+        if os.path.samefile(f"/proc/{pid}/exe", PY):  # past unshare's exec
+            caught = _caught(pid)
+        if signal.SIGTERM in caught:
+            os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGCONT)
+    rc = unshare.wait(timeout=15)
+    logs = procs.logs()
+    assert "signal 15: stopping" not in logs, "serve() got it: the earlier ones were dropped"
+    assert rc in (128 + signal.SIGTERM, -signal.SIGTERM), logs
+    assert "hotswap: SIGTERM outside serve(): exiting" in logs, logs
+    assert "bound http" not in logs, "it went on to serve"

@@ -252,3 +252,29 @@ def test_no_thread_allowed_falls_back_to_the_calling_thread(
 
     monkeypatch.setattr(threading.Thread, "start", refuse)
     assert idle_call(_where, idle=True) == (os.SCHED_OTHER, threading.current_thread().name)
+
+
+def test_exit_on_sigterm_dies_of_the_signal_and_leaves_other_actions_alone() -> None:
+    """Outside PID 1 (test_signals.py has PID 1): the process dies of the
+    SIGTERM as under the default action, saying so on stderr, and no time
+    is spent importing enum for it. A SIGTERM already ignored (or handled)
+    is left as it was."""
+    probe = ("import os, signal as s0; import hotswap.startup\n"
+             "ignored = s0.signal(s0.SIGTERM, s0.SIG_IGN)\n"
+             "assert not hotswap.startup.exit_on_sigterm()\n"
+             "assert s0.getsignal(s0.SIGTERM) == s0.SIG_IGN\n"
+             "s0.signal(s0.SIGTERM, s0.SIG_DFL)\n"
+             "assert hotswap.startup.exit_on_sigterm()\n"
+             "os.kill(os.getpid(), s0.SIGTERM)\n"
+             "print('still alive')\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == -signal.SIGTERM, out
+    assert out.stderr == "hotswap: SIGTERM outside serve(): exiting\n", out
+    assert out.stdout == ""
+    probe = ("import sys; import hotswap.startup; before = set(sys.modules); "
+             "hotswap.startup.exit_on_sigterm(); "
+             "print(' '.join(sorted(set(sys.modules) - before)))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True, timeout=30)
+    assert not [m for m in out.stdout.split() if m in HEAVY], out.stdout

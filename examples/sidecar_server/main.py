@@ -24,6 +24,11 @@ from __future__ import annotations
 
 import hotswap.startup
 
+# PID 1 in its container: a SIGTERM before serve() installs its handlers
+# (during the imports and the set-up below) would be dropped, and the
+# kubelet would wait out its grace period. It ends the process instead.
+hotswap.startup.exit_on_sigterm()
+
 # Taking over from a serving predecessor: load the modules at idle CPU
 # priority (first thing, even the standard library's) so that the version
 # still serving does not feel this start-up.
