@@ -88,10 +88,30 @@ def detect(env: Mapping[str, str]) -> Versions:
     return Versions(rank, alt, Role(_versions.role(rank, alt)))
 
 
-def hook_deadline_path(env: Mapping[str, str], name: str, rank: int) -> str:
+_HOST_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+"""What a hostname may hold to name a hook's file (a pod's is a DNS label);
+``scripts/migrate.sh`` checks the same."""
+
+
+def hook_deadline_path(env: Mapping[str, str], name: str, rank: int) -> str | None:
     """The file in which the PostStart hook of sidecar ``name`` at Kruise
-    version ``rank`` leaves its deadline (:data:`HOOK_DIR_ENV`)."""
-    return os.path.join(env.get(HOOK_DIR_ENV) or "/dev/shm", f"hotswap-hook-{name}-{rank}")
+    version ``rank`` in this pod leaves its deadline (:data:`HOOK_DIR_ENV`):
+    ``hotswap-hook-NAME-RANK@HOST``, or None if there is none.
+
+    HOST is the hostname (``uname -n``, which ``scripts/migrate.sh`` reads
+    from ``/proc/sys/kernel/hostname``): the pod's name, the same for both
+    slots of a pod and another in every other pod, whose hooks have the
+    same version (the SidecarSet's) and, with hostIPC, the same
+    ``/dev/shm``. (With hostNetwork it is the node's, and pods on one node
+    share it; they share the abstract control socket too: see the README.)
+    A hostname that is empty or holds anything but ASCII letters, digits,
+    ``.``, ``_`` and ``-`` names no file (None): the hook leaves none
+    either, and no deadline is checked."""
+    host = os.uname().nodename
+    if not host or not _HOST_CHARS.issuperset(host):
+        return None
+    return os.path.join(env.get(HOOK_DIR_ENV) or "/dev/shm",
+                        f"hotswap-hook-{name}-{rank}@{host}")
 
 
 def hook_gave_up(env: Mapping[str, str], name: str, rank: int, *,
@@ -109,7 +129,8 @@ def hook_gave_up(env: Mapping[str, str], name: str, rank: int, *,
     (this process's start, Unix time) is a previous run's and counts for
     nothing; one that cannot be read or parsed, too (no deadline: the hook
     could not write it, or another hook runs), and so does any deadline
-    when ``/proc/uptime`` cannot be read.
+    when ``/proc/uptime`` cannot be read or no file can be named (an odd
+    hostname).
 
     That one test is on the wall clock (a file's mtime against ``since``):
     a step of it between the hook's write and this process's start could
@@ -122,6 +143,8 @@ def hook_gave_up(env: Mapping[str, str], name: str, rank: int, *,
     clocks make at boot, not during an upgrade; the deadline itself is on
     ``/proc/uptime`` and no step moves it."""
     path = hook_deadline_path(env, name, rank)
+    if path is None:
+        return None
     try:
         with open(path, encoding="ascii") as fh:
             if os.fstat(fh.fileno()).st_mtime < since - 1.0:

@@ -23,7 +23,8 @@
 #                             marker without Python (default: 10; 0: never)
 #   HOTSWAP_MARKER_FRESH      seconds a marker stays valid (default: 3)
 #   HOTSWAP_HOOK_DIR          where the hook leaves its deadline for the sidecar
-#                             (default: /dev/shm; the sidecar must see the same)
+#                             (default: /dev/shm; the sidecar must see the same),
+#                             in hotswap-hook-NAME-VERSION@HOSTNAME
 #   HOTSWAP_CLI               the hotswap command (default: hotswap, else python3 -m hotswap)
 #   HOTSWAP_ALLOW_UIDS        more uids the CLI trusts as the server's (default:
 #                             only its own; for a server that runs as another
@@ -109,12 +110,26 @@ uptime_cs() {
 # written, no such check). When the hook fails, whenever that is (a CLI
 # that failed at once as well as a timeout), it is set to that moment and
 # left in place: the kubelet stops the container now.
+#
+# Named for this pod too, by its hostname (the pod's name; the sidecar reads
+# the same, hotswap.kruise.hook_deadline_path): every pod of a rollout has
+# the same version, and pods with hostIPC share /dev/shm. A hostname with
+# anything but letters, digits, '.', '_' and '-' names no file (nor does
+# the sidecar look for one).
 deadline_file=
-if number "$version" && whole "$timeout" && uptime_cs; then
+host=
+IFS= read -r host 2>/dev/null </proc/sys/kernel/hostname || host=
+case $host in
+    ""|*[!ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-]*)
+        log "no deadline left for the sidecar (hostname '$host'): a successor that" \
+            "confirms after it is stopped as the serving one"
+        host= ;;
+esac
+if [ -n "$host" ] && number "$version" && whole "$timeout" && uptime_cs; then
     case $name in
         */*|.*) ;;
         *)
-            deadline_file=${HOTSWAP_HOOK_DIR:-/dev/shm}/hotswap-hook-$name-$version
+            deadline_file=${HOTSWAP_HOOK_DIR:-/dev/shm}/hotswap-hook-$name-$version@$host
             if ! { printf '%s\n' $((boot_cs + timeout * 100)) >"$deadline_file.$$" &&
                    mv -f "$deadline_file.$$" "$deadline_file"; } 2>/dev/null; then
                 rm -f "$deadline_file.$$" 2>/dev/null || :

@@ -17,9 +17,11 @@ from typing import TypedDict
 import psutil
 import pytest
 from conftest import (
+    FAULTY,
     HOOK_DIR,
     PY,
     ROOT,
+    SIDECAR,
     Procs,
     frozen,
     http_get,
@@ -312,7 +314,8 @@ def test_the_hook_never_gives_up_before_its_timeout(procs: Procs, name: str,
     no_cli = procs.tmp / "no-cli"
     no_cli.write_text('#!/bin/sh\necho "cli ran: $*"\n'
                       'echo "at: $(cut -d" " -f1 /proc/uptime)"\n'
-                      'echo "deadline: $(cat "$HOTSWAP_HOOK_DIR/hotswap-hook-$HOTSWAP_NAME-2")"\n'
+                      'echo "deadline: $(cat "$HOTSWAP_HOOK_DIR/'
+                      'hotswap-hook-$HOTSWAP_NAME-2@$(uname -n)")"\n'
                       'exit 7\n')
     no_cli.chmod(0o755)
     env = {}
@@ -476,7 +479,8 @@ def test_the_hook_succeeds_once_the_successor_has_confirmed(procs: Procs, name: 
     result = hook(procs, HOTSWAP_NAME=name, HOTSWAP_MIGRATE_TIMEOUT="2",
                   HOTSWAP_MIGRATE_FAST="1", HOTSWAP_CLI="false", **kruise)
     assert result.returncode == 0, result
-    assert not Path(HOOK_DIR, f"hotswap-hook-{name}-2").exists(), "a done hook leaves no deadline"
+    assert not Path(HOOK_DIR, f"hotswap-hook-{name}-2@{os.uname().nodename}").exists(), \
+        "a done hook leaves no deadline"
     # Both while v2 still waited for the release (it serves on without one
     # after message_timeout, 5 s, and would then answer the CLI itself).
     assert "no release from the predecessor" not in procs.logs(), procs.logs()
@@ -555,7 +559,7 @@ def test_a_successor_whose_hook_gave_up_does_not_confirm(procs: Procs, name: str
                   HOTSWAP_MIGRATE_FAST="1", **kruise)
     assert result.returncode == 1 and "FAILED" in result.stdout, result
     assert "faulty: SIGSTOP" in procs.logs(), "v2 was stopped while the hook ran"
-    deadline = Path(HOOK_DIR, f"hotswap-hook-{name}-2")
+    deadline = Path(HOOK_DIR, f"hotswap-hook-{name}-2@{os.uname().nodename}")
     assert int(deadline.read_text()) <= time.clock_gettime(time.CLOCK_BOOTTIME) * 100
     os.kill(v2.pid, signal.SIGCONT)
     wait_for(lambda: "PostStart hook's deadline" in procs.logs(), 15, "v2 aborting")
@@ -612,7 +616,9 @@ def test_a_hooks_deadline_counts_only_from_this_run(tmp_path: Path) -> None:
     parse, nor none at all."""
     from hotswap.kruise import hook_deadline_path, hook_gave_up
     env = {"HOTSWAP_HOOK_DIR": str(tmp_path)}
-    path = Path(hook_deadline_path(env, "sc", 2))
+    named = hook_deadline_path(env, "sc", 2)
+    assert named is not None
+    path = Path(named)
     assert path.parent == tmp_path
     since = time.time() - 10
     now = int(time.clock_gettime(time.CLOCK_BOOTTIME) * 100)
@@ -627,6 +633,48 @@ def test_a_hooks_deadline_counts_only_from_this_run(tmp_path: Path) -> None:
     assert hook_gave_up(env, "sc", 3, since=since) is None, "another version's hook"
     os.utime(path, (since - 5, since - 5))
     assert hook_gave_up(env, "sc", 2, since=since) is None, "a previous run's"
+    path.unlink()
+    other = tmp_path / "hotswap-hook-sc-2@another-pod"
+    other.write_text(f"{now - 100}\n")
+    assert hook_gave_up(env, "sc", 2, since=since) is None, "another pod's hook"
+
+
+@pytest.mark.parametrize("host", ["", "a/b", "pod y", "p\u00f6d", "pod@x"])
+def test_a_hostname_that_names_no_file_leaves_no_deadline(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, host: str) -> None:
+    """The hook's file is named for the pod's hostname; one that could not
+    name a file, or would make the name ambiguous, names none (the hook
+    writes none either: below), and no deadline is checked."""
+    from hotswap.kruise import hook_deadline_path, hook_gave_up
+    env = {"HOTSWAP_HOOK_DIR": str(tmp_path)}
+    (tmp_path / "hotswap-hook-sc-2").write_text("0\n")  # no file of this pod's
+    monkeypatch.setattr(os, "uname", lambda: os.uname_result(
+        ("Linux", host, "6.1", "#1", "x86_64")))
+    assert hook_deadline_path(env, "sc", 2) is None
+    assert hook_gave_up(env, "sc", 2, since=time.time() - 10) is None
+
+
+def test_the_hook_leaves_no_deadline_for_a_hostname_that_names_no_file(
+        procs: Procs, name: str, tmp_path: Path) -> None:
+    """The hook's side of the above (the same characters: letters, digits,
+    '.', '_', '-'): a failed hook leaves no deadline under such a hostname,
+    and does under a plain one."""
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.skip("needs unshare(1) and root for a UTS namespace")
+    kruise: KruiseVersions = {"SIDECARSET_VERSION": "2", "SIDECARSET_VERSION_ALT": "1"}
+    for i, (host, left) in enumerate((("pod y", False), ("a/b", False), ("p\u00f6d", False),
+                                      ("pod-x.y_1", True))):
+        hook_dir = tmp_path / f"hooks-{i}"
+        hook_dir.mkdir()
+        result = subprocess.run([*in_pod(host), "sh", str(ROOT / "scripts/migrate.sh")],
+                                capture_output=True, text=True, timeout=60,
+                                env=procs.env(HOTSWAP_NAME=name, HOTSWAP_MIGRATE_FAST="0",
+                                              HOTSWAP_CLI="false", HOTSWAP_HOOK_DIR=str(hook_dir),
+                                              **kruise))
+        assert result.returncode == 1 and "FAILED" in result.stdout, result
+        files = [p.name for p in hook_dir.iterdir()]
+        assert files == ([f"hotswap-hook-{name}-2@{host}"] if left else []), (host, files)
+        assert ("no deadline left for the sidecar" in result.stdout) is not left, result
 
 
 def test_a_hooks_deadline_is_read_on_the_hooks_own_clock(tmp_path: Path,
@@ -643,7 +691,9 @@ def test_a_hooks_deadline_is_read_on_the_hooks_own_clock(tmp_path: Path,
     uptime.write_text("120.00 230.00\n")
     monkeypatch.setattr(hotswap.kruise, "_UPTIME", str(uptime), raising=False)
     env = {"HOTSWAP_HOOK_DIR": str(tmp_path)}
-    path = Path(hook_deadline_path(env, "sc", 2))
+    named = hook_deadline_path(env, "sc", 2)
+    assert named is not None
+    path = Path(named)
     since = time.time() - 10
     path.write_text(f"{12000 + 6000}\n")  # the hook began just now, 60 s to go
     assert hook_gave_up(env, "sc", 2, since=since) is None
@@ -668,6 +718,65 @@ def test_a_hook_that_fails_early_leaves_a_deadline_already_past(procs: Procs,
     assert result.returncode == 1 and "FAILED" in result.stdout, result
     why = hook_gave_up({"HOTSWAP_HOOK_DIR": HOOK_DIR}, name, 2, since=time.time() - 60)
     assert why is not None, "a successor would still confirm for the next minute"
+
+
+
+def in_pod(host: str) -> list[str]:
+    """What runs a command (appended) as in a pod with hostname ``host``
+    (any bytes the kernel takes): a UTS namespace of its own, as each pod
+    has unless hostNetwork."""
+    return ["unshare", "-u", PY, "-c", "import os, socket, sys; socket.sethostname(sys.argv[1]); "
+            "os.execvp(sys.argv[2], sys.argv[2:])", host]
+
+
+def test_a_hook_that_failed_in_another_pod_does_not_stop_this_ones_successor(
+        procs: Procs, name: str) -> None:
+    """The pods of a rollout get the same Kruise version (the SidecarSet's
+    resourceVersion), and pods with hostIPC share the host's /dev/shm,
+    where the hooks leave their deadlines: the deadline pod X's failed hook
+    left replaced pod Y's, Y's successor aborted ("deadline ... past")
+    and Y's hook failed too. The file is named for the pod's hostname,
+    which its hook and its sidecar both read and another pod's do not.
+    Here pod Y's successor is stopped (SIGSTOP) with the sockets while its
+    hook waits and pod X's hook fails, both in one hook directory."""
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.skip("needs unshare(1) and root for a UTS namespace")
+    kruise: KruiseVersions = {"SIDECARSET_VERSION": "2", "SIDECARSET_VERSION_ALT": "1"}
+    v1 = procs.spawn("v1", [*in_pod("pod-y"), PY, str(SIDECAR), "--name", name,
+                            "--version", "v1", "--port", "0"],
+                     procs.env(SIDECARSET_VERSION="1", SIDECARSET_VERSION_ALT="0"))
+    wait_for(serving(name, "v1"), 15, "v1 serving")
+    v2 = procs.spawn("v2", [*in_pod("pod-y"), PY, str(FAULTY), "--name", name,
+                            "--version", "v2", "--port", "0"],
+                     procs.env(HOTSWAP_TEST_FAULT="receive:sockets:stop-after", **kruise))
+    wait_for(lambda: frozen(v2.pid), 15, "v2 stopped with the sockets, before confirming")
+    migrate = ["sh", str(ROOT / "scripts/migrate.sh")]
+    with open(procs.tmp / "hook-y.log", "w+") as log:
+        hook_y = subprocess.Popen([*in_pod("pod-y"), *migrate], stdout=log,
+                                  stderr=subprocess.STDOUT, text=True,
+                                  env=procs.env(HOTSWAP_NAME=name, HOTSWAP_MIGRATE_TIMEOUT="10",
+                                                HOTSWAP_CLI=f"{PY} -m hotswap", **kruise))
+        try:
+            wait_for(lambda: list(Path(HOOK_DIR).glob(f"hotswap-hook-{name}-2*")), 10,
+                     "pod Y's hook to leave its deadline")
+            x = subprocess.run([*in_pod("pod-x"), *migrate], capture_output=True, text=True,
+                               timeout=60,
+                               env=procs.env(HOTSWAP_NAME=name, HOTSWAP_MIGRATE_FAST="0",
+                                             HOTSWAP_CLI="false", **kruise))
+            assert x.returncode == 1 and "FAILED" in x.stdout, x
+            os.kill(v2.pid, signal.SIGCONT)
+            assert hook_y.wait(timeout=30) == 0, log.seek(0) or log.read()
+        finally:
+            if hook_y.poll() is None:
+                hook_y.kill()
+                hook_y.wait()
+    st = wait_for(serving(name, "v2"), 15, "v2 serving")
+    assert "PostStart hook's deadline" not in procs.logs(), procs.logs()
+    with socket.create_connection(("127.0.0.1", port_of(st)), timeout=10) as sock:
+        assert b"version(v2)" in http_get(sock)
+    for proc in (v1, v2):
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
 
 
 def test_the_longest_control_addresses_are_the_ones_that_bind(tmp_path: Path) -> None:
