@@ -21,6 +21,7 @@ import subprocess
 import sys
 import termios
 import time
+import types
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -532,14 +533,23 @@ def test_responses_that_end_while_a_round_hands_over_move(
         rounds = iter(finish)
 
         async def a_stream_ends(self: hotswap.Upgrader, *args: Any, **kwargs: Any) -> int:
-            # The scenario: a stream ends, and its handler is done, while
-            # the round hands a connection over (the first round's, then
-            # the grace's first).
+            # The scenario: a stream ends, and its handler is done (aiohttp's
+            # connection loop waits for a next request), while the round
+            # hands a connection over (the first round's, then the grace's
+            # first).
             path = next(rounds, None)
             if path is not None:
                 finish[path].set()
                 assert (await read_response(streams[path][0])).endswith(b"0123456789")
-                await asyncio.sleep(0.05)
+                adopt = self._adopter  # serve()'s Migrator's
+                assert isinstance(adopt, types.MethodType)
+                migrator = adopt.__self__
+                assert isinstance(migrator, hotswap.migrate.Migrator)
+                client = streams[path][1].get_extra_info("sockname")
+                await until(lambda: any(
+                    conn.transport is not None and conn._waiter is not None
+                    and conn.transport.get_extra_info("peername") == client
+                    for conn in migrator.tracked), "its handler done")
             return await hand_over(self, *args, **kwargs)
 
         monkeypatch.setattr(hotswap.Upgrader, "hand_over_connections", a_stream_ends)
