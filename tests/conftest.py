@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import json
 import os
 import shutil
@@ -15,14 +16,19 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import pytest
 
 import hotswap.control
 from hotswap.protocol import Status
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from hotswap.migrate import Tracked
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -78,6 +84,35 @@ async def until(predicate: Callable[[], bool], what: str, timeout: float = 5.0) 
                 await asyncio.sleep(0.01)
     except TimeoutError:
         raise AssertionError(f"timed out waiting for {what}") from None
+
+
+@contextlib.asynccontextmanager
+async def tracked_connection(handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+                             ) -> AsyncIterator[tuple[Tracked, asyncio.Transport,
+                                                      asyncio.StreamReader, asyncio.StreamWriter]]:
+    """One connection of a ``web.Server(handler)`` handled by a
+    :class:`~hotswap.migrate.Tracked` (its ``migrator`` a fresh one, the
+    server its ``_manager``), on a socket pair (real transports): the
+    connection, its transport, and the client's end as streams. Closed at
+    the end, once the connection is gone and the server shut down."""
+    from aiohttp import web  # imported here: most tests need no aiohttp
+
+    from hotswap.migrate import Migrator, Tracked
+
+    server = web.Server(handler)
+    ours, theirs = socket.socketpair()
+    migrator = Migrator()
+    tracked = Tracked(server, "http", migrator)
+    transport, _ = await asyncio.get_running_loop().connect_accepted_socket(
+        lambda: tracked, ours)
+    reader, writer = await asyncio.open_connection(sock=theirs)
+    try:
+        yield tracked, transport, reader, writer
+    finally:
+        writer.close()
+        transport.close()
+        await until(lambda: tracked not in migrator.tracked, "the connection's end")
+        await server.shutdown(1)
 
 
 async def keepalive_get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:

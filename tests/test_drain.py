@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 import uvloop
 from aiohttp import web
-from conftest import Runner, until
+from conftest import Runner, tracked_connection, until
 from conftest import keepalive_get as get
 
 from hotswap.aiohttp import Drainer
-from hotswap.migrate import Migrator, Tracked
+from hotswap.migrate import Migrator
 
 
 async def eof(reader: asyncio.StreamReader) -> bytes:
@@ -135,7 +135,7 @@ def test_failed_connection_transfer_drains_the_safe_way(caplog: pytest.LogCaptur
     import uuid
 
     import hotswap
-    from hotswap.migrate import Migrator, TrackedSite
+    from hotswap.migrate import TrackedSite
 
     name = f"d-{uuid.uuid4().hex[:10]}"
 
@@ -302,14 +302,9 @@ def test_a_response_just_sent_keep_alive_at_the_deadline_is_not_cut(
                 answered.set_result(None)  # the task then writes the response
             return web.Response(text="done")
 
-        server = web.Server(handler)
-        ours, theirs = socket.socketpair()
-        migrator = Migrator()
-        tracked = Tracked(server, "http", migrator)
-        transport, _ = await asyncio.get_running_loop().connect_accepted_socket(
-            lambda: tracked, ours)
-        reader, writer = await asyncio.open_connection(sock=theirs)
-        try:
+        async with tracked_connection(handler) as (tracked, transport, reader, writer):
+            server, migrator = tracked._manager, tracked.migrator
+            assert isinstance(server, web.Server)
             writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
             async with asyncio.timeout(10):  # not wait_for: one more loop iteration
                 await answered
@@ -327,11 +322,6 @@ def test_a_response_just_sent_keep_alive_at_the_deadline_is_not_cut(
             second = await response(reader)
             assert second.endswith(b"done") and b"Connection: close" in second, second
             assert await eof(reader) == b""
-        finally:
-            writer.close()
-            transport.close()
-            await until(lambda: tracked not in migrator.tracked, "the connection's end")
-            await server.shutdown(1)
 
     run(main())
 
@@ -364,14 +354,9 @@ def test_requests_aiohttp_holds_unparsed_on_an_idle_looking_connection_are_not_c
         async def handler(request: web.BaseRequest) -> web.Response:
             return web.Response(text=f"read {len(await request.read())}")
 
-        server = web.Server(handler)
-        ours, theirs = socket.socketpair()
-        migrator = Migrator()
-        tracked = Tracked(server, "http", migrator)
-        transport, _ = await asyncio.get_running_loop().connect_accepted_socket(
-            lambda: tracked, ours)
-        reader, writer = await asyncio.open_connection(sock=theirs)
-        try:
+        async with tracked_connection(handler) as (tracked, _, reader, writer):
+            server, migrator = tracked._manager, tracked.migrator
+            assert isinstance(server, web.Server)
             writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n")
             await until(lambda: tracked._current_request is not None, "the request taken")
             writer.write(b"hello")
@@ -401,10 +386,5 @@ def test_requests_aiohttp_holds_unparsed_on_an_idle_looking_connection_are_not_c
             assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"read 0")
             assert b"Connection: close" in answer, answer
             assert await eof(reader) == b""
-        finally:
-            writer.close()
-            transport.close()
-            await until(lambda: tracked not in migrator.tracked, "the connection's end")
-            await server.shutdown(1)
 
     run(main())

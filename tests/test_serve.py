@@ -23,7 +23,7 @@ import termios
 import time
 import types
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ import pytest
 import uvloop
 from aiohttp import web
 from aiohttp.typedefs import Handler
-from conftest import Procs, Runner, port_of, until, wait_for
+from conftest import Procs, Runner, port_of, tracked_connection, until, wait_for
 from conftest import keepalive_get as request
 from conftest import serving as serving_process
 
@@ -1814,30 +1814,6 @@ def test_serve_refuses_an_upgrader_started_before_and_leaves_no_signal_handler(
                 await holder.close()
 
     run(main())
-
-
-@contextlib.asynccontextmanager
-async def tracked_connection(handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
-                             ) -> AsyncIterator[tuple[hotswap.migrate.Tracked, asyncio.Transport,
-                                                      asyncio.StreamReader, asyncio.StreamWriter]]:
-    """One connection of a ``web.Server(handler)`` handled by a
-    :class:`~hotswap.migrate.Tracked`, on a socket pair (real transports):
-    the connection, its transport, and the client's end as streams. Closed
-    at the end, once the connection is gone and the server shut down."""
-    server = web.Server(handler)
-    ours, theirs = socket.socketpair()
-    migrator = hotswap.migrate.Migrator()
-    tracked = hotswap.migrate.Tracked(server, "http", migrator)
-    transport, _ = await asyncio.get_running_loop().connect_accepted_socket(
-        lambda: tracked, ours)
-    reader, writer = await asyncio.open_connection(sock=theirs)
-    try:
-        yield tracked, transport, reader, writer
-    finally:
-        writer.close()
-        transport.close()
-        await until(lambda: tracked not in migrator.tracked, "the connection's end")
-        await server.shutdown(1)
 
 
 def test_the_drain_resumes_only_the_reading_it_paused(
