@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import enum
 import errno
+import fcntl
 import functools
 import hmac
 import json
@@ -964,7 +965,9 @@ class Upgrader:
 
     def _bind_control(self) -> socket.socket:
         # A filesystem path left over by a process that stopped or died is
-        # removed by listeners.bind(), as for any Unix listener.
+        # removed by listeners.bind(), as for any Unix listener; under a
+        # lock on its folder, see _lock_control_dir().
+        lock = self._lock_control_dir()
         try:
             return listeners.bind(self.address, backlog=_CONTROL_BACKLOG, unix_mode=0o600)
         except ListenerError as exc:
@@ -984,6 +987,37 @@ class Upgrader:
             # Anything else (a name too long for a Unix address, a folder
             # that does not exist, no permission): say just that.
             raise ListenerError(f"control socket of {self.name!r}: {exc}") from cause
+        finally:
+            if lock is not None:
+                os.close(lock)
+
+    def _lock_control_dir(self) -> int | None:
+        """A filesystem control socket's folder, locked (``flock``) while
+        this process finds the path's file stale, removes it and binds:
+        two processes doing that at once (two passive slots standing in, a
+        pod's restart) could each remove the other's new file and bind,
+        each then holding a control socket, one unreachable. One that finds
+        the lock taken raises :class:`_ControlInUse`: another process is
+        binding it. The descriptor to close, or None: an abstract name
+        (binding it is atomic), or a folder that cannot be opened or locked
+        (bind as before)."""
+        if self.address.startswith("@"):
+            return None
+        try:
+            fd = os.open(os.path.dirname(self.address) or ".",
+                         os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise _ControlInUse(f"control socket of {self.name!r}: another process is "
+                                f"binding {self.address} at this moment") from None
+        except OSError:
+            os.close(fd)
+            return None
+        return fd
 
     async def _take_over(self, *, required: bool) -> bool:
         """Connect and adopt. Returns False if nobody serves (then bind fresh)."""

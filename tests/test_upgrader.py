@@ -24,6 +24,7 @@ import pytest
 from conftest import Runner, child_env, port_of, until
 
 import hotswap
+from hotswap import listeners
 from hotswap.control import control_address, query_status, sockaddr
 from hotswap.protocol import Hello, Sender, encode
 from hotswap.transport import Channel
@@ -483,6 +484,49 @@ def test_a_passive_slot_stands_in_only_while_nobody_serves(run: Runner) -> None:
         assert (st.version, st.state) == ("v3", "serving")
         await again.close()
         await newer.close()
+
+    run(main())
+
+
+def test_two_stand_ins_on_a_stale_control_path_bind_one(
+        run: Runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two passive slots that find nobody serving a filesystem control
+    socket at once (``VERSION == ALT``, or both slots at a pod's restart)
+    must not both stand in: the path's leftover file is removed before the
+    bind, and one that removes it after the other has bound there removed
+    the other's file, leaving two processes that each hold a control
+    socket, the first unreachable (next to start, a newer version finds
+    the second only, whose ports the first may hold). Here the second does
+    all of its stand-in while the first is between finding the path stale
+    and removing it. (Both stood in: about 3 in 100 real pairs did.)"""
+    path = str(tmp_path / "control")
+    leftover = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    leftover.bind(path)  # a process that stopped left it
+    leftover.close()
+    env = {"SIDECARSET_VERSION": "2", "SIDECARSET_VERSION_ALT": "2"}
+    real = listeners._stale_unix_socket
+
+    async def main() -> None:
+        first, second = (hotswap.Upgrader(new_name(), version="v2",
+                                          options=opts(env=env, control_path=path))
+                         for _ in range(2))
+        second_stood_in: list[bool] = []
+
+        def found_stale(where: str, sock_type: int = socket.SOCK_STREAM) -> bool:
+            stale = real(where, sock_type)
+            if not second_stood_in:  # the first's look; then the second's turn
+                second_stood_in.append(False)
+                second_stood_in[0] = second._stand_in()
+            return stale
+
+        monkeypatch.setattr(listeners, "_stale_unix_socket", found_stale)
+        role = await first.start()
+        assert second_stood_in
+        assert [role is hotswap.Role.FRESH, second_stood_in[0]].count(True) == 1
+        serving = first if role is hotswap.Role.FRESH else second
+        assert (await query_status(path)).name == serving.name  # reachable
+        await first.close()
+        await second.close()
 
     run(main())
 
