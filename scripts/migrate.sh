@@ -81,10 +81,11 @@ fast=${HOTSWAP_MIGRATE_FAST:-10}
 # No marker can show up for a NAME with a blank (it would not be the last
 # field of its /proc/net/unix line) or one too long for it: an abstract
 # Unix name holds 108 bytes, and the marker's stamp has 10 digits (the
-# sidecar logs that it has none). Ask the CLI at once then.
+# sidecar logs that it has none). Ask the CLI at once then. Bytes, in the C
+# locale: bash counts characters in a UTF-8 one (dash always bytes).
 marker_name="@hotswap/$name/serving/$version/0000000000"
 case $name in *[[:space:]]*) fast=0 ;; esac
-[ "${#marker_name}" -le 108 ] || fast=0
+[ "$(LC_ALL=C; printf %s "${#marker_name}")" -le 108 ] || fast=0
 case $0 in */*) here=${0%/*} ;; *) here=. ;; esac
 # Hundredths of a second since boot, from /proc/uptime, into $boot_cs: the
 # fast path's clock. Unlike the wall clock (date), it never steps: an NTP

@@ -518,6 +518,38 @@ def test_the_hook_does_not_watch_for_a_marker_that_cannot_exist(procs: Procs, na
     assert v1.wait(timeout=15) == 0
 
 
+@pytest.mark.parametrize("shell", ["sh", "bash"])
+def test_a_name_too_long_in_bytes_skips_the_marker_in_any_shell(procs: Procs,
+                                                                  shell: str) -> None:
+    """The 108 a marker must fit in are bytes: a NAME of 35 two-byte
+    characters (70 bytes) leaves no room for one beside a Kruise-sized
+    version, and the hook asks the CLI at once. Where /bin/sh is bash (a
+    RHEL-based image, say) in a UTF-8 locale (a Python image's), its
+    ``${#...}`` counts characters, 35: the hook watched its whole fast path
+    for the marker first (here 2 s of it; 10 s by default)."""
+    path = shutil.which(shell)
+    if path is None:
+        pytest.skip(f"no {shell}")
+    utf8 = {"LC_ALL": "C.UTF-8"}
+    counted = subprocess.run([path, "-c", 'x="\u00e9"; echo ${#x}'], capture_output=True,
+                             text=True, timeout=10, env=procs.env(**utf8))
+    if shell == "bash" and counted.stdout.strip() != "1":
+        pytest.skip("bash counts bytes here (no UTF-8 locale)")
+    sidecar = "\u00e9" * 35
+    assert len(sidecar.encode()) == 70
+    traced = procs.tmp / "traced-cli"
+    traced.write_text('#!/bin/sh\necho "cli ran: $*"\n')
+    traced.chmod(0o755)
+    result = subprocess.run(
+        [path, str(ROOT / "scripts/migrate.sh")], capture_output=True, text=True,
+        timeout=60, env=procs.env(
+            **utf8, SIDECARSET_VERSION="1097936677", SIDECARSET_VERSION_ALT="0",
+            HOTSWAP_NAME=sidecar, HOTSWAP_MIGRATE_TIMEOUT="30", HOTSWAP_MIGRATE_FAST="2",
+            HOTSWAP_CLI=str(traced)))
+    assert result.returncode == 0, result
+    assert f"cli ran: wait-ready --name {sidecar} --timeout 30\n" in result.stdout, result
+
+
 def test_marked_ranks_reads_the_markers_as_the_shell_does(name: str) -> None:
     """What `wait-ready` reads: fresh markers of this name only, decimal
     without a leading zero (as scripts/hotswap-marker.sh: the shell would
