@@ -449,7 +449,10 @@ class Upgrader:
                 self._start_fresh()
                 return False
             except _ControlInUse:
-                if loop.time() > deadline or self._closed or self._stop_requested:
+                if self._stop_requested or self._closed:  # as _take_over() says it
+                    raise HandoverFailed(("closed" if self._closed else "stop requested")
+                                         + " before taking over; nothing was taken") from None
+                if loop.time() > deadline:
                     raise
                 log.info("%s: another process bound %s first: taking over from it",
                          self.name, self.address)

@@ -570,7 +570,8 @@ def test_a_fresh_start_that_loses_the_control_socket_takes_over(
         await old.release()
         await old.close()
         await new.close()
-        # Held throughout: bounded by connect_timeout, then the bind's error.
+        # Held throughout: bounded by connect_timeout, then the bind's error;
+        # a stop meanwhile ends it as a stop (serve() tells them apart).
         holder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         holder.bind(sockaddr(control_address(name)))
         try:
@@ -579,6 +580,15 @@ def test_a_fresh_start_that_loses_the_control_socket_takes_over(
             with pytest.raises(hotswap.ListenerError, match="already serves"):
                 await asyncio.wait_for(late.start(), 10)
             await late.close()
+            stopped = hotswap.Upgrader(name, version="v2", options=opts(env=kruise))
+            caplog.clear()
+            starting = asyncio.create_task(stopped.start())
+            await until(lambda: "another process bound" in caplog.text, "it trying again")
+            stopped.request_stop()
+            with pytest.raises(hotswap.HandoverFailed, match="stop requested"):
+                await asyncio.wait_for(starting, 10)
+            assert stopped.stop_requested
+            await stopped.close()
         finally:
             holder.close()
 
