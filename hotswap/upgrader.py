@@ -93,6 +93,10 @@ _LAST_WORD = 0.1
 in time and it has said so, for the successor's last word on the frame (a
 refusal decided before the successor saw ours keeps the frame)."""
 _CONTROL_BACKLOG = 64
+_CONTROL_LOCK_WAIT = 0.25
+"""Seconds a start waits for its filesystem control socket's folder lock,
+held by another process binding a socket there (see
+:meth:`Upgrader._lock_control_dir`)."""
 _CONTROL_CONNECTIONS = 16
 """Control connections handled at once (a probe, a hook, a successor: a few)."""
 _EVICTION_LOG_EVERY = 10.0
@@ -1001,7 +1005,9 @@ class Upgrader:
         pod's restart) could each remove the other's new file and bind,
         each then holding a control socket, one unreachable. One that finds
         the lock taken raises :class:`_ControlInUse`: another process is
-        binding it. The descriptor to close, or None: an abstract name
+        binding it, after waiting up to ``_CONTROL_LOCK_WAIT`` seconds (the
+        lock is the folder's, and other sidecars' control sockets may be
+        in it). The descriptor to close, or None: an abstract name
         (binding it is atomic), or a folder that cannot be opened or locked
         (bind as before)."""
         if self.address.startswith("@"):
@@ -1011,16 +1017,25 @@ class Upgrader:
                          os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError:
             return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise _ControlInUse(f"control socket of {self.name!r}: another process is "
-                                f"binding {self.address} at this moment") from None
-        except OSError:
-            os.close(fd)
-            return None
-        return fd
+        # Other control sockets may share the folder: a process binding one
+        # holds the lock for a few system calls. Wait for it, briefly (the
+        # loop serves nothing yet); a lock held longer is taken for ours
+        # being bound (its holder stopped meanwhile, say).
+        deadline = time.monotonic() + _CONTROL_LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.001)
+                    continue
+                os.close(fd)
+                raise _ControlInUse(f"control socket of {self.name!r}: another process "
+                                    f"is binding {self.address} at this moment") from None
+            except OSError:
+                os.close(fd)
+                return None
+            return fd
 
     async def _take_over(self, *, required: bool) -> bool:
         """Connect and adopt. Returns False if nobody serves (then bind fresh)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import re
@@ -529,6 +530,52 @@ def test_two_stand_ins_on_a_stale_control_path_bind_one(
         await second.close()
 
     run(main())
+
+
+@pytest.mark.parametrize("env", [{"SIDECARSET_VERSION": "1"},
+                                 {"SIDECARSET_VERSION": "1", "SIDECARSET_VERSION_ALT": "2"}],
+                         ids=["fresh", "passive-standing-in"])
+def test_a_control_path_binds_while_another_in_its_folder_is_being_bound(
+        run: Runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        env: dict[str, str]) -> None:
+    """The folder's flock guards a path's stale check and bind, but other
+    sidecars' control sockets may share that folder: one binding its own
+    holds the lock for those few system calls. A start that finds it taken
+    waits for it (bounded) rather than take it for its own path being
+    bound: a fresh start used to fail (exit 1), a passive slot that found
+    nobody serving stayed passive, leaving its pod without an acceptor
+    (2 and 4 in 100 real pairs started at once did). Here the lock is
+    held as the start first tries it, and let go as it waits."""
+    path = str(tmp_path / "mine.sock")
+    other = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(other, fcntl.LOCK_EX)  # another sidecar binds its socket there
+    real_sleep = time.sleep
+    waited: list[float] = []
+
+    def other_done(seconds: float) -> None:
+        if not waited:
+            fcntl.flock(other, fcntl.LOCK_UN)
+        waited.append(seconds)
+        real_sleep(seconds)
+
+    async def main() -> None:
+        monkeypatch.setattr(time, "sleep", other_done)
+        upg = hotswap.Upgrader(new_name(), version="v1",
+                               options=opts(env=env, control_path=path))
+        try:
+            assert await upg.start() is hotswap.Role.FRESH
+            upg.listen("http", ("127.0.0.1", 0))
+            await upg.ready()
+            monkeypatch.undo()
+            assert (await query_status(path)).pid == os.getpid()
+            assert waited
+        finally:
+            await upg.close()
+
+    try:
+        run(main())
+    finally:
+        os.close(other)
 
 
 def test_a_fresh_start_that_loses_the_control_socket_takes_over(
