@@ -460,12 +460,6 @@ class Drainer:
         return (handler in migrator.tracked and not self._forced.is_set()
                 and isinstance(handler, Tracked) and handler.idle_at_boundary())
 
-    def _sending_to_move(self, handler: web.RequestHandler, migrator: Migrator) -> bool:
-        """Idle at a request boundary, its last response (keep-alive, begun
-        while it was to move) still in our send buffer: it can move once
-        that is sent. Not after a forced drain."""
-        return self._to_move(handler, migrator) and not handler.flushed()
-
     async def grace(self, server: web.Server, seconds: float, *,
                     migrator: Migrator | None = None,
                     upgrader: Upgrader | None = None) -> int:
@@ -506,7 +500,7 @@ class Drainer:
                                                   or _request_arriving(handler)
                                                   or self._first_request_due(handler)):
                     # Requests aiohttp's parser held, queued now (here, or
-                    # by _sending_to_move just above), one still arriving,
+                    # by _to_move just above), one still arriving,
                     # or the first of a connection that joined in the
                     # drain: busy, told to close.
                     self.close_after_next_response(handler)
