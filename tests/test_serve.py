@@ -1816,6 +1816,17 @@ def test_serve_refuses_an_upgrader_started_before_and_leaves_no_signal_handler(
     run(main())
 
 
+async def held_unread(transport: asyncio.Transport) -> None:
+    """What the client just sent has reached the server's socket (a socket
+    pair's: in one write) and stays there unread while the loop runs, the
+    drain's pause holding it."""
+    fd = transport.get_extra_info("socket").fileno()
+    await until(lambda: queued(fd, termios.FIONREAD) > 0, "the request in the kernel")
+    for _ in range(5):  # the loop's chances to read it, had anything resumed it
+        await asyncio.sleep(0)
+    assert queued(fd, termios.FIONREAD) > 0, "read while the drain held the connection"
+
+
 def test_the_drain_resumes_only_the_reading_it_paused(
         run: Runner) -> None:
     """The drain pauses a busy connection's reading so that its next request
@@ -1884,7 +1895,7 @@ def test_the_drain_holds_the_reading_while_its_handler_reads_a_buffered_body(
             await until(tracked.idle_at_boundary, "idle at a boundary")
             assert not transport.is_reading()  # the drain's pause held
             writer.write(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")  # in the kernel
-            await asyncio.sleep(0.05)
+            await held_unread(transport)
             assert tracked.idle_at_boundary()  # not read while the drain holds it
             tracked.resume()
             assert (await read_response(reader)).endswith(b"/next read 0")
@@ -1943,7 +1954,7 @@ def test_the_drain_holds_the_reading_while_aiohttp_drains_its_full_queue(
             await until(tracked.idle_at_boundary, "idle at a boundary")
             assert not transport.is_reading()  # the drain's pause held
             writer.write(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")  # in the kernel
-            await asyncio.sleep(0.05)
+            await held_unread(transport)
             assert tracked.idle_at_boundary()  # not read while the drain holds it
             tracked.resume()
             assert (await read_response(reader)).endswith(b"/next")
