@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time  # built in, and threading's own import
 
 from . import _versions
 
@@ -53,6 +54,8 @@ IDLE_ENV = "HOTSWAP_IDLE_START"
 DEFAULT_TIMEOUT = 60.0
 _YES = ("1", "true", "yes", "on")
 _NO = ("0", "false", "no", "off")
+# How late a signal taken by the helper thread may run its handler (seconds).
+_SIGNAL_SLICE = 0.1
 
 
 def should_idle(env: Mapping[str, str] | None = None) -> bool:
@@ -98,12 +101,12 @@ def exit_on_sigterm() -> bool:
     nothing changes. Returns whether the handler was installed. Raises
     ValueError outside the main thread, as :func:`signal.signal` does.
 
-    Limit: Python runs the handler in the main thread. While it waits for
-    the helper thread of :func:`preload` or :func:`idle_call`, the kernel
-    hands the signal to it (it prefers the thread a ``kill()`` names, and
-    the main thread is sleeping), except for one that was pending while
-    the process was stopped (SIGSTOP), which the helper may take: that one
-    ends the process once the helper is done.
+    Python runs the handler in the main thread. While it waits for the
+    helper thread of :func:`preload` or :func:`idle_call`, the kernel hands
+    the signal to it (it prefers the thread a ``kill()`` names), except for
+    one that was pending while the process was stopped (SIGSTOP), which the
+    helper may take: the main thread looks for that one every 0.1 s, so it
+    too ends the process without waiting for the helper's work.
     """
     # signal.py imports enum (~4 ms of CPU at normal priority): the C module
     # it wraps, where there is one.
@@ -198,7 +201,7 @@ def _call(fn: Callable[..., T], args: tuple[object, ...], idle: bool | None,
     except RuntimeError as exc:  # no thread allowed (RLIMIT_NPROC, a cgroup's pids.max)
         outcome["refused"] = exc
     else:
-        helper.join(timeout)
+        _join(helper, timeout)
     if helper.is_alive():
         raise TimeoutError(f"hotswap: {what} at idle priority took over {timeout:g}s "
                            "(no idle CPU on this node?)")
@@ -214,6 +217,17 @@ def _call(fn: Callable[..., T], args: tuple[object, ...], idle: bool | None,
     if isinstance(error, BaseException):
         raise error
     return True, outcome["result"]
+
+
+def _join(helper: threading.Thread, timeout: float) -> None:
+    # In slices: Python runs a signal's handler in the main thread only, and
+    # a signal the kernel hands the helper instead (one pending while the
+    # process was stopped goes to whichever thread runs first) does not wake
+    # a main thread asleep in join(): exit_on_sigterm()'s handler would wait
+    # for the end of the imports. A slice's wake-up costs nothing to speak of.
+    end = time.monotonic() + timeout
+    while helper.is_alive() and (left := end - time.monotonic()) > 0:
+        helper.join(min(left, _SIGNAL_SLICE))
 
 
 def _import_all(modules: tuple[str, ...]) -> None:

@@ -278,3 +278,25 @@ def test_exit_on_sigterm_dies_of_the_signal_and_leaves_other_actions_alone() -> 
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          check=True, timeout=30)
     assert not [m for m in out.stdout.split() if m in HEAVY], out.stdout
+
+
+def test_exit_on_sigterm_while_the_helper_thread_holds_the_signal() -> None:
+    """A SIGTERM the kernel hands the helper thread of idle_call() (one that
+    was pending while the process was stopped, which whichever thread runs
+    first takes; here sent to that thread, to be sure) ends the process
+    while the helper is still busy: Python runs the handler in the main
+    thread, which used to sleep in one join() for the whole of the work
+    (found: 4.7 s of a sample sidecar's preload)."""
+    probe = ("import os, signal, threading, time, hotswap.startup\n"
+             "assert hotswap.startup.exit_on_sigterm()\n"
+             "def busy() -> None:\n"
+             "    os.write(1, threading.current_thread().name.encode())\n"
+             "    signal.pthread_kill(threading.get_ident(), signal.SIGTERM)\n"
+             "    time.sleep(600)\n"
+             "hotswap.startup.idle_call(busy, idle=True, timeout=900)\n"
+             "print('still alive')\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         timeout=30)
+    assert out.stdout == "hotswap-preload", out
+    assert out.returncode == -signal.SIGTERM, out
+    assert out.stderr == "hotswap: SIGTERM outside serve(): exiting\n", out
