@@ -608,21 +608,41 @@ class _BoundedHooks:
     or runs out of time is logged and counted instead of ending the clean-up:
     aiohttp would skip the rest of it (the busy connections' last wait, the
     ``on_cleanup`` callbacks), and a hook that never returns would keep the
-    old process (and its successor's next upgrade) waiting for good."""
+    old process (and its successor's next upgrade) waiting for good.
+
+    Those the app's ``on_startup`` callbacks add (``app.on_cleanup.append()``
+    in an init function, a common pattern) are bounded too: a last
+    ``on_startup`` callback of ours wraps them once the app's own have run,
+    before aiohttp freezes the lists. (They were left as they were: one that
+    hung kept ``serve()``, and the process, from ever returning.)"""
 
     def __init__(self, app: web.Application, timeout: float) -> None:
         self.timeout = timeout
         self.failed = 0
         self._deadlines: dict[str, float] = {}
+        self._wrappers: set[object] = set()  # what bounded() made: not wrapped again
         # Loop time by which on_cleanup must be over, once the drain is:
         # an on_shutdown that started late (at the deadline) and ran its
         # full time must not push the stop past drain, grace and timeout.
         self.finish_by: float | None = None
         if app.on_shutdown.frozen:  # set up elsewhere already: left as it is
             return
+        self._wrap_all(app)
+        if not app.on_startup.frozen:
+            app.on_startup.append(self._wrap_late)
+
+    def _wrap_all(self, app: web.Application) -> None:
         for phase, hooks in (("shutdown", app.on_shutdown), ("cleanup", app.on_cleanup)):
+            if hooks.frozen:
+                continue
             for i, callback in enumerate(hooks):
-                hooks[i] = self.bounded(callback, phase)
+                if callback not in self._wrappers:
+                    hooks[i] = self.bounded(callback, phase)
+
+    async def _wrap_late(self, app: web.Application) -> None:
+        """The app's last ``on_startup`` callback: bound the ``on_shutdown``
+        and ``on_cleanup`` callbacks the ones before it added."""
+        self._wrap_all(app)
 
     def bounded(self, callback: Callable[[web.Application], object], phase: str
                  ) -> Callable[[web.Application], Awaitable[None]]:
@@ -655,6 +675,7 @@ class _BoundedHooks:
             elif (exc := task.exception()) is not None:
                 self.failed += 1
                 log.error("app clean-up %r failed: %r", callback, exc, exc_info=exc)
+        self._wrappers.add(bounded)
         return bounded
 
 

@@ -1393,6 +1393,43 @@ def test_a_failing_clean_up_hook_still_lets_the_last_response_out(run: Runner, h
     run(main())
 
 
+@pytest.mark.parametrize("phase", ["shutdown", "cleanup"])
+def test_a_clean_up_hook_added_in_on_startup_is_bounded_too(run: Runner, phase: str,
+                                                             caplog: pytest.LogCaptureFixture
+                                                             ) -> None:
+    """An ``on_shutdown`` or ``on_cleanup`` callback that the app's own
+    ``on_startup`` callback registers (``app.on_cleanup.append()`` in an
+    init function) and that never returns is abandoned after
+    ``cleanup_timeout`` like one registered before ``serve()``: serve()
+    returns 1 within drain, grace and that. (serve() bounded only those it
+    found as it started: this one kept it, and the process, for good.)"""
+    async def main() -> None:
+        async def never(app: web.Application) -> None:
+            await asyncio.Event().wait()
+
+        async def init(app: web.Application) -> None:
+            getattr(app, f"on_{phase}").append(never)
+
+        app = app_of("v1")
+        app.on_startup.append(init)
+        upgrader, task = await serve_v1(app, drain_timeout=0.2, cleanup_timeout=0.5)
+        loop = asyncio.get_running_loop()
+        stopped = loop.time()
+        upgrader.request_stop()
+        done, _ = await asyncio.wait({task}, timeout=10)
+        if not done:
+            task.cancel()
+            await asyncio.wait({task})
+        assert done, f"serve() still running 10 s after the stop ({phase} hook)"
+        assert task.result() == 1
+        # drain 0.2 s + grace 1 s + cleanup_timeout 0.5 s, and some slack.
+        assert loop.time() - stopped < 3.0
+        assert "still running after 0.5s: abandoned" in caplog.text, caplog.text
+        assert upgrader.state is hotswap.State.STOPPED
+
+    run(main())
+
+
 def test_connections_handed_over_at_the_deadline_are_not_counted_cut(
         run: Runner, caplog: pytest.LogCaptureFixture) -> None:
     """v1's drain deadline comes while it waits for the successor to
