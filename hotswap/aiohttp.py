@@ -36,7 +36,9 @@ backs out before confirming has accepted nothing. The drain, in order:
    process then idles without sockets until SIGTERM, since exiting would make
    the kubelet restart the container.
 
-Signals: the first SIGTERM/SIGINT requests a stop (a drain); the second cuts
+Signals: the first SIGTERM/SIGINT requests a stop (a drain; while the app's
+``on_startup`` callbacks run, it cancels them and serve() returns, a
+successor aborting its takeover); the second cuts
 the drain short (closes every connection now); the third exits at once.
 SIGHUP is logged and ignored (its default action would kill the process with
 no drain; there is nothing to reload in place: an upgrade is a new version).
@@ -769,6 +771,49 @@ def _yield_cpu() -> None:
         log.debug("could not lower the CPU priority: %s", exc)
 
 
+async def _set_up(runner: web.AppRunner, upgrader: Upgrader, timeout: float) -> int | None:
+    """``runner.setup()`` (the app's ``on_startup`` callbacks), cut short by
+    a stop. None once set up (its error is raised, as ``setup()``'s); if a
+    stop was requested first (a SIGTERM, the app's ``upgrader.close()``),
+    the exit status ``serve()`` returns: the set-up is cancelled and given
+    ``timeout`` seconds to end, then the runner's clean-up (what aiohttp
+    runs after a failed start: the cleanup contexts entered so far) as long
+    again; 0 if both ended, 1 if one raised, ignored its cancellation or
+    ran out of time (logged and abandoned: not awaited). ``runner`` and
+    ``upgrader`` stay the caller's (nothing listens yet: closing the
+    upgrader aborts a takeover, the predecessor serving on). (An
+    ``on_startup`` that never returned kept ``serve()`` from seeing the
+    stop: the process waited for its SIGKILL, a predecessor for its
+    ``handover_timeout``.)"""
+    setting_up = asyncio.ensure_future(runner.setup())
+    stopped = asyncio.ensure_future(upgrader.wait_stop_requested())
+    try:
+        await asyncio.wait({setting_up, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not setting_up.done():  # a stop, or serve() cancelled
+            setting_up.cancel()
+    if setting_up.done():
+        setting_up.result()
+        return None
+    log.warning("%s: stop requested while the app's on_startup callbacks run: "
+                "cancelling them", upgrader.name)
+    status = 0
+    for what in ("on_startup", "clean-up after on_startup"):
+        step = setting_up if what == "on_startup" else asyncio.ensure_future(runner.cleanup())
+        done, _ = await asyncio.wait({step}, timeout=timeout)
+        if not done:
+            log.error("app %s still running %.1fs after the stop: abandoned", what, timeout)
+            step.cancel()
+            # Not awaited (it may ignore the cancellation): only its end read.
+            step.add_done_callback(lambda t: t.cancelled() or t.exception())
+            return 1
+        if not step.cancelled() and (exc := step.exception()) is not None:
+            log.error("app %s failed: %r", what, exc, exc_info=exc)
+            status = 1
+    return status
+
+
 async def _stop_accepting(runner: web.BaseRunner) -> None:
     """Stop accepting on every site without dropping a connection already
     accepted (see :func:`hotswap.close_server`); the sites are stopped
@@ -800,6 +845,10 @@ async def serve(app: web.Application, upgrader: Upgrader,
     after ``cleanup_timeout`` seconds (for all of one signal's together).
     Those are logged and abandoned, never an exception out of here: the rest
     of the clean-up still runs, and the successor is told the drain is over.
+    A stop requested while the app's ``on_startup`` callbacks still run
+    cancels them (a successor then aborts its takeover: the predecessor
+    serves on) and returns within ``cleanup_timeout`` for them to end and as
+    long for the clean-up after them (0, or 1 if one raised or was abandoned).
     ``on_drain(app)``, if given, is called as the drain starts (this process
     no longer accepts; requests may still come on its connections): close
     websockets and other long-lived responses there, with code 1001, and
@@ -932,7 +981,11 @@ async def serve(app: web.Application, upgrader: Upgrader,
         # aiohttp (>= 3.10) waits shutdown_timeout for a busy handler, then
         # cancels its request and waits as long again: the grace's end.
         runner = _Runner(app, handle_signals=False, shutdown_timeout=_CANCEL_WAIT)
-        await runner.setup()
+        stopped_early = await _set_up(runner, upgrader, cleanup_timeout)
+        if stopped_early is not None:
+            # Stopped in on_startup: close() (below) aborts a takeover, the
+            # predecessor serving on, or closes what a fresh start bound.
+            return 1 if stopped_early or hooks.failed else 0
         if migrator is not None:
             migrator.runner = runner  # adopts into it, whatever our sites are
         try:

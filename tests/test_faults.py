@@ -13,6 +13,7 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -217,6 +218,29 @@ def test_successor_sigtermed_while_it_cannot_run_aborts(procs: Procs, name: str,
     stopped.send_signal(signal.SIGCONT)
     assert stopped.wait(timeout=15) == 0
     assert "stop requested before confirming" in procs.logs()
+    v1_serves_on(procs, name, v1, port, fds, traffic)
+
+
+@pytest.mark.parametrize("hook", ["hang", "ignore-cancel"])
+def test_a_successor_sigtermed_in_a_hung_on_startup_aborts_at_once(
+        procs: Procs, name: str, load: Any, hook: str) -> None:
+    """Invariant 3, and a stop's deadline: the successor has taken the
+    descriptors and runs the app's on_startup, which never returns. A
+    SIGTERM then (the kubelet's, its hook having failed) cancels it and
+    aborts the handover at once: v2 exits within cleanup_timeout (3 s) and
+    a little slack, 0 if the callback ended on its cancellation, 1 if it
+    ignored it (abandoned), and v1 serves on, losing nothing. (The SIGTERM
+    only asked for a stop that ready() would have seen: v2 waited in
+    on_startup until its SIGKILL, and v1 for its handover_timeout.)"""
+    v1, port, fds, traffic = start_v1(procs, name, load)
+    v2 = procs.faulty(name, "v2", f"app:on_startup:{hook}", port=port)
+    wait_for(lambda: "faulty: on_startup hangs" in procs.logs(), 15, "v2 in on_startup")
+    started = time.monotonic()
+    v2.send_signal(signal.SIGTERM)
+    assert v2.wait(timeout=15) == (0 if hook == "hang" else 1)
+    assert time.monotonic() - started < 5
+    assert "stop requested while the app's on_startup callbacks run" in procs.logs()
+    wait_for(lambda: "successor aborted" in procs.logs(), 5, "v1 told of the abort")
     v1_serves_on(procs, name, v1, port, fds, traffic)
 
 

@@ -1393,6 +1393,50 @@ def test_a_failing_clean_up_hook_still_lets_the_last_response_out(run: Runner, h
     run(main())
 
 
+def test_a_stop_while_on_startup_hangs_ends_serve(run: Runner,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """A fresh start whose app's on_startup never returns: a stop (SIGTERM,
+    here request_stop()) cancels it, lets the cleanup context it entered
+    exit, and serve() returns 0 at once, its port closed (no descriptor
+    left: the fixture). (It only asked for a stop that ready() would see:
+    serve() waited in on_startup until the process was killed.)"""
+    async def main() -> None:
+        entered, exited = asyncio.Event(), asyncio.Event()
+
+        async def context(app: web.Application) -> Any:
+            yield
+            exited.set()
+
+        async def never(app: web.Application) -> None:
+            entered.set()
+            await asyncio.Event().wait()
+
+        app = app_of("v1")
+        app.cleanup_ctx.append(context)
+        app.on_startup.append(never)
+        upgrader = hotswap.Upgrader(f"s-{uuid.uuid4().hex[:10]}", version="v1",
+                                    options=hotswap.Options(env={}))
+        task = asyncio.create_task(hotswap.aiohttp.serve(
+            app, upgrader, {"http": ("127.0.0.1", 0)}, cleanup_timeout=0.5,
+            handle_signals=False, yield_cpu_after_drain=False))
+        await asyncio.wait_for(entered.wait(), 10)
+        loop = asyncio.get_running_loop()
+        stopped = loop.time()
+        upgrader.request_stop()
+        done, _ = await asyncio.wait({task}, timeout=10)
+        if not done:
+            task.cancel()
+            await asyncio.wait({task})
+        assert done, "serve() still running 10 s after the stop"
+        assert task.result() == 0
+        assert loop.time() - stopped < 1.0
+        assert exited.is_set()
+        assert "stop requested while the app's on_startup callbacks run" in caplog.text
+        assert upgrader.state is hotswap.State.STOPPED
+
+    run(main())
+
+
 @pytest.mark.parametrize("phase", ["shutdown", "cleanup"])
 def test_a_clean_up_hook_added_in_on_startup_is_bounded_too(run: Runner, phase: str,
                                                              caplog: pytest.LogCaptureFixture

@@ -35,6 +35,10 @@ a test can see tasks or objects left behind.
 
 ``app:on_shutdown:ignore-cancel`` is no channel fault: it gives the app an
 ``on_shutdown`` callback that never returns and ignores its cancellation.
+``app:on_startup:hang`` gives it an ``on_startup`` callback that never
+returns (cancelled, it ends), ``app:on_startup:ignore-cancel`` one that
+also ignores its cancellation; each writes ``faulty: on_startup hangs``
+as it starts.
 """
 
 from __future__ import annotations
@@ -180,8 +184,22 @@ if WHERE == "app":
             except asyncio.CancelledError:
                 sys.stderr.write("faulty: on_shutdown cancelled, going on\n")
 
+    async def hang(app: Any) -> None:
+        sys.stderr.write("faulty: on_startup hangs\n")
+        sys.stderr.flush()
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                sys.stderr.write("faulty: on_startup cancelled\n")
+                if ACTION != "ignore-cancel":
+                    raise
+
     async def serve_with_fault(app: Any, *args: Any, **kwargs: Any) -> int:
-        app.on_shutdown.append(stubborn)
+        if TYPE == "on_startup":
+            app.on_startup.append(hang)
+        else:
+            app.on_shutdown.append(stubborn)
         return await _serve(app, *args, **kwargs)
 
     hotswap.aiohttp.serve = serve_with_fault
