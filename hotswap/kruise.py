@@ -25,6 +25,7 @@ from __future__ import annotations
 import enum
 import math
 import os
+import stat
 from collections.abc import Mapping
 
 from . import _versions
@@ -146,8 +147,14 @@ def hook_gave_up(env: Mapping[str, str], name: str, rank: int, *,
     if path is None:
         return None
     try:
-        with open(path, encoding="ascii") as fh:
-            if os.fstat(fh.fileno()).st_mtime < since - 1.0:
+        # Without waiting (O_NONBLOCK): the hook's is a regular file, and
+        # anything else there (a FIFO any process sharing the folder can
+        # make) is no deadline. Opened blocking, a FIFO held ready() in
+        # open() until a writer came, deaf to SIGTERM.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, encoding="ascii") as fh:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_mtime < since - 1.0:
                 return None
             text = fh.read(32).strip()
     except (OSError, ValueError):

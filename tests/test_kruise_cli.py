@@ -641,6 +641,31 @@ def test_a_successor_whose_hook_gave_up_has_accepted_nothing(procs: Procs,
     assert v1.wait(timeout=15) == 0
 
 
+def test_a_fifo_where_the_hooks_deadline_goes_does_not_hang_the_successor(
+        procs: Procs, name: str) -> None:
+    """What sits where the hook leaves its deadline is read without
+    waiting: a FIFO there (any process sharing the hook directory can make
+    one: /dev/shm, a node's with hostIPC) is no deadline, and the successor
+    confirms and serves. (It opened the file blocking: ready() waited in
+    open() for a writer that never came, deaf to SIGTERM, until SIGKILL,
+    while its predecessor gave up on the handover.)"""
+    v1 = procs.sidecar(name, "v1", args=("--handover-timeout", "60"),
+                       SIDECARSET_VERSION="1", SIDECARSET_VERSION_ALT="0")
+    wait_for(serving(name, "v1"), 15, "v1 serving")
+    fifo = Path(HOOK_DIR, f"hotswap-hook-{name}-2@{os.uname().nodename}")
+    os.mkfifo(fifo)
+    try:
+        v2 = procs.sidecar(name, "v2", SIDECARSET_VERSION="2", SIDECARSET_VERSION_ALT="1")
+        st = wait_for(serving(name, "v2"), 15, "v2 serving")
+        with socket.create_connection(("127.0.0.1", port_of(st)), timeout=10) as sock:
+            assert b"version(v2)" in http_get(sock)
+    finally:
+        fifo.unlink()
+    for proc in (v2, v1):  # v1 idles in its Kruise slot until SIGTERM
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+
+
 def test_a_hooks_deadline_counts_only_from_this_run(tmp_path: Path) -> None:
     """What a successor reads before it confirms: this run's hook deadline
     (hundredths of a second since boot), past or within the margin; not a
