@@ -238,7 +238,7 @@ def test_a_successor_sigtermed_in_a_hung_on_startup_aborts_at_once(
     started = time.monotonic()
     v2.send_signal(signal.SIGTERM)
     assert v2.wait(timeout=15) == (0 if hook == "hang" else 1)
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 3 + 4  # cleanup_timeout, and slack for a busy CI
     assert "stop requested while the app's on_startup callbacks run" in procs.logs()
     wait_for(lambda: "successor aborted" in procs.logs(), 5, "v1 told of the abort")
     v1_serves_on(procs, name, v1, port, fds, traffic)
