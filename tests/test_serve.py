@@ -1429,7 +1429,7 @@ def test_a_stop_while_on_startup_hangs_ends_serve(run: Runner,
             await asyncio.wait({task})
         assert done, "serve() still running 10 s after the stop"
         assert task.result() == 0
-        assert loop.time() - stopped < 1.0
+        assert loop.time() - stopped < 2.0  # at once, with slack for a busy CI
         assert exited.is_set()
         assert "stop requested while the app's on_startup callbacks run" in caplog.text
         assert upgrader.state is hotswap.State.STOPPED
@@ -1466,8 +1466,8 @@ def test_a_clean_up_hook_added_in_on_startup_is_bounded_too(run: Runner, phase: 
             await asyncio.wait({task})
         assert done, f"serve() still running 10 s after the stop ({phase} hook)"
         assert task.result() == 1
-        # drain 0.2 s + grace 1 s + cleanup_timeout 0.5 s, and some slack.
-        assert loop.time() - stopped < 3.0
+        # drain 0.2 s + grace 1 s + cleanup_timeout 0.5 s, and slack for a busy CI.
+        assert loop.time() - stopped < 5.0
         assert "still running after 0.5s: abandoned" in caplog.text, caplog.text
         assert upgrader.state is hotswap.State.STOPPED
 
