@@ -1579,11 +1579,17 @@ class Upgrader:
         try:
             first = await channel.receive(timeout=timeout)
         except HandoverTimeout:
-            # Said to the peer too (Refused "timeout"): a successor that
-            # was stopped or starved before its hello learns why, and tries
-            # again.
-            raise HandoverTimeout(f"nothing received within {timeout:.1f}s of "
-                                  f"connecting: gave up on this connection") from None
+            # A loop that was stalled (stopped, starved) past the deadline
+            # wakes to its timer before its socket: a message that already
+            # arrived still counts (a status query, a hello).
+            try:
+                first = await channel.receive(timeout=0)  # no wait: only what is there
+            except HandoverTimeout:
+                # Said to the peer too (Refused "timeout"): a successor that
+                # was stopped or starved before its hello learns why, and
+                # tries again.
+                raise HandoverTimeout(f"nothing received within {timeout:.1f}s of "
+                                      f"connecting: gave up on this connection") from None
         if (me := asyncio.current_task()) is not None:
             self._silent.pop(me, None)
         if isinstance(first, StatusRequest):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import inspect
 import logging
 import os
 import re
@@ -1396,6 +1397,47 @@ def test_an_accepting_that_came_while_the_old_side_stalled_counts(
         assert isinstance(await channel.receive(timeout=5), hotswap.protocol.Released)
         channel.close()
         await old.close(cut=0)
+
+    run(main())
+
+
+def test_a_first_message_that_came_while_the_server_stalled_counts(run: Runner) -> None:
+    """A control connection is accepted and its handler waits for the first
+    message; the serving process then stalls (here: its event loop blocked)
+    past message_timeout while the request arrives. It wakes to its timer
+    before its socket: giving up then answered a status query (the probe,
+    the hook, ``hotswap status``) or a successor's hello that was there
+    with a refusal, "nothing received within ... of connecting". What
+    already arrived counts."""
+    name = new_name()
+
+    async def main() -> None:
+        upg = await serving_upgrader(name, "v1", message_timeout=0.3)
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, sockaddr(control_address(name)))
+
+        def waiting(task: asyncio.Task[None]) -> bool:
+            coro = task.get_coro()
+            return (inspect.iscoroutine(coro)
+                    and inspect.getcoroutinestate(coro) == inspect.CORO_SUSPENDED)
+
+        # Its handler has begun, and waits for the first message.
+        await until(lambda: len(upg._handlers) == 1 and all(map(waiting, upg._handlers)),
+                    "the handler waiting for the request")
+        sock.send(encode(hotswap.protocol.StatusRequest()))
+        time.sleep(0.6)  # noqa: ASYNC251 - the stall itself: the server cannot run
+        chunks = []
+        # A refusal came with a reset: the server closed with our request unread.
+        with contextlib.suppress(ConnectionResetError):
+            async with asyncio.timeout(5):
+                while chunk := await loop.sock_recv(sock, 65536):
+                    chunks.append(chunk)
+        sock.close()
+        reply = b"".join(chunks)
+        assert b'"type":"status"' in reply and b'"state":"serving"' in reply, reply
+        await upg.close()
 
     run(main())
 
