@@ -327,6 +327,13 @@ class Upgrader:
         self._taken_from = ""  # what the handshake received, for the log
         self._hello_sent_at = 0.0  # wall clock, for the benchmark's critical section
         self._reserve: int | None = None  # see _accept_control
+        # Control peers of a uid not allowed, refused and not yet logged (see
+        # _refused_peer): the count, the last one's (pid, uid), when the
+        # last line was written (loop time) and the timer that writes the next.
+        self._refused = 0
+        self._refused_last = (0, 0)
+        self._refused_logged_at = -_EVICTION_LOG_EVERY
+        self._refused_flush: asyncio.TimerHandle | None = None
         self._predecessor_channel: Channel | None = None
         self._predecessor_task: asyncio.Task[None] | None = None
         # ready()'s confirmation, once it has begun: it runs to its end even
@@ -1571,7 +1578,7 @@ class Upgrader:
         timeout = self.options.message_timeout
         pid, uid, _ = channel.peer_credentials()
         if uid not in self._allowed_uids:
-            log.warning("%s: refused control peer pid %d uid %d", self.name, pid, uid)
+            self._refused_peer(pid, uid)
             await channel.send(Refused(code="forbidden",
                                        reason=f"uid {uid} is not allowed"),
                                timeout=timeout)
@@ -1603,6 +1610,38 @@ class Upgrader:
             await channel.send(refusal, timeout=timeout)
             return False
         return await self._hand_over(channel, first)
+
+    def _refused_peer(self, pid: int, uid: int) -> None:
+        """Log a control peer refused for its uid: the first at once, then
+        at most one line per :data:`_EVICTION_LOG_EVERY` seconds with the
+        count since the last one (and the last peer), so that a process of
+        any uid connecting in a loop cannot flood the log. A count still
+        pending is logged when the control server stops."""
+        self._refused += 1
+        self._refused_last = (pid, uid)
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._refused_logged_at >= _EVICTION_LOG_EVERY:
+            self._flush_refused()
+        elif self._refused_flush is None:
+            self._refused_flush = loop.call_at(
+                self._refused_logged_at + _EVICTION_LOG_EVERY, self._flush_refused)
+
+    def _flush_refused(self) -> None:
+        """Write the line :meth:`_refused_peer` holds back, if any."""
+        if self._refused_flush is not None:
+            self._refused_flush.cancel()
+            self._refused_flush = None
+        count, self._refused = self._refused, 0
+        if not count:
+            return
+        pid, uid = self._refused_last
+        if count == 1:
+            log.warning("%s: refused control peer pid %d uid %d", self.name, pid, uid)
+        else:
+            log.warning("%s: refused control peer pid %d uid %d (%d refused in all since "
+                        "the last such line: uids not allowed)", self.name, pid, uid, count)
+        with contextlib.suppress(RuntimeError):  # no loop: nothing more to hold back
+            self._refused_logged_at = asyncio.get_running_loop().time()
 
     def _refusal(self, hello: Hello) -> Refused | None:
         if hello.protocol != PROTOCOL_VERSION:
@@ -1707,6 +1746,7 @@ class Upgrader:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         self._control_sock_close()
+        self._flush_refused()
 
     def _control_sock_close(self) -> None:
         self._drop_reserve()

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import select
 import signal
 import socket
@@ -211,6 +212,45 @@ def test_peer_with_another_uid_is_refused(procs: Procs, name: str) -> None:
     assert "refused control peer" in procs.logs()
     v1.send_signal(signal.SIGTERM)
     assert v1.wait(timeout=15) == 0
+
+
+def test_a_flood_of_peers_of_another_uid_does_not_flood_the_log(procs: Procs,
+                                                                name: str) -> None:
+    """Any process of the pod's network namespace can connect to the abstract
+    control socket, whatever its uid: each refusal was a warning line of its
+    own, so an unprivileged peer connecting in a loop wrote the sidecar's log
+    as fast as it could connect (2,000 lines in 0.3 s), drowning the rest.
+    The first refusal is logged at once, then at most one line per 10 s with
+    the count; each peer is still refused, and the service goes on."""
+    if os.getuid() != 0:
+        pytest.skip("needs root to drop to another uid for the peer")
+    v1 = procs.sidecar(name, "v1")
+    wait_for(serving(name, "v1"), 15, "v1 serving")
+    address = hotswap.control.control_address(name)
+    peers = 300
+
+    async def flood() -> str:
+        answers: set[str] = set()
+        for _ in range(peers):
+            try:
+                hotswap.control.status_blocking(address, timeout=5, allowed_uids={0})
+            except hotswap.HandoverRefused as exc:
+                answers.add(f"refused {exc.code}")
+            else:
+                answers.add("answered")
+        return ",".join(sorted(answers))
+
+    assert _as_uid(65534, flood) == "refused forbidden"
+    st = status(name)
+    assert st is not None and st.pid == v1.pid and st.state == "serving"
+    v1.send_signal(signal.SIGTERM)  # the count not yet logged is logged as it stops
+    assert v1.wait(timeout=15) == 0
+    log = procs.procs[0][2].read_text(errors="replace")  # v1's, whole
+    lines = [line for line in log.splitlines() if "refused control peer" in line]
+    assert 1 <= len(lines) <= 3, lines
+    counted = [int(m[1]) if (m := re.search(r"(\d+) refused in all", line)) else 1
+               for line in lines]
+    assert sum(counted) == peers, lines
 
 
 def test_allow_uids_on_both_sides(procs: Procs, name: str) -> None:
