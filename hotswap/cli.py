@@ -149,8 +149,12 @@ def _wait_ready(args: argparse.Namespace) -> int:
             status = control.status_blocking(address, timeout=min(remaining, 2.0),
                                              allowed_uids=_allowed(args))
         except HandoverRefused as exc:
-            print(f"hotswap: no status from {address}: {exc}", file=sys.stderr)
-            return 1
+            if exc.code != "timeout":  # refused us (our uid, say): final
+                print(f"hotswap: no status from {address}: {exc}", file=sys.stderr)
+                return 1
+            # It gave up waiting for this poll's request (this process was
+            # stalled after connecting, on a busy node): ask again.
+            last = f"no status from {address}: {exc}"
         except (OSError, HotswapError) as exc:
             last = f"no answer from {address}: {exc}"
         else:

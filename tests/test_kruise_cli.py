@@ -385,6 +385,53 @@ def test_failed_migration_makes_the_hook_fail(procs: Procs, name: str) -> None:
     assert v1.wait(timeout=15) == 0
 
 
+_QUICK_SERVER = """
+import asyncio, sys, hotswap
+async def main():
+    upg = hotswap.Upgrader(sys.argv[1], version="v1",
+                           options=hotswap.Options(message_timeout=0.5))
+    await upg.start()
+    upg.listen("http", ("127.0.0.1", 0))
+    await upg.ready()
+    await upg.wait_exit()
+    await upg.release()
+    await upg.close()
+asyncio.run(main())
+"""
+
+
+def test_the_hook_asks_again_when_the_server_gave_up_on_a_stalled_poll(
+        procs: Procs, name: str) -> None:
+    """A serving process that waits less than the CLI's 2 s poll for a
+    request (``message_timeout`` 0.5 s here) refuses a poll whose process
+    stalled between its connect and its request (``timeout``: nothing
+    received). The hook runs ``nice -n 19`` on a node short of CPU: one
+    stalled poll made ``wait-ready`` fail at once, its 30 s not spent, and
+    the kubelet would stop the successor. Only a refusal of us (``forbidden``)
+    is final; a poll the server gave up on is asked again. The stall is real:
+    strace holds the first connect() 1.5 s before it returns."""
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.skip("needs strace to stall the CLI after its connect")
+    v1 = procs.spawn("v1", [PY, "-c", _QUICK_SERVER, name])
+    wait_for(serving(name, "v1"), 15, "v1 serving")
+    result = subprocess.run(
+        [strace, "-qq", "-f", "-o", "/dev/null", "-e", "trace=connect",
+         "-e", "inject=connect:delay_exit=1500000:when=1",
+         PY, "-m", "hotswap", "wait-ready", "--name", name, "--version", "v1",
+         "--timeout", "30"], capture_output=True, text=True, timeout=60, env=procs.env())
+    if "ptrace" in result.stderr and "Operation not permitted" in result.stderr:
+        pytest.skip(f"strace cannot trace here: {result.stderr.strip()}")
+    # The server did give up on the stalled poll ...
+    wait_for(lambda: "nothing received within 0.5s" in procs.logs(), 5,
+             "the server giving up on the stalled poll")
+    # ... and the hook asked again, and found its version serving.
+    assert result.returncode == 0, result
+    assert "ready:" in result.stdout, result
+    v1.send_signal(signal.SIGTERM)
+    v1.wait(timeout=15)
+
+
 def test_exports_are_locked() -> None:
     import hotswap
     assert sorted(hotswap.__all__) == sorted([
