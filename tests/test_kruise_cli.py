@@ -385,21 +385,6 @@ def test_failed_migration_makes_the_hook_fail(procs: Procs, name: str) -> None:
     assert v1.wait(timeout=15) == 0
 
 
-_QUICK_SERVER = """
-import asyncio, sys, hotswap
-async def main():
-    upg = hotswap.Upgrader(sys.argv[1], version="v1",
-                           options=hotswap.Options(message_timeout=0.5))
-    await upg.start()
-    upg.listen("http", ("127.0.0.1", 0))
-    await upg.ready()
-    await upg.wait_exit()
-    await upg.release()
-    await upg.close()
-asyncio.run(main())
-"""
-
-
 def test_the_hook_asks_again_when_the_server_gave_up_on_a_stalled_poll(
         procs: Procs, name: str) -> None:
     """A serving process that waits less than the CLI's 2 s poll for a
@@ -413,7 +398,9 @@ def test_the_hook_asks_again_when_the_server_gave_up_on_a_stalled_poll(
     strace = shutil.which("strace")
     if strace is None:
         pytest.skip("needs strace to stall the CLI after its connect")
-    v1 = procs.spawn("v1", [PY, "-c", _QUICK_SERVER, name])
+    # The sample sidecar, its message_timeout set (it has no flag for it).
+    v1 = procs.faulty(name, "v1", "none:none:none",
+                      HOTSWAP_TEST_OPTIONS="message_timeout=0.5")
     wait_for(serving(name, "v1"), 15, "v1 serving")
     result = subprocess.run(
         [strace, "-qq", "-f", "-o", "/dev/null", "-e", "trace=connect",
@@ -429,7 +416,7 @@ def test_the_hook_asks_again_when_the_server_gave_up_on_a_stalled_poll(
     assert result.returncode == 0, result
     assert "ready:" in result.stdout, result
     v1.send_signal(signal.SIGTERM)
-    v1.wait(timeout=15)
+    assert v1.wait(timeout=15) == 0
 
 
 def test_exports_are_locked() -> None:
