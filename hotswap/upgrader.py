@@ -104,6 +104,17 @@ _EVICTION_LOG_EVERY = 10.0
 flood must not flood the log)."""
 
 
+def _has_spoken(conn: socket.socket) -> bool:
+    """Whether the control connection ``conn`` has bytes waiting to be
+    read (a non-blocking peek that consumes nothing, and takes no
+    descriptor): its peer has spoken, whatever its handler has read so far.
+    False when nothing is there, and on any error (reset, closed)."""
+    try:
+        return bool(conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except OSError:
+        return False
+
+
 def _peer_closed(exc: BaseException) -> bool:
     """Did a channel operation fail because the other end closed (EOF, EPIPE,
     ECONNRESET), rather than for a reason of ours or of the kernel's? Both
@@ -319,10 +330,10 @@ class Upgrader:
         self._marker_timer: asyncio.TimerHandle | None = None
         self._control_task: asyncio.Task[None] | None = None
         self._handlers: set[asyncio.Task[None]] = set()
-        # Control connections whose first message has not come in yet, in
-        # the order they were accepted: the ones to let go when all slots are
-        # taken (see _accept_control).
-        self._silent: dict[asyncio.Task[None], None] = {}
+        # Control connections whose first message has not come in yet (their
+        # handler's task, their socket), in the order they were accepted: the
+        # ones to let go when all slots are taken (see _accept_control).
+        self._silent: dict[asyncio.Task[None], socket.socket] = {}
         self._predecessor = "none"  # none | accepting | draining | gone
         self._taken_from = ""  # what the handshake received, for the log
         self._hello_sent_at = 0.0  # wall clock, for the benchmark's critical section
@@ -1468,6 +1479,8 @@ class Upgrader:
         yet (every real client sends it at once: a probe, a hook, a
         successor), so such peers cannot keep those clients out either; if
         none is silent, the next connection waits in the kernel's queue.
+        Silent means nothing to read on its socket: a handler that has not
+        yet read a message that arrived does not make its sender silent.
 
         One descriptor is kept in reserve while this runs: at the process's
         descriptor limit (its clients can take every one), an accept that
@@ -1503,7 +1516,13 @@ class Upgrader:
             nonlocal let_go, flush_at
             while len(self._handlers) >= _CONTROL_CONNECTIONS:
                 if self._silent:
-                    oldest = next(iter(self._silent))
+                    oldest = next((task for task, conn in self._silent.items()
+                                   if not _has_spoken(conn)), None)
+                    if oldest is None:
+                        # Each has bytes waiting that its handler has not read
+                        # yet (its step comes after ours): let them read.
+                        await asyncio.sleep(0)
+                        continue
                     oldest.cancel()
                     await asyncio.wait({oldest})
                     let_go += 1
@@ -1540,7 +1559,7 @@ class Upgrader:
                     raise
                 task = asyncio.create_task(self._handle_control(conn))
                 self._handlers.add(task)
-                self._silent[task] = None
+                self._silent[task] = conn
                 task.add_done_callback(functools.partial(done, conn))
         finally:
             if flush_at is not None:

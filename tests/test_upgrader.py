@@ -1565,6 +1565,69 @@ def test_idle_control_peers_take_at_most_their_share(
     run(main())
 
 
+def test_a_peer_whose_request_has_arrived_is_not_let_go_of(run: Runner) -> None:
+    """All 16 slots taken, a newcomer lets go of the oldest connection that
+    has not sent its first message. Whether it had was read from the
+    handler's state, which lags the socket: a probe (or a hook, a successor)
+    whose request arrived as a newcomer connected, its handler not yet run,
+    was let go of, unanswered (its request lost with the connection). Only
+    a connection with nothing to read is let go of."""
+    name = new_name()
+
+    async def main() -> None:
+        upg = await serving_upgrader(name, "v1", message_timeout=5.0)
+        loop = asyncio.get_running_loop()
+        address = sockaddr(control_address(name))
+
+        def waiting(task: asyncio.Task[None]) -> bool:
+            coro = task.get_coro()
+            return (inspect.iscoroutine(coro)
+                    and inspect.getcoroutinestate(coro) == inspect.CORO_SUSPENDED)
+
+        async def connected() -> socket.socket:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            await loop.sock_connect(sock, address)
+            return sock
+
+        probe = await connected()  # the oldest: its handler waits for its request
+        await until(lambda: len(upg._handlers) == 1 and all(map(waiting, upg._handlers)),
+                    "the probe's handler waiting")
+        idle = [await connected() for _ in range(15)]
+        await until(lambda: len(upg._handlers) == 16 and all(map(waiting, upg._handlers)),
+                    "16 handlers waiting")
+        # In one step of ours (the loop sees both at its next poll): a
+        # newcomer connects, and the probe's request arrives.
+        newcomer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        newcomer.setblocking(False)
+        newcomer.connect(address)
+        probe.send(encode(hotswap.protocol.StatusRequest()))
+        chunks = []
+        with contextlib.suppress(ConnectionResetError):  # let go of, unanswered
+            async with asyncio.timeout(5):
+                while chunk := await loop.sock_recv(probe, 65536):
+                    chunks.append(chunk)
+        reply = b"".join(chunks)
+        assert b'"type":"status"' in reply, reply
+        # The newcomer took the slot of the oldest that had said nothing.
+
+        def let_go(sock: socket.socket) -> bool:
+            try:
+                return sock.recv(1) == b""
+            except BlockingIOError:  # still held, nothing said
+                return False
+            except ConnectionResetError:
+                return True
+
+        await until(lambda: let_go(idle[0]), "the oldest silent peer let go of")
+        assert not any(map(let_go, idle[1:]))
+        for sock in [probe, newcomer, *idle]:
+            sock.close()
+        await upg.close()
+
+    run(main())
+
+
 def test_peers_that_close_before_saying_anything_are_no_warning(
         run: Runner, caplog: pytest.LogCaptureFixture) -> None:
     """A peer that connects and closes without a word (a port scanner, a
