@@ -37,6 +37,11 @@ if ! command -v ss >/dev/null 2>&1; then
     apt_install "the tests read listen queues with ss" iproute2 || true
 fi
 
+# A test stalls the CLI inside a system call with strace (it skips without).
+if ! command -v strace >/dev/null 2>&1; then
+    apt_install "a test stalls the CLI in a system call with strace" strace || true
+fi
+
 if [ "${1:-}" = bench ]; then
     # make bench: wrk (throughput) and the reference peers nginx and HAProxy
     # from Debian, matplotlib from PyPI. The peers' own services must not
