@@ -498,7 +498,10 @@ class Upgrader:
         :func:`hotswap.listeners.bind`).
 
         Ownership passes to the caller (see the class docstring). Raises
-        ListenerError if binding fails, HotswapError if ``name`` is taken.
+        ListenerError if ``address`` is none or binding fails, HotswapError
+        if ``name`` is taken or :meth:`start` has not returned yet (nothing
+        is inherited before it: a bind then fails once a predecessor holds
+        the address); nothing is bound then.
         """
         if self._closed:
             raise HotswapError("listen() after close()")
@@ -507,6 +510,12 @@ class Upgrader:
         if self.state not in (State.STARTING, State.TAKING_OVER, State.SERVING):
             raise HotswapError(f"cannot listen in state {self.state.value}")
         want = listeners.wanted_info(name, address, kind)
+        if self._exit is None or (self._starting is not None and not self._starting.done()):
+            # Nothing inherited yet: binding now works on a fresh start and
+            # fails with EADDRINUSE at the first upgrade (the predecessor
+            # holds the address), an error that names the wrong cause.
+            raise HotswapError(f"listen({name!r}) before start() returned: call "
+                               "start() first, it receives the predecessor's listeners")
         got = self._inherited.get(name)
         if got is None or not listeners.matches(got.info, want):
             stale, got = got, self._inherited_at(want)

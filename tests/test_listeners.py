@@ -297,8 +297,14 @@ def test_what_is_no_address_is_a_listener_error_and_leaks_nothing(address: objec
     with pytest.raises(ListenerError, match=r"^cannot bind .+: (a|an|the) "):
         bind(address)  # type: ignore[arg-type]
     assert len(os.listdir("/proc/self/fd")) == before
-    with upgrader.listen("http", ("127.0.0.1", 0)):  # the name is still free
-        pass
+
+    async def name_still_free() -> None:
+        await upgrader.start()
+        with upgrader.listen("http", ("127.0.0.1", 0)):
+            pass
+        await upgrader.close()
+
+    asyncio.run(name_still_free())
 
 
 @pytest.mark.parametrize("kind", ["stream", "dgram"])

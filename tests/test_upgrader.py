@@ -1884,6 +1884,36 @@ def test_a_stop_requested_before_start_is_kept(run: Runner) -> None:
     run(main())
 
 
+def test_listen_before_start_says_so_instead_of_address_in_use(run: Runner) -> None:
+    """listen() called before start() bound anew: it worked on a fresh
+    start and, at the first upgrade, failed with "Address already in use"
+    (the predecessor holds the port), naming the wrong cause. It now says
+    to call start() first, binds nothing, and the upgrader takes over as
+    usual once started."""
+    name = new_name()
+
+    async def main() -> None:
+        old = hotswap.Upgrader(name, version="v1", options=opts())
+        await old.start()
+        port = old.listen("http", ("127.0.0.1", 0)).getsockname()[1]
+        await old.ready()
+        new = hotswap.Upgrader(name, version="v2", options=opts())
+        before = len(os.listdir("/proc/self/fd"))
+        with pytest.raises(hotswap.HotswapError, match=r"before start\(\).*call start\(\) first"):
+            new.listen("http", ("127.0.0.1", port))
+        assert len(os.listdir("/proc/self/fd")) == before
+        assert await new.start() is hotswap.Role.TAKEOVER
+        assert new.listen("http", ("127.0.0.1", port)).getsockname()[1] == port
+        ready = asyncio.create_task(new.ready())
+        assert await old.wait_exit() is hotswap.ExitReason.TAKEN_OVER
+        await old.release()
+        await ready
+        await old.close()
+        await new.close()
+
+    run(main())
+
+
 def test_a_wait_for_the_exit_ends_with_close(run: Runner) -> None:
     """A task waiting in wait_exit() (a serve loop) when the upgrader is
     closed from elsewhere waited forever: close() never told it."""
