@@ -498,7 +498,8 @@ class Upgrader:
         :func:`hotswap.listeners.bind`).
 
         Ownership passes to the caller (see the class docstring). Raises
-        ListenerError if ``address`` is none or binding fails, HotswapError
+        ListenerError if ``address`` is none or binding fails (on a fresh
+        start, an address in use says that nobody served this name), HotswapError
         if ``name`` is taken or :meth:`start` has not returned yet (nothing
         is inherited before it: a bind then fails once a predecessor holds
         the address); nothing is bound then.
@@ -533,9 +534,18 @@ class Upgrader:
             return got.sock
         try:
             sock = listeners.bind(address, kind=kind, backlog=backlog)
-        except ListenerError:
+        except ListenerError as exc:
             stale = self._inherited.pop(name, None)
             if stale is None:
+                cause = exc.__cause__
+                if (self.role is Role.FRESH and isinstance(cause, OSError)
+                        and cause.errno == errno.EADDRINUSE):
+                    # A name that differs from the serving version's (a typo,
+                    # a renamed sidecar) ends here too: say where we looked.
+                    raise ListenerError(
+                        f"{exc} (no process served {self.address} to take it over "
+                        "from: another program holds it, or a version that runs "
+                        "under another name)") from cause
                 raise
             # Our own unclaimed copy may be what holds an overlapping address
             # (0.0.0.0 and 127.0.0.1 of one port), when nobody else does.

@@ -1914,6 +1914,30 @@ def test_listen_before_start_says_so_instead_of_address_in_use(run: Runner) -> N
     run(main())
 
 
+def test_a_fresh_start_on_a_port_in_use_says_nobody_served_the_name(run: Runner) -> None:
+    """A successor started under another name than the serving version's
+    (a typo, a renamed sidecar) finds nobody to take over from, starts
+    fresh and fails to bind: the error was only "Address already in use".
+    It now names the control socket where nobody served."""
+    name = new_name()
+
+    async def main() -> None:
+        old = hotswap.Upgrader(name, version="v1", options=opts())
+        await old.start()
+        port = old.listen("http", ("127.0.0.1", 0)).getsockname()[1]
+        await old.ready()
+        other = hotswap.Upgrader(name + "-x", version="v2", options=opts())
+        assert await other.start() is hotswap.Role.FRESH
+        with pytest.raises(hotswap.ListenerError,
+                           match=rf"Address already in use \(no process served "
+                                 rf"@hotswap/{name}-x to take it over from"):
+            other.listen("http", ("127.0.0.1", port))
+        await other.close()
+        await old.close()
+
+    run(main())
+
+
 def test_a_wait_for_the_exit_ends_with_close(run: Runner) -> None:
     """A task waiting in wait_exit() (a serve loop) when the upgrader is
     closed from elsewhere waited forever: close() never told it."""
