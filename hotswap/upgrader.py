@@ -601,6 +601,7 @@ class Upgrader:
         the kubelet stops this container next, and it must not be the one
         accepting then; and one of the ``start_serving`` servers that cannot
         start (the others are closed again before accepting anything).
+        Called before :meth:`start`, it raises HotswapError and starts none.
 
         Once it has begun confirming, the handover is this process's: the
         predecessor commits as it reads the confirmation and then stops
@@ -654,6 +655,9 @@ class Upgrader:
             self._set_state(State.SERVING)  # serving from now on
         elif self.state is not State.SERVING:
             self._to_serve.clear()
+            if self._exit is None:
+                raise HotswapError("ready() before start(): call start(), then listen(), "
+                                   "then ready()")
             raise HotswapError(f"ready() in state {self.state.value}")
         self._serve_now()  # any given to a ready() after the confirmation
         names = list(self._listeners)

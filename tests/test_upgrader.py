@@ -1889,7 +1889,8 @@ def test_listen_before_start_says_so_instead_of_address_in_use(run: Runner) -> N
     start and, at the first upgrade, failed with "Address already in use"
     (the predecessor holds the port), naming the wrong cause. It now says
     to call start() first, binds nothing, and the upgrader takes over as
-    usual once started."""
+    usual once started. A ready() that early says so too (it said "in state
+    starting")."""
     name = new_name()
 
     async def main() -> None:
@@ -1901,6 +1902,8 @@ def test_listen_before_start_says_so_instead_of_address_in_use(run: Runner) -> N
         before = len(os.listdir("/proc/self/fd"))
         with pytest.raises(hotswap.HotswapError, match=r"before start\(\).*call start\(\) first"):
             new.listen("http", ("127.0.0.1", port))
+        with pytest.raises(hotswap.HotswapError, match=r"^ready\(\) before start\(\)"):
+            await new.ready()  # was "ready() in state starting"
         assert len(os.listdir("/proc/self/fd")) == before
         assert await new.start() is hotswap.Role.TAKEOVER
         assert new.listen("http", ("127.0.0.1", port)).getsockname()[1] == port
