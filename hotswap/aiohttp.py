@@ -721,6 +721,10 @@ def _check_sockets(sockets: object) -> None:
     if not isinstance(sockets, Mapping):
         raise TypeError(f"serve(): sockets must be a mapping of names to addresses, "
                         f"not {sockets!r}")
+    if not sockets:
+        # A successor with none would take over and drop every listener of
+        # the version it replaces: nothing would accept any more.
+        raise ValueError("serve(): sockets is empty: name at least one address to serve")
     for name, address in sockets.items():
         if not isinstance(name, str):
             raise TypeError(f"serve(): socket names must be str, not {name!r}")
@@ -900,7 +904,8 @@ async def serve(app: web.Application, upgrader: Upgrader,
     seconds, 0 or more (``TypeError`` for a string read from the
     environment, ``ValueError`` for ``nan``, ``inf`` or a negative one),
     ``on_drain`` callable, ``sockets`` a mapping of names to addresses
-    (``ListenerError`` for one that is none), and ``ssl_context`` None, an
+    (``ListenerError`` for one that is none, ``ValueError`` for none at
+    all), and ``ssl_context`` None, an
     ``SSLContext`` or a mapping of socket names to them (``TypeError`` for
     anything else, ``ValueError`` for a name that is not one of the
     ``sockets`` and for a client context, ``PROTOCOL_TLS_CLIENT``).

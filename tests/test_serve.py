@@ -311,6 +311,7 @@ def test_close_server_leaves_a_unix_socket_path_uvloop_was_told_to_clean_up(
     ({"on_drain": "close websockets"}, TypeError),
     ({"sockets": {"http": ("127.0.0.1", 0), "admin": b"/tmp/admin.sock"}},
      hotswap.ListenerError),
+    ({"sockets": {}}, ValueError),
 ], ids=repr)
 def test_serve_refuses_what_it_cannot_use_before_anything_is_bound(
         run: Runner, given: dict[str, Any], error: type[Exception]) -> None:
@@ -318,10 +319,13 @@ def test_serve_refuses_what_it_cannot_use_before_anything_is_bound(
     if all was well; the first upgrade then failed in the drain with a
     TypeError that cut the request in flight, exit status 1. serve() now
     says what is wrong as it starts: nothing bound, no signal handler left
-    on the loop, the upgrader untouched (it serves afterwards)."""
-    refused_before_anything_is_bound(
-        run, given, error, f"serve\\(\\): .*{next(iter(given))}"
-        if "sockets" not in given else "serve\\(\\): admin: ")
+    on the loop, the upgrader untouched (it serves afterwards). No sockets
+    at all is refused too: it served nothing, and as a successor it took
+    over and dropped every listener of the version it replaced."""
+    match = ("serve\\(\\): admin: " if given.get("sockets") else
+             "serve\\(\\): sockets is empty" if "sockets" in given else
+             f"serve\\(\\): .*{next(iter(given))}")
+    refused_before_anything_is_bound(run, given, error, match)
 
 
 _SERVER_TLS = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)  # no certificate: never served
