@@ -254,8 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "passive, serving, or superseded by a newer version")):
         p = sub.add_parser(cmd, help=help_)
         common(p)
-        p.add_argument("--version", help="app version to look for "
-                       "(default: SIDECARSET_VERSION)")
+        p.add_argument("--version", help="the version to look for, as given to the "
+                       "Upgrader (without it: the Kruise rank in SIDECARSET_VERSION)")
         default, what = ((60.0, "seconds to wait in all") if cmd == "wait-ready"
                          else (2.0, "seconds to wait for an answer"))
         p.add_argument("--timeout", type=_seconds, default=default,
