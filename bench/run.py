@@ -725,10 +725,36 @@ def wait_settled(name: str, version: str, timeout: float = 30) -> None:
     raise RuntimeError(f"{version} did not settle within {timeout}s")
 
 
+def held_connections(pid: int, port: int) -> int:
+    """Established TCP connections on ``port`` (the server's end) that
+    process ``pid`` holds."""
+    import psutil
+    return sum(1 for conn in psutil.Process(pid).net_connections(kind="tcp")
+               if conn.status == psutil.CONN_ESTABLISHED and conn.laddr[1:2] == (port,))
+
+
+def wait_held(proc: subprocess.Popen[bytes], port: int, count: int,
+              timeout: float = 30) -> None:
+    """Until ``proc`` holds ``count`` established connections on ``port``."""
+    deadline = time.monotonic() + timeout
+    while (held := held_connections(proc.pid, port)) < count:
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise RuntimeError(f"pid {proc.pid} holds {held} of {count} connections on "
+                               f"port {port} after {timeout}s")
+        time.sleep(0.02)
+
+
 def idle_keepalive(procs: Procs, clients: int = 32) -> dict[str, Any]:
     """Keep-alive clients idling 1 s between requests (longer than the 0.5 s
     drain deadline), never reconnecting unless told, never retrying; three
-    upgrades, with connection handover on and off."""
+    upgrades, with connection handover on and off.
+
+    Each upgrade starts once the serving version holds every client's
+    connection (without handover, once every client has reconnected after
+    the upgrade before: an upgrade a few tenths of a second after the one
+    before found them still reconnecting, and cut nothing), and the load
+    stops (its last round) once the last version holds them all, so that
+    each client has met every upgrade."""
     result: dict[str, Any] = {}
     for migrate in (True, False):
         port = free_port()
@@ -740,14 +766,16 @@ def idle_keepalive(procs: Procs, clients: int = 32) -> dict[str, Any]:
         out = procs.tmp / f"idle-load-{migrate}.json"
         load, _ = procs.start("idle-load", [
             PY, str(LOADGEN), "--port", str(port), "--keepalive", str(clients),
-            "--busybox", "0", "--fresh", "0", "--pace", "1.0", "--duration", "6",
+            "--busybox", "0", "--fresh", "0", "--pace", "1.0", "--duration", "60",
             "--no-records", "--out", str(out)])
-        time.sleep(1.5)  # every client has its connection and is idling
         for n in (2, 3, 4):
+            wait_held(current, port, clients)  # every client's connection, idling
             new, _ = procs.start(f"idle-v{n}", [*argv, "--version", f"v{n}"])
             wait_settled(name, f"v{n}")
             procs.stop(current)
             current = new
+        wait_held(current, port, clients)  # every client met the last upgrade too
+        load.send_signal(signal.SIGUSR1)  # last round: one more request each
         load.wait(timeout=60)
         procs.stop(current)
         summary = json.loads(out.read_text())["summary"]

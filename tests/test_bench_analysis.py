@@ -4,16 +4,19 @@ benchmark itself runs with make bench, not here)."""
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
-from conftest import ROOT, Load
+import pytest
+from conftest import KRUISE_VARS, ROOT, Load, child_env
 
 sys.path.insert(0, str(ROOT / "bench"))
-from run import analyse, markdown, percentile
+from run import Procs, analyse, idle_keepalive, markdown, percentile
 
 
 def test_percentile() -> None:
@@ -134,3 +137,30 @@ def test_the_load_generator_counts_a_body_without_a_version_as_failed(
         thread.join(timeout=10)
     assert result["requests"] > 0 and result["failed"] == result["requests"], result
     assert set(result["failures"]) == {"bad-body"}, result
+
+
+def test_idle_keepalive_has_every_upgrade_meet_the_idle_connections(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """make bench's idle keep-alive clients (1 s between requests): each of
+    the 3 upgrades must find every client's connection on the version it
+    replaces. Without connection handover each upgrade then closes every one
+    of them (a request answered with Connection: close, or an idle
+    connection cut at the drain deadline): each client opens one connection
+    per upgrade. The upgrades used to follow each other within ~0.3 s, so
+    the second and third found the clients still reconnecting: the "off"
+    figure counted one upgrade's losses, not three."""
+    for key in list(os.environ):  # the children's environment, as conftest's
+        if key in KRUISE_VARS or key.startswith("HOTSWAP_"):
+            monkeypatch.delenv(key)
+    for key, value in child_env().items():
+        monkeypatch.setenv(key, value)
+    clients = 4
+    procs = Procs(tmp_path)
+    try:
+        result = idle_keepalive(procs, clients=clients)
+    finally:
+        procs.kill_all()
+    on, off = result["on"], result["off"]
+    assert on["failed"] == 0 and on["connections"] == clients, result
+    assert off["connections"] == clients * 4, result  # one more per client and upgrade
+    assert off["failed"] <= clients * 3, result
