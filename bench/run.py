@@ -342,7 +342,8 @@ def run_strategy(name: str, procs: Procs, args: argparse.Namespace) -> dict[str,
     if died:  # their load stopped: what they did not send would read as nothing lost
         raise RuntimeError(f"{name}: load clients died: {died}")
     records = load_out["records"]  # the raw records, not the summary
-    return analyse(name, records, upgrades, began + args.warmup / 2)
+    # Steady state: every request after the warm-up (not half-way through it).
+    return analyse(name, records, upgrades, began + args.warmup)
 
 
 def percentile(values: list[float], q: float) -> float:

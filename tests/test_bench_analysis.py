@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -164,3 +165,39 @@ def test_idle_keepalive_has_every_upgrade_meet_the_idle_connections(
     assert on["failed"] == 0 and on["connections"] == clients, result
     assert off["connections"] == clients * 4, result  # one more per client and upgrade
     assert off["failed"] <= clients * 3, result
+
+
+def test_steady_state_starts_after_the_warm_up(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Steady state is every request after the warm-up (the README's
+    definition): it used to start half-way through it."""
+    import argparse
+
+    import run
+
+    seen: dict[str, float] = {}
+    start = run.Procs.start
+
+    def started(self: run.Procs, label: str, argv: list[str],
+                env: dict[str, str] | None = None) -> Any:
+        if label.startswith("load-"):
+            seen["load"] = time.time()
+        return start(self, label, argv, env)
+
+    def analysed(name: str, records: list[list[Any]], upgrades: list[dict[str, float]],
+                 steady_from: float, seed: int = 0) -> dict[str, Any]:
+        seen["steady_from"] = steady_from
+        return {}
+
+    monkeypatch.setattr(run.Procs, "start", started)
+    monkeypatch.setattr(run, "analyse", analysed)
+    for key, value in child_env().items():
+        monkeypatch.setenv(key, value)
+    args = argparse.Namespace(warmup=1.0, upgrades=1, interval=0.5, tail=0.2, keepalive=1,
+                              fresh=0)
+    procs = Procs(tmp_path)
+    try:
+        run.run_strategy("naive-restart", procs, args)
+    finally:
+        procs.kill_all()
+    assert seen["steady_from"] >= seen["load"] + args.warmup, seen
