@@ -1,6 +1,8 @@
 """The benchmark's arithmetic on synthetic records whose answers are known,
-and the load generator's verdict on a server that answers wrongly (the
-benchmark itself runs with make bench, not here)."""
+the load generator's verdict on a server that answers wrongly, and two of
+the benchmark's steps run small: the idle keep-alive clients' upgrades and
+where steady state starts (the benchmark itself runs with make bench, not
+here)."""
 
 from __future__ import annotations
 
