@@ -293,21 +293,14 @@ def run_strategy(name: str, procs: Procs, args: argparse.Namespace) -> dict[str,
                                   "HOTSWAP_CLI": f"{PY} -m hotswap"})
             if hook.returncode != 0:
                 raise RuntimeError(f"hook failed: {hook.stdout}{hook.stderr}")
-            match = None
-            deadline = time.monotonic() + 10
-            while match is None and time.monotonic() < deadline:
-                match = CRITICAL_RE.search(current_log.read_text())
-                time.sleep(0.01)
-            if match is None:
-                raise RuntimeError("old side logged no critical section")
+            match = logged(current_log, CRITICAL_RE, "old side logged no critical section")
             hello = float(match.group(1))
             switched = hello + float(match.group(2)) / 1e3
             # From the successor's sending its hello (its log, once ready;
             # the same clock) to the old side's last accept: the old side's
-            # own "hello at" is when its loop got to read it.
-            sent = HELLO_SENT_RE.search(new_log.read_text())
-            if sent is None:
-                raise RuntimeError("the successor logged no hello")
+            # own "hello at" is when its loop got to read it. The successor
+            # logs it as it serves, which may come just after the hook ended.
+            sent = logged(new_log, HELLO_SENT_RE, "the successor logged no hello")
             critical = (hello + float(match.group(3)) / 1e3 - float(sent.group(1))) * 1e3
             procs.stop(current)  # Kruise's reset of the old slot
         elif peer is not None:
@@ -344,6 +337,18 @@ def run_strategy(name: str, procs: Procs, args: argparse.Namespace) -> dict[str,
     records = load_out["records"]  # the raw records, not the summary
     # Steady state: every request after the warm-up (not half-way through it).
     return analyse(name, records, upgrades, began + args.warmup)
+
+
+def logged(log: Path, pattern: re.Pattern[str], missing: str,
+           timeout: float = 10) -> re.Match[str]:
+    """The first match of ``pattern`` in ``log``, once the process has
+    written it (up to ``timeout`` s); RuntimeError(``missing``) if not."""
+    deadline = time.monotonic() + timeout
+    while (match := pattern.search(log.read_text())) is None:
+        if time.monotonic() > deadline:
+            raise RuntimeError(missing)
+        time.sleep(0.01)
+    return match
 
 
 def percentile(values: list[float], q: float) -> float:
