@@ -153,6 +153,20 @@ def _request_arriving(handler: web.RequestHandler) -> bool:
     return isinstance(framer, RequestFramer) and not framer.boundary and not framer.lost
 
 
+def _open(server: web.Server) -> bool:
+    """Whether a connection of ``server`` still needs the drain: its socket
+    is open, or the app's handler is still running for it. aiohttp keeps a
+    connection in ``server.connections`` until its loop ends, and that loop
+    outlives the socket while it "lingers" over the rest of a body its
+    handler did not read (up to ``lingering_time``, 10 s): a client that
+    stopped sending and closed after an early answer (curl ``-T`` to a 405,
+    a 401, a 413) is waited for by nothing, and nothing can be sent to it.
+    Owns nothing; reads aiohttp's handler state only."""
+    return any(handler.transport is not None
+               or getattr(handler, "_current_request", None) is not None
+               for handler in server.connections)
+
+
 def _can_swap_request_factory() -> bool:
     """Can a connection's request factory be swapped (aiohttp 3.x)?"""
     return "_request_factory" in getattr(web.RequestHandler, "__slots__", ())
@@ -415,7 +429,7 @@ class Drainer:
         # cutting them races their clients: the first round runs even with
         # no time left (drain_timeout=0), with up to _FIRST_ROUND to do it.
         first = migrating
-        while (server.connections or self._handshaking()) \
+        while (_open(server) or self._handshaking()) \
                 and (loop.time() < deadline or first) and not self._forced.is_set():
             if migrating:
                 assert migrator is not None and upgrader is not None

@@ -388,3 +388,53 @@ def test_requests_aiohttp_holds_unparsed_on_an_idle_looking_connection_are_not_c
             assert await eof(reader) == b""
 
     run(main())
+
+
+@pytest.mark.parametrize("run", [asyncio.run, uvloop.run], ids=["asyncio", "uvloop"])
+def test_a_client_gone_mid_body_after_an_early_answer_does_not_hold_the_drain(
+        run: Runner) -> None:
+    """curl's ``-T bigfile`` to a URL that answers before reading the body
+    (here a 405: ``Expect: 100-continue``, aiohttp's ``100 Continue``, then
+    its 405): curl stops sending and closes. aiohttp's connection loop
+    goes on "lingering", waiting up to 10 s (``lingering_time``) for the
+    rest of a body that can no longer come, and keeps the connection in
+    ``server.connections`` until then. The drain took that for a
+    connection still open: the old process drained 10 s with no socket
+    left, and refused the next upgrade as busy meanwhile (found with curl
+    under upgrades). Nothing is left to send to, nor is any handler
+    running: the drain ends at once."""
+    async def main() -> None:
+        async def only_get(request: web.Request) -> web.Response:
+            return web.Response(text="hi")
+
+        app = web.Application()
+        app.router.add_get("/", only_get)
+        drainer = Drainer()
+        drainer.install(app)
+        runner = web.AppRunner(app)  # lingering_time: aiohttp's 10 s
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        server = runner.server
+        assert server is not None
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1",
+                                                           runner.addresses[0][1])
+            writer.write(b"PUT / HTTP/1.1\r\nHost: x\r\nContent-Length: 5242880\r\n"
+                         b"Expect: 100-continue\r\n\r\n")
+            async with asyncio.timeout(10):
+                assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+                head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 405"), head
+            writer.write(b"x" * 65536)  # some of the body, then curl gives up
+            writer.close()
+            handler = next(iter(server.connections))
+            await until(lambda: handler.transport is None, "the connection's loss")
+            assert handler in server.connections  # lingering, for up to 10 s
+            await site.stop()
+            async with asyncio.timeout(2):  # not the 10 s, nor the drain's 30
+                assert await drainer.drain(server, timeout=30) == 0
+        finally:
+            await runner.cleanup()
+
+    run(main())
