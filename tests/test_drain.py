@@ -438,3 +438,29 @@ def test_a_client_gone_mid_body_after_an_early_answer_does_not_hold_the_drain(
             await runner.cleanup()
 
     run(main())
+
+
+@pytest.mark.parametrize("run", [asyncio.run, uvloop.run], ids=["asyncio", "uvloop"])
+def test_a_handler_still_running_for_a_client_gone_still_holds_the_drain(
+        run: Runner) -> None:
+    """The other side of the test above: a handler still running after its
+    client closed (aiohttp does not cancel it by default) is the app's
+    work in progress, and the drain waits for it as before."""
+    async def main() -> None:
+        async with a_held_request() as (drainer, server, _, gate):
+            try:
+                handler = next(iter(server.connections))
+                transport = handler.transport
+                assert transport is not None
+                transport.abort()  # the connection lost under its handler
+                await until(lambda: handler.transport is None, "the connection's loss")
+                drain = asyncio.create_task(drainer.drain(server, timeout=30))
+                # A negative check over a short interval: the drain must not end.
+                done, _ = await asyncio.wait([drain], timeout=0.2)
+                assert not done
+            finally:
+                gate.set()  # else the runner's clean-up waits for the handler
+            async with asyncio.timeout(5):
+                assert await drain == 0
+
+    run(main())
