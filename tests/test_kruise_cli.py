@@ -276,7 +276,7 @@ def test_status_wait_ready_and_probe_against_real_sidecars(procs: Procs, name: s
         v2.send_signal(signal.SIGCONT)
     wait_for(lambda: fast_path("2"), 10, "v2's marker renewed")
     # The old slot idles after the drain (a Kruise container must not exit),
-    # and ps tells the two apart by role and state (python-prctl).
+    # and ps tells the two apart by role and state (the process title).
     assert v1.poll() is None
     wait_for(lambda: f"hotswap[{name}] v1 stopped" in " ".join(
         psutil.Process(v1.pid).cmdline()), 10, "v1's title to say stopped")

@@ -2442,3 +2442,30 @@ def test_a_server_started_before_ready_still_works(run: Runner) -> None:
             await old.close()
 
     run(main())
+
+
+@pytest.mark.parametrize("case", ["first-variable-changed", "empty-environment",
+                                  "long-command-line"])
+def test_the_process_title_is_set_whatever_the_environment(case: str) -> None:
+    """An Upgrader names its process (ps shows ``hotswap[NAME] VERSION
+    STATE``, and a Kruise pod's two slots tell apart by it). python-prctl's
+    ``set_proctitle()``, which did it, finds the command line by walking
+    back from the C ``environ`` and dereferences a null pointer where that
+    fails: an Upgrader made after the program changed its first environment
+    variable (PATH, often), in an empty environment or under a command line
+    over 8 KiB killed its process with SIGSEGV (found when a test's
+    ``monkeypatch.setenv`` had changed the pytest process's first one). A
+    real interpreter each time, the title read back as ps reads it."""
+    repo = str(Path(__file__).resolve().parent.parent)
+    probe = (f"import os, sys; sys.path.insert(0, {repo!r})\n"
+             "import psutil, hotswap\n"
+             "if os.environ:\n"
+             "    os.environ[next(iter(os.environ))] = 'changed by the program'\n"
+             "hotswap.Upgrader('title', version='v1', options=hotswap.Options(env={}))\n"
+             "print(' '.join(psutil.Process().cmdline()).strip())\n")
+    env = {} if case == "empty-environment" else child_env()
+    extra = ["a" * 9000] if case == "long-command-line" else []
+    out = subprocess.run([sys.executable, "-c", probe, *extra], capture_output=True,
+                         text=True, env=env, timeout=30)
+    assert out.returncode == 0, out
+    assert out.stdout == "hotswap[title] v1 starting\n", out
