@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -257,6 +258,13 @@ def soak(args: argparse.Namespace, tmp: Path) -> bool:
                 print(f"soak: {what}: {exc}", flush=True)
             ok = False
         if load is not None:
+            # Its last round: each client makes one more request, started
+            # now, so that a connection the last predecessor cut (or moved
+            # wrongly) shows as a failure instead of going unasked.
+            if load.poll() is None:
+                load.send_signal(signal.SIGUSR1)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    load.wait(timeout=min(30.0, left()))
             stop(load, "the load generator")
         if current is not None:
             stop(current, "the serving sidecar")
