@@ -1508,6 +1508,17 @@ def test_a_full_control_queue_is_a_timeout_not_a_forbidden_uid(run: Runner) -> N
         listener.close()
 
 
+def let_go(sock: socket.socket) -> bool:
+    """Whether the control server let go of this idle peer's (non-blocking)
+    connection: EOF or a reset; False while it is still held, nothing said."""
+    try:
+        return sock.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
 def test_idle_control_peers_take_at_most_their_share(
         run: Runner, caplog: pytest.LogCaptureFixture) -> None:
     """Peers that connect and say nothing would each be held for
@@ -1542,14 +1553,6 @@ def test_idle_control_peers_take_at_most_their_share(
         assert st.state == "serving"
         new = await asyncio.wait_for(taken_over(upg, name), 4)
         assert handled() <= 16 and peak <= 16
-
-        def let_go(sock: socket.socket) -> bool:
-            try:
-                return sock.recv(1) == b""
-            except BlockingIOError:  # still held, nothing said
-                return False
-            except ConnectionResetError:
-                return True
 
         evicted = sum(let_go(sock) for sock in idle)
         assert evicted >= 24  # 40 in 16 slots, and then some for the newcomers
@@ -1610,14 +1613,6 @@ def test_a_peer_whose_request_has_arrived_is_not_let_go_of(run: Runner) -> None:
         reply = b"".join(chunks)
         assert b'"type":"status"' in reply, reply
         # The newcomer took the slot of the oldest that had said nothing.
-
-        def let_go(sock: socket.socket) -> bool:
-            try:
-                return sock.recv(1) == b""
-            except BlockingIOError:  # still held, nothing said
-                return False
-            except ConnectionResetError:
-                return True
 
         await until(lambda: let_go(idle[0]), "the oldest silent peer let go of")
         assert not any(map(let_go, idle[1:]))
