@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import inspect
 import logging
 import numbers
@@ -789,6 +790,9 @@ def _yield_cpu() -> None:
         log.debug("could not lower the CPU priority: %s", exc)
 
 
+_UNSET = object()  # no value in a context: see _set_up()
+
+
 async def _set_up(runner: web.AppRunner, upgrader: Upgrader, timeout: float) -> int | None:
     """``runner.setup()`` (the app's ``on_startup`` callbacks), cut short by
     a stop. None once set up (its error is raised, as ``setup()``'s); if a
@@ -802,8 +806,15 @@ async def _set_up(runner: web.AppRunner, upgrader: Upgrader, timeout: float) -> 
     upgrader aborts a takeover, the predecessor serving on). (An
     ``on_startup`` that never returned kept ``serve()`` from seeing the
     stop: the process waited for its SIGKILL, a predecessor for its
-    ``handover_timeout``.)"""
-    setting_up = asyncio.ensure_future(runner.setup())
+    ``handover_timeout``.)
+
+    The callbacks run in a task of their own, in a copy of the caller's
+    context; what they set in context variables is set in the caller's
+    once they are done, as if they had run there: the request handlers'
+    tasks are made in the context the servers start in, as under aiohttp's
+    ``run_app()``."""
+    context = contextvars.copy_context()
+    setting_up = asyncio.get_running_loop().create_task(runner.setup(), context=context)
     stopped = asyncio.ensure_future(upgrader.wait_stop_requested())
     try:
         await asyncio.wait({setting_up, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -813,6 +824,9 @@ async def _set_up(runner: web.AppRunner, upgrader: Upgrader, timeout: float) -> 
             setting_up.cancel()
     if setting_up.done():
         setting_up.result()
+        for var, value in context.items():
+            if var.get(_UNSET) is not value:  # set by on_startup
+                var.set(value)
         return None
     log.warning("%s: stop requested while the app's on_startup callbacks run: "
                 "cancelling them", upgrader.name)

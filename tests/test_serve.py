@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import fcntl
 import gc
 import logging
@@ -1393,6 +1394,39 @@ def test_a_failing_clean_up_hook_still_lets_the_last_response_out(run: Runner, h
             writer.close()
         assert await asyncio.wait_for(task, 10) == 1
         assert cleaned.is_set()
+
+    run(main())
+
+
+_STARTED_AS: contextvars.ContextVar[str] = contextvars.ContextVar("started_as",
+                                                                 default="unset")
+
+
+def test_what_on_startup_sets_in_context_variables_reaches_the_handlers(
+        run: Runner) -> None:
+    """An ``on_startup`` callback that sets a context variable (a logging
+    or tracing context bound once for the service) sees it in every request
+    handler, as under aiohttp's own ``run_app()``: the handlers' tasks are
+    made in the context the servers were started in, after ``on_startup``.
+    Once serve() ran ``on_startup`` in a task of its own (so that a stop
+    could cancel it), what it set stayed in that task's copy of the context:
+    the handlers saw the variable's default."""
+    async def main() -> None:
+        async def init(app: web.Application) -> None:
+            _STARTED_AS.set("set by on_startup")
+
+        async def which(request: web.Request) -> web.Response:
+            return web.Response(text=_STARTED_AS.get())
+
+        app = app_of("v1")
+        app.router.add_get("/context", which)
+        app.on_startup.append(init)
+        upgrader, task = await serve_v1(app)
+        url = f"http://{upgrader.status().listeners[0].address}/context"
+        async with aiohttp.ClientSession() as session, session.get(url) as response:
+            assert await response.text() == "set by on_startup"
+        assert _STARTED_AS.get() == "unset"  # the test's own context: untouched
+        await stop_serving(upgrader, task)
 
     run(main())
 
