@@ -151,13 +151,17 @@ def hook_gave_up(env: Mapping[str, str], name: str, rank: int, *,
         # anything else there (a FIFO any process sharing the folder can
         # make) is no deadline. Opened blocking, a FIFO held ready() in
         # open() until a writer came, deaf to SIGTERM.
+        # Closed here on every way out: open() of the descriptor refused a
+        # directory (IsADirectoryError) and left it open.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        with open(fd, encoding="ascii") as fh:
+        try:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode) or info.st_mtime < since - 1.0:
                 return None
-            text = fh.read(32).strip()
-    except (OSError, ValueError):
+            text = os.read(fd, 32).decode("ascii").strip()
+        finally:
+            os.close(fd)
+    except (OSError, ValueError):  # UnicodeDecodeError too
         return None
     if not text.isdigit() or not text.isascii():
         return None

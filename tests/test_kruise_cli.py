@@ -730,6 +730,31 @@ def test_a_hooks_deadline_counts_only_from_this_run(tmp_path: Path) -> None:
     assert hook_gave_up(env, "sc", 2, since=since) is None, "another pod's hook"
 
 
+@pytest.mark.parametrize("what", ["directory", "fifo", "device"])
+def test_what_is_no_deadline_file_leaves_no_descriptor_behind(tmp_path: Path,
+                                                               what: str) -> None:
+    """Something else where the hook leaves its deadline (any process that
+    shares the folder can put it there) is no deadline, and reading it
+    leaves the descriptor count where it was. Once the file was opened with
+    os.open() (O_NONBLOCK: a FIFO held ready() in open()), a directory
+    there cost a descriptor a look: open() of the descriptor refused it
+    (IsADirectoryError) without closing it."""
+    from hotswap.kruise import hook_deadline_path, hook_gave_up
+    env = {"HOTSWAP_HOOK_DIR": str(tmp_path)}
+    named = hook_deadline_path(env, "sc", 2)
+    assert named is not None
+    if what == "directory":
+        os.mkdir(named)
+    elif what == "fifo":
+        os.mkfifo(named)
+    else:
+        os.symlink("/dev/zero", named)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        assert hook_gave_up(env, "sc", 2, since=time.time() - 10) is None
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
 @pytest.mark.parametrize("host", ["", "a/b", "pod y", "p\u00f6d", "pod@x"])
 def test_a_hostname_that_names_no_file_leaves_no_deadline(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, host: str) -> None:
