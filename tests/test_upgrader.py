@@ -1889,10 +1889,8 @@ def test_listen_before_start_says_so_instead_of_address_in_use(run: Runner) -> N
     name = new_name()
 
     async def main() -> None:
-        old = hotswap.Upgrader(name, version="v1", options=opts())
-        await old.start()
-        port = old.listen("http", ("127.0.0.1", 0)).getsockname()[1]
-        await old.ready()
+        old = await serving_upgrader(name, "v1")
+        port = port_of(old.status())
         new = hotswap.Upgrader(name, version="v2", options=opts())
         before = len(os.listdir("/proc/self/fd"))
         with pytest.raises(hotswap.HotswapError, match=r"before start\(\).*call start\(\) first"):
@@ -1920,10 +1918,8 @@ def test_a_fresh_start_on_a_port_in_use_says_nobody_served_the_name(run: Runner)
     name = new_name()
 
     async def main() -> None:
-        old = hotswap.Upgrader(name, version="v1", options=opts())
-        await old.start()
-        port = old.listen("http", ("127.0.0.1", 0)).getsockname()[1]
-        await old.ready()
+        old = await serving_upgrader(name, "v1")
+        port = port_of(old.status())
         other = hotswap.Upgrader(name + "-x", version="v2", options=opts())
         assert await other.start() is hotswap.Role.FRESH
         with pytest.raises(hotswap.ListenerError,
