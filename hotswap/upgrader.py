@@ -100,8 +100,44 @@ held by another process binding a socket there (see
 _CONTROL_CONNECTIONS = 16
 """Control connections handled at once (a probe, a hook, a successor: a few)."""
 _EVICTION_LOG_EVERY = 10.0
-"""Seconds between two log lines about control connections let go of (a
-flood must not flood the log)."""
+"""Seconds between two log lines about control connections let go of or
+peers refused for their uid (a flood must not flood the log)."""
+
+
+class _Throttled:
+    """A warning about something a flood repeats (control connections let
+    go of, peers of a uid not allowed): the first written at once, then at
+    most one line per :data:`_EVICTION_LOG_EVERY` seconds, with the count
+    since the last line and the last occurrence's details. ``write(count,
+    last)`` writes the line; :meth:`flush` writes one still held back (when
+    the control server stops). Runs on the event loop."""
+
+    def __init__(self, write: Callable[[int, tuple[object, ...]], None]) -> None:
+        self._write = write
+        self._count = 0
+        self._last: tuple[object, ...] = ()
+        self._logged_at = -_EVICTION_LOG_EVERY  # loop time of the last line
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, *last: object) -> None:
+        self._count += 1
+        self._last = last
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._logged_at >= _EVICTION_LOG_EVERY:
+            self.flush()
+        elif self._timer is None:
+            self._timer = loop.call_at(self._logged_at + _EVICTION_LOG_EVERY, self.flush)
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        count, self._count = self._count, 0
+        if not count:
+            return
+        self._write(count, self._last)
+        with contextlib.suppress(RuntimeError):  # no loop: nothing more to hold back
+            self._logged_at = asyncio.get_running_loop().time()
 
 
 def _has_spoken(conn: socket.socket) -> bool:
@@ -338,13 +374,9 @@ class Upgrader:
         self._taken_from = ""  # what the handshake received, for the log
         self._hello_sent_at = 0.0  # wall clock, for the benchmark's critical section
         self._reserve: int | None = None  # see _accept_control
-        # Control peers of a uid not allowed, refused and not yet logged (see
-        # _refused_peer): the count, the last one's (pid, uid), when the
-        # last line was written (loop time) and the timer that writes the next.
-        self._refused = 0
-        self._refused_last = (0, 0)
-        self._refused_logged_at = -_EVICTION_LOG_EVERY
-        self._refused_flush: asyncio.TimerHandle | None = None
+        # Control peers refused for their uid: one line, then a count (a
+        # process of any uid connecting in a loop cannot flood the log).
+        self._refused = _Throttled(self._log_refused)
         self._predecessor_channel: Channel | None = None
         self._predecessor_task: asyncio.Task[None] | None = None
         # ready()'s confirmation, once it has begun: it runs to its end even
@@ -1513,19 +1545,9 @@ class Upgrader:
         loop = asyncio.get_running_loop()
         freed = asyncio.Event()
         failed_at = -_EVICTION_LOG_EVERY
-        # Connections let go of, logged at once, then at most one line per
-        # _EVICTION_LOG_EVERY with the count since the last one.
-        let_go = 0
-        logged_at = -_EVICTION_LOG_EVERY
-        flush_at: asyncio.TimerHandle | None = None
-
-        def flush() -> None:
-            nonlocal let_go, logged_at, flush_at
-            flush_at = None
-            if let_go:
-                log.warning("%s: %d control connections at once: let go of %d that had "
-                            "not said anything", self.name, _CONTROL_CONNECTIONS, let_go)
-                let_go, logged_at = 0, loop.time()
+        let_go = _Throttled(lambda count, _: log.warning(
+            "%s: %d control connections at once: let go of %d that had not said "
+            "anything", self.name, _CONTROL_CONNECTIONS, count))
 
         def done(conn: socket.socket, task: asyncio.Task[None]) -> None:
             self._handlers.discard(task)
@@ -1536,7 +1558,6 @@ class Upgrader:
             freed.set()
 
         async def make_room() -> None:
-            nonlocal let_go, flush_at
             while len(self._handlers) >= _CONTROL_CONNECTIONS:
                 if self._silent:
                     oldest = next((task for task, conn in self._silent.items()
@@ -1548,11 +1569,7 @@ class Upgrader:
                         continue
                     oldest.cancel()
                     await asyncio.wait({oldest})
-                    let_go += 1
-                    if loop.time() - logged_at >= _EVICTION_LOG_EVERY:
-                        flush()
-                    elif flush_at is None:
-                        flush_at = loop.call_at(logged_at + _EVICTION_LOG_EVERY, flush)
+                    let_go.add()
                 else:
                     freed.clear()
                     await freed.wait()
@@ -1585,9 +1602,7 @@ class Upgrader:
                 self._silent[task] = conn
                 task.add_done_callback(functools.partial(done, conn))
         finally:
-            if flush_at is not None:
-                flush_at.cancel()
-            flush()
+            let_go.flush()
 
     async def _handle_control(self, conn: socket.socket) -> None:
         channel = Channel(conn, Sender.SERVER)
@@ -1620,7 +1635,7 @@ class Upgrader:
         timeout = self.options.message_timeout
         pid, uid, _ = channel.peer_credentials()
         if uid not in self._allowed_uids:
-            self._refused_peer(pid, uid)
+            self._refused.add(pid, uid)
             await channel.send(Refused(code="forbidden",
                                        reason=f"uid {uid} is not allowed"),
                                timeout=timeout)
@@ -1653,37 +1668,15 @@ class Upgrader:
             return False
         return await self._hand_over(channel, first)
 
-    def _refused_peer(self, pid: int, uid: int) -> None:
-        """Log a control peer refused for its uid: the first at once, then
-        at most one line per :data:`_EVICTION_LOG_EVERY` seconds with the
-        count since the last one (and the last peer), so that a process of
-        any uid connecting in a loop cannot flood the log. A count still
-        pending is logged when the control server stops."""
-        self._refused += 1
-        self._refused_last = (pid, uid)
-        loop = asyncio.get_running_loop()
-        if loop.time() - self._refused_logged_at >= _EVICTION_LOG_EVERY:
-            self._flush_refused()
-        elif self._refused_flush is None:
-            self._refused_flush = loop.call_at(
-                self._refused_logged_at + _EVICTION_LOG_EVERY, self._flush_refused)
-
-    def _flush_refused(self) -> None:
-        """Write the line :meth:`_refused_peer` holds back, if any."""
-        if self._refused_flush is not None:
-            self._refused_flush.cancel()
-            self._refused_flush = None
-        count, self._refused = self._refused, 0
-        if not count:
-            return
-        pid, uid = self._refused_last
+    def _log_refused(self, count: int, last: tuple[object, ...]) -> None:
+        """The line for control peers refused for their uid (see
+        :class:`_Throttled`): the last one's pid and uid, and the count."""
+        pid, uid = last
         if count == 1:
             log.warning("%s: refused control peer pid %d uid %d", self.name, pid, uid)
         else:
             log.warning("%s: refused control peer pid %d uid %d (%d refused in all since "
                         "the last such line: uids not allowed)", self.name, pid, uid, count)
-        with contextlib.suppress(RuntimeError):  # no loop: nothing more to hold back
-            self._refused_logged_at = asyncio.get_running_loop().time()
 
     def _refusal(self, hello: Hello) -> Refused | None:
         if hello.protocol != PROTOCOL_VERSION:
@@ -1788,7 +1781,7 @@ class Upgrader:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         self._control_sock_close()
-        self._flush_refused()
+        self._refused.flush()
 
     def _control_sock_close(self) -> None:
         self._drop_reserve()
