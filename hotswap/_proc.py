@@ -6,6 +6,7 @@ never stops a handover.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import psutil
@@ -47,20 +48,12 @@ def set_title(title: str) -> None:
         log.debug("cannot set the process title: %s", exc)
 
 
-_AREA: list[tuple[int, int] | None] = []  # _command_line_area(), once read
-
-
+@functools.cache
 def _command_line_area() -> tuple[int, int] | None:
     """Where this process's command line is in its memory, ``(start, end)``
     (``arg_start`` and ``arg_end`` of ``/proc/self/stat``, fields 48 and 49),
     or None when the kernel does not say (before Linux 3.5; 0 when hidden).
     Read once: it does not move (a forked child has it at the same place)."""
-    if not _AREA:
-        _AREA.append(_read_command_line_area())
-    return _AREA[0]
-
-
-def _read_command_line_area() -> tuple[int, int] | None:
     with open("/proc/self/stat", "rb") as fh:
         stat = fh.read()
     # After the command name, which may hold blanks and parentheses: field 3 on.
