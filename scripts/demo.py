@@ -16,7 +16,8 @@ processes on 127.0.0.1, each new side started the Kruise way.
 
 Every process is started here and ended by its own pid, with deadlines, also
 when the demo is interrupted (Ctrl-C, SIGTERM, SIGHUP: it kills what it
-started, keeps the logs and exits non-zero). Each process logs to a file (the
+started, keeps the logs and exits non-zero; a stop that comes while a process
+is being started waits until it is recorded). Each process logs to a file (the
 client too: a pipe read only at the end would fill up and stall it). The
 working directory (every process's log) is removed after a passing run and
 kept, with its path printed, after a failing one or with ``--keep``.
@@ -34,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 
@@ -70,12 +72,12 @@ class Demo:
         say(f"sidecar-{slot}: start {label} (SIDECARSET_VERSION={version}, "
             f"SIDECARSET_VERSION_ALT={alt})")
         path = self.workdir / f"sidecar-{slot}-{label}.log"
-        with open(path, "wb") as log:
+        with open(path, "wb") as log, held():
             proc = subprocess.Popen(
                 [PY, str(ROOT / "examples/sidecar_server/main.py"), "--version", label,
                  "--port", str(self.args.port), "--name", self.args.name],
                 env=self.env(version, alt), stdout=log, stderr=subprocess.STDOUT)
-        self.procs.append(proc)
+            self.procs.append(proc)
         self.logs[proc.pid] = path
         return proc
 
@@ -86,13 +88,16 @@ class Demo:
         fails its hook at once rather than after the hook's whole timeout.
         On failure, the sidecar's log says why."""
         say(f"sidecar-{slot}: PostStart hook scripts/migrate.sh")
-        # A session of its own: ending it ends the CLI the shell waits on too.
-        hook = subprocess.Popen(["sh", str(ROOT / "scripts/migrate.sh")],
-                                env=self.env(version, alt), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
         deadline = time.monotonic() + 60
         stopped = ""
+        hook: subprocess.Popen[str] | None = None
         try:
+            with held():
+                # A session of its own: ending it ends the CLI the shell waits on too.
+                hook = subprocess.Popen(
+                    ["sh", str(ROOT / "scripts/migrate.sh")], env=self.env(version, alt),
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                    start_new_session=True)
             while True:
                 try:
                     out, _ = hook.communicate(timeout=0.1)
@@ -110,9 +115,10 @@ class Demo:
                 out, _ = hook.communicate()
                 break
         except BaseException:  # interrupted: end the hook too
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(hook.pid, signal.SIGKILL)
-            hook.wait()
+            if hook is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(hook.pid, signal.SIGKILL)
+                hook.wait()
             raise
         for line in out.splitlines():
             print(f"    | {line}", flush=True)
@@ -160,11 +166,35 @@ class Demo:
                     say(f"pid {proc.pid} did not die within 10 s of SIGKILL")
 
 
+class _Stop:
+    holding = False
+    pending = 0  # the signal that came while holding, if any
+
+
 def interrupted(signum: int, frame: FrameType | None) -> None:
-    """SIGTERM or SIGHUP: end like Ctrl-C, through the clean-up below (the
-    default action would kill this process alone and leave the sidecars
-    serving, the port and the control socket taken)."""
+    """SIGTERM, SIGHUP or SIGINT: end through the clean-up below (the default
+    action would kill this process alone and leave the sidecars serving, the
+    port and the control socket taken) -- at once, or, inside :func:`held`,
+    once the process being started is recorded."""
+    if _Stop.holding:
+        _Stop.pending = signum
+        return
     raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def held() -> Iterator[None]:
+    """Start a process and record it as one step. A stop that came in between
+    used to leave a process started but not recorded (the exception out of
+    ``Popen``, after its fork, or just before the ``append``), and
+    ``stop_all()`` left it running."""
+    _Stop.holding = True
+    try:
+        yield
+    finally:
+        _Stop.holding = False
+        if _Stop.pending:
+            raise SystemExit(128 + _Stop.pending)
 
 
 def main() -> int:
@@ -178,7 +208,7 @@ def main() -> int:
                              "of removing it after a passing run")
     args = parser.parse_args()
 
-    for signum in (signal.SIGTERM, signal.SIGHUP):
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(signum, interrupted)
     workdir = Path(tempfile.mkdtemp(prefix="hotswap-demo-"))
     demo = Demo(args, workdir)
@@ -190,13 +220,13 @@ def main() -> int:
         summary_path = workdir / "summary.json"
         client_log = workdir / "busybox.log"
         say("busybox: calling the sidecar every 100 ms")
-        with open(client_log, "wb") as out:
+        with open(client_log, "wb") as out, held():
             client = subprocess.Popen(
                 [PY, str(ROOT / "examples/busybox_client/main.py"),
                  "--url", f"http://127.0.0.1:{args.port}/serve", "--interval", "0.1",
                  "--summary-json", str(summary_path)],
                 stdout=out, stderr=subprocess.STDOUT)
-        demo.procs.append(client)
+            demo.procs.append(client)
         time.sleep(args.dwell)
 
         say("=== upgrade 1: v1 -> v2 (sidecar-2 leaves the empty image) ===")
@@ -240,7 +270,7 @@ def main() -> int:
         passed = demo.ok
         return 0 if demo.ok else 1
     finally:
-        for signum in (signal.SIGTERM, signal.SIGHUP):  # let the clean-up finish
+        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):  # let the clean-up finish
             signal.signal(signum, signal.SIG_IGN)
         demo.stop_all()
         if passed and not args.keep:

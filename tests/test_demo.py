@@ -36,9 +36,10 @@ def test_a_stopped_demo_leaves_no_process_and_no_listener(
             assert time.monotonic() < deadline, out.read_text()
             time.sleep(0.05)
         # The sidecar v1 and the client under way (not a sleep: their pids).
+        # Looked at often, so that the stop often comes as the client starts.
         while len(started := psutil.Process(demo.pid).children(recursive=True)) < 2:
             assert time.monotonic() < deadline, started
-            time.sleep(0.05)
+            time.sleep(0.001)
         demo.send_signal(signum)
         assert demo.wait(timeout=30) != 0
         _, alive = psutil.wait_procs(started, timeout=10)
@@ -55,6 +56,23 @@ def test_a_stopped_demo_leaves_no_process_and_no_listener(
                 proc.kill()  # psutil checks that the pid is still this process
         for kept in re.findall(r"logs kept in (\S+)", out.read_text()):
             shutil.rmtree(kept, ignore_errors=True)
+
+
+def test_a_stop_while_a_process_is_started_is_acted_on_once_it_is_recorded() -> None:
+    """The race behind a CI failure: a SIGHUP while the demo started its
+    client came out of ``Popen`` after its fork, before the client was in the
+    list ``stop_all()`` ends; the client ran on. The stop is held for that
+    step, then acted on. (The test above meets the window only by chance.)"""
+    probe = (f"import os, signal, sys; sys.path.insert(0, {str(ROOT / 'scripts')!r})\n"
+             "import demo\n"
+             "signal.signal(signal.SIGHUP, demo.interrupted)\n"
+             "with demo.held():\n"
+             "    os.kill(os.getpid(), signal.SIGHUP)\n"
+             "    print('recorded', flush=True)\n"
+             "print('not reached')\n")
+    run = subprocess.run([PY, "-c", probe], capture_output=True, text=True, timeout=30)
+    assert run.stdout == "recorded\n", run.stdout + run.stderr
+    assert run.returncode == 128 + signal.SIGHUP, run.stderr
 
 
 def test_a_sidecar_that_cannot_start_fails_the_demo_at_once_saying_why(
