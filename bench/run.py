@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
+import contextlib
 import itertools
 import json
 import math
@@ -46,6 +47,8 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
+
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "docs" / "bench"
@@ -130,6 +133,17 @@ class Procs:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def kill_children() -> None:
+    """The bench's last clean-up: SIGKILL and reap every child this process
+    still has, such as one a stop came for between its fork and its record
+    in :class:`Procs` (the exception out of ``Popen``), or a wrk run. Unreaped,
+    a child's pid cannot be another process's."""
+    for child in psutil.Process().children():
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.TimeoutExpired):
+            child.kill()
+            child.wait(timeout=10)
 
 
 NETWORKS = {"own": "a network namespace of its own (loopback only)",
@@ -943,6 +957,13 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def interrupted(signum: int, frame: object) -> None:
+    """SIGTERM or SIGHUP: end like Ctrl-C, through main()'s clean-up. The
+    default action ended this process alone and left the servers and the load
+    generator it had started running."""
+    raise SystemExit(128 + signum)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--upgrades", type=int, default=5)
@@ -977,6 +998,8 @@ def main() -> int:
     if args.separate_groups and not autogroups_apply():
         parser.error("--separate-groups needs the kernel's autogroups "
                      "(kernel.sched_autogroup_enabled=1) and the root CPU cgroup")
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, interrupted)
     args.out.mkdir(parents=True, exist_ok=True)
     procs = Procs(Path(tempfile.mkdtemp(prefix="hotswap-bench-")), args.separate_groups)
     ok = False
@@ -1008,7 +1031,10 @@ def main() -> int:
         idle = idle_keepalive(procs)
         ok = True
     finally:
+        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):  # let the clean-up finish
+            signal.signal(signum, signal.SIG_IGN)
         procs.kill_all()
+        kill_children()
         if ok and not args.keep:
             shutil.rmtree(procs.tmp, ignore_errors=True)
         else:

@@ -1,12 +1,17 @@
 """The benchmark's arithmetic on synthetic records whose answers are known,
-the load generator's verdict on a server that answers wrongly, and two of
-the benchmark's steps run small: the idle keep-alive clients' upgrades and
-where steady state starts (the benchmark itself runs with make bench, not
-here)."""
+the load generator's verdict on a server that answers wrongly, two of the
+benchmark's steps run small: the idle keep-alive clients' upgrades and where
+steady state starts, and a stopped benchmark's clean-up (the benchmark itself
+runs with make bench, not here)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import shutil
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -15,8 +20,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
-from conftest import KRUISE_VARS, ROOT, Load, child_env
+from conftest import KRUISE_VARS, PY, ROOT, Load, child_env
 
 sys.path.insert(0, str(ROOT / "bench"))
 from run import Procs, analyse, idle_keepalive, markdown, percentile
@@ -203,3 +209,56 @@ def test_steady_state_starts_after_the_warm_up(
     finally:
         procs.kill_all()
     assert seen["steady_from"] >= seen["load"] + args.warmup, seen
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["term", "hup"])
+def test_a_stopped_bench_leaves_no_process(signum: signal.Signals, tmp_path: Path) -> None:
+    """``kill <pid>`` of the benchmark, or its terminal closed, ends it through
+    its clean-up. The default action ended it alone: the sidecar and the load
+    generator it had started ran on (the sidecar for good)."""
+    out = tmp_path / "bench.out"
+    with open(out, "wb") as fh:
+        bench = subprocess.Popen(
+            [PY, str(ROOT / "bench/run.py"), "--strategies", "hotswap", "--upgrades", "1",
+             "--quick", "--out", str(tmp_path / "results")],
+            env=child_env(), stdout=fh, stderr=subprocess.STDOUT)
+    started: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 60
+        # The sidecar and the load generator under way (their pids, not a sleep).
+        while len(started := psutil.Process(bench.pid).children(recursive=True)) < 2:
+            assert bench.poll() is None, out.read_text()
+            assert time.monotonic() < deadline, out.read_text()
+            time.sleep(0.01)
+        bench.send_signal(signum)
+        assert bench.wait(timeout=60) == 128 + signum, out.read_text()
+        _, alive = psutil.wait_procs(started, timeout=10)
+        assert not alive, f"left running: {alive}\n{out.read_text()}"
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+        bench.wait(timeout=10)
+        for proc in started:  # what a failing bench left behind: by its pid
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()  # psutil checks that the pid is still this process
+        for kept in re.findall(r"logs and raw records kept in (\S+)", out.read_text()):
+            shutil.rmtree(kept, ignore_errors=True)
+
+
+def test_the_bench_ends_a_child_it_did_not_record() -> None:
+    """A stop that comes between a child's fork and its record in ``Procs``
+    (the exception out of ``Popen``) leaves a child ``kill_all()`` does not
+    know: the last clean-up ends every child the bench still has. In a
+    process of its own: here it would end this test run's children too."""
+    probe = (f"import subprocess, sys; sys.path.insert(0, {str(ROOT / 'bench')!r})\n"
+             "import run\n"
+             "child = subprocess.Popen(['sleep', '60'], stdout=subprocess.DEVNULL)\n"
+             "run.kill_children()\n"
+             "alive = os.path.exists(f'/proc/{child.pid}')\n"  # not killed and reaped
+             "if alive:\n"  # then still this child: end it here
+             "    child.kill()\n"
+             "    child.wait()\n"
+             "print(alive)\n")
+    done = subprocess.run([PY, "-c", "import os\n" + probe], capture_output=True,
+                          text=True, timeout=30)
+    assert done.stdout == "False\n", done.stdout + done.stderr
