@@ -21,7 +21,8 @@ back on the empty image.
 
 It prints the busybox log around each switch, the image sizes and a summary,
 and exits 0 only if every hook and check passed and no request failed. Every
-container is removed at the end (``docker compose down``).
+container is removed at the end (``docker compose down``), also when the demo
+is stopped (Ctrl-C, SIGTERM, SIGHUP: it exits non-zero).
 """
 
 from __future__ import annotations
@@ -30,10 +31,12 @@ import argparse
 import datetime as dt
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import FrameType
 
 ROOT = Path(__file__).resolve().parent.parent
 TAG = "dev"
@@ -193,7 +196,16 @@ def wait_for_first_response(pod: Pod, timeout: float = 60) -> None:
     raise SystemExit("busybox got no response within 60 s")
 
 
+def interrupted(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM or SIGHUP: end like Ctrl-C, through ``compose down`` (the
+    default action ended this process alone and left the pod's containers
+    running; a ``docker compose`` under way is killed by ``run()``)."""
+    raise SystemExit(128 + signum)
+
+
 def main() -> int:
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, interrupted)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--project", default="hotswap-demo")
     parser.add_argument("--skip-build", action="store_true")
@@ -288,6 +300,8 @@ def main() -> int:
         say("PASS" if pod.ok else "FAIL")
         return 0 if pod.ok else 1
     finally:
+        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):  # let the clean-up finish
+            signal.signal(signum, signal.SIG_IGN)
         pod.compose("down", "--remove-orphans", "--timeout", "5", check=False)
 
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -135,17 +137,29 @@ def docker_available() -> str | None:
     return None
 
 
-@pytest.mark.timeout(1800)
-def test_compose_pod_demo_two_hot_upgrades_and_a_failed_one() -> None:
-    """The emulated Kruise pod: a failed migration (hook non-zero, v1 serves
-    on), then v1 -> v2 -> v3 with 0 failed busybox requests, old slots ending
-    on the empty image, nothing restarted."""
+def need_docker() -> None:
     why = docker_available()
     if why is not None:
         if os.environ.get("HOTSWAP_REQUIRE_DOCKER") == "1":
             pytest.fail(f"HOTSWAP_REQUIRE_DOCKER=1 but {why}")
         pytest.skip(f"container demo needs Docker: {why} "
                     "(run ../shared/tools/docker-up.sh, or make test in CI)")
+
+
+def project_left(project: str, kind: str) -> str:
+    """The ids of the compose project's containers or networks still there."""
+    argv = (["docker", "ps", "-aq"] if kind == "containers"
+            else ["docker", "network", "ls", "-q"])
+    return subprocess.run([*argv, "--filter", f"label=com.docker.compose.project={project}"],
+                          capture_output=True, text=True, timeout=60).stdout.strip()
+
+
+@pytest.mark.timeout(1800)
+def test_compose_pod_demo_two_hot_upgrades_and_a_failed_one() -> None:
+    """The emulated Kruise pod: a failed migration (hook non-zero, v1 serves
+    on), then v1 -> v2 -> v3 with 0 failed busybox requests, old slots ending
+    on the empty image, nothing restarted."""
+    need_docker()
     project = f"hotswap-test-{uuid.uuid4().hex[:8]}"
     result = subprocess.run(
         [sys.executable, "scripts/demo_docker.py", "--failed-migration", "--project",
@@ -161,7 +175,37 @@ def test_compose_pod_demo_two_hot_upgrades_and_a_failed_one() -> None:
         assert line in out, out[-6000:]
     sizes = dict(re.findall(r"^(hotswap-\S+)\s+([\d.]+) MB$", out, re.M))
     assert float(sizes["hotswap-empty:dev"]) * 20 < float(sizes["hotswap-sidecar:v1"])
-    leftovers = subprocess.run(["docker", "ps", "-aq", "--filter",
-                                f"label=com.docker.compose.project={project}"],
-                               capture_output=True, text=True, timeout=60).stdout.strip()
-    assert leftovers == "", "compose down removed every container"
+    assert project_left(project, "containers") == "", "compose down removed every container"
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["term", "hup"])
+def test_a_stopped_container_demo_removes_its_pod(signum: signal.Signals) -> None:
+    """``kill <pid>`` of the container demo, or its terminal closed, ends it
+    through ``compose down``. The default action ended it alone and left the
+    pod's containers running."""
+    need_docker()
+    project = f"hotswap-test-{uuid.uuid4().hex[:8]}"
+    demo = subprocess.Popen(
+        [sys.executable, "scripts/demo_docker.py", "--project", project, "--dwell", "60"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not project_left(project, "containers"):  # the pod is up (not a sleep)
+            assert demo.poll() is None, demo.communicate()[0]
+            assert time.monotonic() < deadline, "no container came up"
+            time.sleep(0.2)
+        demo.send_signal(signum)
+        out, _ = demo.communicate(timeout=120)
+        assert demo.returncode == 128 + signum, out
+        assert project_left(project, "containers") == "", out
+        assert project_left(project, "networks") == "", out
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait(timeout=30)
+        # What a failing demo left: its containers, then its networks, by id.
+        for argv, kind in ((["docker", "rm", "-f"], "containers"),
+                           (["docker", "network", "rm"], "networks")):
+            if ids := project_left(project, kind).split():
+                subprocess.run([*argv, *ids], capture_output=True, timeout=120)
