@@ -135,6 +135,23 @@ class Procs:
                 proc.wait()
 
 
+def run_hook(env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """scripts/migrate.sh, as the kubelet runs a PostStart hook. In a session
+    of its own, so that a stop (or its timeout) ends the CLI it waits on
+    too: ``subprocess.run`` would kill the shell alone, and the CLI would
+    poll on until its own timeout."""
+    with subprocess.Popen(["sh", str(ROOT / "scripts/migrate.sh")], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env={**os.environ, **env},
+                          start_new_session=True) as hook:
+        try:
+            out, err = hook.communicate(timeout=timeout)
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(hook.pid, signal.SIGKILL)
+            raise
+    return subprocess.CompletedProcess(hook.args, hook.returncode, out, err)
+
+
 def kill_children() -> None:
     """The bench's last clean-up: SIGKILL and reap every child this process
     still has, such as one a stop came for between its fork and its record
@@ -299,12 +316,9 @@ def run_strategy(name: str, procs: Procs, args: argparse.Namespace) -> dict[str,
         launched = time.time()
         if name == "hotswap":
             new, new_log = hotswap_start(n)
-            hook = subprocess.run(
-                ["sh", str(ROOT / "scripts/migrate.sh")], capture_output=True, text=True,
-                timeout=120, env={**os.environ, "SIDECARSET_VERSION": str(n),
-                                  "SIDECARSET_VERSION_ALT": str(n - 1),
-                                  "HOTSWAP_NAME": sidecar_name,
-                                  "HOTSWAP_CLI": f"{PY} -m hotswap"})
+            hook = run_hook({"SIDECARSET_VERSION": str(n),
+                             "SIDECARSET_VERSION_ALT": str(n - 1),
+                             "HOTSWAP_NAME": sidecar_name, "HOTSWAP_CLI": f"{PY} -m hotswap"})
             if hook.returncode != 0:
                 raise RuntimeError(f"hook failed: {hook.stdout}{hook.stderr}")
             match = logged(current_log, CRITICAL_RE, "old side logged no critical section")

@@ -211,22 +211,39 @@ def test_steady_state_starts_after_the_warm_up(
     assert seen["steady_from"] >= seen["load"] + args.warmup, seen
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["term", "hup"])
-def test_a_stopped_bench_leaves_no_process(signum: signal.Signals, tmp_path: Path) -> None:
+def hook_cli(procs: list[psutil.Process]) -> bool:
+    """Whether the hook's CLI (``hotswap wait-ready``) is among ``procs``."""
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            if "wait-ready" in proc.cmdline():
+                return True
+    return False
+
+
+@pytest.mark.parametrize(("signum", "when"), [
+    (signal.SIGTERM, "load"), (signal.SIGHUP, "load"), (signal.SIGTERM, "hook")])
+def test_a_stopped_bench_leaves_no_process(
+        signum: signal.Signals, when: str, tmp_path: Path) -> None:
     """``kill <pid>`` of the benchmark, or its terminal closed, ends it through
     its clean-up. The default action ended it alone: the sidecar and the load
-    generator it had started ran on (the sidecar for good)."""
+    generator it had started ran on (the sidecar for good). Stopped while an
+    upgrade's hook waited, it killed the hook's shell alone, and the CLI the
+    shell waited on polled on until its own timeout."""
     out = tmp_path / "bench.out"
     with open(out, "wb") as fh:
         bench = subprocess.Popen(
             [PY, str(ROOT / "bench/run.py"), "--strategies", "hotswap", "--upgrades", "1",
              "--quick", "--out", str(tmp_path / "results")],
-            env=child_env(), stdout=fh, stderr=subprocess.STDOUT)
+            # The hook asks the CLI at once (no fast path on the markers).
+            env={**child_env(), "HOTSWAP_MIGRATE_FAST": "0"}, stdout=fh,
+            stderr=subprocess.STDOUT)
     started: list[psutil.Process] = []
     try:
         deadline = time.monotonic() + 60
-        # The sidecar and the load generator under way (their pids, not a sleep).
-        while len(started := psutil.Process(bench.pid).children(recursive=True)) < 2:
+        # The sidecar and the load generator under way, or the hook's CLI
+        # (their pids, not a sleep).
+        while (len(started := psutil.Process(bench.pid).children(recursive=True)) < 2
+               or (when == "hook" and not hook_cli(started))):
             assert bench.poll() is None, out.read_text()
             assert time.monotonic() < deadline, out.read_text()
             time.sleep(0.01)
