@@ -38,6 +38,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
+from typing import NoReturn
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -171,6 +172,12 @@ class _Stop:
     pending = 0  # the signal that came while holding, if any
 
 
+def stop(signum: int) -> NoReturn:
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt  # as Python's own handler: the exit says SIGINT
+    raise SystemExit(128 + signum)
+
+
 def interrupted(signum: int, frame: FrameType | None) -> None:
     """SIGTERM, SIGHUP or SIGINT: end through the clean-up below (the default
     action would kill this process alone and leave the sidecars serving, the
@@ -179,7 +186,7 @@ def interrupted(signum: int, frame: FrameType | None) -> None:
     if _Stop.holding:
         _Stop.pending = signum
         return
-    raise SystemExit(128 + signum)
+    stop(signum)
 
 
 @contextlib.contextmanager
@@ -194,7 +201,7 @@ def held() -> Iterator[None]:
     finally:
         _Stop.holding = False
         if _Stop.pending:
-            raise SystemExit(128 + _Stop.pending)
+            stop(_Stop.pending)
 
 
 def main() -> int:

@@ -19,7 +19,8 @@ from conftest import PY, ROOT, child_env, free_port
 DEMO = ROOT / "scripts/demo.py"
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["term", "hup"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT],
+                         ids=["term", "hup", "int"])
 def test_a_stopped_demo_leaves_no_process_and_no_listener(
         signum: signal.Signals, name: str, tmp_path: Path) -> None:
     port = free_port()
