@@ -3,7 +3,7 @@
 # Docker engine: on a machine without Docker Hub, the workspace's
 # ../shared/tools/docker-up.sh brings one up with a stand-in base image
 # (BASE_IMAGE); elsewhere an engine already running is used, and with none the
-# test is skipped with its reason (pytest -rs) -- unless HOTSWAP_REQUIRE_DOCKER=1
+# test is skipped with its reason (pytest -rfEs: the failures and skips) -- unless HOTSWAP_REQUIRE_DOCKER=1
 # (CI), where that is a failure.
 set -eu
 cd "$(dirname "$0")/.."
@@ -19,4 +19,4 @@ if [ -z "${BASE_IMAGE:-}" ] && [ -f "$up" ] && [ "$(id -u)" = 0 ]; then
         echo "test.sh: $up failed; the container test will say why" >&2
     fi
 fi
-exec .venv/bin/python -m pytest -q -rs "$@"
+exec .venv/bin/python -m pytest -q -rfEs "$@"

@@ -192,6 +192,19 @@ def frozen(pid: int) -> bool:
         return fh.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
 
 
+def unshare_refused(flag: str, what: str) -> str | None:
+    """Why ``unshare <flag>`` cannot make a namespace (``what``) here, or None:
+    no unshare(1), not root, or the kernel refuses (a container without
+    CAP_SYS_ADMIN). A test skips with that reason: the machine cannot."""
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        return f"needs unshare(1) and root for a {what}"
+    tried = subprocess.run(["unshare", flag, "-f", "true"], capture_output=True, text=True,
+                           timeout=30)
+    if tried.returncode != 0:
+        return f"cannot make a {what} here: {tried.stderr.strip()}"
+    return None
+
+
 def free_port() -> int:
     """A port that is free now (for tests where a fresh bind must find the
     same port again)."""

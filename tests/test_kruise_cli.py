@@ -30,6 +30,7 @@ from conftest import (
     read_response,
     serving,
     status,
+    unshare_refused,
     wait_for,
 )
 
@@ -775,8 +776,8 @@ def test_the_hook_leaves_no_deadline_for_a_hostname_that_names_no_file(
     """The hook's side of the above (the same characters: letters, digits,
     '.', '_', '-'): a failed hook leaves no deadline under such a hostname,
     and does under a plain one."""
-    if shutil.which("unshare") is None or os.geteuid() != 0:
-        pytest.skip("needs unshare(1) and root for a UTS namespace")
+    if (why := unshare_refused("-u", "UTS namespace")) is not None:
+        pytest.skip(why)
     kruise: KruiseVersions = {"SIDECARSET_VERSION": "2", "SIDECARSET_VERSION_ALT": "1"}
     for i, (host, left) in enumerate((("pod y", False), ("a/b", False), ("p\u00f6d", False),
                                       ("pod-x.y_1", True))):
@@ -855,8 +856,8 @@ def test_a_hook_that_failed_in_another_pod_does_not_stop_this_ones_successor(
     which its hook and its sidecar both read and another pod's do not.
     Here pod Y's successor is stopped (SIGSTOP) with the sockets while its
     hook waits and pod X's hook fails, both in one hook directory."""
-    if shutil.which("unshare") is None or os.geteuid() != 0:
-        pytest.skip("needs unshare(1) and root for a UTS namespace")
+    if (why := unshare_refused("-u", "UTS namespace")) is not None:
+        pytest.skip(why)
     kruise: KruiseVersions = {"SIDECARSET_VERSION": "2", "SIDECARSET_VERSION_ALT": "1"}
     v1 = procs.spawn("v1", [*in_pod("pod-y"), PY, str(SIDECAR), "--name", name,
                             "--version", "v1", "--port", "0"],

@@ -4,7 +4,6 @@ a second SIGTERM forces the exit, SIGTERM during a handover loses nothing."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -22,6 +21,7 @@ from conftest import (
     port_of,
     read_response,
     serving,
+    unshare_refused,
     wait_for,
 )
 
@@ -195,8 +195,8 @@ def test_a_sigterm_while_pid_1_starts_up_ends_it(procs: Procs, name: str) -> Non
     includes SIGTERM, it gets one (while still stopped, so it cannot have
     gone on meanwhile), and resumes. Dropped, the process went on to serve
     and its first caught SIGTERM was serve()'s: a normal stop."""
-    if shutil.which("unshare") is None or os.geteuid() != 0:
-        pytest.skip("needs unshare(1) and root for a PID namespace")
+    if (why := unshare_refused("-p", "PID namespace")) is not None:
+        pytest.skip(why)
     unshare = procs.spawn("v1", ["unshare", "-p", "-f", "--kill-child", PY, str(SIDECAR),
                                  "--name", name, "--version", "v1", "--port", "0"])
     pid = wait_for(lambda: psutil.Process(unshare.pid).children(), 10,
