@@ -8,6 +8,7 @@ import atexit
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -20,6 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Itera
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+import psutil
 import pytest
 
 import hotswap.control
@@ -190,6 +192,40 @@ def frozen(pid: int) -> bool:
     """Whether the process is stopped (SIGSTOP) by now."""
     with open(f"/proc/{pid}/stat") as fh:
         return fh.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+
+
+def stop_when(argv: list[str], env: dict[str, str], out: Path, signum: int,
+              ready: Callable[[str, list[psutil.Process]], bool], kept: str
+              ) -> tuple[int, list[psutil.Process]]:
+    """Run a script that starts processes (the demo, the bench), its output
+    in ``out``; send it ``signum`` once ``ready(output, descendants)``
+    (looked at every 1 ms: a stop that comes while a process starts is a
+    case to meet, not a sleep). Returns its exit status and which of the
+    descendants seen then are still alive 10 s after it exited. In the end,
+    what it left is killed by pid and the directory it kept (``kept``: a
+    pattern whose group is its path) removed."""
+    with open(out, "wb") as fh:
+        proc = subprocess.Popen(argv, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    seen: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not ready(out.read_text(),
+                        seen := psutil.Process(proc.pid).children(recursive=True)):
+            assert proc.poll() is None, out.read_text()
+            assert time.monotonic() < deadline, out.read_text()
+            time.sleep(0.001)
+        proc.send_signal(signum)
+        code = proc.wait(timeout=60)
+        return code, psutil.wait_procs(seen, timeout=10)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+        for left in seen:  # what a failing script left behind: by its pid
+            with contextlib.suppress(psutil.NoSuchProcess):
+                left.kill()  # psutil checks that the pid is still this process
+        for path in re.findall(kept, out.read_text()):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def unshare_refused(flag: str, what: str) -> str | None:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +20,7 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import KRUISE_VARS, PY, ROOT, Load, child_env
+from conftest import KRUISE_VARS, PY, ROOT, Load, child_env, stop_when
 
 sys.path.insert(0, str(ROOT / "bench"))
 from run import Procs, analyse, idle_keepalive, markdown, percentile
@@ -230,36 +228,16 @@ def test_a_stopped_bench_leaves_no_process(
     upgrade's hook waited, it killed the hook's shell alone, and the CLI the
     shell waited on polled on until its own timeout."""
     out = tmp_path / "bench.out"
-    with open(out, "wb") as fh:
-        bench = subprocess.Popen(
-            [PY, str(ROOT / "bench/run.py"), "--strategies", "hotswap", "--upgrades", "1",
-             "--quick", "--out", str(tmp_path / "results")],
-            # The hook asks the CLI at once (no fast path on the markers).
-            env={**child_env(), "HOTSWAP_MIGRATE_FAST": "0"}, stdout=fh,
-            stderr=subprocess.STDOUT)
-    started: list[psutil.Process] = []
-    try:
-        deadline = time.monotonic() + 60
-        # The sidecar and the load generator under way, or the hook's CLI
-        # (their pids, not a sleep).
-        while (len(started := psutil.Process(bench.pid).children(recursive=True)) < 2
-               or (when == "hook" and not hook_cli(started))):
-            assert bench.poll() is None, out.read_text()
-            assert time.monotonic() < deadline, out.read_text()
-            time.sleep(0.01)
-        bench.send_signal(signum)
-        assert bench.wait(timeout=60) == 128 + signum, out.read_text()
-        _, alive = psutil.wait_procs(started, timeout=10)
-        assert not alive, f"left running: {alive}\n{out.read_text()}"
-    finally:
-        if bench.poll() is None:
-            bench.kill()
-        bench.wait(timeout=10)
-        for proc in started:  # what a failing bench left behind: by its pid
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.kill()  # psutil checks that the pid is still this process
-        for kept in re.findall(r"logs and raw records kept in (\S+)", out.read_text()):
-            shutil.rmtree(kept, ignore_errors=True)
+    # The sidecar and the load generator under way, or the hook's CLI (their
+    # pids; the hook asks the CLI at once: HOTSWAP_MIGRATE_FAST=0).
+    code, alive = stop_when(
+        [PY, str(ROOT / "bench/run.py"), "--strategies", "hotswap", "--upgrades", "1",
+         "--quick", "--out", str(tmp_path / "results")],
+        child_env(HOTSWAP_MIGRATE_FAST="0"), out, signum,
+        lambda _, started: len(started) >= 2 and (when == "load" or hook_cli(started)),
+        r"logs and raw records kept in (\S+)")
+    assert code == 128 + signum, out.read_text()
+    assert not alive, f"left running: {alive}\n{out.read_text()}"
 
 
 def test_the_bench_ends_a_child_it_did_not_record() -> None:

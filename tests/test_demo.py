@@ -3,7 +3,6 @@ when it is itself told to stop."""
 
 from __future__ import annotations
 
-import contextlib
 import re
 import shutil
 import signal
@@ -12,9 +11,8 @@ import subprocess
 import time
 from pathlib import Path
 
-import psutil
 import pytest
-from conftest import PY, ROOT, child_env, free_port
+from conftest import PY, ROOT, child_env, free_port, stop_when
 
 DEMO = ROOT / "scripts/demo.py"
 
@@ -25,38 +23,18 @@ def test_a_stopped_demo_leaves_no_process_and_no_listener(
         signum: signal.Signals, name: str, tmp_path: Path) -> None:
     port = free_port()
     out = tmp_path / "demo.out"
-    with open(out, "wb") as fh:
-        demo = subprocess.Popen([PY, str(DEMO), "--port", str(port), "--name", name,
-                                 "--dwell", "60"],
-                                env=child_env(), stdout=fh, stderr=subprocess.STDOUT)
-    started: list[psutil.Process] = []
-    try:
-        deadline = time.monotonic() + 60
-        while "busybox: calling" not in out.read_text():
-            assert demo.poll() is None, out.read_text()
-            assert time.monotonic() < deadline, out.read_text()
-            time.sleep(0.05)
-        # The sidecar v1 and the client under way (not a sleep: their pids).
-        # Looked at often, so that the stop often comes as the client starts.
-        while len(started := psutil.Process(demo.pid).children(recursive=True)) < 2:
-            assert time.monotonic() < deadline, started
-            time.sleep(0.001)
-        demo.send_signal(signum)
-        assert demo.wait(timeout=30) != 0
-        _, alive = psutil.wait_procs(started, timeout=10)
-        assert not alive, f"left running: {alive}"
-        with pytest.raises(ConnectionRefusedError):
-            socket.create_connection(("127.0.0.1", port), timeout=2).close()
-        assert "logs kept in" in out.read_text()
-    finally:
-        if demo.poll() is None:
-            demo.kill()
-        demo.wait(timeout=10)
-        for proc in started:  # what a failing demo left behind: by its pid
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.kill()  # psutil checks that the pid is still this process
-        for kept in re.findall(r"logs kept in (\S+)", out.read_text()):
-            shutil.rmtree(kept, ignore_errors=True)
+    # The sidecar v1 and the client under way (their pids): the stop often
+    # comes as the client starts.
+    code, alive = stop_when(
+        [PY, str(DEMO), "--port", str(port), "--name", name, "--dwell", "60"], child_env(),
+        out, signum,
+        lambda text, started: "busybox: calling" in text and len(started) >= 2,
+        r"logs kept in (\S+)")
+    assert code != 0, out.read_text()
+    assert not alive, f"left running: {alive}\n{out.read_text()}"
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    assert "logs kept in" in out.read_text()
 
 
 def test_a_stop_while_a_process_is_started_is_acted_on_once_it_is_recorded() -> None:
