@@ -144,6 +144,9 @@ class Soak:
         before = self.gave_up()
         proc, _ = self.successor("send:accepting:stop-before")
         wait_for(lambda: self.gave_up() > before, 15, "v1 giving up on the frozen successor")
+        # Stopped by now, or the SIGCONT is lost (a starved successor can
+        # reach its SIGSTOP after v1's deadline).
+        wait_for(lambda: frozen(proc.pid), 15, "the successor frozen before confirming")
         proc.send_signal(signal.SIGCONT)
         assert proc.wait(timeout=15) == 1  # the predecessor abandoned the handover
 
