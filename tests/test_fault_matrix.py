@@ -280,7 +280,11 @@ def test_old_side_frozen_inside_its_wait_for_the_confirmation(
     v2 = procs.faulty(name, "v2", "send:accepting:stop-before", port=port, args=DRAIN,
                       HOTSWAP_TEST_OPTIONS=OPTIONS)
     wait_for(lambda: frozen(v2), 15, "v2 frozen before confirming")
-    assert "socket(s) sent" in log_of(procs, v1)  # v1 waits for the confirmation
+    # v1 waits for the confirmation. Waited for, not asserted: v1 writes the
+    # line after its last send returns, and v2 can take the sockets and
+    # stop before a v1 kept off the CPU meanwhile has written it.
+    wait_for(lambda: "socket(s) sent" in log_of(procs, v1), 15,
+             "v1 waiting for the confirmation")
     v1.send_signal(signal.SIGSTOP)
     wait_for(lambda: frozen(v1), 5, "v1 frozen in its wait")
     stopped_at = time.monotonic()
