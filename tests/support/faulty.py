@@ -12,7 +12,10 @@ with the remaining arguments. ``HOTSWAP_TEST_FAULT`` is
   channel would (the process lives on);
 - ``stop-before``: SIGSTOP this process just before sending that message;
 - ``stop-after``: SIGSTOP this process just after sending or receiving that
-  message (the test SIGCONTs or kills it);
+  message (the test SIGCONTs or kills it). The line ``faulty: SIGSTOP`` is
+  written just before the stop: a test waits until the process is stopped
+  (``conftest.frozen``), not for the line, or its SIGCONT can come first
+  and be lost;
 - ``fill-fds``: just before sending that message, take every descriptor
   number this process may still open but one (as a process near its
   RLIMIT_NOFILE would have none to spare).
