@@ -28,7 +28,7 @@ from conftest import Runner, child_env, port_of, until
 import hotswap
 from hotswap import listeners
 from hotswap.control import control_address, query_status, sockaddr
-from hotswap.protocol import Hello, Sender, encode
+from hotswap.protocol import Hello, Sender, SocketInfo, Sockets, Welcome, encode
 from hotswap.transport import Channel
 
 
@@ -1361,6 +1361,74 @@ def test_a_squatter_that_never_answers_is_named(run: Runner) -> None:
         run(main())
     finally:
         squatter.close()
+
+
+def _socket_inode(sock: socket.socket) -> str:
+    return f"socket:[{os.fstat(sock.fileno()).st_ino}]"
+
+
+def _open_links() -> set[str]:
+    """What this process's descriptors point to (``socket:[inode]``, ...)."""
+    links = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own, gone by now
+            links.add(os.readlink(f"/proc/self/fd/{fd}"))
+    return links
+
+
+@pytest.mark.parametrize("case", ["bad-first", "name-twice"])
+def test_a_bad_sockets_frame_leaves_none_of_its_descriptors_open(
+        run: Runner, case: str) -> None:
+    """A predecessor (here one by hand) sends one frame of two descriptors
+    whose first the successor cannot adopt (a pipe for a listener), or
+    whose two entries have one name. The successor fails the takeover,
+    and every descriptor of that frame is closed: the one it rejected,
+    and the one after it, which it never looked at (a listener left open
+    in a process that serves on: its port bound for good, its clients
+    queued with nobody to accept them)."""
+    name = new_name()
+    squatter = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    squatter.bind(sockaddr(control_address(name)))
+    squatter.listen(1)
+    listener = hotswap.listeners.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    sent = _socket_inode(listener)
+    first_r, first_w = os.pipe() if case == "bad-first" else (os.dup(listener.fileno()), -1)
+    entry = SocketInfo(name="http", family="inet", kind="stream", address=f"127.0.0.1:{port}")
+    frame = encode(Sockets(entries=(entry, entry), fds=(first_r, listener.fileno())))
+
+    def predecessor() -> None:
+        with squatter:
+            squatter.settimeout(10)
+            conn, _ = squatter.accept()
+            with conn:
+                conn.settimeout(10)
+                conn.recv(65536)  # the hello
+                conn.sendall(encode(Welcome(pid=1, version="v1", count=2)))
+                socket.send_fds(conn, [frame], [first_r, listener.fileno()])
+                os.close(first_r)
+                if first_w >= 0:
+                    os.close(first_w)
+                listener.close()  # the successor's copies are all that is left
+                with contextlib.suppress(OSError):
+                    conn.recv(65536)  # its Abort, or EOF
+
+    thread = threading.Thread(target=predecessor, daemon=True)
+    thread.start()
+
+    async def main() -> None:
+        new = hotswap.Upgrader(name, version="v2", options=opts())
+        with pytest.raises(hotswap.HandoverFailed, match="not a socket" if case == "bad-first"
+                           else "sent twice"):
+            await new.start()
+        await new.close()
+
+    run(main())
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert sent not in _open_links(), "a descriptor of the frame was left open"
+    with pytest.raises(ConnectionRefusedError):  # nobody holds the listener
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
 
 
 @pytest.mark.parametrize("uids", ["0,root", "-1", "4294967295", "99999999999"])
