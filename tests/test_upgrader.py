@@ -851,7 +851,8 @@ def test_a_stopping_successor_leaves_the_connections_with_the_old_side(
     while the old side still drains: it does not acknowledge a frame of
     connections it would only close under their clients. The old side keeps
     them (0 sent) and serves them on; the successor's adopter is never
-    called."""
+    called, and it keeps no copy of them (closed by the old side, a
+    connection ends for its client)."""
     name = new_name()
 
     async def main() -> None:
@@ -873,8 +874,10 @@ def test_a_stopping_successor_leaves_the_connections_with_the_old_side(
         server_side.sendall(b"the old side")
         client.settimeout(5)
         assert client.recv(100) == b"the old side"
-        for sock in (server_side, client):
-            sock.close()
+        # The old side's close ends it: the successor kept no copy of it.
+        server_side.close()
+        assert client.recv(100) == b""
+        client.close()
         await old.close(cut=0)
         await new.close()
 
@@ -885,7 +888,8 @@ def test_a_frame_with_a_connection_the_successor_cannot_serve_stays(run: Runner)
     """The successor takes TCP connections only, and a frame only whole: one
     with a Unix-socket connection in it is refused before it is
     acknowledged, so every connection of it stays with the old side (none
-    adopted, none closed under its client)."""
+    adopted, none closed under its client, and the successor keeps no copy:
+    once the old side closes one, its client sees the end)."""
     name = new_name()
 
     async def main() -> None:
@@ -903,8 +907,10 @@ def test_a_frame_with_a_connection_the_successor_cannot_serve_stays(run: Runner)
             ours.sendall(b"still the old side")
             theirs.settimeout(5)
             assert theirs.recv(100) == b"still the old side"
-        for sock in (tcp, client, unix, unix_peer):
-            sock.close()
+            # The old side's close ends it: the successor kept no copy of it.
+            ours.close()
+            assert theirs.recv(100) == b""
+            theirs.close()
         await old.close(cut=0)
         await new.close()
 
@@ -1275,7 +1281,9 @@ def test_connections_of_a_dropped_listener_whose_name_was_reused_stay(run: Runne
         on_b.sendall(b"still v1")
         client_b.settimeout(5)
         assert client_b.recv(10) == b"still v1"
-        for s in (on_a, on_b, client_a, client_b, adopted[0][1], sock):
+        on_b.close()  # ends it: the successor kept no copy of the frame it refused
+        assert client_b.recv(10) == b""
+        for s in (on_a, client_a, client_b, adopted[0][1], sock):
             s.close()
         await old.close(cut=0)
         await new.close()
