@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import gc
 import inspect
 import logging
 import os
@@ -842,6 +843,44 @@ def test_a_frame_acknowledged_too_late_is_still_adopted(run: Runner, case: str) 
         await new.close()
 
     run(main())
+
+
+def test_a_connection_whose_adopter_raises_is_closed_by_the_successor(
+        run: Runner, caplog: pytest.LogCaptureFixture) -> None:
+    """The application's adopter raises for a handed-over connection: the
+    predecessor has let go of it (it was acknowledged before the adopter
+    ran), so the successor owns it again and closes it at once, logging
+    why: its client sees the end, not a connection nobody will ever
+    answer. (The collector is held off meanwhile: it would close a socket
+    left to it, later, with a ResourceWarning.)"""
+    name = new_name()
+
+    def refuse(listener: str, sock: socket.socket) -> None:
+        raise RuntimeError("the app cannot take it")
+
+    async def main() -> None:
+        old = await serving_upgrader(name, "v1")
+        client = socket.create_connection(("127.0.0.1", port_of(old.status())))
+        server_side, _ = old._listeners["http"].sock.accept()
+        inode = _socket_inode(server_side)
+        new = await taken_over(old, name, refuse)
+        assert await old.hand_over_connections([("http", server_side.fileno(), "peer")]) == 1
+        server_side.close()  # as the drain does once it is sent
+        await until(lambda: "the app cannot take it" in caplog.text, "the adopter's failure")
+        assert inode not in _open_links(), "the successor kept the connection"
+        client.settimeout(5)
+        assert await asyncio.to_thread(client.recv, 100) == b""
+        client.close()
+        await old.close(cut=0)
+        await new.close()
+
+    gc.disable()
+    try:
+        with caplog.at_level(logging.WARNING, logger="hotswap"):
+            run(main())
+    finally:
+        gc.enable()
+    assert "adopting connection from peer failed: the app cannot take it" in caplog.text
 
 
 @pytest.mark.parametrize("how", ["stop-requested", "released"])
