@@ -224,6 +224,23 @@ def test_unexpected_descriptors_are_closed() -> None:
     assert sorted(closed) == [11, 12]
 
 
+def test_a_descriptor_more_than_a_sockets_frame_carries_closes_them_all() -> None:
+    """One descriptor too many with a frame that carries some: the frame's
+    own are closed with the extra one (the caller never gets them), and a
+    descriptor that arrives once the connection is in ERROR is closed too."""
+    p = Pair()
+    p.send(p.client, Hello(pid=2, version="v2"))
+    p.send(p.server, Welcome(pid=1, version="v1", count=2))
+    data = p.server.send(Sockets(entries=(info(1), info(2)), fds=(5, 6)))
+    p.client.receive_data(data, (5, 6, 7))
+    with pytest.raises(RemoteProtocolError, match="1 unexpected descriptor"):
+        p.client.next_event()
+    assert sorted(p.closed) == [5, 6, 7]
+    p.client.receive_data(b"more", (8,))
+    assert sorted(p.closed) == [5, 6, 7, 8]
+    assert p.client.pending_fds == 0
+
+
 def test_missing_descriptors_close_what_arrived() -> None:
     p = Pair()
     p.send(p.client, Hello(pid=2, version="v2"))
