@@ -103,6 +103,54 @@ def test_next_response_says_close_and_drain_completes(zero_cost: bool) -> None:
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("zero_cost", [True, False], ids=["factory", "middleware"])
+def test_an_error_response_in_the_drain_says_close_too(zero_cost: bool) -> None:
+    """A response made of an HTTPException (a 404 for a path nobody
+    serves, a handler's ``raise web.HTTPForbidden``) is a response like
+    another: once the drain started it says ``Connection: close`` and the
+    connection ends, in both modes. Sent keep-alive, its connection would
+    idle on until the deadline cut it, under the client's next request."""
+    async def main() -> None:
+        async def forbidden(request: web.Request) -> web.Response:
+            raise web.HTTPForbidden()
+
+        app = web.Application()
+        app.router.add_get("/forbidden", forbidden)
+        drainer = Drainer(zero_cost=zero_cost)
+        drainer.install(app)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        connections = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+        try:
+            for (reader, writer), path in zip(connections, (b"/nobody", b"/forbidden"),
+                                              strict=True):
+                writer.write(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+                head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).lower()
+                assert b"connection: close" not in head, head  # not draining yet
+                await asyncio.wait_for(reader.readexactly(
+                    int(head.split(b"content-length:")[1].split(b"\r\n")[0])), 10)
+            await site.stop()
+            assert runner.server is not None
+            drain = asyncio.create_task(drainer.drain(runner.server, timeout=10))
+            for (reader, writer), (path, status) in zip(
+                    connections, ((b"/nobody", b"404"), (b"/forbidden", b"403")), strict=True):
+                writer.write(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+                head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).lower()
+                assert head.startswith(b"http/1.1 " + status), head
+                assert b"connection: close" in head, head
+                await eof(reader)  # then closed by the server
+            assert await asyncio.wait_for(drain, 10) == 0
+        finally:
+            for _, writer in connections:
+                writer.close()
+            await runner.cleanup()
+
+    asyncio.run(main())
+
+
 def test_idle_connection_is_cut_at_the_deadline_and_counted() -> None:
     async def main() -> None:
         async def hello(request: web.Request) -> web.Response:
