@@ -20,7 +20,15 @@ from conftest import PY, ROOT, Procs, child_env, wait_for
 
 import hotswap
 from hotswap.errors import ListenerError
-from hotswap.listeners import adopt_fd, bind, describe, matches, systemd_sockets, wanted_info
+from hotswap.listeners import (
+    adopt_connection_fd,
+    adopt_fd,
+    bind,
+    describe,
+    matches,
+    systemd_sockets,
+    wanted_info,
+)
 from hotswap.protocol import SocketInfo
 
 
@@ -321,10 +329,59 @@ def test_adopt_valid_listener() -> None:
     sock = bind(("127.0.0.1", 0))
     info = describe("http", sock)
     fd = os.dup(sock.fileno())
+    os.set_inheritable(fd, True)  # os.dup's copy is close-on-exec already
     adopted = adopt_fd(fd, info)
     assert adopted.fileno() == fd and not adopted.get_inheritable()
+    assert not adopted.getblocking()
     adopted.close()
     sock.close()
+
+
+def test_adopt_a_connection() -> None:
+    """A handed-over connection is adopted as it is: the same descriptor,
+    now non-blocking and close-on-exec, still connected to its client."""
+    listener = bind(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname(), timeout=5)
+    ours, _ = listener.accept()
+    fd = ours.detach()
+    os.set_inheritable(fd, True)
+    adopted = adopt_connection_fd(fd)
+    try:
+        assert adopted.fileno() == fd and not adopted.get_inheritable()
+        assert not adopted.getblocking()
+        adopted.sendall(b"adopted")
+        assert client.recv(10) == b"adopted"
+    finally:
+        for sock in (adopted, client, listener):
+            sock.close()
+
+
+@pytest.mark.parametrize("case", ["pipe", "unix", "listening", "unconnected", "udp"])
+def test_adopt_connection_rejects_and_closes(case: str) -> None:
+    """What is no connected TCP stream socket (a pipe, a Unix-socket
+    connection, a listener, a TCP socket connected to nobody, UDP) is a
+    ListenerError, and the descriptor is closed, never leaked."""
+    extra: list[socket.socket] = []
+    if case == "pipe":
+        fd, w = os.pipe()
+        os.close(w)
+    elif case == "unix":
+        ours, theirs = socket.socketpair()
+        extra.append(theirs)
+        fd = ours.detach()
+    elif case == "listening":
+        fd = bind(("127.0.0.1", 0)).detach()
+    elif case == "unconnected":
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        fd = sock.detach()
+    else:
+        fd = bind(("127.0.0.1", 0), kind="dgram").detach()
+    with pytest.raises(ListenerError):
+        adopt_connection_fd(fd)
+    assert not is_open(fd)
+    for sock in extra:
+        sock.close()
 
 
 @pytest.mark.parametrize("case", ["pipe", "not-listening", "wrong-address", "wrong-family"])
