@@ -1478,6 +1478,46 @@ def test_a_bad_sockets_frame_leaves_none_of_its_descriptors_open(
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
 
 
+@pytest.mark.parametrize("client", ["blocking", "async"])
+def test_a_status_client_given_half_a_frame_and_a_descriptor_keeps_neither(
+        client: str) -> None:
+    """Something of our uid on the control name sends half of an answer
+    to a status query, with a descriptor, then nothing: the status client
+    (the CLI's, and the library's) times out and closes that descriptor
+    (a long-lived caller, a probe loop, would pile them up)."""
+    name = new_name()
+    squatter = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    squatter.bind(sockaddr(control_address(name)))
+    squatter.listen(1)
+    gift = socket.socket()
+    sent = _socket_inode(gift)
+    done = threading.Event()
+
+    def serve() -> None:
+        with squatter:
+            squatter.settimeout(10)
+            conn, _ = squatter.accept()
+            with conn:
+                conn.recv(65536)  # the status request
+                frame = encode(hotswap.protocol.Refused(code="busy", reason="x" * 100))
+                socket.send_fds(conn, [frame[:20]], [gift.fileno()])
+                gift.close()
+                done.wait(10)  # the rest never comes
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(hotswap.HandoverTimeout):
+            if client == "blocking":
+                hotswap.control.status_blocking(control_address(name), timeout=0.5)
+            else:
+                asyncio.run(query_status(control_address(name), timeout=0.5))
+        assert sent not in _open_links(), "the status client kept the descriptor"
+    finally:
+        done.set()
+        thread.join(timeout=10)
+
+
 @pytest.mark.parametrize("uids", ["0,root", "-1", "4294967295", "99999999999"])
 def test_a_malformed_allow_uids_is_a_clear_error(uids: str) -> None:
     # 4294967295 is uid_t's -1 (no uid); a bigger number is no uid_t at all.
