@@ -1518,6 +1518,38 @@ def test_a_status_client_given_half_a_frame_and_a_descriptor_keeps_neither(
         thread.join(timeout=10)
 
 
+@pytest.mark.parametrize("client", ["blocking", "async"])
+def test_a_status_client_whose_server_closes_without_answering_says_so_at_once(
+        client: str) -> None:
+    """The process on the control name reads the status query and closes
+    the connection: the status client says the peer closed it, at once,
+    not a timeout at the end of its deadline (10 s here)."""
+    name = new_name()
+    squatter = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    squatter.bind(sockaddr(control_address(name)))
+    squatter.listen(1)
+
+    def serve() -> None:
+        with squatter:
+            squatter.settimeout(10)
+            conn, _ = squatter.accept()
+            with conn:
+                conn.recv(65536)  # the status request, then the end
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(hotswap.BrokenResourceError, match="peer closed"):
+            if client == "blocking":
+                hotswap.control.status_blocking(control_address(name), timeout=10)
+            else:
+                asyncio.run(query_status(control_address(name), timeout=10))
+        assert time.monotonic() - started < 5
+    finally:
+        thread.join(timeout=10)
+
+
 @pytest.mark.parametrize("uids", ["0,root", "-1", "4294967295", "99999999999"])
 def test_a_malformed_allow_uids_is_a_clear_error(uids: str) -> None:
     # 4294967295 is uid_t's -1 (no uid); a bigger number is no uid_t at all.
