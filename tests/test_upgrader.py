@@ -1509,9 +1509,9 @@ def test_a_status_client_given_half_a_frame_and_a_descriptor_keeps_neither(
     try:
         with pytest.raises(hotswap.HandoverTimeout):
             if client == "blocking":
-                hotswap.control.status_blocking(control_address(name), timeout=0.5)
+                hotswap.control.status_blocking(control_address(name), timeout=2)
             else:
-                asyncio.run(query_status(control_address(name), timeout=0.5))
+                asyncio.run(query_status(control_address(name), timeout=2))
         assert sent not in _open_links(), "the status client kept the descriptor"
     finally:
         done.set()
