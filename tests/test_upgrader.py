@@ -1538,14 +1538,14 @@ def test_a_status_client_whose_server_closes_without_answering_says_so_at_once(
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
-    started = time.monotonic()
     try:
+        # Not a HandoverTimeout at the deadline (what the client said when
+        # it spun on recv() at EOF until then).
         with pytest.raises(hotswap.BrokenResourceError, match="peer closed"):
             if client == "blocking":
                 hotswap.control.status_blocking(control_address(name), timeout=10)
             else:
                 asyncio.run(query_status(control_address(name), timeout=10))
-        assert time.monotonic() - started < 5
     finally:
         thread.join(timeout=10)
 
