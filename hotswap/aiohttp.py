@@ -1089,7 +1089,14 @@ async def serve(app: web.Application, upgrader: Upgrader,
         finally:
             upgrader._run_by = None  # its close() is a close again
             for signum in installed:
-                loop.remove_signal_handler(signum)
-                if _restorable(previous[signum]):
-                    signal.signal(signum, previous[signum])
+                # Held meanwhile: between remove_signal_handler()'s SIG_DFL
+                # and the restore, a SIGHUP killed a process started with
+                # it ignored. Held, it meets what was there before.
+                held = signal.pthread_sigmask(signal.SIG_BLOCK, {signum})
+                try:
+                    loop.remove_signal_handler(signum)
+                    if _restorable(previous[signum]):
+                        signal.signal(signum, previous[signum])
+                finally:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
