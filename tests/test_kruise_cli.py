@@ -189,6 +189,26 @@ def test_cli_without_a_server(procs: Procs, name: str) -> None:
     assert result.returncode != 0 and "SIDECARSET_VERSION" in result.stderr
 
 
+def test_a_slot_still_starting_is_neither_ready_nor_done(procs: Procs, name: str) -> None:
+    """A fresh slot answers on its control socket from its start, saying
+    "starting" while the app's on_startup callbacks run (here: forever),
+    before anything accepts: its probe says not ready and its wait-ready
+    does not succeed (the probe said "ready: serving" for any state of its
+    own version, and the pod went Ready while nothing accepted)."""
+    v1 = procs.faulty(name, "v1", "app:on_startup:hang",
+                      SIDECARSET_VERSION="1", SIDECARSET_VERSION_ALT="0")
+    wait_for(lambda: "faulty: on_startup hangs" in procs.logs(), 15, "v1 in on_startup")
+    st = status(name)
+    assert st is not None and (st.pid, st.state) == (v1.pid, "starting"), st
+    result = cli(procs, "probe", "--name", name, SIDECARSET_VERSION="1")
+    assert result.returncode == 1 and "not ready" in result.stderr, result
+    result = cli(procs, "wait-ready", "--name", name, "--timeout", "0.5",
+                 SIDECARSET_VERSION="1")
+    assert result.returncode == 1 and "ours but not yet done" in result.stderr, result
+    v1.send_signal(signal.SIGTERM)
+    assert v1.wait(timeout=15) == 0
+
+
 def test_status_wait_ready_and_probe_against_real_sidecars(procs: Procs, name: str) -> None:
     v1 = procs.sidecar(name, "v1", SIDECARSET_VERSION="1", SIDECARSET_VERSION_ALT="0")
     assert hook(procs, SIDECARSET_VERSION="1", SIDECARSET_VERSION_ALT="0",
