@@ -1512,6 +1512,33 @@ def test_a_clean_up_hook_added_in_on_startup_is_bounded_too(run: Runner, phase: 
     run(main())
 
 
+def test_on_cleanup_after_an_on_shutdown_that_ran_its_time_ends_by_the_stops_bound(
+        run: Runner, caplog: pytest.LogCaptureFixture) -> None:
+    """An ``on_shutdown`` callback and an ``on_cleanup`` callback that both
+    never return: ``on_shutdown`` starts as the drain ends and is abandoned
+    after ``cleanup_timeout``; ``on_cleanup`` starts only then, and must be
+    over by the drain's end + the grace (1 s) + ``cleanup_timeout``
+    (DEFAULT_CLEANUP_TIMEOUT: a stop within 29 s, inside Kubernetes' 30 s),
+    not ``cleanup_timeout`` after its own start (the drain's end + twice
+    that: past the kubelet's SIGKILL with the defaults)."""
+    async def main() -> None:
+        async def never(app: web.Application) -> None:
+            await asyncio.Event().wait()
+
+        app = app_of("v1")
+        app.on_shutdown.append(never)
+        app.on_cleanup.append(never)
+        upgrader, task = await serve_v1(app, drain_timeout=0, cleanup_timeout=4)
+        # Bound: drain 0 + grace 1 + cleanup_timeout 4 = 5 s, and slack for
+        # a busy CI (below the 8 s of twice cleanup_timeout).
+        took = await stopped_within(upgrader, task, limit=15)
+        assert task.result() == 1
+        assert caplog.text.count("still running after 4.0s: abandoned") == 2, caplog.text
+        assert took < 6.5, took
+
+    run(main())
+
+
 def test_connections_handed_over_at_the_deadline_are_not_counted_cut(
         run: Runner, caplog: pytest.LogCaptureFixture) -> None:
     """v1's drain deadline comes while it waits for the successor to
@@ -2579,15 +2606,19 @@ def test_a_plain_connection_handed_to_a_tls_listener_stays_plain(
     run(main())
 
 
+@pytest.mark.parametrize("aged", [False, True], ids=["just-accepted", "accepted-long-before"])
 def test_a_tls_handshake_in_progress_keeps_the_old_process_draining(
-        procs: Procs, name: str, certificate: tuple[Path, Path]) -> None:
+        procs: Procs, name: str, certificate: tuple[Path, Path], aged: bool) -> None:
     """v1 (a process) has accepted a TLS connection whose client has not
     begun its handshake yet when v2 takes over, and nothing else is left
     with v1. aiohttp's server does not know that connection before its
     handshake ends: v1's drain used to end at once and v1 exited under the
     client, whose handshake then failed. v1 now waits for it (up to
     _HANDSHAKE_WAIT from the drain's start, 2 s), answers its request with
-    Connection: close, then exits."""
+    Connection: close, then exits. Also when it was accepted more than
+    _HANDSHAKE_WAIT before the drain began (``aged``): nothing tells a
+    handshake that failed from one whose client is slow to start it, so
+    the drain's start gives each its full wait again."""
     cert, key = certificate
     tls = ("--tls-cert", str(cert), "--tls-key", str(key))
     v1 = procs.sidecar(name, "v1", args=(*tls, "--drain-timeout", "10"))
@@ -2596,6 +2627,8 @@ def test_a_tls_handshake_in_progress_keeps_the_old_process_draining(
     try:
         wait_for(lambda: accepted(v1.pid, raw), 10,
                  "v1 accepting the connection (its handshake not begun)")
+        if aged:  # a wait for time itself: older than _HANDSHAKE_WAIT
+            time.sleep(hotswap.aiohttp._HANDSHAKE_WAIT + 0.5)
         v2 = procs.sidecar(name, "v2", args=tls)
         wait_for(serving_process(name, "v2", settled=False), 15, "v2 serving")
         assert v1.poll() is None, "v1 waits for the handshake in progress"
