@@ -209,6 +209,29 @@ def test_a_slot_still_starting_is_neither_ready_nor_done(procs: Procs, name: str
     assert v1.wait(timeout=15) == 0
 
 
+def test_wait_ready_polls_a_server_that_does_not_answer_only_within_its_timeout(
+        procs: Procs, name: str) -> None:
+    """A server whose event loop does not run (SIGSTOP: it accepts in the
+    kernel, answers nothing) is polled within what is left of wait-ready's
+    --timeout, not the 2 s a poll may take at most: each poll's own limit
+    says so in the last error (a 0.3 s wait-ready waited 2 s, and a hook's
+    CLI given its last second ran past the hook's deadline)."""
+    v1 = procs.sidecar(name, "v1", SIDECARSET_VERSION="1", SIDECARSET_VERSION_ALT="0")
+    wait_for(serving(name, "v1"), 15, "v1 serving")
+    v1.send_signal(signal.SIGSTOP)
+    try:
+        wait_for(lambda: frozen(v1.pid), 10, "v1 stopped")
+        result = cli(procs, "wait-ready", "--name", name, "--timeout", "0.3",
+                     SIDECARSET_VERSION="2")
+    finally:
+        v1.send_signal(signal.SIGCONT)
+    assert result.returncode == 1 and "timed out after 0.3s" in result.stderr, result
+    polled = re.findall(r"within (\d+\.\d)s", result.stderr)
+    assert polled and all(float(limit) <= 0.3 for limit in polled), result
+    v1.send_signal(signal.SIGTERM)
+    assert v1.wait(timeout=15) == 0
+
+
 def test_status_wait_ready_and_probe_against_real_sidecars(procs: Procs, name: str) -> None:
     v1 = procs.sidecar(name, "v1", SIDECARSET_VERSION="1", SIDECARSET_VERSION_ALT="0")
     assert hook(procs, SIDECARSET_VERSION="1", SIDECARSET_VERSION_ALT="0",
@@ -356,6 +379,34 @@ def test_the_hook_never_gives_up_before_its_timeout(procs: Procs, name: str,
     assert found is not None, result
     given, at, deadline = float(found[1]), float(found[2]), int(found[3]) / 100
     assert deadline <= at + given <= max(deadline, at + 1.0) + 0.5, (given, at, deadline)
+
+
+def test_a_fast_path_longer_than_the_timeout_leaves_the_cli_its_last_second(
+        procs: Procs, name: str) -> None:
+    """HOTSWAP_MIGRATE_FAST at or over HOTSWAP_MIGRATE_TIMEOUT (the default
+    fast path, 10 s, with a 2 s timeout): the fast path watches for the
+    marker for the timeout less a second, and the CLI runs before the
+    hook's deadline with what is left. (Unclamped, the fast path watched
+    its whole 5 s here, and the CLI ran past the deadline the hook left for
+    the sidecar: a hook that waited longer than it said.) Nobody serves
+    NAME; a stand-in CLI reports when it ran (/proc/uptime, the hook's own
+    clock) and the deadline the hook left."""
+    no_cli = procs.tmp / "no-cli"
+    no_cli.write_text('#!/bin/sh\necho "cli ran: $*"\n'
+                      'echo "at: $(cut -d" " -f1 /proc/uptime)"\n'
+                      'echo "deadline: $(cat "$HOTSWAP_HOOK_DIR/'
+                      'hotswap-hook-$HOTSWAP_NAME-2@$(uname -n)")"\n'
+                      'exit 7\n')
+    no_cli.chmod(0o755)
+    result = hook(procs, SIDECARSET_VERSION="2", SIDECARSET_VERSION_ALT="1",
+                  HOTSWAP_NAME=name, HOTSWAP_CLI=str(no_cli),
+                  HOTSWAP_MIGRATE_TIMEOUT="2", HOTSWAP_MIGRATE_FAST="5")
+    assert result.returncode == 7, result
+    found = re.search(r"cli ran: wait-ready --name \S+ --timeout ([\d.]+)\n"
+                      r"at: ([\d.]+)\ndeadline: (\d+)\n", result.stdout)
+    assert found is not None, result
+    given, at, deadline = float(found[1]), float(found[2]), int(found[3]) / 100
+    assert at < deadline <= at + given, (given, at, deadline)
 
 
 def test_a_clock_step_does_not_shorten_the_hook(procs: Procs, name: str) -> None:
