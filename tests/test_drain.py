@@ -179,7 +179,11 @@ def test_failed_connection_transfer_drains_the_safe_way(caplog: pytest.LogCaptur
                                                         ) -> None:
     """Issue 6: when handing a connection to the successor fails (here the
     successor's end of the channel is gone), the old side resumes it and its
-    next response says Connection: close: it is never dropped silently."""
+    next response says Connection: close: it is never dropped silently.
+    So does the response of a request in flight then on another connection
+    (paused by the round, which found it busy at a boundary): the handover
+    stopped, every connection drains the safe way (that one answered
+    keep-alive, then sat idle until the deadline's cut)."""
     import uuid
 
     import hotswap
@@ -191,8 +195,16 @@ def test_failed_connection_transfer_drains_the_safe_way(caplog: pytest.LogCaptur
         async def hello(request: web.Request) -> web.Response:
             return web.Response(text="hi")
 
+        entered, gate = asyncio.Event(), asyncio.Event()
+
+        async def held(request: web.Request) -> web.Response:
+            entered.set()
+            await gate.wait()
+            return web.Response(text="done")
+
         app = web.Application()
         app.router.add_get("/", hello)
+        app.router.add_get("/held", held)
         old = hotswap.Upgrader(name, version="v1", options=hotswap.Options(env={}))
         await old.start()
         sock = old.listen("http", ("127.0.0.1", 0))
@@ -205,6 +217,9 @@ def test_failed_connection_transfer_drains_the_safe_way(caplog: pytest.LogCaptur
         await old.ready()
         reader, writer = await asyncio.open_connection(*sock.getsockname())
         assert b"connection: close" not in await get(reader, writer)
+        busy_reader, busy_writer = await asyncio.open_connection(*sock.getsockname())
+        busy_writer.write(b"GET /held HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.wait_for(entered.wait(), 10)
 
         new = hotswap.Upgrader(name, version="v2", options=hotswap.Options(env={}))
         new.adopt_connections(lambda listener, conn: conn.close())
@@ -226,9 +241,17 @@ def test_failed_connection_transfer_drains_the_safe_way(caplog: pytest.LogCaptur
         second = await get(reader, writer)
         assert b"connection: close" in second
         assert await eof(reader) == b""
+        await until(lambda: "the rest drain the safe way" in caplog.text,
+                    "the handover to stop")
+        gate.set()
+        async with asyncio.timeout(10):
+            held_head = (await busy_reader.readuntil(b"\r\n\r\n")).lower()
+        assert b"connection: close" in held_head, held_head
+        assert (await eof(busy_reader)).endswith(b"done")
         assert await drain == 0
         assert migrator.moved == 0
         writer.close()
+        busy_writer.close()
         await runner.cleanup()
         await old.close()
 
