@@ -2180,6 +2180,38 @@ def test_a_content_length_the_parser_takes_for_none_is_not_framed_on_its_word(
     run(main())
 
 
+def test_a_read_that_ends_inside_a_next_requests_head_is_not_at_a_boundary(
+        run: Runner) -> None:
+    """One read holds a whole GET and the first bytes of the next request's
+    head: aiohttp's parser makes the GET and keeps the rest in its buffer,
+    where the connection's idleness does not show it. The framer must read
+    that read itself (the fast path takes the parser's word only for a read
+    that ends with a header block's end): taken on the parser's word, the
+    connection read as idle at a boundary once the GET was answered, moved,
+    and those bytes were lost (the successor read the rest of the head as
+    a request of its own). The rest sent, both are answered here. Real
+    transports on a socket pair."""
+    async def main() -> None:
+        async def handler(request: web.BaseRequest) -> web.Response:
+            return web.Response(text=f"path {request.path}")
+
+        async with tracked_connection(handler) as (tracked, _, reader, writer):
+            writer.write(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\nGET /second HTTP/1.1\r\nHo")
+            async with asyncio.timeout(5):
+                first = await read_response(reader)
+            assert first.endswith(b"path /first"), first
+            await until(tracked.idle, "the first request answered")
+            assert not tracked.at_boundary() and not tracked.idle_at_boundary()
+            writer.write(b"st: x\r\n\r\n")
+            async with asyncio.timeout(5):
+                second = await read_response(reader)
+            assert second.endswith(b"path /second"), second
+            await until(tracked.idle, "the second request answered")
+            assert tracked.idle_at_boundary()
+
+    run(main())
+
+
 def test_pipelined_requests_aiohttp_holds_unparsed_keep_a_connection_from_moving(
         run: Runner) -> None:
     """aiohttp 3.14's parser stops between requests while it counts 32 in
