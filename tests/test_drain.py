@@ -535,3 +535,26 @@ def test_a_handler_still_running_for_a_client_gone_still_holds_the_drain(
                 assert await drain == 0
 
     run(main())
+
+
+@pytest.mark.parametrize("run", [asyncio.run, uvloop.run], ids=["asyncio", "uvloop"])
+def test_a_connection_the_successor_cannot_adopt_is_closed(run: Runner) -> None:
+    """Migrator.adopt() owns the socket it is given: when the event loop
+    refuses to serve it (here, a datagram socket: no stream connection),
+    the failure is logged and the socket closed, not left open in the
+    successor (a descriptor, and its client's connection, held for the
+    process's life)."""
+    async def main() -> None:
+        runner = web.AppRunner(web.Application())
+        await runner.setup()
+        try:
+            migrator = Migrator()
+            migrator.runner = runner
+            refused = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            migrator.adopt("http", refused)
+            await until(lambda: not migrator._adoptions, "the adoption to end")
+            assert refused.fileno() == -1, "closed by the migrator"
+        finally:
+            await runner.cleanup()
+
+    run(main())
