@@ -174,6 +174,25 @@ def test_a_clean_up_callback_that_ignores_cancellation_does_not_keep_the_process
     assert "on_shutdown cancelled, going on" in procs.logs()
 
 
+def test_a_third_sigterm_exits_at_once(procs: Procs, name: str) -> None:
+    """Invariant 5's last step: the app's on_shutdown never returns and
+    ignores its cancellation (serve() would abandon it after
+    cleanup_timeout, 3 s); a second SIGTERM only cuts the drain short, and
+    a third ends the process at once, with 128 + SIGTERM (the escalation an
+    operator relies on when a clean-up hangs; it only cut the drain again,
+    and the process stayed until its clean-up's end)."""
+    v1 = procs.faulty(name, "v1", "app:on_shutdown:ignore-cancel",
+                      args=("--drain-timeout", "0.5"))
+    wait_for(serving(name, "v1"), 15, "v1 serving")
+    v1.send_signal(signal.SIGTERM)
+    wait_for(lambda: "on_shutdown that ignores cancellation" in procs.logs(), 10,
+             "v1's on_shutdown to hang")
+    v1.send_signal(signal.SIGTERM)
+    wait_for(lambda: "cutting the drain short" in procs.logs(), 10, "the second SIGTERM")
+    v1.send_signal(signal.SIGTERM)
+    assert v1.wait(timeout=15) == 128 + signal.SIGTERM
+
+
 def _caught(pid: int) -> set[int]:
     """The signals ``pid`` has a handler for (``SigCgt`` in its status)."""
     with open(f"/proc/{pid}/status") as fh:
