@@ -340,6 +340,31 @@ def test_status_wait_ready_and_probe_against_real_sidecars(procs: Procs, name: s
                     HOTSWAP_NAME=name).returncode == 1
 
 
+def stand_in_cli(procs: Procs) -> Path:
+    """A stand-in for the hook's CLI: it reports its arguments, when it ran
+    (/proc/uptime, the hook's own clock) and the deadline the hook left for
+    the sidecar of version 2 (hundredths of a second since boot); exits 7."""
+    no_cli = procs.tmp / "no-cli"
+    no_cli.write_text('#!/bin/sh\necho "cli ran: $*"\n'
+                      'echo "at: $(cut -d" " -f1 /proc/uptime)"\n'
+                      'echo "deadline: $(cat "$HOTSWAP_HOOK_DIR/'
+                      'hotswap-hook-$HOTSWAP_NAME-2@$(uname -n)")"\n'
+                      'exit 7\n')
+    no_cli.chmod(0o755)
+    return no_cli
+
+
+def what_the_cli_was_given(result: subprocess.CompletedProcess[str]
+                           ) -> tuple[float, float, float]:
+    """From a hook that ran :func:`stand_in_cli`: the timeout it gave the
+    CLI, when the CLI ran and the deadline, in seconds since boot."""
+    assert result.returncode == 7, result
+    found = re.search(r"cli ran: wait-ready --name \S+ --timeout ([\d.]+)\n"
+                      r"at: ([\d.]+)\ndeadline: (\d+)\n", result.stdout)
+    assert found is not None, result
+    return float(found[1]), float(found[2]), int(found[3]) / 100
+
+
 @pytest.mark.parametrize(("phase", "sleep"), [(0.05, "real"), (0.95, "real"),
                                               (0.5, "truncating")])
 def test_the_hook_never_gives_up_before_its_timeout(procs: Procs, name: str,
@@ -355,13 +380,7 @@ def test_the_hook_never_gives_up_before_its_timeout(procs: Procs, name: str,
     timeout given must reach the deadline, and not go past it by more than
     the rounding to tenths and the stand-in's own start (a second: the CLI
     always gets at least one)."""
-    no_cli = procs.tmp / "no-cli"
-    no_cli.write_text('#!/bin/sh\necho "cli ran: $*"\n'
-                      'echo "at: $(cut -d" " -f1 /proc/uptime)"\n'
-                      'echo "deadline: $(cat "$HOTSWAP_HOOK_DIR/'
-                      'hotswap-hook-$HOTSWAP_NAME-2@$(uname -n)")"\n'
-                      'exit 7\n')
-    no_cli.chmod(0o755)
+    no_cli = stand_in_cli(procs)
     env = {}
     if sleep == "truncating":
         bin_dir = procs.tmp / "bin"
@@ -373,11 +392,7 @@ def test_the_hook_never_gives_up_before_its_timeout(procs: Procs, name: str,
     result = hook(procs, SIDECARSET_VERSION="2", SIDECARSET_VERSION_ALT="1",
                   HOTSWAP_NAME=name, HOTSWAP_CLI=str(no_cli),
                   HOTSWAP_MIGRATE_TIMEOUT="3", HOTSWAP_MIGRATE_FAST="2", **env)
-    assert result.returncode == 7, result
-    found = re.search(r"cli ran: wait-ready --name \S+ --timeout ([\d.]+)\n"
-                      r"at: ([\d.]+)\ndeadline: (\d+)\n", result.stdout)
-    assert found is not None, result
-    given, at, deadline = float(found[1]), float(found[2]), int(found[3]) / 100
+    given, at, deadline = what_the_cli_was_given(result)
     assert deadline <= at + given <= max(deadline, at + 1.0) + 0.5, (given, at, deadline)
 
 
@@ -391,21 +406,11 @@ def test_a_fast_path_longer_than_the_timeout_leaves_the_cli_its_last_second(
     the sidecar: a hook that waited longer than it said.) Nobody serves
     NAME; a stand-in CLI reports when it ran (/proc/uptime, the hook's own
     clock) and the deadline the hook left."""
-    no_cli = procs.tmp / "no-cli"
-    no_cli.write_text('#!/bin/sh\necho "cli ran: $*"\n'
-                      'echo "at: $(cut -d" " -f1 /proc/uptime)"\n'
-                      'echo "deadline: $(cat "$HOTSWAP_HOOK_DIR/'
-                      'hotswap-hook-$HOTSWAP_NAME-2@$(uname -n)")"\n'
-                      'exit 7\n')
-    no_cli.chmod(0o755)
+    no_cli = stand_in_cli(procs)
     result = hook(procs, SIDECARSET_VERSION="2", SIDECARSET_VERSION_ALT="1",
                   HOTSWAP_NAME=name, HOTSWAP_CLI=str(no_cli),
                   HOTSWAP_MIGRATE_TIMEOUT="2", HOTSWAP_MIGRATE_FAST="5")
-    assert result.returncode == 7, result
-    found = re.search(r"cli ran: wait-ready --name \S+ --timeout ([\d.]+)\n"
-                      r"at: ([\d.]+)\ndeadline: (\d+)\n", result.stdout)
-    assert found is not None, result
-    given, at, deadline = float(found[1]), float(found[2]), int(found[3]) / 100
+    given, at, deadline = what_the_cli_was_given(result)
     assert at < deadline <= at + given, (given, at, deadline)
 
 
