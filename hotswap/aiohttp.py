@@ -1091,7 +1091,9 @@ async def serve(app: web.Application, upgrader: Upgrader,
             for signum in installed:
                 # Held meanwhile: between remove_signal_handler()'s SIG_DFL
                 # and the restore, a SIGHUP killed a process started with
-                # it ignored. Held, it meets what was there before.
+                # it ignored. Held, it meets what was there before. (Held in
+                # this thread: one of the app's threads that does not block
+                # it can still take it in between.)
                 held = signal.pthread_sigmask(signal.SIG_BLOCK, {signum})
                 try:
                     loop.remove_signal_handler(signum)
