@@ -155,10 +155,17 @@ def run_hook(env: dict[str, str], timeout: float = 120) -> subprocess.CompletedP
 def kill_children() -> None:
     """The bench's last clean-up: SIGKILL and reap every child this process
     still has, such as one a stop came for between its fork and its record
-    in :class:`Procs` (the exception out of ``Popen``), or a wrk run. Unreaped,
-    a child's pid cannot be another process's."""
+    in :class:`Procs` (the exception out of ``Popen``), or a wrk run. A child
+    that leads a process group of its own (a hook's shell, started in a
+    session of its own: a stop inside its ``Popen`` never reached
+    :func:`run_hook`'s clean-up) has its whole group killed: the CLI the
+    shell had started polled on until its own timeout. Unreaped, a child's
+    pid, hence the id of the group it leads, cannot be another process's."""
     for child in psutil.Process().children():
-        with contextlib.suppress(psutil.NoSuchProcess, psutil.TimeoutExpired):
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.TimeoutExpired,
+                                 ProcessLookupError):
+            if os.getpgid(child.pid) == child.pid:  # its own group, not ours
+                os.killpg(child.pid, signal.SIGKILL)
             child.kill()
             child.wait(timeout=10)
 

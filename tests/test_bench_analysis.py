@@ -257,3 +257,26 @@ def test_the_bench_ends_a_child_it_did_not_record() -> None:
     done = subprocess.run([PY, "-c", "import os\n" + probe], capture_output=True,
                           text=True, timeout=30)
     assert done.stdout == "False\n", done.stdout + done.stderr
+
+
+def test_the_bench_ends_the_group_of_a_hook_it_did_not_get_back() -> None:
+    """A stop inside the hook's ``Popen`` (after its fork) never reaches
+    ``run_hook()``'s clean-up, and the shell, in a session of its own, goes
+    on to start the CLI: killing the shell alone left that CLI polling until
+    its own timeout (2 of 3 bench runs stopped the moment the hook's shell
+    showed up). The last clean-up kills the group such a child leads. In a
+    process of its own: here it would end this test run's children too."""
+    probe = (f"import os, subprocess, sys; sys.path.insert(0, {str(ROOT / 'bench')!r})\n"
+             "import psutil, run\n"
+             "hook = subprocess.Popen(['sh', '-c', 'sleep 60 & echo $!; wait'],\n"
+             "                        stdout=subprocess.PIPE, start_new_session=True)\n"
+             "cli = psutil.Process(int(hook.stdout.readline()))\n"  # the shell's child
+             "run.kill_children()\n"
+             "try:\n"
+             "    cli.wait(timeout=10)\n"  # gone (reparented: not ours to reap)
+             "    print('gone')\n"
+             "except psutil.TimeoutExpired:\n"
+             "    cli.kill()\n"  # left running: end it here, by its pid
+             "    print('left running')\n")
+    done = subprocess.run([PY, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.stdout == "gone\n", done.stdout + done.stderr
