@@ -978,10 +978,22 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+class _Stop:
+    # A stop is under way (or the clean-up has begun): another is not acted
+    # on. SIGTERM and SIGHUP sent together (as systemd stops a session):
+    # the second one's exception came out of the clean-up's first line
+    # and skipped it, and the sidecar and the load generator ran on.
+    stopping = False
+
+
 def interrupted(signum: int, frame: object) -> None:
     """SIGTERM or SIGHUP: end like Ctrl-C, through main()'s clean-up. The
     default action ended this process alone and left the servers and the load
-    generator it had started running."""
+    generator it had started running. Once one stop is under way, another
+    is left to it."""
+    if _Stop.stopping:
+        return
+    _Stop.stopping = True
     raise SystemExit(128 + signum)
 
 
@@ -1052,7 +1064,8 @@ def main() -> int:
         idle = idle_keepalive(procs)
         ok = True
     finally:
-        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):  # let the clean-up finish
+        _Stop.stopping = True  # let the clean-up finish
+        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
             signal.signal(signum, signal.SIG_IGN)
         procs.kill_all()
         kill_children()

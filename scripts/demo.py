@@ -170,9 +170,15 @@ class Demo:
 class _Stop:
     holding = False
     pending = 0  # the signal that came while holding, if any
+    # A stop is under way (or the clean-up has begun): another is not acted
+    # on. SIGTERM and SIGHUP sent together (as systemd stops a session):
+    # the second one's exception came out of the clean-up's first line
+    # and skipped it, and the sidecars and the client ran on.
+    stopping = False
 
 
 def stop(signum: int) -> NoReturn:
+    _Stop.stopping = True
     if signum == signal.SIGINT:
         raise KeyboardInterrupt  # as Python's own handler: the exit says SIGINT
     raise SystemExit(128 + signum)
@@ -182,7 +188,10 @@ def interrupted(signum: int, frame: FrameType | None) -> None:
     """SIGTERM, SIGHUP or SIGINT: end through the clean-up below (the default
     action would kill this process alone and leave the sidecars serving, the
     port and the control socket taken) -- at once, or, inside :func:`held`,
-    once the process being started is recorded."""
+    once the process being started is recorded. Once one stop is under
+    way, another is left to it."""
+    if _Stop.stopping:
+        return
     if _Stop.holding:
         _Stop.pending = signum
         return
@@ -277,7 +286,8 @@ def main() -> int:
         passed = demo.ok
         return 0 if demo.ok else 1
     finally:
-        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):  # let the clean-up finish
+        _Stop.stopping = True  # let the clean-up finish
+        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
             signal.signal(signum, signal.SIG_IGN)
         demo.stop_all()
         if passed and not args.keep:

@@ -196,10 +196,22 @@ def wait_for_first_response(pod: Pod, timeout: float = 60) -> None:
     raise SystemExit("busybox got no response within 60 s")
 
 
+class _Stop:
+    # A stop is under way (or the clean-up has begun): another is not acted
+    # on. SIGTERM and SIGHUP sent together (as systemd stops a session):
+    # the second one's exception came out of the clean-up's first line
+    # and skipped it, and the pod's containers ran on.
+    stopping = False
+
+
 def interrupted(signum: int, frame: FrameType | None) -> None:
     """SIGTERM or SIGHUP: end like Ctrl-C, through ``compose down`` (the
     default action ended this process alone and left the pod's containers
-    running; a ``docker compose`` under way is killed by ``run()``)."""
+    running; a ``docker compose`` under way is killed by ``run()``). Once
+    one stop is under way, another is left to it."""
+    if _Stop.stopping:
+        return
+    _Stop.stopping = True
     raise SystemExit(128 + signum)
 
 
@@ -300,7 +312,8 @@ def main() -> int:
         say("PASS" if pod.ok else "FAIL")
         return 0 if pod.ok else 1
     finally:
-        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):  # let the clean-up finish
+        _Stop.stopping = True  # let the clean-up finish
+        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
             signal.signal(signum, signal.SIG_IGN)
         pod.compose("down", "--remove-orphans", "--timeout", "5", check=False)
 
