@@ -84,6 +84,7 @@ def test_a_second_stop_does_not_cut_the_clean_up_short(script: str) -> None:
     assert run.stdout == "cleaned up\n", run.stdout + run.stderr
     assert run.returncode in (128 + signal.SIGTERM, 128 + signal.SIGHUP), run.stderr
 
+
 def test_a_sidecar_that_cannot_start_fails_the_demo_at_once_saying_why(
         name: str, tmp_path: Path) -> None:
     """The port is taken: v1 exits at once, and so must the demo (not after
