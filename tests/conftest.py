@@ -194,23 +194,28 @@ def frozen(pid: int) -> bool:
         return fh.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
 
 
-def stop_when(argv: list[str], env: dict[str, str], out: Path, signum: int,
-              ready: Callable[[str, list[psutil.Process]], bool], kept: str
+def stop_when(argv: list[str], env: dict[str, str], out: Path, signum: int, shown: str,
+              ready: Callable[[list[psutil.Process]], bool], kept: str
               ) -> tuple[int, list[psutil.Process]]:
     """Run a script that starts processes (the demo, the bench), its output
-    in ``out``; send it ``signum`` once ``ready(output, descendants)``
-    (looked at every 1 ms: a stop that comes while a process starts is a
-    case to meet, not a sleep). Returns its exit status and which of the
-    descendants seen then are still alive 10 s after it exited. In the end,
-    what it left is killed by pid and the directory it kept (``kept``: a
-    pattern whose group is its path) removed."""
+    in ``out``; once it has written ``shown``, send it ``signum`` as soon as
+    ``ready(descendants)``. Both looked at every 1 ms (a stop that comes
+    while a process starts is a case to meet, not a sleep); the
+    descendants (all of /proc read) only once ``shown`` is there.
+    Returns its exit status and which of the descendants seen then are
+    still alive 10 s after it exited. In the end, what it left is killed by
+    pid and the directory it kept (``kept``: a pattern whose group is its
+    path) removed."""
     with open(out, "wb") as fh:
         proc = subprocess.Popen(argv, env=env, stdout=fh, stderr=subprocess.STDOUT)
     seen: list[psutil.Process] = []
     try:
         deadline = time.monotonic() + 60
-        while not ready(out.read_text(),
-                        seen := psutil.Process(proc.pid).children(recursive=True)):
+        while shown not in out.read_text():
+            assert proc.poll() is None, out.read_text()
+            assert time.monotonic() < deadline, out.read_text()
+            time.sleep(0.001)
+        while not ready(seen := psutil.Process(proc.pid).children(recursive=True)):
             assert proc.poll() is None, out.read_text()
             assert time.monotonic() < deadline, out.read_text()
             time.sleep(0.001)

@@ -233,8 +233,8 @@ def test_a_stopped_bench_leaves_no_process(
     code, alive = stop_when(
         [PY, str(ROOT / "bench/run.py"), "--strategies", "hotswap", "--upgrades", "1",
          "--quick", "--out", str(tmp_path / "results")],
-        child_env(HOTSWAP_MIGRATE_FAST="0"), out, signum,
-        lambda _, started: len(started) >= 2 and (when == "load" or hook_cli(started)),
+        child_env(HOTSWAP_MIGRATE_FAST="0"), out, signum, "under load",
+        lambda started: len(started) >= 2 and (when == "load" or hook_cli(started)),
         r"logs and raw records kept in (\S+)")
     assert code == 128 + signum, out.read_text()
     assert not alive, f"left running: {alive}\n{out.read_text()}"
