@@ -602,12 +602,17 @@ def test_a_websocket_is_read_throughout_the_drain(run: Runner) -> None:
     run(main())
 
 
-def test_a_websocket_upgraded_during_the_drain_is_read(run: Runner) -> None:
+def test_a_websocket_upgraded_during_the_drain_is_read(run: Runner,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """An upgrade request that arrived before the handover and is prepared
     after it (the handler awaits something first: an auth check) is not
     paused as a request whose body was read: aiohttp before 3.14 names its
     upgrade flag ``_upgrade``, not ``_upgraded``, and the websocket's
-    messages waited until the drain's last second."""
+    messages waited until the drain's last second. (Since, the request
+    framer gives up on a request with an ``Upgrade`` header as well: the
+    test fails only with both broken.)"""
+    rounds = drain_rounds(monkeypatch)
+
     async def main() -> None:
         name = f"s-{uuid.uuid4().hex[:10]}"
         sockets: dict[str, Address] = {"http": ("127.0.0.1", 0)}
@@ -634,8 +639,7 @@ def test_a_websocket_upgraded_during_the_drain_is_read(run: Runner) -> None:
             connecting = asyncio.ensure_future(session.ws_connect(url))
             await asyncio.wait_for(entered.wait(), 5)
             v2, v2_task = start(name, "v2", sockets)
-            await until(lambda: v1.state is hotswap.State.DRAINING, "v1 draining")
-            await asyncio.sleep(0.1)  # a few rounds of the connection handover
+            await v1_draining_for(v1, rounds)
             gate.set()
             ws = await asyncio.wait_for(connecting, 5)
             try:
