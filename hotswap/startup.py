@@ -145,8 +145,10 @@ def preload(*modules: str, idle: bool | None = None,
     does not belong in the list.
 
     Errors: the first import error is raised in the caller, as the import
-    itself would raise it. If the imports have not finished within
-    ``timeout`` seconds (a finite number; a node whose CPUs never idle),
+    itself would raise it. A ``timeout`` that is not a finite number of
+    seconds, 0 or more (a string included), is a ValueError, before
+    anything starts. If the imports have not finished within ``timeout``
+    seconds (a node whose CPUs never idle),
     raises :class:`TimeoutError`; the helper is a daemon thread and does not
     keep the process alive, so the caller can exit and the old version
     serves on. Exit is the only safe reaction: the helper still holds the
@@ -175,7 +177,11 @@ def idle_call(fn: Callable[..., T], /, *args: object, idle: bool | None = None,
 
 def _call(fn: Callable[..., T], args: tuple[object, ...], idle: bool | None,
           timeout: float, what: str) -> tuple[bool, T]:
-    if not 0 <= timeout < 1e9:  # nan, inf and time_t overflows too
+    try:
+        usable = 0 <= timeout < 1e9  # nan, inf and time_t overflows too
+    except TypeError:  # a str from os.environ, None: not a number at all
+        usable = False
+    if not usable:
         raise ValueError(f"timeout must be a number of seconds, not {timeout!r}")
     if idle is None:
         idle = should_idle()

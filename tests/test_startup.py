@@ -90,14 +90,17 @@ def test_should_idle_follows_kruise_roles_and_the_override() -> None:
         should_idle({**takeover, "HOTSWAP_IDLE_START": "later"})
 
 
-@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), -1.0, 1e12])
+@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), -1.0, 1e12, "60", None])
 def test_a_timeout_that_is_no_deadline_is_refused_before_anything_starts(
-        timeout: float) -> None:
+        timeout: object) -> None:
     """inf or 1e12 raised OverflowError after the helper had started (the
-    imports carried on in the background); nan a ValueError, just as late."""
+    imports carried on in the background); nan a ValueError, just as late.
+    A string (read from ``os.environ``, say) or None: a ValueError too, as
+    the README says, not a TypeError about ``<=``."""
     before = threading.active_count()
     with pytest.raises(ValueError, match="timeout must be a number of seconds"):
-        hotswap.startup.idle_call(len, (), idle=True, timeout=timeout)
+        hotswap.startup.idle_call(len, (), idle=True,
+                                  timeout=timeout)  # type: ignore[arg-type]
     assert threading.active_count() == before
 
 
