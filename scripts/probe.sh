@@ -15,6 +15,15 @@
 # one, a filesystem control socket, no /proc/net/unix, no hotswap-marker.sh)
 # asks the control socket through `hotswap probe`, which has the final word.
 # That trusts only a server of its own uid, plus HOTSWAP_ALLOW_UIDS=uid,uid.
+#
+# Settings (environment):
+#   SIDECARSET_VERSION      this slot's version (Kruise); 0 for the empty image
+#   SIDECARSET_VERSION_ALT  the other slot's version (Kruise)
+#   HOTSWAP_NAME            sidecar name, control socket @hotswap/NAME (default: sidecar)
+#   HOTSWAP_CONTROL_PATH    filesystem control socket instead (optional; no marker then)
+#   HOTSWAP_MARKER_FRESH    seconds a marker stays valid (default: 3)
+#   HOTSWAP_CLI             the hotswap command (default: hotswap, else python3 -m hotswap)
+#   HOTSWAP_ALLOW_UIDS      more uids the CLI trusts as the server's (default: only its own)
 set -eu
 version=${SIDECARSET_VERSION:-}
 alt=${SIDECARSET_VERSION_ALT:-}

@@ -207,3 +207,20 @@ def test_the_environment_variables_the_readme_names_are_read() -> None:
                     if not any(re.search(rf"\b{name}\b", text) for text in sources))
     assert not unread, "environment variables README.md names that nothing reads: " + \
         ", ".join(unread)
+
+
+def test_each_scripts_header_lists_the_variables_it_reads() -> None:
+    # The README: "the header of each script lists what it reads", and
+    # sends readers there for the hook's and the probe's settings.
+    assert "the header of each script lists what it reads" in \
+        " ".join((ROOT / "README.md").read_text().split())
+    unlisted = []
+    for script in ("migrate.sh", "probe.sh"):
+        lines = (ROOT / "scripts" / script).read_text().splitlines()
+        end = next(i for i, line in enumerate(lines) if not line.startswith("#"))
+        header, body = "\n".join(lines[:end]), "\n".join(lines[end:])
+        read = set(re.findall(r"\$\{?((?:HOTSWAP|SIDECARSET)_[A-Z_]*[A-Z])\b", body))
+        assert read, f"{script}: the pattern finds no variable"
+        unlisted += [f"{script}: {name}" for name in sorted(read)
+                     if not re.search(rf"\b{name}\b", header)]
+    assert not unlisted, "read but not listed in the script's header: " + ", ".join(unlisted)
