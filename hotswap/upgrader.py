@@ -1161,7 +1161,12 @@ class Upgrader:
                 # nothing was adopted. Look again: if nobody serves now, the
                 # port is free and we start fresh.
                 if loop.time() + delay > deadline:
-                    raise
+                    # A failed takeover, as start() says: a caller's
+                    # `except HandoverFailed` (serve() after a stop) sees it.
+                    raise HandoverFailed(
+                        f"the process serving {self.address} went away during the "
+                        f"handover ({exc}), again until connect_timeout "
+                        f"({opts.connect_timeout:g}s); nothing was taken") from exc
                 log.warning("%s: predecessor went away during the handover (%s); "
                             "retrying", self.name, exc)
             except BaseException:

@@ -1550,6 +1550,55 @@ def test_a_status_client_whose_server_closes_without_answering_says_so_at_once(
         thread.join(timeout=10)
 
 
+def test_a_serving_process_that_keeps_going_away_mid_handshake_is_a_failed_handover(
+        ) -> None:
+    """The process on the control name accepts each try and closes it
+    before answering (a predecessor crashing and restarting, say) until
+    ``connect_timeout`` has passed: ``start()`` raises what its docstring
+    says, HandoverFailed (the BrokenResourceError as its cause), as for
+    every other failed takeover. It used to raise the BrokenResourceError
+    itself, which ``except HandoverFailed`` (``serve()`` after a stop, the
+    README's lifecycle) did not catch."""
+    name = new_name()
+    squatter = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    squatter.bind(sockaddr(control_address(name)))
+    squatter.listen(8)
+    squatter.settimeout(10)
+    tries: list[int] = []
+    over = threading.Event()
+
+    def go_away() -> None:
+        while True:
+            conn, _ = squatter.accept()
+            conn.close()
+            if over.is_set():
+                return
+            tries.append(1)
+
+    thread = threading.Thread(target=go_away, daemon=True)
+    thread.start()
+
+    async def main() -> None:
+        upg = hotswap.Upgrader(name, version="v2", options=opts(connect_timeout=0.3))
+        try:
+            with pytest.raises(hotswap.HandoverFailed, match="went away") as caught:
+                await upg.start()
+            assert isinstance(caught.value.__cause__, hotswap.BrokenResourceError)
+        finally:
+            await upg.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        over.set()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as last:
+            last.connect(sockaddr(control_address(name)))  # wakes the accept()
+        thread.join(timeout=10)
+        squatter.close()
+    assert not thread.is_alive()
+    assert len(tries) >= 2  # it did retry before giving up
+
+
 @pytest.mark.parametrize("uids", ["0,root", "-1", "4294967295", "99999999999"])
 def test_a_malformed_allow_uids_is_a_clear_error(uids: str) -> None:
     # 4294967295 is uid_t's -1 (no uid); a bigger number is no uid_t at all.
