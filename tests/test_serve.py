@@ -1576,7 +1576,12 @@ def test_connections_handed_over_at_the_deadline_are_not_counted_cut(
             nonlocal calls
             calls += 1
             if calls == 2:  # after Released: the first frame of connections
-                await asyncio.sleep(1.0)  # past v1's 0.3 s drain
+                # Unanswered until v1's drain is over: its wait for the
+                # acknowledgement ran out and it let go. (A sleep of 1 s
+                # raced that 1 s wait: answered in time, nothing was let
+                # go of, and the test passed without its scenario.)
+                await asyncio.wait({v1_task}, timeout=15)
+                assert v1_task.done(), "v1's drain never ended"
             return await original(timeout=timeout)
 
         channel.receive = slow  # type: ignore[method-assign]
@@ -1590,6 +1595,7 @@ def test_connections_handed_over_at_the_deadline_are_not_counted_cut(
             for _, writer in clients:
                 writer.close()
             await v2.close()
+        assert "no acknowledgement for 20 connection(s)" in caplog.text, caplog.text  # the scenario
         assert "drained, 0 connection(s) cut" in caplog.text, caplog.text
 
     run(main())
