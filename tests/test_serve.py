@@ -949,10 +949,7 @@ def test_a_header_block_whose_end_came_in_reads_of_its_own_moves(run: Runner) ->
         conns = [await asyncio.open_connection("127.0.0.1", port) for _ in writes]
         try:
             for (reader, writer), pieces in zip(conns, writes, strict=True):
-                for piece in pieces:
-                    writer.write(piece)
-                    await writer.drain()
-                    await asyncio.sleep(0.005)  # v1 reads each piece on its own
+                await write_apart(writer, pieces)  # v1 reads each piece on its own
                 assert (await read_response(reader)).endswith(b"version(v1)")
             v2, v2_task = start(name, "v2", sockets)
             await until(serving(v2), "v2 serving")
