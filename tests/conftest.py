@@ -6,15 +6,19 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import fcntl
+import ipaddress
 import json
 import os
 import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
@@ -167,6 +171,49 @@ def read_response(sock: socket.socket) -> bytes:
         assert chunk, f"connection closed after {data!r}"
         body += chunk
     return head + b"\r\n\r\n" + body
+
+
+def _tcp_endpoint(field: str) -> tuple[str, int]:
+    """An address of /proc/net/tcp{,6} ("0100007F:1F90"; each 32-bit word
+    of the address in host order, little-endian here) as (host, port); an
+    IPv4-mapped IPv6 address as its IPv4 one."""
+    address, port = field.split(":")
+    raw = bytes.fromhex(address)
+    raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    ip = ipaddress.ip_address(raw)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip), int(port, 16)
+
+
+def read_by_peer(sock: socket.socket) -> bool:
+    """Whether the other end of the TCP connection ``sock`` (ours; its
+    peer any process on this machine) has read all ``sock`` sent: its
+    kernel acknowledged every byte (``TIOCOUTQ``), and none waits in its
+    receive queue (its line in /proc/net/tcp{,6}: rx_queue). False while
+    that end is not found (not accepted yet counts as found: the kernel
+    completed it)."""
+    unacked = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+    if unacked:
+        return False
+    ours, theirs = sock.getsockname()[:2], sock.getpeername()[:2]
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as fh:
+            for line in fh.readlines()[1:]:
+                fields = line.split()
+                if (_tcp_endpoint(fields[1]) == theirs and _tcp_endpoint(fields[2]) == ours):
+                    return int(fields[4].split(":")[1], 16) == 0
+    return False
+
+
+def send_apart(sock: socket.socket, pieces: list[bytes], timeout: float = 10.0) -> None:
+    """Each piece on its own: the peer (a process of ours) has read one
+    before the next is sent (:func:`read_by_peer`), so it reads each in a
+    read of its own. Fails after ``timeout`` seconds for a piece."""
+    for piece in pieces:
+        sock.sendall(piece)
+        wait_for(lambda: read_by_peer(sock), timeout, "the peer reading what was sent",
+                 interval=0.001)
 
 
 def http_get(sock: socket.socket) -> bytes:

@@ -9,12 +9,22 @@ import resource
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from conftest import PY, SIDECAR, Procs, http_get, port_of, read_response, serving, status, wait_for
+from conftest import (
+    PY,
+    SIDECAR,
+    Procs,
+    http_get,
+    port_of,
+    read_response,
+    send_apart,
+    serving,
+    status,
+    wait_for,
+)
 
 
 def test_the_same_connection_is_answered_by_each_successor(procs: Procs, name: str) -> None:
@@ -149,9 +159,7 @@ def test_a_client_that_sent_bodies_keeps_its_connection_across_upgrades(
             ("v2", [b"POST /serve HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\nhello world"]),
             ("v3", [b"PUT /serve HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\nhel",
                     b"lo \r\n\r\n", b"d"])):
-        for piece in writes:
-            sock.sendall(piece)
-            time.sleep(0.01)  # the scenario: the server reads each piece on its own
+        send_apart(sock, writes)  # the scenario: the server reads each piece on its own
         answer = read_response(sock)
         assert b" 405 " in answer.split(b"\r\n", 1)[0], answer
         assert b"Connection: close" not in answer, answer
