@@ -216,23 +216,27 @@ def test_successor_loads_gently_and_the_drained_old_one_yields_the_cpu(
         procs: Procs, name: str) -> None:
     """The Kruise way: v2 (VERSION 2, ALT 1) loads its modules at idle priority
     and then serves at normal priority; v1, drained and idle until Kruise
-    resets its slot, runs at nice 19 while v2 keeps nice 0."""
+    resets its slot, runs at nice 19 while v2 keeps the nice value it was
+    started with (this test's: 0 in CI, 10 under ``nice make test``)."""
     # SCHED_IDLE gets only the CPU nothing else in this scheduling group
     # wants: with this group's cores busy (a CPU hog in the same session),
     # v2's ~0.3 s of imports would take minutes. Say so rather than time out.
     if not _idle_cpu(0.3, within=10):
         pytest.skip("no idle CPU in this scheduling group: a SCHED_IDLE thread "
                     "got no 0.3 s of CPU in 10 s")
+    started_at = psutil.Process().nice()  # what the sidecars inherit
+    if started_at == 19:
+        pytest.skip("this test runs at nice 19 already: v1's move to 19 would not show")
     v1 = procs.sidecar(name, "v1", SIDECARSET_VERSION="1", SIDECARSET_VERSION_ALT="0")
     wait_for(serving(name, "v1"), 15, "v1 serving")
-    assert psutil.Process(v1.pid).nice() == 0
+    assert psutil.Process(v1.pid).nice() == started_at
     v2 = procs.sidecar(name, "v2", SIDECARSET_VERSION="2", SIDECARSET_VERSION_ALT="1",
                        HOTSWAP_IDLE_START="")  # the Kruise role decides
     wait_for(serving(name, "v2"), 30, "v2 serving, v1 drained")
     wait_for(lambda: "idle without sockets" in procs.logs(), 15, "v1 idle after its drain")
     wait_for(lambda: psutil.Process(v1.pid).nice() == 19, 5, "v1 at nice 19")
     assert v1.poll() is None, "v1 waits for its slot's reset"
-    assert psutil.Process(v2.pid).nice() == 0
+    assert psutil.Process(v2.pid).nice() == started_at
     assert _policy(v2.pid) == os.SCHED_OTHER, "v2 serves at normal priority"
     logs = procs.logs()
     assert logs.count("start-up modules were loaded at idle CPU priority") == 1, logs
