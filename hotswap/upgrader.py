@@ -1130,7 +1130,11 @@ class Upgrader:
                                     "serves %s: starting fresh", self.name,
                                     self.versions.rank, self.address)
                     return False
-                raise BrokenResourceError(f"connecting to {self.address}: {exc}") from exc
+                # Not "nobody there" (EACCES: a filesystem control socket
+                # of another uid; ENOTDIR): a failed takeover, as start()
+                # says, that no retry mends.
+                raise HandoverFailed(f"cannot connect to the control socket {self.address}: "
+                                     f"{exc}; nothing was taken") from exc
             channel = Channel(sock, Sender.CLIENT)
             try:
                 # The name is first come, first served: take sockets only from

@@ -1599,6 +1599,33 @@ def test_a_serving_process_that_keeps_going_away_mid_handshake_is_a_failed_hando
     assert len(tries) >= 2  # it did retry before giving up
 
 
+def test_a_control_socket_that_cannot_be_connected_to_is_a_failed_handover(
+        tmp_path: Path) -> None:
+    """A connect() error that does not mean "nobody serves" (here ENOTDIR:
+    the control path's directory is a file; EACCES, a filesystem control
+    socket of another uid, is the same path but root skips that check) is
+    a failed takeover, as ``start()`` says: it raised a bare
+    BrokenResourceError, which ``except HandoverFailed`` did not catch.
+    Nothing is bound, and the error names the path and the cause."""
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    path = str(not_a_dir / "control.sock")
+
+    async def main() -> None:
+        upg = hotswap.Upgrader(new_name(), version="v2", options=opts(control_path=path))
+        try:
+            with pytest.raises(hotswap.HandoverFailed,
+                               match=r"control socket .*file/control\.sock.*Not a directory"
+                               ) as caught:
+                await upg.start()
+            assert isinstance(caught.value.__cause__, NotADirectoryError)
+            assert upg.status().listeners == ()
+        finally:
+            await upg.close()
+
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize("uids", ["0,root", "-1", "4294967295", "99999999999"])
 def test_a_malformed_allow_uids_is_a_clear_error(uids: str) -> None:
     # 4294967295 is uid_t's -1 (no uid); a bigger number is no uid_t at all.
