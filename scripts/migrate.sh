@@ -213,7 +213,7 @@ if command -v nice >/dev/null 2>&1; then
 fi
 
 # shellcheck disable=SC2086  # $cli may be "python3 -m hotswap"
-if $cli wait-ready --name "$name" --timeout "$timeout"; then
+if $cli wait-ready --name="$name" --timeout "$timeout"; then
     succeeded "migration to version $version done"
 else
     status=$?

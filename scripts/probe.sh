@@ -62,4 +62,4 @@ else
     cli="python3 -m hotswap"
 fi
 # shellcheck disable=SC2086  # $cli may be "python3 -m hotswap"
-exec $cli probe --name "$name"
+exec $cli probe --name="$name"

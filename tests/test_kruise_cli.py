@@ -359,7 +359,7 @@ def what_the_cli_was_given(result: subprocess.CompletedProcess[str]
     """From a hook that ran :func:`stand_in_cli`: the timeout it gave the
     CLI, when the CLI ran and the deadline, in seconds since boot."""
     assert result.returncode == 7, result
-    found = re.search(r"cli ran: wait-ready --name \S+ --timeout ([\d.]+)\n"
+    found = re.search(r"cli ran: wait-ready --name=\S+ --timeout ([\d.]+)\n"
                       r"at: ([\d.]+)\ndeadline: (\d+)\n", result.stdout)
     assert found is not None, result
     return float(found[1]), float(found[2]), int(found[3]) / 100
@@ -441,7 +441,7 @@ def test_a_clock_step_does_not_shorten_the_hook(procs: Procs, name: str) -> None
     elapsed = time.monotonic() - started
     assert result.returncode == 7, result
     assert len(calls.read_text().split()) > 2, "the clock never stepped"
-    given = re.search(r"cli ran: wait-ready --name \S+ --timeout ([\d.]+)", result.stdout)
+    given = re.search(r"cli ran: wait-ready --name=\S+ --timeout ([\d.]+)", result.stdout)
     assert given is not None, result
     assert 5.0 <= elapsed + float(given[1]) < 6.5, (elapsed, given[1])
 
@@ -624,7 +624,7 @@ def test_the_hook_does_not_watch_for_a_marker_that_cannot_exist(procs: Procs, na
     result = hook(procs, SIDECARSET_VERSION=version, SIDECARSET_VERSION_ALT="0",
                   HOTSWAP_NAME=sidecar, HOTSWAP_MIGRATE_TIMEOUT="30", HOTSWAP_CLI=str(traced))
     assert result.returncode == 0, result
-    assert f"cli ran: wait-ready --name {sidecar} --timeout 30\n" in result.stdout, result
+    assert f"cli ran: wait-ready --name={sidecar} --timeout 30\n" in result.stdout, result
     v1.send_signal(signal.SIGTERM)
     assert v1.wait(timeout=15) == 0
 
@@ -658,7 +658,7 @@ def test_a_name_too_long_in_bytes_skips_the_marker_in_any_shell(procs: Procs,
             HOTSWAP_NAME=sidecar, HOTSWAP_MIGRATE_TIMEOUT="30", HOTSWAP_MIGRATE_FAST="2",
             HOTSWAP_CLI=str(traced)))
     assert result.returncode == 0, result
-    assert f"cli ran: wait-ready --name {sidecar} --timeout 30\n" in result.stdout, result
+    assert f"cli ran: wait-ready --name={sidecar} --timeout 30\n" in result.stdout, result
 
 
 def test_marked_ranks_reads_the_markers_as_the_shell_does(name: str) -> None:
@@ -996,3 +996,34 @@ def test_the_longest_control_addresses_are_the_ones_that_bind(tmp_path: Path) ->
         sock.bind(sockaddr(control_address("n", path)))
     with pytest.raises(ValueError, match="too long for a Unix socket"):
         control_address("n", path + "x")
+
+
+def test_a_name_that_begins_with_a_dash_is_no_option_to_the_cli(procs: Procs,
+                                                                 name: str) -> None:
+    """A sidecar may be called ``-NAME`` (the library takes it): its hook
+    and its probe must pass it to the CLI as the value of ``--name``. As
+    ``--name -NAME`` argparse took it for an option ("expected one
+    argument", exit 2): the hook failed a healthy upgrade and the probe
+    said not ready, wherever the CLI has the word (here: a filesystem
+    control socket, which has no serving marker)."""
+    sidecar = f"-{name}"
+    path = str(procs.tmp / "control.sock")
+    v1 = procs.sidecar(name, "v1", args=(f"--name={sidecar}",), HOTSWAP_CONTROL_PATH=path,
+                       SIDECARSET_VERSION="1", SIDECARSET_VERSION_ALT="0")
+
+    def serves() -> bool:
+        try:
+            return hotswap.control.status_blocking(path, timeout=2).state == "serving"
+        except (OSError, HotswapError):
+            return False
+
+    wait_for(serves, 15, "v1 serving")
+    kruise = KruiseVersions(SIDECARSET_VERSION="1", SIDECARSET_VERSION_ALT="0")
+    result = hook(procs, **kruise, HOTSWAP_NAME=sidecar, HOTSWAP_CONTROL_PATH=path,
+                  HOTSWAP_MIGRATE_TIMEOUT="30")
+    assert result.returncode == 0 and "migration to version 1 done" in result.stdout, result
+    probe = probe_sh(procs, f"{PY} -m hotswap", **kruise, HOTSWAP_NAME=sidecar,
+                     HOTSWAP_CONTROL_PATH=path)
+    assert probe.returncode == 0 and "ready: serving" in probe.stdout, probe
+    v1.send_signal(signal.SIGTERM)
+    assert v1.wait(timeout=15) == 0
