@@ -252,7 +252,7 @@ def test_status_wait_ready_and_probe_against_real_sidecars(procs: Procs, name: s
         result = probe_sh(procs, str(no_cli), SIDECARSET_VERSION=version,
                           HOTSWAP_NAME=name, **env)
         if result.returncode == 7:
-            assert f"cli ran: probe --name {name}" in result.stdout, result
+            assert f"cli ran: probe --name={name}" in result.stdout, result
             return False
         assert result.returncode == 0 and result.stdout == "", result
         return True
@@ -275,7 +275,7 @@ def test_status_wait_ready_and_probe_against_real_sidecars(procs: Procs, name: s
     # after HOTSWAP_MIGRATE_FAST seconds with the rest of the timeout.
     assert hook_fast("1") == (True, "")
     fast, cli_args = hook_fast("2", HOTSWAP_MIGRATE_TIMEOUT="30", HOTSWAP_MIGRATE_FAST="1")
-    given = re.fullmatch(rf"wait-ready --name {name} --timeout (\d+(?:\.\d)?)", cli_args)
+    given = re.fullmatch(rf"wait-ready --name={name} --timeout (\d+(?:\.\d)?)", cli_args)
     # The rest of the 30 s: about 29 (the fast path's second, in tenths),
     # less on a loaded machine, where that second overruns.
     assert not fast and given is not None and 25 <= float(given[1]) <= 30, cli_args
@@ -293,7 +293,7 @@ def test_status_wait_ready_and_probe_against_real_sidecars(procs: Procs, name: s
     # CLI at once (which says why it will never be done), with the whole
     # timeout left.
     assert hook_fast("1", HOTSWAP_MIGRATE_TIMEOUT="30") == \
-        (False, f"wait-ready --name {name} --timeout 30")
+        (False, f"wait-ready --name={name} --timeout 30")
     # Readiness: the new slot serves; the old slot is superseded (ready, so
     # the pod stays Ready until Kruise resets it); the empty slot is ready; a
     # slot whose version has not taken over (v3 pending) is not.
