@@ -18,7 +18,9 @@
 #   HOTSWAP_NAME              sidecar name, control socket @hotswap/NAME (default: sidecar)
 #   HOTSWAP_CONTROL_PATH      filesystem control socket instead (optional)
 #   HOTSWAP_MIGRATE_TIMEOUT   seconds to wait (default: 60): never fewer; on a
-#                             busy node up to a second or two more
+#                             busy node up to a second or two more. Digits, a
+#                             fraction allowed, at most 999999; any other
+#                             spelling fails the hook at once (exit 2)
 #   HOTSWAP_MIGRATE_FAST      seconds of the wait spent watching the serving
 #                             marker without Python (default: 10; 0: never)
 #   HOTSWAP_MARKER_FRESH      seconds a marker stays valid (default: 3)
@@ -43,6 +45,24 @@ log() { echo "migrate.sh[$name]: $*"; }
 number() { case $1 in ""|*[!0-9]*|0?*|???????????????????*) return 1 ;; esac; }
 # A number of seconds small enough for the arithmetic below.
 whole() { case $1 in ""|*[!0-9]*|0?*|???????*) return 1 ;; esac; }
+# HOTSWAP_MIGRATE_TIMEOUT in hundredths of a second, into $timeout_cs:
+# digits with an optional fraction (60, 2.5, 060, .5), at most six before
+# the point. Hundredths and no finer: what is cut makes the deadline the
+# sidecar reads come a little before the CLI gives up, never after. Returns
+# 1 for any other spelling (1e2, +60, blanks), which the hook refuses.
+centiseconds() {
+    _cs_whole=${1%%.*}
+    case $1 in *.*) _cs_frac=${1#*.} ;; *) _cs_frac= ;; esac
+    case $_cs_whole$_cs_frac in ""|*[!0-9]*) return 1 ;; esac
+    while :; do case $_cs_whole in 0?*) _cs_whole=${_cs_whole#0} ;; *) break ;; esac; done
+    case $_cs_whole in ???????*) return 1 ;; esac
+    _cs_frac=${_cs_frac}00
+    _cs_frac=${_cs_frac%"${_cs_frac#??}"}
+    # 1NN - 100: a fraction like 08 is no octal number to the shell.
+    timeout_cs=$((${_cs_whole:-0} * 100 + 1$_cs_frac - 100))
+}
+timeout_cs=
+centiseconds "$timeout" || timeout_cs=
 
 # The shortcuts below take only plain numbers; any other spelling goes to the
 # CLI, which applies hotswap.kruise's rules (and rejects what is no version).
@@ -126,12 +146,14 @@ case $host in
             "confirms after it is stopped as the serving one"
         host= ;;
 esac
-if [ -n "$host" ] && number "$version" && whole "$timeout" && uptime_cs; then
+# A timeout the hook cannot read leaves a deadline already past: it fails
+# below, at once.
+if [ -n "$host" ] && number "$version" && uptime_cs; then
     case $name in
         */*|.*) ;;
         *)
             deadline_file=${HOTSWAP_HOOK_DIR:-/dev/shm}/hotswap-hook-$name-$version@$host
-            if ! { printf '%s\n' $((boot_cs + timeout * 100)) >"$deadline_file.$$" &&
+            if ! { printf '%s\n' $((boot_cs + ${timeout_cs:-0})) >"$deadline_file.$$" &&
                    mv -f "$deadline_file.$$" "$deadline_file"; } 2>/dev/null; then
                 rm -f "$deadline_file.$$" 2>/dev/null || :
                 log "cannot leave the deadline in ${HOTSWAP_HOOK_DIR:-/dev/shm}:" \
@@ -156,6 +178,9 @@ failed() {
     fi
     exit "$1"
 }
+if [ -z "$timeout_cs" ]; then
+    failed 2 "HOTSWAP_MIGRATE_TIMEOUT='$timeout' is not a number of seconds (digits, a fraction allowed, at most 999999)"
+fi
 if number "$version" && whole "$timeout" && whole "$fast" &&
    [ "$timeout" -gt 1 ] && [ "$fast" -gt 0 ] && [ -z "${HOTSWAP_CONTROL_PATH:-}" ] &&
    [ -r /proc/net/unix ] && [ -r "$here/hotswap-marker.sh" ] && uptime_cs; then

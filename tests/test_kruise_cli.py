@@ -686,19 +686,22 @@ def test_marked_ranks_reads_the_markers_as_the_shell_does(name: str) -> None:
     assert hotswap.control.marked_ranks(name) == frozenset()
 
 
-def test_a_successor_whose_hook_gave_up_does_not_confirm(procs: Procs, name: str) -> None:
+@pytest.mark.parametrize("timeout", ["2", "2.0"])
+def test_a_successor_whose_hook_gave_up_does_not_confirm(procs: Procs, name: str,
+                                                         timeout: str) -> None:
     """A successor that becomes ready after its PostStart hook gave up (a
     starved start-up; here SIGSTOPped with the sockets, until the hook has
     failed) must not confirm: the kubelet stops its container once the hook
     has failed, and had it confirmed, nobody would accept. The hook leaves
     its deadline for it (kruise.hook_gave_up); it aborts, and the old
-    version serves on."""
+    version serves on. Also with a timeout that is not a whole number of
+    seconds: the hook left no deadline then, and v2 confirmed."""
     v1 = procs.sidecar(name, "v1", args=("--handover-timeout", "60"),
                        SIDECARSET_VERSION="1", SIDECARSET_VERSION_ALT="0")
     wait_for(serving(name, "v1"), 15, "v1 serving")
     kruise: KruiseVersions = {"SIDECARSET_VERSION": "2", "SIDECARSET_VERSION_ALT": "1"}
     v2 = procs.faulty(name, "v2", "receive:sockets:stop-after", **kruise)
-    result = hook(procs, HOTSWAP_NAME=name, HOTSWAP_MIGRATE_TIMEOUT="2",
+    result = hook(procs, HOTSWAP_NAME=name, HOTSWAP_MIGRATE_TIMEOUT=timeout,
                   HOTSWAP_MIGRATE_FAST="1", **kruise)
     assert result.returncode == 1 and "FAILED" in result.stdout, result
     # Stopped (if not yet while the hook ran: a starved start-up), not its
@@ -919,6 +922,25 @@ def test_a_hook_that_fails_early_leaves_a_deadline_already_past(procs: Procs,
     assert why is not None, "a successor would still confirm for the next minute"
 
 
+
+@pytest.mark.parametrize("timeout", ["1e2", "+60", "abc", "1.2.3", "1000000"])
+def test_a_timeout_the_hook_cannot_read_fails_it_at_once(procs: Procs, name: str,
+                                                          timeout: str) -> None:
+    """The hook's deadline for the sidecar is its timeout: one it cannot
+    read as digits with a fraction (a spelling the CLI took, like 1e2, or
+    one it did not) left no deadline at all, and a successor was free to
+    confirm after the hook had failed. The hook now fails at once, saying
+    why, with a deadline already past."""
+    from hotswap.kruise import hook_gave_up
+    kruise: KruiseVersions = {"SIDECARSET_VERSION": "2", "SIDECARSET_VERSION_ALT": "1"}
+    started = time.monotonic()
+    result = hook(procs, HOTSWAP_NAME=name, HOTSWAP_MIGRATE_TIMEOUT=timeout, **kruise)
+    assert result.returncode == 2, result
+    assert f"HOTSWAP_MIGRATE_TIMEOUT='{timeout}' is not a number of seconds" \
+        in result.stdout, result
+    assert time.monotonic() - started < 10
+    why = hook_gave_up({"HOTSWAP_HOOK_DIR": HOOK_DIR}, name, 2, since=time.time() - 60)
+    assert why is not None, "a successor would still confirm"
 
 def in_pod(host: str) -> list[str]:
     """What runs a command (appended) as in a pod with hostname ``host``
