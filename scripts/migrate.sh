@@ -150,7 +150,7 @@ esac
 # below, at once.
 if [ -n "$host" ] && number "$version" && uptime_cs; then
     case $name in
-        */*|.*) ;;
+        */*) ;;  # no sidecar has such a NAME (the library refuses it)
         *)
             deadline_file=${HOTSWAP_HOOK_DIR:-/dev/shm}/hotswap-hook-$name-$version@$host
             if ! { printf '%s\n' $((boot_cs + ${timeout_cs:-0})) >"$deadline_file.$$" &&

@@ -906,14 +906,18 @@ def test_a_hooks_deadline_is_read_on_the_hooks_own_clock(tmp_path: Path,
     assert hook_gave_up(env, "sc", 2, since=since) is None
 
 
-def test_a_hook_that_fails_early_leaves_a_deadline_already_past(procs: Procs,
-                                                                 name: str) -> None:
+@pytest.mark.parametrize("prefix", ["", "."])
+def test_a_hook_that_fails_early_leaves_a_deadline_already_past(procs: Procs, name: str,
+                                                                 prefix: str) -> None:
     """A hook that fails before its deadline (the CLI failed at once: a
     newer version serves, a refused uid, a CLI that cannot start) gets its
     container stopped by the kubelet all the same: from then on a successor
     must not confirm, or it would be stopped as the one process accepting.
-    The deadline it leaves is the moment it failed, not its timeout's end."""
+    The deadline it leaves is the moment it failed, not its timeout's end.
+    Also for a NAME that begins with a dot (the sidecar takes it, and looks
+    for its hook's deadline): the hook left none for it."""
     from hotswap.kruise import hook_gave_up
+    name = prefix + name
     kruise: KruiseVersions = {"SIDECARSET_VERSION": "2", "SIDECARSET_VERSION_ALT": "1"}
     result = hook(procs, HOTSWAP_NAME=name, HOTSWAP_MIGRATE_TIMEOUT="60",
                   HOTSWAP_MIGRATE_FAST="0", HOTSWAP_CLI="false", **kruise)
