@@ -28,6 +28,7 @@ Exit status: 0 success, 1 the condition failed or timed out, 2 usage error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -43,6 +44,19 @@ from .protocol import Status
 _POLL = 0.1
 # Accepting connections: serving, or handing over (until the successor confirms).
 _SERVING = ("serving", "handing-over")
+
+
+def _say(text: str, *, err: bool = False) -> None:
+    """Write a line to stdout (stderr if ``err``) and flush it. The exit
+    status is the answer and the line only explains it: on a stream that
+    is closed (None) or whose reader has gone (EPIPE) the line is lost and
+    nothing else changes (a ready probe said exit 1, with a traceback)."""
+    stream = sys.stderr if err else sys.stdout
+    if stream is None:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        stream.write(text + "\n")
+        stream.flush()
 
 
 def _address(args: argparse.Namespace) -> str:
@@ -70,12 +84,12 @@ def _status(args: argparse.Namespace) -> int:
         status = control.status_blocking(address, timeout=args.timeout,
                                          allowed_uids=_allowed(args))
     except (OSError, HotswapError) as exc:
-        print(f"hotswap: no answer from {address}: {exc}", file=sys.stderr)
+        _say(f"hotswap: no answer from {address}: {exc}", err=True)
         return 1
     if args.json:
-        print(json.dumps(status.to_json(), sort_keys=True))
+        _say(json.dumps(status.to_json(), sort_keys=True))
     else:
-        print(_describe(status))
+        _say(_describe(status))
     return 0
 
 
@@ -132,7 +146,7 @@ def _marked(args: argparse.Namespace, rank: int | None) -> bool:
 def _wait_ready(args: argparse.Namespace) -> int:
     idle = _nothing_to_wait_for(args)
     if idle is not None:
-        print(f"hotswap: ready: {idle}")
+        _say(f"hotswap: ready: {idle}")
         return 0
     rank, version = _target(args)
     want = f"sidecarset version {rank}" if rank is not None else f"version {version}"
@@ -141,8 +155,8 @@ def _wait_ready(args: argparse.Namespace) -> int:
     last = "no answer yet"
     while True:
         if _marked(args, rank):
-            print(f"hotswap: ready: {want} holds its serving marker (it accepts, "
-                  "and its predecessor stops as it reads the confirmation)")
+            _say(f"hotswap: ready: {want} holds its serving marker (it accepts, "
+                 "and its predecessor stops as it reads the confirmation)")
             return 0
         remaining = max(0.1, deadline - time.monotonic())
         try:
@@ -150,7 +164,7 @@ def _wait_ready(args: argparse.Namespace) -> int:
                                              allowed_uids=_allowed(args))
         except HandoverRefused as exc:
             if exc.code != "timeout":  # refused us (our uid, say): final
-                print(f"hotswap: no status from {address}: {exc}", file=sys.stderr)
+                _say(f"hotswap: no status from {address}: {exc}", err=True)
                 return 1
             # It gave up waiting for this poll's request (this process was
             # stalled after connecting, on a busy node): ask again.
@@ -160,14 +174,14 @@ def _wait_ready(args: argparse.Namespace) -> int:
         else:
             done, hopeless, last = _verdict(status, rank, version)
             if done:
-                print(f"hotswap: ready: {last}")
+                _say(f"hotswap: ready: {last}")
                 return 0
             if hopeless:
-                print(f"hotswap: {want} will not serve: {last}", file=sys.stderr)
+                _say(f"hotswap: {want} will not serve: {last}", err=True)
                 return 1
         if time.monotonic() >= deadline and not _marked(args, rank):
-            print(f"hotswap: {want} timed out after {args.timeout:g}s; last: {last}",
-                  file=sys.stderr)
+            _say(f"hotswap: {want} timed out after {args.timeout:g}s; last: {last}",
+                 err=True)
             return 1
         time.sleep(min(_POLL, max(0.0, deadline - time.monotonic())))
 
@@ -180,7 +194,7 @@ def _probe(args: argparse.Namespace) -> int:
     or failed: Kruise then retries this slot)."""
     idle = _nothing_to_wait_for(args)
     if idle is not None:  # the other slot's probe speaks for the pod (or it stands in)
-        print(f"hotswap: ready: {idle}")
+        _say(f"hotswap: ready: {idle}")
         return 0
     rank, version = _target(args)
     address = _address(args)
@@ -188,16 +202,16 @@ def _probe(args: argparse.Namespace) -> int:
         status = control.status_blocking(address, timeout=args.timeout,
                                          allowed_uids=_allowed(args))
     except (OSError, HotswapError) as exc:
-        print(f"hotswap: not ready: no answer from {address}: {exc}", file=sys.stderr)
+        _say(f"hotswap: not ready: no answer from {address}: {exc}", err=True)
         return 1
     ours = status.rank == rank if rank is not None else status.version == version
     if ours and status.state in _SERVING:
-        print(f"hotswap: ready: serving: {_describe(status)}")
+        _say(f"hotswap: ready: serving: {_describe(status)}")
         return 0
     if rank is not None and status.rank is not None and status.rank > rank:
-        print(f"hotswap: ready: superseded by a newer version: {_describe(status)}")
+        _say(f"hotswap: ready: superseded by a newer version: {_describe(status)}")
         return 0
-    print(f"hotswap: not ready: {_describe(status)}", file=sys.stderr)
+    _say(f"hotswap: not ready: {_describe(status)}", err=True)
     return 1
 
 
@@ -272,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _probe(args)
         return _wait_ready(args)
     except (HotswapError, ValueError) as exc:
-        print(f"hotswap: {exc}", file=sys.stderr)
+        _say(f"hotswap: {exc}", err=True)
         return 2
 
 
@@ -282,6 +296,8 @@ def run() -> NoReturn:
     CPU is scarcest; flushing stdout/stderr and ``os._exit`` skip the
     interpreter's teardown, which has nothing to release here."""
     code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):  # each line was flushed: only in case
+        if stream is not None:
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
     os._exit(code)

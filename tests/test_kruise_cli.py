@@ -1053,3 +1053,30 @@ def test_a_name_that_begins_with_a_dash_is_no_option_to_the_cli(procs: Procs,
     assert probe.returncode == 0 and "ready: serving" in probe.stdout, probe
     v1.send_signal(signal.SIGTERM)
     assert v1.wait(timeout=15) == 0
+
+
+def test_the_answer_is_the_exit_status_whatever_became_of_stdout(procs: Procs,
+                                                                 name: str) -> None:
+    """The exit status is the CLI's answer; what it prints only explains
+    it. With its stdout a pipe nobody reads any more (``| head``, a
+    supervisor gone) or closed, a ready probe and a done wait-ready said
+    exit 1 with a traceback (a BrokenPipeError, or an AttributeError on
+    ``sys.stdout`` None, from the last flush)."""
+    v1 = procs.sidecar(name, "v1", SIDECARSET_VERSION="1", SIDECARSET_VERSION_ALT="0")
+    wait_for(serving(name, "v1"), 15, "v1 serving")
+    for command in (["probe"], ["wait-ready", "--timeout", "30"]):
+        argv = [PY, "-m", "hotswap", *command, f"--name={name}"]
+        env = procs.env(SIDECARSET_VERSION="1", SIDECARSET_VERSION_ALT="0")
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # nobody will read what it prints
+        try:
+            broken = subprocess.run(argv, stdout=write_end, stderr=subprocess.PIPE,
+                                    text=True, timeout=60, env=env)
+        finally:
+            os.close(write_end)
+        assert broken.returncode == 0 and "Traceback" not in broken.stderr, (command, broken)
+        closed = subprocess.run(["sh", "-c", '"$@" >&-', "sh", *argv],
+                                stderr=subprocess.PIPE, text=True, timeout=60, env=env)
+        assert closed.returncode == 0 and "Traceback" not in closed.stderr, (command, closed)
+    v1.send_signal(signal.SIGTERM)
+    assert v1.wait(timeout=15) == 0
