@@ -97,8 +97,11 @@ def marked_ranks(name: str, *, fresh: float = MARKER_FRESH,
     prefix = serving_marker(name, 0, 0).rsplit("/", 2)[0] + "/"
     now = time.time() if now is None else now
     try:
-        with open("/proc/net/unix", encoding="ascii", errors="replace") as table:
-            lines = table.read().splitlines()
+        # Bytes, decoded as the name was encoded (os.fsencode: bind() took
+        # it so): read as ASCII, the marker of a NAME that is not (é...)
+        # never matched, and the hook's last look at its deadline missed it.
+        with open("/proc/net/unix", "rb") as table:
+            lines = os.fsdecode(table.read()).split("\n")
     except OSError:
         return frozenset()
     ranks = set()

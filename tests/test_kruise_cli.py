@@ -570,7 +570,9 @@ def test_the_shell_paths_survive_odd_markers_and_an_integer_sleep(procs: Procs,
     assert asked.read_text().split()[:2] == ["0.1", "1"]  # it did have to wait
 
 
-def test_the_hook_succeeds_once_the_successor_has_confirmed(procs: Procs, name: str) -> None:
+@pytest.mark.parametrize("prefix", ["", "\u00e9"])
+def test_the_hook_succeeds_once_the_successor_has_confirmed(procs: Procs, name: str,
+                                                            prefix: str) -> None:
     """Once the successor has sent its confirmation, the handover is its own:
     the old version stops accepting as it reads it. Its release may then be
     slow (a predecessor starved of CPU; here SIGSTOPped just before it sends
@@ -578,7 +580,9 @@ def test_the_hook_succeeds_once_the_successor_has_confirmed(procs: Procs, name: 
     kubelet would stop the one process about to accept, and connections
     would be refused. The successor binds its serving marker as it
     confirms; the hook's shell fast path and `hotswap wait-ready` both read
-    it."""
+    it, whatever the NAME's bytes (`wait-ready` read /proc/net/unix as
+    ASCII, and never found the marker of a NAME that is not)."""
+    name = prefix + name
     v1 = procs.faulty(name, "v1", "send:released:stop-before",
                       SIDECARSET_VERSION="1", SIDECARSET_VERSION_ALT="0")
     wait_for(serving(name, "v1"), 15, "v1 serving")
