@@ -233,6 +233,17 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _answer_seconds(text: str) -> float:
+    """The timeout of ``status`` and ``probe``, which ask once: as
+    :func:`_seconds`, but over 0 (with no time to wait for it they never
+    heard an answer, and said so of a process that serves)."""
+    value = _seconds(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"no time to wait for an answer: {text!r} "
+                                         "(a number of seconds over 0)")
+    return value
+
+
 def _uid(text: str) -> int:
     """A uid: an integer from 0 to :data:`control.MAX_UID`."""
     try:
@@ -261,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="show the process serving NAME")
     common(p)
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--timeout", type=_seconds, default=control.DEFAULT_TIMEOUT,
+    p.add_argument("--timeout", type=_answer_seconds, default=control.DEFAULT_TIMEOUT,
                    help=f"seconds to wait for an answer (default {control.DEFAULT_TIMEOUT:g})")
     for cmd, help_ in (("wait-ready", "wait until our version serves NAME"),
                        ("probe", "readiness of this slot: exit 0 if it is empty, "
@@ -270,9 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
         common(p)
         p.add_argument("--version", help="the version to look for, as given to the "
                        "Upgrader (without it: the Kruise rank in SIDECARSET_VERSION)")
-        default, what = ((60.0, "seconds to wait in all") if cmd == "wait-ready"
-                         else (2.0, "seconds to wait for an answer"))
-        p.add_argument("--timeout", type=_seconds, default=default,
+        default, what, seconds = ((60.0, "seconds to wait in all", _seconds)
+                                  if cmd == "wait-ready"
+                                  else (2.0, "seconds to wait for an answer", _answer_seconds))
+        p.add_argument("--timeout", type=seconds, default=default,
                        help=f"{what} (default {default:g})")
     return parser
 

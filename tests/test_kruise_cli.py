@@ -173,6 +173,21 @@ def test_cli_usage_errors_exit_2(procs: Procs, name: str) -> None:
     assert result.returncode == 2 and "is not an integer" in result.stderr, result
 
 
+def test_a_timeout_of_zero_for_one_answer_is_a_usage_error(procs: Procs, name: str) -> None:
+    """`status` and `probe` ask once and wait up to --timeout for the
+    answer: with none (0) they never heard one and said "no answer" (a
+    probe: not ready) of a process that serves (exit 1). A usage error
+    now (exit 2); `wait-ready --timeout 0` still looks once."""
+    for command in ("status", "probe"):
+        for value in ("0", "0.0", "-0"):
+            result = cli(procs, command, "--name", name, "--timeout", value,
+                         SIDECARSET_VERSION="2")
+            assert result.returncode == 2 and "argument --timeout" in result.stderr \
+                and "Traceback" not in result.stderr, (command, value, result)
+    result = cli(procs, "wait-ready", "--name", name, "--timeout", "0",
+                 SIDECARSET_VERSION="2")
+    assert result.returncode == 1 and "timed out after 0s" in result.stderr, result
+
 def test_cli_without_a_server(procs: Procs, name: str) -> None:
     result = cli(procs, "status", "--name", name)
     assert result.returncode == 1
