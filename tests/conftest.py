@@ -280,6 +280,25 @@ def stop_when(argv: list[str], env: dict[str, str], out: Path, signum: int, show
             shutil.rmtree(path, ignore_errors=True)
 
 
+def run_script(argv: list[str], env: dict[str, str], timeout: float = 60
+               ) -> subprocess.CompletedProcess[str]:
+    """``subprocess.run(argv, capture_output=True, text=True)``, but in a
+    session of its own, killed as a group when it times out (or the test
+    is interrupted): ``subprocess.run`` kills the shell alone, and the CLI a
+    hook's shell had started polled on, orphaned, until its own timeout."""
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=env, start_new_session=True) as script:
+        try:
+            out, err = script.communicate(timeout=timeout)
+        except BaseException:
+            # Not reaped yet (communicate() did not return): the group's id
+            # is still this shell's pid.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(script.pid, signal.SIGKILL)
+            raise
+    return subprocess.CompletedProcess(argv, script.returncode, out, err)
+
+
 def unshare_refused(flag: str, what: str) -> str | None:
     """Why ``unshare <flag>`` cannot make a namespace (``what``) here, or None:
     no unshare(1), not root, or the kernel refuses (a container without

@@ -3,6 +3,7 @@ against a real one)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -28,6 +29,7 @@ from conftest import (
     port_of,
     queued_connections,
     read_response,
+    run_script,
     serving,
     status,
     unshare_refused,
@@ -72,14 +74,40 @@ def cli(procs: Procs, *args: str, **env: str) -> subprocess.CompletedProcess[str
 
 
 def hook(procs: Procs, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["sh", str(ROOT / "scripts/migrate.sh")], capture_output=True,
-                          text=True, timeout=60,
-                          env=procs.env(**{"HOTSWAP_CLI": f"{PY} -m hotswap", **env}))
+    return run_script(["sh", str(ROOT / "scripts/migrate.sh")],
+                      env=procs.env(**{"HOTSWAP_CLI": f"{PY} -m hotswap", **env}))
 
 
 def probe_sh(procs: Procs, cli_command: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["sh", str(ROOT / "scripts/probe.sh")], capture_output=True,
-                          text=True, timeout=60, env=procs.env(HOTSWAP_CLI=cli_command, **env))
+    return run_script(["sh", str(ROOT / "scripts/probe.sh")],
+                      env=procs.env(HOTSWAP_CLI=cli_command, **env))
+
+
+def test_a_script_that_times_out_leaves_no_process(tmp_path: Path) -> None:
+    """The tests' runner of the hook and the probe (``run_script``) kills
+    what the shell started too when it times out: ``subprocess.run`` killed
+    the shell alone, and a hook's CLI polled on, orphaned, until its own
+    timeout (seen once in a failing run)."""
+    pid_file = tmp_path / "pid"
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_script(["sh", "-c", f'sleep 60 & echo $! >{pid_file}; wait'],
+                   env=dict(os.environ), timeout=1)
+    try:
+        started = psutil.Process(int(pid_file.read_text()))
+    except psutil.NoSuchProcess:
+        return  # killed and reaped already (sleep 60 ends no other way by now)
+
+    def gone() -> bool:
+        try:
+            return started.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    try:
+        wait_for(gone, 10, "the shell's child killed with it")
+    finally:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            started.kill()  # by its pid (psutil checks it is still that process)
 
 
 def test_hook_in_the_empty_image(procs: Procs) -> None:
@@ -887,11 +915,10 @@ def test_the_hook_leaves_no_deadline_for_a_hostname_that_names_no_file(
                                       ("pod-x.y_1", True))):
         hook_dir = tmp_path / f"hooks-{i}"
         hook_dir.mkdir()
-        result = subprocess.run([*in_pod(host), "sh", str(ROOT / "scripts/migrate.sh")],
-                                capture_output=True, text=True, timeout=60,
-                                env=procs.env(HOTSWAP_NAME=name, HOTSWAP_MIGRATE_FAST="0",
-                                              HOTSWAP_CLI="false", HOTSWAP_HOOK_DIR=str(hook_dir),
-                                              **kruise))
+        result = run_script([*in_pod(host), "sh", str(ROOT / "scripts/migrate.sh")],
+                            env=procs.env(HOTSWAP_NAME=name, HOTSWAP_MIGRATE_FAST="0",
+                                          HOTSWAP_CLI="false", HOTSWAP_HOOK_DIR=str(hook_dir),
+                                          **kruise))
         assert result.returncode == 1 and "FAILED" in result.stdout, result
         files = [p.name for p in hook_dir.iterdir()]
         assert files == ([f"hotswap-hook-{name}-2@{host}"] if left else []), (host, files)
