@@ -139,8 +139,9 @@ def _marked(args: argparse.Namespace, rank: int | None) -> bool:
     predecessor has read the confirmation and released it. Once it has
     begun, the handover is its own: a hook that failed then would get the
     kubelet to stop the one process that will accept."""
-    return (rank is not None and not args.control_path
-            and rank in control.marked_ranks(args.name))
+    fresh = control.marker_fresh(os.environ)  # the hook's and the probe's too
+    return (rank is not None and not args.control_path and fresh is not None
+            and rank in control.marked_ranks(args.name, fresh=fresh))
 
 
 def _wait_ready(args: argparse.Namespace) -> int:

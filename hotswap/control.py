@@ -82,8 +82,23 @@ def serving_marker(name: str, rank: int, stamp: int) -> str:
 
 
 MARKER_FRESH = 3.0
-"""Seconds a serving marker's stamp counts as fresh (``scripts/probe.sh``
-and ``migrate.sh`` default to the same, ``HOTSWAP_MARKER_FRESH``)."""
+"""Seconds a serving marker's stamp counts as fresh, unless
+:data:`MARKER_FRESH_ENV` says otherwise (``scripts/probe.sh`` and
+``migrate.sh`` default to the same)."""
+
+MARKER_FRESH_ENV = "HOTSWAP_MARKER_FRESH"
+
+
+def marker_fresh(env: Mapping[str, str]) -> float | None:
+    """Seconds a serving marker counts as fresh, read from
+    :data:`MARKER_FRESH_ENV` in ``env`` as the scripts read it: unset or
+    empty, :data:`MARKER_FRESH`; ASCII digits, that many seconds; anything
+    else (``2.5``, ``-1``, ``abc``) None: no marker counts, as the shell's
+    test fails on such a value, and the control socket is asked instead."""
+    text = env.get(MARKER_FRESH_ENV, "")
+    if not text:
+        return MARKER_FRESH
+    return float(int(text)) if text.isascii() and text.isdigit() else None
 
 
 def marked_ranks(name: str, *, fresh: float = MARKER_FRESH,

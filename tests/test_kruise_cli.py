@@ -733,6 +733,33 @@ def test_marked_ranks_reads_the_markers_as_the_shell_does(name: str) -> None:
     assert hotswap.control.marked_ranks(name) == frozenset()
 
 
+@pytest.mark.parametrize(("fresh", "age", "ready"), [
+    ("30", 10, True),  # stale by the default 3 s: the variable was read
+    ("", 0, True),  # empty is the default, as ${HOTSWAP_MARKER_FRESH:-3}
+    ("1", 2, False),
+    ("2.5", 0, False),  # the shell's test fails on it: no marker counts
+    ("x", 0, False),
+])
+def test_wait_ready_reads_the_markers_freshness_as_the_scripts_do(
+        procs: Procs, name: str, fresh: str, age: int, ready: bool) -> None:
+    """``hotswap wait-ready`` (what the hook runs after its own look) takes
+    a serving marker as fresh for ``HOTSWAP_MARKER_FRESH`` seconds, as the
+    scripts do: it read 3 s whatever the variable said. Nobody serves the
+    control socket here: only the marker can make it ready."""
+    marker = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        marker.bind(f"\0hotswap/{name}/serving/8/{int(time.time()) - age}")
+        result = cli(procs, "wait-ready", "--name", name, "--timeout", "0.3",
+                     SIDECARSET_VERSION="8", SIDECARSET_VERSION_ALT="7",
+                     HOTSWAP_MARKER_FRESH=fresh)
+    finally:
+        marker.close()
+    if ready:
+        assert result.returncode == 0 and "serving marker" in result.stdout, result
+    else:
+        assert result.returncode == 1 and "timed out" in result.stderr, result
+
+
 @pytest.mark.parametrize("timeout", ["2", "2.0"])
 def test_a_successor_whose_hook_gave_up_does_not_confirm(procs: Procs, name: str,
                                                          timeout: str) -> None:
