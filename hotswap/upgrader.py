@@ -1204,6 +1204,16 @@ class Upgrader:
                 f"the process serving {self.address} (pid {pid}) answered our hello "
                 f"with no hotswap reply ({exc}): it is not a hotswap process of "
                 f"protocol {PROTOCOL_VERSION}; nothing was taken") from exc
+        except BrokenResourceError as exc:
+            if exc.truncated:
+                # The read that overflowed held the Welcome and the first
+                # sockets (descriptors come after a Welcome only), lost with
+                # it: the predecessor waits for our word on them. Our state
+                # machine never saw that Welcome, so the Abort goes outside
+                # it, best effort: the predecessor logs our reason rather
+                # than "peer closed", and serves on either way.
+                channel.send_nowait(Abort(reason=str(exc)))
+            raise
         if isinstance(reply, Refused):
             self._set_state(State.STARTING)
             raise HandoverRefused(reply.code, reply.reason)

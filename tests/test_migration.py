@@ -17,6 +17,7 @@ from conftest import (
     PY,
     SIDECAR,
     Procs,
+    frozen,
     http_get,
     port_of,
     read_response,
@@ -299,6 +300,43 @@ def test_a_successor_with_no_room_for_the_sockets_fails_at_once(procs: Procs,
     assert b"version(v1)" in http_get(sock)
     sock.close()
     assert wait_for(serving(name, "v1"), 15, "v1 serving on").pid == v1.pid
+    v1.send_signal(signal.SIGTERM)
+    assert v1.wait(timeout=15) == 0
+
+
+def test_a_successor_with_no_room_even_for_the_welcome_tells_why(procs: Procs,
+                                                                  name: str) -> None:
+    """The Welcome and the sockets are both waiting when the successor, at
+    its descriptor limit, reads them: one read takes the two frames, and
+    MSG_CTRUNC loses both. It still says why (an Abort, with the reason),
+    so that v1's log states the cause; v1 serves on with every descriptor
+    it had. It used to close without a word: v1 logged only "peer closed
+    the control connection" (or a reset)."""
+    v1 = procs.sidecar(name, "v1")
+    st = wait_for(serving(name, "v1"), 15, "v1 serving")
+    port, baseline = port_of(st), st.num_fds
+    v2 = procs.faulty(name, "v2", "send:hello:stop-after")
+    wait_for(lambda: frozen(v2.pid), 15, "v2 stopped after its hello")
+    # Every frame is in v2's socket once v1 says the sockets went.
+    wait_for(lambda: "socket(s) sent" in procs.logs(), 15, "v1 to send the sockets")
+    # Its limit lowered to what it holds now: not one more descriptor.
+    in_use = len(os.listdir(f"/proc/{v2.pid}/fd"))
+    resource.prlimit(v2.pid, resource.RLIMIT_NOFILE,
+                     (in_use, resource.prlimit(v2.pid, resource.RLIMIT_NOFILE)[1]))
+    v2.send_signal(signal.SIGCONT)
+    assert v2.wait(timeout=15) != 0
+    logs = procs.logs()
+    assert "no room for the predecessor's sockets" in logs and "RLIMIT_NOFILE" in logs, logs
+    wait_for(lambda: "successor aborted: control message truncated (MSG_CTRUNC)"
+             in procs.logs(), 10, "v1 to log v2's reason")
+    assert "Traceback" not in procs.logs(), procs.logs()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    assert b"version(v1)" in http_get(sock)
+    sock.close()
+    assert wait_for(serving(name, "v1"), 15, "v1 serving on").pid == v1.pid
+    # Nothing of the failed handover left (a status counts its own query).
+    wait_for(lambda: (s := status(name)) is not None and s.num_fds == baseline, 10,
+             f"v1 back to {baseline} descriptors")
     v1.send_signal(signal.SIGTERM)
     assert v1.wait(timeout=15) == 0
 
