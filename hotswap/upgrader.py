@@ -1731,8 +1731,11 @@ class Upgrader:
                                        capabilities=tuple(c for c in hello.capabilities
                                                           if c == _ACK)),
                                timeout=opts.message_timeout)
-            for chunk in split_sockets(entries, [s.fileno() for s in socks]):
-                await channel.send(chunk, timeout=opts.message_timeout)
+            try:
+                for chunk in split_sockets(entries, [s.fileno() for s in socks]):
+                    await channel.send(chunk, timeout=opts.message_timeout)
+            except BrokenResourceError as exc:
+                await self._successor_aborted(channel, exc)
             # Not before: the successor waits for the sockets.
             log.info("%s: handing over to pid %d (%s): %d socket(s) sent", self.name,
                      hello.pid, hello.version, len(entries))
@@ -1764,6 +1767,21 @@ class Upgrader:
         self._set_state(State.DRAINING)
         self._finish(ExitReason.TAKEN_OVER)
         return True
+
+    @staticmethod
+    async def _successor_aborted(channel: Channel, error: BrokenResourceError) -> NoReturn:
+        """After sending the sockets failed (the successor closed while we
+        were still sending): raise HandoverFailed with the successor's
+        reason if its Abort is already here (one that could not take the
+        first frames says why, then closes), else ``error``. Reads only
+        what is there, no wait; the sockets stay ours either way."""
+        try:
+            said = await channel.receive(timeout=0)
+        except HotswapError:
+            raise error from error.__cause__
+        if isinstance(said, Abort):
+            raise HandoverFailed(f"successor aborted: {said.reason}") from error
+        raise error from error.__cause__
 
     async def _successor_verdict(self, channel: Channel) -> Message:
         """The successor's next message, within ``handover_timeout``. A loop

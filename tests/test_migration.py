@@ -14,8 +14,10 @@ from typing import Any
 
 import pytest
 from conftest import (
+    FAULTY,
     PY,
     SIDECAR,
+    TINY,
     Procs,
     frozen,
     http_get,
@@ -26,6 +28,8 @@ from conftest import (
     status,
     wait_for,
 )
+
+from hotswap.protocol import MAX_FDS_PER_FRAME
 
 
 def test_the_same_connection_is_answered_by_each_successor(procs: Procs, name: str) -> None:
@@ -335,6 +339,45 @@ def test_a_successor_with_no_room_even_for_the_welcome_tells_why(procs: Procs,
     sock.close()
     assert wait_for(serving(name, "v1"), 15, "v1 serving on").pid == v1.pid
     # Nothing of the failed handover left (a status counts its own query).
+    wait_for(lambda: (s := status(name)) is not None and s.num_fds == baseline, 10,
+             f"v1 back to {baseline} descriptors")
+    v1.send_signal(signal.SIGTERM)
+    assert v1.wait(timeout=15) == 0
+
+
+def test_a_successor_that_gave_up_mid_transfer_is_heard(procs: Procs, name: str) -> None:
+    """v1 has two frames of sockets to send; the successor, with no room
+    for the first, aborts and closes while v1 is still sending (v1 frozen
+    between the two here). v1's send fails (EPIPE), but the Abort is in its
+    socket: v1 reads it and logs the successor's reason, then serves on
+    every listener. It used to log only "sending 'sockets': Broken pipe"
+    (4 runs in 10 with 300 to 1,000 listeners, unfrozen)."""
+    extra = ("--extra-listeners", str(MAX_FDS_PER_FRAME))  # with http and control: 2 frames
+    v1 = procs.spawn("v1", [PY, str(FAULTY), "--name", name, "--version", "v1", *extra],
+                     procs.env(HOTSWAP_TEST_FAULT="send:sockets:stop-after",
+                               HOTSWAP_TEST_MAIN=str(TINY)))
+    st = wait_for(serving(name, "v1"), 30, "v1 serving")
+    baseline = st.num_fds
+
+    def low_limit() -> None:  # far from room for a frame of 253
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+    v2 = procs.spawn("v2", [PY, str(TINY), "--name", name, "--version", "v2", *extra],
+                     preexec_fn=low_limit)
+    wait_for(lambda: frozen(v1.pid), 15, "v1 stopped after its first frame of sockets")
+    assert v2.wait(timeout=15) != 0
+    assert "no room for the predecessor's sockets" in procs.logs(), procs.logs()
+    v1.send_signal(signal.SIGCONT)
+    wait_for(lambda: "successor aborted: control message truncated (MSG_CTRUNC)"
+             in procs.logs(), 10, "v1 to log v2's reason")
+    assert "Traceback" not in procs.procs[0][2].read_text(), procs.logs()
+    st = wait_for(serving(name, "v1"), 15, "v1 serving on")
+    assert st.pid == v1.pid and st.listener_count == 1 + MAX_FDS_PER_FRAME
+    for listener in (st.listeners[0], st.listeners[-1]):
+        port = int(listener.address.rsplit(":", 1)[1])
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        assert b"version(v1)" in http_get(sock)
+        sock.close()
     wait_for(lambda: (s := status(name)) is not None and s.num_fds == baseline, 10,
              f"v1 back to {baseline} descriptors")
     v1.send_signal(signal.SIGTERM)

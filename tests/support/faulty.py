@@ -2,6 +2,7 @@
 
 Test-only: it monkeypatches :class:`hotswap.transport.Channel` in this process
 (the library has no fault hooks), then runs examples/sidecar_server/main.py
+(or the script ``HOTSWAP_TEST_MAIN`` names: tests/support/tiny_server.py, say)
 with the remaining arguments. ``HOTSWAP_TEST_FAULT`` is
 ``<send|receive>:<message type>:<action>``, actions:
 
@@ -207,7 +208,8 @@ if WHERE == "app":
 
     hotswap.aiohttp.serve = serve_with_fault
 
-main = Path(__file__).resolve().parents[2] / "examples" / "sidecar_server" / "main.py"
+main = Path(os.environ.get("HOTSWAP_TEST_MAIN") or Path(__file__).resolve().parents[2]
+            / "examples" / "sidecar_server" / "main.py")
 sys.argv = [str(main), *sys.argv[1:]]
 # What `python main.py` does and run_path does not: its directory first on
 # the path, where it imports its app from (app.py).

@@ -3,6 +3,10 @@ one HTTP response naming the version, then is closed. Starts fast, so tests can
 run a hundred handovers; also shows the API without the aiohttp integration.
 
     python tests/support/tiny_server.py --name N --version v1 [--port 0]
+        [--extra-listeners N]
+
+``--extra-listeners N``: N more listeners on 127.0.0.1 (any port), named
+``extra0``... (so that a handover takes several frames of sockets).
 """
 
 from __future__ import annotations
@@ -49,15 +53,17 @@ async def main(args: argparse.Namespace) -> int:
     # asyncio listens again with its own queue (100) unless told hotswap's.
     # Not accepting yet: ready() starts it as it confirms the handover, so
     # that this process accepts nothing while it may still back out.
-    server = await asyncio.start_server(handle, sock=upgrader.listen("http", ("127.0.0.1",
-                                                                              args.port)),
-                                        backlog=1024, start_serving=False)
+    wanted = [("http", args.port), *((f"extra{i}", 0) for i in range(args.extra_listeners))]
+    servers = [await asyncio.start_server(handle, sock=upgrader.listen(name, ("127.0.0.1", port)),
+                                          backlog=1024, start_serving=False)
+               for name, port in wanted]
     with contextlib.suppress(hotswap.HandoverFailed):
-        await upgrader.ready(start_serving=[server])
+        await upgrader.ready(start_serving=servers)
     reason = await upgrader.wait_exit()
     # Not server.close(): on the stock loop that drops a connection accepted
     # but not yet handed to the server (the client sees a reset).
-    await hotswap.close_server(server)
+    for server in servers:
+        await hotswap.close_server(server)
     await upgrader.release()
     if active:
         await asyncio.wait(active, timeout=5)
@@ -72,5 +78,6 @@ if __name__ == "__main__":
     parser.add_argument("--name", required=True)
     parser.add_argument("--version", required=True)
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--extra-listeners", type=int, default=0)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     sys.exit(asyncio.run(main(parser.parse_args())))
