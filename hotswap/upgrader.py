@@ -151,6 +151,23 @@ def _has_spoken(conn: socket.socket) -> bool:
         return False
 
 
+def _no_room_to_serve() -> str:
+    """Why this process could not serve now for want of descriptors, or
+    ``""``: it must be able to open two more (the control socket's reserve,
+    and one connection to accept). Opens and closes them at once; raises
+    nothing."""
+    opened: list[int] = []
+    error = ""
+    try:
+        for _ in range(2):
+            opened.append(os.eventfd(0, os.EFD_CLOEXEC))
+    except OSError as exc:
+        error = exc.strerror or str(exc)
+    finally:
+        close_fds(opened)
+    return f"{error} ({descriptor_room()})" if error else ""
+
+
 def _peer_closed(exc: BaseException) -> bool:
     """Did a channel operation fail because the other end closed (EOF, EPIPE,
     ECONNRESET), rather than for a reason of ours or of the kernel's? Both
@@ -235,7 +252,8 @@ class ExitReason(enum.Enum):
     """:meth:`Upgrader.request_stop` was called (SIGTERM, usually), or
     :meth:`Upgrader.close`; also a successor's :meth:`Upgrader.ready` that
     called the handover off instead (its PostStart hook gave up, a server
-    could not start): the predecessor serves on."""
+    could not start, no descriptor left to accept with): the predecessor
+    serves on."""
     HANDOVER_FAILED = "handover-failed"
     """We were the successor and the predecessor abandoned the handover as
     we confirmed (its ``Failed``, or a reply that broke the protocol): step
@@ -632,7 +650,9 @@ class Upgrader:
         given up, in a Kruise takeover (:func:`hotswap.kruise.hook_gave_up`):
         the kubelet stops this container next, and it must not be the one
         accepting then; and one of the ``start_serving`` servers that cannot
-        start (the others are closed again before accepting anything).
+        start (the others are closed again before accepting anything); and
+        no descriptor to spare (this process at its RLIMIT_NOFILE: it could
+        accept no connection, and nothing would be served).
         Called before :meth:`start`, it raises HotswapError and starts none.
 
         Once it has begun confirming, the handover is this process's: the
@@ -1311,6 +1331,11 @@ class Upgrader:
             # The kubelet stops this container once the hook fails: as the
             # one process accepting, if we confirmed now.
             await self._abort(f"{late}; the predecessor serves on")
+        # At the descriptor limit (room for the sockets received, none
+        # more) our servers could accept nothing, for good: not ours then.
+        if no_room := _no_room_to_serve():
+            await self._abort(f"no descriptor left to accept connections with: {no_room}; "
+                              "raise this process's RLIMIT_NOFILE; the predecessor serves on")
         # Our servers accept from here on, with the send in this same step:
         # nothing was accepted by us while we could still back out, and the
         # predecessor stops only once it reads Accepting. Not if it has

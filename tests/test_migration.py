@@ -345,6 +345,38 @@ def test_a_successor_with_no_room_even_for_the_welcome_tells_why(procs: Procs,
     assert v1.wait(timeout=15) == 0
 
 
+def test_a_successor_with_room_for_the_sockets_only_does_not_take_over(
+        procs: Procs, name: str) -> None:
+    """The successor has room for the predecessor's sockets and not one
+    descriptor more: it could accept no connection. It must not confirm
+    (the predecessor would step aside, and every request would wait in the
+    listen queue for good, not a word logged): it aborts, saying why, and
+    v1 serves on."""
+    v1 = procs.sidecar(name, "v1")
+    st = wait_for(serving(name, "v1"), 15, "v1 serving")
+    port, baseline = port_of(st), st.num_fds
+    v2 = procs.faulty(name, "v2", "send:hello:stop-after")
+    wait_for(lambda: frozen(v2.pid), 15, "v2 stopped after its hello")
+    # Room for the two sockets to come (http, control), not one more.
+    in_use = len(os.listdir(f"/proc/{v2.pid}/fd"))
+    resource.prlimit(v2.pid, resource.RLIMIT_NOFILE,
+                     (in_use + 2, resource.prlimit(v2.pid, resource.RLIMIT_NOFILE)[1]))
+    v2.send_signal(signal.SIGCONT)
+    assert v2.wait(timeout=15) == 0  # called off, as a stop before confirming is
+    wait_for(lambda: "successor aborted: no descriptor left to accept connections"
+             in procs.logs(), 10, "v1 to log v2's reason")
+    assert "RLIMIT_NOFILE" in procs.logs(), procs.logs()
+    assert "Traceback" not in procs.procs[0][2].read_text(), procs.logs()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    assert b"version(v1)" in http_get(sock)
+    sock.close()
+    assert wait_for(serving(name, "v1"), 15, "v1 serving on").pid == v1.pid
+    wait_for(lambda: (s := status(name)) is not None and s.num_fds == baseline, 10,
+             f"v1 back to {baseline} descriptors")
+    v1.send_signal(signal.SIGTERM)
+    assert v1.wait(timeout=15) == 0
+
+
 def test_a_successor_that_gave_up_mid_transfer_is_heard(procs: Procs, name: str) -> None:
     """v1 has two frames of sockets to send; the successor, with no room
     for the first, aborts and closes while v1 is still sending (v1 frozen
