@@ -285,6 +285,36 @@ def test_a_successor_with_no_descriptor_left_loses_nothing(procs: Procs, name: s
     assert v2.wait(timeout=15) == 0
 
 
+def test_a_successor_that_runs_out_of_descriptors_part_way_loses_nothing(
+        procs: Procs, name: str, idle_clients: IdleClients) -> None:
+    """Two frames of connections; the successor has room for the first
+    (acknowledged: its connections are v2's), not the second (MSG_CTRUNC:
+    v1 keeps those and serves them on). Each client's next request is
+    answered, by v2 for the first frame's and by v1 with Connection: close
+    for the rest: none lost, none answered twice."""
+    clients = MAX_FDS_PER_FRAME + 47
+    limit = fresh_start_fds(procs, name) + MAX_FDS_PER_FRAME + 20
+    v1 = procs.sidecar(name, "v1", args=("--drain-timeout", "20"))
+    socks = idle_clients(port_of(wait_for(serving(name, "v1"), 15, "v1 serving")), clients)
+    v2 = sidecar_with_fd_limit(procs, name, "v2", limit)
+    wait_for(lambda: "handing connections over failed after" in procs.logs(), 15,
+             "v1 to keep the frame v2 could not take")
+    answered = {"v2": 0, "v1": 0}
+    for sock in socks:
+        reply = http_get(sock)
+        version = "v2" if b"version(v2)" in reply else "v1"
+        assert (b"Connection: close" in reply) == (version == "v1"), reply
+        answered[version] += 1
+        sock.close()
+    assert answered == {"v2": MAX_FDS_PER_FRAME, "v1": 47}, answered
+    assert v1.wait(timeout=25) == 0
+    logs = procs.logs()
+    assert "handed 253 idle connection(s) to the successor" in logs, logs
+    assert "no room for the predecessor's connections" in logs and "MSG_CTRUNC" in logs, logs
+    v2.send_signal(signal.SIGTERM)
+    assert v2.wait(timeout=15) == 0
+
+
 def test_a_successor_with_no_room_for_the_sockets_fails_at_once(procs: Procs,
                                                                 name: str) -> None:
     """The successor cannot even receive the listeners (MSG_CTRUNC on the
