@@ -446,6 +446,35 @@ def test_a_successor_that_gave_up_mid_transfer_is_heard(procs: Procs, name: str)
     assert v1.wait(timeout=15) == 0
 
 
+def test_a_successor_killed_between_two_frames_of_sockets_changes_nothing(
+        procs: Procs, name: str) -> None:
+    """v1 has three frames of sockets; the successor is SIGKILLed once it
+    has the first. v1 serves on every listener with the descriptors it
+    had, and says the handover failed and why (the reset or broken pipe
+    of the successor's end)."""
+    extra = ("--extra-listeners", str(2 * MAX_FDS_PER_FRAME))
+    v1 = procs.spawn("v1", [PY, str(TINY), "--name", name, "--version", "v1", *extra])
+    st = wait_for(serving(name, "v1"), 30, "v1 serving")
+    baseline = st.num_fds
+    v2 = procs.spawn("v2", [PY, str(FAULTY), "--name", name, "--version", "v2", *extra],
+                     procs.env(HOTSWAP_TEST_FAULT="receive:sockets:kill-after",
+                               HOTSWAP_TEST_MAIN=str(TINY)))
+    assert v2.wait(timeout=15) == -signal.SIGKILL
+    wait_for(lambda: f"handover to pid {v2.pid} failed, still serving" in procs.logs(), 10,
+             "v1 to give the handover up")
+    st = wait_for(serving(name, "v1"), 15, "v1 serving on")
+    assert st.pid == v1.pid and st.listener_count == 1 + 2 * MAX_FDS_PER_FRAME
+    for listener in (st.listeners[0], st.listeners[-1]):
+        sock = socket.create_connection(("127.0.0.1", int(listener.address.rsplit(":", 1)[1])),
+                                        timeout=10)
+        assert b"version(v1)" in http_get(sock)
+        sock.close()
+    wait_for(lambda: (s := status(name)) is not None and s.num_fds == baseline, 10,
+             f"v1 back to {baseline} descriptors")
+    v1.send_signal(signal.SIGTERM)
+    assert v1.wait(timeout=15) == 0
+
+
 def test_an_old_side_at_its_descriptor_limit_still_hands_over(
         procs: Procs, name: str, idle_clients: IdleClients) -> None:
     """v1's clients take every descriptor it may have. The successor's
