@@ -154,6 +154,28 @@ def _request_arriving(handler: web.RequestHandler) -> bool:
     return isinstance(framer, RequestFramer) and not framer.boundary and not framer.lost
 
 
+_PEERS_SHOWN = 5
+"""How many connections' peers one line about the drain's cuts names (see
+:func:`_log_connections`); the rest are counted, and named at DEBUG."""
+
+
+def _log_connections(level: int, what: str, peers: list[object], outcome: str = "") -> None:
+    """One line for connections the drain dealt with alike at once: ``what``
+    ("drain deadline: cutting idle"), "connection(s) from" the first
+    :data:`_PEERS_SHOWN` ``peers`` and how many more, then ``outcome``. A
+    line a connection flooded the log (at WARNING) at each stop of a process
+    whose clients keep pools of idle keep-alive connections: one per
+    connection, thousands at once. Nothing is logged for no ``peers``."""
+    if not peers:
+        return
+    shown = ", ".join(str(peer) for peer in peers[:_PEERS_SHOWN])
+    more = len(peers) - _PEERS_SHOWN
+    log.log(level, "%s connection%s from %s%s%s", what, "s" if len(peers) > 1 else "",
+            shown, f" and {more} more ({len(peers)} in all)" if more > 0 else "", outcome)
+    if more > 0:
+        log.debug("%s: every connection: %s", what, ", ".join(str(peer) for peer in peers))
+
+
 def _open(server: web.Server) -> bool:
     """Whether a connection of ``server`` still needs the drain: its socket
     is open, or the app's handler is still running for it. aiohttp keeps a
@@ -408,7 +430,7 @@ class Drainer:
         handing idle keep-alive connections to the successor meanwhile when a
         ``migrator`` and ``upgrader`` are given and the successor adopts them.
 
-        Returns how many were cut at the deadline (each is logged; see
+        Returns how many were cut at the deadline (logged, one line for those alike; see
         :meth:`_deadline`).
         """
         migrating = (migrator is not None and upgrader is not None
@@ -488,16 +510,15 @@ class Drainer:
         ``migrator`` and an ``upgrader`` whose successor still adopts, one
         whose response was begun keep-alive to move is handed over once it
         is sent, and waited for until then. Returns how many were cut or are
-        still busy, each logged: the runner's clean-up cuts the busy ones (a
+        still busy, logged (one line for those alike): the runner's clean-up cuts the busy ones (a
         stream, a websocket, a handler that does not end)."""
         loop = asyncio.get_running_loop()
         until = loop.time() + seconds
-        cut = 0
+        cut: list[object] = []  # the idle ones' peers, logged together at the end
         moving = (migrator is not None and upgrader is not None
                   and upgrader.can_hand_over_connections)
 
         def left() -> list[web.RequestHandler]:
-            nonlocal cut
             busy = []
             for handler in list(server.connections):
                 transport = handler.transport
@@ -525,38 +546,40 @@ class Drainer:
                     continue
                 # Its last response said keep-alive (begun before it could be
                 # told): idle past the deadline, cut as at the deadline.
-                log.warning("drain deadline: cutting idle connection from %s",
-                            transport.get_extra_info("peername"))
+                cut.append(transport.get_extra_info("peername"))
                 handler.force_close()
-                cut += 1
             return busy
 
-        while True:
-            if moving and not self._forced.is_set():
-                assert migrator is not None and upgrader is not None
-                # Hands over what is sent and idle at a boundary; tells the
-                # rest to close, as the drain's last rounds do.
-                # At least _ACK_FLOOR for a frame's acknowledgement (one
-                # timed out is let go of with the channel): the grace may run
-                # over by that much, within GRACE.
-                moving = await migrator.step(upgrader, self.close_after_next_response,
-                                             max(_ACK_FLOOR, until - loop.time()),
-                                             last_call=True)
-            busy = left()  # (not a bool first: it cuts what it finds idle)
-            if not ((busy or self._handshaking()) and loop.time() < until
-                    and not self._forced.is_set()):
-                break
-            try:
-                async with asyncio.timeout(min(0.01, max(0.0, until - loop.time()))):
-                    await self._forced.wait()
-            except TimeoutError:
-                pass
-        busy = left()
+        try:
+            while True:
+                if moving and not self._forced.is_set():
+                    assert migrator is not None and upgrader is not None
+                    # Hands over what is sent and idle at a boundary; tells the
+                    # rest to close, as the drain's last rounds do.
+                    # At least _ACK_FLOOR for a frame's acknowledgement (one
+                    # timed out is let go of with the channel): the grace may run
+                    # over by that much, within GRACE.
+                    moving = await migrator.step(upgrader, self.close_after_next_response,
+                                                 max(_ACK_FLOOR, until - loop.time()),
+                                                 last_call=True)
+                busy = left()  # (not a bool first: it cuts what it finds idle)
+                if not ((busy or self._handshaking()) and loop.time() < until
+                        and not self._forced.is_set()):
+                    break
+                try:
+                    async with asyncio.timeout(min(0.01, max(0.0, until - loop.time()))):
+                        await self._forced.wait()
+                except TimeoutError:
+                    pass
+            busy = left()
+        finally:  # also when cancelled: what was cut is said
+            _log_connections(logging.WARNING, "drain deadline: cutting idle", cut)
+        peers = []
         for handler in busy:
             assert handler.transport is not None
-            log.warning("drain grace over: cutting busy connection from %s",
-                        handler.transport.get_extra_info("peername"))
-        return cut + len(busy)
+            peers.append(handler.transport.get_extra_info("peername"))
+        _log_connections(logging.WARNING, "drain grace over: cutting busy", peers)
+        return len(cut) + len(busy)
 
     def _deadline(self, server: web.Server, migrator: Migrator | None, *,
                   moving: bool = False) -> int:
@@ -570,11 +593,15 @@ class Drainer:
         round (a response sent keep-alive before it was told, which ended
         while that round waited for the successor's acknowledgement, or
         since), and cut, the next request its client sent on it failed.
-        Returns how many were cut; each is logged."""
+        Returns how many were cut; they are logged, one line for those alike
+        (see :func:`_log_connections`)."""
         if migrator is not None:
             for conn in migrator.tracked:  # a paused one's next request is waiting
                 conn.resume()
         cut = 0
+        told: list[object] = []  # busy, told to close: their peers, logged together
+        idle: list[object] = []  # cut: their peers, logged together
+        forced: list[object] = []  # busy, cut (a forced drain)
         for handler in server.connections:
             transport = handler.transport
             if transport is None or transport.is_closing():
@@ -607,14 +634,17 @@ class Drainer:
                 busy = (_held_requests(handler) or _request_arriving(handler)
                         or self._first_request_due(handler))
             if busy and not self._forced.is_set():
-                log.warning("drain deadline: connection from %s is busy; its response "
-                            "says Connection: close", peer)
+                told.append(peer)
                 self.close_after_next_response(handler)
                 continue
-            log.warning("drain deadline: cutting %s connection from %s",
-                        "busy" if busy else "idle", peer)
+            (forced if busy else idle).append(peer)
             handler.force_close()
             cut += 1
+        _log_connections(logging.WARNING, "drain deadline:", told,
+                         " is busy; its response says Connection: close" if len(told) == 1
+                         else " are busy; each one's response says Connection: close")
+        _log_connections(logging.WARNING, "drain deadline: cutting idle", idle)
+        _log_connections(logging.WARNING, "drain deadline: cutting busy", forced)
         return cut
 
 

@@ -54,6 +54,28 @@ def test_sigterm_drains_within_the_deadline(procs: Procs, name: str) -> None:
     busy.close()
 
 
+def test_idle_connections_cut_at_a_stop_are_one_line_not_one_each(
+        procs: Procs, name: str) -> None:
+    """A plain stop of a process whose clients keep pools of idle keep-alive
+    connections: each is cut at the deadline, and that is said in one
+    WARNING, with their count, not in one a connection (the alerting on
+    WARNING saw thousands of lines at each pod's stop)."""
+    v1 = procs.sidecar(name, "v1", args=("--drain-timeout", "0.5"))
+    port = port_of(wait_for(serving(name, "v1"), 15, "v1 serving"))
+    idle = [keepalive_request(port)[0] for _ in range(20)]
+    v1.send_signal(signal.SIGTERM)
+    assert v1.wait(timeout=10) == 0
+    for sock in idle:
+        assert sock.recv(4096) == b""  # cut at the deadline
+        sock.close()
+    log = procs.procs[0][2].read_text(errors="replace")  # v1's, whole
+    alarms = [line for line in log.splitlines() if " WARNING " in line or " ERROR " in line]
+    assert len(alarms) == 1, alarms
+    assert "drain deadline: cutting idle connections from" in alarms[0], alarms
+    assert "and 15 more (20 in all)" in alarms[0], alarms
+    assert "drained, 20 connection(s) cut" in log, log
+
+
 def test_sighup_is_ignored_and_the_sidecar_serves_on(procs: Procs, name: str) -> None:
     """SIGHUP's default action kills at once, with no drain: a terminal's
     hangup or a stray reload signal must not drop a keep-alive client."""
