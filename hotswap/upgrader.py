@@ -395,6 +395,9 @@ class Upgrader:
         # Control peers refused for their uid: one line, then a count (a
         # process of any uid connecting in a loop cannot flood the log).
         self._refused = _Throttled(self._log_refused)
+        # The successor last refused as busy (it retries until we are not):
+        # said once at INFO, its retries at DEBUG (see _converse()).
+        self._busy_refused: int | None = None
         self._predecessor_channel: Channel | None = None
         self._predecessor_task: asyncio.Task[None] | None = None
         # ready()'s confirmation, once it has begun: it runs to its end even
@@ -1136,6 +1139,7 @@ class Upgrader:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + opts.connect_timeout
         delay = 0.05
+        retried = ""  # the refusal's code last said at INFO
         while True:
             if self._stop_requested:  # while waiting for a busy one, say
                 raise HandoverFailed("stop requested before taking over; nothing was taken")
@@ -1169,9 +1173,13 @@ class Upgrader:
                 # nothing was taken, and a new try may well succeed.
                 if exc.code not in ("busy", "timeout") or loop.time() + delay > deadline:
                     raise
-                log.info("%s: serving process %s (%s); retrying", self.name,
-                         "busy" if exc.code == "busy" else "gave up waiting for our hello",
-                         exc.reason)
+                # Once at INFO, the retries (up to ~1/s until connect_timeout)
+                # at DEBUG: a line a retry for as long as a drain lasts.
+                log.log(logging.INFO if retried != exc.code else logging.DEBUG,
+                        "%s: serving process %s (%s); retrying", self.name,
+                        "busy" if exc.code == "busy" else "gave up waiting for our hello",
+                        exc.reason)
+                retried = exc.code
             except BrokenResourceError as exc:
                 channel.close()
                 if exc.truncated:
@@ -1706,8 +1714,18 @@ class Upgrader:
         assert isinstance(first, Hello)
         refusal = self._refusal(first)
         if refusal is not None:
-            log.warning("%s: refused successor pid %d (%s): %s", self.name, first.pid,
-                        refusal.code, refusal.reason)
+            if refusal.code == "busy":
+                # Normal (an upgrade that comes while the last one's
+                # predecessor still drains) and lossless: the successor
+                # retries, up to ~1/s, until we take it. One WARNING a retry
+                # paged whoever alerts on WARNING, dozens of times an upgrade.
+                level = logging.DEBUG if self._busy_refused == first.pid else logging.INFO
+                self._busy_refused = first.pid
+                log.log(level, "%s: successor pid %d must wait (busy: %s); it tries again",
+                        self.name, first.pid, refusal.reason)
+            else:
+                log.warning("%s: refused successor pid %d (%s): %s", self.name, first.pid,
+                            refusal.code, refusal.reason)
             await channel.send(refusal, timeout=timeout)
             return False
         return await self._hand_over(channel, first)

@@ -22,7 +22,16 @@ from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import pytest
-from conftest import Load, Procs, child_env, port_of, serving, status, wait_for
+from conftest import (
+    Load,
+    Procs,
+    child_env,
+    port_of,
+    read_response,
+    serving,
+    status,
+    wait_for,
+)
 
 import hotswap
 import hotswap.control
@@ -68,6 +77,37 @@ def test_v1_v2_v3_under_load_loses_nothing(
         alarms = [line for line in path.read_text(errors="replace").splitlines()
                   if " WARNING " in line or " ERROR " in line or "Traceback" in line]
         assert not alarms, (label, alarms)
+
+
+def test_an_upgrade_while_the_last_one_still_drains_logs_no_warning(
+        procs: Procs, name: str) -> None:
+    """v3 comes while v2's predecessor (v1) still drains a 3 s request: v2
+    refuses it as busy and v3 retries until v1 is gone. Normal and lossless,
+    so no WARNING (one a retry, dozens an upgrade, paged the operators),
+    and each side says so once, not once a retry."""
+    v1 = procs.sidecar(name, "v1", args=("--delay", "3"))
+    st = wait_for(serving(name, "v1"), 15, "v1 serving")
+    port, baseline = port_of(st), st.num_fds
+    sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+    sock.sendall(b"GET /serve HTTP/1.1\r\nHost: x\r\n\r\n")  # 3 s in v1
+    wait_for(lambda: (s := status(name)) is not None and s.num_fds > baseline, 10,
+             "v1 to accept the connection")
+    v2 = procs.sidecar(name, "v2")
+    wait_for(serving(name, "v2", settled=False), 15, "v2 serving, v1 draining")
+    v3 = procs.sidecar(name, "v3")
+    wait_for(serving(name, "v3"), 30, "v3 serving, v2 drained")
+    assert b"version(v1)" in read_response(sock)
+    sock.close()
+    assert v1.wait(timeout=15) == 0 and v2.wait(timeout=15) == 0
+    v3.send_signal(signal.SIGTERM)
+    assert v3.wait(timeout=15) == 0
+    logs = {label: path.read_text(errors="replace") for label, _, path in procs.procs}
+    for label, log in logs.items():
+        alarms = [line for line in log.splitlines() if " WARNING " in line or " ERROR " in line]
+        assert not alarms, (label, alarms)
+    assert logs["v2"].count("must wait (busy: previous generation still draining)") == 1, \
+        logs["v2"]
+    assert logs["v3"].count("serving process busy") == 1, logs["v3"]
 
 
 def test_successor_killed_before_confirming(
