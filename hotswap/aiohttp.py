@@ -602,15 +602,14 @@ class Drainer:
         told: list[object] = []  # busy, told to close: their peers, logged together
         idle: list[object] = []  # cut: their peers, logged together
         forced: list[object] = []  # busy, cut (a forced drain)
+        sending: list[object] = []  # still sending a response, then moving
         for handler in server.connections:
             transport = handler.transport
             if transport is None or transport.is_closing():
                 continue  # closing already: handed over, or told to close
             if moving and migrator is not None and self._to_move(handler, migrator):
                 if not handler.flushed():
-                    log.warning("drain deadline: connection from %s is still sending a "
-                                "response; it moves once that is sent",
-                                transport.get_extra_info("peername"))
+                    sending.append(transport.get_extra_info("peername"))
                 continue  # the grace's first round hands it over
             peer = transport.get_extra_info("peername")
             # Busy: a request in progress, one parsed and queued that its
@@ -640,6 +639,11 @@ class Drainer:
             (forced if busy else idle).append(peer)
             handler.force_close()
             cut += 1
+        # Nothing lost (they move once sent, within the grace): not a WARNING.
+        _log_connections(logging.INFO, "drain deadline:", sending,
+                         " is still sending a response; it moves once that is sent"
+                         if len(sending) == 1
+                         else " are still sending a response; each moves once it is sent")
         _log_connections(logging.WARNING, "drain deadline:", told,
                          " is busy; its response says Connection: close" if len(told) == 1
                          else " are busy; each one's response says Connection: close")
