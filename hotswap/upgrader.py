@@ -1709,7 +1709,17 @@ class Upgrader:
         if (me := asyncio.current_task()) is not None:
             self._silent.pop(me, None)
         if isinstance(first, StatusRequest):
-            await channel.send(self.status(), timeout=timeout)
+            try:
+                await channel.send(self.status(), timeout=timeout)
+            except HotswapError as exc:
+                if not _peer_closed(exc):
+                    raise
+                # A probe, the hook or `hotswap status` that gave up waiting
+                # (its own timeout) or was killed: no news here (its own
+                # failure is reported where it ran), and one WARNING each,
+                # at a probe's pace or a loop's, flooded the log.
+                log.debug("%s: status client pid %d left before its answer (%s)",
+                          self.name, pid, exc)
             return False
         assert isinstance(first, Hello)
         refusal = self._refusal(first)

@@ -1664,6 +1664,37 @@ def test_an_accepting_that_came_while_the_old_side_stalled_counts(
     run(main())
 
 
+def test_status_clients_that_leave_before_the_answer_are_no_warning(
+        run: Runner, caplog: pytest.LogCaptureFixture) -> None:
+    """A status client (the probe, the hook, ``hotswap status``) that sends
+    its request and goes before the answer (its timeout ran out, it was
+    killed): the server's send breaks. Nothing is wrong with the server, and
+    a WARNING each (at a probe's pace, or a client's loop) flooded the log
+    that operators alert on: DEBUG, as for a peer that said nothing."""
+    caplog.set_level(logging.DEBUG, logger="hotswap")
+    name = new_name()
+    clients = 10
+
+    async def main() -> None:
+        upg = await serving_upgrader(name, "v1")
+        request = encode(hotswap.protocol.StatusRequest())
+        for _ in range(clients):  # without yielding: each is gone before the answer
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.connect(sockaddr(control_address(name)))
+                sock.sendall(request)
+        await until(lambda: sum("left before its answer" in r.getMessage()
+                                or "sending 'status'" in r.getMessage()
+                                for r in caplog.records) == clients,
+                    "every client's answer to break")
+        st = await query_status(control_address(name))  # serves on, answers
+        assert st.state == "serving"
+        await upg.close()
+
+    run(main())
+    alarms = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not alarms, alarms
+
+
 def test_a_first_message_that_came_while_the_server_stalled_counts(run: Runner) -> None:
     """A control connection is accepted and its handler waits for the first
     message; the serving process then stalls (here: its event loop blocked)
