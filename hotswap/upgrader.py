@@ -155,14 +155,17 @@ def _no_room_to_serve() -> str:
     """Why this process could not serve now for want of descriptors, or
     ``""``: it must be able to open two more (the control socket's reserve,
     and one connection to accept). Opens and closes them at once; raises
-    nothing."""
+    nothing. Only a want of descriptors (EMFILE, ENFILE) counts: any other
+    error (a seccomp profile that refuses eventfd) says nothing of them,
+    and must not call every handover off."""
     opened: list[int] = []
     error = ""
     try:
         for _ in range(2):
             opened.append(os.eventfd(0, os.EFD_CLOEXEC))
     except OSError as exc:
-        error = exc.strerror or str(exc)
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            error = exc.strerror or str(exc)
     finally:
         close_fds(opened)
     return f"{error} ({descriptor_room()})" if error else ""
