@@ -89,16 +89,34 @@ MARKER_FRESH = 3.0
 MARKER_FRESH_ENV = "HOTSWAP_MARKER_FRESH"
 
 
+_SHELL_BLANKS = " \t\n\v\f\r"
+"""What the shell's ``test`` skips around a number (C ``isspace``)."""
+
+_SHELL_INT_MAX = 2**63 - 1
+"""The largest number the shell's ``test`` takes (``intmax_t``)."""
+
+
 def marker_fresh(env: Mapping[str, str]) -> float | None:
     """Seconds a serving marker counts as fresh, read from
-    :data:`MARKER_FRESH_ENV` in ``env`` as the scripts read it: unset or
-    empty, :data:`MARKER_FRESH`; ASCII digits, that many seconds; anything
-    else (``2.5``, ``-1``, ``abc``) None: no marker counts, as the shell's
-    test fails on such a value, and the control socket is asked instead."""
+    :data:`MARKER_FRESH_ENV` in ``env`` as the scripts' ``test -le`` reads
+    it (``strtoimax``): unset or empty, :data:`MARKER_FRESH`; ASCII digits,
+    blanks around them and a ``+`` allowed (`` 3``, ``+3``), that many
+    seconds; anything else (``2.5``, ``-1``, ``abc``, past 64 bits) None:
+    no marker counts, as the shell's test fails (or can hold for no
+    stamp), and the control socket is asked instead. Raises nothing."""
     text = env.get(MARKER_FRESH_ENV, "")
     if not text:
         return MARKER_FRESH
-    return float(int(text)) if text.isascii() and text.isdigit() else None
+    digits = text.strip(_SHELL_BLANKS)
+    sign = digits[:1]
+    if sign in ("+", "-"):
+        digits = digits[1:]
+    if not (digits.isascii() and digits.isdigit()):
+        return None
+    value = int(digits)
+    if sign == "-":  # both ages -le a negative: no stamp is that fresh
+        return 0.0 if value == 0 else None
+    return float(value) if value <= _SHELL_INT_MAX else None
 
 
 def marked_ranks(name: str, *, fresh: float = MARKER_FRESH,

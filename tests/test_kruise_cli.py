@@ -739,6 +739,9 @@ def test_marked_ranks_reads_the_markers_as_the_shell_does(name: str) -> None:
     ("1", 2, False),
     ("2.5", 0, False),  # the shell's test fails on it: no marker counts
     ("x", 0, False),
+    (" 30 ", 10, True),  # the shell's test takes blanks around the digits,
+    ("+30", 10, True),  # and a sign
+    ("9223372036854775808", 10, False),  # past its 64 bits: no marker counts
 ])
 def test_wait_ready_reads_the_markers_freshness_as_the_scripts_do(
         procs: Procs, name: str, fresh: str, age: int, ready: bool) -> None:
@@ -758,6 +761,32 @@ def test_wait_ready_reads_the_markers_freshness_as_the_scripts_do(
         assert result.returncode == 0 and "serving marker" in result.stdout, result
     else:
         assert result.returncode == 1 and "timed out" in result.stderr, result
+
+
+@pytest.mark.parametrize("fresh", [
+    "", "3", "03", " 3", "3 ", "\t3\n", "+3", "-3", "- 3", "+ 3", "++3", "3x", "2.5",
+    "1", "x", " ", "\u0663", "9223372036854775807", "9223372036854775808",
+    "99999999999999999999"])
+def test_marker_fresh_is_read_as_the_scripts_shell_reads_it(name: str, fresh: str) -> None:
+    """control.marker_fresh (what ``wait-ready`` counts a marker by) and the
+    shell's own look (scripts/hotswap-marker.sh, given the variable as
+    migrate.sh and probe.sh give it) agree on a marker 2 s old, for every
+    spelling of ``HOTSWAP_MARKER_FRESH``: the hook's two looks must not
+    disagree on whether the successor has begun confirming."""
+    marker = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        marker.bind(f"\0hotswap/{name}/serving/8/{int(time.time()) - 2}")
+        shell = subprocess.run(
+            ["sh", "-c", '. "$1"; hotswap_markers "$2" 8 "${HOTSWAP_MARKER_FRESH:-3}"; '
+             'echo "$marker_ours"', "sh", str(ROOT / "scripts/hotswap-marker.sh"), name],
+            capture_output=True, text=True, timeout=30,
+            env={**os.environ, "HOTSWAP_MARKER_FRESH": fresh})
+        seconds = hotswap.control.marker_fresh({"HOTSWAP_MARKER_FRESH": fresh})
+        ours = seconds is not None and 8 in hotswap.control.marked_ranks(name, fresh=seconds)
+    finally:
+        marker.close()
+    assert shell.returncode == 0 and shell.stdout in ("0\n", "1\n"), shell
+    assert ours == (shell.stdout == "1\n"), (fresh, seconds, shell)
 
 
 @pytest.mark.parametrize("timeout", ["2", "2.0"])
