@@ -139,7 +139,10 @@ def marked_ranks(name: str, *, fresh: float = MARKER_FRESH,
         return frozenset()
     ranks = set()
     for line in lines:
-        path = line.rsplit(None, 1)[-1] if line.strip() else ""
+        # Its last field as the shell splits it (IFS: space, tab): not at
+        # every character Python calls a blank (U+00A0, U+2028, \r), which
+        # may be in a NAME the shell's look finds.
+        path = line.replace("\t", " ").rsplit(" ", 1)[-1]
         if not path.startswith(prefix):
             continue
         rank, _, stamp = path[len(prefix):].partition("/")

@@ -733,6 +733,28 @@ def test_marked_ranks_reads_the_markers_as_the_shell_does(name: str) -> None:
     assert hotswap.control.marked_ranks(name) == frozenset()
 
 
+@pytest.mark.parametrize("blank", ["\u00a0", "\u2028", "\u3000", "\x1c", "\r", "\x0b"])
+def test_marked_ranks_splits_a_line_where_the_shell_does(name: str, blank: str) -> None:
+    """A NAME with a character that Python calls whitespace and the shell
+    does not split on (its IFS is space, tab and newline): the shell's
+    look (scripts/hotswap-marker.sh) finds the marker, and so must
+    ``wait-ready``'s, or the hook's last look at its deadline misses a
+    successor that has begun confirming, its fast path having seen it."""
+    sidecar = f"{name}{blank}x"
+    marker = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        marker.bind(f"\0hotswap/{sidecar}/serving/8/{int(time.time())}")
+        shell = subprocess.run(
+            ["sh", "-c", '. "$1"; hotswap_markers "$2" 8 3; echo "$marker_ours"', "sh",
+             str(ROOT / "scripts/hotswap-marker.sh"), sidecar],
+            capture_output=True, text=True, timeout=30)
+        ranks = hotswap.control.marked_ranks(sidecar)
+    finally:
+        marker.close()
+    assert shell.returncode == 0 and shell.stdout == "1\n", shell
+    assert ranks == {8}
+
+
 @pytest.mark.parametrize(("fresh", "age", "ready"), [
     ("30", 10, True),  # stale by the default 3 s: the variable was read
     ("", 0, True),  # empty is the default, as ${HOTSWAP_MARKER_FRESH:-3}
