@@ -19,7 +19,8 @@
 #   HOTSWAP_CONTROL_PATH      filesystem control socket instead (optional)
 #   HOTSWAP_MIGRATE_TIMEOUT   seconds to wait (default: 60): never fewer; on a
 #                             busy node up to a second or two more. Digits, a
-#                             fraction allowed, at most 999999; any other
+#                             fraction allowed, at most 999999 (blanks around
+#                             them and a leading + are dropped); any other
 #                             spelling fails the hook at once (exit 2)
 #   HOTSWAP_MIGRATE_FAST      seconds of the wait spent watching the serving
 #                             marker without Python (default: 10; 0: never)
@@ -45,14 +46,21 @@ log() { echo "migrate.sh[$name]: $*"; }
 number() { case $1 in ""|*[!0-9]*|0?*|???????????????????*) return 1 ;; esac; }
 # A number of seconds small enough for the arithmetic below.
 whole() { case $1 in ""|*[!0-9]*|0?*|???????*) return 1 ;; esac; }
-# HOTSWAP_MIGRATE_TIMEOUT in hundredths of a second, into $timeout_cs:
-# digits with an optional fraction (60, 2.5, 060, .5), at most six before
-# the point. Hundredths and no finer: what is cut makes the deadline the
-# sidecar reads come a little before the CLI gives up, never after. Returns
-# 1 for any other spelling (1e2, +60, blanks), which the hook refuses.
+# HOTSWAP_MIGRATE_TIMEOUT in hundredths of a second, into $timeout_cs, and
+# as plain digits into $timeout_plain: digits with an optional fraction (60,
+# 2.5, 060, .5), at most six before the point; blanks around them and a
+# leading + are dropped, as the CLI drops them (a ConfigMap value made
+# --from-file ends with a newline). Hundredths and no finer: what is cut
+# makes the deadline the sidecar reads come a little before the CLI gives
+# up, never after. Returns 1 for any other spelling (1e2, -5, 6 0), which
+# the hook refuses.
 centiseconds() {
-    _cs_whole=${1%%.*}
-    case $1 in *.*) _cs_frac=${1#*.} ;; *) _cs_frac= ;; esac
+    _cs=$1
+    while :; do case $_cs in [[:space:]]*) _cs=${_cs#?} ;; *) break ;; esac; done
+    while :; do case $_cs in *[[:space:]]) _cs=${_cs%?} ;; *) break ;; esac; done
+    case $_cs in +*) _cs=${_cs#+} ;; esac
+    _cs_whole=${_cs%%.*}
+    case $_cs in *.*) _cs_frac=${_cs#*.} ;; *) _cs_frac= ;; esac
     case $_cs_whole$_cs_frac in ""|*[!0-9]*) return 1 ;; esac
     while :; do case $_cs_whole in 0?*) _cs_whole=${_cs_whole#0} ;; *) break ;; esac; done
     case $_cs_whole in ???????*) return 1 ;; esac
@@ -60,9 +68,14 @@ centiseconds() {
     _cs_frac=${_cs_frac%"${_cs_frac#??}"}
     # 1NN - 100: a fraction like 08 is no octal number to the shell.
     timeout_cs=$((${_cs_whole:-0} * 100 + 1$_cs_frac - 100))
+    timeout_plain=$_cs
 }
 timeout_cs=
-centiseconds "$timeout" || timeout_cs=
+if centiseconds "$timeout"; then
+    timeout=$timeout_plain  # for the fast path's arithmetic and the CLI too
+else
+    timeout_cs=
+fi
 
 # The shortcuts below take only plain numbers; any other spelling goes to the
 # CLI, which applies hotswap.kruise's rules (and rejects what is no version).
