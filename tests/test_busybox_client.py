@@ -7,8 +7,11 @@ import contextlib
 import http.server
 import itertools
 import json
+import signal
+import socket
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -133,3 +136,91 @@ def test_a_slow_answer_is_no_burst_and_shows_as_the_longest_gap(tmp_path: Path) 
     # only lowers it); making up the missed ticks gave 10.
     assert summary["requests"] <= 7, summary
     assert summary["longest_gap_s"] >= 0.45, summary
+
+
+@contextlib.contextmanager
+def trickling_server(pace: float) -> Iterator[tuple[int, threading.Event]]:
+    """A server on 127.0.0.1 (its port, and an event set once it has read a
+    request) that answers every request with a 200 whose body it sends one
+    byte every ``pace`` seconds: each read is quick, the answer is not."""
+    data = body("v1").encode()
+    closing = threading.Event()
+    asked = threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def answer(conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.recv(4096)
+                asked.set()
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(data))
+                for byte in data:
+                    if closing.wait(pace):
+                        return
+                    conn.sendall(bytes([byte]))
+            except OSError:
+                pass  # the client gave up: what the tests expect
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return  # closed: the test is over
+            threading.Thread(target=answer, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1], asked
+    finally:
+        closing.set()
+        listener.shutdown(socket.SHUT_RDWR)
+        listener.close()
+        thread.join(timeout=5)
+
+
+def test_an_answer_trickled_past_the_timeout_is_a_failure(tmp_path: Path) -> None:
+    """The timeout bounds the whole request: a server sending a byte every
+    0.2 s never let the socket's per-read timeout fire, and its answer,
+    taking 5.4 s against a --timeout of 0.5 s, passed as a success (exit 0)."""
+    summary_path = tmp_path / "summary.json"
+    with trickling_server(0.2) as (port, _):
+        began = time.monotonic()
+        result = subprocess.run(
+            [PY, str(CLIENT), "--url", f"http://127.0.0.1:{port}/serve", "--interval", "0.1",
+             "--timeout", "0.5", "--duration", "0.8", "--summary-json", str(summary_path)],
+            env=child_env(), capture_output=True, text=True, timeout=30)
+        took = time.monotonic() - began
+    summary = json.loads(summary_path.read_text())
+    assert result.returncode == 1, result.stdout
+    assert summary["failed"] == summary["requests"] >= 1, summary
+    assert summary["errors"] == {"RequestTimeout": summary["requests"]}, summary
+    assert took < 4, (took, result.stdout)
+
+
+def test_a_stop_during_a_trickled_answer_waits_no_longer_than_the_timeout(
+        tmp_path: Path) -> None:
+    """`docker compose stop` gives 10 s, then SIGKILLs: a stop during an
+    answer that never completes must still end within the request's timeout,
+    with that request counted as failed in the summary."""
+    summary_path = tmp_path / "summary.json"
+    with trickling_server(0.2) as (port, asked):
+        client = subprocess.Popen(
+            [PY, str(CLIENT), "--url", f"http://127.0.0.1:{port}/serve",
+             "--timeout", "1", "--summary-json", str(summary_path)],
+            env=child_env(), stdout=subprocess.PIPE, text=True)
+        try:
+            assert asked.wait(20), "the client made no request"
+            client.send_signal(signal.SIGTERM)
+            began = time.monotonic()
+            out, _ = client.communicate(timeout=30)
+            took = time.monotonic() - began
+        finally:
+            if client.poll() is None:
+                client.kill()
+                client.wait(timeout=10)
+    summary = json.loads(summary_path.read_text())
+    assert client.returncode == 1, out
+    assert summary["failed"] == summary["requests"] == 1, summary
+    assert took < 2, (took, out)

@@ -10,7 +10,10 @@ well-behaved client does. Each request is logged::
     request sidecar server success, and response(body=This is version(v1) sidecar)
     request sidecar server failed, and error(...)
 
-A request fails on any of: an error or timeout connecting, sending or reading;
+A request fails on any of: an error connecting, sending or reading; taking
+longer than ``--timeout`` in all (connecting, sending and reading the whole
+response: a server trickling its answer a byte at a time does not get to
+stretch it, and a stop is never held up longer than that);
 a status other than 200; a body other than ``This is version(<v>) sidecar``;
 an answer from a version that was already superseded (one seen before, then
 another: the version went backwards). At the end (``--duration`` elapsed, or
@@ -42,6 +45,15 @@ class VersionWentBack(Exception):
     """An answer from a version that a newer one had already replaced."""
 
 
+class RequestTimeout(TimeoutError):
+    """The whole request (connect, send, read the response) took longer than
+    the client's ``--timeout``."""
+
+
+def _on_alarm(signum: int, frame: FrameType | None) -> None:
+    raise RequestTimeout("no complete answer within the request's timeout")
+
+
 class Client:
     def __init__(self, url: str, timeout: float) -> None:
         parts = urllib.parse.urlsplit(url)
@@ -51,19 +63,28 @@ class Client:
         self.port = parts.port or 80
         self.path = parts.path or "/"
         self.timeout = timeout
+        signal.signal(signal.SIGALRM, _on_alarm)  # the main thread's, as main() is
         self.conn: http.client.HTTPConnection | None = None
         self.connections = 0
 
     def request(self) -> str:
-        """One GET; the version that answered. Raises on any failure."""
+        """One GET; the version that answered. Raises on any failure, and
+        :class:`RequestTimeout` once the whole request has taken ``timeout``
+        seconds (a SIGALRM interrupts whatever step it is in; the socket's own
+        timeout bounds only each step). The client owns its one connection: on
+        any failure it is closed, and the next request opens a new one."""
         if self.conn is None:
             self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
             self.connections += 1
         conn = self.conn
         try:
-            conn.request("GET", self.path)
-            response = conn.getresponse()
-            body = response.read().decode("utf-8", "replace")
+            signal.setitimer(signal.ITIMER_REAL, self.timeout)
+            try:
+                conn.request("GET", self.path)
+                response = conn.getresponse()
+                body = response.read().decode("utf-8", "replace")
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
         except BaseException:
             conn.close()
             self.conn = None
@@ -85,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval", type=float, default=0.1)
     parser.add_argument("--duration", type=float, default=0.0,
                         help="seconds to run (0: until SIGTERM/SIGINT)")
-    parser.add_argument("--timeout", type=float, default=5.0, help="per request")
+    parser.add_argument("--timeout", type=float, default=5.0,
+                        help="seconds a whole request may take (connect, send, read)")
     parser.add_argument("--summary-json", help="also write the summary to this file")
     args = parser.parse_args(argv)
 
