@@ -50,10 +50,6 @@ class RequestTimeout(TimeoutError):
     the client's ``--timeout``."""
 
 
-def _on_alarm(signum: int, frame: FrameType | None) -> None:
-    raise RequestTimeout("no complete answer within the request's timeout")
-
-
 class Client:
     def __init__(self, url: str, timeout: float) -> None:
         parts = urllib.parse.urlsplit(url)
@@ -63,9 +59,16 @@ class Client:
         self.port = parts.port or 80
         self.path = parts.path or "/"
         self.timeout = timeout
-        signal.signal(signal.SIGALRM, _on_alarm)  # the main thread's, as main() is
+        self.timing = False  # a request's timer is armed
+        signal.signal(signal.SIGALRM, self._on_alarm)  # the main thread's, as main() is
         self.conn: http.client.HTTPConnection | None = None
         self.connections = 0
+
+    def _on_alarm(self, signum: int, frame: FrameType | None) -> None:
+        # Python runs a handler at its next check, maybe once the request
+        # is over: it then raises nowhere (a traceback, no summary).
+        if self.timing:
+            raise RequestTimeout("no complete answer within the request's timeout")
 
     def request(self) -> str:
         """One GET; the version that answered. Raises on any failure, and
@@ -78,12 +81,14 @@ class Client:
             self.connections += 1
         conn = self.conn
         try:
+            self.timing = True
             signal.setitimer(signal.ITIMER_REAL, self.timeout)
             try:
                 conn.request("GET", self.path)
                 response = conn.getresponse()
                 body = response.read().decode("utf-8", "replace")
             finally:
+                self.timing = False
                 signal.setitimer(signal.ITIMER_REAL, 0)
         except BaseException:
             conn.close()
