@@ -38,6 +38,7 @@ IDLE_START = hotswap.startup.preload("argparse", "asyncio", "logging", "signal",
 import argparse  # noqa: E402 -- loaded above
 import asyncio  # noqa: E402
 import logging  # noqa: E402
+import math  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
@@ -50,6 +51,20 @@ import hotswap  # noqa: E402
 import hotswap.aiohttp  # noqa: E402
 
 
+def seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds, 0 or more. Anything
+    else is a usage error here, not a failure once the sockets are taken
+    (``--delay nan`` answered every request 500, ``inf`` never)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(
+            f"not a finite number of seconds, 0 or more: {text!r}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     env = os.environ
     # String defaults from the environment go through `type` too: a malformed
@@ -60,12 +75,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=env.get("SIDECAR_PORT", "9091"))
     parser.add_argument("--name", default=env.get("HOTSWAP_NAME", "sidecar"))
     parser.add_argument("--control-path", default=env.get("HOTSWAP_CONTROL_PATH"))
-    parser.add_argument("--drain-timeout", type=float,
+    parser.add_argument("--drain-timeout", type=seconds,
                         default=env.get("HOTSWAP_DRAIN_TIMEOUT",
                                         str(hotswap.aiohttp.DEFAULT_DRAIN_TIMEOUT)))
-    parser.add_argument("--handover-timeout", type=float,
+    parser.add_argument("--handover-timeout", type=seconds,
                         default=env.get("HOTSWAP_HANDOVER_TIMEOUT", "30"))
-    parser.add_argument("--delay", type=float, default=env.get("SIDECAR_DELAY", "0"),
+    parser.add_argument("--delay", type=seconds, default=env.get("SIDECAR_DELAY", "0"),
                         help="seconds each request takes (to show in-flight draining)")
     parser.add_argument("--no-migrate", action="store_true",
                         default=env.get("HOTSWAP_MIGRATE") == "0",
@@ -84,13 +99,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.tls_key and not args.tls_cert:
         parser.error("--tls-key needs --tls-cert")
+    if not args.handover_timeout:
+        parser.error("argument --handover-timeout: must be more than 0 seconds")
     return args
 
 
 async def run(args: argparse.Namespace, app: web.Application) -> int:
-    options = hotswap.Options(control_path=args.control_path,
-                              handover_timeout=args.handover_timeout)
-    upgrader = hotswap.Upgrader(args.name, version=args.version, options=options)
+    try:
+        options = hotswap.Options(control_path=args.control_path,
+                                  handover_timeout=args.handover_timeout)
+        upgrader = hotswap.Upgrader(args.name, version=args.version, options=options)
+    except ValueError as exc:  # a --name or --control-path that is no socket address
+        logging.error("%s", exc)
+        return 1
     if args.fail_start:
         @app.on_startup.append
         async def fail(_: web.Application) -> None:
@@ -121,7 +142,12 @@ def prepare() -> tuple[argparse.Namespace, web.Application, asyncio.AbstractEven
     if args.tls_cert:  # a bad file fails here, before anything is taken over
         import ssl  # aiohttp has imported it already
         args.tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        args.tls.load_cert_chain(args.tls_cert, args.tls_key)
+        try:
+            args.tls.load_cert_chain(args.tls_cert, args.tls_key)
+        except OSError as exc:  # ssl.SSLError too; a missing file's says not which
+            logging.error("cannot load --tls-cert %r%s: %s", args.tls_cert,
+                          f" --tls-key {args.tls_key!r}" if args.tls_key else "", exc)
+            raise SystemExit(1) from None
     return args, make_app(args.version, args.delay), uvloop.new_event_loop()
 
 
