@@ -52,3 +52,23 @@ def test_a_name_that_is_no_socket_address_is_said_in_one_line(name: str) -> None
     assert run.returncode == 1, run
     assert f"ERROR invalid sidecar name '{name}/x'" in run.stderr, run.stderr
     assert "Traceback" not in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize(("value", "no_migrate"), [
+    (None, "False"), ("1", "False"), ("on", "False"), ("0", "True"), ("false", "True"),
+    ("No", "True"), ("off", "True"), ("nope", None)])
+def test_hotswap_migrate_is_read_as_hotswap_reads_its_switches(
+        value: str | None, no_migrate: str | None) -> None:
+    """``HOTSWAP_MIGRATE=false`` (or ``no``, ``off``: the words hotswap takes
+    for ``HOTSWAP_IDLE_START``) was taken for "migrate", as was any typo; only
+    ``0`` turned it off. Read as the sample reads it (its parse_args)."""
+    probe = (f"import sys; sys.path.insert(0, {str(SIDECAR.parent)!r})\n"
+             "import main\n"
+             "print(main.parse_args([]).no_migrate)\n")
+    env = child_env() if value is None else child_env(HOTSWAP_MIGRATE=value)
+    run = run_script([PY, "-c", probe], env, timeout=30)
+    if no_migrate is None:
+        assert run.returncode == 2, run
+        assert f"HOTSWAP_MIGRATE={value!r}: use 1 or 0" in run.stderr, run.stderr
+    else:
+        assert run.returncode == 0 and run.stdout == f"{no_migrate}\n", run

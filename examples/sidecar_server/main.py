@@ -11,7 +11,8 @@ It uses only hotswap's public API: :class:`hotswap.Upgrader` and
 :func:`hotswap.aiohttp.serve`. Every flag has an environment fallback
 (``SIDECAR_VERSION``, ``SIDECAR_PORT``, ``SIDECAR_HOST``, ``HOTSWAP_NAME``,
 ``HOTSWAP_CONTROL_PATH``, ``HOTSWAP_DRAIN_TIMEOUT``, ``HOTSWAP_HANDOVER_TIMEOUT``,
-``SIDECAR_DELAY``, ``HOTSWAP_MIGRATE=0`` for ``--no-migrate``,
+``SIDECAR_DELAY``, ``HOTSWAP_MIGRATE=0`` (or ``false``, ``no``, ``off``) for
+``--no-migrate``,
 ``SIDECAR_FAIL_START``, ``SIDECAR_TLS_CERT`` and ``SIDECAR_TLS_KEY``), which is
 how the container images configure it; the upgrader itself reads
 ``HOTSWAP_ALLOW_UIDS`` (more uids allowed on the control socket) and the
@@ -82,8 +83,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         default=env.get("HOTSWAP_HANDOVER_TIMEOUT", "30"))
     parser.add_argument("--delay", type=seconds, default=env.get("SIDECAR_DELAY", "0"),
                         help="seconds each request takes (to show in-flight draining)")
+    # HOTSWAP_MIGRATE as hotswap reads HOTSWAP_IDLE_START: anything but these
+    # words is refused, not taken for "migrate" (HOTSWAP_MIGRATE=false did).
+    migrate = env.get("HOTSWAP_MIGRATE", "").strip().lower()
     parser.add_argument("--no-migrate", action="store_true",
-                        default=env.get("HOTSWAP_MIGRATE") == "0",
+                        default=migrate in ("0", "false", "no", "off"),
                         help="do not hand idle keep-alive connections to the successor "
                              "(they drain with Connection: close instead)")
     parser.add_argument("--fail-start", choices=("kill", "hang"),
@@ -97,6 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tls-key", default=env.get("SIDECAR_TLS_KEY"),
                         help="its private key (PEM; default: in the --tls-cert file)")
     args = parser.parse_args(argv)
+    if migrate not in ("", "1", "true", "yes", "on", "0", "false", "no", "off"):
+        parser.error(f"HOTSWAP_MIGRATE={env['HOTSWAP_MIGRATE']!r}: use 1 or 0")
     if args.tls_key and not args.tls_cert:
         parser.error("--tls-key needs --tls-cert")
     if not args.handover_timeout:
