@@ -34,6 +34,7 @@ def http_stub(answer: Callable[[int], str]) -> Iterator[int]:
 
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        wbufsize = 1 << 16  # an answer in one send: no 40 ms delayed-ACK stall each
 
         def do_GET(self) -> None:
             data = answer(next(counter)).encode()
@@ -224,3 +225,29 @@ def test_a_stop_during_a_trickled_answer_waits_no_longer_than_the_timeout(
     assert client.returncode == 1, out
     assert summary["failed"] == summary["requests"] == 1, summary
     assert took < 2, (took, out)
+
+
+def test_versions_answering_by_turns_stay_bounded_in_memory_and_output(
+        tmp_path: Path) -> None:
+    """Two versions answering by turns (both accepting: the failure this
+    client is there to catch) grew the version order by one a request, and
+    each failure's line listed it all: 532 MB of output in 5 s here, and
+    at 10 requests a second gigabytes an hour. The line names the version
+    before; the summary lists the first changes and counts the rest."""
+    summary_path = tmp_path / "summary.json"
+    out_path = tmp_path / "client.out"
+    with http_stub(lambda n: body(("v1", "v2")[n % 2])) as port, \
+            open(out_path, "wb") as out:
+        result = subprocess.run(
+            [PY, str(CLIENT), "--url", f"http://127.0.0.1:{port}/serve", "--interval", "0",
+             "--duration", "3", "--summary-json", str(summary_path)],
+            env=child_env(), stdout=out, timeout=60)
+    summary = json.loads(summary_path.read_text())
+    requests = summary["requests"]
+    assert result.returncode == 1 and requests > 1000, summary["requests"]
+    assert summary["failed"] == summary["errors"]["VersionWentBack"] == requests - 2
+    assert len(summary["version_order"]) == 1000
+    assert summary["version_changes_unlisted"] == requests - 1000
+    assert out_path.stat().st_size < requests * 120 + 8000, out_path.stat().st_size
+    assert "error(VersionWentBack: version v1 answered again after v2)" \
+        in out_path.read_text()
