@@ -48,9 +48,10 @@ class VersionWentBack(Exception):
     """An answer from a version that a newer one had already replaced."""
 
 
-class RequestTimeout(TimeoutError):
+class RequestTimeout(Exception):
     """The whole request (connect, send, read the response) took longer than
-    the client's ``--timeout``."""
+    the client's ``--timeout``. Not an OSError: ``socket.create_connection``
+    takes one for that address's failure and tries the next, untimed."""
 
 
 class Client:
