@@ -251,3 +251,22 @@ def test_versions_answering_by_turns_stay_bounded_in_memory_and_output(
     assert out_path.stat().st_size < requests * 120 + 8000, out_path.stat().st_size
     assert "error(VersionWentBack: version v1 answered again after v2)" \
         in out_path.read_text()
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (("--timeout", "0"), "argument --timeout: must be more than 0 seconds"),
+    (("--timeout", "-1"), "argument --timeout: not a finite number of seconds"),
+    (("--timeout", "inf"), "argument --timeout: not a finite number of seconds"),
+    (("--interval", "nan"), "argument --interval: not a finite number of seconds"),
+], ids=["timeout-zero", "timeout-negative", "timeout-inf", "interval-nan"])
+def test_a_timing_it_cannot_use_is_a_usage_error_not_failed_requests(
+        args: tuple[str, ...], said: str, stub: tuple[int, list[str]]) -> None:
+    """``--timeout 0`` failed every request with "Operation now in progress"
+    (``-1``, ``inf``: other errors), blaming a sidecar that answers well."""
+    port, bodies = stub
+    bodies.append(body("v1"))
+    result = subprocess.run(
+        [PY, str(CLIENT), "--url", f"http://127.0.0.1:{port}/serve", "--duration", "0.3",
+         *args], env=child_env(), capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2, result
+    assert said in result.stderr and "request sidecar" not in result.stdout, result

@@ -27,6 +27,7 @@ import argparse
 import collections
 import http.client
 import json
+import math
 import re
 import signal
 import sys
@@ -109,16 +110,32 @@ class Client:
         return match.group(1)
 
 
+def seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds, 0 or more. A usage
+    error otherwise, rather than every request failing with an error that
+    blames the server (``--timeout 0``: "Operation now in progress")."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(
+            f"not a finite number of seconds, 0 or more: {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default="http://127.0.0.1:9091/serve")
-    parser.add_argument("--interval", type=float, default=0.1)
+    parser.add_argument("--interval", type=seconds, default=0.1)
     parser.add_argument("--duration", type=float, default=0.0,
                         help="seconds to run (0: until SIGTERM/SIGINT)")
-    parser.add_argument("--timeout", type=float, default=5.0,
+    parser.add_argument("--timeout", type=seconds, default=5.0,
                         help="seconds a whole request may take (connect, send, read)")
     parser.add_argument("--summary-json", help="also write the summary to this file")
     args = parser.parse_args(argv)
+    if not args.timeout:
+        parser.error("argument --timeout: must be more than 0 seconds")
 
     stop = False
 
