@@ -7,6 +7,8 @@ after it brought Docker up), where a missing engine fails the test.
 
 from __future__ import annotations
 
+import configparser
+import fnmatch
 import os
 import re
 import shutil
@@ -32,6 +34,41 @@ def test_hadolint() -> None:
     result = subprocess.run([hadolint, *DOCKERFILES], cwd=ROOT, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def dockerignored(path: str) -> bool:
+    """Whether .dockerignore keeps ``path`` (a top-level file) out of the
+    build context: its patterns in order, the last match deciding."""
+    ignored = False
+    for line in (ROOT / ".dockerignore").read_text().splitlines():
+        pattern = line.strip()
+        if not pattern or pattern.startswith("#"):
+            continue
+        negated = pattern.startswith("!")
+        if fnmatch.fnmatchcase(path, pattern.removeprefix("!")):
+            ignored = not negated
+    return ignored
+
+
+def test_the_sidecar_build_has_every_file_its_packaging_names() -> None:
+    """The build stage of Dockerfile.sidecar copies each file setup.cfg
+    names (the long description, the license files). Without LICENSE the
+    image's wheel carried no license, and setuptools warned that a missing
+    license file stops the build from 2027-02-18 (its build dependency is
+    not pinned: each build takes the newest)."""
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    needed = cfg["metadata"]["license_files"].split()
+    needed += [name.strip() for name in
+               cfg["metadata"]["long_description"].removeprefix("file:").split(",")]
+    text = (ROOT / "Dockerfile.sidecar").read_text()
+    build = text.split(" AS build\n", 1)[1].split("\nFROM ", 1)[0]
+    copied = {src for line in build.splitlines() if line.startswith("COPY ")
+              and "--from" not in line for src in line.split()[1:-1]}
+    for name in needed:
+        assert (ROOT / name).is_file(), name
+        assert name in copied, f"Dockerfile.sidecar's build stage does not copy {name}"
+        assert not dockerignored(name), f".dockerignore leaves {name} out of the context"
 
 
 def crd_schema(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
