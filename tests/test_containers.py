@@ -164,6 +164,81 @@ def test_sidecarset_has_what_hot_upgrade_needs() -> None:
     assert cloneset["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 30
 
 
+def injected_pod() -> dict[str, Any]:
+    """The CloneSet's pod spec as Kruise's webhook injects the SidecarSet
+    into it: each HotUpgrade container twice, as NAME-1 and NAME-2 (the
+    empty slot has the same spec, image aside)."""
+    sidecarset = yaml.safe_load((ROOT / "config/sidecarset.yaml").read_text())
+    cloneset = yaml.safe_load((ROOT / "config/cloneset.yaml").read_text())
+    pod: dict[str, Any] = cloneset["spec"]["template"]["spec"]
+    slots = [{**container, "name": f"{container['name']}-{n}"}
+             for container in sidecarset["spec"]["containers"] for n in (1, 2)]
+    return {**pod, "containers": slots + pod["containers"]}
+
+
+def restricted_violations(pod: dict[str, Any]) -> list[str]:
+    """What Kubernetes' Pod Security Standard "restricted" (the policy a
+    namespace labelled pod-security.kubernetes.io/enforce=restricted
+    admits) finds wrong in ``pod``: the fields these manifests could get
+    wrong, each container's own securityContext over the pod's."""
+    found = [f"spec.{key}" for key in ("hostNetwork", "hostPID", "hostIPC") if pod.get(key)]
+    found += [f"volume {v['name']}: {kind}" for v in pod.get("volumes", [])
+              for kind in v if kind not in ("name", "emptyDir", "configMap", "secret",
+                                            "projected", "downwardAPI",
+                                            "persistentVolumeClaim", "ephemeral")]
+    pod_sc = pod.get("securityContext", {})
+    for container in pod.get("initContainers", []) + pod["containers"]:
+        sc = container.get("securityContext", {})
+        name = container["name"]
+
+        def setting(key: str, sc: dict[str, Any] = sc) -> Any:
+            return sc.get(key, pod_sc.get(key))
+
+        if setting("runAsNonRoot") is not True:
+            found.append(f"{name}: runAsNonRoot is not true")
+        if setting("runAsUser") == 0:
+            found.append(f"{name}: runAsUser 0")
+        if sc.get("privileged"):
+            found.append(f"{name}: privileged")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            found.append(f"{name}: allowPrivilegeEscalation is not false")
+        caps = sc.get("capabilities", {})
+        if "ALL" not in caps.get("drop", []):
+            found.append(f"{name}: capabilities do not drop ALL")
+        if set(caps.get("add", [])) - {"NET_BIND_SERVICE"}:
+            found.append(f"{name}: capabilities add {caps['add']}")
+        if (setting("seccompProfile") or {}).get("type") not in ("RuntimeDefault", "Localhost"):
+            found.append(f"{name}: no seccompProfile RuntimeDefault or Localhost")
+    return found
+
+
+def test_the_pods_meet_the_restricted_pod_security_standard() -> None:
+    """A namespace that enforces the "restricted" Pod Security Standard
+    admits the demo's pods, sidecar slots included. The SidecarSet's own
+    container is restricted on its own too (it may be injected into pods
+    that set nothing), and the seccomp profile is the runtime's default:
+    the one the container demo runs under (SCHED_IDLE and nice 19 are
+    allowed there). Without seccompProfile every pod was rejected there,
+    and ran Unconfined where it was not; the busybox kept its
+    capabilities."""
+    assert restricted_violations(injected_pod()) == []
+    sidecarset = yaml.safe_load((ROOT / "config/sidecarset.yaml").read_text())
+    assert restricted_violations({"containers": sidecarset["spec"]["containers"]}) == []
+
+
+def test_the_restricted_check_can_fail() -> None:
+    pod = injected_pod()
+    pod["containers"][0]["securityContext"] = {
+        "runAsUser": 0, "runAsNonRoot": False, "privileged": True,
+        "seccompProfile": {"type": "Unconfined"}}
+    pod["hostIPC"] = True
+    assert restricted_violations(pod) == [
+        "spec.hostIPC", "sidecar-1: runAsNonRoot is not true", "sidecar-1: runAsUser 0",
+        "sidecar-1: privileged", "sidecar-1: allowPrivilegeEscalation is not false",
+        "sidecar-1: capabilities do not drop ALL",
+        "sidecar-1: no seccompProfile RuntimeDefault or Localhost"]
+
+
 def docker_available() -> str | None:
     """None if a Docker engine answers, else why not."""
     if shutil.which("docker") is None:
