@@ -130,6 +130,99 @@ def test_schema_check_can_fail() -> None:
         jsonschema.validate(doc, schema)
 
 
+# The Kubernetes core/v1 fields the CRDs leave unchecked: both keep the
+# pod template and the sidecar's Container as x-kubernetes-preserve-unknown-
+# fields, and the controllers decode them into Go structs, which drop a
+# misspelt field without a word (readOnlyRootFileSystem: a writable root).
+# Each type's fields as of Kubernetes 1.33; a value None is not walked.
+_CORE: dict[str, dict[str, str | None]] = {
+    "PodTemplateSpec": {"metadata": "ObjectMeta", "spec": "PodSpec"},
+    "ObjectMeta": {"labels": None, "annotations": None, "name": None,
+                   "namespace": None, "generateName": None},
+    "PodSpec": {k: None for k in (
+        "activeDeadlineSeconds", "affinity", "automountServiceAccountToken", "dnsConfig",
+        "dnsPolicy", "enableServiceLinks", "ephemeralContainers", "hostAliases", "hostIPC",
+        "hostNetwork", "hostPID", "hostUsers", "hostname", "imagePullSecrets", "nodeName",
+        "nodeSelector", "os", "overhead", "preemptionPolicy", "priority",
+        "priorityClassName", "readinessGates", "resourceClaims", "resources",
+        "restartPolicy", "runtimeClassName", "schedulerName", "schedulingGates",
+        "serviceAccount", "serviceAccountName", "setHostnameAsFQDN",
+        "shareProcessNamespace", "subdomain", "terminationGracePeriodSeconds",
+        "tolerations", "topologySpreadConstraints", "volumes")}
+    | {"containers": "Container", "initContainers": "Container",
+       "securityContext": "PodSecurityContext"},
+    "Container": {k: None for k in (
+        "args", "command", "envFrom", "image", "imagePullPolicy", "name", "ports",
+        "resizePolicy", "resources", "restartPolicy", "stdin", "stdinOnce",
+        "terminationMessagePath", "terminationMessagePolicy", "tty", "volumeDevices",
+        "volumeMounts", "workingDir")}
+    | {"env": "EnvVar", "lifecycle": "Lifecycle", "livenessProbe": "Probe",
+       "readinessProbe": "Probe", "startupProbe": "Probe",
+       "securityContext": "SecurityContext"},
+    "EnvVar": {"name": None, "value": None, "valueFrom": None},
+    "Lifecycle": {"postStart": "LifecycleHandler", "preStop": "LifecycleHandler",
+                  "stopSignal": None},
+    "LifecycleHandler": {"exec": "ExecAction", "httpGet": None, "sleep": None,
+                         "tcpSocket": None},
+    "ExecAction": {"command": None},
+    "Probe": {k: None for k in (
+        "failureThreshold", "grpc", "httpGet", "initialDelaySeconds", "periodSeconds",
+        "successThreshold", "tcpSocket", "terminationGracePeriodSeconds", "timeoutSeconds")}
+    | {"exec": "ExecAction"},
+    "SecurityContext": {k: None for k in (
+        "allowPrivilegeEscalation", "appArmorProfile", "privileged", "procMount",
+        "readOnlyRootFilesystem", "runAsGroup", "runAsNonRoot", "runAsUser",
+        "seLinuxOptions", "windowsOptions")}
+    | {"capabilities": "Capabilities", "seccompProfile": "SeccompProfile"},
+    "PodSecurityContext": {k: None for k in (
+        "appArmorProfile", "fsGroup", "fsGroupChangePolicy", "runAsGroup", "runAsNonRoot",
+        "runAsUser", "seLinuxChangePolicy", "seLinuxOptions", "supplementalGroups",
+        "supplementalGroupsPolicy", "sysctls", "windowsOptions")}
+    | {"seccompProfile": "SeccompProfile"},
+    "Capabilities": {"add": None, "drop": None},
+    "SeccompProfile": {"type": None, "localhostProfile": None},
+}
+
+
+def core_unknown_fields(value: Any, kind: str, path: str = "") -> list[str]:
+    """Keys of ``value`` (a ``kind`` of _CORE, or a list of them) that the
+    type does not have."""
+    if isinstance(value, list):
+        return [f for i, item in enumerate(value)
+                for f in core_unknown_fields(item, kind, f"{path}[{i}]")]
+    found: list[str] = []
+    fields = _CORE[kind]
+    for key, item in value.items():
+        if key not in fields:
+            found.append(f"{path}.{key}")
+        elif (inner := fields[key]) is not None:
+            found += core_unknown_fields(item, inner, f"{path}.{key}")
+    return found
+
+
+def test_the_core_fields_the_crds_leave_unchecked_are_spelt_right() -> None:
+    """The pod template and the sidecar's Container, which the CRD schemas
+    let through unchecked, have only fields their Kubernetes types have
+    (a SidecarSet container is a Container plus Kruise's fields, which the
+    CRD checks)."""
+    cloneset = yaml.safe_load((ROOT / "config/cloneset.yaml").read_text())
+    assert core_unknown_fields(cloneset["spec"]["template"], "PodTemplateSpec") == []
+    sidecarset = yaml.safe_load((ROOT / "config/sidecarset.yaml").read_text())
+    _, schema = crd_schema("apps.kruise.io_sidecarsets.yaml")
+    kruise_fields = schema["properties"]["spec"]["properties"]["containers"]["items"][
+        "properties"]
+    containers = [{k: v for k, v in c.items() if k not in kruise_fields}
+                  for c in sidecarset["spec"]["containers"]]
+    assert core_unknown_fields(containers, "Container") == []
+    # It can fail: the misspellings the CRD check lets through.
+    (container,) = containers
+    security = container["securityContext"]
+    security["readOnlyRootFileSystem"] = security.pop("readOnlyRootFilesystem")
+    container["readinessProbe"]["period"] = 2
+    assert core_unknown_fields(containers, "Container") == [
+        "[0].readinessProbe.period", "[0].securityContext.readOnlyRootFileSystem"]
+
+
 def test_sidecarset_has_what_hot_upgrade_needs() -> None:
     sidecarset = yaml.safe_load((ROOT / "config/sidecarset.yaml").read_text())
     cloneset = yaml.safe_load((ROOT / "config/cloneset.yaml").read_text())
