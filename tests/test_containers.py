@@ -223,6 +223,25 @@ def test_the_core_fields_the_crds_leave_unchecked_are_spelt_right() -> None:
         "[0].readinessProbe.period", "[0].securityContext.readOnlyRootFileSystem"]
 
 
+def test_the_app_does_not_run_as_the_sidecars_uid() -> None:
+    """The sidecar's control socket takes a handover, its listening sockets
+    and all, from a process of its own uid (and ``HOTSWAP_ALLOW_UIDS``): the
+    app beside it, in the pod and in the container demo, runs as another."""
+    def image_uid(dockerfile: str) -> str:
+        users = re.findall(r"^USER (\d+)", (ROOT / dockerfile).read_text(), re.M)
+        assert users, dockerfile
+        return str(users[-1])
+
+    sidecar = image_uid("Dockerfile.sidecar")
+    assert image_uid("Dockerfile.empty") == sidecar
+    assert image_uid("Dockerfile.busybox") != sidecar
+    (slot,) = yaml.safe_load((ROOT / "config/sidecarset.yaml").read_text())["spec"]["containers"]
+    assert str(slot["securityContext"]["runAsUser"]) == sidecar
+    pod = yaml.safe_load((ROOT / "config/cloneset.yaml").read_text())["spec"]["template"]["spec"]
+    for container in pod["containers"]:
+        assert str(container["securityContext"]["runAsUser"]) != sidecar, container["name"]
+
+
 def test_sidecarset_has_what_hot_upgrade_needs() -> None:
     sidecarset = yaml.safe_load((ROOT / "config/sidecarset.yaml").read_text())
     cloneset = yaml.safe_load((ROOT / "config/cloneset.yaml").read_text())
