@@ -242,6 +242,18 @@ def test_the_app_does_not_run_as_the_sidecars_uid() -> None:
         assert str(container["securityContext"]["runAsUser"]) != sidecar, container["name"]
 
 
+def test_the_demos_containers_are_confined_as_the_pods() -> None:
+    """The container demo runs its slots and its app as the manifests run
+    them in a pod: read-only root, no capabilities, no privilege escalation
+    (the demo's run shows the SCHED_IDLE start-up and the hook still work so)."""
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    for name in ("sidecar-1", "sidecar-2", "busybox"):
+        service = compose["services"][name]
+        assert service["read_only"] is True, name
+        assert service["cap_drop"] == ["ALL"], name
+        assert "no-new-privileges:true" in service["security_opt"], name
+
+
 def test_sidecarset_has_what_hot_upgrade_needs() -> None:
     sidecarset = yaml.safe_load((ROOT / "config/sidecarset.yaml").read_text())
     cloneset = yaml.safe_load((ROOT / "config/cloneset.yaml").read_text())
