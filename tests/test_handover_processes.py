@@ -26,6 +26,7 @@ from conftest import (
     Load,
     Procs,
     child_env,
+    frozen,
     port_of,
     read_response,
     serving,
@@ -84,8 +85,11 @@ def test_an_upgrade_while_the_last_one_still_drains_logs_no_warning(
     """v3 comes while v2's predecessor (v1) still drains a 3 s request: v2
     refuses it as busy and v3 retries until v1 is gone. Normal and lossless,
     so no WARNING (one a retry, dozens an upgrade, paged the operators),
-    and each side says so once, not once a retry."""
-    v1 = procs.sidecar(name, "v1", args=("--delay", "3"))
+    and each side says so once, not once a retry. v1 stops itself as it
+    drains (just after its Released) until v3 has been refused: else the
+    3 s could run out before v2 and v3 had started (on a loaded machine),
+    v3 came to a settled v2, and no side had anything to say."""
+    v1 = procs.faulty(name, "v1", "send:released:stop-after", args=("--delay", "3"))
     st = wait_for(serving(name, "v1"), 15, "v1 serving")
     port, baseline = port_of(st), st.num_fds
     sock = socket.create_connection(("127.0.0.1", port), timeout=20)
@@ -93,8 +97,13 @@ def test_an_upgrade_while_the_last_one_still_drains_logs_no_warning(
     wait_for(lambda: (s := status(name)) is not None and s.num_fds > baseline, 10,
              "v1 to accept the connection")
     v2 = procs.sidecar(name, "v2")
+    wait_for(lambda: frozen(v1.pid), 15, "v1 stopped as it drains")
     wait_for(serving(name, "v2", settled=False), 15, "v2 serving, v1 draining")
     v3 = procs.sidecar(name, "v3")
+    v3_log = procs.procs[-1][2]
+    wait_for(lambda: "serving process busy" in v3_log.read_text(errors="replace"), 30,
+             "v3 refused as busy")
+    os.kill(v1.pid, signal.SIGCONT)
     wait_for(serving(name, "v3"), 30, "v3 serving, v2 drained")
     assert b"version(v1)" in read_response(sock)
     sock.close()
