@@ -91,7 +91,7 @@ def test_a_script_that_times_out_leaves_no_process(tmp_path: Path) -> None:
     pid_file = tmp_path / "pid"
     with pytest.raises(subprocess.TimeoutExpired):
         run_script(["sh", "-c", f'sleep 60 & echo $! >{pid_file}; wait'],
-                   env=dict(os.environ), timeout=1)
+                   env=dict(os.environ), timeout=3)  # time for sh to start, even loaded
     try:
         started = psutil.Process(int(pid_file.read_text()))
     except psutil.NoSuchProcess:

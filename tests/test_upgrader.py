@@ -1618,7 +1618,7 @@ def test_a_serving_process_that_keeps_going_away_mid_handshake_is_a_failed_hando
     thread.start()
 
     async def main() -> None:
-        upg = hotswap.Upgrader(name, version="v2", options=opts(connect_timeout=0.3))
+        upg = hotswap.Upgrader(name, version="v2", options=opts(connect_timeout=1.5))
         try:
             with pytest.raises(hotswap.HandoverFailed, match="went away") as caught:
                 await upg.start()
