@@ -338,6 +338,24 @@ def test_a_successor_with_no_room_for_the_sockets_fails_at_once(procs: Procs,
     assert v1.wait(timeout=15) == 0
 
 
+def v1_serves_on(name: str, v1: subprocess.Popen[bytes], baseline: int,
+                 listeners: int = 1) -> None:
+    """After a handover that failed: v1 still serves ``name`` with its
+    ``listeners``, answers on the first and the last, is back to
+    ``baseline`` descriptors (nothing of the handover left; a status counts
+    its own query), and drains and exits 0 on SIGTERM."""
+    st = wait_for(serving(name, "v1"), 15, "v1 serving on")
+    assert st.pid == v1.pid and st.listener_count == listeners
+    for listener in (st.listeners[0], st.listeners[-1]):
+        port = int(listener.address.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            assert b"version(v1)" in http_get(sock)
+    wait_for(lambda: (s := status(name)) is not None and s.num_fds == baseline, 10,
+             f"v1 back to {baseline} descriptors")
+    v1.send_signal(signal.SIGTERM)
+    assert v1.wait(timeout=15) == 0
+
+
 def test_a_successor_with_no_room_even_for_the_welcome_tells_why(procs: Procs,
                                                                   name: str) -> None:
     """The Welcome and the sockets are both waiting when the successor, at
@@ -348,7 +366,7 @@ def test_a_successor_with_no_room_even_for_the_welcome_tells_why(procs: Procs,
     the control connection" (or a reset)."""
     v1 = procs.sidecar(name, "v1")
     st = wait_for(serving(name, "v1"), 15, "v1 serving")
-    port, baseline = port_of(st), st.num_fds
+    baseline = st.num_fds
     v2 = procs.faulty(name, "v2", "send:hello:stop-after")
     wait_for(lambda: frozen(v2.pid), 15, "v2 stopped after its hello")
     # Every frame is in v2's socket once v1 says the sockets went.
@@ -364,15 +382,7 @@ def test_a_successor_with_no_room_even_for_the_welcome_tells_why(procs: Procs,
     wait_for(lambda: "successor aborted: control message truncated (MSG_CTRUNC)"
              in procs.logs(), 10, "v1 to log v2's reason")
     assert "Traceback" not in procs.logs(), procs.logs()
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    assert b"version(v1)" in http_get(sock)
-    sock.close()
-    assert wait_for(serving(name, "v1"), 15, "v1 serving on").pid == v1.pid
-    # Nothing of the failed handover left (a status counts its own query).
-    wait_for(lambda: (s := status(name)) is not None and s.num_fds == baseline, 10,
-             f"v1 back to {baseline} descriptors")
-    v1.send_signal(signal.SIGTERM)
-    assert v1.wait(timeout=15) == 0
+    v1_serves_on(name, v1, baseline)
 
 
 def test_a_successor_with_room_for_the_sockets_only_does_not_take_over(
@@ -384,7 +394,7 @@ def test_a_successor_with_room_for_the_sockets_only_does_not_take_over(
     v1 serves on."""
     v1 = procs.sidecar(name, "v1")
     st = wait_for(serving(name, "v1"), 15, "v1 serving")
-    port, baseline = port_of(st), st.num_fds
+    baseline = st.num_fds
     v2 = procs.faulty(name, "v2", "send:hello:stop-after")
     wait_for(lambda: frozen(v2.pid), 15, "v2 stopped after its hello")
     # Room for the two sockets to come (http, control), not one more.
@@ -397,14 +407,7 @@ def test_a_successor_with_room_for_the_sockets_only_does_not_take_over(
              in procs.logs(), 10, "v1 to log v2's reason")
     assert "RLIMIT_NOFILE" in procs.logs(), procs.logs()
     assert "Traceback" not in procs.procs[0][2].read_text(), procs.logs()
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    assert b"version(v1)" in http_get(sock)
-    sock.close()
-    assert wait_for(serving(name, "v1"), 15, "v1 serving on").pid == v1.pid
-    wait_for(lambda: (s := status(name)) is not None and s.num_fds == baseline, 10,
-             f"v1 back to {baseline} descriptors")
-    v1.send_signal(signal.SIGTERM)
-    assert v1.wait(timeout=15) == 0
+    v1_serves_on(name, v1, baseline)
 
 
 def test_a_successor_that_gave_up_mid_transfer_is_heard(procs: Procs, name: str) -> None:
@@ -433,17 +436,7 @@ def test_a_successor_that_gave_up_mid_transfer_is_heard(procs: Procs, name: str)
     wait_for(lambda: "successor aborted: control message truncated (MSG_CTRUNC)"
              in procs.logs(), 10, "v1 to log v2's reason")
     assert "Traceback" not in procs.procs[0][2].read_text(), procs.logs()
-    st = wait_for(serving(name, "v1"), 15, "v1 serving on")
-    assert st.pid == v1.pid and st.listener_count == 1 + MAX_FDS_PER_FRAME
-    for listener in (st.listeners[0], st.listeners[-1]):
-        port = int(listener.address.rsplit(":", 1)[1])
-        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        assert b"version(v1)" in http_get(sock)
-        sock.close()
-    wait_for(lambda: (s := status(name)) is not None and s.num_fds == baseline, 10,
-             f"v1 back to {baseline} descriptors")
-    v1.send_signal(signal.SIGTERM)
-    assert v1.wait(timeout=15) == 0
+    v1_serves_on(name, v1, baseline, listeners=1 + MAX_FDS_PER_FRAME)
 
 
 def test_a_successor_killed_between_two_frames_of_sockets_changes_nothing(
@@ -462,17 +455,7 @@ def test_a_successor_killed_between_two_frames_of_sockets_changes_nothing(
     assert v2.wait(timeout=15) == -signal.SIGKILL
     wait_for(lambda: f"handover to pid {v2.pid} failed, still serving" in procs.logs(), 10,
              "v1 to give the handover up")
-    st = wait_for(serving(name, "v1"), 15, "v1 serving on")
-    assert st.pid == v1.pid and st.listener_count == 1 + 2 * MAX_FDS_PER_FRAME
-    for listener in (st.listeners[0], st.listeners[-1]):
-        sock = socket.create_connection(("127.0.0.1", int(listener.address.rsplit(":", 1)[1])),
-                                        timeout=10)
-        assert b"version(v1)" in http_get(sock)
-        sock.close()
-    wait_for(lambda: (s := status(name)) is not None and s.num_fds == baseline, 10,
-             f"v1 back to {baseline} descriptors")
-    v1.send_signal(signal.SIGTERM)
-    assert v1.wait(timeout=15) == 0
+    v1_serves_on(name, v1, baseline, listeners=1 + 2 * MAX_FDS_PER_FRAME)
 
 
 def test_an_old_side_at_its_descriptor_limit_still_hands_over(
