@@ -27,9 +27,10 @@ def body(version: str) -> str:
 
 
 @contextlib.contextmanager
-def http_stub(answer: Callable[[int], str]) -> Iterator[int]:
+def http_stub(answer: Callable[[int], str], paths: list[str] | None = None) -> Iterator[int]:
     """An HTTP/1.1 keep-alive server on 127.0.0.1 (its port) answering its
-    n-th request (from 0) with 200 and ``answer(n)``."""
+    n-th request (from 0) with 200 and ``answer(n)``; each request's target
+    is appended to ``paths``, if given."""
     counter = itertools.count()
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -37,6 +38,8 @@ def http_stub(answer: Callable[[int], str]) -> Iterator[int]:
         wbufsize = 1 << 16  # an answer in one send: no 40 ms delayed-ACK stall each
 
         def do_GET(self) -> None:
+            if paths is not None:
+                paths.append(self.path)
             data = answer(next(counter)).encode()
             self.send_response(200)
             self.send_header("Content-Length", str(len(data)))
@@ -270,3 +273,23 @@ def test_a_timing_it_cannot_use_is_a_usage_error_not_failed_requests(
          *args], env=child_env(), capture_output=True, text=True, timeout=30)
     assert result.returncode == 2, result
     assert said in result.stderr and "request sidecar" not in result.stdout, result
+
+
+def test_the_url_is_requested_as_given_and_a_bad_port_is_said(tmp_path: Path) -> None:
+    """The client asks for the URL's path and query (the query was
+    dropped), and a port that is no port is one line, not a traceback."""
+    paths: list[str] = []
+    with http_stub(lambda n: body("v1"), paths) as port:
+        summary = tmp_path / "summary.json"
+        result = subprocess.run(
+            [PY, str(CLIENT), "--url", f"http://127.0.0.1:{port}/serve?probe=1&x=%20",
+             "--interval", "0.02", "--duration", "0.2", "--summary-json", str(summary)],
+            env=child_env(), capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result
+    assert paths and set(paths) == {"/serve?probe=1&x=%20"}, paths
+    for bad in ("99999", "x"):
+        result = subprocess.run([PY, str(CLIENT), "--url", f"http://127.0.0.1:{bad}/serve",
+                                 "--duration", "0.2"],
+                                env=child_env(), capture_output=True, text=True, timeout=30)
+        assert result.returncode == 1, result
+        assert "busybox: no port in" in result.stderr and "Traceback" not in result.stderr, result

@@ -60,9 +60,13 @@ class Client:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme != "http" or not parts.hostname:
             raise SystemExit(f"busybox: only http:// URLs are supported, not {url!r}")
+        try:
+            port = parts.port
+        except ValueError as exc:  # not a number, or past 65535
+            raise SystemExit(f"busybox: no port in {url!r}: {exc}") from None
         self.host = parts.hostname
-        self.port = parts.port or 80
-        self.path = parts.path or "/"
+        self.port = port or 80
+        self.path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         self.timeout = timeout
         self.timing = False  # a request's timer is armed
         signal.signal(signal.SIGALRM, self._on_alarm)  # the main thread's, as main() is
