@@ -100,44 +100,68 @@ held by another process binding a socket there (see
 _CONTROL_CONNECTIONS = 16
 """Control connections handled at once (a probe, a hook, a successor: a few)."""
 _EVICTION_LOG_EVERY = 10.0
-"""Seconds between two log lines about control connections let go of or
-peers refused for their uid (a flood must not flood the log)."""
+"""Seconds between two log lines about control connections let go of,
+peers refused for their uid, or control connections that failed (a flood
+must not flood the log)."""
+_CONTROL_FAILURES_AT_ONCE = 5
+"""Failed control connections logged each in full before the rest of a
+flood is counted (see :class:`_Throttled`): a client that misbehaves now
+and then is seen whole."""
 
 
 class _Throttled:
     """A warning about something a flood repeats (control connections let
-    go of, peers of a uid not allowed): the first written at once, then at
-    most one line per :data:`_EVICTION_LOG_EVERY` seconds, with the count
-    since the last line and the last occurrence's details. ``write(count,
-    last)`` writes the line; :meth:`flush` writes one still held back (when
-    the control server stops). Runs on the event loop."""
+    go of, peers of a uid not allowed, control connections that failed):
+    the first ``burst`` written at once, one line each, then at most one
+    line per :data:`_EVICTION_LOG_EVERY` seconds, with the count since the
+    last line and the last occurrence's details; after a quiet spell that
+    long, ``burst`` at once again. ``write(count, last)`` writes the line;
+    :meth:`flush` writes one still held back (when the control server
+    stops). Runs on the event loop."""
 
-    def __init__(self, write: Callable[[int, tuple[object, ...]], None]) -> None:
+    def __init__(self, write: Callable[[int, tuple[object, ...]], None], burst: int = 1) -> None:
         self._write = write
+        self._burst = burst
         self._count = 0
         self._last: tuple[object, ...] = ()
-        self._logged_at = -_EVICTION_LOG_EVERY  # loop time of the last line
+        self._window_at = -_EVICTION_LOG_EVERY  # loop time the current window began
+        self._written = 0  # lines written in the current window
         self._timer: asyncio.TimerHandle | None = None
 
-    def add(self, *last: object) -> None:
+    def add(self, *last: object) -> bool:
+        """Count one occurrence; True if the line written now names it,
+        False if it is held back (counted in a later line)."""
         self._count += 1
         self._last = last
         loop = asyncio.get_running_loop()
-        if loop.time() - self._logged_at >= _EVICTION_LOG_EVERY:
-            self.flush()
-        elif self._timer is None:
-            self._timer = loop.call_at(self._logged_at + _EVICTION_LOG_EVERY, self.flush)
+        if loop.time() - self._window_at >= _EVICTION_LOG_EVERY:
+            # A new window (a count a stalled loop's timer has not written
+            # yet goes into this line).
+            self._window_at, self._written = loop.time(), 0
+        if self._written < self._burst:
+            self._written += 1
+            self._emit()
+            return True
+        if self._timer is None:
+            self._timer = loop.call_at(self._window_at + _EVICTION_LOG_EVERY, self.flush)
+        return False
 
     def flush(self) -> None:
+        """Write the line for the occurrences held back, if any; the next
+        window begins now, and holds back from its first occurrence on."""
+        if self._emit():
+            with contextlib.suppress(RuntimeError):  # no loop: nothing more to hold back
+                self._window_at = asyncio.get_running_loop().time()
+                self._written = self._burst
+
+    def _emit(self) -> bool:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         count, self._count = self._count, 0
-        if not count:
-            return
-        self._write(count, self._last)
-        with contextlib.suppress(RuntimeError):  # no loop: nothing more to hold back
-            self._logged_at = asyncio.get_running_loop().time()
+        if count:
+            self._write(count, self._last)
+        return bool(count)
 
 
 def _has_spoken(conn: socket.socket) -> bool:
@@ -398,6 +422,10 @@ class Upgrader:
         # Control peers refused for their uid: one line, then a count (a
         # process of any uid connecting in a loop cannot flood the log).
         self._refused = _Throttled(self._log_refused)
+        # Control connections of allowed peers that failed (garbage, a wrong
+        # order, a peer that stalled): the same, so that a process of an
+        # allowed uid connecting in a loop cannot flood it either.
+        self._garbled = _Throttled(self._log_garbled, burst=_CONTROL_FAILURES_AT_ONCE)
         # The successor last refused as busy (it retries until we are not):
         # said once at INFO, its retries at DEBUG (see _converse()).
         self._busy_refused: int | None = None
@@ -1665,18 +1693,19 @@ class Upgrader:
         try:
             keep = await self._converse(channel)
         except ProtocolError as exc:
-            log.warning("%s: control connection: %s", self.name, exc)
+            self._control_failed(channel, exc)
             # Tell the peer why, outside the (now dead) conversation.
             channel.send_nowait(Refused(code="protocol", reason=str(exc)))
         except HandoverTimeout as exc:
-            log.warning("%s: control connection: %s", self.name, exc)
+            self._control_failed(channel, exc)
             channel.send_nowait(Refused(code="timeout", reason=str(exc)))
         except HotswapError as exc:
             # A peer that closed before saying anything is no news (and a
             # flood of them must not flood the log).
-            quiet = _peer_closed(exc) and asyncio.current_task() in self._silent
-            log.log(logging.DEBUG if quiet else logging.WARNING,
-                    "%s: control connection: %s", self.name, exc)
+            if _peer_closed(exc) and asyncio.current_task() in self._silent:
+                log.debug("%s: control connection: %s", self.name, exc)
+            else:
+                self._control_failed(channel, exc)
         except Exception as exc:  # a bug or input nobody foresaw: this connection only
             log.exception("%s: control connection failed", self.name)
             channel.send_nowait(Refused(code="protocol",
@@ -1742,6 +1771,31 @@ class Upgrader:
             await channel.send(refusal, timeout=timeout)
             return False
         return await self._hand_over(channel, first)
+
+    def _control_failed(self, channel: Channel, error: HotswapError) -> None:
+        """Log that a control connection failed for what its peer did or did
+        not send (a successor's failed handover is logged where it fails, in
+        full): a WARNING each, :data:`_CONTROL_FAILURES_AT_ONCE` of them,
+        then at most one per :data:`_EVICTION_LOG_EVERY` seconds with the
+        count (see :class:`_Throttled`); the ones held back go to DEBUG
+        each. What the peer is told does not change."""
+        try:
+            pid = channel.peer_credentials()[0]
+        except OSError:  # the socket is gone: the peer is unknown
+            pid = 0
+        if not self._garbled.add(pid, error):
+            log.debug("%s: control connection: %s (peer pid %d)", self.name, error, pid)
+
+    def _log_garbled(self, count: int, last: tuple[object, ...]) -> None:
+        """The line for control connections that failed (see
+        :meth:`_control_failed`): the last one's reason and peer, and the count."""
+        pid, error = last
+        if count == 1:
+            log.warning("%s: control connection: %s (peer pid %d)", self.name, error, pid)
+        else:
+            log.warning("%s: control connection: %s (peer pid %d; %d control connections "
+                        "failed in all since the last such line)", self.name, error, pid,
+                        count)
 
     def _log_refused(self, count: int, last: tuple[object, ...]) -> None:
         """The line for control peers refused for their uid (see
@@ -1875,6 +1929,7 @@ class Upgrader:
             await asyncio.gather(task, return_exceptions=True)
         self._control_sock_close()
         self._refused.flush()
+        self._garbled.flush()
 
     def _control_sock_close(self) -> None:
         self._drop_reserve()

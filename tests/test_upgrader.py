@@ -1982,6 +1982,70 @@ def test_peers_that_close_before_saying_anything_are_no_warning(
     run(main())
 
 
+_GARBAGE_FLOOD = """
+import socket, struct, sys
+address, count = "\\0" + sys.argv[1][1:], int(sys.argv[2])  # an abstract name
+kinds = [(b"GET / HTTP/1.1\\r\\n\\r\\n", b"outside 1..16384"),
+         (struct.pack("!I", 4) + b"{}}}", b"not UTF-8 JSON"),
+         (struct.pack("!I", 20) + b'{"type":"accepting"}', b"may not send 'accepting'")]
+for i in range(count):
+    data, why = kinds[i % len(kinds)]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(address)
+        sock.sendall(data)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    if b'"code":"protocol"' not in reply or why not in reply:
+        sys.exit(f"peer {i}: {reply!r}")
+print("refused", count)
+"""
+
+
+def test_a_flood_of_garbage_from_an_allowed_uid_does_not_flood_the_log(
+        run: Runner, caplog: pytest.LogCaptureFixture) -> None:
+    """A process of an allowed uid that connects in a loop and sends
+    garbage (a client process here, as fast as it can): each connection
+    was a WARNING of its own (10,817 lines in 2 s from the sample sidecar),
+    drowning the rest. The first five are logged at once, then at most one
+    line per 10 s with the count (the rest at DEBUG); each peer is still refused
+    with its reason, and a successor's failed handover in the meantime is
+    still logged in full."""
+    name = new_name()
+    caplog.set_level(logging.DEBUG, logger="hotswap")
+    peers = 150
+
+    async def main() -> None:
+        upg = await serving_upgrader(name, "v1")
+        client = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _GARBAGE_FLOOD, control_address(name), str(peers),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        async with asyncio.timeout(60):
+            out, _ = await client.communicate()
+        assert client.returncode == 0, out
+        assert out.split() == [b"refused", str(peers).encode()], out
+        channel = await raw_successor(name, "v2")  # the sockets, then it gives up
+        await channel.send(hotswap.protocol.Abort(reason="the app failed"), timeout=5)
+        await until(lambda: upg.state is hotswap.State.SERVING, "v1 serving again")
+        channel.close()
+        await upg.close()  # the count not yet logged is logged as it stops
+
+    run(main())
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    garbled = [line for line in warnings if "control connection:" in line]
+    # Five in full (each its own reason), then a count.
+    assert 6 <= len(garbled) <= 8, garbled
+    for line, why in zip(garbled[:5], ["outside 1..16384", "not UTF-8 JSON",
+                                       "may not send 'accepting'"] * 2, strict=False):
+        assert "peer pid " in line and why in line and "in all" not in line, garbled
+    counted = [int(m[1]) if (m := re.search(r"(\d+) control connections failed", line))
+               else 1 for line in garbled]
+    assert sum(counted) == peers, garbled
+    assert any("handover to pid" in line and "the app failed" in line
+               for line in warnings), warnings
+
+
 def recorded_sends(successor: hotswap.Upgrader) -> list[str]:
     """The types of the messages ``successor`` sends its predecessor from
     now on (its channel's send, wrapped)."""
