@@ -159,15 +159,19 @@ _PEERS_SHOWN = 5
 :func:`_log_connections`); the rest are counted, and named at DEBUG."""
 
 
-def _log_connections(level: int, what: str, peers: list[object], outcome: str = "") -> None:
-    """One line for connections the drain dealt with alike at once: ``what``
-    ("drain deadline: cutting idle"), "connection(s) from" the first
-    :data:`_PEERS_SHOWN` ``peers`` and how many more, then ``outcome``. A
-    line a connection flooded the log (at WARNING) at each stop of a process
-    whose clients keep pools of idle keep-alive connections: one per
-    connection, thousands at once. Nothing is logged for no ``peers``."""
+def _log_connections(level: int, what: str, peers: list[object], outcome: str = "", *,
+                     name: str = "") -> None:
+    """One line for connections the drain dealt with alike at once: the
+    sidecar's ``name`` (if any), ``what`` ("drain deadline: cutting idle"),
+    "connection(s) from" the first :data:`_PEERS_SHOWN` ``peers`` and how
+    many more, then ``outcome``. A line a connection flooded the log (at
+    WARNING) at each stop of a process whose clients keep pools of idle
+    keep-alive connections: one per connection, thousands at once. Nothing
+    is logged for no ``peers``."""
     if not peers:
         return
+    if name:
+        what = f"{name}: {what}"
     shown = ", ".join(str(peer) for peer in peers[:_PEERS_SHOWN])
     more = len(peers) - _PEERS_SHOWN
     log.log(level, "%s connection%s from %s%s%s", what, "s" if len(peers) > 1 else "",
@@ -330,9 +334,14 @@ class Drainer:
     future aiohttp without the attribute), a middleware calls
     ``force_close()`` on each response before it is prepared instead (about
     10% of the sample sidecar's throughput, measured by ``make bench``).
+
+    ``name``, the sidecar's (its :class:`~hotswap.Upgrader`'s), begins each
+    line the drain logs, as it begins the Upgrader's own: with two sidecars
+    in one log stream, a line about cut connections names its process.
     """
 
-    def __init__(self, *, zero_cost: bool | None = None) -> None:
+    def __init__(self, *, zero_cost: bool | None = None, name: str = "") -> None:
+        self.name = name
         self.draining = False
         self.zero_cost = _can_swap_request_factory() if zero_cost is None else zero_cost
         self._forced = asyncio.Event()
@@ -462,7 +471,8 @@ class Drainer:
                 if not await migrator.step(upgrader, self.close_after_next_response,
                                            time_left, last_call=loop.time() >= last_call):
                     migrating = False
-                    log.info("connection handover stopped; the rest drain the safe way")
+                    log.info("%sconnection handover stopped; the rest drain the safe way",
+                             f"{self.name}: " if self.name else "")
                     self.start(server)
                     for conn in migrator.tracked:
                         conn.resume()
@@ -573,12 +583,14 @@ class Drainer:
                     pass
             busy = left()
         finally:  # also when cancelled: what was cut is said
-            _log_connections(logging.WARNING, "drain deadline: cutting idle", cut)
+            _log_connections(logging.WARNING, "drain deadline: cutting idle", cut,
+                             name=self.name)
         peers = []
         for handler in busy:
             assert handler.transport is not None
             peers.append(handler.transport.get_extra_info("peername"))
-        _log_connections(logging.WARNING, "drain grace over: cutting busy", peers)
+        _log_connections(logging.WARNING, "drain grace over: cutting busy", peers,
+                         name=self.name)
         return len(cut) + len(busy)
 
     def _deadline(self, server: web.Server, migrator: Migrator | None, *,
@@ -643,12 +655,14 @@ class Drainer:
         _log_connections(logging.INFO, "drain deadline:", sending,
                          " is still sending a response; it moves once that is sent"
                          if len(sending) == 1
-                         else " are still sending a response; each moves once it is sent")
+                         else " are still sending a response; each moves once it is sent",
+                         name=self.name)
         _log_connections(logging.WARNING, "drain deadline:", told,
                          " is busy; its response says Connection: close" if len(told) == 1
-                         else " are busy; each one's response says Connection: close")
-        _log_connections(logging.WARNING, "drain deadline: cutting idle", idle)
-        _log_connections(logging.WARNING, "drain deadline: cutting busy", forced)
+                         else " are busy; each one's response says Connection: close",
+                         name=self.name)
+        _log_connections(logging.WARNING, "drain deadline: cutting idle", idle, name=self.name)
+        _log_connections(logging.WARNING, "drain deadline: cutting busy", forced, name=self.name)
         return cut
 
 
@@ -999,7 +1013,7 @@ async def serve(app: web.Application, upgrader: Upgrader,
     if idle_after_drain is None:
         idle_after_drain = upgrader.versions.rank is not None
     loop = asyncio.get_running_loop()
-    drainer = Drainer()
+    drainer = Drainer(name=upgrader.name)
     signals = 0
 
     def on_signal(signum: int) -> None:

@@ -427,7 +427,7 @@ class Migrator:
         self.moved += moved
         self.seconds += time.perf_counter() - started
         if moved:
-            log.info("handed %d idle connection(s) to the successor", moved)
+            log.info("%s: handed %d idle connection(s) to the successor", upgrader.name, moved)
         # Short of descriptors, the next rounds go on with what this one freed
         # (after _COPY_RETRY if it freed none).
         if short and not moved:
@@ -468,16 +468,16 @@ class Migrator:
                     short = True
                     if not self._short_logged:
                         self._short_logged = True
-                        log.warning("no descriptor left to copy connections for the "
+                        log.warning("%s: no descriptor left to copy connections for the "
                                     "handover (%s): moving %d now, the rest as copies "
-                                    "free up", exc, len(items))
+                                    "free up", upgrader.name, exc, len(items))
                     break
                 items.append((conn.listener, fd, str(peer)))
             if items:
                 sent = await upgrader.hand_over_connections(items, timeout=time_left)
         except OSError as exc:
-            log.warning("cannot hand %d connection(s) over (%s); they drain here",
-                        len(batch), exc)
+            log.warning("%s: cannot hand %d connection(s) over (%s); they drain here",
+                        upgrader.name, len(batch), exc)
             short = False
         finally:
             for _, fd, _ in items:

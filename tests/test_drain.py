@@ -175,6 +175,36 @@ def test_idle_connection_is_cut_at_the_deadline_and_counted() -> None:
     asyncio.run(main())
 
 
+def test_the_drains_lines_name_the_sidecar(caplog: pytest.LogCaptureFixture) -> None:
+    """With two sidecars in one log stream, a line about connections the
+    drain cut must say whose: it begins with the name, as the Upgrader's
+    own lines do (it had none)."""
+    async def main() -> None:
+        async def hello(request: web.Request) -> web.Response:
+            return web.Response(text="x")
+
+        app = web.Application()
+        app.router.add_get("/", hello)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
+        await get(reader, writer)
+        await site.stop()
+        assert runner.server is not None
+        assert await Drainer(name="side-a").drain(runner.server, timeout=0.2) == 1
+        assert await eof(reader) == b""
+        writer.close()
+        await runner.cleanup()
+
+    with caplog.at_level("INFO", logger="hotswap"):
+        asyncio.run(main())
+    cut = [r.getMessage() for r in caplog.records if "drain deadline" in r.getMessage()]
+    assert len(cut) == 1 and cut[0].startswith("side-a: drain deadline: cutting idle "
+                                               "connection from "), cut
+
+
 def test_failed_connection_transfer_drains_the_safe_way(caplog: pytest.LogCaptureFixture,
                                                         ) -> None:
     """Issue 6: when handing a connection to the successor fails (here the
@@ -229,7 +259,7 @@ def test_failed_connection_transfer_drains_the_safe_way(caplog: pytest.LogCaptur
         assert await old.wait_exit() is hotswap.ExitReason.TAKEN_OVER
         await site.stop()
         assert runner.server is not None
-        drainer = Drainer()
+        drainer = Drainer(name=name)
         drainer.start(runner.server, every_connection=False)
         await old.release()
         await confirmed
@@ -258,7 +288,7 @@ def test_failed_connection_transfer_drains_the_safe_way(caplog: pytest.LogCaptur
     with caplog.at_level("INFO", logger="hotswap"):
         asyncio.run(main())
     assert "handing connections over failed after 0" in caplog.text
-    assert "the rest drain the safe way" in caplog.text
+    assert f"{name}: connection handover stopped; the rest drain the safe way" in caplog.text
 
 
 @pytest.mark.parametrize("run", [asyncio.run, uvloop.run], ids=["asyncio", "uvloop"])

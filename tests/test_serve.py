@@ -798,7 +798,9 @@ def test_a_response_begun_before_the_drain_ends_in_the_grace_then_is_cut_idle(
         finally:
             writer.close()
         assert await asyncio.wait_for(task, 10) == 0
-        assert "drain deadline: cutting idle connection" in caplog.text, caplog.text
+        # Named by the sidecar, as its other lines are (two in one log stream).
+        assert f"{upgrader.name}: drain deadline: cutting idle connection" in caplog.text, \
+            caplog.text
         assert "cutting busy connection" not in caplog.text, caplog.text
         assert "drained, 1 connection(s) cut" in caplog.text, caplog.text
 
@@ -1675,7 +1677,8 @@ def test_a_connection_closed_between_two_frames_does_not_stop_the_handover(
                 app_of("v2"), v2, sockets, handle_signals=False,
                 yield_cpu_after_drain=False))
             # The round that met the closed connection is over.
-            await until(lambda: "handed 2 idle connection(s) to the successor" in caplog.text,
+            await until(lambda: f"{name}: handed 2 idle connection(s) to the successor"
+                        in caplog.text,
                         "v1 to hand over the other two idle connections")
             assert len(closed) == 1 and sorted(adopted) == sorted(
                 addr[w] for _, w in idle if addr[w] != closed[0])
