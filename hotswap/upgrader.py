@@ -1334,12 +1334,16 @@ class Upgrader:
     def _confirmation_done(self, task: asyncio.Task[None]) -> None:
         """Whatever the confirmation raised, read (its ready() may have been
         cancelled): a HotswapError has told :meth:`wait_exit` already;
-        anything else is logged."""
+        anything else is unexpected (a bug, a socket closed under us), and
+        logged with its traceback: with ready() cancelled, this line is its
+        only report, and its repr alone (``OSError(9, 'Bad file
+        descriptor')``) does not say where it came from. At most once a
+        process: one confirmation each."""
         if task.cancelled():
             return
         exc = task.exception()
         if exc is not None and not isinstance(exc, HotswapError):
-            log.error("%s: confirming the handover failed: %r", self.name, exc)
+            log.error("%s: confirming the handover failed: %r", self.name, exc, exc_info=exc)
 
     async def _settle_confirmation(self) -> None:
         """Before a release or close: a confirmation whose ready() was

@@ -2118,6 +2118,37 @@ def test_a_ready_cancelled_after_confirming_still_takes_over(
     run(main())
 
 
+def test_an_unexpected_error_of_a_cancelled_confirmation_is_logged_with_its_traceback(
+        run: Runner, caplog: pytest.LogCaptureFixture) -> None:
+    """ready() cancelled after Accepting went out, then the confirmation
+    fails with an error that is no HotswapError (here its control socket
+    was closed under it, as a bug elsewhere would: its listen() fails):
+    nobody awaits it, so the ERROR line is its only report. It said
+    ``OSError(9, 'Bad file descriptor')`` and nothing more; it carries the
+    traceback, which says where."""
+    name = new_name()
+    caplog.set_level(logging.INFO, logger="hotswap")
+
+    async def main() -> None:
+        old, new, sock, _ = await a_cancelled_confirmation(name)
+        assert new._control_sock is not None and new._confirming is not None
+        new._control_sock.close()
+        await old.release()
+        await old.close(cut=0)
+        await asyncio.wait({new._confirming})
+        await until(lambda: "confirming the handover failed" in caplog.text,
+                    "the confirmation's failure logged")
+        sock.close()
+        await asyncio.wait_for(new.close(), 10)
+
+    run(main())
+    failed = [r for r in caplog.records if "confirming the handover failed" in r.getMessage()]
+    assert len(failed) == 1 and failed[0].levelno == logging.ERROR, failed
+    assert failed[0].exc_info is not None, failed[0]
+    where = logging.Formatter().formatException(failed[0].exc_info)
+    assert "in _confirm" in where and ".listen(" in where, where
+
+
 def test_ready_again_after_a_cancelled_one_waits_for_the_same_confirmation(
         run: Runner) -> None:
     """ready() cancelled while confirming (``wait_for`` ran out: the old
