@@ -426,6 +426,10 @@ class Upgrader:
         # order, a peer that stalled): the same, so that a process of an
         # allowed uid connecting in a loop cannot flood it either.
         self._garbled = _Throttled(self._log_garbled, burst=_CONTROL_FAILURES_AT_ONCE)
+        # Successors refused for good (token, protocol, rank): the same; each
+        # is told why, and says so itself.
+        self._refused_hellos = _Throttled(self._log_refused_hello,
+                                          burst=_CONTROL_FAILURES_AT_ONCE)
         # The successor last refused as busy (it retries until we are not):
         # said once at INFO, its retries at DEBUG (see _converse()).
         self._busy_refused: int | None = None
@@ -1769,9 +1773,9 @@ class Upgrader:
                 self._busy_refused = first.pid
                 log.log(level, "%s: successor pid %d must wait (busy: %s); it tries again",
                         self.name, first.pid, refusal.reason)
-            else:
-                log.warning("%s: refused successor pid %d (%s): %s", self.name, first.pid,
-                            refusal.code, refusal.reason)
+            elif not self._refused_hellos.add(first.pid, refusal.code, refusal.reason):
+                log.debug("%s: refused successor pid %d (%s): %s", self.name, first.pid,
+                          refusal.code, refusal.reason)
             await channel.send(refusal, timeout=timeout)
             return False
         return await self._hand_over(channel, first)
@@ -1800,6 +1804,17 @@ class Upgrader:
             log.warning("%s: control connection: %s (peer pid %d; %d control connections "
                         "failed in all since the last such line)", self.name, error, pid,
                         count)
+
+    def _log_refused_hello(self, count: int, last: tuple[object, ...]) -> None:
+        """The line for successors refused other than as busy (see
+        :class:`_Throttled`): the last one's pid, code and reason, and the
+        count."""
+        pid, code, reason = last
+        if count == 1:
+            log.warning("%s: refused successor pid %d (%s): %s", self.name, pid, code, reason)
+        else:
+            log.warning("%s: refused successor pid %d (%s): %s (%d successors refused in "
+                        "all since the last such line)", self.name, pid, code, reason, count)
 
     def _log_refused(self, count: int, last: tuple[object, ...]) -> None:
         """The line for control peers refused for their uid (see
@@ -1934,6 +1949,7 @@ class Upgrader:
         self._control_sock_close()
         self._refused.flush()
         self._garbled.flush()
+        self._refused_hellos.flush()
 
     def _control_sock_close(self) -> None:
         self._drop_reserve()

@@ -1983,11 +1983,9 @@ def test_peers_that_close_before_saying_anything_are_no_warning(
 
 
 _GARBAGE_FLOOD = """
-import socket, struct, sys
+import socket, sys
 address, count = "\\0" + sys.argv[1][1:], int(sys.argv[2])  # an abstract name
-kinds = [(b"GET / HTTP/1.1\\r\\n\\r\\n", b"outside 1..16384"),
-         (struct.pack("!I", 4) + b"{}}}", b"not UTF-8 JSON"),
-         (struct.pack("!I", 20) + b'{"type":"accepting"}', b"may not send 'accepting'")]
+kinds = [(bytes.fromhex(data), why.encode()) for data, why in zip(*[iter(sys.argv[3:])] * 2)]
 for i in range(count):
     data, why = kinds[i % len(kinds)]
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -2001,25 +1999,34 @@ for i in range(count):
         sys.exit(f"peer {i}: {reply!r}")
 print("refused", count)
 """
+"""A client process: ``count`` connections to the control socket ``argv[1]``,
+one after the other, each sending the next of the (hex data, reason) pairs
+that follow and checking that it is refused ``protocol`` with that reason."""
 
 
 def test_a_flood_of_garbage_from_an_allowed_uid_does_not_flood_the_log(
         run: Runner, caplog: pytest.LogCaptureFixture) -> None:
     """A process of an allowed uid that connects in a loop and sends
-    garbage (a client process here, as fast as it can): each connection
-    was a WARNING of its own (10,817 lines in 2 s from the sample sidecar),
-    drowning the rest. The first five are logged at once, then at most one
-    line per 10 s with the count (the rest at DEBUG); each peer is still refused
-    with its reason, and a successor's failed handover in the meantime is
-    still logged in full."""
+    garbage, or a hello that is refused (a client process here, as fast as
+    it can): each connection was a WARNING of its own (10,817 lines in 2 s
+    from the sample sidecar; 10,588 for the hello), drowning the rest. The
+    first five of each are logged at once, then at most one line per 10 s
+    with the count (the rest at DEBUG); each peer is still refused with its
+    reason, and a successor's failed handover in the meantime is still
+    logged in full."""
     name = new_name()
     caplog.set_level(logging.DEBUG, logger="hotswap")
-    peers = 150
+    peers = 160  # 40 of each kind
+    kinds = [(b"GET / HTTP/1.1\r\n\r\n", "outside 1..16384"),
+             (struct.pack("!I", 4) + b"{}}}", "not UTF-8 JSON"),
+             (encode(hotswap.protocol.Accepting()), "may not send 'accepting'"),
+             (encode(Hello(pid=1, version="v9", protocol=999)), "protocol 999 not supported")]
 
     async def main() -> None:
         upg = await serving_upgrader(name, "v1")
         client = await asyncio.create_subprocess_exec(
             sys.executable, "-c", _GARBAGE_FLOOD, control_address(name), str(peers),
+            *(arg for data, why in kinds for arg in (data.hex(), why)),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         async with asyncio.timeout(60):
             out, _ = await client.communicate()
@@ -2029,19 +2036,22 @@ def test_a_flood_of_garbage_from_an_allowed_uid_does_not_flood_the_log(
         await channel.send(hotswap.protocol.Abort(reason="the app failed"), timeout=5)
         await until(lambda: upg.state is hotswap.State.SERVING, "v1 serving again")
         channel.close()
-        await upg.close()  # the count not yet logged is logged as it stops
+        await upg.close()  # the counts not yet logged are logged as it stops
 
     run(main())
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    garbled = [line for line in warnings if "control connection:" in line]
-    # Five in full (each its own reason), then a count.
-    assert 6 <= len(garbled) <= 8, garbled
-    for line, why in zip(garbled[:5], ["outside 1..16384", "not UTF-8 JSON",
-                                       "may not send 'accepting'"] * 2, strict=False):
-        assert "peer pid " in line and why in line and "in all" not in line, garbled
-    counted = [int(m[1]) if (m := re.search(r"(\d+) control connections failed", line))
-               else 1 for line in garbled]
-    assert sum(counted) == peers, garbled
+    for what, counter, shown, seen in [
+            ("control connection:", "control connections failed", 120,
+             [why for _, why in kinds[:3]] * 2),
+            ("refused successor", "successors refused", 40, [kinds[3][1]] * 5)]:
+        lines = [line for line in warnings if what in line]
+        # Five in full (each its own reason and peer), then a count.
+        assert 6 <= len(lines) <= 8, lines
+        for line, why in zip(lines[:5], seen, strict=False):
+            assert why in line and "pid " in line and "in all" not in line, lines
+        counted = [int(m[1]) if (m := re.search(rf"(\d+) {counter} in all", line)) else 1
+                   for line in lines]
+        assert sum(counted) == shown, lines
     assert any("handover to pid" in line and "the app failed" in line
                for line in warnings), warnings
 
