@@ -681,8 +681,9 @@ class _BoundedHooks:
     before aiohttp freezes the lists. (They were left as they were: one that
     hung kept ``serve()``, and the process, from ever returning.)"""
 
-    def __init__(self, app: web.Application, timeout: float) -> None:
+    def __init__(self, app: web.Application, timeout: float, *, name: str = "") -> None:
         self.timeout = timeout
+        self.prefix = f"{name}: " if name else ""  # the sidecar's, as on its other lines
         self.failed = 0
         self._deadlines: dict[str, float] = {}
         self._wrappers: set[object] = set()  # what bounded() made: not wrapped again
@@ -728,18 +729,19 @@ class _BoundedHooks:
             done, _ = await asyncio.wait({task}, timeout=max(0.0, deadline - loop.time()))
             if not done:
                 self.failed += 1
-                log.error("app clean-up %r still running after %.1fs: abandoned",
-                          callback, self.timeout)
+                log.error("%sapp clean-up %r still running after %.1fs: abandoned",
+                          self.prefix, callback, self.timeout)
                 task.cancel()
                 # Not awaited (it may ignore the cancellation): only its end read.
                 task.add_done_callback(lambda t: t.cancelled() or t.exception())
                 return
             if task.cancelled():
                 self.failed += 1
-                log.error("app clean-up %r was cancelled", callback)
+                log.error("%sapp clean-up %r was cancelled", self.prefix, callback)
             elif (exc := task.exception()) is not None:
                 self.failed += 1
-                log.error("app clean-up %r failed: %r", callback, exc, exc_info=exc)
+                log.error("%sapp clean-up %r failed: %r", self.prefix, callback, exc,
+                          exc_info=exc)
         self._wrappers.add(bounded)
         return bounded
 
@@ -883,13 +885,14 @@ async def _set_up(runner: web.AppRunner, upgrader: Upgrader, timeout: float) -> 
         step = setting_up if what == "on_startup" else asyncio.ensure_future(runner.cleanup())
         done, _ = await asyncio.wait({step}, timeout=timeout)
         if not done:
-            log.error("app %s still running %.1fs after the stop: abandoned", what, timeout)
+            log.error("%s: app %s still running %.1fs after the stop: abandoned", upgrader.name,
+                      what, timeout)
             step.cancel()
             # Not awaited (it may ignore the cancellation): only its end read.
             step.add_done_callback(lambda t: t.cancelled() or t.exception())
             return 1
         if not step.cancelled() and (exc := step.exception()) is not None:
-            log.error("app %s failed: %r", what, exc, exc_info=exc)
+            log.error("%s: app %s failed: %r", upgrader.name, what, exc, exc_info=exc)
             status = 1
     return status
 
@@ -1020,16 +1023,17 @@ async def serve(app: web.Application, upgrader: Upgrader,
         nonlocal signals
         signals += 1
         if signals == 1:
-            log.info("signal %d: stopping", signum)
+            log.info("%s: signal %d: stopping", upgrader.name, signum)
             upgrader.request_stop()
         elif signals == 2:
-            log.warning("signal %d again: cutting the drain short", signum)
+            log.warning("%s: signal %d again: cutting the drain short", upgrader.name, signum)
             drainer.force()
         else:
             os._exit(128 + signum)
 
     def on_hangup() -> None:
-        log.warning("SIGHUP ignored: send SIGTERM to stop; an upgrade starts a new version")
+        log.warning("%s: SIGHUP ignored: send SIGTERM to stop; an upgrade starts a new "
+                    "version", upgrader.name)
 
     # What the three signals did before: put back on the way out (asyncio's
     # remove_signal_handler() would leave SIG_DFL: a process started with
@@ -1057,7 +1061,7 @@ async def serve(app: web.Application, upgrader: Upgrader,
             await upgrader.close()
             return 0
         drainer.install(app)
-        hooks = _BoundedHooks(app, cleanup_timeout)
+        hooks = _BoundedHooks(app, cleanup_timeout, name=upgrader.name)
         drain_hook: asyncio.Future[None] | None = None
         # aiohttp (>= 3.10) waits shutdown_timeout for a busy handler, then
         # cancels its request and waits as long again: the grace's end.

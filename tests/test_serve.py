@@ -1513,6 +1513,8 @@ def test_a_clean_up_hook_added_in_on_startup_is_bounded_too(run: Runner, phase: 
         assert await stopped_within(upgrader, task) < 5.0
         assert task.result() == 1
         assert "still running after 0.5s: abandoned" in caplog.text, caplog.text
+        # Named, as the sidecar's other lines are (two sidecars, one log).
+        assert f"{upgrader.name}: app clean-up " in caplog.text, caplog.text
         assert upgrader.state is hotswap.State.STOPPED
 
     run(main())

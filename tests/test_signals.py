@@ -84,7 +84,8 @@ def test_sighup_is_ignored_and_the_sidecar_serves_on(procs: Procs, name: str) ->
     sock, first = keepalive_request(port)
     assert b"200 OK" in first
     v1.send_signal(signal.SIGHUP)
-    wait_for(lambda: "SIGHUP ignored" in procs.logs(), 10, "v1 to log the SIGHUP")
+    # Named, as the sidecar's other lines are (two sidecars, one log).
+    wait_for(lambda: f"{name}: SIGHUP ignored" in procs.logs(), 10, "v1 to log the SIGHUP")
     again = http_get(sock)  # the same connection, after the signal
     assert b"200 OK" in again and b"Connection: close" not in again
     assert v1.poll() is None
@@ -125,7 +126,8 @@ def sigterm_while_the_successor_holds_the_sockets(procs: Procs, name: str
     wait_for(lambda: psutil.Process(v2.pid).status() == psutil.STATUS_STOPPED, 15,
              "v2 to hold the sockets, stopped before confirming")
     v1.send_signal(signal.SIGTERM)
-    wait_for(lambda: "signal 15: stopping" in log_of(procs, v1), 10, "v1 to take the SIGTERM")
+    wait_for(lambda: f"{name}: signal 15: stopping" in log_of(procs, v1), 10,
+             "v1 to take the SIGTERM")
     # Not confirmed yet: v1 still accepts, stop or no stop.
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         assert b"version(v1)" in http_get(sock)
