@@ -293,3 +293,16 @@ def test_the_url_is_requested_as_given_and_a_bad_port_is_said(tmp_path: Path) ->
                                 env=child_env(), capture_output=True, text=True, timeout=30)
         assert result.returncode == 1, result
         assert "busybox: no port in" in result.stderr and "Traceback" not in result.stderr, result
+
+
+def test_a_version_with_a_parenthesis_is_read_whole(stub: tuple[int, list[str]],
+                                                   tmp_path: Path) -> None:
+    """The sidecar answers any --version it is given (hotswap takes any
+    string); one holding ")" failed every request as a wrong body. What is
+    around the version is still checked."""
+    port, bodies = stub
+    bodies += [body("v1 (rc)"), body("v2)x"), body("v2)x") + "!", body("v2)x")]
+    code, summary, out = run_client(port, tmp_path)
+    assert code == 1, out
+    assert summary["errors"] == {"WrongBody": 1}, out
+    assert summary["version_order"] == ["v1 (rc)", "v2)x"], summary

@@ -35,7 +35,9 @@ import time
 import urllib.parse
 from types import FrameType
 
-BODY_RE = re.compile(r"This is version\(([^)]*)\) sidecar")
+# The sidecar's answer: whatever is between the fixed start and end is its
+# version, which may hold anything the sidecar accepts (")" too).
+BODY_RE = re.compile(r"This is version\((.*)\) sidecar", re.DOTALL)
 # Changes of version listed in the summary: versions answering by turns (a
 # failure) would grow the list, and the run's memory, without end.
 MAX_ORDER = 1000
