@@ -306,3 +306,15 @@ def test_a_version_with_a_parenthesis_is_read_whole(stub: tuple[int, list[str]],
     assert code == 1, out
     assert summary["errors"] == {"WrongBody": 1}, out
     assert summary["version_order"] == ["v1 (rc)", "v2)x"], summary
+
+
+def test_answers_that_stop_near_the_end_show_in_the_longest_gap(tmp_path: Path) -> None:
+    """A server that answered well five times (0.1 s) and then only wrongly
+    for the rest of a 1.5 s run: the summary gave 0.02 s as the longest gap
+    (the gap from the last good answer to the end was never measured). The
+    bound leaves the five answers 0.75 s on a loaded machine."""
+    with http_stub(lambda n: body("v1") if n < 5 else "upstream gone") as port:
+        code, summary, out = run_client(port, tmp_path, duration=1.5)
+    assert code == 1, out
+    assert summary["succeeded"] == 5, summary
+    assert summary["longest_gap_s"] >= 0.75, summary
