@@ -318,3 +318,25 @@ def test_answers_that_stop_near_the_end_show_in_the_longest_gap(tmp_path: Path) 
     assert code == 1, out
     assert summary["succeeded"] == 5, summary
     assert summary["longest_gap_s"] >= 0.75, summary
+
+
+def test_a_new_version_in_every_answer_stays_bounded_in_memory_and_output(
+        tmp_path: Path) -> None:
+    """A broken server naming a new version in every answer grew the count
+    of answers by version by one a request, and the summary line with it
+    (9463 versions, 120 kB, in 3 s here). The first 1000 are named; the
+    answers from the rest are counted together."""
+    summary_path = tmp_path / "summary.json"
+    with http_stub(lambda n: body(f"v{n}")) as port:
+        result = subprocess.run(
+            [PY, str(CLIENT), "--url", f"http://127.0.0.1:{port}/serve", "--interval", "0",
+             "--duration", "3", "--summary-json", str(summary_path)],
+            env=child_env(), capture_output=True, text=True, timeout=60)
+    summary = json.loads(summary_path.read_text())
+    requests = summary["requests"]
+    assert result.returncode == 0 and requests > 1000, requests
+    assert summary["versions"] == {f"v{n}": 1 for n in range(1000)}
+    assert summary["version_answers_unnamed"] == requests - 1000
+    line = result.stdout.splitlines()[-1]
+    assert line.startswith("summary:") and len(line) < 25_000, len(line)
+    assert f"(and {requests - 1000} answers from versions past the first 1000)" in line

@@ -16,7 +16,8 @@ response: a server trickling its answer a byte at a time does not get to
 stretch it, and a stop is never held up longer than that);
 a status other than 200; a body other than ``This is version(<v>) sidecar``;
 an answer from a version that was already superseded (one seen before, then
-another: the version went backwards). At the end (``--duration`` elapsed, or
+another: the version went backwards; checked for the first 1000 versions by
+name, the most a run remembers). At the end (``--duration`` elapsed, or
 SIGTERM/SIGINT) it prints a summary with totals, failures and the versions
 seen, and exits 1 if any request failed or none was made (nothing proven).
 """
@@ -41,6 +42,11 @@ BODY_RE = re.compile(r"This is version\((.*)\) sidecar", re.DOTALL)
 # Changes of version listed in the summary: versions answering by turns (a
 # failure) would grow the list, and the run's memory, without end.
 MAX_ORDER = 1000
+# Versions counted by name: a server naming a new one in every answer grew
+# the count, the run's memory and the summary line without end. Answers
+# from versions past these are counted together, and are not checked for
+# going back (nothing bounded can remember them all).
+MAX_VERSIONS = 1000
 
 
 class WrongBody(Exception):
@@ -158,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     order: list[str] = []  # the versions in the order they answered, a run each
     last: str | None = None  # the version of the last answer
     unlisted = 0  # changes of version past MAX_ORDER: counted, not listed
+    unnamed = 0  # answers from versions past MAX_VERSIONS: counted, not named
     errors: collections.Counter[str] = collections.Counter()
     start = time.monotonic()
     next_at = start
@@ -169,7 +176,10 @@ def main(argv: list[str] | None = None) -> int:
             version = client.request()
             went_back = version in versions and version != last
             previous, last = last, version
-            versions[version] += 1
+            if version in versions or len(versions) < MAX_VERSIONS:
+                versions[version] += 1
+            else:
+                unnamed += 1
             if version != previous:
                 if len(order) < MAX_ORDER:
                     order.append(version)
@@ -198,12 +208,15 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"requests": total, "failed": failed, "succeeded": total - failed,
                "versions": dict(versions), "version_order": order,
                "version_changes_unlisted": unlisted,
+               "version_answers_unnamed": unnamed,
                "errors": dict(errors), "connections": client.connections,
                "longest_gap_s": round(longest_gap, 3),
                "seconds": round(time.monotonic() - start, 3)}
+    more = f" (and {unnamed} answers from versions past the first {MAX_VERSIONS})"
     print(f"summary: {total} requests, {failed} failed, versions seen in order: "
           f"{' -> '.join(order) or '-'}"
-          f"{f' (and {unlisted} more changes)' if unlisted else ''} {dict(versions)}, "
+          f"{f' (and {unlisted} more changes)' if unlisted else ''} {dict(versions)}"
+          f"{more if unnamed else ''}, "
           f"{client.connections} connection(s) opened, longest gap between answers "
           f"{longest_gap:.3f}s", flush=True)
     if args.summary_json:
