@@ -340,3 +340,38 @@ def test_a_new_version_in_every_answer_stays_bounded_in_memory_and_output(
     line = result.stdout.splitlines()[-1]
     assert line.startswith("summary:") and len(line) < 25_000, len(line)
     assert f"(and {requests - 1000} answers from versions past the first 1000)" in line
+
+
+# Runs the client as __main__ with a SIGTERM sent to itself as it starts to
+# import the module named in argv[1]: the client's own code, the moment
+# picked by an audit hook rather than by a sleep that a loaded machine skews.
+SIGTERM_ON_IMPORT = """
+import os, runpy, signal, sys
+module = sys.argv.pop(1)
+def hook(event, args):
+    if event == "import" and args[0] == module:
+        os.kill(os.getpid(), signal.SIGTERM)
+sys.addaudithook(hook)
+sys.argv.pop(0)
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("module", ["argparse", "http.client"])
+def test_a_sigterm_while_it_imports_stops_it_with_a_summary(
+        module: str, stub: tuple[int, list[str]], tmp_path: Path) -> None:
+    """The handler was installed after the imports (~35 ms, most of the
+    client's start): a SIGTERM then killed it here and, as PID 1 in its
+    container (where an unhandled SIGTERM is dropped), was ignored, so
+    `docker stop` waited its 10 s. Now it stops with its summary (no
+    request made: exit 1). The interpreter's own start stays uncovered."""
+    port, bodies = stub
+    bodies.append(body("v1"))
+    summary = tmp_path / "summary.json"
+    result = subprocess.run(
+        [PY, "-c", SIGTERM_ON_IMPORT, module, str(CLIENT), "--url",
+         f"http://127.0.0.1:{port}/serve", "--duration", "5", "--summary-json", str(summary)],
+        env=child_env(), capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1, result
+    assert json.loads(summary.read_text())["requests"] == 0, result
+    assert "summary: 0 requests" in result.stdout, result
