@@ -7,6 +7,7 @@ import contextlib
 import http.server
 import itertools
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -381,3 +382,48 @@ def test_a_sigterm_while_it_imports_stops_it_with_a_summary(
     assert result.returncode == 1, result
     assert json.loads(summary.read_text())["requests"] == 0, result
     assert "summary: 0 requests" in result.stdout, result
+
+
+# In a new user, network and mount namespace: /etc/resolv.conf names
+# 127.0.0.1 (that namespace's own loopback), where this reads every query
+# and never answers; then the client, asking for a name only DNS knows,
+# runs for 1.5 s with --timeout 0.5. Prints how long it took and its summary.
+SILENT_NAME_SERVER = """
+import json, socket, subprocess, sys, threading, time
+server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+server.bind(("127.0.0.1", 53))
+def read() -> None:
+    while True:
+        server.recv(4096)
+threading.Thread(target=read, daemon=True).start()
+began = time.monotonic()
+subprocess.run([sys.executable, sys.argv[1], "--url", "http://sidecar.test:9091/serve",
+                "--interval", "0.1", "--timeout", "0.5", "--duration", "1.5",
+                "--summary-json", sys.argv[2]], stdout=subprocess.DEVNULL, timeout=60)
+print(json.dumps(time.monotonic() - began))
+"""
+
+
+def test_a_name_server_that_never_answers_is_within_the_timeout(tmp_path: Path) -> None:
+    """getaddrinfo() ran untimed (a SIGALRM does not interrupt it): with a
+    name server that never answers, one request took 10 s (resolv.conf's
+    timeout 5 s, 2 attempts) against a --timeout of 0.5 s, and a stop waited
+    as long. The samples' 127.0.0.1 and a pod's localhost (/etc/hosts) ask
+    no name server; a --url naming a host does."""
+    if (why := unshare_refused("-rnm", "network and mount namespace")) is not None:
+        pytest.skip(why)
+    if shutil.which("ip") is None:
+        pytest.skip("needs ip(8) to bring the namespace's loopback up")
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 127.0.0.1\noptions timeout:5 attempts:2\n")
+    summary = tmp_path / "summary.json"
+    result = subprocess.run(
+        ["unshare", "-rnm", "sh", "-c",
+         'ip link set lo up && mount --bind "$0" /etc/resolv.conf && exec "$@"', str(resolv),
+         PY, "-c", SILENT_NAME_SERVER, str(CLIENT), str(summary)],
+        env=child_env(), capture_output=True, text=True, timeout=90)
+    assert result.returncode == 0, result
+    took = json.loads(result.stdout)
+    got = json.loads(summary.read_text())
+    assert got["requests"] >= 2 and got["errors"] == {"RequestTimeout": got["requests"]}, got
+    assert took < 5, (took, got)

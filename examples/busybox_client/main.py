@@ -11,8 +11,8 @@ well-behaved client does. Each request is logged::
     request sidecar server failed, and error(...)
 
 A request fails on any of: an error connecting, sending or reading; taking
-longer than ``--timeout`` in all (connecting, sending and reading the whole
-response: a server trickling its answer a byte at a time does not get to
+longer than ``--timeout`` in all (looking the host up, connecting, sending
+and reading the whole response: a server trickling its answer a byte at a time does not get to
 stretch it, and a stop is never held up longer than that);
 a status other than 200; a body other than ``This is version(<v>) sidecar``;
 an answer from a version that was already superseded (one seen before, then
@@ -48,10 +48,14 @@ import collections  # noqa: E402
 import http.client  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import queue  # noqa: E402
 import re  # noqa: E402
+import socket  # noqa: E402
 import sys  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 import urllib.parse  # noqa: E402
+from typing import Any  # noqa: E402
 
 # The sidecar's answer: whatever is between the fixed start and end is its
 # version, which may hold anything the sidecar accepts (")" too).
@@ -104,6 +108,53 @@ class Client:
         if self.timing:
             raise RequestTimeout("no complete answer within the request's timeout")
 
+    def _connect(self) -> socket.socket:
+        """A socket connected to the URL's host, for the caller to own; run
+        under the request's timer, and on any error (RequestTimeout too)
+        nothing is left open. The name is looked up in a thread: a SIGALRM
+        cannot interrupt getaddrinfo(), and a name server that did not answer
+        held a request 10 s with ``--timeout 0.5`` (a stop as long). This
+        waits for the thread, the SIGALRM ends the wait, and a lookup that
+        never ends is left to its daemon thread, which holds nothing. Then
+        each address in turn, as ``socket.create_connection`` does."""
+        found: queue.SimpleQueue[list[tuple[int, int, int, tuple[Any, ...]]] | OSError] = \
+            queue.SimpleQueue()
+
+        def look_up() -> None:
+            try:
+                found.put([(family, kind, proto, address) for family, kind, proto, _, address
+                           in socket.getaddrinfo(self.host, self.port,
+                                                 type=socket.SOCK_STREAM)])
+            except OSError as exc:  # socket.gaierror too
+                found.put(exc)
+
+        # The thread starts with the signals blocked (a new thread inherits
+        # the mask), so that they all go to this one, waiting below.
+        handled = {signal.SIGALRM, signal.SIGTERM, signal.SIGINT}
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, handled)
+        try:
+            threading.Thread(target=look_up, name="look-up", daemon=True).start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        addresses = found.get()
+        if isinstance(addresses, OSError):
+            raise addresses
+        error: OSError = OSError(f"no address for {self.host!r}")
+        for family, kind, proto, address in addresses:
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.settimeout(self.timeout)
+                sock.connect(address)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as http.client
+                return sock
+            except OSError as exc:
+                sock.close()
+                error = exc
+            except BaseException:
+                sock.close()
+                raise
+        raise error
+
     def request(self) -> str:
         """One GET; the version that answered. Raises on any failure, and
         :class:`RequestTimeout` once the whole request has taken ``timeout``
@@ -118,6 +169,8 @@ class Client:
             self.timing = True
             signal.setitimer(signal.ITIMER_REAL, self.timeout)
             try:
+                if conn.sock is None:  # http.client would look the host up untimed
+                    conn.sock = self._connect()
                 conn.request("GET", self.path)
                 response = conn.getresponse()
                 body = response.read().decode("utf-8", "replace")
