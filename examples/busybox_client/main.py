@@ -12,8 +12,9 @@ well-behaved client does. Each request is logged::
 
 A request fails on any of: an error connecting, sending or reading; taking
 longer than ``--timeout`` in all (looking the host up, connecting, sending
-and reading the whole response: a server trickling its answer a byte at a time does not get to
-stretch it, and a stop is never held up longer than that);
+and reading the whole response: a server trickling its answer a byte at a
+time does not get to stretch it, and a stop is never held up longer than
+that);
 a status other than 200; a body other than ``This is version(<v>) sidecar``;
 an answer from a version that was already superseded (one seen before, then
 another: the version went backwards; checked for the first 1000 versions by
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=0.0,
                         help="seconds to run (0: until SIGTERM/SIGINT)")
     parser.add_argument("--timeout", type=seconds, default=5.0,
-                        help="seconds a whole request may take (connect, send, read)")
+                        help="seconds a whole request may take (look up, connect, send, read)")
     parser.add_argument("--summary-json", help="also write the summary to this file")
     args = parser.parse_args(argv)
     if not args.timeout:
