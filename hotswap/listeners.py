@@ -567,9 +567,13 @@ def systemd_sockets(env: Mapping[str, str], pid: int) -> dict[str, socket.socket
     """Sockets passed by systemd (``LISTEN_FDS``/``LISTEN_FDNAMES``), by name.
 
     Only honoured when ``LISTEN_PID`` is ``pid``. Unnamed ones are called
-    ``fd3``, ``fd4``, ... The returned sockets are owned by the caller (and
-    made close-on-exec); descriptors that are not sockets are closed and
-    skipped.
+    ``fd3``, ``fd4``, ..., and so is each after the first under one name
+    (systemd gives every descriptor of a socket unit the unit's
+    ``FileDescriptorName=``, so a unit with several Listen lines repeats
+    it; :meth:`~hotswap.Upgrader.listen` finds those by address). A
+    repeated name whose ``fdN`` is taken too is closed, with a warning.
+    The returned sockets are owned by the caller (and made close-on-exec);
+    descriptors that are not sockets are closed and skipped.
 
     Only descriptors that came across ``exec`` count: a launcher passes them
     without close-on-exec (systemd clears it), while everything this process
@@ -619,9 +623,13 @@ def systemd_sockets(env: Mapping[str, str], pid: int) -> dict[str, socket.socket
         sock.set_inheritable(False)
         sock.setblocking(False)
         if name in found:
-            log.warning("duplicate LISTEN_FDNAMES entry %r; closing fd %d", name, fd)
-            sock.close()
-            continue
+            # One socket unit, several Listen lines: systemd names each of
+            # its descriptors the same. Still a listener, found by address.
+            if f"fd{fd}" in names or f"fd{fd}" in found:
+                log.warning("duplicate LISTEN_FDNAMES entry %r; closing fd %d", name, fd)
+                sock.close()
+                continue
+            name = f"fd{fd}"
         found[name] = sock
     if ours:
         log.warning("LISTEN_FDS=%d: %d descriptor(s) from fd %d on are close-on-exec, "

@@ -603,6 +603,74 @@ def test_systemd_sockets_a_library_took_already_are_left_to_it() -> None:
     assert "sd_listen_fds()" in out.stderr, out.stderr
 
 
+SYSTEMD_ONE_UNIT_CHILD = """
+import asyncio, fcntl, json, logging, os, sys
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+import hotswap
+# One socket unit with two ListenStream= lines: systemd names every
+# descriptor of a unit the same (FileDescriptorName=, else the unit's name).
+passed = [int(fd) for fd in sys.argv[1:3]]
+high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for fd in passed]
+for fd in passed:
+    os.close(fd)
+for target, fd in enumerate(high, 3):
+    os.dup2(fd, target)
+    os.close(fd)
+env = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "2",
+       "LISTEN_FDNAMES": "web.socket:web.socket"}
+
+async def main():
+    upg = hotswap.Upgrader(sys.argv[5], options=hotswap.Options(env=env))
+    await upg.start()
+    http = upg.listen("http", ("127.0.0.1", int(sys.argv[3])))
+    https = upg.listen("https", ("127.0.0.1", int(sys.argv[4])))
+    await upg.ready()
+    print(json.dumps({"http": http.fileno(), "https": https.fileno()}), flush=True)
+    https.setblocking(True)
+    https.settimeout(10)
+    conn, _ = https.accept()
+    conn.sendall(b"from the second socket of the unit")
+    conn.close()
+    await upg.close()
+
+asyncio.run(main())
+"""
+
+
+def test_systemd_sockets_of_one_unit_sharing_a_name_are_all_inherited() -> None:
+    """A socket unit with several Listen lines passes them all under one
+    name (systemd's FileDescriptorName= is the unit's, for each of its
+    descriptors). Every one is a listener to inherit, found by its address:
+    the second used to be closed as a "duplicate", and listen() on its
+    address then bound anew and failed with EADDRINUSE, systemd holding
+    its own copy (as the launcher here does)."""
+    first, second = bind(("127.0.0.1", 0)), bind(("127.0.0.1", 0))
+    ports = [str(s.getsockname()[1]) for s in (first, second)]
+    fds = (first.fileno(), second.fileno())
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    child = subprocess.Popen([sys.executable, "-c", SYSTEMD_ONE_UNIT_CHILD, *map(str, fds),
+                              *ports, name], pass_fds=fds, env=child_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert child.stdout is not None
+    try:  # the launcher keeps its copies open, as systemd does
+        readable, _, _ = select.select([child.stdout], [], [], 30)
+        assert readable, "the child did not start within 30 s"
+        listening = child.stdout.readline()
+        assert listening, child.communicate(timeout=30)
+        with socket.create_connection(("127.0.0.1", int(ports[1])), timeout=10) as conn:
+            answer = conn.recv(100)
+        _, err = child.communicate(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+        first.close()
+        second.close()
+    assert json.loads(listening) == {"http": 3, "https": 4}, err
+    assert answer == b"from the second socket of the unit", err
+    assert child.returncode == 0, err
+
+
 def test_systemd_sockets_only_for_our_pid() -> None:
     assert systemd_sockets({"LISTEN_PID": "1", "LISTEN_FDS": "1"}, os.getpid()) == {}
     assert systemd_sockets({"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "x"},
