@@ -579,11 +579,13 @@ class Upgrader:
         :func:`hotswap.listeners.matches`), else inherited if one it had under
         another name is at that very address (a renamed or swapped listener:
         binding it anew would fail, the predecessor still holds it; not for
-        port 0), else newly bound. An inherited listener that no call claims
-        is closed by :meth:`ready`. ``kind``: ``"stream"`` (TCP, a Unix
-        stream socket) or ``"dgram"`` (UDP, a Unix datagram socket; a UDP
-        one is bound without ``SO_REUSEADDR``, see
-        :func:`hotswap.listeners.bind`).
+        port 0), else newly bound. A stream listener listens with
+        ``backlog`` either way (an inherited one's queue is resized, what it
+        holds kept; a failure to is logged, and it keeps its queue). An
+        inherited listener that no call claims is closed by :meth:`ready`.
+        ``kind``: ``"stream"`` (TCP, a Unix stream socket) or ``"dgram"``
+        (UDP, a Unix datagram socket; a UDP one is bound without
+        ``SO_REUSEADDR``, see :func:`hotswap.listeners.bind`).
 
         Ownership passes to the caller (see the class docstring). Raises
         ListenerError if ``address`` is none or binding fails (on a fresh
@@ -612,6 +614,15 @@ class Upgrader:
                 log.warning("%s: inherited %s is %s, asked for %s: binding anew",
                             self.name, name, stale.info.address, want.address)
         if got is not None:
+            if kind == "stream":
+                # The queue this version asks for, as a fresh bind would
+                # give it (the kernel only resizes it: nothing queued is
+                # lost, and the predecessor accepts on meanwhile).
+                try:
+                    got.sock.listen(backlog)
+                except OSError as exc:
+                    log.warning("%s: inherited %s keeps its listen queue (%s)",
+                                self.name, got.info.name, exc)
             del self._inherited[got.info.name]
             if got.info.name != name:
                 log.info("%s: inherited %s %s as %s", self.name, got.info.name,

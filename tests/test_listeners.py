@@ -728,6 +728,50 @@ def test_successor_inherits_a_listener_asked_for_by_host_name() -> None:
     asyncio.run(asyncio.wait_for(main(), 60))
 
 
+def listen_queue(sock: socket.socket) -> int:
+    """The accept queue's length a TCP listening socket was given, as the
+    kernel reports it (``tcpi_sacked`` of a listener, what ``ss`` shows)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    return int.from_bytes(info[28:32], sys.byteorder)
+
+
+def test_an_inherited_listener_gets_the_queue_its_successor_asks_for() -> None:
+    """listen(..., backlog=N) on a listener inherited from the predecessor
+    listens again with N, as a fresh bind would: it used to keep the queue
+    of whichever version bound it first, for good, whatever each new
+    version asked for (one that accepts itself, rather than through an
+    asyncio server listening again, never got a bigger queue)."""
+    name = f"l-{uuid.uuid4().hex[:12]}"
+
+    def options() -> hotswap.Options:
+        return hotswap.Options(env={}, message_timeout=2.0, handover_timeout=5.0)
+
+    async def main() -> None:
+        old = hotswap.Upgrader(name, version="v1", options=options())
+        new = hotswap.Upgrader(name, version="v2", options=options())
+        try:
+            assert await old.start() is hotswap.Role.FRESH
+            old_sock = old.listen("raw", ("127.0.0.1", 0), backlog=4)
+            assert listen_queue(old_sock) == 4
+            await old.ready()
+            assert await new.start() is hotswap.Role.TAKEOVER
+            new_sock = new.listen("raw", ("127.0.0.1", 0), backlog=64)
+            assert os.fstat(new_sock.fileno()).st_ino == os.fstat(old_sock.fileno()).st_ino
+            assert listen_queue(new_sock) == 64
+            ready = asyncio.create_task(new.ready())
+            assert await old.wait_exit() is hotswap.ExitReason.TAKEN_OVER
+            await old.release()
+            await ready
+            with socket.create_connection(new_sock.getsockname(), timeout=5):
+                conn, _ = new_sock.accept()  # queued already: the handshake is over
+                conn.close()
+        finally:
+            await old.close(cut=0)
+            await new.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
 UDP_SERVER = ROOT / "tests/support/udp_server.py"
 
 
