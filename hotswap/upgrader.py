@@ -588,8 +588,10 @@ class Upgrader:
         ``SO_REUSEADDR``, see :func:`hotswap.listeners.bind`).
 
         Ownership passes to the caller (see the class docstring). Raises
-        ListenerError if ``address`` is none or binding fails (on a fresh
-        start, an address in use says that nobody served this name), HotswapError
+        ListenerError if ``address`` is none, is to be bound and is that of
+        a listener this process has already (under another name), or
+        binding fails (on a
+        fresh start, an address in use says that nobody served this name), HotswapError
         if ``name`` is taken or :meth:`start` has not returned yet (nothing
         is inherited before it: a bind then fails once a predecessor holds
         the address); nothing is bound then.
@@ -631,6 +633,15 @@ class Upgrader:
                 got = _Listener(replace(got.info, name=name), got.sock)
             self._listeners[name] = got
             return got.sock
+        if want.family == "unix" or not want.address.endswith(":0"):
+            # Binding would fail (and probe a Unix path first, queueing an
+            # empty connection there). Two listeners at one address, a
+            # launcher's SO_REUSEPORT group, are inherited above.
+            holder = next((e.info.name for e in self._listeners.values()
+                           if listeners.matches(e.info, want)), None)
+            if holder is not None:
+                raise ListenerError(f"{name}: {want.address} is the address of "
+                                    f"listener {holder!r} of this process already")
         try:
             sock = listeners.bind(address, kind=kind, backlog=backlog)
         except ListenerError as exc:

@@ -671,6 +671,63 @@ def test_systemd_sockets_of_one_unit_sharing_a_name_are_all_inherited() -> None:
     assert child.returncode == 0, err
 
 
+SYSTEMD_REUSEPORT_CHILD = """
+import asyncio, fcntl, json, os, sys
+import hotswap
+from hotswap.errors import ListenerError
+passed = [int(fd) for fd in sys.argv[1:3]]
+high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for fd in passed]
+for fd in passed:
+    os.close(fd)
+for target, fd in enumerate(high, 3):
+    os.dup2(fd, target)
+    os.close(fd)
+env = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "2", "LISTEN_FDNAMES": "w0:w1"}
+
+async def main():
+    upg = hotswap.Upgrader(sys.argv[4], options=hotswap.Options(env=env))
+    await upg.start()
+    address = ("127.0.0.1", int(sys.argv[3]))
+    got = {name: upg.listen(name, address).fileno() for name in ("w0", "w1")}
+    try:
+        upg.listen("w2", address)
+    except ListenerError as exc:
+        got["w2"] = str(exc)
+    await upg.ready()
+    print(json.dumps(got))
+    await upg.close()
+
+asyncio.run(main())
+"""
+
+
+def test_a_reuseport_group_passed_by_a_launcher_is_inherited_whole() -> None:
+    """Two SO_REUSEPORT sockets on one port (a launcher's, under two
+    names) are two listeners at one address: each is inherited by its
+    name; a third name there, which would have to be bound, is refused
+    naming the first."""
+    group: list[socket.socket] = []
+    for _ in range(2):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(("127.0.0.1", group[0].getsockname()[1] if group else 0))
+        sock.listen()
+        group.append(sock)
+    port = group[0].getsockname()[1]
+    fds = tuple(s.fileno() for s in group)
+    try:
+        out = subprocess.run([sys.executable, "-c", SYSTEMD_REUSEPORT_CHILD, *map(str, fds),
+                              str(port), f"t-{uuid.uuid4().hex[:12]}"], pass_fds=fds,
+                             env=child_env(), capture_output=True, text=True, timeout=30)
+    finally:
+        for sock in group:
+            sock.close()
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert (got["w0"], got["w1"]) == (3, 4), out.stderr
+    assert "listener 'w0' of this process" in got["w2"]
+
+
 def test_systemd_sockets_only_for_our_pid() -> None:
     assert systemd_sockets({"LISTEN_PID": "1", "LISTEN_FDS": "1"}, os.getpid()) == {}
     assert systemd_sockets({"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "x"},
@@ -768,6 +825,37 @@ def test_an_inherited_listener_gets_the_queue_its_successor_asks_for() -> None:
         finally:
             await old.close(cut=0)
             await new.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_two_names_for_one_address_say_which_listener_holds_it(tmp_path: Path) -> None:
+    """A second listen() at the address of a listener this process has
+    already is refused naming that listener, before anything is bound.
+    It used to bind and blame "another program" (EADDRINUSE), and for a
+    Unix path its stale-socket probe first queued an empty connection on
+    the first listener, which its server then accepted."""
+    name = f"l-{uuid.uuid4().hex[:12]}"
+    path = str(tmp_path / "api.sock")
+
+    async def main() -> None:
+        upg = hotswap.Upgrader(name, options=hotswap.Options(env={}))
+        try:
+            assert await upg.start() is hotswap.Role.FRESH
+            unix = upg.listen("api", path)
+            tcp = upg.listen("http", ("127.0.0.1", 0))
+            port = tcp.getsockname()[1]
+            for other, address in (("api2", path), ("http2", ("127.0.0.1", port)),
+                                   ("http3", ("localhost", port))):
+                with pytest.raises(ListenerError, match="listener 'api' of this process"
+                                   if other == "api2" else "listener 'http' of this process"):
+                    upg.listen(other, address)
+            with pytest.raises(BlockingIOError):
+                unix.accept()  # nothing queued by a probe
+            assert upg.listen("more", ("127.0.0.1", 0)).getsockname()[1] != port
+            assert [i.name for i in upg.status().listeners] == ["api", "http", "more"]
+        finally:
+            await upg.close()
 
     asyncio.run(asyncio.wait_for(main(), 60))
 
