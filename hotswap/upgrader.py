@@ -1102,14 +1102,19 @@ class Upgrader:
         (``LISTEN_FDS``), as inherited listeners: on a fresh start, all of
         them; after a takeover, those the predecessor did not hand over
         under their name (closed: the predecessor's are the ones in use).
-        Unclaimed ones are closed by :meth:`ready`, like any inherited."""
+        One of a kind no listener is (a ``SOCK_SEQPACKET`` one, another
+        family) is closed at once, with a warning. Unclaimed ones are
+        closed by :meth:`ready`, like any inherited."""
         for name, sock in listeners.systemd_sockets(self.options.env, self.pid).items():
             if name in self._inherited:
                 sock.close()
                 continue
             try:
                 self._inherited[name] = _Listener(listeners.describe(name, sock), sock)
-            except ListenerError:
+            except ListenerError as exc:  # a kind no listener is (SOCK_SEQPACKET, ...)
+                log.warning("%s: launcher socket %s (fd %d): %s; only inet, inet6 and "
+                            "unix stream or datagram sockets are listeners: closed",
+                            self.name, name, sock.fileno(), exc)
                 sock.close()
 
     def _start_fresh(self) -> None:

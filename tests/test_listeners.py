@@ -728,6 +728,47 @@ def test_a_reuseport_group_passed_by_a_launcher_is_inherited_whole() -> None:
     assert "listener 'w0' of this process" in got["w2"]
 
 
+SYSTEMD_SEQPACKET_CHILD = """
+import asyncio, fcntl, logging, os, sys
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+import hotswap
+high = fcntl.fcntl(int(sys.argv[1]), fcntl.F_DUPFD, 100)
+os.close(int(sys.argv[1]))
+os.dup2(high, 3)
+os.close(high)
+env = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "1", "LISTEN_FDNAMES": "control"}
+
+async def main():
+    upg = hotswap.Upgrader(sys.argv[2], options=hotswap.Options(env=env))
+    await upg.start()
+    await upg.ready()
+    await upg.close()
+
+asyncio.run(main())
+"""
+
+
+def test_a_launcher_socket_of_a_kind_hotswap_does_not_serve_is_said_as_it_is_closed(
+        ) -> None:
+    """A socket the launcher passed that is neither a stream nor a datagram
+    one of the inet, inet6 or unix family (systemd's
+    ListenSequentialPacket=, say) cannot be a listener: it is closed, with
+    a warning naming it. It used to vanish without a word."""
+    seq = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    seq.bind("\0" + f"t-seq-{uuid.uuid4().hex[:12]}")
+    seq.listen()
+    seq.set_inheritable(True)
+    try:
+        out = subprocess.run([sys.executable, "-c", SYSTEMD_SEQPACKET_CHILD, str(seq.fileno()),
+                              f"t-{uuid.uuid4().hex[:12]}"], pass_fds=(seq.fileno(),),
+                             env=child_env(), capture_output=True, text=True, timeout=30)
+    finally:
+        seq.close()
+    assert out.returncode == 0, out.stderr
+    assert "WARNING" in out.stderr and "control" in out.stderr and "fd 3" in out.stderr, \
+        out.stderr
+
+
 def test_systemd_sockets_only_for_our_pid() -> None:
     assert systemd_sockets({"LISTEN_PID": "1", "LISTEN_FDS": "1"}, os.getpid()) == {}
     assert systemd_sockets({"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "x"},
