@@ -587,7 +587,10 @@ class Upgrader:
         (UDP, a Unix datagram socket; a UDP one is bound without
         ``SO_REUSEADDR``, see :func:`hotswap.listeners.bind`).
 
-        Ownership passes to the caller (see the class docstring). Raises
+        Ownership passes to the caller (see the class docstring). An
+        inherited listener shares its open file, and so its ``O_NONBLOCK``,
+        with the predecessor's copy: keep it non-blocking (``settimeout()``
+        does), or the predecessor's loop blocks in ``accept()``. Raises
         ListenerError if ``address`` is none, is to be bound and is that of
         a listener this process has already (under another name), or
         binding fails (on a
