@@ -616,8 +616,11 @@ class Upgrader:
         if got is None or not listeners.matches(got.info, want):
             stale, got = got, self._inherited_at(want)
             if stale is not None and got is None:
+                have, asked = stale.info.address, want.address
+                if stale.info.kind != want.kind:  # one address, a TCP and a UDP port
+                    have, asked = f"{stale.info.kind} {have}", f"{want.kind} {asked}"
                 log.warning("%s: inherited %s is %s, asked for %s: binding anew",
-                            self.name, name, stale.info.address, want.address)
+                            self.name, name, have, asked)
         if got is not None:
             if kind == "stream":
                 # The queue this version asks for, as a fresh bind would

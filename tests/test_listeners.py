@@ -901,6 +901,37 @@ def test_two_names_for_one_address_say_which_listener_holds_it(tmp_path: Path) -
     asyncio.run(asyncio.wait_for(main(), 60))
 
 
+def test_a_listener_whose_kind_changed_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    """A successor asking for a stream listener where its predecessor had a
+    datagram one of that name and address binds anew (a TCP and a UDP port
+    are two) and the inherited one is dropped: the warning says which
+    kinds differ. It said "inherited dns is 127.0.0.1:P, asked for
+    127.0.0.1:P", the same address twice."""
+    name = f"l-{uuid.uuid4().hex[:12]}"
+
+    def options() -> hotswap.Options:
+        return hotswap.Options(env={}, message_timeout=2.0, handover_timeout=5.0)
+
+    async def main() -> None:
+        old = hotswap.Upgrader(name, version="v1", options=options())
+        new = hotswap.Upgrader(name, version="v2", options=options())
+        try:
+            assert await old.start() is hotswap.Role.FRESH
+            port = old.listen("dns", ("127.0.0.1", 0), kind="dgram").getsockname()[1]
+            await old.ready()
+            assert await new.start() is hotswap.Role.TAKEOVER
+            with caplog.at_level("WARNING", logger="hotswap"):
+                new.listen("dns", ("127.0.0.1", port), kind="stream")
+            said = [r.getMessage() for r in caplog.records if "inherited dns" in r.getMessage()]
+            assert said == [f"{name}: inherited dns is dgram 127.0.0.1:{port}, asked for "
+                            f"stream 127.0.0.1:{port}: binding anew"], caplog.text
+        finally:
+            await old.close(cut=0)
+            await new.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
 UDP_SERVER = ROOT / "tests/support/udp_server.py"
 
 
