@@ -1108,20 +1108,26 @@ class Upgrader:
         (``LISTEN_FDS``), as inherited listeners: on a fresh start, all of
         them; after a takeover, those the predecessor did not hand over
         under their name (closed: the predecessor's are the ones in use).
-        One of a kind no listener is (a ``SOCK_SEQPACKET`` one, another
-        family) is closed at once, with a warning. Unclaimed ones are
+        One that is no listener (a ``SOCK_SEQPACKET`` one, another family,
+        a connection as systemd's ``Accept=yes`` passes) is closed at
+        once, with a warning. Unclaimed ones are
         closed by :meth:`ready`, like any inherited."""
         for name, sock in listeners.systemd_sockets(self.options.env, self.pid).items():
             if name in self._inherited:
                 sock.close()
                 continue
             try:
-                self._inherited[name] = _Listener(listeners.describe(name, sock), sock)
-            except ListenerError as exc:  # a kind no listener is (SOCK_SEQPACKET, ...)
-                log.warning("%s: launcher socket %s (fd %d): %s; only inet, inet6 and "
-                            "unix stream or datagram sockets are listeners: closed",
-                            self.name, name, sock.fileno(), exc)
+                info = listeners.describe(name, sock)  # a SOCK_SEQPACKET one, say: raises
+                if info.kind == "stream" and not sock.getsockopt(socket.SOL_SOCKET,
+                                                                 socket.SO_ACCEPTCONN):
+                    raise ListenerError(f"{name}: a stream socket that is not listening "
+                                        "(a connection: systemd's Accept=yes?)")
+            except (ListenerError, OSError) as exc:
+                log.warning("%s: launcher socket fd %d is no listener (%s): closed",
+                            self.name, sock.fileno(), exc)
                 sock.close()
+                continue
+            self._inherited[name] = _Listener(info, sock)
 
     def _start_fresh(self) -> None:
         # The control socket first: if someone else holds it, nothing of

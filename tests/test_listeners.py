@@ -769,6 +769,57 @@ def test_a_launcher_socket_of_a_kind_hotswap_does_not_serve_is_said_as_it_is_clo
         out.stderr
 
 
+SYSTEMD_CONNECTION_CHILD = """
+import asyncio, fcntl, json, logging, os, socket, sys
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+import hotswap
+high = fcntl.fcntl(int(sys.argv[1]), fcntl.F_DUPFD, 100)
+os.close(int(sys.argv[1]))
+os.dup2(high, 3)
+os.close(high)
+env = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "1", "LISTEN_FDNAMES": "web.socket"}
+
+async def main():
+    upg = hotswap.Upgrader(sys.argv[2], options=hotswap.Options(env=env))
+    await upg.start()
+    sock = upg.listen("http", ("127.0.0.1", int(sys.argv[3])))
+    print(json.dumps({"listening": sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)}))
+    await upg.close()
+
+asyncio.run(main())
+"""
+
+
+def test_a_connection_a_launcher_passed_is_no_listener() -> None:
+    """systemd's Accept=yes passes a connection, not a listener, bound to
+    the very address the service listens on. listen() returned it as the
+    listener (asyncio's server then failed with EINVAL, an accept loop
+    with EINVAL at each call); it is no listener: closed with a warning
+    that says what it is, and the listener is bound."""
+    with socket.socket() as server:
+        # As bind() does: the connection keeps it, and a listener binds beside it.
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        client = socket.create_connection(server.getsockname(), timeout=10)
+        conn, _ = server.accept()
+    port = conn.getsockname()[1]
+    conn.set_inheritable(True)
+    try:
+        with conn:
+            out = subprocess.run([sys.executable, "-c", SYSTEMD_CONNECTION_CHILD,
+                                  str(conn.fileno()), f"t-{uuid.uuid4().hex[:12]}", str(port)],
+                                 pass_fds=(conn.fileno(),), env=child_env(),
+                                 capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout) == {"listening": 1}, out.stderr
+        assert "not listening" in out.stderr and "fd 3" in out.stderr, out.stderr
+        client.settimeout(10)
+        assert client.recv(10) == b""  # closed: nobody else had it
+    finally:
+        client.close()
+
+
 def test_systemd_sockets_only_for_our_pid() -> None:
     assert systemd_sockets({"LISTEN_PID": "1", "LISTEN_FDS": "1"}, os.getpid()) == {}
     assert systemd_sockets({"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "x"},
