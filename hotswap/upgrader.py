@@ -778,11 +778,12 @@ class Upgrader:
                                    "then ready()")
             raise HotswapError(f"ready() in state {self.state.value}")
         self._serve_now()  # any given to a ready() after the confirmation
+        # Not all taken over: some may be bound anew (a moved listener).
         names = list(self._listeners)
         listed = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if names[8:] else "")
         log.info("%s: %s ready (pid %d, generation %d%s)", self.name, self.version,
                  self.pid, self.generation,
-                 f"; took over {self._taken_from}: {listed}; hello sent at "
+                 f"; took over {self._taken_from}; listening on {listed}; hello sent at "
                  f"{self._hello_sent_at:.6f}" if self._taken_from else "")
 
     async def wait_exit(self) -> ExitReason:

@@ -220,7 +220,7 @@ def test_the_critical_section_logs_nothing_per_socket(
         assert not [m for m in in_critical_section
                     if "inherited" in m or "received" in m], in_critical_section
         assert len(successor) == 1, caplog.text
-        assert (f"took over 13 socket(s) from pid {os.getpid()} (v1): "
+        assert (f"took over 13 socket(s) from pid {os.getpid()} (v1); listening on "
                 "l0, l1, l2, l3, l4, l5, l6, l7, ... (12 in all)") in successor[0]
         await old.close(cut=0)
         await new.close()
