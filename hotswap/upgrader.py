@@ -1317,6 +1317,12 @@ class Upgrader:
                 # than "peer closed", and serves on either way.
                 channel.send_nowait(Abort(reason=str(exc)))
             raise
+        except BaseException:
+            # Cancelled (an asyncio.wait_for around start(), a TaskGroup):
+            # nothing was taken. Left TAKING_OVER, status() said so for good
+            # and a ready() failed on an assertion instead of naming the state.
+            self._set_state(State.STARTING)
+            raise
         if isinstance(reply, Refused):
             self._set_state(State.STARTING)
             raise HandoverRefused(reply.code, reply.reason)

@@ -2296,6 +2296,64 @@ def test_a_close_waiting_for_a_cancelled_close_finishes_the_job(run: Runner) -> 
     run(main())
 
 
+def test_a_start_cancelled_during_its_hello_leaves_the_upgrader_starting(
+        run: Runner, caplog: pytest.LogCaptureFixture) -> None:
+    """start() cancelled while it waits for the answer to its hello (an
+    ``asyncio.wait_for`` around it, a serving process that is slow to
+    answer): nothing was taken, but the upgrader stayed TAKING_OVER, so its
+    status said "taking-over" for good and a ready() then failed with an
+    AssertionError from its confirmation (logged as a failed handover)
+    instead of saying what is wrong. It is back to STARTING: ready() is a
+    HotswapError, close() ends it, and no descriptor is left."""
+    name = new_name()
+
+    async def main() -> None:
+        silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        silent.bind(sockaddr(control_address(name)))
+        silent.listen(8)
+        silent.setblocking(False)
+        accepted: list[socket.socket] = []
+
+        def hello_arrived() -> bool:
+            with contextlib.suppress(BlockingIOError):
+                accepted.append(silent.accept()[0])
+            return any(_readable(conn) for conn in accepted)
+
+        try:
+            before = set(os.listdir("/proc/self/fd"))
+            new = hotswap.Upgrader(name, version="v2", options=opts())
+            starting = asyncio.create_task(new.start())
+            await until(hello_arrived, "start() to send its hello")
+            starting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await starting
+            assert state_now(new) is hotswap.State.STARTING
+            assert new.status().state == "starting"
+            with pytest.raises(hotswap.HotswapError, match="state starting"):
+                await asyncio.wait_for(new.ready(), 10)
+            assert "confirming the handover failed" not in caplog.text
+            await asyncio.wait_for(new.close(), 10)
+            assert new.state is hotswap.State.STOPPED
+            while accepted:  # the serving process's end, not ours
+                accepted.pop().close()
+            await until(lambda: set(os.listdir("/proc/self/fd")) == before,
+                        "no descriptor left")
+        finally:
+            silent.close()
+            for conn in accepted:
+                conn.close()
+
+    run(main())
+
+
+def _readable(conn: socket.socket) -> bool:
+    """Whether ``conn`` has bytes to read (a peek: nothing consumed)."""
+    try:
+        return bool(conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except BlockingIOError:
+        return False
+
+
 def test_a_stop_requested_before_start_is_kept(run: Runner) -> None:
     """A SIGTERM handled before start() (the handler is installed first,
     the program still loads its configuration): on a fresh start too,
