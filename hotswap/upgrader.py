@@ -439,6 +439,9 @@ class Upgrader:
         # if ready() is cancelled, and close() waits for it (see ready()).
         self._confirming: asyncio.Task[None] | None = None
         self._accepting_sent = False  # the confirmation has sent Accepting
+        # The task whose ready() made the confirmation, and its count of
+        # cancellation requests then (see _confirm).
+        self._confirm_caller: tuple[asyncio.Task[Any] | None, int] = (None, 0)
         # Servers ready() starts once this process commits (see ready()).
         self._to_serve: list[asyncio.AbstractServer] = []
         self._successor: Channel | None = None
@@ -765,6 +768,8 @@ class Upgrader:
             # Shielded: cancelled once Accepting may be on its way, we would
             # stay neither confirmed nor aborted, and close() would then send
             # an Abort the predecessor no longer heeds: nobody would accept.
+            caller = asyncio.current_task()
+            self._confirm_caller = (caller, caller.cancelling() if caller else 0)
             confirming = self._confirming = asyncio.ensure_future(self._confirm())
             confirming.add_done_callback(self._confirmation_done)
             await asyncio.shield(confirming)
@@ -1409,6 +1414,15 @@ class Upgrader:
         await asyncio.wait({confirming})
 
     async def _confirm(self) -> None:
+        # Its ready() was cancelled after making this task, whose first step
+        # was due before that ready() could act on it: called off, as if it
+        # had never begun (close() aborts, ready() again confirms anew). Run,
+        # it sent Accepting while the caller left (close_server(), serve()'s
+        # runner clean-up): the predecessor committed, the caller closed,
+        # and nobody accepted.
+        caller, cancels = self._confirm_caller
+        if caller is not None and caller.cancelling() > cancels:
+            raise asyncio.CancelledError
         channel = self._predecessor_channel
         assert channel is not None
         opts = self.options

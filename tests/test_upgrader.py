@@ -2251,6 +2251,51 @@ def test_a_ready_cancelled_before_its_confirmation_began_is_aborted_by_close(
     run(main())
 
 
+def test_a_ready_cancelled_before_its_confirmation_began_stays_called_off(
+        run: Runner) -> None:
+    """ready() cancelled after it created its confirmation task, before that
+    took its first step (a cancelled ``serve()``, a TaskGroup sibling
+    failing), and the caller leaves the usual way: it closes its server
+    (``close_server()``, which yields to the loop on the stock one), runs
+    more clean-up that yields (``serve()``: its runner's), then close().
+    The confirmation ran in one of those yields and sent Accepting: the old
+    side committed and stopped accepting, the new one closed, and nobody
+    accepted. The cancel calls the confirmation off at once: nothing but
+    an Abort goes out, the old side serves on."""
+    name = new_name()
+
+    async def main() -> None:
+        old = await serving_upgrader(name, "v1")
+        old_sock = old._listeners["http"].sock
+        new = hotswap.Upgrader(name, version="v2", options=opts())
+        assert await new.start() is hotswap.Role.TAKEOVER
+        sock = new.listen("http", ("127.0.0.1", 0))
+        server = await asyncio.start_server(lambda r, w: w.close(), sock=sock,
+                                            start_serving=False)
+        sent = recorded_sends(new)
+        ready = asyncio.create_task(new.ready(start_serving=[server]))
+        # ready() yields twice before it confirms; in its third step, just
+        # before ours, it makes its confirmation task, whose first step
+        # comes in the next iteration.
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert new._confirming is not None and not new._accepting_sent
+        ready.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await ready
+        await hotswap.close_server(server)
+        for _ in range(3):  # the app's other clean-up, yielding to the loop
+            await asyncio.sleep(0)
+        await asyncio.wait_for(new.close(), 10)
+        assert sent == ["abort"]
+        assert not server.is_serving()
+        await until(lambda: old.state is hotswap.State.SERVING, "v1 serving on")
+        assert_accepts(old_sock, _port(old_sock))
+        await old.close()
+
+    run(main())
+
+
 def test_a_close_waiting_for_a_cancelled_close_finishes_the_job(run: Runner) -> None:
     """Two close() calls while start() waits for a welcome that does not
     come (a control socket that never answers); the first is cancelled.
