@@ -1313,6 +1313,7 @@ class Upgrader:
                 f"with no hotswap reply ({exc}): it is not a hotswap process of "
                 f"protocol {PROTOCOL_VERSION}; nothing was taken") from exc
         except BrokenResourceError as exc:
+            self._set_state(State.STARTING)  # nothing taken (it said taking-over for good)
             if exc.truncated:
                 # The read that overflowed held the Welcome and the first
                 # sockets (descriptors come after a Welcome only), lost with

@@ -1623,6 +1623,9 @@ def test_a_serving_process_that_keeps_going_away_mid_handshake_is_a_failed_hando
             with pytest.raises(hotswap.HandoverFailed, match="went away") as caught:
                 await upg.start()
             assert isinstance(caught.value.__cause__, hotswap.BrokenResourceError)
+            # Nothing was taken: back to starting, as after any other failed
+            # hello (it said taking-over for good).
+            assert upg.state is hotswap.State.STARTING
         finally:
             await upg.close()
 
