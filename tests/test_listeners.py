@@ -963,12 +963,22 @@ def test_a_listener_whose_kind_changed_says_so(caplog: pytest.LogCaptureFixture)
     def options() -> hotswap.Options:
         return hotswap.Options(env={}, message_timeout=2.0, handover_timeout=5.0)
 
+    # The UDP port's number is not reserved for TCP: on a busy machine a
+    # connection's local port can be it (Address already in use, seen in a
+    # full run). Hold a TCP bind on the number (SO_REUSEADDR, not
+    # listening: connect() and port 0 pass it by, the successor's
+    # SO_REUSEADDR bind does not) from before the UDP bind to the end.
+    reserve = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    reserve.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    reserve.bind(("127.0.0.1", 0))
+    port = reserve.getsockname()[1]
+
     async def main() -> None:
         old = hotswap.Upgrader(name, version="v1", options=options())
         new = hotswap.Upgrader(name, version="v2", options=options())
         try:
             assert await old.start() is hotswap.Role.FRESH
-            port = old.listen("dns", ("127.0.0.1", 0), kind="dgram").getsockname()[1]
+            old.listen("dns", ("127.0.0.1", port), kind="dgram")
             await old.ready()
             assert await new.start() is hotswap.Role.TAKEOVER
             with caplog.at_level("WARNING", logger="hotswap"):
@@ -980,7 +990,10 @@ def test_a_listener_whose_kind_changed_says_so(caplog: pytest.LogCaptureFixture)
             await old.close(cut=0)
             await new.close()
 
-    asyncio.run(asyncio.wait_for(main(), 60))
+    try:
+        asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        reserve.close()
 
 
 UDP_SERVER = ROOT / "tests/support/udp_server.py"
