@@ -4,6 +4,7 @@ against a real one)."""
 from __future__ import annotations
 
 import contextlib
+import decimal
 import json
 import os
 import re
@@ -1050,7 +1051,7 @@ def test_a_hook_that_fails_early_leaves_a_deadline_already_past(procs: Procs, na
     assert why is not None, "a successor would still confirm for the next minute"
 
 
-@pytest.mark.parametrize("timeout", ["1e2", "-60", "6 0", "abc", "1.2.3", "1000000"])
+@pytest.mark.parametrize("timeout", ["1e2", "-60", "6 0", "abc", "1.2.3", "1000000", "."])
 def test_a_timeout_the_hook_cannot_read_fails_it_at_once(procs: Procs, name: str,
                                                           timeout: str) -> None:
     """The hook's deadline for the sidecar is its timeout: one it cannot
@@ -1070,14 +1071,15 @@ def test_a_timeout_the_hook_cannot_read_fails_it_at_once(procs: Procs, name: str
     assert why is not None, "a successor would still confirm"
 
 
-@pytest.mark.parametrize("timeout", ["60\n", " 60 ", "\t+60", "60.009"])
+@pytest.mark.parametrize("timeout", ["60\n", " 60 ", "\t+60", "60.009", "060", "59.08"])
 def test_a_timeout_spelled_with_blanks_leaves_its_deadline(procs: Procs, name: str,
                                                           timeout: str) -> None:
     """Blanks around HOTSWAP_MIGRATE_TIMEOUT, and a leading +, are dropped
     as the CLI drops them: a ConfigMap value made ``--from-file`` ends with
     a newline, and such a value failed every hook. The deadline left for the
-    sidecar is the timeout's (60 s from now, the fraction's thousandths
-    cut), and the CLI gets the plain number."""
+    sidecar is the timeout's to the hundredth (the fraction's thousandths
+    cut; 060 is 60 s, not octal 48; a fraction .08 no octal error), counted
+    from when the hook started, and the CLI gets the plain number."""
     from hotswap.kruise import hook_deadline_path
     deadline_file = hook_deadline_path({"HOTSWAP_HOOK_DIR": HOOK_DIR}, name, 2)
     assert deadline_file is not None
@@ -1086,6 +1088,7 @@ def test_a_timeout_spelled_with_blanks_leaves_its_deadline(procs: Procs, name: s
                       'read -r up _ </proc/uptime\necho "uptime: $up"\n')
     traced.chmod(0o755)
     kruise: KruiseVersions = {"SIDECARSET_VERSION": "2", "SIDECARSET_VERSION_ALT": "1"}
+    before = uptime_cs()
     result = hook(procs, HOTSWAP_NAME=name, HOTSWAP_MIGRATE_TIMEOUT=timeout,
                   HOTSWAP_MIGRATE_FAST="0", HOTSWAP_CLI=f"{traced} {deadline_file}", **kruise)
     assert result.returncode == 0, result
@@ -1094,7 +1097,16 @@ def test_a_timeout_spelled_with_blanks_leaves_its_deadline(procs: Procs, name: s
         in result.stdout, result
     deadline = int(result.stdout.split("deadline: ", 1)[1].split()[0])
     uptime = round(float(result.stdout.split("uptime: ", 1)[1].split()[0]) * 100)
-    assert 5000 < deadline - uptime <= 6000, result.stdout
+    hundredths = int(decimal.Decimal(plain) * 100)
+    assert before + hundredths <= deadline <= uptime + hundredths, (before, result.stdout)
+
+
+def uptime_cs() -> int:
+    """/proc/uptime's first field in hundredths of a second, as migrate.sh
+    reads it (no float rounding)."""
+    with open("/proc/uptime", encoding="ascii") as f:
+        whole, _, frac = f.read().split()[0].partition(".")
+    return int(whole) * 100 + int(frac)
 
 
 def in_pod(host: str) -> list[str]:
