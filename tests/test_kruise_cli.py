@@ -788,8 +788,8 @@ def test_wait_ready_reads_the_markers_freshness_as_the_scripts_do(
 
 @pytest.mark.parametrize("fresh", [
     "", "3", "03", " 3", "3 ", "\t3\n", "+3", "-3", "- 3", "+ 3", "++3", "3x", "2.5",
-    "1", "x", " ", "\u0663", "9223372036854775807", "9223372036854775808",
-    "99999999999999999999"])
+    "1", "x", " ", "\u0663", "\x1c3", "\u00a03", "9223372036854775807",
+    "9223372036854775808", "99999999999999999999"])
 def test_marker_fresh_is_read_as_the_scripts_shell_reads_it(name: str, fresh: str) -> None:
     """control.marker_fresh (what ``wait-ready`` counts a marker by) and the
     shell's own look (scripts/hotswap-marker.sh, given the variable as
