@@ -56,12 +56,14 @@ def test_a_name_that_is_no_socket_address_is_said_in_one_line(name: str) -> None
 
 @pytest.mark.parametrize(("value", "no_migrate"), [
     (None, "False"), ("1", "False"), ("on", "False"), ("0", "True"), ("false", "True"),
-    ("No", "True"), ("off", "True"), ("nope", None)])
+    ("No", "True"), ("off", "True"), ("nope", None), (" off\n", "True"), ("1\n", "False")])
 def test_hotswap_migrate_is_read_as_hotswap_reads_its_switches(
         value: str | None, no_migrate: str | None) -> None:
     """``HOTSWAP_MIGRATE=false`` (or ``no``, ``off``: the words hotswap takes
     for ``HOTSWAP_IDLE_START``) was taken for "migrate", as was any typo; only
-    ``0`` turned it off. Read as the sample reads it (its parse_args)."""
+    ``0`` turned it off. Blanks around it are dropped, as hotswap drops them
+    (a ConfigMap value made ``--from-file`` ends with a newline). Read as the
+    sample reads it (its parse_args)."""
     probe = (f"import sys; sys.path.insert(0, {str(SIDECAR.parent)!r})\n"
              "import main\n"
              "print(main.parse_args([]).no_migrate)\n")
