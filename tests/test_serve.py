@@ -807,6 +807,65 @@ def test_a_response_begun_before_the_drain_ends_in_the_grace_then_is_cut_idle(
     run(main())
 
 
+def test_a_connection_cut_idle_in_the_grace_is_said_when_serve_is_cancelled(
+        run: Runner, caplog: pytest.LogCaptureFixture) -> None:
+    """The grace cuts a connection as idle (its response, begun keep-alive
+    before the stop, ended in the grace) while another is still busy, and
+    then serve() is cancelled (the app's own shutdown): the cut is said all
+    the same. The grace's cuts are logged together at its end, and a cancel
+    there left them unsaid (a connection dropped with no WARNING)."""
+    caplog.set_level(logging.INFO, logger="hotswap")
+
+    async def main() -> None:
+        entered, finish = asyncio.Event(), asyncio.Event()
+        stuck = asyncio.Event()
+
+        async def stream(request: web.Request) -> web.StreamResponse:
+            response = web.StreamResponse(headers={"Content-Length": "10"})
+            await response.prepare(request)  # keep-alive: before the drain
+            await response.write(b"01234")
+            entered.set()
+            await finish.wait()
+            await response.write(b"56789")
+            await response.write_eof()
+            return response
+
+        async def hang(request: web.Request) -> web.Response:
+            stuck.set()
+            await asyncio.Event().wait()  # busy until cancelled
+            raise AssertionError("not reached")
+
+        app = web.Application()
+        app.router.add_get("/s", stream)
+        app.router.add_get("/hang", hang)
+        upgrader, task = await serve_v1(app, drain_timeout=0.2)
+        port = port_of(upgrader.status())
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        _, busy_writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(b"GET /s HTTP/1.1\r\nHost: x\r\n\r\n")
+            busy_writer.write(b"GET /hang HTTP/1.1\r\nHost: x\r\n\r\n")
+            await asyncio.wait_for(entered.wait(), 10)
+            await asyncio.wait_for(stuck.wait(), 10)
+            upgrader.request_stop()
+            await until(lambda: "are busy; each one's response says Connection: close"
+                        in caplog.text, "the drain deadline")
+            finish.set()  # in the grace
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert await asyncio.wait_for(reader.readexactly(10), 10) == b"0123456789"
+            assert await asyncio.wait_for(reader.read(), 10) == b""  # cut idle
+            assert "grace over" not in caplog.text, "too late to cancel in the grace"
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(task, 10)
+        finally:
+            writer.close()
+            busy_writer.close()
+        assert "drain deadline: cutting idle connection" in caplog.text, caplog.text
+
+    run(main())
+
+
 def test_a_request_that_read_keep_alive_before_the_stop_is_still_told_to_close(
         run: Runner) -> None:
     """aiohttp caches request.keep_alive once read: a handler that read it
