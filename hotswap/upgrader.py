@@ -444,6 +444,10 @@ class Upgrader:
         self._confirm_caller: tuple[asyncio.Task[Any] | None, int] = (None, 0)
         # Servers ready() starts once this process commits (see ready()).
         self._to_serve: list[asyncio.AbstractServer] = []
+        # Inherited stream listeners to listen again with the backlog
+        # listen() was given, by name: in a takeover, as it commits (see
+        # listen() and _listen_again()).
+        self._backlogs: dict[str, tuple[socket.socket, int]] = {}
         self._successor: Channel | None = None
         self._exit: asyncio.Future[ExitReason] | None = None
         self._stop_requested = False
@@ -584,7 +588,9 @@ class Upgrader:
         binding it anew would fail, the predecessor still holds it; not for
         port 0), else newly bound. A stream listener listens with
         ``backlog`` either way (an inherited one's queue is resized, what it
-        holds kept; a failure to is logged, and it keeps its queue). An
+        holds kept; in a takeover only in the step that confirms it, the
+        queue being the predecessor's too: a handover that fails leaves it
+        as it was; a failure to is logged, and it keeps its queue). An
         inherited listener that no call claims is closed by :meth:`ready`.
         ``kind``: ``"stream"`` (TCP, a Unix stream socket) or ``"dgram"``
         (UDP, a Unix datagram socket; a UDP one is bound without
@@ -628,12 +634,12 @@ class Upgrader:
             if kind == "stream":
                 # The queue this version asks for, as a fresh bind would
                 # give it (the kernel only resizes it: nothing queued is
-                # lost, and the predecessor accepts on meanwhile).
-                try:
-                    got.sock.listen(backlog)
-                except OSError as exc:
-                    log.warning("%s: inherited %s keeps its listen queue (%s)",
-                                self.name, got.info.name, exc)
+                # lost). In a takeover, only in the step that confirms it:
+                # the queue is the predecessor's too, and a handover that
+                # fails must leave it as it was.
+                self._backlogs[name] = (got.sock, backlog)
+                if self.state is not State.TAKING_OVER:
+                    self._listen_again()
             del self._inherited[got.info.name]
             if got.info.name != name:
                 log.info("%s: inherited %s %s as %s", self.name, got.info.name,
@@ -1061,6 +1067,7 @@ class Upgrader:
         # confirming (bounded), then close as the serving process we are.
         await self._settle_confirmation()
         self._to_serve.clear()  # a confirmation called off never started them
+        self._backlogs.clear()  # nor gave the shared listeners our queue
         channel = self._predecessor_channel
         if self.state is State.TAKING_OVER and channel is not None:
             # Closed before confirming (its set-up failed, say): tell the old
@@ -1455,6 +1462,7 @@ class Upgrader:
             except (OSError, TypeError) as exc:
                 await self._abort(f"starting our servers failed: {exc!r}; the "
                                   "predecessor serves on")
+            self._listen_again()  # ours from this step on (see listen())
         self._accepting_sent = True  # nothing awaited before the send: no step between
         # From here on the handover is ours (we serve on unless the
         # predecessor says it gave up first): say so to the PostStart hook
@@ -1488,6 +1496,7 @@ class Upgrader:
             assert isinstance(reply, Released)
             self._predecessor = "draining"
             self._predecessor_task = asyncio.create_task(self._watch_predecessor(channel))
+        self._listen_again()  # if the predecessor had spoken first, and we serve anyway
         try:
             self._serve_now()  # if the predecessor had spoken first, and we serve anyway
         except (OSError, TypeError) as exc:  # too late to call it off: the others serve
@@ -1501,6 +1510,19 @@ class Upgrader:
         self._serve_control()
         if self._stop_requested:
             self._finish(ExitReason.STOP_REQUESTED)
+
+    def _listen_again(self) -> None:
+        """Give the inherited stream listeners the backlog listen() was
+        asked for (see there), at once. The sockets stay the caller's; one
+        the kernel refuses (closed by the caller meanwhile, say) keeps its
+        queue, with a warning: nothing else changes."""
+        backlogs, self._backlogs = self._backlogs, {}
+        for name, (sock, backlog) in backlogs.items():
+            try:
+                sock.listen(backlog)
+            except OSError as exc:
+                log.warning("%s: inherited %s keeps its listen queue (%s)",
+                            self.name, name, exc)
 
     def _serve_now(self, *, all_or_none: bool = False) -> None:
         """Start the servers ready() was given (see there), at once: each
@@ -1530,6 +1552,7 @@ class Upgrader:
 
     async def _abort(self, reason: str) -> NoReturn:
         self._to_serve.clear()  # never started: the caller closes them
+        self._backlogs.clear()  # the predecessor's queues stay as they are
         channel = self._predecessor_channel
         assert channel is not None
         with contextlib.suppress(HotswapError):
@@ -1546,6 +1569,7 @@ class Upgrader:
         # Not started if its Failed came before our check; else they accept
         # already, and what they took is the caller's to drain.
         self._to_serve.clear()
+        self._backlogs.clear()  # the predecessor's, which serves on
         channel.close()
         self._predecessor_channel = None
         self._control_sock_close()

@@ -906,9 +906,10 @@ def test_an_inherited_listener_gets_the_queue_its_successor_asks_for() -> None:
             assert await new.start() is hotswap.Role.TAKEOVER
             new_sock = new.listen("raw", ("127.0.0.1", 0), backlog=64)
             assert os.fstat(new_sock.fileno()).st_ino == os.fstat(old_sock.fileno()).st_ino
-            assert listen_queue(new_sock) == 64
+            assert listen_queue(new_sock) == 4  # the predecessor's until confirmed
             ready = asyncio.create_task(new.ready())
             assert await old.wait_exit() is hotswap.ExitReason.TAKEN_OVER
+            assert listen_queue(new_sock) == 64
             await old.release()
             await ready
             with socket.create_connection(new_sock.getsockname(), timeout=5):
@@ -994,6 +995,35 @@ def test_a_listener_whose_kind_changed_says_so(caplog: pytest.LogCaptureFixture)
         asyncio.run(asyncio.wait_for(main(), 60))
     finally:
         reserve.close()
+
+
+def test_a_failed_handover_leaves_the_predecessor_its_queue() -> None:
+    """The listen queue a successor asks for is the shared listener's from
+    the step that confirms on: one that backs out before (here it closes,
+    its set-up failed, say) leaves the predecessor the queue it had. It
+    took effect at listen(), and a successor asking for 4 left the old
+    version, serving on, a 4-connection queue for good (guarantee 3)."""
+    name = f"l-{uuid.uuid4().hex[:12]}"
+
+    def options() -> hotswap.Options:
+        return hotswap.Options(env={}, message_timeout=2.0, handover_timeout=5.0)
+
+    async def main() -> None:
+        old = hotswap.Upgrader(name, version="v1", options=options())
+        new = hotswap.Upgrader(name, version="v2", options=options())
+        try:
+            assert await old.start() is hotswap.Role.FRESH
+            old_sock = old.listen("raw", ("127.0.0.1", 0), backlog=256)
+            await old.ready()
+            assert await new.start() is hotswap.Role.TAKEOVER
+            new.listen("raw", ("127.0.0.1", 0), backlog=4)
+            await new.close()  # before ready(): the handover is aborted
+            assert listen_queue(old_sock) == 256
+        finally:
+            await old.close(cut=0)
+            await new.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
 
 
 UDP_SERVER = ROOT / "tests/support/udp_server.py"
