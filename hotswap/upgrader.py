@@ -1457,12 +1457,15 @@ class Upgrader:
         # spoken already: that can only be its Failed, and the reply decides
         # (below), so that a handover it abandoned takes nothing from it.
         if not channel.peer_spoke():
+            # Ours from this step on (see listen()); before our servers
+            # start, which listen again with their own backlog, as they do
+            # after listen() on a fresh start.
+            self._listen_again()
             try:
                 self._serve_now(all_or_none=True)
             except (OSError, TypeError) as exc:
                 await self._abort(f"starting our servers failed: {exc!r}; the "
                                   "predecessor serves on")
-            self._listen_again()  # ours from this step on (see listen())
         self._accepting_sent = True  # nothing awaited before the send: no step between
         # From here on the handover is ours (we serve on unless the
         # predecessor says it gave up first): say so to the PostStart hook

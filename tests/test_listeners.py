@@ -1026,6 +1026,49 @@ def test_a_failed_handover_leaves_the_predecessor_its_queue() -> None:
     asyncio.run(asyncio.wait_for(main(), 60))
 
 
+def test_a_successors_server_sets_the_queue_as_on_a_fresh_start() -> None:
+    """listen(..., backlog=64), then a server of backlog 32 started by
+    ready(): the server's queue, on a fresh start and in a takeover alike
+    (listen()'s takes effect as the successor confirms, before its servers
+    start listening again, not after them)."""
+    name = f"l-{uuid.uuid4().hex[:12]}"
+
+    def options() -> hotswap.Options:
+        return hotswap.Options(env={}, message_timeout=2.0, handover_timeout=5.0)
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    async def main() -> None:
+        old = hotswap.Upgrader(name, version="v1", options=options())
+        new = hotswap.Upgrader(name, version="v2", options=options())
+        servers: list[asyncio.Server] = []
+        try:
+            assert await old.start() is hotswap.Role.FRESH
+            old_sock = old.listen("raw", ("127.0.0.1", 0), backlog=64)
+            servers.append(await asyncio.start_server(answer, sock=old_sock, backlog=32,
+                                                      start_serving=False))
+            await old.ready(start_serving=servers[-1:])
+            assert listen_queue(old_sock) == 32
+            assert await new.start() is hotswap.Role.TAKEOVER
+            new_sock = new.listen("raw", ("127.0.0.1", 0), backlog=64)
+            servers.append(await asyncio.start_server(answer, sock=new_sock, backlog=32,
+                                                      start_serving=False))
+            ready = asyncio.create_task(new.ready(start_serving=servers[-1:]))
+            assert await old.wait_exit() is hotswap.ExitReason.TAKEN_OVER
+            servers[0].close()
+            await old.release()
+            await ready
+            assert listen_queue(new_sock) == 32
+        finally:
+            for server in servers:
+                server.close()
+            await old.close(cut=0)
+            await new.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
 UDP_SERVER = ROOT / "tests/support/udp_server.py"
 
 
