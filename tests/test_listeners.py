@@ -409,17 +409,28 @@ def test_adopt_rejects_and_closes(case: str) -> None:
         os.close(other)
 
 
-SYSTEMD_CHILD = """
-import asyncio, fcntl, json, os, socket, sys
+AS_SYSTEMD = """
+import fcntl, os
+
+
+def as_systemd(passed):
+    # As systemd starts a service: the descriptors passed at fds 3, 4, ...
+    high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for fd in passed]
+    for fd in passed:
+        os.close(fd)
+    for target, fd in enumerate(high, 3):
+        os.dup2(fd, target)
+        os.close(fd)
+"""
+"""The start of the systemd children's scripts below: ``as_systemd()``
+moves the descriptors the test passed to where systemd puts them."""
+
+
+SYSTEMD_CHILD = AS_SYSTEMD + """
+import asyncio, json, os, socket, sys
 import hotswap
 # As systemd starts a service: the sockets at fds 3, 4, 5 (here a pipe at 4).
-passed = [int(fd) for fd in sys.argv[1:4]]
-high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for fd in passed]
-for fd in passed:
-    os.close(fd)
-for target, fd in enumerate(high, 3):
-    os.dup2(fd, target)
-    os.close(fd)
+as_systemd([int(fd) for fd in sys.argv[1:4]])
 env = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "3",
        "LISTEN_FDNAMES": "http:junk:admin"}
 
@@ -475,16 +486,13 @@ def test_systemd_sockets_are_adopted_by_name(tmp_path: Path) -> None:
     assert json.loads(out) == {"http": 3, "admin": 5}, err
 
 
-SYSTEMD_MISCOUNT_CHILD = """
-import asyncio, fcntl, os, socket, sys, threading
+SYSTEMD_MISCOUNT_CHILD = AS_SYSTEMD + """
+import asyncio, os, socket, sys, threading
 import hotswap
 # The launcher passed one socket, at fd 3, but says LISTEN_FDS=3: fds 4 and
 # 5 are whatever this process opened since (the event loop's epoll and
 # wake-up socket).
-high = fcntl.fcntl(int(sys.argv[1]), fcntl.F_DUPFD, 100)
-os.close(int(sys.argv[1]))
-os.dup2(high, 3)
-os.close(high)
+as_systemd([int(sys.argv[1])])
 env = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "3"}
 
 async def serve_once(upg, address):
@@ -565,14 +573,11 @@ def test_systemd_descriptors_this_process_opened_itself_are_left_alone() -> None
     assert "LISTEN_FDS" in err  # what was left alone is said
 
 
-SYSTEMD_TAKEN_CHILD = """
-import fcntl, json, logging, os, socket, sys
+SYSTEMD_TAKEN_CHILD = AS_SYSTEMD + """
+import json, logging, os, socket, sys
 logging.basicConfig(level=logging.WARNING, format="%(message)s")
 from hotswap.listeners import systemd_sockets
-high = fcntl.fcntl(int(sys.argv[1]), fcntl.F_DUPFD, 100)
-os.close(int(sys.argv[1]))
-os.dup2(high, 3)
-os.close(high)
+as_systemd([int(sys.argv[1])])
 # What sd_listen_fds() does to each descriptor it returns (python-systemd's
 # listen_fds() calls it): close-on-exec, LISTEN_FDS left set when asked to.
 os.set_inheritable(3, False)
@@ -603,19 +608,13 @@ def test_systemd_sockets_a_library_took_already_are_left_to_it() -> None:
     assert "sd_listen_fds()" in out.stderr, out.stderr
 
 
-SYSTEMD_ONE_UNIT_CHILD = """
-import asyncio, fcntl, json, logging, os, sys
+SYSTEMD_ONE_UNIT_CHILD = AS_SYSTEMD + """
+import asyncio, json, logging, os, sys
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 import hotswap
 # One socket unit with two ListenStream= lines: systemd names every
 # descriptor of a unit the same (FileDescriptorName=, else the unit's name).
-passed = [int(fd) for fd in sys.argv[1:3]]
-high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for fd in passed]
-for fd in passed:
-    os.close(fd)
-for target, fd in enumerate(high, 3):
-    os.dup2(fd, target)
-    os.close(fd)
+as_systemd([int(fd) for fd in sys.argv[1:3]])
 env = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "2",
        "LISTEN_FDNAMES": "web.socket:web.socket"}
 
@@ -671,17 +670,11 @@ def test_systemd_sockets_of_one_unit_sharing_a_name_are_all_inherited() -> None:
     assert child.returncode == 0, err
 
 
-SYSTEMD_REUSEPORT_CHILD = """
-import asyncio, fcntl, json, os, sys
+SYSTEMD_REUSEPORT_CHILD = AS_SYSTEMD + """
+import asyncio, json, os, sys
 import hotswap
 from hotswap.errors import ListenerError
-passed = [int(fd) for fd in sys.argv[1:3]]
-high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for fd in passed]
-for fd in passed:
-    os.close(fd)
-for target, fd in enumerate(high, 3):
-    os.dup2(fd, target)
-    os.close(fd)
+as_systemd([int(fd) for fd in sys.argv[1:3]])
 env = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "2", "LISTEN_FDNAMES": "w0:w1"}
 
 async def main():
@@ -728,14 +721,11 @@ def test_a_reuseport_group_passed_by_a_launcher_is_inherited_whole() -> None:
     assert "listener 'w0' of this process" in got["w2"]
 
 
-SYSTEMD_SEQPACKET_CHILD = """
-import asyncio, fcntl, logging, os, sys
+SYSTEMD_SEQPACKET_CHILD = AS_SYSTEMD + """
+import asyncio, logging, os, sys
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 import hotswap
-high = fcntl.fcntl(int(sys.argv[1]), fcntl.F_DUPFD, 100)
-os.close(int(sys.argv[1]))
-os.dup2(high, 3)
-os.close(high)
+as_systemd([int(sys.argv[1])])
 env = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "1", "LISTEN_FDNAMES": "control"}
 
 async def main():
@@ -769,14 +759,11 @@ def test_a_launcher_socket_of_a_kind_hotswap_does_not_serve_is_said_as_it_is_clo
         out.stderr
 
 
-SYSTEMD_CONNECTION_CHILD = """
-import asyncio, fcntl, json, logging, os, socket, sys
+SYSTEMD_CONNECTION_CHILD = AS_SYSTEMD + """
+import asyncio, json, logging, os, socket, sys
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 import hotswap
-high = fcntl.fcntl(int(sys.argv[1]), fcntl.F_DUPFD, 100)
-os.close(int(sys.argv[1]))
-os.dup2(high, 3)
-os.close(high)
+as_systemd([int(sys.argv[1])])
 env = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "1", "LISTEN_FDNAMES": "web.socket"}
 
 async def main():
