@@ -151,7 +151,12 @@ def test_an_error_response_in_the_drain_says_close_too(zero_cost: bool) -> None:
     asyncio.run(main())
 
 
-def test_idle_connection_is_cut_at_the_deadline_and_counted() -> None:
+def test_idle_connection_is_cut_at_the_deadline_and_counted(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """An idle connection left at the deadline is cut, counted, and said in
+    one line that begins with the sidecar's name: with two sidecars in one
+    log stream, a line about connections the drain cut must say whose (it
+    had no name)."""
     async def main() -> None:
         async def hello(request: web.Request) -> web.Response:
             return web.Response(text="x")
@@ -164,32 +169,6 @@ def test_idle_connection_is_cut_at_the_deadline_and_counted() -> None:
         await site.start()
         port = runner.addresses[0][1]
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        await get(reader, writer)
-        await site.stop()
-        assert runner.server is not None
-        assert await Drainer().drain(runner.server, timeout=0.2) == 1
-        assert await eof(reader) == b""
-        writer.close()
-        await runner.cleanup()
-
-    asyncio.run(main())
-
-
-def test_the_drains_lines_name_the_sidecar(caplog: pytest.LogCaptureFixture) -> None:
-    """With two sidecars in one log stream, a line about connections the
-    drain cut must say whose: it begins with the name, as the Upgrader's
-    own lines do (it had none)."""
-    async def main() -> None:
-        async def hello(request: web.Request) -> web.Response:
-            return web.Response(text="x")
-
-        app = web.Application()
-        app.router.add_get("/", hello)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        reader, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
         await get(reader, writer)
         await site.stop()
         assert runner.server is not None
