@@ -24,7 +24,7 @@ import termios
 import time
 import types
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -760,6 +760,24 @@ def test_on_shutdown_waits_while_an_idle_connection_may_still_send(run: Runner) 
     run(main())
 
 
+def stream_in_two(entered: asyncio.Event, finish: asyncio.Event
+                  ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """A handler that answers "0123456789" keep-alive in two halves: it
+    prepares the response (keep-alive, decided then) and sends the first,
+    sets ``entered``, and sends the second once ``finish`` is set."""
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Length": "10"})
+        await response.prepare(request)  # keep-alive: before the drain
+        await response.write(b"01234")
+        entered.set()
+        await finish.wait()
+        await response.write(b"56789")
+        await response.write_eof()
+        return response
+
+    return stream
+
+
 def test_a_response_begun_before_the_drain_ends_in_the_grace_then_is_cut_idle(
         run: Runner, caplog: pytest.LogCaptureFixture) -> None:
     """A response streamed (keep-alive) since before the stop ends in the
@@ -770,16 +788,7 @@ def test_a_response_begun_before_the_drain_ends_in_the_grace_then_is_cut_idle(
     async def main() -> None:
         entered, finish = asyncio.Event(), asyncio.Event()
 
-        async def stream(request: web.Request) -> web.StreamResponse:
-            response = web.StreamResponse(headers={"Content-Length": "10"})
-            await response.prepare(request)  # keep-alive: before the drain
-            await response.write(b"01234")
-            entered.set()
-            await finish.wait()
-            await response.write(b"56789")
-            await response.write_eof()
-            return response
-
+        stream = stream_in_two(entered, finish)
         app = web.Application()
         app.router.add_get("/s", stream)
         upgrader, task = await serve_v1(app, drain_timeout=0.2)
@@ -820,16 +829,7 @@ def test_a_connection_cut_idle_in_the_grace_is_said_when_serve_is_cancelled(
         entered, finish = asyncio.Event(), asyncio.Event()
         stuck = asyncio.Event()
 
-        async def stream(request: web.Request) -> web.StreamResponse:
-            response = web.StreamResponse(headers={"Content-Length": "10"})
-            await response.prepare(request)  # keep-alive: before the drain
-            await response.write(b"01234")
-            entered.set()
-            await finish.wait()
-            await response.write(b"56789")
-            await response.write_eof()
-            return response
-
+        stream = stream_in_two(entered, finish)
         async def hang(request: web.Request) -> web.Response:
             stuck.set()
             await asyncio.Event().wait()  # busy until cancelled
