@@ -326,13 +326,32 @@ def test_a_new_version_in_every_answer_stays_bounded_in_memory_and_output(
     """A broken server naming a new version in every answer grew the count
     of answers by version by one a request, and the summary line with it
     (9463 versions, 120 kB, in 3 s here). The first 1000 are named; the
-    answers from the rest are counted together."""
+    answers from the rest are counted together. The client runs until
+    SIGTERM, sent once 1100 answers are out: a run of fixed length made
+    1209 requests in its 3 s at nice 10 beside two CPU hogs, 66 at nice 19."""
     summary_path = tmp_path / "summary.json"
-    with http_stub(lambda n: body(f"v{n}")) as port:
-        result = subprocess.run(
+    past_1000 = threading.Event()
+
+    def answer(n: int) -> str:
+        if n >= 1100:
+            past_1000.set()
+        return body(f"v{n}")
+
+    out_path = tmp_path / "out.txt"  # a line an answer: more than a pipe holds unread
+    with http_stub(answer) as port, out_path.open("w") as out:
+        client = subprocess.Popen(
             [PY, str(CLIENT), "--url", f"http://127.0.0.1:{port}/serve", "--interval", "0",
-             "--duration", "3", "--summary-json", str(summary_path)],
-            env=child_env(), capture_output=True, text=True, timeout=60)
+             "--duration", "0", "--summary-json", str(summary_path)],
+            env=child_env(), stdout=out, stderr=subprocess.STDOUT)
+        try:
+            assert past_1000.wait(120), "the client did not make 1100 requests in 120 s"
+            client.send_signal(signal.SIGTERM)
+            client.wait(timeout=60)
+        finally:
+            if client.poll() is None:
+                client.kill()
+                client.wait()
+    result = subprocess.CompletedProcess(client.args, client.returncode, out_path.read_text())
     summary = json.loads(summary_path.read_text())
     requests = summary["requests"]
     assert result.returncode == 0 and requests > 1000, requests
@@ -409,13 +428,16 @@ def test_a_name_server_that_never_answers_is_within_the_timeout(tmp_path: Path) 
     name server that never answers, one request took 10 s (resolv.conf's
     timeout 5 s, 2 attempts) against a --timeout of 0.5 s, and a stop waited
     as long. The samples' 127.0.0.1 and a pod's localhost (/etc/hosts) ask
-    no name server; a --url naming a host does."""
+    no name server; a --url naming a host does. The name server's timeout
+    here is 30 s, for a bound far from both: the 1.5 s run took 5.8 s at
+    nice 19 beside two CPU hogs (its interpreter's start is in it), and a
+    look-up that holds the client takes 30."""
     if (why := unshare_refused("-rnm", "network and mount namespace")) is not None:
         pytest.skip(why)
     if shutil.which("ip") is None:
         pytest.skip("needs ip(8) to bring the namespace's loopback up")
     resolv = tmp_path / "resolv.conf"
-    resolv.write_text("nameserver 127.0.0.1\noptions timeout:5 attempts:2\n")
+    resolv.write_text("nameserver 127.0.0.1\noptions timeout:30 attempts:1\n")
     summary = tmp_path / "summary.json"
     result = subprocess.run(
         ["unshare", "-rnm", "sh", "-c",
@@ -426,4 +448,4 @@ def test_a_name_server_that_never_answers_is_within_the_timeout(tmp_path: Path) 
     took = json.loads(result.stdout)
     got = json.loads(summary.read_text())
     assert got["requests"] >= 2 and got["errors"] == {"RequestTimeout": got["requests"]}, got
-    assert took < 5, (took, got)
+    assert took < 20, (took, got)
