@@ -820,6 +820,16 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def two_versions(name: str) -> tuple[hotswap.Upgrader, hotswap.Upgrader]:
+    """Versions v1 and v2 of ``name``, for a handover within this process:
+    no environment read, timeouts short enough for a test."""
+    def options() -> hotswap.Options:
+        return hotswap.Options(env={}, message_timeout=2.0, handover_timeout=5.0)
+
+    return (hotswap.Upgrader(name, version="v1", options=options()),
+            hotswap.Upgrader(name, version="v2", options=options()))
+
+
 def test_successor_inherits_a_listener_asked_for_by_host_name() -> None:
     """The reviewer's failure: both versions ask for ("localhost", P). The
     predecessor's socket is bound to 127.0.0.1:P; a successor that compared
@@ -828,12 +838,8 @@ def test_successor_inherits_a_listener_asked_for_by_host_name() -> None:
     The successor must get the very socket the predecessor had."""
     name = f"l-{uuid.uuid4().hex[:12]}"
 
-    def options() -> hotswap.Options:
-        return hotswap.Options(env={}, message_timeout=2.0, handover_timeout=5.0)
-
     async def main() -> None:
-        old = hotswap.Upgrader(name, version="v1", options=options())
-        new = hotswap.Upgrader(name, version="v2", options=options())
+        old, new = two_versions(name)
         try:
             assert await old.start() is hotswap.Role.FRESH
             for attempt in range(20):
@@ -879,12 +885,8 @@ def test_an_inherited_listener_gets_the_queue_its_successor_asks_for() -> None:
     asyncio server listening again, never got a bigger queue)."""
     name = f"l-{uuid.uuid4().hex[:12]}"
 
-    def options() -> hotswap.Options:
-        return hotswap.Options(env={}, message_timeout=2.0, handover_timeout=5.0)
-
     async def main() -> None:
-        old = hotswap.Upgrader(name, version="v1", options=options())
-        new = hotswap.Upgrader(name, version="v2", options=options())
+        old, new = two_versions(name)
         try:
             assert await old.start() is hotswap.Role.FRESH
             old_sock = old.listen("raw", ("127.0.0.1", 0), backlog=4)
@@ -948,9 +950,6 @@ def test_a_listener_whose_kind_changed_says_so(caplog: pytest.LogCaptureFixture)
     127.0.0.1:P", the same address twice."""
     name = f"l-{uuid.uuid4().hex[:12]}"
 
-    def options() -> hotswap.Options:
-        return hotswap.Options(env={}, message_timeout=2.0, handover_timeout=5.0)
-
     # The UDP port's number is not reserved for TCP: on a busy machine a
     # connection's local port can be it (Address already in use, seen in a
     # full run). Hold a TCP bind on the number (SO_REUSEADDR, not
@@ -962,8 +961,7 @@ def test_a_listener_whose_kind_changed_says_so(caplog: pytest.LogCaptureFixture)
     port = reserve.getsockname()[1]
 
     async def main() -> None:
-        old = hotswap.Upgrader(name, version="v1", options=options())
-        new = hotswap.Upgrader(name, version="v2", options=options())
+        old, new = two_versions(name)
         try:
             assert await old.start() is hotswap.Role.FRESH
             old.listen("dns", ("127.0.0.1", port), kind="dgram")
@@ -992,12 +990,8 @@ def test_a_failed_handover_leaves_the_predecessor_its_queue() -> None:
     version, serving on, a 4-connection queue for good (guarantee 3)."""
     name = f"l-{uuid.uuid4().hex[:12]}"
 
-    def options() -> hotswap.Options:
-        return hotswap.Options(env={}, message_timeout=2.0, handover_timeout=5.0)
-
     async def main() -> None:
-        old = hotswap.Upgrader(name, version="v1", options=options())
-        new = hotswap.Upgrader(name, version="v2", options=options())
+        old, new = two_versions(name)
         try:
             assert await old.start() is hotswap.Role.FRESH
             old_sock = old.listen("raw", ("127.0.0.1", 0), backlog=256)
@@ -1020,15 +1014,11 @@ def test_a_successors_server_sets_the_queue_as_on_a_fresh_start() -> None:
     start listening again, not after them)."""
     name = f"l-{uuid.uuid4().hex[:12]}"
 
-    def options() -> hotswap.Options:
-        return hotswap.Options(env={}, message_timeout=2.0, handover_timeout=5.0)
-
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.close()
 
     async def main() -> None:
-        old = hotswap.Upgrader(name, version="v1", options=options())
-        new = hotswap.Upgrader(name, version="v2", options=options())
+        old, new = two_versions(name)
         servers: list[asyncio.Server] = []
         try:
             assert await old.start() is hotswap.Role.FRESH
