@@ -578,7 +578,7 @@ class Upgrader:
                     await self._wake.wait()
 
     def listen(self, name: str, address: listeners.Address, *, kind: str = "stream",
-               backlog: int = 1024) -> socket.socket:
+               backlog: int | None = None) -> socket.socket:
         """Return the listener called ``name``: inherited if the predecessor
         had one with that name and a matching address (port 0 matches any
         port; hosts compare as addresses, so ``"localhost"`` matches
@@ -586,11 +586,17 @@ class Upgrader:
         :func:`hotswap.listeners.matches`), else inherited if one it had under
         another name is at that very address (a renamed or swapped listener:
         binding it anew would fail, the predecessor still holds it; not for
-        port 0), else newly bound. A stream listener listens with
-        ``backlog`` either way (an inherited one's queue is resized, what it
-        holds kept; in a takeover only in the step that confirms it, the
-        queue being the predecessor's too: a handover that fails leaves it
-        as it was; a failure to is logged, and it keeps its queue). An
+        port 0), else newly bound. A stream listener bound anew listens with
+        ``backlog`` (by default :data:`~hotswap.listeners.DEFAULT_BACKLOG`,
+        1,024); an inherited one keeps its queue unless ``backlog`` is
+        given: then its queue is resized, what it holds kept, in a takeover
+        only in the step that confirms it (the queue is the predecessor's
+        too: a handover that fails leaves it as it was), before the servers
+        :meth:`ready` starts listen again with theirs; a failure to is
+        logged, and it keeps its queue. (Given, it also wins over the
+        backlog of a server started on the socket before :meth:`ready`,
+        which listened first; not given, such a server's wins, as it always
+        did.) An
         inherited listener that no call claims is closed by :meth:`ready`.
         ``kind``: ``"stream"`` (TCP, a Unix stream socket) or ``"dgram"``
         (UDP, a Unix datagram socket; a UDP one is bound without
@@ -631,7 +637,7 @@ class Upgrader:
                 log.warning("%s: inherited %s is %s, asked for %s: binding anew",
                             self.name, name, have, asked)
         if got is not None:
-            if kind == "stream":
+            if kind == "stream" and backlog is not None:
                 # The queue this version asks for, as a fresh bind would
                 # give it (the kernel only resizes it: nothing queued is
                 # lost). In a takeover, only in the step that confirms it:
@@ -661,8 +667,9 @@ class Upgrader:
             if holder is not None:
                 raise ListenerError(f"{name}: {want.address} is the address of "
                                     f"listener {holder!r} of this process already")
+        queue = listeners.DEFAULT_BACKLOG if backlog is None else backlog
         try:
-            sock = listeners.bind(address, kind=kind, backlog=backlog)
+            sock = listeners.bind(address, kind=kind, backlog=queue)
         except ListenerError as exc:
             stale = self._inherited.pop(name, None)
             if stale is None:
@@ -679,7 +686,7 @@ class Upgrader:
             # Our own unclaimed copy may be what holds an overlapping address
             # (0.0.0.0 and 127.0.0.1 of one port), when nobody else does.
             stale.sock.close()
-            sock = listeners.bind(address, kind=kind, backlog=backlog)
+            sock = listeners.bind(address, kind=kind, backlog=queue)
         info = listeners.describe(name, sock)
         log.info("%s: bound %s %s", self.name, name, info.address)
         self._listeners[name] = _Listener(info, sock)
