@@ -1007,31 +1007,43 @@ def test_a_failed_handover_leaves_the_predecessor_its_queue() -> None:
     asyncio.run(asyncio.wait_for(main(), 60))
 
 
-def test_a_successors_server_sets_the_queue_as_on_a_fresh_start() -> None:
-    """listen(..., backlog=64), then a server of backlog 32 started by
-    ready(): the server's queue, on a fresh start and in a takeover alike
-    (listen()'s takes effect as the successor confirms, before its servers
-    start listening again, not after them)."""
+@pytest.mark.parametrize("started", ["by-ready", "before-ready"])
+def test_a_successors_server_sets_the_queue_as_on_a_fresh_start(started: str) -> None:
+    """A server of backlog 32 on the listener: its queue, on a fresh start
+    and in a takeover alike.
+    - by-ready: listen(..., backlog=64), the server started by ready():
+      listen()'s takes effect as the successor confirms, before its servers
+      listen again, not after them;
+    - before-ready: listen() with no backlog, the server started at once
+      (the way before ``ready(start_serving=...)``): listen()'s default
+      (1,024) was applied to the inherited listener as the successor
+      confirmed, over the queue that server had set (the late review's
+      finding)."""
     name = f"l-{uuid.uuid4().hex[:12]}"
+    by_ready = started == "by-ready"
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.close()
+
+    async def serve(upgrader: hotswap.Upgrader) -> tuple[socket.socket, asyncio.Server]:
+        sock = upgrader.listen("raw", ("127.0.0.1", 0), backlog=64 if by_ready else None)
+        server = await asyncio.start_server(answer, sock=sock, backlog=32,
+                                            start_serving=not by_ready)
+        return sock, server
 
     async def main() -> None:
         old, new = two_versions(name)
         servers: list[asyncio.Server] = []
         try:
             assert await old.start() is hotswap.Role.FRESH
-            old_sock = old.listen("raw", ("127.0.0.1", 0), backlog=64)
-            servers.append(await asyncio.start_server(answer, sock=old_sock, backlog=32,
-                                                      start_serving=False))
-            await old.ready(start_serving=servers[-1:])
+            old_sock, server = await serve(old)
+            servers.append(server)
+            await old.ready(start_serving=[server] if by_ready else ())
             assert listen_queue(old_sock) == 32
             assert await new.start() is hotswap.Role.TAKEOVER
-            new_sock = new.listen("raw", ("127.0.0.1", 0), backlog=64)
-            servers.append(await asyncio.start_server(answer, sock=new_sock, backlog=32,
-                                                      start_serving=False))
-            ready = asyncio.create_task(new.ready(start_serving=servers[-1:]))
+            new_sock, server = await serve(new)
+            servers.append(server)
+            ready = asyncio.create_task(new.ready(start_serving=[server] if by_ready else ()))
             assert await old.wait_exit() is hotswap.ExitReason.TAKEN_OVER
             servers[0].close()
             await old.release()
@@ -1045,44 +1057,6 @@ def test_a_successors_server_sets_the_queue_as_on_a_fresh_start() -> None:
 
     asyncio.run(asyncio.wait_for(main(), 60))
 
-
-
-def test_a_server_started_before_ready_keeps_its_queue_in_a_takeover() -> None:
-    """listen() with no backlog, then a server of backlog 32 started at once
-    (the way before ``ready(start_serving=...)``): the server's queue, on a
-    fresh start and in a takeover alike. listen()'s default (1,024) was
-    applied to the inherited listener as the successor confirmed, over the
-    queue that server had set (the late review's finding)."""
-    name = f"l-{uuid.uuid4().hex[:12]}"
-
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.close()
-
-    async def main() -> None:
-        old, new = two_versions(name)
-        servers: list[asyncio.Server] = []
-        try:
-            assert await old.start() is hotswap.Role.FRESH
-            old_sock = old.listen("raw", ("127.0.0.1", 0))
-            servers.append(await asyncio.start_server(answer, sock=old_sock, backlog=32))
-            await old.ready()
-            assert listen_queue(old_sock) == 32
-            assert await new.start() is hotswap.Role.TAKEOVER
-            new_sock = new.listen("raw", ("127.0.0.1", 0))
-            servers.append(await asyncio.start_server(answer, sock=new_sock, backlog=32))
-            ready = asyncio.create_task(new.ready())
-            assert await old.wait_exit() is hotswap.ExitReason.TAKEN_OVER
-            servers[0].close()
-            await old.release()
-            await ready
-            assert listen_queue(new_sock) == 32
-        finally:
-            for server in servers:
-                server.close()
-            await old.close(cut=0)
-            await new.close()
-
-    asyncio.run(asyncio.wait_for(main(), 60))
 
 UDP_SERVER = ROOT / "tests/support/udp_server.py"
 
