@@ -1010,7 +1010,8 @@ async def serve(app: web.Application, upgrader: Upgrader,
     if upgrader.started or upgrader.state is not State.STARTING:
         raise not_new
     upgrader._run_by = asyncio.current_task()  # its close() from elsewhere: a stop
-    migrator = Migrator() if migrate_connections and _migration_supported() else None
+    migrator = (Migrator(name=upgrader.name) if migrate_connections and _migration_supported()
+                else None)
     if migrator is not None:
         upgrader.adopt_connections(migrator.adopt)
     if idle_after_drain is None:

@@ -313,9 +313,11 @@ class TrackedSite(web.SockSite):
 
 class Migrator:
     """Tracks the connections of one aiohttp server; hands idle ones over
-    (old side) and adopts handed-over ones (new side)."""
+    (old side) and adopts handed-over ones (new side). ``name`` (the
+    sidecar's, :attr:`hotswap.Upgrader.name`) begins its own log lines."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, name: str = "") -> None:
+        self.name = name
         self.tracked: set[Tracked] = set()
         self.runner: web.BaseRunner | None = None
         self._adoptions: set[asyncio.Task[None]] = set()
@@ -346,7 +348,8 @@ class Migrator:
                 await loop.connect_accepted_socket(
                     lambda: Tracked(server, listener, self), sock)
             except Exception as exc:  # noqa: BLE001 -- a connection lost, not the loop
-                log.warning("adopting a connection failed: %r", exc)
+                log.warning("%sadopting a connection of %s failed: %r",
+                            f"{self.name}: " if self.name else "", listener, exc)
                 sock.close()
 
         task = asyncio.create_task(attach())

@@ -581,22 +581,27 @@ def test_a_handler_still_running_for_a_client_gone_still_holds_the_drain(
 
 
 @pytest.mark.parametrize("run", [asyncio.run, uvloop.run], ids=["asyncio", "uvloop"])
-def test_a_connection_the_successor_cannot_adopt_is_closed(run: Runner) -> None:
+def test_a_connection_the_successor_cannot_adopt_is_closed(
+        run: Runner, caplog: pytest.LogCaptureFixture) -> None:
     """Migrator.adopt() owns the socket it is given: when the event loop
     refuses to serve it (here, a datagram socket: no stream connection),
-    the failure is logged and the socket closed, not left open in the
-    successor (a descriptor, and its client's connection, held for the
-    process's life)."""
+    the failure is logged, under the sidecar's name, and the socket
+    closed, not left open in the successor (a descriptor, and its
+    client's connection, held for the process's life)."""
     async def main() -> None:
         runner = web.AppRunner(web.Application())
         await runner.setup()
         try:
-            migrator = Migrator()
+            migrator = Migrator(name="side")
             migrator.runner = runner
             refused = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            migrator.adopt("http", refused)
-            await until(lambda: not migrator._adoptions, "the adoption to end")
+            with caplog.at_level("WARNING", logger="hotswap"):
+                migrator.adopt("http", refused)
+                await until(lambda: not migrator._adoptions, "the adoption to end")
             assert refused.fileno() == -1, "closed by the migrator"
+            failed = [r.getMessage() for r in caplog.records
+                      if "adopting a connection of http failed" in r.getMessage()]
+            assert len(failed) == 1 and failed[0].startswith("side: "), failed
         finally:
             await runner.cleanup()
 
