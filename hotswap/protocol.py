@@ -39,6 +39,9 @@ A handover, as a sequence
                                                if the hello offered "connections")
       Adopted(count)                      -->  after each, if both offered
                                               "connections-ack"
+      or Abort(reason), then the end      -->  a frame refused (the server
+                                              keeps it); the reason only if
+                                              both offered "connections-refusal"
                                          <-- Drained(pid, cut)
 
 Either outcome is in the vocabulary: the server may answer ``Refused`` instead
@@ -436,7 +439,10 @@ class Accepting(Message):
 
 @dataclass(frozen=True, kw_only=True)
 class Abort(Message):
-    """The successor gives up before confirming; the server keeps serving."""
+    """The successor gives up before confirming; the server keeps serving.
+    After the release, a refusal of the last :class:`Connections` frame
+    (the server keeps it), sent only when both ends offered
+    ``"connections-refusal"``; the client then ends the channel."""
 
     TYPE: ClassVar[str] = "abort"
     reason: str
@@ -547,6 +553,9 @@ _TRANSITIONS: Final[dict[tuple[State, Sender, type[Message]], State]] = {
     (State.CONFIRMED, _S, Failed): State.FAILED,
     (State.RELEASED, _S, Connections): State.RELEASED,
     (State.RELEASED, _C, Adopted): State.RELEASED,
+    # A frame refused, saying why (both offered "connections-refusal"): the
+    # client ends the channel after it.
+    (State.RELEASED, _C, Abort): State.DONE,
     (State.RELEASED, _S, Drained): State.DONE,
     # Crossing messages after the server gave up are ignored.
     (State.FAILED, _C, Accepting): State.FAILED,

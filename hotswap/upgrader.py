@@ -88,6 +88,11 @@ from .transport import Channel, close_fds, wake
 log = logging.getLogger("hotswap")
 
 _ACK = "connections-ack"  # capability: Adopted after each Connections frame
+# Capability: a frame the successor refuses gets Abort(reason) before the
+# channel ends, so the old side's log says why. Only to a predecessor that
+# offered it: an older one reads an unknown message there as "no answer"
+# and lets go of the frame the successor has just closed.
+_REFUSAL = "connections-refusal"
 _LAST_WORD = 0.1
 """Seconds the old side waits, after a frame's acknowledgement did not come
 in time and it has said so, for the successor's last word on the frame (a
@@ -463,6 +468,7 @@ class Upgrader:
         self._adopter: Callable[[str, socket.socket], None] | None = None
         self._successor_caps: frozenset[str] = frozenset()
         self._predecessor_acks = False  # it waits for Adopted after Connections
+        self._predecessor_hears_refusals = False  # it reads Abort(reason) there
         self._renamed: dict[str, str] = {}  # predecessor's listener name -> ours
         self._set_title()
 
@@ -892,7 +898,9 @@ class Upgrader:
         it must go on serving. With a successor that acknowledges each frame
         (``"connections-ack"``), a frame counts as sent once acknowledged;
         one it could not take (e.g. no descriptor numbers left: MSG_CTRUNC)
-        ends the channel unacknowledged and counts as not sent. A frame whose
+        or refuses (stopping; with ``"connections-refusal"`` it says why,
+        and that is logged) ends the channel unacknowledged and counts as
+        not sent. A frame whose
         acknowledgement does not come in time counts as sent (the successor
         adopts a complete frame it could not acknowledge: never two servers
         for one connection, nor none); what arrived by then counts first (a
@@ -950,6 +958,12 @@ class Upgrader:
                         channel.close()
                         self._successor = None
                         return sent + len(chunk)
+                    if isinstance(reply, Abort):  # refused, saying why: ours to serve
+                        log.warning("%s: the successor refused %d connection(s): %s; "
+                                    "they drain here", self.name, len(chunk), reply.reason)
+                        channel.close()
+                        self._successor = None
+                        return sent
                     assert isinstance(reply, Adopted)  # the state machine allows no other
             except HotswapError as exc:
                 log.warning("%s: handing connections over failed after %d: %s",
@@ -995,6 +1009,8 @@ class Upgrader:
             if _peer_closed(exc):
                 raise
             return False  # nothing more came, or nothing that says anything
+        if isinstance(reply, Abort):  # a refusal that says why
+            raise HotswapError(f"the successor refused them: {reply.reason}")
         return isinstance(reply, Adopted)
 
     async def release(self) -> None:
@@ -1312,7 +1328,7 @@ class Upgrader:
         self._set_state(State.TAKING_OVER)
         hello = Hello(pid=self.pid, version=self.version, rank=self.versions.rank,
                       token=opts.token,
-                      capabilities=("connections", _ACK) if self._adopter else ())
+                      capabilities=("connections", _ACK, _REFUSAL) if self._adopter else ())
         self._hello_sent_at = time.time()  # logged by ready(), off the critical path
         try:
             reply = await channel.request(hello, timeout=opts.message_timeout)
@@ -1391,6 +1407,8 @@ class Upgrader:
         # line per socket costs ~10 us each, 60% more for 1,000 listeners).
         self._taken_from = f"{reply.count} socket(s) from pid {reply.pid} ({reply.version})"
         self._predecessor_acks = _ACK in reply.capabilities and self._adopter is not None
+        self._predecessor_hears_refusals = (self._predecessor_acks
+                                            and _REFUSAL in reply.capabilities)
         log.debug("%s: received %s", self.name, self._taken_from)
 
     def _adopt_chunk(self, chunk: Sockets, adopted: dict[str, _Listener]) -> None:
@@ -1643,6 +1661,9 @@ class Upgrader:
             if refusal:
                 if not channel.peer_closed():
                     close_fds(message.fds)
+                    if self._predecessor_hears_refusals:  # why, for its log
+                        with contextlib.suppress(HotswapError):  # the end says no alike
+                            await channel.send(Abort(reason=refusal), timeout=1.0)
                     raise HotswapError(refusal)
                 # Too late to refuse: it gave up waiting for our word and let
                 # go of them. Ours or nobody's: take what we can.
@@ -1957,7 +1978,7 @@ class Upgrader:
             await channel.send(Welcome(pid=self.pid, version=self.version,
                                        count=len(entries), generation=self.generation,
                                        capabilities=tuple(c for c in hello.capabilities
-                                                          if c == _ACK)),
+                                                          if c in (_ACK, _REFUSAL))),
                                timeout=opts.message_timeout)
             try:
                 for chunk in split_sockets(entries, [s.fileno() for s in socks]):

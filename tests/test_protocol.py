@@ -429,9 +429,11 @@ class Said:
     given_up: bool = False  # Failed or Abort
     released: bool = False
     drained: bool = False
+    refused: bool = False  # the client refused a frame of connections (Abort)
 
     def allows(self, sender: Sender, kind: type[Message], nfds: int = 1) -> bool:
         handover = self.answer is Welcome and not self.given_up
+        draining = self.released and not self.drained and not self.refused
         if sender is Sender.CLIENT:
             if kind in (Hello, StatusRequest):  # the client opens, once
                 return self.opening is None and self.answer is None
@@ -441,10 +443,11 @@ class Said:
                 # Abort, a late Accepting (or Abort) crosses and is ignored.
                 return self.given_up or (handover and not self.confirmed
                                          and self.delivered == self.announced)
-            if kind is Abort:  # the client may abort before it confirms
-                return self.given_up or (handover and not self.confirmed)
+            if kind is Abort:  # the client may abort before it confirms, and
+                # refuse a frame of connections (then the conversation ends)
+                return self.given_up or (handover and not self.confirmed) or draining
             if kind is Adopted:  # acknowledging connections, while they come
-                return self.released and not self.drained
+                return draining
             return False
         if kind is Refused:  # instead of an answer, or before the opening
             return self.answer is None
@@ -460,7 +463,7 @@ class Said:
         if kind is Released:
             return handover and self.confirmed and not self.released
         if kind in (Connections, Drained):
-            return self.released and not self.drained
+            return draining
         return False
 
     def after(self, sender: Sender, message: Message) -> Said:
@@ -477,6 +480,8 @@ class Said:
             return replace(self, delivered=self.delivered + message.nfds)
         if isinstance(message, Accepting):
             return replace(self, confirmed=True)
+        if isinstance(message, Abort) and self.released:
+            return replace(self, refused=True)
         if isinstance(message, Abort | Failed):
             return replace(self, given_up=True)
         if isinstance(message, Released):
@@ -490,7 +495,7 @@ class Said:
         """The name the protocol gives this point of the conversation."""
         if self.given_up:
             return State.FAILED
-        if self.drained or self.answer in (Refused, Status):
+        if self.drained or self.refused or self.answer in (Refused, Status):
             return State.DONE
         if self.released:
             return State.RELEASED

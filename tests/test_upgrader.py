@@ -924,13 +924,13 @@ def test_a_connection_whose_adopter_raises_is_closed_by_the_successor(
 
 @pytest.mark.parametrize("how", ["stop-requested", "released"])
 def test_a_stopping_successor_leaves_the_connections_with_the_old_side(
-        run: Runner, how: str) -> None:
+        run: Runner, how: str, caplog: pytest.LogCaptureFixture) -> None:
     """The successor is told to stop (the pod goes, its container restarts)
     while the old side still drains: it does not acknowledge a frame of
     connections it would only close under their clients. The old side keeps
-    them (0 sent) and serves them on; the successor's adopter is never
-    called, and it keeps no copy of them (closed by the old side, a
-    connection ends for its client)."""
+    them (0 sent) and serves them on, its log saying why the successor
+    refused; the successor's adopter is never called, and it keeps no copy
+    of them (closed by the old side, a connection ends for its client)."""
     name = new_name()
 
     async def main() -> None:
@@ -945,8 +945,11 @@ def test_a_stopping_successor_leaves_the_connections_with_the_old_side(
         else:
             new.request_stop()
         assert old.can_hand_over_connections
-        assert await old.hand_over_connections(
-            [("http", server_side.fileno(), "peer")]) == 0
+        with caplog.at_level("WARNING", logger="hotswap"):
+            assert await old.hand_over_connections(
+                [("http", server_side.fileno(), "peer")]) == 0
+        assert (f"{name}: the successor refused 1 connection(s): stopping: not adopting "
+                "its connections; they drain here") in caplog.text
         assert not old.can_hand_over_connections
         assert adopted == []
         server_side.sendall(b"the old side")
@@ -962,12 +965,14 @@ def test_a_stopping_successor_leaves_the_connections_with_the_old_side(
     run(main())
 
 
-def test_a_frame_with_a_connection_the_successor_cannot_serve_stays(run: Runner) -> None:
+def test_a_frame_with_a_connection_the_successor_cannot_serve_stays(
+        run: Runner, caplog: pytest.LogCaptureFixture) -> None:
     """The successor takes TCP connections only, and a frame only whole: one
     with a Unix-socket connection in it is refused before it is
     acknowledged, so every connection of it stays with the old side (none
     adopted, none closed under its client, and the successor keeps no copy:
-    once the old side closes one, its client sees the end)."""
+    once the old side closes one, its client sees the end). The old side's
+    log says why."""
     name = new_name()
 
     async def main() -> None:
@@ -978,8 +983,11 @@ def test_a_frame_with_a_connection_the_successor_cannot_serve_stays(run: Runner)
         unix, unix_peer = socket.socketpair()
         adopted: list[socket.socket] = []
         new = await taken_over(old, name, lambda listener, sock: adopted.append(sock))
-        assert await old.hand_over_connections(
-            [("http", tcp.fileno(), "tcp"), ("http", unix.fileno(), "unix")]) == 0
+        with caplog.at_level("WARNING", logger="hotswap"):
+            assert await old.hand_over_connections(
+                [("http", tcp.fileno(), "tcp"), ("http", unix.fileno(), "unix")]) == 0
+        assert ("the successor refused 2 connection(s): refusing a frame of connections "
+                "that are not all TCP streams") in caplog.text
         assert adopted == []
         for ours, theirs in ((tcp, client), (unix, unix_peer)):
             ours.sendall(b"still the old side")
@@ -995,7 +1003,107 @@ def test_a_frame_with_a_connection_the_successor_cannot_serve_stays(run: Runner)
     run(main())
 
 
-async def a_frame_on_its_way(name: str) -> tuple[
+@pytest.mark.parametrize("offered", [("connections", "connections-ack"),
+                                     ("connections", "connections-ack",
+                                      "connections-refusal", "something-else")])
+def test_the_welcome_grants_only_what_the_hello_offered(
+        run: Runner, offered: tuple[str, ...]) -> None:
+    """The old side's welcome lists the capabilities it has of those the
+    successor's hello offered, and no others: an older successor, which
+    offers no "connections-refusal", is never sent what it cannot read, and
+    an unknown capability is left out."""
+    name = new_name()
+
+    async def main() -> None:
+        old = await serving_upgrader(name, "v1")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, sockaddr(control_address(name)))
+        channel = Channel(sock, Sender.CLIENT)
+        try:
+            welcome = await channel.request(
+                Hello(pid=os.getpid(), version="v2", capabilities=offered), timeout=5)
+            assert isinstance(welcome, Welcome)
+            assert welcome.capabilities == tuple(
+                c for c in offered if c in ("connections-ack", "connections-refusal"))
+            chunk = await channel.receive(timeout=5)
+            assert isinstance(chunk, Sockets)
+            hotswap.transport.close_fds(chunk.fds)
+        finally:
+            channel.close()
+        await old.close(cut=0)
+
+    run(main())
+
+
+def test_an_older_predecessor_is_refused_a_frame_by_the_end_alone(run: Runner) -> None:
+    """A predecessor that acknowledges frames but offered no
+    "connections-refusal" (an older hotswap; here one by hand) would read a
+    reason after its frame as no answer, and let go of connections the
+    successor has closed. A stopping successor refuses it the old way: the
+    channel ends, with no message before it."""
+    name = new_name()
+
+    async def main() -> None:
+        with contextlib.ExitStack() as owned:
+            control = owned.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+            control.bind(sockaddr(control_address(name)))
+            control.listen()
+            control.setblocking(False)
+            listener = owned.enter_context(socket.create_server(("127.0.0.1", 0)))
+            client = owned.enter_context(
+                socket.create_connection(listener.getsockname(), timeout=5))
+            conn = owned.enter_context(listener.accept()[0])
+            new = hotswap.Upgrader(name, version="v2", options=opts())
+            adopted: list[socket.socket] = []
+            new.adopt_connections(lambda name, sock: adopted.append(sock))
+            starting = asyncio.create_task(new.start())
+            try:
+                await by_hand(new, starting, control, listener, conn, adopted)
+            finally:
+                await new.close()
+                with contextlib.suppress(hotswap.HotswapError):
+                    await starting
+            conn.sendall(b"the old side")
+            assert client.recv(100) == b"the old side"
+
+    async def by_hand(new: hotswap.Upgrader, starting: asyncio.Task[hotswap.Role],
+                      control: socket.socket, listener: socket.socket,
+                      conn: socket.socket, adopted: list[socket.socket]) -> None:
+        loop = asyncio.get_running_loop()
+        theirs, _ = await asyncio.wait_for(loop.sock_accept(control), 10)
+        channel = Channel(theirs, Sender.SERVER)
+        try:
+            hello = await channel.receive(timeout=5)
+            assert isinstance(hello, Hello) and "connections-refusal" in hello.capabilities
+            await channel.send(Welcome(pid=os.getpid(), version="v1", count=2,
+                                       capabilities=("connections-ack",)), timeout=5)
+            await channel.send(Sockets(
+                entries=(listeners.describe("http", listener),
+                         SocketInfo(name="hotswap.control", family="unix", kind="stream",
+                                    address=control_address(name))),
+                fds=(listener.fileno(), control.fileno())), timeout=5)
+            assert await asyncio.wait_for(starting, 10) is hotswap.Role.TAKEOVER
+            new.listen("http", listener.getsockname())
+            ready = asyncio.create_task(new.ready())
+            assert isinstance(await channel.receive(timeout=5), hotswap.protocol.Accepting)
+            await channel.send(hotswap.protocol.Released(pid=os.getpid()), timeout=5)
+            await asyncio.wait_for(ready, 10)
+            new.request_stop()
+            await channel.send(hotswap.protocol.Connections(
+                entries=(hotswap.protocol.ConnInfo(listener="http", peer="peer"),),
+                fds=(conn.fileno(),)), timeout=5)
+            with pytest.raises(hotswap.BrokenResourceError) as ended:
+                await channel.receive(timeout=5)
+            assert ended.value.eof, ended.value
+            assert adopted == []
+        finally:
+            channel.close()
+
+    run(main())
+
+
+async def a_frame_on_its_way(name: str, *, reasons: bool = False) -> tuple[
         hotswap.Upgrader, socket.socket, socket.socket, Channel, asyncio.Task[int],
         hotswap.protocol.Connections]:
     """A serving v1 (message_timeout 0.3 s) taken over by a successor by
@@ -1003,11 +1111,13 @@ async def a_frame_on_its_way(name: str) -> tuple[
     connection on its way: v1's hand_over_connections() task, waiting for
     the answer to the frame the successor has just read. Returns (v1, the
     client's socket, v1's side of it, the successor's channel, the task,
-    the frame); the caller owns them all."""
+    the frame); the caller owns them all. With ``reasons``, the successor
+    offers "connections-refusal" too (a refusal may say why)."""
     old = await serving_upgrader(name, "v1", message_timeout=0.3)
     client = socket.create_connection(("127.0.0.1", port_of(old.status())))
     server_side, _ = old._listeners["http"].sock.accept()
-    channel = await raw_successor(name, "v2", ("connections", "connections-ack"))
+    channel = await raw_successor(name, "v2", ("connections", "connections-ack")
+                                  + (("connections-refusal",) if reasons else ()))
     await channel.send(hotswap.protocol.Accepting(), timeout=5)
     assert await old.wait_exit() is hotswap.ExitReason.TAKEN_OVER
     await old.release()
@@ -1019,7 +1129,7 @@ async def a_frame_on_its_way(name: str) -> tuple[
     return old, client, server_side, channel, handing, frame
 
 
-@pytest.mark.parametrize("answer", ["refused", "adopted"])
+@pytest.mark.parametrize("answer", ["refused", "refused-saying-why", "adopted"])
 def test_an_answer_that_came_while_the_old_side_stalled_counts(
         run: Runner, answer: str, caplog: pytest.LogCaptureFixture) -> None:
     """The old side is stalled (here: its event loop blocked) past its wait
@@ -1034,16 +1144,21 @@ def test_an_answer_that_came_while_the_old_side_stalled_counts(
     name = new_name()
 
     async def main() -> None:
-        old, client, server_side, channel, handing, frame = await a_frame_on_its_way(name)
-        if answer == "refused":
+        old, client, server_side, channel, handing, frame = await a_frame_on_its_way(
+            name, reasons=answer == "refused-saying-why")
+        if answer.startswith("refused"):
             os.close(frame.fds[0])
+            if answer == "refused-saying-why":
+                await channel.send(hotswap.protocol.Abort(reason="no room"), timeout=5)
             channel.close()
         else:
             await channel.send(hotswap.protocol.Adopted(count=1), timeout=5)
         time.sleep(0.6)  # noqa: ASYNC251 - the stall itself: the old side cannot run
         client.settimeout(5)
-        if answer == "refused":
+        if answer.startswith("refused"):
             assert await handing == 0  # kept
+            assert ("the successor refused 1 connection(s): no room" in caplog.text) == (
+                answer == "refused-saying-why")
             assert old.can_hand_over_connections is False
             server_side.sendall(b"the old side")
             assert client.recv(100) == b"the old side"
@@ -1064,9 +1179,9 @@ def test_an_answer_that_came_while_the_old_side_stalled_counts(
     run(main())
 
 
-@pytest.mark.parametrize("answer", ["refused", "adopted"])
+@pytest.mark.parametrize("answer", ["refused", "refused-saying-why", "adopted"])
 def test_what_the_successor_decided_before_the_old_side_let_go_counts(
-        run: Runner, answer: str) -> None:
+        run: Runner, answer: str, caplog: pytest.LogCaptureFixture) -> None:
     """The successor reads a frame of connections and decides while the old
     side still waits (it has not closed), but acts on that only after the
     old side's wait ran out (here: it waits for that; in life, a successor
@@ -1078,14 +1193,19 @@ def test_what_the_successor_decided_before_the_old_side_let_go_counts(
     name = new_name()
 
     async def main() -> None:
-        old, client, server_side, channel, handing, frame = await a_frame_on_its_way(name)
+        old, client, server_side, channel, handing, frame = await a_frame_on_its_way(
+            name, reasons=answer == "refused-saying-why")
         assert not channel.peer_closed()  # decided now: the old side still waits
         await until(channel.peer_closed, "the old side to stop waiting")
         client.settimeout(5)
-        if answer == "refused":
+        if answer.startswith("refused"):
             os.close(frame.fds[0])
+            if answer == "refused-saying-why":
+                await channel.send(hotswap.protocol.Abort(reason="no room"), timeout=5)
             channel.close()
             assert await handing == 0  # kept
+            assert ("the successor refused them: no room" in caplog.text) == (
+                answer == "refused-saying-why")
             server_side.sendall(b"the old side")
             assert client.recv(100) == b"the old side"
         else:
