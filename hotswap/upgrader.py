@@ -1630,9 +1630,14 @@ class Upgrader:
             # predecessor waiting for our word on a frame reads this as our
             # refusal only while it still waits (its wait, then its 0.1 s
             # for our last word); after that it has let go of the frame,
-            # whose copies we have just closed.
+            # whose copies we have just closed. One that hears refusals is
+            # told why first (the kernel dropped the frame's descriptors).
+            truncated = isinstance(exc, BrokenResourceError) and exc.truncated
+            if truncated and self._predecessor_hears_refusals:
+                with contextlib.suppress(HotswapError):  # the end says no alike
+                    await channel.send(Abort(reason=f"no room for them: {exc}"), timeout=1.0)
             channel.close()
-            if isinstance(exc, BrokenResourceError) and exc.truncated:
+            if truncated:
                 log.warning("%s: no room for the predecessor's connections (%s): it "
                             "serves those on and tells them to close; raise this "
                             "process's RLIMIT_NOFILE", self.name, exc)
