@@ -546,11 +546,16 @@ class Drainer:
                     continue
                 if not self._forced.is_set() and (_held_requests(handler)
                                                   or _request_arriving(handler)
+                                                  or (isinstance(handler, Tracked)
+                                                      and handler.unread())
                                                   or self._first_request_due(handler)):
                     # Requests aiohttp's parser held, queued now (here, or
-                    # by _to_move just above), one still arriving,
-                    # or the first of a connection that joined in the
-                    # drain: busy, told to close.
+                    # by _to_move just above), one still arriving, one
+                    # waiting in the kernel (sent while a handover that
+                    # failed in this round held the reading: resumed, it is
+                    # read at the loop's next poll), or the first of a
+                    # connection that joined in the drain: busy, told to
+                    # close.
                     self.close_after_next_response(handler)
                     busy.append(handler)
                     continue

@@ -49,9 +49,12 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import logging
 import os
 import socket
+import struct
+import termios
 import time
 from collections.abc import Callable
 from typing import Any
@@ -272,6 +275,24 @@ class Tracked(web.RequestHandler):
         tail of one could be lost, or mixed with the successor's next."""
         assert self.transport is not None
         return self.transport.get_write_buffer_size() == 0
+
+    def unread(self) -> bool:
+        """Bytes wait in the kernel for this connection, not yet read: a
+        request its client sent while :meth:`pause` held the reading (a
+        handover that failed then resumed it), which the loop reads at its
+        next poll. Cut as idle before that, the request was lost (and the
+        close, with data unread, reset the connection). Owns nothing; False
+        when the socket cannot be asked."""
+        transport = self.transport
+        sock = None if transport is None else transport.get_extra_info("socket")
+        if sock is None:
+            return False
+        try:
+            count: int = struct.unpack(
+                "i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+        except (OSError, ValueError):  # closed meanwhile
+            return False
+        return count > 0
 
     def busy_at_boundary(self) -> bool:
         """Busy (a request being handled or queued, or the moments around

@@ -816,6 +816,65 @@ def test_a_response_begun_before_the_drain_ends_in_the_grace_then_is_cut_idle(
     run(main())
 
 
+def test_a_request_sent_while_a_refused_handover_held_it_is_answered_in_the_grace(
+        run: Runner, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A response streamed keep-alive since before the takeover ends in
+    v1's grace, and the grace's round pauses its connection to hand it
+    over. v2 is told to stop just then (a SIGTERM), so it refuses the
+    frame, while the client, having read the response, sends its next
+    request, which waits in v1's kernel (the drain holds the reading). v1
+    resumes the connection: the request is answered, with Connection:
+    close. (The grace cut it as idle in the same step, before the loop had
+    read the request: the client got a reset for a request it had sent.)"""
+    caplog.set_level(logging.INFO, logger="hotswap")
+
+    async def main() -> None:
+        entered, finish = asyncio.Event(), asyncio.Event()
+        app = app_of("v1")
+        app.router.add_get("/s", stream_in_two(entered, finish))
+        v1, v1_task = await serve_v1(app, drain_timeout=0.2)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(v1.status()))
+        hand_over = hotswap.Upgrader.hand_over_connections
+        calls = 0
+        v2: hotswap.Upgrader | None = None
+
+        async def refused(self: hotswap.Upgrader, *args: Any, **kwargs: Any) -> int:
+            # The scenario: v2 stops, and the client's next request
+            # arrives, while the connection is paused for the frame.
+            nonlocal calls
+            calls += 1
+            assert v2 is not None
+            v2.request_stop()
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            fd = server_side(writer)
+            assert fd is not None
+            await until(lambda: queued(fd, termios.FIONREAD) > 0, "the request in v1's kernel")
+            return await hand_over(self, *args, **kwargs)
+
+        monkeypatch.setattr(hotswap.Upgrader, "hand_over_connections", refused)
+        try:
+            writer.write(b"GET /s HTTP/1.1\r\nHost: x\r\n\r\n")
+            await asyncio.wait_for(entered.wait(), 10)
+            v2, v2_task = start(v1.name, "v2", {"http": ("127.0.0.1", 0)})
+            await until(serving(v2), "v2 serving")
+            await until(lambda: "is busy; its response says Connection: close" in caplog.text,
+                        "v1's drain deadline")
+            finish.set()  # in the grace
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert b"close" not in head.lower(), head
+            assert await asyncio.wait_for(reader.readexactly(10), 10) == b"0123456789"
+            reply = await read_response(reader)
+            assert reply.endswith(b"version(v1)") and b"connection: close" in reply, reply
+        finally:
+            writer.close()
+        assert calls == 1, "one handover, in the grace"
+        assert await asyncio.wait_for(v1_task, 10) == 0
+        assert await asyncio.wait_for(v2_task, 10) == 0
+        assert "cutting idle" not in caplog.text, caplog.text
+
+    run(main())
+
+
 def test_a_connection_cut_idle_in_the_grace_is_said_when_serve_is_cancelled(
         run: Runner, caplog: pytest.LogCaptureFixture,
         monkeypatch: pytest.MonkeyPatch) -> None:
