@@ -99,7 +99,9 @@ its response (then its connection is cut)."""
 _ACK_FLOOR = 0.1
 """Seconds a connection handover in the grace gets at least, for the
 successor's acknowledgement of a frame, however little of the grace is
-left (:meth:`Drainer.grace` gets ``GRACE - 2 * _CANCEL_WAIT``)."""
+left (:meth:`Drainer.grace` gets ``GRACE - 2 * _CANCEL_WAIT``). A round of
+the drain itself with less than this left (but its first) hands nothing
+over: the grace's first round hands over what is idle then."""
 _CANCEL_WAIT = 0.05
 """The runner's ``shutdown_timeout``, the end of :data:`GRACE`: aiohttp waits
 it for a busy handler, cancels its request and waits it again. The rest of
@@ -466,10 +468,20 @@ class Drainer:
             if migrating:
                 assert migrator is not None and upgrader is not None
                 time_left = deadline - loop.time()
+                # A later round with less than _ACK_FLOOR left hands nothing
+                # over (it still tells the busy ones to close): it gave the
+                # successor's acknowledgement of a frame what was left, down
+                # to nothing, and one a few milliseconds late ended the
+                # channel, so that what was to move in the grace (a response
+                # still being sent, kept alive to move) was cut instead.
+                # What is idle at a boundary then moves in the grace's first
+                # round.
+                move = first or time_left >= _ACK_FLOOR
                 if first:
                     time_left, first = max(time_left, _FIRST_ROUND), False
                 if not await migrator.step(upgrader, self.close_after_next_response,
-                                           time_left, last_call=loop.time() >= last_call):
+                                           time_left, last_call=loop.time() >= last_call,
+                                           move=move):
                     migrating = False
                     log.info("%sconnection handover stopped; the rest drain the safe way",
                              f"{self.name}: " if self.name else "")

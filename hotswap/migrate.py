@@ -381,7 +381,8 @@ class Migrator:
 
     async def step(self, upgrader: Upgrader,
                    close_after_next_response: Callable[[web.RequestHandler], None],
-                   time_left: float | None = None, *, last_call: bool = False) -> bool:
+                   time_left: float | None = None, *, last_call: bool = False,
+                   move: bool = True) -> bool:
         """One round: pause busy connections whose requests have been read
         whole, hand every idle connection at a request boundary to the
         successor, and send the rest the safe way, within ``time_left``
@@ -392,9 +393,11 @@ class Migrator:
         read it, neither paused nor told. ``last_call`` (the drain's end is
         near): every connection that is not idle at a boundary is told to
         close, and none is paused any more; a response sent keep-alive now
-        could not count on a move before the cut. Returns False once
-        migration is not possible (no successor that adopts, or the channel
-        broke)."""
+        could not count on a move before the cut. ``move=False`` (too
+        little time left for the successor's acknowledgement of a frame):
+        the same, but idle connections at a boundary are left as they are,
+        for a later round. Returns False once migration is not possible (no
+        successor that adopts, or the channel broke)."""
         if not upgrader.can_hand_over_connections:
             return False
         started = time.perf_counter()
@@ -411,10 +414,11 @@ class Migrator:
                 continue
             soon, conn.soon_since = conn.soon_since, None
             if conn.idle_at_boundary():
-                if conn.flushed():
+                if move and conn.flushed():
                     conn.pause()
                     ready.append(conn)
-                # else: its last response is still being sent; next round.
+                # else: its last response is still being sent, or no time
+                # to move it; a later round.
             elif last_call or not conn.trackable():
                 close_after_next_response(conn)
                 conn.resume()  # if paused in an earlier round

@@ -581,6 +581,82 @@ def test_responses_that_end_while_a_round_hands_over_move(
     run(main())
 
 
+def test_a_connection_idle_just_before_the_deadline_moves_in_the_grace(
+        run: Runner, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A response streamed keep-alive since before the takeover ends 20 ms
+    before v1's drain deadline, and v2 takes 30 ms to answer a frame of
+    connections (a busy machine); meanwhile a big response is still in
+    v1's send buffer. Both connections move (the streamed one in the
+    grace), and the next request on each is answered by v2. (The drain's
+    last round handed the streamed one over with what was left of the
+    drain for v2's acknowledgement, down to nothing: it came late, v1 let
+    go of the frame and ended the channel, and the big response's
+    connection, kept alive to move, was cut once sent, its next request
+    failing.)"""
+    caplog.set_level(logging.INFO, logger="hotswap")
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        entered, finish = asyncio.Event(), asyncio.Event()
+        app = app_of("v1")
+        app.router.add_get("/s", stream_in_two(entered, finish))
+        v1, v1_task = await serve_v1(app, drain_timeout=0.5)
+        port = port_of(v1.status())
+        sock = socket.socket()  # a small receive buffer: see above
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+        sock.connect(("127.0.0.1", port))
+        big = await asyncio.open_connection(sock=sock)
+        streamed = await asyncio.open_connection("127.0.0.1", port)
+        step = hotswap.migrate.Migrator.step
+        rounds = 0
+
+        async def timed(self: hotswap.migrate.Migrator, upgrader: hotswap.Upgrader,
+                        told: Callable[[web.RequestHandler], None],
+                        time_left: float | None = None, **kwargs: Any) -> bool:
+            # Only watches: the second round's time left (the first gets at
+            # least 1 s) says when the drain ends; the stream ends 20 ms before.
+            nonlocal rounds
+            rounds += 1
+            if rounds == 2:
+                assert time_left is not None
+                loop.call_at(loop.time() + time_left - 0.02, finish.set)
+            return await step(self, upgrader, told, time_left, **kwargs)
+
+        monkeypatch.setattr(hotswap.migrate.Migrator, "step", timed)
+        try:
+            big[1].write(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+            async with asyncio.timeout(10):
+                assert b"close" not in (await big[0].readuntil(b"\r\n\r\n")).lower()
+            streamed[1].write(b"GET /s HTTP/1.1\r\nHost: x\r\n\r\n")
+            await asyncio.wait_for(entered.wait(), 10)
+            v2, v2_task = start(v1.name, "v2", {"http": ("127.0.0.1", 0)})
+            await until(serving(v2), "v2 serving")
+            take = v2._take_connections
+
+            async def slow(channel: Any, message: Any) -> int:
+                await asyncio.sleep(0.03)  # the scenario: v2 answers 30 ms late
+                return await take(channel, message)
+
+            monkeypatch.setattr(v2, "_take_connections", slow)
+            async with asyncio.timeout(10):
+                head = (await streamed[0].readuntil(b"\r\n\r\n")).lower()
+                assert b"close" not in head, head
+                assert await streamed[0].readexactly(10) == b"0123456789"
+                assert await big[0].readexactly(BIG) == b"v1".ljust(BIG, b".")
+            assert await asyncio.wait_for(v1_task, 15) == 0
+            for connection in (streamed, big):
+                await answered_by_v2(*connection)
+        finally:
+            for _, writer in (big, streamed):
+                writer.close()
+        assert rounds >= 2
+        assert "drained, 0 connection(s) cut" in caplog.text, caplog.text
+        assert "acknowledgement" not in caplog.text, caplog.text
+        await stop_serving(v2, v2_task)
+
+    run(main())
+
+
 def test_a_websocket_is_read_throughout_the_drain(run: Runner) -> None:
     """A websocket that said nothing since its upgrade request (which reads
     like a request boundary) is not paused when v2 takes over: its messages
