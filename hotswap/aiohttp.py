@@ -64,7 +64,7 @@ import os
 import signal
 import socket
 import ssl
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeGuard
 
 from aiohttp import web
@@ -683,6 +683,31 @@ class Drainer:
         return cut
 
 
+def _subapp_signal(callback: object) -> tuple[web.Application,
+                                               Sequence[Callable[[web.Application], object]]
+                                               ] | None:
+    """The sub-app and its callbacks if ``callback`` is the one aiohttp
+    registers on a parent for a sub-app's ``on_shutdown`` or ``on_cleanup``
+    (``Application._reg_subapp_signals``'s ``handler``, which sends the
+    sub-app's signal, in aiohttp 3.10 to 3.14); None for any other
+    callback (or another aiohttp: then it stays one callback)."""
+    if not getattr(callback, "__qualname__", "").endswith(
+            "_reg_subapp_signals.<locals>.reg_handler.<locals>.handler"):
+        return None
+    code, cells = getattr(callback, "__code__", None), getattr(callback, "__closure__", None)
+    if code is None or cells is None:
+        return None
+    try:
+        found = {name: cell.cell_contents for name, cell in zip(code.co_freevars, cells,
+                                                                 strict=True)}
+    except ValueError:  # a cell not filled in yet (or another shape)
+        return None
+    subapp, signal = found.get("subapp"), found.get("subsig")
+    if not isinstance(subapp, web.Application) or not isinstance(signal, Sequence):
+        return None
+    return subapp, signal
+
+
 class _BoundedHooks:
     """Wraps the app's ``on_shutdown`` and ``on_cleanup`` callbacks (before
     the app is frozen) so that each signal's callbacks, together, take at
@@ -696,7 +721,9 @@ class _BoundedHooks:
     in an init function, a common pattern) are bounded too: a last
     ``on_startup`` callback of ours wraps them once the app's own have run,
     before aiohttp freezes the lists. (They were left as they were: one that
-    hung kept ``serve()``, and the process, from ever returning.)"""
+    hung kept ``serve()``, and the process, from ever returning.) A
+    sub-app's (frozen as it was added, run by aiohttp as one callback of
+    its parent) are each bounded alike, in their order."""
 
     def __init__(self, app: web.Application, timeout: float, *, name: str = "") -> None:
         self.timeout = timeout
@@ -720,7 +747,25 @@ class _BoundedHooks:
                 continue
             for i, callback in enumerate(hooks):
                 if callback not in self._wrappers:
-                    hooks[i] = self.bounded(callback, phase)
+                    hooks[i] = self._each(callback, phase)
+
+    def _each(self, callback: Callable[[web.Application], object], phase: str
+              ) -> Callable[[web.Application], Awaitable[None]]:
+        """``callback`` bounded; a sub-app's callbacks (which aiohttp runs as
+        one callback of its parent, from the sub-app's frozen list: one that
+        raised skipped the rest of them) each bounded alone, in their order,
+        within the same time."""
+        found = _subapp_signal(callback)
+        if found is None:
+            return self.bounded(callback, phase)
+        subapp, callbacks = found
+
+        async def each(app: web.Application) -> None:
+            for one in callbacks:
+                await self._each(one, phase)(subapp)
+
+        self._wrappers.add(each)
+        return each
 
     async def _wrap_late(self, app: web.Application) -> None:
         """The app's last ``on_startup`` callback: bound the ``on_shutdown``
