@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import logging
 import os
@@ -284,11 +285,17 @@ def is_tcp_stream(fd: int) -> bool:
         probe.detach()
 
 
+class ConnectionEnded(ListenerError):
+    """A handed-over connection that its client reset before it was
+    adopted: nothing to serve, and nothing lost."""
+
+
 def adopt_connection_fd(fd: int) -> socket.socket:
     """Wrap a received descriptor that must be a connected TCP stream socket.
 
     Ownership: on success the returned (non-blocking, close-on-exec) socket
-    owns ``fd``; on any error ``fd`` is closed before raising ListenerError.
+    owns ``fd``; on any error ``fd`` is closed before raising ListenerError
+    (:class:`ConnectionEnded` if its client reset it meanwhile).
     """
     try:
         is_socket = stat.S_ISSOCK(os.fstat(fd).st_mode)
@@ -309,11 +316,24 @@ def adopt_connection_fd(fd: int) -> socket.socket:
         sock.set_inheritable(False)
         sock.setblocking(False)
     except (OSError, ListenerError) as exc:
+        reset = (isinstance(exc, OSError) and exc.errno == errno.ENOTCONN
+                 and _pending_error(sock) == errno.ECONNRESET)
         sock.close()
         if isinstance(exc, ListenerError):
             raise
+        if reset:
+            raise ConnectionEnded("its client reset it before it was adopted") from exc
         raise ListenerError(f"not a connected socket: {exc}") from exc
     return sock
+
+
+def _pending_error(sock: socket.socket) -> int:
+    """The socket's pending error (``SO_ERROR``, which reading clears), 0
+    if none or if it cannot be read."""
+    try:
+        return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    except OSError:
+        return 0
 
 
 DEFAULT_BACKLOG = 1024

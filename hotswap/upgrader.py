@@ -1706,8 +1706,10 @@ class Upgrader:
             try:
                 sock = listeners.adopt_connection_fd(fd)
             except ListenerError as exc:
-                log.warning("%s: not adopting connection from %s: %s", self.name,
-                            entry.peer, exc)
+                # A client's reset meanwhile loses nothing: not a WARNING.
+                log.log(logging.INFO if isinstance(exc, listeners.ConnectionEnded)
+                        else logging.WARNING, "%s: not adopting connection from %s: %s",
+                        self.name, entry.peer, exc)
                 continue
             if self._adopter is None:
                 sock.close()

@@ -965,6 +965,38 @@ def test_a_stopping_successor_leaves_the_connections_with_the_old_side(
     run(main())
 
 
+def test_a_connection_its_client_reset_on_the_way_is_no_warning(
+        run: Runner, caplog: pytest.LogCaptureFixture) -> None:
+    """A client that resets its idle connection while it is handed over
+    loses nothing: the successor, finding it ended, adopts nothing of it
+    and says so at INFO, not as a WARNING (a pod's alert on a client's own
+    doing); the frame is still acknowledged."""
+    name = new_name()
+
+    async def main() -> None:
+        old = await serving_upgrader(name, "v1")
+        client = socket.create_connection(("127.0.0.1", port_of(old.status())))
+        server_side, _ = old._listeners["http"].sock.accept()
+        adopted: list[socket.socket] = []
+        new = await taken_over(old, name, lambda listener, sock: adopted.append(sock))
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()  # a reset
+        with caplog.at_level("INFO", logger="hotswap"):
+            assert await old.hand_over_connections(
+                [("http", server_side.fileno(), "peer")]) == 1
+            await until(lambda: "not adopting connection from peer" in caplog.text,
+                        "the successor to find the connection ended")
+        assert adopted == []
+        ended = [r for r in caplog.records if "not adopting connection" in r.getMessage()]
+        assert [r.levelname for r in ended] == ["INFO"], caplog.text
+        assert "its client reset it before it was adopted" in ended[0].getMessage()
+        server_side.close()
+        await old.close(cut=0)
+        await new.close()
+
+    run(main())
+
+
 def test_a_frame_with_a_connection_the_successor_cannot_serve_stays(
         run: Runner, caplog: pytest.LogCaptureFixture) -> None:
     """The successor takes TCP connections only, and a frame only whole: one
