@@ -40,7 +40,7 @@ import os
 import socket
 import stat
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -225,13 +225,18 @@ MAX_TOKEN_BYTES = 4096
 """The longest token, counted alike (see :data:`MAX_VERSION_BYTES`)."""
 
 
-async def _accept(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> socket.socket:
+async def _accept(loop: asyncio.AbstractEventLoop, sock: socket.socket,
+                  make_room: Callable[[], Awaitable[None]] | None = None) -> socket.socket:
     """Accept one connection on the non-blocking ``sock``; the caller owns
     it. The accept runs in the awaiting task's own step, so a cancellation
     comes either before it (the connection stays in the kernel's queue, for
     whoever holds the socket next: our successor has a copy) or after it has
     been returned. ``loop.sock_accept`` accepts in a loop callback instead,
     and loses the connection if the task is cancelled before it resumes.
+    So does a caller that awaits anything between the accept and handing
+    the connection on: what it must wait for first (``make_room``: a slot
+    for the connection) is awaited here, once the socket is readable and
+    before the accept.
 
     It accepts only once the socket is readable: at the descriptor limit,
     Linux fails an accept with EMFILE before it looks at the queue, so an
@@ -244,6 +249,8 @@ async def _accept(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> socke
             await readable
         finally:
             loop.remove_reader(fd)
+        if make_room is not None:
+            await make_room()
         try:
             conn, _ = sock.accept()
         except (BlockingIOError, InterruptedError):
@@ -1798,7 +1805,10 @@ class Upgrader:
                     freed.clear()  # nobody to let go: leave newcomers queued
                     await freed.wait()
                 try:
-                    conn = await _accept(loop, sock)
+                    # Room made before the accept, not after: cancelled
+                    # while making it (the commit's _stop_control), we
+                    # would close a connection taken from the shared queue.
+                    conn = await _accept(loop, sock, make_room)
                 except OSError as exc:
                     if exc.errno in (errno.EMFILE, errno.ENFILE) and self._reserve is not None:
                         self._drop_reserve()  # accept again, into its number
@@ -1810,11 +1820,6 @@ class Upgrader:
                     await asyncio.sleep(0.1)
                     self._keep_reserve()
                     continue
-                try:
-                    await make_room()
-                except BaseException:
-                    conn.close()
-                    raise
                 task = asyncio.create_task(self._handle_control(conn))
                 self._handlers.add(task)
                 self._silent[task] = conn

@@ -2875,6 +2875,57 @@ def test_a_control_connection_queued_as_the_accept_loop_stops_stays_queued() -> 
     asyncio.run(main())
 
 
+def test_a_control_connection_accepted_as_the_old_side_commits_stays_queued(
+        run: Runner) -> None:
+    """The same with every control slot taken (15 idle peers and the
+    successor's handover): the accept loop accepted a newcomer, then
+    awaited letting an idle peer go to make room for it; cancelled there by
+    the commit's ``_stop_control``, it closed the connection it had just
+    taken from the shared queue. The probe (or hook, or next successor)
+    read EOF instead of staying queued for the successor."""
+    name = new_name()
+
+    async def main() -> None:
+        old = await serving_upgrader(name, "v1", message_timeout=30.0)
+        address = sockaddr(control_address(name))
+        idle = []
+        for _ in range(15):
+            peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            peer.connect(address)
+            idle.append(peer)
+        await until(lambda: len(old._silent) == 15, "15 idle control peers handled")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, address)
+        channel = Channel(sock, Sender.CLIENT)
+        hello = Hello(pid=os.getpid(), version="v2", rank=None, token="", capabilities=())
+        assert isinstance(await channel.request(hello, timeout=5), Welcome)
+        chunk = await channel.receive(timeout=5)
+        assert isinstance(chunk, Sockets)
+        control = None  # the successor's copy of the control socket: kept
+        for entry, fd in zip(chunk.entries, chunk.fds, strict=True):
+            if entry.name == hotswap.control.CONTROL_NAME:
+                control = socket.socket(fileno=fd)
+            else:
+                os.close(fd)
+        assert control is not None and len(old._handlers) == 16
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.connect(address)  # queued first: the accept loop runs first
+        await channel.send(hotswap.protocol.Accepting(), timeout=5)
+        assert await old.wait_exit() is hotswap.ExitReason.TAKEN_OVER
+        control.settimeout(2.0)
+        conn, _ = control.accept()  # the probe, still queued for the successor
+        conn.close()
+        probe.close()
+        control.close()
+        for peer in idle:
+            peer.close()
+        channel.close()
+        await old.close(cut=0)
+
+    run(main())
+
+
 def test_no_marker_for_a_confirmation_the_predecessor_gave_up_on(run: Runner) -> None:
     """A successor slower than its predecessor's handover_timeout: the
     predecessor has answered Failed (and closed) before the confirmation is
