@@ -1966,7 +1966,9 @@ class Upgrader:
                 hello.token.encode("utf-8", "surrogatepass"),
                 self.options.token.encode("utf-8", "surrogatepass")):
             return Refused(code="forbidden", reason="bad or missing token")
-        if self.state is not State.SERVING or self._stop_requested:
+        if self._stop_requested:  # serving still, until it lets go of the control socket
+            return Refused(code="busy", reason="a stop was requested")
+        if self.state is not State.SERVING:
             return Refused(code="busy", reason=f"state is {self.state.value}")
         if self._predecessor in ("accepting", "draining"):
             return Refused(code="busy", reason="previous generation still draining")

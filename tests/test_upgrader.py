@@ -361,6 +361,30 @@ def test_wrong_token_and_second_successor_are_refused(run: Runner) -> None:
     run(main())
 
 
+def test_a_successor_refused_while_a_stop_is_pending_is_told_so(
+        run: Runner, caplog: pytest.LogCaptureFixture) -> None:
+    """A serving process asked to stop refuses successors as busy (they
+    retry until it has let go of the control socket). The reason said
+    "state is serving", which reads as no reason at all, on both sides'
+    logs and in the successor's HandoverRefused; it names the stop."""
+    name = new_name()
+    caplog.set_level(logging.INFO, logger="hotswap")
+
+    async def main() -> None:
+        old = await serving_upgrader(name, "v1")
+        old.request_stop()
+        new = hotswap.Upgrader(name, version="v2", options=opts(connect_timeout=0))
+        with pytest.raises(hotswap.HandoverRefused) as busy:
+            await new.start()
+        assert busy.value.code == "busy"
+        assert "stop" in busy.value.reason and "state is serving" not in busy.value.reason
+        assert "state is serving" not in caplog.text
+        await new.close()
+        await old.close()
+
+    run(main())
+
+
 def test_filesystem_control_socket(run: Runner, tmp_path: Path) -> None:
     path = str(tmp_path / "control.sock")
     name = new_name()
