@@ -83,6 +83,7 @@ from .protocol import (
     Welcome,
     split_sockets,
 )
+from .protocol import State as Conversation
 from .transport import Channel, close_fds, wake
 
 log = logging.getLogger("hotswap")
@@ -891,17 +892,24 @@ class Upgrader:
     @property
     def can_hand_over_connections(self) -> bool:
         """True while draining after a handover to a successor that offered
-        to adopt connections."""
-        return (self.state is State.DRAINING and self._successor is not None
-                and not self._successor.closed and "connections" in self._successor_caps)
+        to adopt connections, once :meth:`release` has told it (the
+        protocol has connections follow ``Released``: one sent before it
+        broke the channel, and the successor took its predecessor for
+        gone)."""
+        successor = self._successor
+        return (self.state is State.DRAINING and successor is not None
+                and not successor.closed and successor.conn.state is Conversation.RELEASED
+                and "connections" in self._successor_caps)
 
     async def hand_over_connections(self, conns: Sequence[tuple[str, int, str]], *,
                                     timeout: float | None = None) -> int:
         """Send ``(listener name, fd, peer)`` connections to the successor, in
         frames of at most 253. Returns how many were sent (a prefix of
         ``conns``); after a failure the rest were not, and the channel to the
-        successor is closed. The caller keeps ownership of every fd it passed
-        (the successor got its own copies) and closes them; the ones not sent
+        successor is closed. Sends nothing (0) unless
+        :attr:`can_hand_over_connections` (after :meth:`release`, say). The
+        caller keeps ownership of every fd it passed (the successor got its
+        own copies) and closes them; the ones not sent
         it must go on serving. With a successor that acknowledges each frame
         (``"connections-ack"``), a frame counts as sent once acknowledged;
         one it could not take (e.g. no descriptor numbers left: MSG_CTRUNC)

@@ -946,6 +946,46 @@ def test_a_connection_whose_adopter_raises_is_closed_by_the_successor(
     assert "adopting connection from peer failed: the app cannot take it" in caplog.text
 
 
+def test_no_connection_is_handed_over_before_release(run: Runner) -> None:
+    """Taken over, the old side is ``draining`` from the commit on, and
+    ``can_hand_over_connections`` said True before ``release()``; a frame
+    of connections sent then broke the protocol (Connections before
+    Released): the channel was closed, the successor never heard Released,
+    took its predecessor for gone (a third version would have been
+    admitted while this one still drained) and no connection could move
+    any more. Before the release the answer is False and nothing is sent;
+    after it, the connection moves."""
+    name = new_name()
+
+    async def main() -> None:
+        old = await serving_upgrader(name, "v1")
+        client = socket.create_connection(("127.0.0.1", port_of(old.status())))
+        server_side, _ = old._listeners["http"].sock.accept()
+        adopted: list[socket.socket] = []
+        new = hotswap.Upgrader(name, version="v2", options=opts())
+        new.adopt_connections(lambda listener, sock: adopted.append(sock))
+        assert await new.start() is hotswap.Role.TAKEOVER
+        new.listen("http", ("127.0.0.1", 0))
+        ready = asyncio.create_task(new.ready())
+        assert await old.wait_exit() is hotswap.ExitReason.TAKEN_OVER
+        assert not old.can_hand_over_connections
+        assert await old.hand_over_connections([("http", server_side.fileno(), "peer")]) == 0
+        await old.release()
+        await ready
+        assert new.status().predecessor == "draining"
+        assert old.can_hand_over_connections
+        assert await old.hand_over_connections([("http", server_side.fileno(), "peer")]) == 1
+        server_side.close()
+        await until(lambda: len(adopted) == 1, "the connection adopted")
+        assert new.status().predecessor == "draining"
+        for sock in (client, *adopted):
+            sock.close()
+        await old.close(cut=0)
+        await new.close()
+
+    run(main())
+
+
 @pytest.mark.parametrize("how", ["stop-requested", "released"])
 def test_a_stopping_successor_leaves_the_connections_with_the_old_side(
         run: Runner, how: str, caplog: pytest.LogCaptureFixture) -> None:
