@@ -1055,7 +1055,7 @@ class Upgrader:
             log.info("%s: handover critical section: hello at %.6f, confirmed +%.3f ms, "
                      "stopped accepting +%.3f ms", self.name, hello_at,
                      (confirmed_at - hello_at) * 1e3, (released_at - hello_at) * 1e3)
-        await self._tell_successor(Released(pid=self.pid))
+        await self._tell_released()
 
     async def close(self, *, cut: int = 0) -> None:
         """Finish: tell the successor the drain is over (``cut`` connections
@@ -2019,13 +2019,16 @@ class Upgrader:
         except Exception as exc:
             # Whatever went wrong before the successor confirmed, the sockets
             # are still ours and we still accept: serve on.
-            log.warning("%s: handover to pid %d failed, still serving: %s",
-                        self.name, hello.pid, exc,
+            log.warning("%s: handover to pid %d failed, %s: %s", self.name, hello.pid,
+                        "released meanwhile" if self._released else "still serving", exc,
                         exc_info=not isinstance(exc, (HotswapError, OSError)))
             if not channel.closed and not isinstance(exc, BrokenResourceError):
                 with contextlib.suppress(HotswapError):
                     await channel.send(Failed(reason=str(exc)), timeout=1.0)
-            self._set_state(State.SERVING)
+            # Released meanwhile (a stop's release() that did not wait for
+            # wait_exit()): its listeners and control socket are closed, and
+            # serving again would only bind the serving marker again.
+            self._set_state(State.DRAINING if self._released else State.SERVING)
             if self._stop_requested:
                 self._finish(ExitReason.STOP_REQUESTED)
             return False
@@ -2036,6 +2039,10 @@ class Upgrader:
         self._successor = channel
         await self._stop_control()
         self._set_state(State.DRAINING)
+        if self._released:
+            # release() came during the handover, with nobody to tell yet:
+            # without Released the successor takes us for gone.
+            await self._tell_released()
         self._finish(ExitReason.TAKEN_OVER)
         return True
 
@@ -2068,6 +2075,17 @@ class Upgrader:
                 return await channel.receive(timeout=0)  # no wait: only what is there
             except HandoverTimeout:
                 raise exc from None
+
+    async def _tell_released(self) -> None:
+        """Tell the successor we released, once: by :meth:`release`, or by
+        the commit of a handover that a release came during (whichever comes
+        second finds it said; a second Released breaks the protocol, and
+        the channel with it). The check and the send's framing happen in
+        one step (nothing else sends then, so the channel's lock is free)."""
+        channel = self._successor
+        if (channel is not None and not channel.closed
+                and channel.conn.state is Conversation.CONFIRMED):
+            await self._tell_successor(Released(pid=self.pid))
 
     async def _tell_successor(self, message: Message) -> None:
         channel = self._successor

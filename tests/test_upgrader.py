@@ -385,6 +385,50 @@ def test_a_successor_refused_while_a_stop_is_pending_is_told_so(
     run(main())
 
 
+@pytest.mark.parametrize("outcome", ["aborted", "confirmed", "confirmed-as-it-releases"])
+def test_a_release_during_a_handover_keeps_its_word(run: Runner, outcome: str) -> None:
+    """A stop comes while a successor holds the sockets and has not
+    answered yet, and the app's shutdown path releases (its servers
+    closed) without waiting for wait_exit(): release() did its work at
+    once, with no successor to tell. The handover's outcome then undid it:
+    aborted, the old side went back to ``serving`` and bound its serving
+    marker again (the probe's fast path saw it serving, with its listeners
+    and control socket closed); confirmed, the successor never heard
+    Released (it took its predecessor for gone after message_timeout, and
+    adopted none of its connections). The released side stays released,
+    and tells a successor that confirms, once: also when the confirmation
+    is read while release() runs (a second Released broke the channel)."""
+    name = new_name()
+    env = {"SIDECARSET_VERSION": "5", "SIDECARSET_VERSION_ALT": "0"}
+
+    async def main() -> None:
+        old = await serving_upgrader(name, "v1", env=env)
+        assert ranks(name) == {5}
+        channel = await raw_successor(name, "v2")
+        assert old.state is hotswap.State.HANDING_OVER
+        old.request_stop()
+        if outcome == "confirmed-as-it-releases":
+            await channel.send(hotswap.protocol.Accepting(), timeout=5)
+        await old.release()
+        assert state_now(old) is hotswap.State.DRAINING and ranks(name) == set()
+        if outcome == "aborted":
+            await channel.send(hotswap.protocol.Abort(reason="not today"), timeout=5)
+            assert await old.wait_exit() is hotswap.ExitReason.STOP_REQUESTED
+            await until(lambda: old._handlers == set(), "the handover's end")
+        else:
+            if outcome == "confirmed":
+                await channel.send(hotswap.protocol.Accepting(), timeout=5)
+            assert await old.wait_exit() is hotswap.ExitReason.TAKEN_OVER
+            assert isinstance(await channel.receive(timeout=5), hotswap.protocol.Released)
+        assert state_now(old) is hotswap.State.DRAINING and ranks(name) == set()
+        await old.close(cut=0)
+        if outcome != "aborted":  # the channel held: the drain's end comes through
+            assert isinstance(await channel.receive(timeout=5), hotswap.protocol.Drained)
+        channel.close()
+
+    run(main())
+
+
 def test_filesystem_control_socket(run: Runner, tmp_path: Path) -> None:
     path = str(tmp_path / "control.sock")
     name = new_name()
