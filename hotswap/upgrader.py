@@ -753,7 +753,8 @@ class Upgrader:
         start (the others are closed again before accepting anything); and
         no descriptor to spare (this process at its RLIMIT_NOFILE: it could
         accept no connection, and nothing would be served).
-        Called before :meth:`start`, it raises HotswapError and starts none.
+        Called before :meth:`start` (or while it is at work), it raises
+        HotswapError and starts none.
 
         Once it has begun confirming, the handover is this process's: the
         predecessor commits as it reads the confirmation and then stops
@@ -773,6 +774,12 @@ class Upgrader:
             if not callable(getattr(server, "start_serving", None)):
                 raise TypeError(f"ready(start_serving=...) takes servers (asyncio's, "
                                 f"uvloop's), not {server!r}")
+        if self._starting is not None and not self._starting.done():
+            # Its handshake says TAKING_OVER from the hello on: a
+            # confirmation made now found no channel yet (an AssertionError),
+            # and every later ready() waited for that failed one.
+            raise HotswapError("ready() before start() returned: await start(), then "
+                               "listen(), then ready()")
         for leftover in self._inherited.values():
             log.info("%s: closing unclaimed inherited %s", self.name, leftover.info.name)
             leftover.sock.close()

@@ -2654,6 +2654,59 @@ def test_a_start_cancelled_during_its_hello_leaves_the_upgrader_starting(
     run(main())
 
 
+def test_a_ready_while_start_is_taking_over_says_so_and_changes_nothing(
+        run: Runner, caplog: pytest.LogCaptureFixture) -> None:
+    """ready() called while start() is still taking over (its hello sent,
+    the sockets not there yet: start() in a task of its own): the upgrader
+    said TAKING_OVER already, so ready() made its confirmation, which found
+    no channel to the predecessor. An AssertionError, logged as "confirming
+    the handover failed", and that failed confirmation was the one every
+    later ready() waited for: once start() had returned, ready() raised the
+    same AssertionError and the takeover could never be confirmed. It now
+    says start() has not returned, as listen() does then, and changes
+    nothing: the takeover confirms as usual."""
+    name = new_name()
+
+    async def main() -> None:
+        address = control_address(name)
+        control = listeners.bind(address, backlog=8)
+        listener = listeners.bind(("127.0.0.1", 0))
+        channel: Channel | None = None
+        new = hotswap.Upgrader(name, version="v2", options=opts())
+        starting = asyncio.create_task(new.start())
+        try:
+            conn, _ = await asyncio.get_running_loop().sock_accept(control)
+            channel = Channel(conn, Sender.SERVER)  # a predecessor by hand
+            assert isinstance(await channel.receive(timeout=5), Hello)
+            assert state_now(new) is hotswap.State.TAKING_OVER
+            with pytest.raises(hotswap.HotswapError, match=r"^ready\(\) before start\(\) returned"):
+                await asyncio.wait_for(new.ready(), 5)
+            assert "confirming the handover failed" not in caplog.text
+            entries = (listeners.describe("http", listener),
+                       SocketInfo(name=hotswap.control.CONTROL_NAME, family="unix",
+                                  kind="stream", address=address))
+            await channel.send(Welcome(pid=os.getpid(), version="v1", count=2), timeout=5)
+            await channel.send(Sockets(entries=entries,
+                                       fds=(listener.fileno(), control.fileno())), timeout=5)
+            assert await asyncio.wait_for(starting, 5) is hotswap.Role.TAKEOVER
+            assert new.listen("http", listener.getsockname()).getsockname() == \
+                listener.getsockname()
+            ready = asyncio.create_task(new.ready())
+            assert isinstance(await channel.receive(timeout=5), hotswap.protocol.Accepting)
+            await channel.send(hotswap.protocol.Released(pid=os.getpid()), timeout=5)
+            await asyncio.wait_for(ready, 5)
+            assert new.state is hotswap.State.SERVING
+        finally:
+            if channel is not None:
+                channel.close()
+            listener.close()
+            control.close()
+            await new.close()
+            await asyncio.gather(starting, return_exceptions=True)
+
+    run(main())
+
+
 def _readable(conn: socket.socket) -> bool:
     """Whether ``conn`` has bytes to read (a peek: nothing consumed)."""
     try:
