@@ -181,17 +181,18 @@ def _has_spoken(conn: socket.socket) -> bool:
         return False
 
 
-def _no_room_to_serve() -> str:
+def _no_room_to_serve(needed: int) -> str:
     """Why this process could not serve now for want of descriptors, or
-    ``""``: it must be able to open two more (the control socket's reserve,
-    and one connection to accept). Opens and closes them at once; raises
-    nothing. Only a want of descriptors (EMFILE, ENFILE) counts: any other
-    error (a seccomp profile that refuses eventfd) says nothing of them,
-    and must not call every handover off."""
+    ``""``: it must be able to open ``needed`` more (the control socket's
+    reserve, one connection to accept, and the serving marker when it binds
+    one). Opens and closes them at once; raises nothing. Only a want of
+    descriptors (EMFILE, ENFILE) counts: any other error (a seccomp profile
+    that refuses eventfd) says nothing of them, and must not call every
+    handover off."""
     opened: list[int] = []
     error = ""
     try:
-        for _ in range(2):
+        for _ in range(needed):
             opened.append(os.eventfd(0, os.EFD_CLOEXEC))
     except OSError as exc:
         if exc.errno in (errno.EMFILE, errno.ENFILE):
@@ -1499,7 +1500,10 @@ class Upgrader:
             await self._abort(f"{late}; the predecessor serves on")
         # At the descriptor limit (room for the sockets received, none
         # more) our servers could accept nothing, for good: not ours then.
-        if no_room := _no_room_to_serve():
+        # The serving marker, bound as we confirm, takes one more: with it
+        # uncounted, a Kruise successor confirmed with none left to accept.
+        marker = self.versions.rank is not None and not self.options.control_path
+        if no_room := _no_room_to_serve(3 if marker else 2):
             await self._abort(f"no descriptor left to accept connections with: {no_room}; "
                               "raise this process's RLIMIT_NOFILE; the predecessor serves on")
         # Our servers accept from here on, with the send in this same step:

@@ -2038,6 +2038,99 @@ def test_a_first_message_that_came_while_the_server_stalled_counts(run: Runner) 
     run(main())
 
 
+_ROOM_CHILD = """
+import asyncio, itertools, os, resource, sys
+import hotswap
+
+def is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+def room() -> int:  # descriptors this process may still open
+    opened = []
+    try:
+        while True:
+            opened.append(os.eventfd(0, os.EFD_CLOEXEC))
+    except OSError:
+        pass
+    for fd in opened:
+        os.close(fd)
+    return len(opened)
+
+async def main() -> None:
+    upg = hotswap.Upgrader(sys.argv[1], version="v2",
+                           options=hotswap.Options(message_timeout=5.0))
+    assert await upg.start() is hotswap.Role.TAKEOVER
+    sock = upg.listen("http", ("127.0.0.1", int(sys.argv[2])))
+    server = await asyncio.start_server(lambda r, w: w.close(), sock=sock,
+                                        start_serving=False)
+    # The limit that leaves exactly two descriptor numbers free below it
+    # (what is open above it, inherited from the test's runner, stays so).
+    free = list(itertools.islice((fd for fd in itertools.count() if not is_open(fd)), 2))
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (free[1] + 1, hard))
+    assert room() == 2
+    try:
+        await upg.ready(start_serving=[server])
+        print("confirmed; room", room(), flush=True)
+    except hotswap.HandoverFailed as exc:
+        print("called off:", exc, flush=True)
+    server.close()
+    await upg.close()
+
+if sys.argv[3] == "uvloop":
+    import uvloop
+    uvloop.run(main())
+else:
+    asyncio.run(main())
+"""
+
+
+def test_a_kruise_successor_counts_its_serving_marker_in_the_room_it_needs(
+        run: Runner) -> None:
+    """A successor confirms only with two descriptors to spare once it holds
+    the sockets: the control socket's reserve and one connection to accept
+    (else it aborts and the predecessor serves on). A Kruise successor
+    (a rank: the serving marker) binds a third as it confirms, its marker:
+    with exactly two to spare it confirmed, the marker and the reserve took
+    both, and its servers could accept nothing (EMFILE) while the
+    predecessor, which had stopped accepting, drained. It now counts the
+    marker and calls the handover off. The successor runs in a child (on
+    the same event loop as the test) whose limit it lowers: its own
+    descriptors only (the predecessor, here, would free some of its own
+    in between)."""
+    name = new_name()
+
+    async def main() -> None:
+        old = await serving_upgrader(name, "v1", handover_timeout=10.0)
+        exited = asyncio.ensure_future(old.wait_exit())
+
+        async def drain_if_taken_over() -> None:  # keeps the channel open meanwhile
+            if await exited is hotswap.ExitReason.TAKEN_OVER:
+                await old.release()
+
+        releasing = asyncio.ensure_future(drain_if_taken_over())
+        try:
+            child = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", _ROOM_CHILD, name, str(port_of(old.status())),
+                "asyncio" if run is asyncio.run else "uvloop",
+                env=child_env(SIDECARSET_VERSION="2", SIDECARSET_VERSION_ALT="1"),
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            out = (await asyncio.wait_for(child.communicate(), 30))[0].decode()
+            assert child.returncode == 0, out
+            assert "called off: handover aborted: no descriptor left to accept" in out, out
+            assert not exited.done() and old.state is hotswap.State.SERVING
+        finally:
+            releasing.cancel()
+            exited.cancel()
+            await old.close()
+
+    run(main())
+
+
 def test_usage_at_the_descriptor_limit_is_unknown_not_an_error() -> None:
     """A status request that takes the last descriptor: psutil cannot open
     /proc, and the reply says -1 rather than failing ("internal error",
