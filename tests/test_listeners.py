@@ -982,6 +982,44 @@ def test_a_listener_whose_kind_changed_says_so(caplog: pytest.LogCaptureFixture)
         reserve.close()
 
 
+@pytest.mark.parametrize("backlog", ["1024", 2**40, 1.5])
+def test_a_backlog_that_is_no_listen_queue_is_refused_at_listen(backlog: object) -> None:
+    """A backlog that ``sock.listen()`` does not take (a string read from
+    the environment, a number too big for it): a listener bound anew
+    failed at listen() (a ListenerError), but an inherited one in a
+    takeover took it, and the confirmation then failed on it, a TypeError
+    or OverflowError logged as "confirming the handover failed", and every
+    later ready() raised it again. listen() now refuses it at once, in
+    either case, before anything is bound or inherited; the takeover goes
+    on with a listen() that gives a good one."""
+    name = f"l-{uuid.uuid4().hex[:12]}"
+
+    async def main() -> None:
+        old, new = two_versions(name)
+        try:
+            assert await old.start() is hotswap.Role.FRESH
+            with pytest.raises(ListenerError, match="backlog"):
+                old.listen("raw", ("127.0.0.1", 0), backlog=backlog)  # type: ignore[arg-type]
+            old_sock = old.listen("raw", ("127.0.0.1", 0), backlog=256)
+            await old.ready()
+            assert await new.start() is hotswap.Role.TAKEOVER
+            address = old_sock.getsockname()
+            with pytest.raises(ListenerError, match="backlog"):
+                new.listen("raw", address, backlog=backlog)  # type: ignore[arg-type]
+            new_sock = new.listen("raw", address, backlog=64)  # still inherited
+            assert os.fstat(new_sock.fileno()).st_ino == os.fstat(old_sock.fileno()).st_ino
+            ready = asyncio.create_task(new.ready())
+            assert await old.wait_exit() is hotswap.ExitReason.TAKEN_OVER
+            await old.release()
+            await ready
+            assert listen_queue(new_sock) == 64
+        finally:
+            await old.close(cut=0)
+            await new.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
 def test_a_failed_handover_leaves_the_predecessor_its_queue() -> None:
     """The listen queue a successor asks for is the shared listener's from
     the step that confirms on: one that backs out before (here it closes,
