@@ -358,7 +358,8 @@ def start_serving(server: asyncio.AbstractServer) -> None:
     Errors: ``sock.listen()``'s ``OSError`` (asyncio's; uvloop logs a
     failure to listen and closes that listener); a ``start_serving()``
     that would have to wait is a :class:`TypeError` (its coroutine is closed
-    first). The sockets stay the server's either way.
+    first); whatever else a server's ``start_serving()`` raises, as it is.
+    The sockets stay the server's either way.
     """
     if server.is_serving():
         return

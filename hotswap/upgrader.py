@@ -1527,7 +1527,7 @@ class Upgrader:
             self._listen_again()
             try:
                 self._serve_now(all_or_none=True)
-            except (OSError, TypeError) as exc:
+            except Exception as exc:  # noqa: BLE001 - a server's own error (see _serve_now)
                 await self._abort(f"starting our servers failed: {exc!r}; the "
                                   "predecessor serves on")
         self._accepting_sent = True  # nothing awaited before the send: no step between
@@ -1566,7 +1566,7 @@ class Upgrader:
         self._listen_again()  # if the predecessor had spoken first, and we serve anyway
         try:
             self._serve_now()  # if the predecessor had spoken first, and we serve anyway
-        except (OSError, TypeError) as exc:  # too late to call it off: the others serve
+        except Exception as exc:  # noqa: BLE001 - too late to call it off: the others serve
             log.error("%s: starting a server failed: %r", self.name, exc)
         self._set_state(State.SERVING)
         assert self._control_sock is not None
@@ -1593,7 +1593,10 @@ class Upgrader:
 
     def _serve_now(self, *, all_or_none: bool = False) -> None:
         """Start the servers ready() was given (see there), at once: each
-        one, then the first error (OSError, TypeError) if any.
+        one, then the first error if any (an OSError, a TypeError, or
+        whatever a server of another library raises as it starts: a
+        RuntimeError let through left the servers started before it
+        accepting for a process that then backed out).
 
         ``all_or_none`` (before the confirmation, which an error calls off):
         on an error, the servers this call started are closed again, in the
@@ -1609,7 +1612,7 @@ class Upgrader:
                 if not server.is_serving():
                     listeners.start_serving(server)
                     started.append(server)
-            except (OSError, TypeError) as exc:
+            except Exception as exc:  # noqa: BLE001 - a server of any library
                 error = error or exc
         if error is not None:
             if all_or_none:

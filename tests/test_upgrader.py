@@ -3358,19 +3358,32 @@ class _WaitingServer(asyncio.AbstractServer):
         raise NotImplementedError
 
 
-def test_a_server_that_cannot_start_leaves_the_others_not_accepting(run: Runner) -> None:
+class _FailingServer(_WaitingServer):
+    """A server (of some other library) whose ``start_serving()`` fails
+    at once with an error of its own."""
+
+    async def start_serving(self) -> None:
+        raise RuntimeError("this server cannot start")
+
+
+@pytest.mark.parametrize("failing", [_WaitingServer, _FailingServer])
+def test_a_server_that_cannot_start_leaves_the_others_not_accepting(
+        run: Runner, failing: type[asyncio.AbstractServer]) -> None:
     """Of the servers given to ready(), one that cannot start aborts the
     handover (the predecessor serves on), and those started before it in
     that same step stop again before the loop runs: a connection queued
     meanwhile is the predecessor's, not accepted by a process that backs
-    out (ready()'s word: servers of a HandoverFailed were not started)."""
+    out (ready()'s word: servers of a HandoverFailed were not started).
+    Whatever the failing one raises: a RuntimeError of its own (no OSError,
+    no TypeError) escaped the confirmation, the one started before it
+    accepted the queued connection, and the upgrader stayed taking-over."""
     name = new_name()
 
     async def main() -> None:
         async with a_successor_with_a_queued_connection(name) as (
                 old, new, server, client, answered):
             with pytest.raises(hotswap.HandoverFailed, match="starting our servers failed"):
-                await new.ready(start_serving=[server, _WaitingServer()])
+                await new.ready(start_serving=[server, failing()])
             assert not server.is_serving()
             for _ in range(3):
                 await asyncio.sleep(0)  # a server accepting would have it by now
