@@ -2113,17 +2113,20 @@ def test_a_kruise_successor_counts_its_serving_marker_in_the_room_it_needs(
                 await old.release()
 
         releasing = asyncio.ensure_future(drain_if_taken_over())
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _ROOM_CHILD, name, str(port_of(old.status())),
+            "asyncio" if run is asyncio.run else "uvloop",
+            env=child_env(SIDECARSET_VERSION="2", SIDECARSET_VERSION_ALT="1"),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:
-            child = await asyncio.create_subprocess_exec(
-                sys.executable, "-c", _ROOM_CHILD, name, str(port_of(old.status())),
-                "asyncio" if run is asyncio.run else "uvloop",
-                env=child_env(SIDECARSET_VERSION="2", SIDECARSET_VERSION_ALT="1"),
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             out = (await asyncio.wait_for(child.communicate(), 30))[0].decode()
             assert child.returncode == 0, out
             assert "called off: handover aborted: no descriptor left to accept" in out, out
             assert not exited.done() and old.state is hotswap.State.SERVING
         finally:
+            if child.returncode is None:
+                child.kill()
+                await child.wait()
             releasing.cancel()
             exited.cancel()
             await old.close()
