@@ -621,11 +621,11 @@ class Upgrader:
         inherited listener shares its open file, and so its ``O_NONBLOCK``,
         with the predecessor's copy: keep it non-blocking (``settimeout()``
         does), or the predecessor's loop blocks in ``accept()``. Raises
-        ListenerError if ``backlog`` is no listen queue's length (an int
-        ``sock.listen()`` takes), if ``address`` is none, is to be bound
-        and is that of a listener this process has already (under another
-        name), or binding fails (on a fresh start, an address in use says
-        that nobody served this name), HotswapError
+        ListenerError if a stream listener's ``backlog`` is no listen
+        queue's length (an int ``sock.listen()`` takes), if ``address`` is
+        none, is to be bound and is that of a listener this process has
+        already (under another name), or binding fails (on a fresh start,
+        an address in use says that nobody served this name), HotswapError
         if ``name`` is taken or :meth:`start` has not returned yet (nothing
         is inherited before it: a bind then fails once a predecessor holds
         the address); nothing is bound then.
@@ -637,8 +637,8 @@ class Upgrader:
         if self.state not in (State.STARTING, State.TAKING_OVER, State.SERVING):
             raise HotswapError(f"cannot listen in state {self.state.value}")
         want = listeners.wanted_info(name, address, kind)
-        if backlog is not None and not (isinstance(backlog, int)
-                                        and -2**31 <= backlog < 2**31):
+        if kind == "stream" and backlog is not None and not (
+                isinstance(backlog, int) and -2**31 <= backlog < 2**31):
             # What sock.listen() takes (a C int). Refused here, not only by a
             # bind anew: an inherited listener is given it as the successor
             # confirms, and a TypeError or OverflowError there failed the
