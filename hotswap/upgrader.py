@@ -1054,7 +1054,9 @@ class Upgrader:
         itself the only acceptor. Only the first call does anything (a
         second Released would break the protocol, and the successor would
         take its predecessor for gone while it still drains): safe to call
-        again, from a ``finally`` say.
+        again, from a ``finally`` say. As a successor that has not begun
+        confirming, it calls the handover off (an ``Abort``: the predecessor
+        serves on).
         """
         if not self._released and self.state is not State.STOPPED:
             # A confirmation still running would make us serve again after this.
@@ -1062,7 +1064,18 @@ class Upgrader:
         if self._released or self.state is State.STOPPED:  # (a call meanwhile, too)
             return
         self._released = True
+        # Released before confirming (its set-up failed, say): the handover
+        # is off. Tell the old side why it serves on, as close() does (not
+        # from close(): it has said so already); it waited for our word
+        # until its handover_timeout, or our close(), refusing others.
+        unconfirmed = self.state is State.TAKING_OVER and not self._closed
         self._set_state(State.DRAINING)
+        if unconfirmed and (channel := self._predecessor_channel) is not None:
+            self._to_serve.clear()  # never started: the caller closes them
+            self._backlogs.clear()  # the predecessor's queues stay as they are
+            with contextlib.suppress(HotswapError):
+                await channel.send(Abort(reason="successor released before confirming"),
+                                   timeout=1.0)
         await self._stop_control()
         for entry in self._listeners.values():
             entry.sock.close()

@@ -1659,11 +1659,16 @@ def test_a_successor_told_to_stop_while_refused_busy_stops_waiting(
     run(main())
 
 
+@pytest.mark.parametrize("how", ["closed", "released"])
 def test_a_successor_closed_before_confirming_says_so(
-        run: Runner, caplog: pytest.LogCaptureFixture) -> None:
+        run: Runner, caplog: pytest.LogCaptureFixture, how: str) -> None:
     """A successor that is closed after taking the sockets and before
     confirming (its app's set-up raised, say) tells the old side, which
-    logs why it serves on instead of a bare closed channel."""
+    logs why it serves on instead of a bare closed channel. So does one
+    released first (``release()`` then ``close()``, from a ``finally``):
+    the release left the old side waiting, handing over and refusing other
+    successors as busy, until the close (or its handover_timeout), and then
+    it logged only "peer closed the control connection"."""
     name = new_name()
     caplog.set_level(logging.INFO, logger="hotswap")
 
@@ -1672,11 +1677,17 @@ def test_a_successor_closed_before_confirming_says_so(
         new = hotswap.Upgrader(name, version="v2", options=opts())
         assert await new.start() is hotswap.Role.TAKEOVER
         new.listen("http", ("127.0.0.1", 0))
-        await new.close()
+        if how == "released":
+            await new.release()
+            assert new.state is hotswap.State.DRAINING
+        else:
+            await new.close()
         await until(lambda: "still serving" in caplog.text, "the old side to give up")
-        assert "successor aborted: successor closed before confirming" in caplog.text
+        assert f"successor aborted: successor {how} before confirming" in caplog.text
         st = await query_status(control_address(name))
         assert (st.version, st.state) == ("v1", "serving")
+        await new.close()
+        assert caplog.text.count("successor aborted") == 1
         await old.close()
 
     run(main())
