@@ -197,9 +197,11 @@ def test_a_restarted_old_slot_stands_in_while_nobody_serves(
 
 
 def _as_uid(uid: int, probe: Callable[[], Coroutine[Any, Any, str]]) -> str:
-    """Run ``probe`` in a forked child that has dropped to ``uid`` (a real peer
-    with other credentials; forking avoids exec'ing an interpreter that uid
-    may not be allowed to read). Returns what the probe returned."""
+    """Run ``probe`` in a forked child that has dropped to ``uid`` (and gid
+    ``uid - 1``: a real peer with other credentials, whose uid and gid
+    differ so that SO_PEERCRED's fields cannot be mixed up; forking avoids
+    exec'ing an interpreter that uid may not be allowed to read). Returns
+    what the probe returned."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # child
@@ -207,7 +209,7 @@ def _as_uid(uid: int, probe: Callable[[], Coroutine[Any, Any, str]]) -> str:
         try:
             os.close(read_end)
             os.setgroups([])
-            os.setgid(uid)
+            os.setgid(uid - 1)  # not the uid: a check that read the gid fails
             os.setuid(uid)
             result = asyncio.run(probe())
         except BaseException as exc:  # noqa: BLE001 - reported to the parent
@@ -399,8 +401,9 @@ def test_successor_hung_past_the_deadline(
 
 @contextlib.contextmanager
 def _served_as(uid: int, name: str) -> Iterator[Callable[[], bool]]:
-    """A server of ``name`` running as ``uid`` in a forked child (it would
-    hand its sockets to root too: allowed uids 0 and ``uid``), until the
+    """A server of ``name`` running as ``uid`` (gid ``uid - 1``, as
+    :func:`_as_uid`) in a forked child (it would hand its sockets to root
+    too: allowed uids 0 and ``uid``), until the
     block ends; taken over, it releases its sockets. Yields ``stop()``: ends
     the server and says whether it was still serving (not taken over) when
     it stopped."""
@@ -413,7 +416,7 @@ def _served_as(uid: int, name: str) -> Iterator[Callable[[], bool]]:
             os.close(ready_r)
             os.close(stop_w)
             os.setgroups([])
-            os.setgid(uid)
+            os.setgid(uid - 1)  # not the uid: a check that read the gid fails
             os.setuid(uid)
 
             async def serve() -> hotswap.State:
