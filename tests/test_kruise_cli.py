@@ -727,6 +727,9 @@ def test_marked_ranks_reads_the_markers_as_the_shell_does(name: str) -> None:
             sock.bind(f"\0hotswap/{marker}")
         assert hotswap.control.marked_ranks(name, now=now) == {7, 8}
         assert hotswap.control.marked_ranks(name, now=now + 2.5) == {7}
+        # Exactly as old as fresh allows: fresh, as the shell's -le says.
+        assert hotswap.control.marked_ranks(name, now=now + 3) == {7}
+        assert hotswap.control.marked_ranks(name, now=now - 3) == {7, 8}
         assert hotswap.control.marked_ranks(name, fresh=20, now=now) == {7, 8, 9}
     finally:
         for sock in socks:
