@@ -154,6 +154,33 @@ def test_garbage_closes_descriptors_that_came_with_it(run: Runner, role: Sender)
     os.close(w)
 
 
+def test_garbage_closes_the_descriptors_read_after_it_at_once(run: Runner) -> None:
+    """Garbage, then a frame with descriptors that one read takes with it:
+    the receive that fails closes those descriptors as it raises, not only
+    when the channel is closed (they belong to no frame it will deliver)."""
+    r, w = os.pipe()
+
+    async def main() -> None:
+        a, b = socket.socketpair()
+        channel = Channel(a, Sender.CLIENT)
+        try:
+            b.sendall(b"\x00\x00\x00\x02{}")
+            send_frame(b, encode(Sockets(entries=tuple(socket_entries(2, 10)))), [r, w])
+            held = open_fds()
+            with pytest.raises(RemoteProtocolError):
+                await channel.receive(timeout=5)
+            assert open_fds() == held
+        finally:
+            channel.close()
+            b.close()
+
+    before = open_fds()
+    run(main())
+    assert open_fds() == before
+    os.close(r)
+    os.close(w)
+
+
 def test_receive_deadline_and_eof(run: Runner) -> None:
     async def main() -> None:
         a, b = socket.socketpair()
