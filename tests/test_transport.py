@@ -716,6 +716,44 @@ def test_close_while_a_receive_waits(run: Runner) -> None:
     assert open_fds() == before
 
 
+@pytest.mark.parametrize("held", ["read ahead", "a frame begun"])
+def test_close_closes_the_descriptors_not_yet_handed_out(run: Runner, held: str) -> None:
+    """close() with descriptors received and not yet handed out: read
+    ahead behind the frame that a receive returned, or with the first part
+    of a frame whose rest never came (the receive timed out, which keeps
+    them). They are closed with the channel: a listener's copy left open
+    would keep its port accepting into a queue nobody serves."""
+    sent = fresh_sockets(3)
+    sockets = Sockets(entries=tuple(socket_entries(3, 10)), fds=tuple(s.fileno() for s in sent))
+
+    async def main() -> None:
+        a, b = socket.socketpair()
+        client = Channel(b, Sender.CLIENT)
+        try:
+            await client.send(Hello(pid=1, version="v"), timeout=5)
+            a.sendall(encode(Welcome(pid=1, version="v", count=3)))
+            frame = encode(sockets)
+            if held == "read ahead":
+                send_frame(a, frame, sockets.fds)
+                assert isinstance(await client.receive(timeout=5), Welcome)
+            else:
+                assert isinstance(await client.receive(timeout=5), Welcome)
+                send_frame(a, frame[:-1], sockets.fds)
+                with pytest.raises(HandoverTimeout):
+                    await client.receive(timeout=0.1)
+        finally:
+            client.close()
+            a.close()
+
+    before = open_fds()
+    try:
+        run(main())
+        assert open_fds() == before
+    finally:
+        for sock in sent:
+            sock.close()
+
+
 def test_peer_closed_peeks_without_consuming() -> None:
     """Channel.peer_closed(): True only once the other end closed and nothing
     is left to read; it consumes nothing (a frame still waiting is read
