@@ -608,6 +608,40 @@ def test_systemd_sockets_a_library_took_already_are_left_to_it() -> None:
     assert "sd_listen_fds()" in out.stderr, out.stderr
 
 
+SYSTEMD_NAMES_CHILD = AS_SYSTEMD + """
+import json, os, sys
+from hotswap.listeners import systemd_sockets
+as_systemd([int(fd) for fd in sys.argv[1:3]])
+env = {"LISTEN_PID": "1", "LISTEN_FDS": "2", "LISTEN_FDNAMES": "web:"}
+other = systemd_sockets(env, os.getpid())  # another process's (here: init's)
+left = [os.get_inheritable(fd) for fd in (3, 4)]  # raises if one was closed
+env["LISTEN_PID"] = str(os.getpid())
+taken = systemd_sockets(env, os.getpid())
+print(json.dumps({"other": sorted(other), "left": left,
+                  "taken": {name: [s.fileno(), s.get_inheritable()]
+                            for name, s in taken.items()}}))
+"""
+
+
+def test_systemd_sockets_for_another_pid_are_left_alone_ours_named_and_close_on_exec() -> None:
+    """LISTEN_PID of another process: its variables are not ours (a
+    child that inherited the environment), and the descriptors are left as
+    they are. Ours: an empty name in LISTEN_FDNAMES is ``fdN``, and each
+    socket taken is close-on-exec from then on (a child the process runs
+    must not hold a listener)."""
+    first, second = bind(("127.0.0.1", 0)), bind(("127.0.0.1", 0))
+    fds = (first.fileno(), second.fileno())
+    try:
+        out = subprocess.run([sys.executable, "-c", SYSTEMD_NAMES_CHILD, *map(str, fds)],
+                             pass_fds=fds, env=child_env(), capture_output=True,
+                             text=True, timeout=30, check=True)
+    finally:
+        first.close()
+        second.close()
+    assert json.loads(out.stdout) == {"other": [], "left": [True, True],
+                                      "taken": {"web": [3, False], "fd4": [4, False]}}, out
+
+
 SYSTEMD_ONE_UNIT_CHILD = AS_SYSTEMD + """
 import asyncio, json, logging, os, sys
 logging.basicConfig(level=logging.INFO, format="%(message)s")
