@@ -937,6 +937,10 @@ def test_a_hooks_deadline_counts_only_from_this_run(tmp_path: Path) -> None:
             (deadline, why)
     path.write_text(f"{now - 100}\n")
     assert hook_gave_up(env, "sc", 3, since=since) is None, "another version's hook"
+    # Written a moment before the process's start time: this run's (the
+    # hook starts with the container; the two clocks' readings differ).
+    os.utime(path, (since - 0.5, since - 0.5))
+    assert hook_gave_up(env, "sc", 2, since=since) is not None, "this run's, just before"
     os.utime(path, (since - 5, since - 5))
     assert hook_gave_up(env, "sc", 2, since=since) is None, "a previous run's"
     path.unlink()
