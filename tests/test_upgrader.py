@@ -3463,6 +3463,29 @@ def test_a_server_started_before_ready_still_works(run: Runner) -> None:
     run(main())
 
 
+def test_a_title_longer_than_the_command_line_is_cut_and_shows_no_environment() -> None:
+    """A title longer than the command line's bytes is cut to them less
+    one, which stays NUL: a last byte that is not makes the kernel take the
+    process for one using setproctitle(3), and ps then shows what follows
+    the command line, the environment (its first variable, here), after
+    the title. A real interpreter with a short command line (its program
+    read from stdin), the title read back as ps reads it."""
+    repo = str(Path(__file__).resolve().parent.parent)
+    name = "n" * 80
+    probe = (f"import sys; sys.path.insert(0, {repo!r})\n"
+             "import psutil, hotswap\n"
+             f"hotswap.Upgrader({name!r}, version='v1', options=hotswap.Options(env={{}}))\n"
+             "print(repr(psutil.Process().cmdline()))\n")
+    env = {"A_FIRST_VARIABLE": "from-the-environment", **child_env()}
+    out = subprocess.run([sys.executable, "-"], input=probe, capture_output=True,
+                         text=True, env=env, timeout=30)
+    assert out.returncode == 0, out
+    room = len(os.fsencode(sys.executable)) + len(b"\0-\0") - 1
+    title = f"hotswap[{name}] v1 starting"
+    assert len(title) > room
+    assert out.stdout == repr([title[:room]]) + "\n", out
+
+
 @pytest.mark.parametrize("case", ["first-variable-changed", "empty-environment",
                                   "long-command-line"])
 def test_the_process_title_is_set_whatever_the_environment(case: str) -> None:
