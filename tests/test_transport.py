@@ -771,5 +771,15 @@ def test_peer_closed_peeks_without_consuming() -> None:
         finally:
             server.close()
         assert not server.peer_closed()  # our own end closed: not the peer
+        # A peer that closes with our bytes unread resets the connection
+        # (ECONNRESET, said once): closed too.
+        c, d = socket.socketpair()
+        c.sendall(encode(Welcome(pid=1, version="v", count=1)))
+        reset = Channel(c, Sender.SERVER)
+        try:
+            d.close()
+            assert reset.peer_closed()
+        finally:
+            reset.close()
 
     asyncio.run(main())
