@@ -573,6 +573,51 @@ def test_nothing_is_sent_after_a_frame_cut_short(run: Runner) -> None:
     assert open_fds() == before
 
 
+def test_send_nowait_writes_nothing_while_a_frame_is_going_out(run: Runner) -> None:
+    """send_nowait() while another task's frame is part way out writes
+    nothing, even with room in the socket buffer (the peer read some
+    before that task ran again): its bytes would land inside that frame.
+    The frame then goes out whole, and nothing else."""
+    before = open_fds()
+    sent = fresh_sockets(1)
+    big = Sockets(entries=(SocketInfo(name="x", family="unix", kind="stream",
+                                      address="@" + "a" * 200_000),),
+                  fds=(sent[0].fileno(),))
+
+    async def main() -> bytes:
+        a, b = socket.socketpair()
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * 1024)
+        server = Channel(a, Sender.SERVER)
+        try:
+            b.sendall(encode(Hello(pid=1, version="v")))
+            await server.receive(timeout=5)
+            await server.send(Welcome(pid=1, version="v", count=1), timeout=5)
+            sending = asyncio.create_task(server.send(big, timeout=5))
+            await asyncio.sleep(0)  # one loop turn: the task runs up to its wait
+            assert not sending.done()
+            data = b.recv(65536)  # room in the buffer: the rest of the frame would fit
+            server.send_nowait(Failed(reason="y"))
+            b.setblocking(False)
+            loop = asyncio.get_running_loop()
+            while chunk := await loop.sock_recv(b, 65536):  # up to EOF
+                data += chunk
+                if sending.done():
+                    await sending
+                    server.close()
+        finally:
+            server.close()
+            b.close()
+        return data
+
+    try:
+        data = run(main())
+    finally:
+        for sock in sent:
+            sock.close()
+    assert data == encode(Welcome(pid=1, version="v", count=1)) + encode(big)
+    assert open_fds() == before
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_random_frames_splits_and_timing_keep_descriptors_with_their_frame(
         run: Runner, seed: int) -> None:
