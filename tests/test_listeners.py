@@ -292,7 +292,8 @@ def test_odd_addresses_are_listener_errors_and_abstract_names_keep_their_bytes()
 
 @pytest.mark.parametrize("address", [
     b"/tmp/hotswap-test-bytes", (None, 0), ("127.0.0.1", "80"), ("127.0.0.1", True),
-    ["127.0.0.1", 0], ("127.0.0.1",), 8080], ids=repr)
+    ("127.0.0.1", 65536), ("127.0.0.1", -1), ["127.0.0.1", 0], ("127.0.0.1",), 8080],
+    ids=repr)
 def test_what_is_no_address_is_a_listener_error_and_leaks_nothing(address: object) -> None:
     """listen() and bind() given something that is no address say what is
     wrong with it, as a ListenerError, before creating a socket (a bytes
