@@ -46,6 +46,8 @@ from hotswap.kruise import Role, detect
     (None, None, Role.AUTO), ("0", "1", Role.EMPTY), ("1", None, Role.FRESH),
     ("1", "0", Role.FRESH), ("2", "1", Role.TAKEOVER), ("1", "2", Role.PASSIVE),
     ("2", "2", Role.PASSIVE),
+    # Blank is unset (a manifest's empty value, quoted with a blank).
+    (" ", None, Role.AUTO), ("2", " \t", Role.FRESH),
 ])
 def test_roles(version: str | None, alt: str | None, role: Role) -> None:
     env = {}
