@@ -970,10 +970,18 @@ def test_what_is_no_deadline_file_leaves_no_descriptor_behind(tmp_path: Path,
         os.mkfifo(named)
     else:
         os.symlink("/dev/zero", named)
-    before = len(os.listdir("/proc/self/fd"))
-    for _ in range(3):
-        assert hook_gave_up(env, "sc", 2, since=time.time() - 10) is None
-    assert len(os.listdir("/proc/self/fd")) == before
+    # A FIFO holding what reads as a deadline long past: still none.
+    holder = os.open(named, os.O_RDWR | os.O_NONBLOCK) if what == "fifo" else -1
+    if holder >= 0:
+        os.write(holder, b"1\n")
+    try:
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(3):
+            assert hook_gave_up(env, "sc", 2, since=time.time() - 10) is None
+        assert len(os.listdir("/proc/self/fd")) == before
+    finally:
+        if holder >= 0:
+            os.close(holder)
 
 
 @pytest.mark.parametrize("host", ["", "a/b", "pod y", "p\u00f6d", "pod@x"])
