@@ -1829,6 +1829,48 @@ def test_a_status_client_given_half_a_frame_and_a_descriptor_keeps_neither(
 
 
 @pytest.mark.parametrize("client", ["blocking", "async"])
+def test_a_status_client_given_an_answer_a_byte_at_a_time_keeps_its_deadline(
+        client: str) -> None:
+    """Something of our uid on the control name answers a status query a
+    byte at a time, the last one shortly before the client's deadline (2 s
+    here), then nothing: the client gives up at its deadline, not once a
+    read has waited a whole deadline for the next byte (a probe would be
+    held up to twice as long as it said)."""
+    name = new_name()
+    squatter = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    squatter.bind(sockaddr(control_address(name)))
+    squatter.listen(1)
+    done = threading.Event()
+
+    def serve() -> None:
+        with squatter:
+            squatter.settimeout(10)
+            conn, _ = squatter.accept()
+            with conn:
+                conn.recv(65536)  # the status request
+                frame = encode(hotswap.protocol.Refused(code="busy", reason="x" * 100))
+                for i in range(2):  # at 0.9 s and 1.8 s, then nothing
+                    if done.wait(0.9):
+                        break
+                    conn.sendall(frame[i:i + 1])
+                done.wait(10)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(hotswap.HandoverTimeout):
+            if client == "blocking":
+                hotswap.control.status_blocking(control_address(name), timeout=2)
+            else:
+                asyncio.run(query_status(control_address(name), timeout=2))
+        assert time.monotonic() - started < 3
+    finally:
+        done.set()
+        thread.join(timeout=10)
+
+
+@pytest.mark.parametrize("client", ["blocking", "async"])
 def test_a_status_client_whose_server_closes_without_answering_says_so_at_once(
         client: str) -> None:
     """The process on the control name reads the status query and closes
