@@ -123,12 +123,15 @@ def marked_ranks(name: str, *, fresh: float = MARKER_FRESH,
                  now: float | None = None) -> frozenset[int]:
     """The Kruise versions whose serving marker (:func:`serving_marker`)
     for ``name`` is bound in this network namespace with a stamp within
-    ``fresh`` seconds of ``now`` (default: the current Unix time); what
-    ``scripts/hotswap-marker.sh`` reads, read the same way. Empty if
-    ``/proc/net/unix`` cannot be read. Never raises for what it finds
-    there: a name that does not parse is skipped."""
+    ``fresh`` seconds of ``now`` (default: the current Unix time in whole
+    seconds, as ``date +%s`` reads it); what ``scripts/hotswap-marker.sh``
+    reads, read the same way. Empty if ``/proc/net/unix`` cannot be read.
+    Never raises for what it finds there: a name that does not parse is
+    skipped."""
     prefix = serving_marker(name, 0, 0).rsplit("/", 2)[0] + "/"
-    now = time.time() if now is None else now
+    # Whole seconds, as the shell's look: to the microsecond, a marker
+    # exactly ``fresh`` seconds old was stale here and fresh there.
+    now = int(time.time()) if now is None else now
     try:
         # Bytes, decoded as the name was encoded (os.fsencode: bind() took
         # it so): read as ASCII, the marker of a NAME that is not (é...)

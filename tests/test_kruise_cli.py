@@ -817,6 +817,28 @@ def test_marker_fresh_is_read_as_the_scripts_shell_reads_it(name: str, fresh: st
     assert ours == (shell.stdout == "1\n"), (fresh, seconds, shell)
 
 
+def test_marked_ranks_reads_the_clock_in_whole_seconds_as_the_shell_does(name: str) -> None:
+    """The shell's look reads the clock in whole seconds (``date +%s``): a
+    marker exactly ``fresh`` seconds old is fresh to it for all of that
+    second. marked_ranks() read the clock to the microsecond, and found
+    that marker stale for all of it but its first instant: the hook's two
+    looks disagreed on a loop that had stopped renewing its marker. Both
+    looks in one second (again if the second changed meanwhile)."""
+    while True:
+        second = int(time.time())
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as marker:
+            marker.bind(f"\0hotswap/{name}/serving/8/{second - 2}")
+            shell = subprocess.run(
+                ["sh", "-c", '. "$1"; hotswap_markers "$2" 8 2; echo "$marker_ours $marker_now"',
+                 "sh", str(ROOT / "scripts/hotswap-marker.sh"), name],
+                capture_output=True, text=True, timeout=30, check=True).stdout.split()
+            ours = 8 in hotswap.control.marked_ranks(name, fresh=2)
+        if shell[1] == str(second) == str(int(time.time())):
+            break
+    assert shell[0] == "1"
+    assert ours
+
+
 @pytest.mark.parametrize("timeout", ["2", "2.0"])
 def test_a_successor_whose_hook_gave_up_does_not_confirm(procs: Procs, name: str,
                                                          timeout: str) -> None:
