@@ -3510,14 +3510,16 @@ def test_a_title_longer_than_the_command_line_is_cut_and_shows_no_environment() 
     one, which stays NUL: a last byte that is not makes the kernel take the
     process for one using setproctitle(3), and ps then shows what follows
     the command line, the environment (its first variable, here), after
-    the title. A real interpreter with a short command line (its program
-    read from stdin), the title read back as ps reads it."""
+    the title. ``comm`` is the title's first 15 bytes. A real interpreter
+    with a short command line (its program read from stdin), the title read
+    back as ps reads it."""
     repo = str(Path(__file__).resolve().parent.parent)
     name = "n" * 80
     probe = (f"import sys; sys.path.insert(0, {repo!r})\n"
              "import psutil, hotswap\n"
              f"hotswap.Upgrader({name!r}, version='v1', options=hotswap.Options(env={{}}))\n"
-             "print(repr(psutil.Process().cmdline()))\n")
+             "print(repr(psutil.Process().cmdline()))\n"
+             "print(repr(open('/proc/self/comm').read()))\n")
     env = {"A_FIRST_VARIABLE": "from-the-environment", **child_env()}
     out = subprocess.run([sys.executable, "-"], input=probe, capture_output=True,
                          text=True, env=env, timeout=30)
@@ -3525,7 +3527,7 @@ def test_a_title_longer_than_the_command_line_is_cut_and_shows_no_environment() 
     room = len(os.fsencode(sys.executable)) + len(b"\0-\0") - 1
     title = f"hotswap[{name}] v1 starting"
     assert len(title) > room
-    assert out.stdout == repr([title[:room]]) + "\n", out
+    assert out.stdout == repr([title[:room]]) + "\n" + repr(title[:15] + "\n") + "\n", out
 
 
 @pytest.mark.parametrize("case", ["first-variable-changed", "empty-environment",
