@@ -120,7 +120,12 @@ def send_frame(sock: socket.socket, frame: bytes, fds: Sequence[int] = ()) -> in
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     """``(pid, uid, gid)`` of the peer from SO_PEERCRED (pid 0 across PID
-    namespaces)."""
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", raw)
+    namespaces). ``sock`` stays the caller's; OSError as getsockopt()
+    raises it.
+
+    ``struct ucred``: the pid is signed (``pid_t``), the uid and gid are
+    not (``uid_t``, ``gid_t``): read as signed, a uid from 2**31 on came out
+    negative, never equal to an allowed uid or to ``os.getuid()``."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("iII"))
+    pid, uid, gid = struct.unpack("iII", raw)
     return pid, uid, gid

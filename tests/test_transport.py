@@ -37,7 +37,7 @@ from hotswap.protocol import (
     encode,
     split_sockets,
 )
-from hotswap.transport import Channel, close_fds, recv_some, send_frame
+from hotswap.transport import Channel, close_fds, peer_credentials, recv_some, send_frame
 
 
 def open_fds() -> set[int]:
@@ -201,6 +201,44 @@ def test_send_more_than_scm_max_fd_is_refused() -> None:
         send_frame(a, b"x", list(range(254)))
     a.close()
     b.close()
+
+
+def test_peer_credentials_of_a_uid_past_2_31() -> None:
+    """SO_PEERCRED's uid and gid are unsigned: a peer running as uid
+    2**31 + 5 (allowed_uids() takes uids up to 2**32 - 2) is that uid, not
+    the negative number that neither an allowed uid nor our own (for a
+    process running as it) ever equals, which refused every such peer. A
+    real peer process, forked and dropped to that uid."""
+    if os.getuid() != 0:
+        pytest.skip("needs root to run the peer as another uid")
+    high = 2**31 + 5
+    address = f"\0hotswap-test-{os.getpid()}-{id(high)}"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(address)
+    listener.listen(1)
+    pid = os.fork()
+    if pid == 0:  # child: connect as the high uid, wait for the parent's close
+        code = 1
+        try:
+            listener.close()
+            os.setgroups([])
+            os.setgid(high - 1)
+            os.setuid(high)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as peer:
+                peer.connect(address)
+                peer.recv(1)
+            code = 0
+        finally:
+            os._exit(code)
+    try:
+        listener.settimeout(10)
+        conn, _ = listener.accept()
+        with conn:
+            assert peer_credentials(conn) == (pid, high, high - 1)
+    finally:
+        listener.close()
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 # ------------------------------------------------- descriptors stay with their frame
