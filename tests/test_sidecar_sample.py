@@ -74,3 +74,16 @@ def test_hotswap_migrate_is_read_as_hotswap_reads_its_switches(
         assert f"HOTSWAP_MIGRATE={value!r}: use 1 or 0" in run.stderr, run.stderr
     else:
         assert run.returncode == 0 and run.stdout == f"{no_migrate}\n", run
+
+
+@pytest.mark.parametrize("value", ["KILL", "hang ", "bogus"])
+def test_a_fail_start_it_does_not_know_is_a_usage_error(value: str, name: str) -> None:
+    """argparse checks ``choices`` on the command line only, not on a
+    default taken from the environment: ``SIDECAR_FAIL_START=KILL`` (which
+    ``--fail-start KILL`` refuses) was taken for ``hang``, and every start
+    hung before confirming until a SIGTERM. Now exit 2, naming it."""
+    run = run_script([PY, str(SIDECAR), "--name", name, "--port", "0"],
+                     child_env(SIDECAR_FAIL_START=value), timeout=30)
+    assert run.returncode == 2, run
+    assert f"SIDECAR_FAIL_START={value!r}: use kill or hang" in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr, run.stderr

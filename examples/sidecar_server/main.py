@@ -103,6 +103,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if migrate not in ("", "1", "true", "yes", "on", "0", "false", "no", "off"):
         parser.error(f"HOTSWAP_MIGRATE={env['HOTSWAP_MIGRATE']!r}: use 1 or 0")
+    # argparse checks `choices` only on what the command line gives: a
+    # SIDECAR_FAIL_START it does not know (KILL, a typo) hung every start.
+    if args.fail_start not in (None, "kill", "hang"):
+        parser.error(f"SIDECAR_FAIL_START={args.fail_start!r}: use kill or hang")
     if args.tls_key and not args.tls_cert:
         parser.error("--tls-key needs --tls-cert")
     if not args.handover_timeout:
