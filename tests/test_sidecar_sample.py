@@ -87,3 +87,15 @@ def test_a_fail_start_it_does_not_know_is_a_usage_error(value: str, name: str) -
     assert run.returncode == 2, run
     assert f"SIDECAR_FAIL_START={value!r}: use kill or hang" in run.stderr, run.stderr
     assert "Traceback" not in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize("value", ["maybe", "2"])
+def test_an_idle_start_switch_it_cannot_read_is_a_usage_error(value: str, name: str) -> None:
+    """``HOTSWAP_IDLE_START=maybe`` ended the start in a traceback from
+    ``preload()`` (exit 1), where ``HOTSWAP_MIGRATE=maybe`` and any
+    malformed flag are one line and exit 2."""
+    run = run_script([PY, str(SIDECAR), "--name", name, "--port", "0"],
+                     child_env(HOTSWAP_IDLE_START=value), timeout=30)
+    assert run.returncode == 2, run
+    assert f"error: HOTSWAP_IDLE_START={value!r}: use 1 or 0" in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr, run.stderr

@@ -23,6 +23,8 @@ copy both), free of hotswap: bench/plain_server.py serves the same one without.
 
 from __future__ import annotations
 
+import sys
+
 import hotswap.startup
 
 # PID 1 in its container: a SIGTERM before serve() installs its handlers
@@ -32,9 +34,15 @@ hotswap.startup.exit_on_sigterm()
 
 # Taking over from a serving predecessor: load the modules at idle CPU
 # priority (first thing, even the standard library's) so that the version
-# still serving does not feel this start-up.
+# still serving does not feel this start-up. A HOTSWAP_IDLE_START that is
+# no switch is a usage error, as a malformed flag (it was a traceback).
+try:
+    _IDLE = hotswap.startup.should_idle()
+except ValueError as exc:
+    print(f"{sys.argv[0]}: error: {exc}", file=sys.stderr)
+    raise SystemExit(2) from None
 IDLE_START = hotswap.startup.preload("argparse", "asyncio", "logging", "signal", "uvloop",
-                                     "aiohttp.web", "hotswap.aiohttp", "app")
+                                     "aiohttp.web", "hotswap.aiohttp", "app", idle=_IDLE)
 
 import argparse  # noqa: E402 -- loaded above
 import asyncio  # noqa: E402
@@ -42,7 +50,6 @@ import logging  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
-import sys  # noqa: E402
 
 import uvloop  # noqa: E402
 from aiohttp import web  # noqa: E402
