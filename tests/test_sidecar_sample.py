@@ -4,10 +4,11 @@ or file, before it takes anything over, never found at the first request."""
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
-from conftest import PY, SIDECAR, child_env, run_script
+from conftest import PY, SIDECAR, Procs, child_env, run_script, serving, wait_for
 
 
 @pytest.mark.parametrize(("args", "env", "said"), [
@@ -99,3 +100,16 @@ def test_an_idle_start_switch_it_cannot_read_is_a_usage_error(value: str, name: 
     assert run.returncode == 2, run
     assert f"error: HOTSWAP_IDLE_START={value!r}: use 1 or 0" in run.stderr, run.stderr
     assert "Traceback" not in run.stderr, run.stderr
+
+
+def test_a_closed_stdout_does_not_change_the_exit_status(procs: Procs, name: str) -> None:
+    """Started with its stdout closed (``>&-``: Python's ``sys.stdout`` is
+    then None), the sample served and drained, then its last step, flushing
+    stdout before ``os._exit``, raised AttributeError: a traceback and exit 1
+    instead of serve()'s 0, and the interpreter teardown it skips ran."""
+    v1 = procs.spawn("v1", ["sh", "-c", 'exec "$0" "$@" >&-', PY, str(SIDECAR),
+                            "--name", name, "--version", "v1", "--port", "0"])
+    wait_for(serving(name, "v1"), 15, "v1 serving")
+    v1.send_signal(signal.SIGTERM)
+    assert v1.wait(timeout=30) == 0, procs.logs()
+    assert "Traceback" not in procs.logs(), procs.logs()

@@ -10,6 +10,7 @@ hotswap; main.py serves it with hotswap.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sys
@@ -43,8 +44,13 @@ def exit_now(code: int) -> NoReturn:
     cancellation), and the teardown (a full garbage collection and module
     clean-up, ~60 ms) would run right after the next version took over, when
     the CPU is needed most. The sample and the benchmark's baseline end alike.
+    A stream that is closed (None: started with ``>&-``) or cannot be
+    flushed (its reader gone) loses what it held; the exit status stays
+    ``code`` (a flush's error was a traceback and exit 1).
     """
     logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
     os._exit(code)
