@@ -77,6 +77,23 @@ def test_hotswap_migrate_is_read_as_hotswap_reads_its_switches(
         assert run.returncode == 0 and run.stdout == f"{no_migrate}\n", run
 
 
+@pytest.mark.parametrize(("value", "host"), [
+    (None, "127.0.0.1"), ("", "127.0.0.1"), (" \n", "127.0.0.1"), ("0.0.0.0", "0.0.0.0"),
+    ("::1", "::1")])
+def test_an_empty_sidecar_host_is_the_default_not_every_interface(
+        value: str | None, host: str) -> None:
+    """``SIDECAR_HOST=`` (a manifest's empty value) made the sample listen on
+    every interface (Python binds "" to all of them) instead of its
+    127.0.0.1; an empty value is unset, as the sample's other variables'
+    are. Read as the sample reads it (its parse_args)."""
+    probe = (f"import sys; sys.path.insert(0, {str(SIDECAR.parent)!r})\n"
+             "import main\n"
+             "print(main.parse_args([]).host)\n")
+    env = child_env() if value is None else child_env(SIDECAR_HOST=value)
+    run = run_script([PY, "-c", probe], env, timeout=30)
+    assert run.returncode == 0 and run.stdout == f"{host}\n", run
+
+
 @pytest.mark.parametrize("value", ["KILL", "hang ", "bogus"])
 def test_a_fail_start_it_does_not_know_is_a_usage_error(value: str, name: str) -> None:
     """argparse checks ``choices`` on the command line only, not on a
