@@ -307,7 +307,14 @@ def run() -> NoReturn:
     """The ``hotswap`` command: :func:`main`, then exit at once. The PostStart
     hook's process ends at the moment the new version starts serving, when
     CPU is scarcest; flushing stdout/stderr and ``os._exit`` skip the
-    interpreter's teardown, which has nothing to release here."""
+    interpreter's teardown, which has nothing to release here.
+
+    A SIGTERM ends it (exit status 143) also as PID 1 (a container's
+    command), which gets only the signals it has a handler for: it was
+    dropped there, and ``wait-ready`` waited out its ``--timeout``."""
+    if os.getpid() == 1:  # elsewhere SIGTERM's default action ends it already
+        from . import startup  # (~2 ms of imports, on the hook's path: only here)
+        startup.exit_on_sigterm()
     code = main()
     for stream in (sys.stdout, sys.stderr):  # each line was flushed: only in case
         if stream is not None:

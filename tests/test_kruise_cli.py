@@ -25,6 +25,7 @@ from conftest import (
     ROOT,
     SIDECAR,
     Procs,
+    child_env,
     frozen,
     http_get,
     port_of,
@@ -253,6 +254,39 @@ def test_a_slot_still_starting_is_neither_ready_nor_done(procs: Procs, name: str
     assert result.returncode == 1 and "ours but not yet done" in result.stderr, result
     v1.send_signal(signal.SIGTERM)
     assert v1.wait(timeout=15) == 0
+
+
+def test_the_cli_as_pid_1_ends_on_sigterm(name: str) -> None:
+    """Run as a container's command (PID 1, which gets only the signals it
+    has a handler for; here, of a new PID namespace), ``hotswap wait-ready``
+    took a SIGTERM for nothing and waited out its --timeout (60 s here; the
+    kubelet would have sent its SIGKILL at the grace period's end). It ends
+    at once now, exit status 143."""
+    if (why := unshare_refused("-p", "PID namespace")) is not None:
+        pytest.skip(why)
+    squatter = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    squatter.bind(hotswap.control.sockaddr(hotswap.control.control_address(name)))
+    squatter.listen(8)
+    squatter.settimeout(30)
+    proc = subprocess.Popen(
+        ["unshare", "-p", "-f", "--kill-child", PY, "-m", "hotswap", "wait-ready", "--name",
+         name, "--version", "v9", "--timeout", "60"],
+        env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # It polls: its handler is in (installed before it does anything).
+        conn, _ = squatter.accept()
+        conn.close()
+        child = wait_for(lambda: psutil.Process(proc.pid).children(), 10,
+                         "unshare's child, the CLI")[0]
+        child.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 143, (proc.returncode, err)
+        assert "SIGTERM" in err and "timed out" not in err, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+        squatter.close()
 
 
 def test_wait_ready_polls_a_server_that_does_not_answer_only_within_its_timeout(
