@@ -376,8 +376,10 @@ class Upgrader:
     Resource handling: sockets returned by :meth:`listen` are owned by the
     caller, who usually gives them to a server (which then closes them when it
     stops). The Upgrader keeps a reference to send them to a successor and
-    closes any still open in :meth:`release`. Inherited sockets nobody claimed
-    are closed in :meth:`ready`. The control sockets are the Upgrader's own.
+    closes any still open in :meth:`release`; one the caller closes (a server
+    stopped for good) is forgotten, with a warning, and left out of later
+    handovers. Inherited sockets nobody claimed are closed in :meth:`ready`.
+    The control sockets are the Upgrader's own.
 
     Error handling: the constructor raises ValueError for a name or
     ``control_path`` that is no control socket address (a ``/`` in the name,
@@ -632,6 +634,9 @@ class Upgrader:
         """
         if self._closed:
             raise HotswapError("listen() after close()")
+        closed = self._listeners.get(name)
+        if closed is not None and closed.sock.fileno() == -1:
+            self._forget_closed_listeners()  # the app closed it: the name is free
         if name == control.CONTROL_NAME or name in self._listeners:
             raise HotswapError(f"listener name {name!r} already in use")
         if self.state not in (State.STARTING, State.TAKING_OVER, State.SERVING):
@@ -1173,6 +1178,7 @@ class Upgrader:
         as many as one reply holds (:data:`~hotswap.protocol.STATUS_MAX_LISTENERS`,
         ``STATUS_LISTENERS_BYTES``), and how many there are."""
         num_fds, rss = _proc.usage()
+        self._forget_closed_listeners()
         infos = [e.info for e in self._listeners.values()]
         listed, size = [], 0
         for info in infos[:STATUS_MAX_LISTENERS]:
@@ -1185,6 +1191,19 @@ class Upgrader:
                       predecessor=self._predecessor, generation=self.generation,
                       listeners=tuple(listed), listener_count=len(infos),
                       num_fds=num_fds, rss=rss)
+
+    def _forget_closed_listeners(self) -> None:
+        """Forget the listeners the app closed (a server it stopped for
+        good closes its socket: ``fileno()`` is -1), with a warning naming
+        each, once. They are no longer this process's to hand over or
+        report: sending a closed one failed every handover (EBADF), so an
+        app that closed one listener on purpose could never be upgraded.
+        The name is free again for :meth:`listen`."""
+        closed = [name for name, e in self._listeners.items() if e.sock.fileno() == -1]
+        for name in closed:
+            info = self._listeners.pop(name).info
+            log.warning("%s: listener %s %s was closed by this process; leaving it out "
+                        "of handovers and status", self.name, name, info.address)
 
     # ------------------------------------------------------- new side (client)
 
@@ -2028,6 +2047,7 @@ class Upgrader:
         self._set_state(State.HANDING_OVER)
         try:
             assert self._control_sock is not None
+            self._forget_closed_listeners()
             entries = [e.info for e in self._listeners.values()]
             socks = [e.sock for e in self._listeners.values()]
             entries.append(SocketInfo(name=control.CONTROL_NAME, family="unix",
@@ -2042,6 +2062,13 @@ class Upgrader:
                 for chunk in split_sockets(entries, [s.fileno() for s in socks]):
                     await channel.send(chunk, timeout=opts.message_timeout)
             except BrokenResourceError as exc:
+                if not _peer_closed(exc):
+                    # Our own failure (a descriptor closed behind its socket
+                    # object's back: EBADF), not the successor's: the
+                    # outer handler tells it why (Failed), rather than leave
+                    # it an EOF it takes for us gone and retries until its
+                    # connect_timeout, failing the same way each time.
+                    raise
                 await self._successor_aborted(channel, exc)
             # Not before: the successor waits for the sockets.
             log.info("%s: handing over to pid %d (%s): %d socket(s) sent", self.name,
@@ -2058,7 +2085,8 @@ class Upgrader:
             log.warning("%s: handover to pid %d failed, %s: %s", self.name, hello.pid,
                         "released meanwhile" if self._released else "still serving", exc,
                         exc_info=not isinstance(exc, (HotswapError, OSError)))
-            if not channel.closed and not isinstance(exc, BrokenResourceError):
+            if not channel.closed and not _peer_closed(exc):
+                # Best effort: a channel left mid-frame refuses it at once.
                 with contextlib.suppress(HotswapError):
                     await channel.send(Failed(reason=str(exc)), timeout=1.0)
             # Released meanwhile (a stop's release() that did not wait for

@@ -13,6 +13,7 @@ import inspect
 import logging
 import os
 import re
+import resource
 import socket
 import stat
 import struct
@@ -1481,6 +1482,88 @@ def _refused(port: int) -> bool:
     except ConnectionRefusedError:
         return True
     return False
+
+
+def test_a_listener_the_app_closed_is_left_out_of_the_handover(
+        run: Runner, caplog: pytest.LogCaptureFixture) -> None:
+    """An app may stop one of its servers for good while it serves, which
+    closes that listener. The upgrader forgets it, with one warning naming
+    it: status() no longer lists it, the next handover sends the others,
+    and listen() may use its name again.
+    It used to send the closed one too (EBADF), so every handover failed and
+    the successor, taking that for its predecessor gone, retried until its
+    connect_timeout: an app that closed a listener could never be upgraded."""
+    name = new_name()
+
+    async def main() -> None:
+        old = hotswap.Upgrader(name, version="v1", options=opts())
+        await old.start()
+        kept = old.listen("kept", ("127.0.0.1", 0))
+        gone = old.listen("gone", ("127.0.0.1", 0))
+        await old.ready()
+        server = await asyncio.get_running_loop().create_server(asyncio.Protocol, sock=gone)
+        server.close()  # stopped for good: its listener is closed
+        await server.wait_closed()
+        old.listen("gone", ("127.0.0.1", 0)).close()  # its name is free again
+        st = old.status()
+        assert [i.name for i in st.listeners] == ["kept"] and st.listener_count == 1
+        new = hotswap.Upgrader(name, version="v2", options=opts(connect_timeout=1.0))
+        try:
+            assert await new.start() is hotswap.Role.TAKEOVER
+            assert new.listen("kept", ("127.0.0.1", 0)).getsockname() == kept.getsockname()
+            ready = asyncio.create_task(new.ready())
+            assert await old.wait_exit() is hotswap.ExitReason.TAKEN_OVER
+            await old.release()
+            await ready
+            assert [i.name for i in new.status().listeners] == ["kept"]
+        finally:
+            await new.close()
+            await old.close()
+
+    with caplog.at_level(logging.INFO, logger="hotswap"):
+        run(main())
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 2, warned
+    assert all("listener gone 127.0.0.1:" in line for line in warned), warned
+
+
+def test_a_handover_the_old_side_fails_itself_tells_the_successor_why(
+        run: Runner, caplog: pytest.LogCaptureFixture) -> None:
+    """Sending the sockets may fail for the old side's own reason, not the
+    successor's: here a listener's descriptor closed behind its socket
+    object's back (EBADF). The old side tells the successor so (Failed, with
+    that reason), and the successor fails at once, saying it; it used to
+    read only an EOF, log that its predecessor went away and retry until its
+    connect_timeout, failing the same way each time. The old side serves on."""
+    name = new_name()
+
+    async def main() -> None:
+        old = await serving_upgrader(name, "v1")
+        sock = old._listeners["http"].sock
+        # A descriptor number nothing takes meanwhile (the lowest free one
+        # is what the kernel gives out), closed under its socket object.
+        high = fcntl.fcntl(sock.fileno(), fcntl.F_DUPFD_CLOEXEC,
+                           resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 16)
+        stale = socket.socket(fileno=high)
+        old._listeners["stale"] = type(old._listeners["http"])(
+            listeners.describe("stale", stale), stale)
+        os.close(high)
+        new = hotswap.Upgrader(name, version="v2", options=opts(connect_timeout=2.0))
+        began = time.monotonic()
+        try:
+            with pytest.raises(hotswap.HandoverFailed,
+                               match=r"predecessor gave up: .*Bad file descriptor"):
+                await new.start()
+            assert time.monotonic() - began < 1.0
+            assert state_now(old) is hotswap.State.SERVING
+        finally:
+            stale.detach()  # its number is closed already
+            await new.close()
+            await old.close()
+
+    with caplog.at_level(logging.INFO, logger="hotswap"):
+        run(main())
+    assert "went away" not in caplog.text
 
 
 def test_a_successor_with_other_listeners_inherits_what_it_can(run: Runner) -> None:
