@@ -73,7 +73,7 @@ from ._framing import RequestFramer
 from .errors import HandoverFailed, HotswapError, ListenerError
 from .kruise import Role
 from .listeners import DEFAULT_BACKLOG, Address, check_address, close_server, is_tcp
-from .migrate import Migrator, Tracked, TrackedSite, init_like_server
+from .migrate import ACK_FLOOR, Migrator, Tracked, TrackedSite, init_like_server
 from .migrate import supported as _migration_supported
 from .upgrader import ExitReason, State, Upgrader, is_seconds
 
@@ -96,12 +96,14 @@ GRACE = 1.0
 """Seconds a request still being handled when the drain ends gets to send
 its response (then its connection is cut)."""
 
-_ACK_FLOOR = 0.1
+_ACK_FLOOR = ACK_FLOOR
 """Seconds a connection handover in the grace gets at least, for the
 successor's acknowledgement of a frame, however little of the grace is
 left (:meth:`Drainer.grace` gets ``GRACE - 2 * _CANCEL_WAIT``). A round of
 the drain itself with less than this left (but its first) hands nothing
-over: the grace's first round hands over what is idle then."""
+over: the grace's first round hands over what is idle then. Each frame of
+a round gets as much (:meth:`~hotswap.migrate.Migrator.step`: a later
+frame with less than this left waits for a later round)."""
 _CANCEL_WAIT = 0.05
 """The runner's ``shutdown_timeout``, the end of :data:`GRACE`: aiohttp waits
 it for a busy handler, cancels its request and waits it again. The rest of

@@ -84,6 +84,15 @@ _COPY_RETRY = 0.1
 """Seconds before the connection handover tries again after a round in
 which no descriptor could be copied at all (EMFILE)."""
 
+ACK_FLOOR = 0.1
+"""Seconds each frame of connections gets at least for the successor's
+acknowledgement, however little is left of the round (of the drain, or of
+its grace) that sends it: one that timed out ended the channel (what was
+still to move was then cut or told to close, and the successor never heard
+that we drained). A round sends a frame after its first only with this
+much left; the rest wait for a later round (the grace's first, at the
+drain's end)."""
+
 _SOON = 0.05
 """Seconds a connection about to reach a boundary (see
 :attr:`Migrator.pending`) keeps the drain looking every millisecond; one
@@ -396,8 +405,12 @@ class Migrator:
         could not count on a move before the cut. ``move=False`` (too
         little time left for the successor's acknowledgement of a frame):
         the same, but idle connections at a boundary are left as they are,
-        for a later round. Returns False once migration is not possible (no
-        successor that adopts, or the channel broke)."""
+        for a later round. Each frame's acknowledgement gets at least
+        :data:`ACK_FLOOR`, the first one's past ``time_left`` if need be
+        (the round may run over by that much); a later frame with less
+        than that left is not sent: its connections are left as they are
+        (reading again), for a later round. Returns False once migration is
+        not possible (no successor that adopts, or the channel broke)."""
         if not upgrader.can_hand_over_connections:
             return False
         started = time.perf_counter()
@@ -439,9 +452,25 @@ class Migrator:
         until = None if time_left is None else loop.time() + time_left
         short = False  # no descriptor left for more copies; the channel works
         done = 0  # moved, or closed meanwhile
+        later = 0  # left for a later round: too little time for their frame
         for i in range(0, len(ready), MAX_FDS_PER_FRAME):
             batch = ready[i:i + MAX_FDS_PER_FRAME]
-            left = None if until is None else max(0.0, until - loop.time())
+            left = None if until is None else until - loop.time()
+            if i and left is not None and left < ACK_FLOOR:
+                # Sent with what was left (down to nothing), a frame's
+                # acknowledgement came late even from a successor a few
+                # milliseconds slow, and that ended the channel: the
+                # connections still to move were cut. Not paused meanwhile:
+                # a request their client sends is read (and answered).
+                later = len(ready) - i
+                for conn in ready[i:]:
+                    conn.resume()
+                log.debug("%s: %d idle connection(s) wait for a later round (%.3fs "
+                          "left, under the %.1fs a frame's acknowledgement gets)",
+                          upgrader.name, later, left, ACK_FLOOR)
+                break
+            if left is not None:
+                left = max(ACK_FLOOR, left)
             sent, handled, short = await self._send(upgrader, batch,
                                                     close_after_next_response, left)
             moved += sent
@@ -460,7 +489,7 @@ class Migrator:
         # (after _COPY_RETRY if it freed none).
         if short and not moved:
             self._copy_retry_at = loop.time() + _COPY_RETRY
-        return done == len(ready) or short
+        return done + later == len(ready) or short
 
     async def _send(self, upgrader: Upgrader, batch: list[Tracked],
                     close_after_next_response: Callable[[web.RequestHandler], None],

@@ -42,6 +42,7 @@ import hotswap
 import hotswap.aiohttp
 import hotswap.migrate
 from hotswap.listeners import Address
+from hotswap.protocol import MAX_FDS_PER_FRAME
 
 BIG = 16 << 20  # more than the kernel buffers of a loopback connection hold
 
@@ -652,6 +653,64 @@ def test_a_connection_idle_just_before_the_deadline_moves_in_the_grace(
         assert rounds >= 2
         assert "drained, 0 connection(s) cut" in caplog.text, caplog.text
         assert "acknowledgement" not in caplog.text, caplog.text
+        await stop_serving(v2, v2_task)
+
+    run(main())
+
+
+def test_each_frame_of_a_round_near_the_deadline_gets_time_for_its_acknowledgement(
+        run: Runner, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A round of v1's drain starts 0.13 s before its deadline with 254
+    idle keep-alive connections (two frames: 253, then one), and v2 takes
+    80 ms to acknowledge a frame (a busy machine); meanwhile a big
+    response is still in v1's send buffer, kept alive to move. The second
+    frame waits for the grace's first round, where its acknowledgement gets
+    time, and everything moves: the next request on each connection is
+    answered by v2, nothing is cut, and v2 hears that v1 drained. (The
+    second frame was sent with what was left of the round, 40 ms: its
+    acknowledgement came late, v1 let go of it and ended the channel, and
+    the big response's connection was cut once sent.)"""
+    caplog.set_level(logging.INFO, logger="hotswap")
+    # The drain's first round gets at least _FIRST_ROUND: nothing more
+    # here, so that it is a round that starts 0.13 s before the deadline,
+    # as a later one does when connections go idle then.
+    monkeypatch.setattr(hotswap.aiohttp, "_FIRST_ROUND", 0.0)
+    take = hotswap.Upgrader._take_connections
+
+    async def slow(self: hotswap.Upgrader, channel: Any, message: Any) -> int:
+        await asyncio.sleep(0.08)  # the scenario: v2 answers each frame 80 ms late
+        return await take(self, channel, message)
+
+    monkeypatch.setattr(hotswap.Upgrader, "_take_connections", slow)
+
+    async def main() -> None:
+        v1, v1_task = await serve_v1(app_of("v1"), drain_timeout=0.13)
+        port = port_of(v1.status())
+        idle = [await asyncio.open_connection("127.0.0.1", port)
+                for _ in range(MAX_FDS_PER_FRAME + 1)]
+        sock = socket.socket()  # a small receive buffer: the response stays v1's
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+        sock.connect(("127.0.0.1", port))
+        big = await asyncio.open_connection(sock=sock)
+        try:
+            for connection in idle:
+                assert (await request(*connection)).endswith(b"version(v1)")
+            big[1].write(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+            async with asyncio.timeout(10):
+                assert b"close" not in (await big[0].readuntil(b"\r\n\r\n")).lower()
+            v2, v2_task = start(v1.name, "v2", {"http": ("127.0.0.1", 0)})
+            await until(lambda: v1.state is hotswap.State.DRAINING, "v1 draining")
+            async with asyncio.timeout(10):
+                assert await big[0].readexactly(BIG) == b"v1".ljust(BIG, b".")
+            assert await asyncio.wait_for(v1_task, 15) == 0
+            for connection in [*idle, big]:
+                await answered_by_v2(*connection)
+        finally:
+            for _, writer in [*idle, big]:
+                writer.close()
+        assert "drained, 0 connection(s) cut" in caplog.text, caplog.text
+        assert "acknowledgement" not in caplog.text, caplog.text
+        await until(lambda: "predecessor pid" in caplog.text, "v2 to hear that v1 drained")
         await stop_serving(v2, v2_task)
 
     run(main())
