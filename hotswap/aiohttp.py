@@ -471,7 +471,8 @@ class Drainer:
                 assert migrator is not None and upgrader is not None
                 time_left = deadline - loop.time()
                 # A later round with less than _ACK_FLOOR left hands nothing
-                # over (it still tells the busy ones to close): it gave the
+                # over (its busy ones are told to close, or paused to move in
+                # the grace, as in any other round): it gave the
                 # successor's acknowledgement of a frame what was left, down
                 # to nothing, and one a few milliseconds late ended the
                 # channel, so that what was to move in the grace (a response
