@@ -89,17 +89,22 @@ class Channel:
 
     def peer_closed(self) -> bool:
         """Whether the other end has closed (EOF or reset) and nothing is
-        left for us to read: a non-blocking peek that consumes nothing."""
-        if self._closed or len(self._ahead) > self._ahead_at:
+        left for us to read: a non-blocking peek that consumes nothing.
+        Bytes already read but not yet received (read ahead, or held by the
+        Connection: a later frame that came in one read with an earlier
+        one) are left to read."""
+        if self._closed or len(self._ahead) > self._ahead_at or self.conn.buffered:
             return False
         return self._peek() == b""
 
     def peer_spoke(self) -> bool:
         """Whether the other end has sent something not yet received, or
-        closed: a non-blocking peek that consumes nothing."""
+        closed: a non-blocking peek that consumes nothing. What was read
+        already but not yet received counts (see :meth:`peer_closed`)."""
         if self._closed:
             return False
-        return len(self._ahead) > self._ahead_at or self._peek() is not None
+        return (len(self._ahead) > self._ahead_at or self.conn.buffered > 0
+                or self._peek() is not None)
 
     def _peek(self) -> bytes | None:
         """The next byte in the socket (not consumed), ``b""`` if the other

@@ -866,3 +866,31 @@ def test_peer_closed_peeks_without_consuming() -> None:
             reset.close()
 
     asyncio.run(main())
+
+
+def test_peeks_count_a_frame_read_with_an_earlier_one(run: Runner) -> None:
+    """Small frames without descriptors arrive in one read: the channel
+    returns the first, and keeps the next one read but not yet received.
+    peer_spoke() counts that one as said, and peer_closed() as left to read,
+    also after the other end closed (they used to peek only at the socket,
+    empty by then)."""
+    async def main() -> None:
+        a, b = socket.socketpair()
+        server, client = Channel(a, Sender.SERVER), Channel(b, Sender.CLIENT)
+        try:
+            await client.send(Hello(pid=1, version="v"), timeout=5)
+            await server.receive(timeout=5)
+            await server.send(Welcome(pid=1, version="v", count=1), timeout=5)
+            await server.send(Failed(reason="gave up"), timeout=5)
+            assert isinstance(await client.receive(timeout=5), Welcome)
+            assert client.conn.buffered  # the Failed came in the same read
+            assert client.peer_spoke()
+            server.close()
+            assert not client.peer_closed()
+            assert isinstance(await client.receive(timeout=5), Failed)
+            assert client.peer_closed()
+        finally:
+            server.close()
+            client.close()
+
+    run(main())
