@@ -690,9 +690,13 @@ class Upgrader:
             # The port compared first, as text: matches() for each listener
             # made 1,000 listens on a fresh start take 0.35 s, not 0.04.
             port = "" if want.family == "unix" else ":" + want.address.rsplit(":", 1)[1]
-            holder = next((e.info.name for e in self._listeners.values()
-                           if e.info.address.endswith(port)
-                           and listeners.matches(e.info, want)), None)
+            holders = [e for e in self._listeners.values()
+                       if e.info.address.endswith(port) and listeners.matches(e.info, want)]
+            if any(e.sock.fileno() == -1 for e in holders):
+                # One the app closed holds it no more: forgotten (warned)
+                # here too, not only once a status query or a handover came.
+                self._forget_closed_listeners()
+            holder = next((e.info.name for e in holders if e.sock.fileno() != -1), None)
             if holder is not None:
                 raise ListenerError(f"{name}: {want.address} is the address of "
                                     f"listener {holder!r} of this process already")

@@ -1527,6 +1527,41 @@ def test_a_listener_the_app_closed_is_left_out_of_the_handover(
     assert all("listener gone 127.0.0.1:" in line for line in warned), warned
 
 
+def test_the_address_of_a_listener_the_app_closed_is_free_for_another_name(
+        run: Runner, caplog: pytest.LogCaptureFixture) -> None:
+    """An app that stops a server for good (its listener closed) and listens
+    at that address again under another name gets a listener there: the
+    closed one is forgotten then (warned, as in status() or a handover), not
+    named as the address's holder. It was a ListenerError naming the closed
+    listener, unless a status query (a probe) had come in between and
+    forgotten it: whether the app's listen() worked depended on the probe's
+    timing."""
+    name = new_name()
+
+    async def main() -> None:
+        upg = hotswap.Upgrader(name, version="v1", options=opts())
+        await upg.start()
+        try:
+            first = upg.listen("old-web", ("127.0.0.1", 0))
+            address = first.getsockname()
+            await upg.ready()
+            server = await asyncio.get_running_loop().create_server(asyncio.Protocol,
+                                                                    sock=first)
+            server.close()  # stopped for good: its listener is closed
+            await server.wait_closed()
+            again = upg.listen("web", address)
+            assert again.getsockname() == address
+            st = upg.status()
+            assert [i.name for i in st.listeners] == ["web"] and st.listener_count == 1
+        finally:
+            await upg.close()
+
+    with caplog.at_level(logging.INFO, logger="hotswap"):
+        run(main())
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 1 and "listener old-web 127.0.0.1:" in warned[0], warned
+
+
 def test_a_handover_the_old_side_fails_itself_tells_the_successor_why(
         run: Runner, caplog: pytest.LogCaptureFixture) -> None:
     """Sending the sockets may fail for the old side's own reason, not the
