@@ -1202,7 +1202,15 @@ class Upgrader:
         each, once. They are no longer this process's to hand over or
         report: sending a closed one failed every handover (EBADF), so an
         app that closed one listener on purpose could never be upgraded.
-        The name is free again for :meth:`listen`."""
+        The name is free again for :meth:`listen`.
+
+        Not once :meth:`wait_exit` has returned: the app then closes its
+        servers as asked, and :meth:`release` the rest; nothing is handed
+        over any more, and a status query still answered then (accepted
+        before the control socket closed) lists them as before, with no
+        warning (it was one per listener after every clean stop)."""
+        if self._exit is not None and self._exit.done():
+            return
         closed = [name for name, e in self._listeners.items() if e.sock.fileno() == -1]
         for name in closed:
             info = self._listeners.pop(name).info

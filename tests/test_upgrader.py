@@ -1562,6 +1562,48 @@ def test_the_address_of_a_listener_the_app_closed_is_free_for_another_name(
     assert len(warned) == 1 and "listener old-web 127.0.0.1:" in warned[0], warned
 
 
+def test_a_status_answered_after_a_stop_warns_of_no_closed_listener(
+        run: Runner, caplog: pytest.LogCaptureFixture) -> None:
+    """A status query accepted while the process served (a probe, the
+    hook's wait-ready) is answered by its own task, also once the process
+    was told to stop and, as asked, closed its servers and released: the
+    listeners are closed then by that stop, not by an app that stopped a
+    server for good. No warning for them (it was one WARNING per listener,
+    "closed by this process; leaving it out of handovers", after a clean
+    stop or handover)."""
+    name = new_name()
+
+    async def main() -> None:
+        upg = hotswap.Upgrader(name, version="v1", options=opts())
+        await upg.start()
+        socks = [upg.listen(f"web{i}", ("127.0.0.1", 0)) for i in range(3)]
+        await upg.ready()
+        loop = asyncio.get_running_loop()
+        servers = [await loop.create_server(asyncio.Protocol, sock=s) for s in socks]
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.connect(sockaddr(control_address(name)))
+        channel = Channel(probe, Sender.CLIENT)
+        try:
+            await until(lambda: bool(upg._handlers), "the probe's connection accepted")
+            upg.request_stop()
+            assert await upg.wait_exit() is hotswap.ExitReason.STOP_REQUESTED
+            for server in servers:  # serve()'s order: stop accepting, then release
+                await hotswap.close_server(server)
+            await upg.release()
+            await channel.send(hotswap.protocol.StatusRequest(), timeout=5)
+            answer = await channel.receive(timeout=5)
+            assert isinstance(answer, hotswap.protocol.Status), answer
+            assert answer.state == "draining"
+        finally:
+            channel.close()
+            await upg.close()
+
+    with caplog.at_level(logging.INFO, logger="hotswap"):
+        run(main())
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warned == [], warned
+
+
 def test_a_handover_the_old_side_fails_itself_tells_the_successor_why(
         run: Runner, caplog: pytest.LogCaptureFixture) -> None:
     """Sending the sockets may fail for the old side's own reason, not the
