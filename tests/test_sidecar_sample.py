@@ -84,8 +84,8 @@ def test_an_empty_sidecar_host_is_the_default_not_every_interface(
         value: str | None, host: str) -> None:
     """``SIDECAR_HOST=`` (a manifest's empty value) made the sample listen on
     every interface (Python binds "" to all of them) instead of its
-    127.0.0.1; an empty value is unset, as the sample's other variables'
-    are. Read as the sample reads it (its parse_args)."""
+    127.0.0.1; an empty value is unset, as an empty SIDECAR_FAIL_START or
+    HOTSWAP_MIGRATE is. Read as the sample reads it (its parse_args)."""
     probe = (f"import sys; sys.path.insert(0, {str(SIDECAR.parent)!r})\n"
              "import main\n"
              "print(main.parse_args([]).host)\n")

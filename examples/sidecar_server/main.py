@@ -79,8 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # one is a usage error (exit 2) like the same value given as a flag.
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--version", default=env.get("SIDECAR_VERSION", "v1"))
-    # Empty (or blank) is unset, as for the other variables: "" would bind
-    # every interface.
+    # Empty (or blank) is unset, as SIDECAR_FAIL_START's and HOTSWAP_MIGRATE's
+    # are: "" would bind every interface.
     parser.add_argument("--host", default=env.get("SIDECAR_HOST", "").strip() or "127.0.0.1")
     parser.add_argument("--port", type=int, default=env.get("SIDECAR_PORT", "9091"))
     parser.add_argument("--name", default=env.get("HOTSWAP_NAME", "sidecar"))
