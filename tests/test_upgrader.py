@@ -1626,12 +1626,12 @@ def test_a_handover_the_old_side_fails_itself_tells_the_successor_why(
             listeners.describe("stale", stale), stale)
         os.close(high)
         new = hotswap.Upgrader(name, version="v2", options=opts(connect_timeout=2.0))
-        began = time.monotonic()
         try:
+            # At once, by its reason: retrying, it would fail after its
+            # connect_timeout with "went away ... again until connect_timeout".
             with pytest.raises(hotswap.HandoverFailed,
                                match=r"predecessor gave up: .*Bad file descriptor"):
                 await new.start()
-            assert time.monotonic() - began < 1.0
             assert state_now(old) is hotswap.State.SERVING
         finally:
             stale.detach()  # its number is closed already
