@@ -74,6 +74,12 @@ def _address_problem(address: object, kind: str) -> str | None:
     if kind not in _KINDS:
         return f"the socket kind must be one of {sorted(_KINDS)}, not {kind!r}"
     if isinstance(address, str):
+        try:
+            os.fsencode(address)  # as bind() and the stale-path probe spell it
+        except UnicodeError:
+            return "a Unix socket path must be one os.fsencode() can encode"
+        if "\0" in address and not address.startswith(("\0", "@")):
+            return "a filesystem Unix socket path cannot contain a NUL"
         return None
     if isinstance(address, bytes):
         return "a Unix socket path must be a str, not bytes (os.fsdecode() it)"
@@ -92,7 +98,8 @@ def check_address(address: object, kind: str = "stream") -> None:
     """Raise ListenerError, saying what is wrong, unless ``address`` is an
     :data:`Address` and ``kind`` one hotswap binds: a ``(host, port)`` tuple
     with a ``str`` host and an ``int`` port from 0 to 65535, or a ``str``
-    Unix socket path. Nothing is resolved, created or bound."""
+    Unix socket path that ``os.fsencode()`` encodes (a NUL only in an
+    abstract name). Nothing is resolved, created or bound."""
     why = _address_problem(address, kind)
     if why is not None:
         raise ListenerError(f"cannot listen on {address!r}: {why}")

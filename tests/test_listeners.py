@@ -292,13 +292,16 @@ def test_odd_addresses_are_listener_errors_and_abstract_names_keep_their_bytes()
 
 @pytest.mark.parametrize("address", [
     b"/tmp/hotswap-test-bytes", (None, 0), ("127.0.0.1", "80"), ("127.0.0.1", True),
-    ("127.0.0.1", 65536), ("127.0.0.1", -1), ["127.0.0.1", 0], ("127.0.0.1",), 8080],
+    ("127.0.0.1", 65536), ("127.0.0.1", -1), ["127.0.0.1", 0], ("127.0.0.1",), 8080,
+    "/tmp/hotswap-test-nul\0.sock", "/tmp/hotswap-test-\ud800.sock", "@\ud800"],
     ids=repr)
 def test_what_is_no_address_is_a_listener_error_and_leaks_nothing(address: object) -> None:
     """listen() and bind() given something that is no address say what is
     wrong with it, as a ListenerError, before creating a socket (a bytes
     path was a bare ValueError, "too many values to unpack", and a None
-    host a TypeError, "argument of type 'NoneType' is not iterable")."""
+    host a TypeError, "argument of type 'NoneType' is not iterable"; a
+    filesystem path with a NUL, or a path no bytes can spell, a bare
+    ValueError from the stale-path probe)."""
     upgrader = hotswap.Upgrader(f"t-{uuid.uuid4().hex[:12]}", options=hotswap.Options(env={}))
     before = len(os.listdir("/proc/self/fd"))
     with pytest.raises(ListenerError, match=r"^http: cannot listen on .+: (a|an|the) "):
