@@ -20,7 +20,7 @@ import sys
 from collections.abc import Mapping
 
 from .errors import ListenerError
-from .protocol import SocketInfo
+from .protocol import MAX_SOCKET_NAME, SocketInfo
 
 log = logging.getLogger("hotswap")
 
@@ -595,7 +595,9 @@ def systemd_sockets(env: Mapping[str, str], pid: int) -> dict[str, socket.socket
     """Sockets passed by systemd (``LISTEN_FDS``/``LISTEN_FDNAMES``), by name.
 
     Only honoured when ``LISTEN_PID`` is ``pid``. Unnamed ones are called
-    ``fd3``, ``fd4``, ..., and so is each after the first under one name
+    ``fd3``, ``fd4``, ..., and so are one whose name is longer than a
+    listener's may be (:data:`~hotswap.protocol.MAX_SOCKET_NAME`; systemd
+    takes 255 characters), with a warning, and each after the first under one name
     (systemd gives every descriptor of a socket unit the unit's
     ``FileDescriptorName=``, so a unit with several Listen lines repeats
     it; :meth:`~hotswap.Upgrader.listen` finds those by address). A
@@ -631,6 +633,11 @@ def systemd_sockets(env: Mapping[str, str], pid: int) -> dict[str, socket.socket
     for i in range(count):
         fd = 3 + i
         name = names[i] if i < len(names) and names[i] else f"fd{fd}"
+        if len(name) > MAX_SOCKET_NAME:  # systemd takes up to 255 characters
+            log.warning("LISTEN_FDNAMES entry %.40r... is longer than a listener name "
+                        "(%d characters): fd %d is called fd%d", name, MAX_SOCKET_NAME,
+                        fd, fd)
+            name = f"fd{fd}"
         try:
             passed = os.get_inheritable(fd)
             if passed and not stat.S_ISSOCK(os.fstat(fd).st_mode):

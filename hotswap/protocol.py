@@ -140,6 +140,10 @@ def _str_tuple(data: dict[str, Any], key: str) -> tuple[str, ...]:
     return tuple(items)
 
 
+MAX_SOCKET_NAME = 200
+"""The longest listener name (characters) a :class:`SocketInfo` carries."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class SocketInfo:
     """What a descriptor is: its name and what it is bound to.
@@ -159,8 +163,8 @@ class SocketInfo:
     KINDS: ClassVar[frozenset[str]] = frozenset({"stream", "dgram"})
 
     def __post_init__(self) -> None:
-        if not self.name or len(self.name) > 200:
-            raise LocalProtocolError("socket name must be 1-200 characters")
+        if not self.name or len(self.name) > MAX_SOCKET_NAME:
+            raise LocalProtocolError(f"socket name must be 1-{MAX_SOCKET_NAME} characters")
         if self.family not in self.FAMILIES:
             raise LocalProtocolError(f"unknown socket family {self.family!r}")
         if self.kind not in self.KINDS:

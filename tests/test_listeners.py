@@ -845,6 +845,48 @@ def test_a_connection_a_launcher_passed_is_no_listener() -> None:
         client.close()
 
 
+SYSTEMD_LONG_NAME_CHILD = AS_SYSTEMD + """
+import asyncio, json, logging, os, sys
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+import hotswap
+as_systemd([int(sys.argv[1])])
+# systemd takes a FileDescriptorName= of up to 255 characters.
+env = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "1", "LISTEN_FDNAMES": "n" * 255}
+
+async def main():
+    upg = hotswap.Upgrader(sys.argv[2], options=hotswap.Options(env=env))
+    try:
+        await upg.start()
+        sock = upg.listen("http", ("127.0.0.1", int(sys.argv[3])))
+        print(json.dumps({"http": sock.fileno()}))
+    finally:
+        await upg.close()
+
+asyncio.run(main())
+"""
+
+
+def test_a_launcher_name_longer_than_a_listener_name_is_taken_as_none() -> None:
+    """A name systemd passes (up to 255 characters) that is longer than a
+    listener's may be (200) is taken as no name: the socket is ``fd3``,
+    found by its address, with a warning. start() raised
+    LocalProtocolError ("socket name must be 1-200 characters") instead,
+    and the service never started."""
+    launcher = bind(("127.0.0.1", 0))
+    port = launcher.getsockname()[1]
+    launcher.set_inheritable(True)
+    try:
+        out = subprocess.run([sys.executable, "-c", SYSTEMD_LONG_NAME_CHILD,
+                              str(launcher.fileno()), f"t-{uuid.uuid4().hex[:12]}", str(port)],
+                             pass_fds=(launcher.fileno(),), env=child_env(),
+                             capture_output=True, text=True, timeout=30)
+    finally:
+        launcher.close()
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"http": 3}, out.stderr
+    assert "WARNING" in out.stderr and "fd3" in out.stderr, out.stderr
+
+
 def test_systemd_sockets_only_for_our_pid() -> None:
     assert systemd_sockets({"LISTEN_PID": "1", "LISTEN_FDS": "1"}, os.getpid()) == {}
     assert systemd_sockets({"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "x"},
