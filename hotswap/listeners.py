@@ -273,6 +273,17 @@ def adopt_fd(fd: int, declared: SocketInfo) -> socket.socket:
     return sock
 
 
+def same_socket(a: socket.socket, b: socket.socket) -> bool:
+    """Whether ``a`` and ``b`` are descriptors of one kernel socket (one
+    passed or received copy of the other: the same inode). Never closes
+    either; False if either is closed."""
+    try:
+        one, other = os.fstat(a.fileno()), os.fstat(b.fileno())
+    except OSError:
+        return False
+    return (one.st_dev, one.st_ino) == (other.st_dev, other.st_ino)
+
+
 def is_tcp(sock: socket.socket) -> bool:
     """Whether ``sock`` is a TCP stream socket (in any state)."""
     return sock.type == socket.SOCK_STREAM and sock.family in (socket.AF_INET,

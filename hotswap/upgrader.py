@@ -1222,16 +1222,29 @@ class Upgrader:
     def _add_launcher_sockets(self) -> None:
         """The sockets systemd (or a launcher like it) passed us
         (``LISTEN_FDS``), as inherited listeners: on a fresh start, all of
-        them; after a takeover, those the predecessor did not hand over
-        under their name (closed: the predecessor's are the ones in use).
-        One that is no listener (a ``SOCK_SEQPACKET`` one, another family,
+        them; after a takeover, all but the very sockets the predecessor
+        handed over under their name (closed: the predecessor's copies are
+        the ones in use). Another socket under a name the predecessor used
+        (a version that moves that listener to the launcher's address) is
+        kept as ``fdN``, found by its address; closed, it left the successor
+        only a bind anew, which failed (``EADDRINUSE``: the launcher holds
+        its copy). One that is no listener (a ``SOCK_SEQPACKET`` one, another family,
         a connection as systemd's ``Accept=yes`` passes) is closed at
         once, with a warning. Unclaimed ones are
         closed by :meth:`ready`, like any inherited."""
         for name, sock in listeners.systemd_sockets(self.options.env, self.pid).items():
-            if name in self._inherited:
-                sock.close()
-                continue
+            taken = self._inherited.get(name)
+            if taken is not None:
+                if listeners.same_socket(taken.sock, sock):
+                    sock.close()
+                    continue
+                name = f"fd{sock.fileno()}"
+                if name in self._inherited:
+                    log.warning("%s: launcher socket fd %d is named as the predecessor's "
+                                "%s, and %s is taken too: closed", self.name,
+                                sock.fileno(), taken.info.name, name)
+                    sock.close()
+                    continue
             try:
                 info = listeners.describe(name, sock)  # a SOCK_SEQPACKET one, say: raises
                 if info.kind == "stream" and not sock.getsockopt(socket.SOL_SOCKET,

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from conftest import PY, ROOT, Procs, child_env, wait_for
+from conftest import PY, ROOT, Procs, child_env, until, wait_for
 
 import hotswap
 from hotswap.errors import ListenerError
@@ -885,6 +885,88 @@ def test_a_launcher_name_longer_than_a_listener_name_is_taken_as_none() -> None:
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == {"http": 3}, out.stderr
     assert "WARNING" in out.stderr and "fd3" in out.stderr, out.stderr
+
+
+SYSTEMD_SUCCESSOR_CHILD = AS_SYSTEMD + """
+import asyncio, json, os, socket, sys
+import hotswap
+as_systemd([int(sys.argv[1])])
+env = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "1", "LISTEN_FDNAMES": "http"}
+
+async def main():
+    upg = hotswap.Upgrader(sys.argv[2], version="v2",
+                           options=hotswap.Options(env=env, message_timeout=5.0))
+    try:
+        role = await upg.start()
+        try:
+            os.fstat(3)
+            kept = True
+        except OSError:
+            kept = False
+        try:
+            sock = upg.listen("http", ("127.0.0.1", int(sys.argv[3])))
+        except hotswap.ListenerError as exc:
+            print(json.dumps({"role": role.value, "error": str(exc)}))
+            return
+        print(json.dumps({"role": role.value, "http": sock.fileno(),
+                          "port": sock.getsockname()[1], "fd 3 kept": kept}))
+    finally:
+        await upg.close()  # before confirming: the predecessor serves on
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("launched", ["moved", "same"])
+def test_a_launcher_socket_under_a_name_the_predecessor_used_elsewhere_is_kept(
+        launched: str) -> None:
+    """A successor whose launcher passes "http" at a new port, while its
+    predecessor hands over its "http" at the old one (the version moves
+    "http"): listen("http", new port) takes the launcher's socket, found by
+    its address. The launcher's was closed at once as the predecessor's
+    copy of that name, and the bind anew failed with EADDRINUSE (the
+    launcher, as systemd does, holds its own copy): the upgrade failed.
+    ("same": the launcher passes the very socket the predecessor hands
+    over, under its name: that copy is closed at once, as before, and the
+    predecessor's is the one listen() returns.)"""
+    name = f"t-{uuid.uuid4().hex[:12]}"
+
+    async def main() -> dict[str, object]:
+        old = hotswap.Upgrader(name, version="v1", options=hotswap.Options(
+            env={}, message_timeout=5.0, handover_timeout=10.0))
+        launcher = bind(("127.0.0.1", 0))  # kept open, as systemd keeps its copy
+        try:
+            await old.start()
+            old_sock = old.listen("http", ("127.0.0.1", 0))
+            await old.ready()
+            if launched == "same":
+                launcher.close()
+                launcher = socket.socket(fileno=os.dup(old_sock.fileno()))
+            launcher.set_inheritable(True)
+            child = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", SYSTEMD_SUCCESSOR_CHILD, str(launcher.fileno()), name,
+                str(launcher.getsockname()[1]), pass_fds=(launcher.fileno(),),
+                env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            out, err = await asyncio.wait_for(child.communicate(), 30)
+            assert child.returncode == 0, err.decode()
+            got: dict[str, object] = json.loads(out)
+            got["stderr"] = err.decode()
+            # The successor aborted: the predecessor serves on, its socket its own.
+            await until(lambda: old.state is hotswap.State.SERVING, "v1 serving again")
+            assert old_sock.fileno() != -1
+            got["launcher"] = launcher.getsockname()[1]
+            return got
+        finally:
+            launcher.close()
+            await old.close()
+
+    got = asyncio.run(asyncio.wait_for(main(), 60))
+    assert got.get("role") == "takeover", got
+    assert got.get("port") == got["launcher"], got
+    if launched == "moved":
+        assert (got["http"], got["fd 3 kept"]) == (3, True), got
+    else:
+        assert got["http"] != 3 and got["fd 3 kept"] is False, got
 
 
 def test_systemd_sockets_only_for_our_pid() -> None:
