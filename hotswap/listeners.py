@@ -201,7 +201,9 @@ def matches(have: SocketInfo, want: SocketInfo) -> bool:
     ``""`` is 0.0.0.0, ``"::0001"`` is ``::1``), with host names resolved
     as :func:`bind` resolves them and matching any of their addresses (see
     :func:`_bind_addresses`); Unix paths compared made absolute, abstract
-    names exactly.
+    names exactly. An IPv6 scope is not compared: ``getsockname()`` gives
+    the address without it, so a link-local listener on one interface
+    matches a request for the same address on another.
 
     Resolution happens only when the cheap checks (family, kind, port,
     identical text, numeric address) cannot decide, i.e. for a host name:
@@ -541,6 +543,17 @@ def _stale_unix_socket(path: str, sock_type: int = socket.SOCK_STREAM) -> bool:
     return False
 
 
+def _scoped_sockaddr(host: str, port: int, sock_type: int) -> tuple[str, int, int, int]:
+    """The IPv6 address ``bind((host, port))`` resolves ``host`` (one with
+    a ``%scope``) to, the first getaddrinfo result as it does, with the
+    scope id it drops. Raises OSError (gaierror) if it does not resolve."""
+    name: str | bytes = host.encode("ascii") if host.isascii() else host
+    for _, _, _, _, sockaddr in socket.getaddrinfo(name, port, socket.AF_INET6, sock_type):
+        assert len(sockaddr) == 4
+        return str(sockaddr[0]), int(sockaddr[1]), int(sockaddr[2]), int(sockaddr[3])
+    raise socket.gaierror(socket.EAI_NONAME, f"{host!r} does not resolve")
+
+
 def bind(address: Address, *, kind: str = "stream", backlog: int = DEFAULT_BACKLOG,
          unix_mode: int | None = None) -> socket.socket:
     """Create, bind and (for stream) listen a new socket.
@@ -563,7 +576,9 @@ def bind(address: Address, *, kind: str = "stream", backlog: int = DEFAULT_BACKL
     the caller's to avoid. The caller owns the returned socket.
     A host name is resolved by ``socket.bind`` (first getaddrinfo result in
     the socket's family, waiting on the system resolver as long as it takes;
-    :func:`matches` resolves the same way). Raises ListenerError (chained) if
+    :func:`matches` resolves the same way); an IPv6 host with a scope
+    (``"fe80::1%eth0"``) here, the same way, bound with its scope id (which
+    ``socket.bind`` of a ``(host, port)`` pair sets to 0). Raises ListenerError (chained) if
     the address is taken or invalid, before creating a socket if it is no
     address at all (see :func:`check_address`).
     """
@@ -581,7 +596,7 @@ def bind(address: Address, *, kind: str = "stream", backlog: int = DEFAULT_BACKL
             except OSError as exc:  # EPERM in a sticky directory, EROFS, ...
                 raise ListenerError(f"cannot remove stale Unix socket {path}: {exc}") from exc
         sock = socket.socket(socket.AF_UNIX, sock_type)
-        target: str | tuple[str, int] = path
+        target: str | tuple[str, int] | tuple[str, int, int, int] = path
     else:
         family = _inet_family(address[0])
         sock = socket.socket(family, sock_type)
@@ -589,6 +604,10 @@ def bind(address: Address, *, kind: str = "stream", backlog: int = DEFAULT_BACKL
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         target = address
     try:
+        if isinstance(target, tuple) and sock.family == socket.AF_INET6 and "%" in target[0]:
+            # A scope (%eth0, %2): bind() of a (host, port) pair resolves it
+            # and then sets the scope id to 0 (a link-local address: EINVAL).
+            target = _scoped_sockaddr(target[0], target[1], sock_type)
         sock.bind(target)
         if isinstance(target, str) and not target.startswith("\0") and unix_mode is not None:
             os.chmod(target, unix_mode)

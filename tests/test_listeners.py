@@ -103,6 +103,37 @@ def test_what_bind_binds_matches_its_own_request(host: str) -> None:
         assert not matches(have, wanted_info("http", (host, port), kind="dgram"))
 
 
+def link_local() -> tuple[str, str, int]:
+    """A link-local IPv6 address of this host: (address, interface name,
+    interface index); the test skipped if there is none."""
+    try:
+        with open("/proc/net/if_inet6") as table:
+            rows = [line.split() for line in table]
+    except OSError:
+        rows = []
+    for hexaddr, index, _, scope, _, ifname in (r for r in rows if len(r) == 6):
+        if int(scope, 16) == 0x20:  # IPV6_ADDR_LINKLOCAL
+            packed = bytes.fromhex(hexaddr)
+            return socket.inet_ntop(socket.AF_INET6, packed), ifname, int(index, 16)
+    pytest.skip("no link-local IPv6 address here")
+
+
+def test_a_scoped_link_local_address_binds_and_matches_its_request() -> None:
+    """("fe80::...%eth0", port): a link-local address needs its scope (the
+    interface), which socket.bind() drops from a (host, port) pair (it sets
+    the scope id of the address it resolved to 0): every bind failed with
+    EINVAL. Bound with its scope, its listener matches the same request in
+    a successor, the interface by name or by number."""
+    address, ifname, index = link_local()
+    for host in (f"{address}%{ifname}", f"{address}%{index}"):
+        with bind((host, 0)) as sock:
+            assert sock.getsockname()[3] == index
+            have = describe("ll", sock)
+            for same in (f"{address}%{ifname}", f"{address}%{index}"):
+                assert matches(have, wanted_info("ll", (same, port_of(sock)))), same
+                assert matches(have, wanted_info("ll", (same, 0))), same
+
+
 def check_spellings(name: str, sock: socket.socket, shown: str, same: Sequence[str],
                     other: Sequence[str]) -> None:
     """``sock`` is described as ``shown`` (``{port}`` filled in), and matches
