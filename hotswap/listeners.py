@@ -40,12 +40,27 @@ def format_address(family: int, raw: object) -> str:
         return f"{raw[0]}:{raw[1]}"
     if family == socket.AF_INET6:
         assert isinstance(raw, tuple)
-        return f"[{raw[0]}]:{raw[1]}"
+        return f"[{_scoped(str(raw[0]), raw[3] if len(raw) == 4 else 0)}]:{raw[1]}"
     if isinstance(raw, bytes):  # abstract names come back as bytes
         name = raw[1:] if raw.startswith(b"\0") else raw  # one NUL: the marker
         return "@" + name.decode("utf-8", "surrogateescape")
     assert isinstance(raw, str)
     return "@" + raw[1:] if raw.startswith("\0") else raw
+
+
+def _scoped(host: str, scope_id: int) -> str:
+    """An IPv6 address as text with its scope, ``fe80::1%eth0``, for an
+    address that has one (link-local: the kernel keeps the scope of those
+    only, and ``getsockname()`` gives it apart, as a number), else as it
+    is. The interface by name where it has one, else its number."""
+    ip = _ip(host)
+    if not scope_id or not isinstance(ip, ipaddress.IPv6Address) or not (
+            ip.is_link_local or (ip.is_multicast and (ip.packed[1] & 0x0F) <= 2)):
+        return host
+    try:
+        return f"{host}%{socket.if_indextoname(scope_id)}"
+    except OSError:
+        return f"{host}%{scope_id}"
 
 
 def _unix_bind_name(path: str) -> str:
@@ -176,7 +191,8 @@ def _bind_addresses(host: str, family: int) -> frozenset[_IP]:
         results = socket.getaddrinfo(name, None, family)
     except (OSError, UnicodeError):  # gaierror, or a name IDNA cannot encode
         return frozenset()
-    found = {_ip(str(sockaddr[0])) for _, _, _, _, sockaddr in results}
+    found = {_ip(_scoped(str(sockaddr[0]), sockaddr[3] if len(sockaddr) == 4 else 0))
+             for _, _, _, _, sockaddr in results}
     return frozenset(ip for ip in found if ip is not None)
 
 
@@ -201,9 +217,8 @@ def matches(have: SocketInfo, want: SocketInfo) -> bool:
     ``""`` is 0.0.0.0, ``"::0001"`` is ``::1``), with host names resolved
     as :func:`bind` resolves them and matching any of their addresses (see
     :func:`_bind_addresses`); Unix paths compared made absolute, abstract
-    names exactly. An IPv6 scope is not compared: ``getsockname()`` gives
-    the address without it, so a link-local listener on one interface
-    matches a request for the same address on another.
+    names exactly; a link-local IPv6 address with its scope, the
+    interface (by name or number: ``describe`` gives its name).
 
     Resolution happens only when the cheap checks (family, kind, port,
     identical text, numeric address) cannot decide, i.e. for a host name:

@@ -129,9 +129,31 @@ def test_a_scoped_link_local_address_binds_and_matches_its_request() -> None:
         with bind((host, 0)) as sock:
             assert sock.getsockname()[3] == index
             have = describe("ll", sock)
+            assert have.address == f"[{address}%{ifname}]:{port_of(sock)}"
             for same in (f"{address}%{ifname}", f"{address}%{index}"):
                 assert matches(have, wanted_info("ll", (same, port_of(sock)))), same
                 assert matches(have, wanted_info("ll", (same, 0))), same
+            # The same address on another interface is another address (the
+            # scope was dropped, and a successor could take this listener
+            # for one there, or refuse to bind one there beside it).
+            other = next(i for i, _ in socket.if_nameindex() if i != index)
+            for elsewhere in (f"{address}%{other}", address):
+                assert not matches(have, wanted_info("ll", (elsewhere, 0))), elsewhere
+
+    async def handover() -> None:  # validated and inherited with its scope
+        old, new = two_versions(f"ll-{uuid.uuid4().hex[:12]}")
+        try:
+            await old.start()
+            old_sock = old.listen("ll", (f"{address}%{ifname}", 0))
+            await old.ready()
+            assert await new.start() is hotswap.Role.TAKEOVER
+            new_sock = new.listen("ll", (f"{address}%{index}", port_of(old_sock)))
+            assert os.fstat(new_sock.fileno()).st_ino == os.fstat(old_sock.fileno()).st_ino
+        finally:
+            await new.close()  # before confirming: v1 serves on
+            await old.close()
+
+    asyncio.run(asyncio.wait_for(handover(), 30))
 
 
 def check_spellings(name: str, sock: socket.socket, shown: str, same: Sequence[str],
