@@ -112,7 +112,7 @@ def link_local() -> tuple[str, str, int]:
     except OSError:
         rows = []
     for hexaddr, index, _, scope, _, ifname in (r for r in rows if len(r) == 6):
-        if int(scope, 16) == 0x20:  # IPV6_ADDR_LINKLOCAL
+        if int(scope, 16) == 0x20 and ifname != "lo":  # IPV6_ADDR_LINKLOCAL
             packed = bytes.fromhex(hexaddr)
             return socket.inet_ntop(socket.AF_INET6, packed), ifname, int(index, 16)
     pytest.skip("no link-local IPv6 address here")
