@@ -662,14 +662,22 @@ def test_each_frame_of_a_round_near_the_deadline_gets_time_for_its_acknowledgeme
         run: Runner, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """A round of v1's drain starts 0.13 s before its deadline with 254
     idle keep-alive connections (two frames: 253, then one), and v2 takes
-    80 ms to acknowledge a frame (a busy machine); meanwhile a big
-    response is still in v1's send buffer, kept alive to move. The second
-    frame waits for the grace's first round, where its acknowledgement gets
-    time, and everything moves: the next request on each connection is
-    answered by v2, nothing is cut, and v2 hears that v1 drained. (The
-    second frame was sent with what was left of the round, 40 ms: its
-    acknowledgement came late, v1 let go of it and ended the channel, and
-    the big response's connection was cut once sent.)"""
+    300 ms to acknowledge the second frame and 40 ms any other (a busy
+    machine); meanwhile a big response is still in v1's send buffer, kept
+    alive to move. The second frame waits for the grace's first round,
+    where its acknowledgement gets time, and everything moves: the next
+    request on each connection is answered by v2, nothing is cut, and v2
+    hears that v1 drained. (The second frame was sent with what was left of
+    the round, at most 90 ms: its acknowledgement came late, v1 let go of
+    it and ended the channel, and the big response's connection was cut
+    once sent.)
+
+    The first frame's 40 ms leave it 60 ms of the 0.1 s its acknowledgement
+    gets at least (adopting 253 connections on a loaded machine took more
+    than the 20 ms that 80 ms left), and are enough that less than 0.1 s
+    is left for the second, whatever the machine's speed; the second's
+    300 ms are more than the round can have left for it, and well within
+    the grace."""
     caplog.set_level(logging.INFO, logger="hotswap")
     # The drain's first round gets at least _FIRST_ROUND: nothing more
     # here, so that it is a round that starts 0.13 s before the deadline,
@@ -677,8 +685,13 @@ def test_each_frame_of_a_round_near_the_deadline_gets_time_for_its_acknowledgeme
     monkeypatch.setattr(hotswap.aiohttp, "_FIRST_ROUND", 0.0)
     take = hotswap.Upgrader._take_connections
 
+    frames = 0
+
     async def slow(self: hotswap.Upgrader, channel: Any, message: Any) -> int:
-        await asyncio.sleep(0.08)  # the scenario: v2 answers each frame 80 ms late
+        # The scenario: v2 answers the second frame 300 ms late, any other 40 ms.
+        nonlocal frames
+        frames += 1
+        await asyncio.sleep(0.3 if frames == 2 else 0.04)
         return await take(self, channel, message)
 
     monkeypatch.setattr(hotswap.Upgrader, "_take_connections", slow)
@@ -710,6 +723,7 @@ def test_each_frame_of_a_round_near_the_deadline_gets_time_for_its_acknowledgeme
                 writer.close()
         assert "drained, 0 connection(s) cut" in caplog.text, caplog.text
         assert "acknowledgement" not in caplog.text, caplog.text
+        assert frames >= 2, "the second frame sent (in the grace)"
         await until(lambda: "predecessor pid" in caplog.text, "v2 to hear that v1 drained")
         await stop_serving(v2, v2_task)
 
