@@ -561,6 +561,24 @@ def test_concurrent_sends_never_interleave_frames(run: Runner) -> None:
     assert open_fds() == before
 
 
+async def welcomed_server() -> tuple[Channel, socket.socket]:
+    """A server's channel past its Welcome (one socket announced), with a
+    small send buffer (16 KiB: a big frame goes out in part), and its
+    peer's raw, blocking socket. The caller closes both."""
+    a, b = socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * 1024)
+    server = Channel(a, Sender.SERVER)
+    try:
+        b.sendall(encode(Hello(pid=1, version="v")))
+        await server.receive(timeout=5)
+        await server.send(Welcome(pid=1, version="v", count=1), timeout=5)
+    except BaseException:
+        server.close()
+        b.close()
+        raise
+    return server, b
+
+
 def test_nothing_is_sent_after_a_frame_cut_short(run: Runner) -> None:
     """A send that times out with part of its frame out leaves the peer in
     the middle of that frame: later sends refuse instead of writing bytes the
@@ -569,13 +587,8 @@ def test_nothing_is_sent_after_a_frame_cut_short(run: Runner) -> None:
     sent = fresh_sockets(1)
 
     async def main() -> bytes:
-        a, b = socket.socketpair()
-        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * 1024)
-        server = Channel(a, Sender.SERVER)
+        server, b = await welcomed_server()
         try:
-            b.sendall(encode(Hello(pid=1, version="v")))
-            await server.receive(timeout=5)
-            await server.send(Welcome(pid=1, version="v", count=1), timeout=5)
             big = Sockets(entries=(SocketInfo(name="x" * 200, family="unix", kind="stream",
                                               address="@" + "a" * 200_000),),
                           fds=(sent[0].fileno(),))
@@ -623,13 +636,8 @@ def test_send_nowait_writes_nothing_while_a_frame_is_going_out(run: Runner) -> N
                   fds=(sent[0].fileno(),))
 
     async def main() -> bytes:
-        a, b = socket.socketpair()
-        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * 1024)
-        server = Channel(a, Sender.SERVER)
+        server, b = await welcomed_server()
         try:
-            b.sendall(encode(Hello(pid=1, version="v")))
-            await server.receive(timeout=5)
-            await server.send(Welcome(pid=1, version="v", count=1), timeout=5)
             sending = asyncio.create_task(server.send(big, timeout=5))
             await asyncio.sleep(0)  # one loop turn: the task runs up to its wait
             assert not sending.done()
