@@ -96,14 +96,11 @@ GRACE = 1.0
 """Seconds a request still being handled when the drain ends gets to send
 its response (then its connection is cut)."""
 
-_ACK_FLOOR = ACK_FLOOR
-"""Seconds a connection handover in the grace gets at least, for the
-successor's acknowledgement of a frame, however little of the grace is
-left (:meth:`Drainer.grace` gets ``GRACE - 2 * _CANCEL_WAIT``). A round of
-the drain itself with less than this left (but its first) hands nothing
-over: the grace's first round hands over what is idle then. Each frame of
-a round gets as much (:meth:`~hotswap.migrate.Migrator.step`: a later
-frame with less than this left waits for a later round)."""
+# ACK_FLOOR (hotswap.migrate): what each frame of connections gets at least
+# for its acknowledgement. A handover in the grace gets it however little of
+# the grace is left (Drainer.grace gets GRACE - 2 * _CANCEL_WAIT); a round of
+# the drain itself with less than it left (but its first) hands nothing over:
+# the grace's first round hands over what is idle then.
 _CANCEL_WAIT = 0.05
 """The runner's ``shutdown_timeout``, the end of :data:`GRACE`: aiohttp waits
 it for a busy handler, cancels its request and waits it again. The rest of
@@ -470,7 +467,7 @@ class Drainer:
             if migrating:
                 assert migrator is not None and upgrader is not None
                 time_left = deadline - loop.time()
-                # A later round with less than _ACK_FLOOR left hands nothing
+                # A later round with less than ACK_FLOOR left hands nothing
                 # over (its busy ones are told to close, or paused to move in
                 # the grace, as in any other round): it gave the
                 # successor's acknowledgement of a frame what was left, down
@@ -479,7 +476,7 @@ class Drainer:
                 # still being sent, kept alive to move) was cut instead.
                 # What is idle at a boundary then moves in the grace's first
                 # round.
-                move = first or time_left >= _ACK_FLOOR
+                move = first or time_left >= ACK_FLOOR
                 if first:
                     time_left, first = max(time_left, _FIRST_ROUND), False
                 if not await migrator.step(upgrader, self.close_after_next_response,
@@ -586,11 +583,11 @@ class Drainer:
                     assert migrator is not None and upgrader is not None
                     # Hands over what is sent and idle at a boundary; tells the
                     # rest to close, as the drain's last rounds do.
-                    # At least _ACK_FLOOR for a frame's acknowledgement (one
+                    # At least ACK_FLOOR for a frame's acknowledgement (one
                     # timed out is let go of with the channel): the grace may run
                     # over by that much, within GRACE.
                     moving = await migrator.step(upgrader, self.close_after_next_response,
-                                                 max(_ACK_FLOOR, until - loop.time()),
+                                                 max(ACK_FLOOR, until - loop.time()),
                                                  last_call=True)
                 busy = left()  # (not a bool first: it cuts what it finds idle)
                 if not ((busy or self._handshaking()) and loop.time() < until
